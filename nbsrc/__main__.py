@@ -1,0 +1,147 @@
+"""Command line: ``python -m nbsrc {train,eval,notebook,demo,bench} ...``.
+
+Every field of :class:`~nbsrc.config.ExperimentConfig` is a flag (``--lr 1e-4``, ``--pooling gem``,
+``--dim 128``, ``--ks 1 2 4 8``, ``--no-amp``); ``--preset NAME`` or ``--config FILE.json`` load a
+whole config that flags then override.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+
+from nbsrc.config import ExperimentConfig
+from nbsrc.errors import NbsrcError
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(ExperimentConfig)
+    for f in dataclasses.fields(ExperimentConfig):
+        t, flag = hints[f.name], "--" + f.name.replace("_", "-")
+        args = typing.get_args(t)
+        base = next((a for a in args if a is not type(None)), t) if args and type(None) in args else t
+        if base is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        elif f.name == "ks":
+            p.add_argument(flag, dest=f.name, type=int, nargs="+", default=None)
+        elif f.name == "model_options":
+            p.add_argument(flag, dest=f.name, type=json.loads, default=None, help="JSON dict")
+        else:
+            conv = base if base in (int, float, str) else str
+            p.add_argument(flag, dest=f.name, type=_optional(conv), default=None)
+
+
+def _optional(conv):
+    def parse(s: str):
+        return None if s.lower() in ("none", "null") else conv(s)
+
+    parse.__name__ = conv.__name__
+    return parse
+
+
+def config_from_args(ns: argparse.Namespace) -> ExperimentConfig:
+    base: dict = {}
+    if getattr(ns, "preset", None):
+        from nbsrc.presets import load_preset
+
+        base = load_preset(ns.preset).to_dict()
+    if getattr(ns, "config", None):
+        base.update(json.loads(Path(ns.config).read_text()))
+    names = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    base.update({k: v for k, v in vars(ns).items() if k in names and v is not None})
+    return ExperimentConfig.from_dict(base)
+
+
+def cmd_train(ns) -> None:
+    from nbsrc.experiment import run_experiment
+    from nbsrc.train.distributed import init_distributed
+
+    init_distributed(ns.device or "auto")  # no-op unless launched by torchrun
+    cfg = config_from_args(ns)
+    mode = "overwrite" if ns.overwrite else "resume" if ns.resume else "new"
+    run_experiment(cfg, mode=mode)
+
+
+def cmd_eval(ns) -> None:
+    from nbsrc.experiment import load_run
+
+    for run in ns.runs:
+        res = load_run(Path(run))
+        print(f"{res.config.name}: " + "  ".join(f"{k}={v:.2f}" for k, v in res.recall.items()))
+
+
+def cmd_notebook(ns) -> None:
+    from nbsrc.notebook import run_notebook
+
+    params = {k: _literal(v) for k, v in (ns.param or [])}
+    out = run_notebook(ns.path, params, ns.out, log_output=ns.log_output)
+    print(f"executed {ns.path} -> {out}")
+
+
+def _literal(s: str):
+    try:
+        return json.loads(s)
+    except json.JSONDecodeError:
+        return s
+
+
+def cmd_demo(ns) -> None:
+    from nbsrc.demo import run_demo
+
+    run_demo(quick=ns.quick, notebooks=ns.only)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m nbsrc", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train and evaluate one run into runs/<name>/")
+    t.add_argument("--preset", help="a preset name (python -m nbsrc presets lists them)")
+    t.add_argument("--config", help="a config.json to start from")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue runs/<name> from its checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="move an existing runs/<name> aside and start again")
+    _add_config_flags(t)
+    e = sub.add_parser("eval", help="print the results of finished runs")
+    e.add_argument("runs", nargs="+", help="run directories, e.g. runs/irt_r")
+    n = sub.add_parser("notebook", help="run one notebook headless with papermill")
+    n.add_argument("path")
+    n.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"))
+    n.add_argument("--out")
+    n.add_argument("--log-output", action="store_true")
+    d = sub.add_parser("demo", help="run the notebooks in order on Fashion-MNIST and print the table")
+    d.add_argument("--quick", action="store_true", help="tiny parameters (smoke test)")
+    d.add_argument("--only", nargs="+", help="notebook file names to run")
+    b = sub.add_parser("bench", help="benchmarks (see python -m nbsrc.bench --help)")
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("presets", help="list the presets")
+    ns = p.parse_args(argv)
+    try:
+        if ns.cmd == "train":
+            cmd_train(ns)
+        elif ns.cmd == "eval":
+            cmd_eval(ns)
+        elif ns.cmd == "notebook":
+            cmd_notebook(ns)
+        elif ns.cmd == "demo":
+            cmd_demo(ns)
+        elif ns.cmd == "bench":
+            from nbsrc.bench import main as bench_main
+
+            return bench_main(ns.rest)
+        elif ns.cmd == "presets":
+            from nbsrc.presets import list_presets
+
+            for name in list_presets():
+                print(name)
+    except NbsrcError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Training-step cost of the full DToP model relative to the plain ViT of the same backbone (issue:
+at most 1.5×). Both take the same batches, loss (ArcFace) and optimiser (SGD); their steps
+alternate within one run so that both see the same machine load, and the medians are compared.
+
+    python -m nbsrc.bench_dtop --img-size 64 --batch 16 --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from nbsrc.losses.arcface import ArcFaceLoss
+from nbsrc.models import build_model
+
+
+def _train_step(model, loss_fn, opt, x, y, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def bench_dtop_vs_vit(
+    backbone: str = "vit_tiny_patch16_224",
+    img_size: int = 64,
+    batch: int = 16,
+    steps: int = 10,
+    device: str = "cpu",
+    patch_size: int | None = None,
+    warmup: int = 2,
+    num_classes: int = 10,
+    seed: int = 0,
+    **dtop_options,
+) -> dict:
+    """Median seconds per training step of DToP (``build_model(backbone, dtop=True,
+    **dtop_options)``, full model by default) and of the plain ViT (``pooling='cls'``), and
+    ``ratio = dtop_step_s / vit_step_s``."""
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    models = {
+        "dtop": build_model(backbone, img_size=img_size, patch_size=patch_size, dtop=True, **dtop_options),
+        "vit": build_model(backbone, pooling="cls", img_size=img_size, patch_size=patch_size),
+    }
+    setups = {}
+    for name, model in models.items():
+        model.to(dev).train()
+        loss_fn = ArcFaceLoss(num_classes, model.feature_dim).to(dev)
+        opt = torch.optim.SGD(list(model.parameters()) + list(loss_fn.parameters()), lr=1e-3, momentum=0.9)
+        setups[name] = (model, loss_fn, opt)
+    times = {name: [] for name in setups}
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(warmup + steps):
+        x = torch.randn(batch, 3, img_size, img_size, generator=gen).to(dev)
+        y = torch.randint(0, num_classes, (batch,), generator=gen).to(dev)
+        order = ("dtop", "vit") if step % 2 == 0 else ("vit", "dtop")
+        for name in order:
+            t = _train_step(*setups[name], x, y, dev)
+            if step >= warmup:
+                times[name].append(t)
+    dtop_s, vit_s = statistics.median(times["dtop"]), statistics.median(times["vit"])
+    return {
+        "backbone": backbone, "img_size": img_size, "batch": batch, "steps": steps, "device": str(dev),
+        "dtop_step_s": dtop_s, "vit_step_s": vit_s, "ratio": dtop_s / vit_s,
+        "dtop_params": sum(p.numel() for p in models["dtop"].parameters()),
+        "vit_params": sum(p.numel() for p in models["vit"].parameters()),
+    }
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backbone", default="vit_tiny_patch16_224")
+    p.add_argument("--img-size", type=int, default=64)
+    p.add_argument("--patch-size", type=int, default=None)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(argv)
+    print(json.dumps(bench_dtop_vs_vit(a.backbone, a.img_size, a.batch, a.steps, a.device, a.patch_size), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Data: the embedded Fashion-MNIST default, image folders, class-disjoint splits, transforms and
+the m-per-class sampler. :func:`build_data` turns an :class:`~nbsrc.config.ExperimentConfig` into
+the train / query / gallery datasets every other layer uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from nbsrc.config import ExperimentConfig
+from nbsrc.data.datasets import RetrievalDataset, load_image
+from nbsrc.data.fashion_mnist import CLASS_NAMES as FASHION_MNIST_CLASSES
+from nbsrc.data.fashion_mnist import find_fashion_mnist, load_fashion_mnist, read_idx
+from nbsrc.data.folder import image_folder_dataset, scan_image_folder
+from nbsrc.data.samplers import MPerClassBatchSampler
+from nbsrc.data.splits import cap_per_class, check_min_per_class, class_disjoint_split
+from nbsrc.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RetrievalTransform
+from nbsrc.errors import ConfigError
+
+__all__ = [
+    "RetrievalData", "RetrievalDataset", "RetrievalTransform", "MPerClassBatchSampler", "build_data",
+    "load_fashion_mnist", "find_fashion_mnist", "read_idx", "image_folder_dataset", "scan_image_folder",
+    "class_disjoint_split", "cap_per_class", "check_min_per_class", "load_image", "load_digits_images",
+]
+
+
+@dataclass
+class RetrievalData:
+    """Training set, queries and gallery. ``gallery is None`` means query = gallery (self-match
+    excluded), as for SOP and CUB; In-Shop has a separate gallery."""
+
+    train: RetrievalDataset
+    query: RetrievalDataset
+    gallery: RetrievalDataset | None = None
+
+
+def load_digits_images() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits (1,797 images, always available offline), as uint8 images."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return (d.images * (255.0 / 16.0)).round().astype(np.uint8), d.target.astype(np.int64)
+
+
+def _split(images, labels, cfg: ExperimentConfig, train_tf, eval_tf, names=None) -> RetrievalData:
+    tr, te = class_disjoint_split(labels, cfg.train_classes, cfg.test_classes)
+    te = cap_per_class(te, labels, cfg.eval_per_class, seed=cfg.seed)
+    full = RetrievalDataset(images, labels, None, names)
+    query = full.subset(te, eval_tf)
+    check_min_per_class(query.labels, 2, "evaluation split")
+    return RetrievalData(train=full.subset(tr, train_tf), query=query)
+
+
+def build_data(cfg: ExperimentConfig, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> RetrievalData:
+    """The datasets named by ``cfg.dataset``, with the paper's train and evaluation transforms."""
+    train_tf = RetrievalTransform(cfg.img_size, train=True, mean=mean, std=std)
+    eval_tf = RetrievalTransform(cfg.img_size, train=False, mean=mean, std=std)
+    if cfg.dataset == "fashion_mnist":
+        images, labels = load_fashion_mnist(cfg.data_root)
+        return _split(images, labels, cfg, train_tf, eval_tf, FASHION_MNIST_CLASSES)
+    if cfg.dataset == "digits":
+        images, labels = load_digits_images()
+        return _split(images, labels, cfg, train_tf, eval_tf, [str(i) for i in range(10)])
+    if cfg.dataset == "folder":
+        if cfg.data_root is None:
+            raise ConfigError("dataset='folder' needs data_root=<folder with one sub-folder per class>")
+        paths, labels, names = scan_image_folder(cfg.data_root)
+        return _split(np.asarray(paths, dtype=object), labels, cfg, train_tf, eval_tf, names)
+    from nbsrc.data import benchmarks  # CUB-200-2011, SOP, In-Shop: official split files
+
+    return benchmarks.build_benchmark(cfg.dataset, cfg.data_root, train_tf, eval_tf, cfg.eval_per_class, cfg.seed)

@@ -1,0 +1,502 @@
+"""Revisited Oxford and Paris (Radenović et al., CVPR 2018): the particular-object retrieval
+benchmark of IRT Tables 7-8 and DToP, with its mAP / mP@k protocol and the +1M distractors.
+
+**Data.** ``gnd_roxford5k.pkl`` / ``gnd_rparis6k.pkl`` hold ``imlist`` (database image names),
+``qimlist`` (query image names) and ``gnd``: per query a bounding box ``bbx = [x1, y1, x2, y2]``
+and the database indices ``easy``, ``hard`` and ``junk``. Images are ``<root>/jpg/<name>.jpg``.
+Each query image is cropped to its box before it is embedded, as the protocol requires.
+
+**Setups.** For query q, the positives P and the ignored ("junk") images J are::
+
+    Easy     P = easy           J = junk ∪ hard
+    Medium   P = easy ∪ hard    J = junk
+    Hard     P = hard           J = junk ∪ easy
+
+**Average precision** (the protocol's ``compute_ap``, a trapezoidal area under the PR curve).
+Remove J from the ranking; let ``r_0 < r_1 < ... `` be the 0-based positions of the positives in
+what remains (``r_i`` = position in the full ranking minus the number of junk images ranked
+strictly before it), and ``n = |P|`` (positives that are never retrieved count in ``n``)::
+
+    precision_0(i) = i / r_i          (1 if r_i = 0)      precision just before the i-th positive
+    precision_1(i) = (i + 1) / (r_i + 1)                 precision at the i-th positive
+    AP = Σ_i  (precision_0(i) + precision_1(i)) / 2 · (1 / n)
+
+A query with ``n = 0`` is skipped (its AP is NaN and it is left out of the mean).
+
+**mP@k** (the protocol's precision at k). With the 1-based positions ``p_i = r_i + 1`` and
+``k_q = min(k, max_i p_i)``: ``P@k = |{i : p_i ≤ k_q}| / k_q``. (The protocol divides by the rank
+of the last positive when it is smaller than k, so a query with 3 positives all ranked first
+gets P@10 = 1.) A query none of whose positives is retrieved (possible with a top-k ranking) gets 0.
+
+All results are in percent. :func:`revisited_map` is vectorised over queries and ranks;
+:func:`revisited_map_reference` walks each ranking in a Python loop, straight from the definitions,
+and the tests check that both agree to 1e-9. An image that is both a positive and junk (which the
+official files never contain) is treated as the official code does: it counts as a positive and
+also shifts the positives after it.
+
+**+1M distractors.** :func:`embed_to_memmap` streams the embeddings of a (large) dataset to a
+``.npy`` memory map; :func:`rank_chunked` ranks the database in chunks against the queries, so the
+memory used is bounded by the chunk, not by the database.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nbsrc.data.datasets import RetrievalDataset, load_image
+from nbsrc.errors import ConfigError, DatasetError
+
+REVISITED_NAMES = ("roxford5k", "rparis6k")
+REVISITED_LAYOUT = "Revisited layout: root/{gnd_<name>.pkl,jpg/<image>.jpg} with name roxford5k or rparis6k"
+REVISITED_URL = (
+    "download gnd_<name>.pkl from http://cmp.felk.cvut.cz/revisitop/data/datasets/<name>/ and the images from "
+    "https://www.robots.ox.ac.uk/~vgg/data/oxbuildings/ (Oxford) or /parisbuildings/ (Paris)"
+)
+DISTRACTORS_LAYOUT = "R1M layout: root/{revisitop1m.txt,jpg/<path listed>}"
+DISTRACTORS_URL = "download revisitop1m.txt and jpg/revisitop1m.<1..100>.tar.gz from http://ptak.felk.cvut.cz/revisitop/revisitop1m/"
+SETUPS = {  # setup -> (lists that are positives, lists that are junk)
+    "easy": (("easy",), ("junk", "hard")),
+    "medium": (("easy", "hard"), ("junk",)),
+    "hard": (("hard",), ("junk", "easy")),
+}
+DEFAULT_CHUNK = 16384
+
+
+# ----------------------------------------------------------------------------- ground truth and images
+def load_revisited_gnd(path: str | Path) -> dict:
+    """Read ``gnd_roxford5k.pkl`` / ``gnd_rparis6k.pkl`` and check its structure.
+
+    Returns the pickle's dict: ``imlist``, ``qimlist`` and ``gnd`` (one dict per query with
+    ``bbx`` and the ``easy``, ``hard``, ``junk`` index lists, as int64 arrays here).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"expected {path}; {REVISITED_LAYOUT}; {REVISITED_URL}")
+    try:
+        with open(path, "rb") as f:
+            cfg = pickle.load(f)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise DatasetError(f"cannot read {path} ({type(e).__name__}: {e}); download it again ({REVISITED_URL})") from None
+    if not isinstance(cfg, dict) or not {"imlist", "qimlist", "gnd"} <= set(cfg):
+        raise DatasetError(f"{path} is not a revisited ground-truth file: expected a dict with imlist, qimlist and gnd")
+    n_db, n_q = len(cfg["imlist"]), len(cfg["qimlist"])
+    if len(cfg["gnd"]) != n_q:
+        raise DatasetError(f"{path}: {len(cfg['gnd'])} gnd entries for {n_q} queries; the file is corrupt")
+    gnd = []
+    for q, g in enumerate(cfg["gnd"]):
+        missing = {"bbx", "easy", "hard", "junk"} - set(g)
+        if missing:
+            raise DatasetError(f"{path}: query {q} has no {sorted(missing)[0]!r}; expected bbx, easy, hard and junk")
+        entry = {"bbx": np.asarray(g["bbx"], dtype=np.float64).reshape(-1)}
+        if entry["bbx"].shape != (4,):
+            raise DatasetError(f"{path}: query {q} bbx has {entry['bbx'].size} values; expected [x1, y1, x2, y2]")
+        for key in ("easy", "hard", "junk"):
+            idx = np.asarray(g[key], dtype=np.int64).reshape(-1)
+            if len(idx) and (idx.min() < 0 or idx.max() >= n_db):
+                raise DatasetError(f"{path}: query {q} {key} index out of range 0..{n_db - 1}; the file is corrupt")
+            entry[key] = idx
+        gnd.append(entry)
+    return {**cfg, "gnd": gnd}
+
+
+def crop_query(img: torch.Tensor, bbx: Sequence[float]) -> torch.Tensor:
+    """Crop an image tensor (``[C,] H, W``) to ``bbx = [x1, y1, x2, y2]`` in pixels.
+
+    Like ``PIL.Image.crop`` (which the protocol's code uses) the corners are rounded to integers and
+    the crop is ``img[..., y1:y2, x1:x2]``; the box is clipped to the image.
+    """
+    x1, y1, x2, y2 = (int(round(float(v))) for v in bbx)
+    h, w = img.shape[-2:]
+    x1, x2 = max(0, x1), min(w, x2)
+    y1, y2 = max(0, y1), min(h, y2)
+    if x2 <= x1 or y2 <= y1:
+        raise DatasetError(f"query box {list(bbx)} leaves nothing of a {w}x{h} image; the ground-truth file does not match the images")
+    return img[..., y1:y2, x1:x2]
+
+
+class RevisitedQueries(RetrievalDataset):
+    """The query images, each cropped to its bounding box before the transform. Labels are the
+    query numbers (the protocol uses ``gnd``, not labels)."""
+
+    def __init__(self, paths, bbxs, transform=None):
+        super().__init__(np.asarray(paths, dtype=object), np.arange(len(paths)), transform)
+        self.bbxs = [np.asarray(b, dtype=np.float64) for b in bbxs]
+
+    def raw(self, i: int) -> torch.Tensor:
+        return crop_query(load_image(self.images[i]), self.bbxs[i])
+
+
+@dataclass
+class RevisitedData:
+    """Queries (cropped), database images and ground truth of one revisited dataset."""
+
+    name: str
+    query: RevisitedQueries
+    database: RetrievalDataset
+    gnd: list[dict]
+
+
+def _check_files(paths: Sequence[str], layout: str, url: str) -> None:
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise DatasetError(f"expected {missing[0]} ({len(missing)} of {len(paths)} listed images missing); {layout}; {url}")
+
+
+def build_revisited(root, name: str | None = None, transform: Callable | None = None,
+                    query_transform: Callable | None = None) -> RevisitedData:
+    """Queries and database of ``roxford5k`` or ``rparis6k`` under ``root`` (``name=None``: the one
+    whose ``gnd_<name>.pkl`` is in ``root``). Database labels are image indices."""
+    if root is None:
+        raise DatasetError(f"the revisited benchmarks need data_root=<folder with gnd_<name>.pkl>; {REVISITED_LAYOUT}; {REVISITED_URL}")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"data_root does not exist: expected the folder {root}; {REVISITED_LAYOUT}; {REVISITED_URL}")
+    if name is None:
+        found = [n for n in REVISITED_NAMES if (root / f"gnd_{n}.pkl").is_file()]
+        if len(found) != 1:
+            raise DatasetError(
+                f"expected exactly one of {root}/gnd_roxford5k.pkl, {root}/gnd_rparis6k.pkl (found {len(found)}); "
+                f"pass name=...; {REVISITED_LAYOUT}; {REVISITED_URL}"
+            )
+        name = found[0]
+    if name not in REVISITED_NAMES:
+        raise ConfigError(f"unknown revisited dataset {name!r}; expected one of {', '.join(REVISITED_NAMES)}")
+    cfg = load_revisited_gnd(root / f"gnd_{name}.pkl")
+    db_paths = [str(root / "jpg" / f"{im}.jpg") for im in cfg["imlist"]]
+    q_paths = [str(root / "jpg" / f"{im}.jpg") for im in cfg["qimlist"]]
+    _check_files(q_paths + db_paths, REVISITED_LAYOUT, REVISITED_URL)
+    query = RevisitedQueries(q_paths, [g["bbx"] for g in cfg["gnd"]], query_transform or transform)
+    database = RetrievalDataset(np.asarray(db_paths, dtype=object), np.arange(len(db_paths)), transform)
+    return RevisitedData(name=name, query=query, database=database, gnd=cfg["gnd"])
+
+
+def build_distractors(root, transform: Callable | None = None, check_images: bool = True) -> RetrievalDataset:
+    """The R1M distractors: ``root/revisitop1m.txt`` lists paths relative to ``root/jpg`` (``.jpg`` is
+    appended to a name without extension). Labels are image indices. ``check_images`` stats every
+    file (a few seconds for 1M)."""
+    if root is None:
+        raise DatasetError(f"the +1M distractors need data_root=<revisitop1m folder>; {DISTRACTORS_LAYOUT}; {DISTRACTORS_URL}")
+    root = Path(root).expanduser()
+    listing = root / "revisitop1m.txt"
+    if not listing.is_file():
+        raise DatasetError(f"expected {listing}; {DISTRACTORS_LAYOUT}; {DISTRACTORS_URL}")
+    names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+    paths = [str(root / "jpg" / (n if Path(n).suffix else n + ".jpg")) for n in names]
+    if check_images:
+        _check_files(paths, DISTRACTORS_LAYOUT, DISTRACTORS_URL)
+    return RetrievalDataset(np.asarray(paths, dtype=object), np.arange(len(paths)), transform)
+
+
+# ----------------------------------------------------------------------------- input checks
+def _gnd_list(gnd) -> list[dict]:
+    if isinstance(gnd, dict):
+        if "gnd" not in gnd:
+            raise ConfigError("gnd must be the list of per-query dicts, or the loaded file's dict with a 'gnd' key")
+        gnd = gnd["gnd"]
+    return list(gnd)
+
+
+def as_rankings(ranks_or_scores, n_queries: int) -> np.ndarray:
+    """``[n_queries, k]`` int64 rankings (row q: database indices, best first).
+
+    Integer input is taken as rankings (``k`` may be smaller than the database: a top-k list).
+    Float input is taken as similarities ``[n_queries, n_db]`` and ranked by decreasing similarity,
+    equal similarities by increasing index. The protocol's own code stores rankings as
+    ``[n_db, n_queries]``: pass its transpose.
+    """
+    x = np.asarray(ranks_or_scores)
+    if x.ndim != 2:
+        raise ConfigError(f"rankings/scores must be 2-D [n_queries, n_db], got shape {x.shape}")
+    if x.shape[0] != n_queries:
+        hint = " (the official code's [n_db, n_queries] layout: pass its transpose .T)" if x.shape[1] == n_queries else ""
+        raise ConfigError(f"rankings/scores have {x.shape[0]} rows but gnd has {n_queries} queries{hint}")
+    if np.issubdtype(x.dtype, np.floating):
+        if not np.isfinite(x).all():
+            raise ConfigError("scores contain NaN or inf; check the embeddings")
+        return np.argsort(-x, axis=1, kind="stable")
+    if not np.issubdtype(x.dtype, np.integer):
+        raise ConfigError(f"rankings must be integers or scores floats, got dtype {x.dtype}")
+    return x.astype(np.int64, copy=False)
+
+
+def _as_kappas(kappas) -> tuple[int, ...]:
+    kappas = tuple(int(k) for k in kappas)
+    if any(k < 1 for k in kappas):
+        raise ConfigError(f"kappas={kappas} must be integers >= 1")
+    return kappas
+
+
+def _setup_lists(gnd: list[dict], setup: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    ok_keys, junk_keys = SETUPS[setup]
+    cat = lambda g, keys: np.concatenate([np.asarray(g[k], dtype=np.int64).reshape(-1) for k in keys])  # noqa: E731
+    return [cat(g, ok_keys) for g in gnd], [cat(g, junk_keys) for g in gnd]
+
+
+# ----------------------------------------------------------------------------- vectorised metric
+def inverse_rankings(ranks: np.ndarray, n_db: int) -> np.ndarray:
+    """``inv[q, x]`` = 0-based position of database image ``x`` in the ranking of query ``q``, or
+    ``k`` (the ranking length) when ``x`` is not retrieved. A row listing an image twice is an error."""
+    ranks = np.asarray(ranks, dtype=np.int64)
+    nq, k = ranks.shape
+    if k == 0:
+        raise ConfigError("the rankings are empty (0 columns); rank at least one database image per query")
+    if ranks.min() < 0 or ranks.max() >= n_db:
+        raise ConfigError(f"rankings hold indices outside 0..{n_db - 1}; expected database indices")
+    inv = np.full((nq, n_db), k, dtype=np.int32 if k < 2**31 - 1 else np.int64)
+    flat = (np.arange(nq)[:, None] * n_db + ranks).ravel()
+    positions = np.tile(np.arange(k, dtype=inv.dtype), nq)
+    inv.ravel()[flat] = positions
+    # a repeated image overwrites its first position, which then no longer reads back
+    dup = np.flatnonzero((inv.ravel()[flat] != positions).reshape(nq, k).any(axis=1))
+    if len(dup):
+        raise ConfigError(f"the ranking of query {int(dup[0])} lists an image twice; each row must hold distinct indices")
+    return inv
+
+
+def _retrieved_positions(inv: np.ndarray, k: int, lists: list[np.ndarray]) -> np.ndarray:
+    """Sorted keys ``q · k + position`` of the retrieved members of ``lists[q]`` (each image once)."""
+    nq, n_db = inv.shape
+    rows = np.repeat(np.arange(nq), [len(x) for x in lists])
+    if not len(rows):
+        return np.empty(0, dtype=np.int64)
+    rows, items = np.divmod(np.unique(rows * n_db + np.concatenate(lists)), n_db)
+    pos = inv[rows, items]
+    hit = pos < k
+    return np.sort(rows[hit] * k + pos[hit])
+
+
+def _ap_and_precision(inv: np.ndarray, k: int, ok: list[np.ndarray], junk: list[np.ndarray],
+                      kappas: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    nq = len(inv)
+    n_ok = np.asarray([len(x) for x in ok], dtype=np.float64)
+    pos_keys, junk_keys = _retrieved_positions(inv, k, ok), _retrieved_positions(inv, k, junk)
+    q_pos, j_pos = np.divmod(pos_keys.astype(np.int64), k)  # positives, sorted by query then position
+    junk_before = np.searchsorted(junk_keys, pos_keys) - np.searchsorted(junk_keys, q_pos * k)
+    r = (j_pos - junk_before).astype(np.float64)  # 0-based rank once the junk is removed
+    first = np.searchsorted(q_pos, np.arange(nq))  # index of each query's first positive
+    i = np.arange(len(q_pos)) - first[q_pos]  # order of the positive within its query
+    p0 = np.divide(i, r, out=np.ones_like(r), where=r > 0)
+    p1 = (i + 1) / (r + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap = np.bincount(q_pos, weights=(p0 + p1) / 2, minlength=nq) / n_ok
+
+    last = np.zeros(nq)
+    np.maximum.at(last, q_pos, r + 1)  # 1-based position of the last positive retrieved
+    prec = np.zeros((nq, len(kappas)))
+    for c, kappa in enumerate(kappas):
+        kq = np.minimum(last, kappa)
+        hits = np.bincount(q_pos, weights=(r + 1 <= kq[q_pos]), minlength=nq)
+        prec[:, c] = np.divide(hits, kq, out=np.zeros(nq), where=kq > 0)
+    empty = n_ok == 0
+    ap[empty], prec[empty] = np.nan, np.nan
+    return ap, prec
+
+
+def _n_db(ranks: np.ndarray, gnd: list[dict]) -> int:
+    """Database size implied by the rankings and the ground truth (largest index + 1)."""
+    top = [int(ranks.max(initial=-1))] + [int(np.max(g[key], initial=-1)) for g in gnd for key in ("easy", "hard", "junk")]
+    return max(top) + 1
+
+
+def ap_and_precision(ranks: np.ndarray, ok: list[np.ndarray], junk: list[np.ndarray],
+                     kappas: Sequence[int] = (1, 5, 10)) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query AP ``[nq]`` and P@k ``[nq, len(kappas)]`` (fractions; NaN for a query without
+    positives), from rankings ``[nq, k]`` and per-query positive / junk index lists.
+
+    Vectorised, with no loop over queries or ranks: the inverse rankings give the position ``j`` of
+    every positive and junk image; a positive's rank once junk is removed is
+    ``r = j − |{junk at positions < j}|`` (a sorted search), and its order ``i`` among the query's
+    positives is its offset from the query's first positive. See the module docstring for AP, P@k.
+    """
+    ranks = np.asarray(ranks, dtype=np.int64)
+    ok = [np.asarray(x, dtype=np.int64).reshape(-1) for x in ok]
+    junk = [np.asarray(x, dtype=np.int64).reshape(-1) for x in junk]
+    n_db = max([int(ranks.max(initial=-1))] + [int(x.max(initial=-1)) for x in ok + junk]) + 1
+    return _ap_and_precision(inverse_rankings(ranks, n_db), ranks.shape[1], ok, junk, _as_kappas(kappas))
+
+
+def _report(per_setup: dict, kappas, reduce: bool) -> dict:
+    out = {}
+    for setup, (ap, prec) in per_setup.items():
+        if reduce:
+            valid = ~np.isnan(ap)
+            mean = (lambda x: float(100 * x[valid].mean())) if valid.any() else (lambda x: float("nan"))
+            out[setup] = {"mAP": mean(ap), **{f"mP@{k}": mean(prec[:, c]) for c, k in enumerate(kappas)}}
+        else:
+            out[setup] = {"AP": 100 * ap, **{f"P@{k}": 100 * prec[:, c] for c, k in enumerate(kappas)}}
+    return out
+
+
+def revisited_map(ranks_or_scores, gnd, kappas: Sequence[int] = (1, 5, 10), reduce: bool = True) -> dict:
+    """mAP and mP@k (percent) of the Easy, Medium and Hard setups.
+
+    ``ranks_or_scores``: rankings ``[nq, k]`` (ints) or similarities ``[nq, n_db]`` (floats), see
+    :func:`as_rankings`; ``gnd``: the list of per-query dicts (or the dict of
+    :func:`load_revisited_gnd`). Returns ``{"easy": {"mAP": ..., "mP@1": ..., ...}, "medium": ...,
+    "hard": ...}``, means over the queries that have positives (NaN if none has). With
+    ``reduce=False`` returns per-query arrays instead: ``{"easy": {"AP": [nq], "P@1": [nq], ...}}``
+    with NaN for the skipped queries.
+    """
+    gnd = _gnd_list(gnd)
+    kappas = _as_kappas(kappas)
+    ranks = as_rankings(ranks_or_scores, len(gnd))
+    inv = inverse_rankings(ranks, _n_db(ranks, gnd))
+    per_setup = {s: _ap_and_precision(inv, ranks.shape[1], *_setup_lists(gnd, s), kappas) for s in SETUPS}
+    return _report(per_setup, kappas, reduce)
+
+
+# ----------------------------------------------------------------------------- slow reference
+def _reference_query(ranking, ok, junk, kappas) -> tuple[float, list[float]]:
+    """One query, straight from the protocol: walk the ranking, drop junk, then AP and P@k."""
+    ok_set, junk_set = set(int(x) for x in ok), set(int(x) for x in junk)
+    if len(ok) == 0:
+        return float("nan"), [float("nan")] * len(kappas)
+    positions, n_junk = [], 0  # positions of the positives once the junk ranked before them is removed
+    for j, item in enumerate(ranking):
+        if int(item) in ok_set:
+            positions.append(j - n_junk)
+        if int(item) in junk_set:
+            n_junk += 1
+    ap = 0.0
+    for i, r in enumerate(positions):
+        precision_0 = 1.0 if r == 0 else i / r
+        precision_1 = (i + 1) / (r + 1)
+        ap += (precision_0 + precision_1) / 2 * (1 / len(ok))
+    prec = []
+    for kappa in kappas:
+        if not positions:
+            prec.append(0.0)
+            continue
+        kq = min(max(positions) + 1, kappa)
+        prec.append(sum(1 for r in positions if r + 1 <= kq) / kq)
+    return ap, prec
+
+
+def revisited_map_reference(ranks_or_scores, gnd, kappas: Sequence[int] = (1, 5, 10), reduce: bool = True) -> dict:
+    """:func:`revisited_map` with a Python loop over queries and ranks (slow; for tests and the benchmark)."""
+    gnd = _gnd_list(gnd)
+    kappas = _as_kappas(kappas)
+    ranks = as_rankings(ranks_or_scores, len(gnd))
+    per_setup = {}
+    for setup in SETUPS:
+        ok, junk = _setup_lists(gnd, setup)
+        rows = [_reference_query(ranks[q].tolist(), ok[q], junk[q], kappas) for q in range(len(gnd))]
+        per_setup[setup] = (np.asarray([a for a, _ in rows]), np.asarray([p for _, p in rows]).reshape(len(gnd), len(kappas)))
+    return _report(per_setup, kappas, reduce)
+
+
+def random_gnd(n_queries: int, n_db: int, rng: np.random.Generator, max_sizes=(60, 100, 80)) -> list[dict]:
+    """Random disjoint easy / hard / junk lists (sizes uniform in ``0..max_sizes``), for tests and
+    the benchmark; a few queries get no easy or no hard image, so the skip rule is exercised."""
+    gnd = []
+    for _ in range(n_queries):
+        sizes = [int(rng.integers(0, m + 1)) for m in max_sizes]
+        perm = rng.permutation(n_db)
+        a, b = sizes[0], sizes[0] + sizes[1]
+        gnd.append({"bbx": np.zeros(4), "easy": perm[:a], "hard": perm[a:b], "junk": perm[b : b + sizes[2]]})
+    return gnd
+
+
+def bench_revisited(n_queries: int = 70, n_db: int = 5000, seed: int = 0, repeats: int = 5) -> dict:
+    """Time :func:`revisited_map` against :func:`revisited_map_reference` on random rankings of
+    ``n_queries`` queries over ``n_db`` images (the size of rOxford5k); returns the timings (best of
+    ``repeats`` for the vectorised one), the speed-up and the largest difference between the two."""
+    rng = np.random.default_rng(seed)
+    gnd = random_gnd(n_queries, n_db, rng)
+    ranks = np.argsort(rng.random((n_queries, n_db)), axis=1)
+    fast_s = float("inf")
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fast = revisited_map(ranks, gnd)
+        fast_s = min(fast_s, time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    slow = revisited_map_reference(ranks, gnd)
+    slow_s = time.perf_counter() - t0
+    diff = max(abs(fast[s][m] - slow[s][m]) for s in fast for m in fast[s])
+    return {"n_queries": n_queries, "n_db": n_db, "vectorised_s": fast_s, "reference_s": slow_s,
+            "speedup": slow_s / fast_s, "max_abs_diff": diff}
+
+
+# ----------------------------------------------------------------------------- +1M distractors
+def embeddings_to_memmap(batches: Iterable, path: str | Path, n: int, dim: int, dtype=np.float16) -> np.memmap:
+    """Write embedding batches (each ``[b, dim]``, in order) into a ``.npy`` memory map of shape
+    ``[n, dim]``; reopen it later with ``np.load(path, mmap_mode="r")``."""
+    out = np.lib.format.open_memmap(str(path), mode="w+", dtype=dtype, shape=(n, dim))
+    filled = 0
+    for batch in batches:
+        b = np.asarray(batch.detach().cpu().float() if isinstance(batch, torch.Tensor) else batch, dtype=np.float32)
+        if b.ndim != 2 or b.shape[1] != dim:
+            raise ConfigError(f"an embedding batch has shape {b.shape}; expected [batch, {dim}]")
+        if filled + len(b) > n:
+            raise ConfigError(f"more than n={n} embeddings were written to {path}; n must equal the dataset size")
+        out[filled : filled + len(b)] = b
+        filled += len(b)
+    if filled != n:
+        raise ConfigError(f"{filled} embeddings were written to {path} but n={n}; n must equal the dataset size")
+    out.flush()
+    return out
+
+
+def embed_to_memmap(model: torch.nn.Module, dataset, path: str | Path, dim: int, dtype=np.float16,
+                    batch_size: int = 256, chunk: int = 8192, device="cpu", num_workers: int = 0,
+                    progress: bool = True) -> np.memmap:
+    """Embed ``dataset`` with ``model`` ``chunk`` images at a time (via
+    :func:`~nbsrc.eval.embed.extract_embeddings`) straight into a memory map, so that 1M
+    distractors never sit in memory at once."""
+    from torch.utils.data import Subset
+
+    from nbsrc.eval.embed import extract_embeddings
+
+    def batches():
+        for s in range(0, len(dataset), chunk):
+            part = Subset(dataset, range(s, min(s + chunk, len(dataset))))
+            yield extract_embeddings(model, part, batch_size, device, num_workers, progress)[0]
+
+    return embeddings_to_memmap(batches(), path, len(dataset), dim, dtype)
+
+
+def rank_chunked(query_emb, db, topk: int | None = None, chunk: int = DEFAULT_CHUNK,
+                 return_scores: bool = False):
+    """Rank a (memory-mapped) database for each query by decreasing inner product ``<q, x>``, equal
+    similarities by increasing index, reading ``chunk`` database rows at a time.
+
+    ``db`` is any ``[n_db, D]`` array (an ``np.memmap`` / ``np.load(..., mmap_mode="r")`` of float16
+    or float32); each chunk is cast to float32. ``topk=None`` returns the full ranking ``[nq, n_db]``
+    (the similarity matrix ``[nq, n_db]`` is held, but never the database); ``topk=k`` keeps a
+    running top-k, merging each chunk's candidates with a stable sort, so memory is
+    ``O(nq · (k + chunk) + chunk · D)``. Returns ``ranks`` (int64), and the similarities in rank
+    order when ``return_scores``.
+    """
+    q = np.ascontiguousarray(np.asarray(query_emb, dtype=np.float32))
+    if q.ndim != 2 or db.ndim != 2 or q.shape[1] != db.shape[1]:
+        raise ConfigError(f"query embeddings {q.shape} and database {db.shape} must be [nq, D] and [n_db, D] with the same D")
+    n_db = len(db)
+    if chunk < 1:
+        raise ConfigError(f"chunk={chunk} must be >= 1")
+    if topk is not None and not 1 <= topk <= n_db:
+        raise ConfigError(f"topk={topk} must be between 1 and the database size {n_db}, or None for the full ranking")
+    nq = len(q)
+    if topk is None:
+        scores = np.empty((nq, n_db), dtype=np.float32)
+        for s in range(0, n_db, chunk):
+            scores[:, s : s + chunk] = q @ np.asarray(db[s : s + chunk], dtype=np.float32).T
+        ranks = np.argsort(-scores, axis=1, kind="stable")
+        return (ranks, np.take_along_axis(scores, ranks, axis=1)) if return_scores else ranks
+    best_s = np.empty((nq, 0), dtype=np.float32)
+    best_i = np.empty((nq, 0), dtype=np.int64)
+    for s in range(0, n_db, chunk):
+        block = q @ np.asarray(db[s : s + chunk], dtype=np.float32).T
+        cand_s = np.concatenate([best_s, block], axis=1)
+        cand_i = np.concatenate([best_i, np.broadcast_to(np.arange(s, s + block.shape[1]), block.shape)], axis=1)
+        # stable: among equal scores, the kept (lower-index) candidates stay first, then the chunk in index order
+        order = np.argsort(-cand_s, axis=1, kind="stable")[:, :topk]
+        best_s = np.take_along_axis(cand_s, order, axis=1)
+        best_i = np.take_along_axis(cand_i, order, axis=1)
+    return (best_i, best_s) if return_scores else best_i

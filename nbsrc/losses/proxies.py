@@ -1,0 +1,54 @@
+"""Classification-style objectives compared with the contrastive loss in IRT Table 4.
+
+* Normalized Softmax (Zhai & Wu, 2019): class proxies w_c (unit norm), temperature τ::
+
+      L = −1/N Σ_i log( exp(z_iᵀ w_{y_i} / τ) / Σ_c exp(z_iᵀ w_c / τ) )
+
+* Scalable Neighborhood Component Analysis (Wu et al., 2018), computed against the other batch
+  samples (and the memory, when given) as neighbours::
+
+      L = −1/N Σ_i log( Σ_{j ≠ i, y_j = y_i} exp(s_ij / τ) / Σ_{j ≠ i} exp(s_ij / τ) )
+
+  Samples with no positive neighbour are left out of the mean.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nbsrc.losses.contrastive import upcast
+from torch import nn
+
+
+class NormalizedSoftmaxLoss(nn.Module):
+    def __init__(self, num_classes: int, embedding_dim: int, temperature: float = 0.05):
+        super().__init__()
+        self.temperature = temperature
+        self.weight = nn.Parameter(torch.randn(num_classes, embedding_dim) / embedding_dim**0.5)
+
+    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+        """``labels`` are class rows 0..C-1 (see :class:`~nbsrc.losses.RetrievalLoss`)."""
+        z = F.normalize(upcast(embeddings), dim=-1)
+        w = F.normalize(upcast(self.weight), dim=-1)
+        return F.cross_entropy(z @ w.T / self.temperature, labels)
+
+
+def snca_loss(embeddings, labels, ref_emb=None, ref_labels=None, temperature: float = 0.05, indices=None,
+              ref_indices=None):
+    z = F.normalize(upcast(embeddings), dim=-1)
+    sim, pos = z @ z.T, labels[:, None] == labels[None, :]
+    valid = ~torch.eye(len(z), dtype=torch.bool, device=z.device)
+    if ref_emb is not None and len(ref_emb):
+        r = F.normalize(upcast(ref_emb), dim=-1)
+        sim = torch.cat([sim, z @ r.T], 1)
+        pos = torch.cat([pos, labels[:, None] == ref_labels[None, :]], 1)
+        v = torch.ones(len(z), len(r), dtype=torch.bool, device=z.device)
+        if indices is not None and ref_indices is not None:
+            v = indices[:, None] != ref_indices[None, :]
+        valid = torch.cat([valid, v], 1)
+    logits = (sim / temperature).masked_fill(~valid, -float("inf"))
+    log_all = torch.logsumexp(logits, 1)
+    log_pos = torch.logsumexp(logits.masked_fill(~pos, -float("inf")), 1)
+    has_pos = (pos & valid).any(1)
+    return (log_all - log_pos)[has_pos].mean()

@@ -1,0 +1,389 @@
+"""DToP: deep token pooling on a timm ViT (Song et al., "Boosting vision transformers for image
+retrieval", WACV 2023). Reached through ``build_model(..., dtop=True, **options)``.
+
+For an image, the ViT's last ``k`` encoder blocks (collected with forward hooks, each output passed
+through the ViT's final LayerNorm) give, per layer ``l``, the [CLS] token ``c^l ∈ R^D`` and the
+patch tokens ``P^l ∈ R^{hw×D}``::
+
+    global branch   c = [c^{L−k+1}; …; c^L] ∈ R^{kD}                                   (eq. 5)
+    local branch    Y = fold_{h×w}( [P^{L−k+1}, …, P^L] W_mix ) ∈ R^{D×h×w}               (eq. 6)
+                    U = ELM(Y)                                                      (eqs. 9–11)
+                    ℓ = GeM( fusion(Y, U) )                                   (Table A13, A14–A20)
+    output          f = FC([c; ℓ]) / ‖FC([c; ℓ])‖ ∈ R^N                                  (eq. 12)
+
+Our choices where the paper leaves the combination open: the k [CLS] tokens are concatenated; the
+k patch-token maps are concatenated along channels and mixed back to D channels by a learned
+linear map ``W_mix`` (kD → D) that is initialised to the average over the k layers, so that the
+ELM runs at the width of one layer. The ELM is in :mod:`nbsrc.models.locality`, the position
+encodings (DPE, eq. 2; none; CPE) in :mod:`nbsrc.models.position`. The ViT is built with timm's
+``dynamic_img_size`` and ``dynamic_img_pad``, so an input of any size and aspect ratio works (sides
+that are not a multiple of the patch size are zero-padded at the bottom and right).
+
+Options (``build_model(..., dtop=True, <option>=...)``, paper table in brackets):
+
+    k           6             last encoder layers collected, 1..depth             (eqs. 5–6, A8)
+    pos_embed   'dpe'         'dpe' | 'none' | 'cpe'                              (eq. 2, A9)
+    pe_interp   'bilinear'    DPE interpolation: 'bilinear' | 'bicubic'           (eq. 2)
+    elm         True          enhanced locality module on/off                     (eqs. 9–11, A10)
+    elm_irb     True          inverted residual block                             (A10)
+    elm_aspp    True          à trous spatial pyramid pooling                     (A10)
+    elm_wave    True          WaveBlock                                           (A10)
+    fusion      'orthogonal'  'none' | 'sum' | 'hadamard' | 'concat' | 'fast_norm' | 'orthogonal';
+                              with elm=False the default is 'none' (Y alone)      (A13)
+    head_dim    1536          output dimension N of the FC layer                  (eq. 12, A7)
+
+``pooling`` picks the local branch's pooling: 'gem' (the paper's; also what the default 'cls'
+means here, since the [CLS] tokens always form the global branch), 'avg' or 'max'.
+
+Backbones: any timm ``VisionTransformer`` with a [CLS] token, including timm's hybrids
+(``vit_base_r50_s16_384``, DToP's R50+ViT-B/16; ``vit_tiny_r_s16_p8_224``, ...), and
+``effnet_lite0_vit``: the ImageNet-pretrained EfficientNet-Lite0 stem and first five stages of
+timm's ``tf_efficientnet_lite0`` (stride 16, 112 channels) feeding a ViT-Ti encoder through timm's
+``HybridEmbed`` with 1×1 patches (``weights='efficientnet_lite0'`` loads the CNN part's real
+weights offline; the encoder starts random).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import HybridEmbed
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from nbsrc.errors import ConfigError, WeightsError
+from nbsrc.models import _check_backbone, _create_backbone
+from nbsrc.models.locality import FUSIONS, EnhancedLocality, Fusion
+from nbsrc.models.pooling import TokenPooling
+from nbsrc.models.position import PE_INTERPOLATIONS, PE_KINDS, PositionGenerator, dynamic_position_embedding
+from nbsrc.models.retrieval import PCAReduction, RetrievalModel
+from nbsrc.models.weights import load_checkpoint_weights, load_efficientnet_lite0
+
+EFFNET_LITE0_VIT = "effnet_lite0_vit"
+EFFNET_LITE0_STAGES = 5  # conv_stem + blocks[:5] of tf_efficientnet_lite0: stride 16, 112 channels
+
+DTOP_DEFAULTS = {
+    "k": 6,
+    "pos_embed": "dpe",
+    "pe_interp": "bilinear",
+    "elm": True,
+    "elm_irb": True,
+    "elm_aspp": True,
+    "elm_wave": True,
+    "fusion": None,  # None: 'orthogonal' with the ELM, 'none' without
+    "head_dim": 1536,
+}
+LOCAL_POOLINGS = {"cls": "gem", "gem": "gem", "avg": "avg", "max": "max"}
+
+
+# ----------------------------------------------------------------------------- hybrid backbone
+def create_effnet_lite0_vit(
+    img_size: int | None = None,
+    weights: str = "none",
+    encoder: str = "vit_tiny_patch16_224",
+    patch_size: int | None = None,
+    **vit_kwargs,
+) -> VisionTransformer:
+    """EfficientNet-Lite0 (stem + first five stages, stride 16) -> timm ``HybridEmbed`` (1×1
+    patches) -> the ViT encoder of timm's ``encoder`` (random init). ``weights='efficientnet_lite0'``
+    loads the ImageNet weights of the CNN part; 'none' leaves everything random. The patches are
+    the 1×1 cells of the CNN's map, so ``patch_size`` must be None (or 1)."""
+    if patch_size not in (None, 1):
+        raise ConfigError(
+            f"backbone={EFFNET_LITE0_VIT!r} takes the CNN's stride-16 map as 1x1 patches; use patch_size=None"
+        )
+    if weights not in ("none", "efficientnet_lite0"):
+        raise ConfigError(
+            f"backbone={EFFNET_LITE0_VIT!r} takes weights='efficientnet_lite0' (the CNN stem's ImageNet "
+            f"weights) or 'none', not {weights!r}"
+        )
+    cnn = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    if weights == "efficientnet_lite0":
+        load_efficientnet_lite0(cnn)
+    stem = nn.Sequential(cnn.conv_stem, cnn.bn1, *cnn.blocks[:EFFNET_LITE0_STAGES])
+    kwargs = dict(num_classes=0, patch_size=1, embed_layer=partial(HybridEmbed, backbone=stem), **vit_kwargs)
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    net = timm.create_model(encoder, pretrained=False, **kwargs)
+    net.pretrained_cfg = {**net.pretrained_cfg, "mean": cnn.pretrained_cfg["mean"], "std": cnn.pretrained_cfg["std"]}
+    return net
+
+
+# ----------------------------------------------------------------------------- the model
+class DToPModel(nn.Module):
+    """images -> l2-normalised DToP embeddings [B, head_dim] (or [B, dim] once ``pca`` is fitted).
+
+    Same interface as :class:`~nbsrc.models.RetrievalModel`: ``backbone`` (the timm ViT),
+    ``feature_dim``, ``embed_dim``, ``pca``, ``forward_tokens``, ``forward_features``, ``forward``;
+    :meth:`branches` returns the intermediate quantities of eqs. (5)–(12) for analysis.
+    """
+
+    def __init__(
+        self,
+        backbone: VisionTransformer,
+        k: int = 6,
+        pos_embed: str = "dpe",
+        pe_interp: str = "bilinear",
+        elm: bool = True,
+        elm_irb: bool = True,
+        elm_aspp: bool = True,
+        elm_wave: bool = True,
+        fusion: str | None = None,
+        head_dim: int = 1536,
+        local_pool: str = "gem",
+        dim: int | None = None,
+        gem_p: float = 3.0,
+        gem_learnable: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(backbone, VisionTransformer):
+            raise ConfigError(
+                f"DToP needs a timm VisionTransformer (vit_*, deit_*, hybrid vit_*_r*), got {type(backbone).__name__}"
+            )
+        if backbone.cls_token is None:
+            raise ConfigError("DToP's global branch needs a [CLS] token; this ViT has none (class_token=False)")
+        depth, d = len(backbone.blocks), backbone.embed_dim
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= depth:
+            raise ConfigError(
+                f"k={k!r} is out of range: this backbone has {depth} encoder blocks, use 1 <= k <= {depth}"
+            )
+        if pos_embed not in PE_KINDS:
+            raise ConfigError(f"pos_embed={pos_embed!r} is unknown; use one of {', '.join(PE_KINDS)}")
+        if pe_interp not in PE_INTERPOLATIONS:
+            raise ConfigError(f"pe_interp={pe_interp!r} is unknown; use one of {', '.join(PE_INTERPOLATIONS)}")
+        if pos_embed == "dpe" and backbone.pos_embed is None:
+            raise ConfigError("pos_embed='dpe' needs a ViT with a learned position embedding; use 'none' or 'cpe'")
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+            raise ConfigError(f"head_dim={head_dim!r} is invalid: expected an integer >= 1 (paper: 1536)")
+        if not getattr(backbone, "dynamic_img_size", False):
+            raise ConfigError("DToP needs a ViT built with dynamic_img_size=True (build_dtop_model does this)")
+        if local_pool not in ("gem", "avg", "max"):
+            raise ConfigError(f"local pooling {local_pool!r} is unknown; use gem, avg or max")
+        fusion = fusion if fusion is not None else ("orthogonal" if elm else "none")
+
+        self.backbone = backbone
+        self.num_prefix = int(backbone.num_prefix_tokens)
+        self.k, self.pos_embed_kind, self.pe_interp = k, pos_embed, pe_interp
+        self.layer_ids = list(range(depth - k, depth))
+
+        # Local branch: layer mix (eq. 6), ELM (eqs. 9–11), fusion (A14–A20), pooling.
+        self.layer_mix = nn.Linear(k * d, d)
+        with torch.no_grad():  # initialised to the mean over the k layers
+            self.layer_mix.weight.copy_(torch.eye(d).repeat(1, k) / k)
+            self.layer_mix.bias.zero_()
+        self.elm = EnhancedLocality(d, elm_irb, elm_aspp, elm_wave) if elm else None
+        self.fusion = Fusion(fusion, elm=elm)
+        self.local_pool = TokenPooling(local_pool, 0, False, gem_p, gem_learnable)
+
+        # Output (eq. 12).
+        self.global_dim, self.local_dim = k * d, self.fusion.out_dim(d)
+        self.head = nn.Linear(self.global_dim + self.local_dim, head_dim)
+        self.feature_dim = head_dim
+        self.pca = PCAReduction(head_dim, dim) if dim else None
+
+        # Position encoding (eq. 2, Table A9): timm's _pos_embed is replaced on this instance.
+        self.peg = PositionGenerator(d) if pos_embed == "cpe" else None
+        if pos_embed != "dpe" and backbone.pos_embed is not None:
+            backbone.pos_embed.requires_grad_(False)  # kept for weight compatibility, never added
+        backbone._pos_embed = self._pos_embed
+        # Multi-layer features (eqs. 5–6): forward hooks on the last k blocks.
+        self._grid: tuple[int, int] | None = None
+        self._layers: dict[nn.Module, torch.Tensor] | None = None  # a dict only while branches() runs
+        self._hooks = []
+        if self.peg is not None:  # registered first: the collected output of block 0 includes it
+            self._hooks.append(backbone.blocks[0].register_forward_hook(self._apply_peg))
+        for i in self.layer_ids:
+            self._hooks.append(backbone.blocks[i].register_forward_hook(self._collect))
+
+    # ------------------------------------------------------------------ backbone patches
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Replaces ``VisionTransformer._pos_embed``: x [B, h, w, D] (timm's dynamic-size patch
+        embedding) -> tokens [B, prefix + h*w, D] with the position encoding of ``pos_embed``."""
+        vit = self.backbone
+        b, h, w, d = x.shape
+        self._grid = (h, w)
+        x = x.reshape(b, h * w, d)
+        prefix = [vit.cls_token.expand(b, -1, -1)]
+        if vit.reg_token is not None:
+            prefix.append(vit.reg_token.expand(b, -1, -1))
+        if self.pos_embed_kind != "dpe":
+            return vit.pos_drop(torch.cat(prefix + [x], dim=1))
+        n_pos_prefix = 0 if vit.no_embed_class else self.num_prefix
+        pos = dynamic_position_embedding(vit.pos_embed, vit.patch_embed.grid_size, (h, w), n_pos_prefix, self.pe_interp)
+        if vit.no_embed_class:
+            x = torch.cat(prefix + [x + pos], dim=1)
+        else:
+            x = torch.cat(prefix + [x], dim=1) + pos
+        return vit.pos_drop(x)
+
+    def _apply_peg(self, module, args, output: torch.Tensor) -> torch.Tensor:
+        patches = self.peg(output[:, self.num_prefix :], self._grid)
+        return torch.cat([output[:, : self.num_prefix], patches], dim=1)
+
+    def _collect(self, module, args, output: torch.Tensor) -> None:
+        if self._layers is not None:  # not when the backbone runs alone, nor in a checkpoint's recompute
+            self._layers[module] = output
+
+    # ------------------------------------------------------------------ forward
+    @property
+    def embed_dim(self) -> int:
+        return self.pca.dim if self.pca is not None and bool(self.pca.fitted) else self.feature_dim
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The last layer's normalised tokens [B, prefix + h*w, D], as ``RetrievalModel``."""
+        return self.backbone.forward_features(x)
+
+    def branches(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Everything between the image and the output of eq. (12):
+
+        ``cls`` [B, k, D] and ``patches`` [B, k, h*w, D] (normalised, per layer), ``Y`` and ``U``
+        [B, D, h, w] (``U`` None without the ELM), ``global`` [B, kD] (eq. 5), ``local``
+        [B, D or 2D] (pooled fusion), ``features`` [B, head_dim] (before l2).
+        """
+        self._layers = {}
+        try:
+            self.backbone.forward_features(x)
+            layers = [self.backbone.norm(self._layers[self.backbone.blocks[i]]) for i in self.layer_ids]
+        finally:
+            self._layers = None
+        h, w = self._grid
+        cls = torch.stack([t[:, 0] for t in layers], dim=1)
+        patches = torch.stack([t[:, self.num_prefix :] for t in layers], dim=1)
+        b, k, n, d = patches.shape
+        y_tokens = self.layer_mix(patches.permute(0, 2, 1, 3).reshape(b, n, k * d))  # eq. (6)
+        y = y_tokens.transpose(1, 2).reshape(b, d, h, w)
+        u = self.elm(y) if self.elm is not None else None
+        u_tokens = u.flatten(2).transpose(1, 2) if u is not None else None
+        local = self.local_pool(self.fusion(y_tokens, u_tokens))
+        glob = cls.reshape(b, k * d)  # eq. (5)
+        feats = self.head(torch.cat([glob, local], dim=1))  # eq. (12), before l2
+        return {"cls": cls, "patches": patches, "Y": y, "U": u, "global": glob, "local": local, "features": feats}
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.branches(x)["features"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.normalize(self.forward_features(x), dim=-1)
+        if self.pca is not None and bool(self.pca.fitted):
+            z = F.normalize(self.pca(z), dim=-1)
+        return z
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, pos_embed={self.pos_embed_kind}, pe_interp={self.pe_interp}, head_dim={self.feature_dim}"
+
+
+# ----------------------------------------------------------------------------- builder
+def _check_options(options: dict) -> dict:
+    options = dict(options)
+    options.pop("dtop", None)
+    unknown = sorted(set(options) - set(DTOP_DEFAULTS))
+    if unknown:
+        raise ConfigError(
+            f"unknown DToP option(s) {', '.join(map(repr, unknown))}; valid options are dtop, "
+            f"{', '.join(DTOP_DEFAULTS)}"
+        )
+    opts = {**DTOP_DEFAULTS, **options}
+    for name in ("elm", "elm_irb", "elm_aspp", "elm_wave"):
+        if not isinstance(opts[name], bool):
+            raise ConfigError(f"{name}={opts[name]!r} must be True or False")
+    if opts["fusion"] is not None and opts["fusion"] not in FUSIONS:
+        raise ConfigError(f"fusion={opts['fusion']!r} is unknown; use one of {', '.join(FUSIONS)}")
+    return opts
+
+
+def _resolve_weights(weights: str | Path) -> tuple[str, bool]:
+    weights = str(weights)
+    is_path = weights not in ("none", "timm", "efficientnet_lite0")
+    if is_path and not Path(weights).is_file():
+        raise WeightsError(f"weights={weights!r} is neither none, timm, efficientnet_lite0 nor an existing file")
+    return weights, is_path
+
+
+def _create_vit(backbone: str, weights: str, img_size: int | None, patch_size: int | None) -> nn.Module:
+    if backbone == EFFNET_LITE0_VIT:
+        return create_effnet_lite0_vit(img_size, weights, patch_size=patch_size, dynamic_img_size=True,
+                                       dynamic_img_pad=True)
+    _check_backbone(backbone)
+    if weights == "efficientnet_lite0":
+        raise ConfigError(
+            f"weights='efficientnet_lite0' loads only into backbone={EFFNET_LITE0_VIT!r} (DToP) or "
+            "'tf_efficientnet_lite0'"
+        )
+    try:
+        return _create_backbone(backbone, weights == "timm", img_size, patch_size, dynamic_img_size=True,
+                                dynamic_img_pad=True)
+    except TypeError as e:
+        if "dynamic_img" in str(e):
+            raise ConfigError(f"DToP needs a timm VisionTransformer; {backbone!r} is not one") from None
+        raise
+    except (RuntimeError, OSError, ValueError) as e:
+        if weights != "timm":
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(
+            f"could not fetch pretrained weights for {backbone!r} from timm's hub ({msg[:160]}); "
+            "connect to the internet, pass weights=<checkpoint path>, or use weights='none'"
+        ) from None
+
+
+def build_dtop_model(
+    backbone: str = "vit_tiny_patch16_224",
+    pooling: str = "cls",
+    dim: int | None = None,
+    weights: str | Path = "none",
+    img_size: int | None = None,
+    patch_size: int | None = None,
+    gem_p: float = 3.0,
+    gem_learnable: bool = False,
+    **options,
+) -> DToPModel:
+    """The DToP model of ``backbone`` with the options of the module docstring.
+
+    ``weights``: 'none', 'timm' (timm's hub), 'efficientnet_lite0' (only for ``effnet_lite0_vit``)
+    or a checkpoint path: a whole DToP model's state dict, or else a backbone state dict (keys
+    optionally prefixed ``backbone.``).
+    """
+    opts = _check_options(options)
+    if pooling not in LOCAL_POOLINGS:
+        raise ConfigError(
+            f"pooling={pooling!r} does not apply to DToP: its local branch pools with gem (default), avg or max"
+        )
+    weights, is_path = _resolve_weights(weights)
+    net = _create_vit(backbone, "none" if is_path else weights, img_size, patch_size)
+    model = DToPModel(net, local_pool=LOCAL_POOLINGS[pooling], dim=dim, gem_p=gem_p, gem_learnable=gem_learnable,
+                      **opts)
+    if is_path:
+        try:
+            load_checkpoint_weights(model, weights)
+        except WeightsError:
+            load_checkpoint_weights(model.backbone, weights, prefix="backbone.")
+    return model
+
+
+def build_effnet_lite0_vit_model(
+    pooling: str = "cls",
+    dim: int | None = None,
+    weights: str | Path = "none",
+    img_size: int | None = None,
+    patch_size: int | None = None,
+    gem_p: float = 3.0,
+    gem_learnable: bool = False,
+    **options,
+) -> nn.Module:
+    """``build_model('effnet_lite0_vit', ...)``: the DToP model when ``dtop=True``, otherwise a
+    :class:`~nbsrc.models.RetrievalModel` of the hybrid (fixed input size) with the usual pooling."""
+    if options.get("dtop"):
+        return build_dtop_model(EFFNET_LITE0_VIT, pooling, dim, weights, img_size, patch_size, gem_p, gem_learnable,
+                                **options)
+    options = {k: v for k, v in options.items() if k != "dtop"}
+    if options:
+        raise ConfigError(f"unknown build_model option(s) {sorted(options)}; DToP options need dtop=True")
+    weights, is_path = _resolve_weights(weights)
+    net = create_effnet_lite0_vit(img_size, "none" if is_path else weights, patch_size=patch_size)
+    if is_path:
+        load_checkpoint_weights(net, weights)
+    return RetrievalModel(net, pooling, int(net.num_prefix_tokens), False, dim, gem_p, gem_learnable)

@@ -1,0 +1,81 @@
+"""The retrieval model: a timm backbone, a pooling, an optional PCA reduction, l2 normalisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nbsrc.errors import ConfigError
+from nbsrc.models.pooling import TokenPooling
+
+
+class PCAReduction(nn.Module):
+    """z -> normalize(W (z - μ)), with μ and the top-``dim`` principal directions W fitted on
+    training embeddings (IRT ▷128). Identity until :meth:`fit` is called."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        if dim > in_dim:
+            raise ConfigError(f"dim={dim} is larger than the embedding size {in_dim}; choose dim <= {in_dim}")
+        self.dim = dim
+        self.register_buffer("mean", torch.zeros(in_dim))
+        self.register_buffer("components", torch.zeros(dim, in_dim))
+        self.register_buffer("fitted", torch.tensor(False))
+
+    @torch.no_grad()
+    def fit(self, z: np.ndarray | torch.Tensor) -> PCAReduction:
+        z = torch.as_tensor(np.asarray(z), dtype=torch.float64)
+        if len(z) < self.dim:
+            raise ConfigError(f"PCA to dim={self.dim} needs at least {self.dim} training embeddings, got {len(z)}")
+        mu = z.mean(0)
+        _, _, vt = torch.linalg.svd(z - mu, full_matrices=False)
+        self.mean.copy_(mu.float())
+        self.components.copy_(vt[: self.dim].float())
+        self.fitted.fill_(True)
+        return self
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if not bool(self.fitted):
+            return z
+        return (z - self.mean.to(z.dtype)) @ self.components.to(z.dtype).T
+
+
+class RetrievalModel(nn.Module):
+    """images -> l2-normalised embeddings.
+
+    ``forward_tokens`` returns the backbone's token sequence ``[B, T, C]`` (prefix tokens first);
+    ``forward_features`` returns the pooled, not yet normalised descriptor; ``forward`` the final
+    embedding (pooled -> l2 -> [PCA -> l2]).
+    """
+
+    def __init__(self, backbone: nn.Module, pooling: str, num_prefix: int, has_dist: bool,
+                 dim: int | None = None, gem_p: float = 3.0, gem_learnable: bool = False,
+                 head: nn.Module | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.num_prefix = num_prefix
+        self.pool = TokenPooling(pooling, num_prefix, has_dist, gem_p, gem_learnable)
+        self.head = head if head is not None else nn.Identity()
+        self.feature_dim = backbone.num_features
+        self.pca = PCAReduction(self.feature_dim, dim) if dim else None
+
+    @property
+    def embed_dim(self) -> int:
+        return self.pca.dim if self.pca is not None and bool(self.pca.fitted) else self.feature_dim
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone.forward_features(x)
+        if feats.ndim == 4:  # convnet map [B, C, H, W] -> tokens [B, HW, C]
+            feats = feats.flatten(2).transpose(1, 2)
+        return feats
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.forward_tokens(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.normalize(self.forward_features(x), dim=-1)
+        if self.pca is not None and bool(self.pca.fitted):
+            z = F.normalize(self.pca(z), dim=-1)
+        return z

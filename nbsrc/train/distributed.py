@@ -1,0 +1,85 @@
+"""Data-parallel training with ``torchrun`` (DDP): NCCL on GPUs, gloo on CPUs.
+
+The loss must see the *global* batch: :func:`gather_with_grad` all-gathers the embeddings of every
+rank, in rank order, so that gradients flow back to each rank's own part. Its backward sums the
+incoming gradients over ranks; with DDP then averaging parameter gradients over ranks, every rank
+ends up with exactly the gradient of a single process on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        g = torch.stack(grads)
+        dist.all_reduce(g)
+        return g[dist.get_rank()]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` of every rank (rank order), differentiable w.r.t. the local part."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return torch.cat(_GatherWithGrad.apply(x), 0)
+
+
+@torch.no_grad()
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` of every rank, without gradients (labels, indices)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    out = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, 0)
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group that ``torchrun`` describes in the environment (no-op without it)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and device != "cpu"
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    if torch.cuda.is_available() and device != "cpu":
+        torch.cuda.set_device(info.local_rank)
+    return info
+
+
+def current() -> DistInfo:
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return DistInfo()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,120 @@
+"""Run directories: ``runs/<name>/`` holds ``config.json``, ``metrics.jsonl``, checkpoints and,
+once finished, ``results.json`` and ``embeddings.npz``. Nothing in an existing run directory is
+overwritten unless asked (``--overwrite``, which moves the old directory aside, never deletes it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from nbsrc.config import ExperimentConfig
+from nbsrc.errors import RunDirError
+from nbsrc.train.checkpoint import LATEST, PREVIOUS
+
+CONFIG, METRICS, RESULTS = "config.json", "metrics.jsonl", "results.json"
+MODES = ("new", "resume", "overwrite", "reuse")
+
+
+def run_state(run_dir: Path) -> str:
+    """``absent``, ``empty``, ``done`` (results written), ``partial`` (checkpoint) or ``started``."""
+    if not run_dir.exists():
+        return "absent"
+    if not any(run_dir.iterdir()):
+        return "empty"
+    if (run_dir / RESULTS).exists():
+        return "done"
+    if (run_dir / LATEST).exists() or (run_dir / PREVIOUS).exists():
+        return "partial"
+    return "started"
+
+
+def _check_same(cfg: ExperimentConfig, run_dir: Path) -> None:
+    saved_path = run_dir / CONFIG
+    if not saved_path.exists():
+        raise RunDirError(f"{run_dir} has no {CONFIG}; it is not an nbsrc run, choose another name")
+    saved = ExperimentConfig.load(saved_path).fingerprint()
+    new = cfg.fingerprint()
+    diff = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k))
+    if diff:
+        k = diff[0]
+        raise RunDirError(
+            f"run {run_dir} was made with a different config ({k}={saved.get(k)!r}, now {new.get(k)!r}"
+            f"{f' and {len(diff) - 1} more' if len(diff) > 1 else ''}); choose another name or pass overwrite"
+        )
+
+
+def prepare_run_dir(cfg: ExperimentConfig, mode: str = "new") -> tuple[Path, str]:
+    """Create or check ``cfg.run_dir``; returns ``(path, action)`` with action ``train``,
+    ``resume`` or ``reuse`` (finished run with the same config: nothing to do).
+
+    * ``new``: the directory must not exist (or be empty).
+    * ``resume``: it must exist with the same config and a checkpoint.
+    * ``overwrite``: an existing directory is renamed to ``<name>.old-<time>``, then start fresh.
+    * ``reuse``: as notebooks use it: a finished run with the same config is reused, a partial one
+      resumed, an absent one started; a different config is an error.
+    """
+    if mode not in MODES:
+        raise RunDirError(f"run mode {mode!r} is unknown; use one of {', '.join(MODES)}")
+    run_dir = cfg.run_dir
+    state = run_state(run_dir)
+    if mode == "overwrite" and state not in ("absent", "empty"):
+        backup = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(run_dir, backup)
+        print(f"moved the existing {run_dir} to {backup}")
+        state = "absent"
+    if mode == "new" and state not in ("absent", "empty"):
+        raise RunDirError(
+            f"run directory {run_dir} already exists; pass --resume to continue it, --overwrite to start "
+            "again (the old one is moved aside), or choose another --name"
+        )
+    if mode == "resume":
+        if state not in ("partial", "done"):
+            raise RunDirError(f"cannot resume {run_dir}: it has no checkpoint; start it without --resume")
+        _check_same(cfg, run_dir)
+        return run_dir, "resume"
+    if mode == "reuse" and state not in ("absent", "empty"):
+        _check_same(cfg, run_dir)
+        if state == "done":
+            return run_dir, "reuse"
+        if state == "partial":
+            return run_dir, "resume"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / CONFIG)
+    (run_dir / METRICS).unlink(missing_ok=True) if state in ("absent", "empty", "started") else None
+    return run_dir, "train"
+
+
+def append_metrics(run_dir: Path, row: dict) -> None:
+    with open(run_dir / METRICS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict]:
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if kind is None or r.get("kind") == kind]
+
+
+def truncate_metrics(run_dir: Path, after_iteration: int) -> None:
+    """Drop rows logged after ``after_iteration`` (a resumed run logs them again)."""
+    rows = [r for r in read_metrics(run_dir) if r.get("iteration", 0) <= after_iteration]
+    tmp = run_dir / (METRICS + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, run_dir / METRICS)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def load_results(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / RESULTS
+    if not path.exists():
+        raise RunDirError(f"run {run_dir} has no {RESULTS}: it does not exist or has not finished; train it first")
+    return json.loads(path.read_text())
