@@ -92,7 +92,7 @@ def _literal(s: str):
 def cmd_demo(ns) -> None:
     from nbsrc.demo import run_demo
 
-    run_demo(quick=ns.quick, notebooks=ns.only)
+    run_demo(quick=ns.quick, notebooks_to_run=ns.only)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,7 +70,7 @@ class ExperimentConfig:
     lr: float = 3e-5
     weight_decay: float = 5e-4
     batch_size: int = 64
-    m_per_class: int = 4  # m samples of each class in every batch, so that every batch has positives
+    m_per_class: int = 16  # m samples of each class in every batch, so that every batch has positives
     iterations: int = 1000  # 0: no training, the off-the-shelf model (IRT_O)
     warmup_iters: int = 0
     scheduler: str = "cosine"

@@ -24,7 +24,7 @@ from nbsrc.train import load_results, prepare_run_dir, read_metrics, resolve_dev
 from nbsrc.train.rundir import RESULTS, write_json_atomic
 
 EMBEDDINGS, MODEL = "embeddings.npz", "model.pt"
-PCA_FIT_SAMPLES = 10_000
+PCA_FIT_SAMPLES = 5_000
 
 
 @dataclass
@@ -97,6 +97,7 @@ def run_experiment(cfg: ExperimentConfig, mode: str = "reuse", data: RetrievalDa
         return load_run(run_dir)
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)  # the initial weights are part of the experiment
     model = model_from_config(cfg)
     norm = data_config(model)
     data = data if data is not None else build_data(cfg, norm["mean"], norm["std"])
@@ -128,3 +129,14 @@ def run_experiment(cfg: ExperimentConfig, mode: str = "reuse", data: RetrievalDa
     write_json_atomic(run_dir / RESULTS, results)
     print(f"{cfg.name}: " + "  ".join(f"{k}={v:.2f}" for k, v in results.items() if k.startswith("R@")))
     return RunResult(cfg, run_dir, results, model=model)
+
+
+def irt_variants(base: ExperimentConfig, prefix: str = "") -> dict[str, ExperimentConfig]:
+    """The three methods of IRT Table 3 from one base config: IRT_O (off-the-shelf, no training),
+    IRT_L (contrastive + memory, λ = 0) and IRT_R (IRT_L + λ·KoLeo, λ = ``base.lam``)."""
+    p = f"{prefix}_" if prefix else ""
+    return {
+        "IRT_O": base.replace(name=f"{p}irt_o", iterations=0, warmup_iters=0, lam=0.0, memory_size=0, momentum=None),
+        "IRT_L": base.replace(name=f"{p}irt_l", lam=0.0),
+        "IRT_R": base.replace(name=f"{p}irt_r"),
+    }

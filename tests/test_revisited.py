@@ -192,7 +192,8 @@ def test_revisited_errors(tmp_path):
     with pytest.raises(DatasetError, match="cannot read"):
         build_revisited(root, "rparis6k")
     with open(root / "gnd_rparis6k.pkl", "wb") as f:
-        pickle.dump({"imlist": ["a"], "qimlist": ["a"], "gnd": [{"bbx": [0, 0, 1, 1], "easy": [3], "hard": [], "junk": []}]}, f)
+        bad = {"bbx": [0, 0, 1, 1], "easy": [3], "hard": [], "junk": []}
+        pickle.dump({"imlist": ["a"], "qimlist": ["a"], "gnd": [bad]}, f)
     with pytest.raises(DatasetError, match="out of range"):
         build_revisited(root, "rparis6k")
 
@@ -235,6 +236,9 @@ def test_rank_chunked_and_memmap_errors(tmp_path):
         rank_chunked(np.zeros((2, 4)), db)
     with pytest.raises(ConfigError, match="topk"):
         rank_chunked(np.zeros((2, 3)), db, topk=6)
+    db[3, 1] = np.nan
+    with pytest.raises(ConfigError, match="rows 2..3 give non-finite"):
+        rank_chunked(np.ones((2, 3)), db, topk=2, chunk=2)
     with pytest.raises(ConfigError, match="n=4"):
         embeddings_to_memmap([np.zeros((3, 3)), np.zeros((3, 3))], tmp_path / "x.npy", 4, 3)
     with pytest.raises(ConfigError, match="n=7"):

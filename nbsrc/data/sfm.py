@@ -99,7 +99,9 @@ def load_sfm120k_db(path, split: str = "train", ims_root=None, check_images: boo
     if len(cluster) != len(cids):
         raise DatasetError(f"{db_file}[{split!r}]: {len(cids)} cids but {len(cluster)} cluster ids; the file is corrupt")
     if len(qidxs) != len(pidxs) or not len(qidxs):
-        raise DatasetError(f"{db_file}[{split!r}]: {len(qidxs)} qidxs and {len(pidxs)} pidxs; expected equal, non-empty lists")
+        raise DatasetError(
+            f"{db_file}[{split!r}]: {len(qidxs)} qidxs and {len(pidxs)} pidxs; expected equal, non-empty lists"
+        )
     for name, idx in (("qidxs", qidxs), ("pidxs", pidxs)):
         if idx.min() < 0 or idx.max() >= len(cids):
             raise DatasetError(f"{db_file}[{split!r}]: {name} outside 0..{len(cids) - 1}; the file is corrupt")

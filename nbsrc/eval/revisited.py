@@ -60,7 +60,9 @@ REVISITED_URL = (
     "https://www.robots.ox.ac.uk/~vgg/data/oxbuildings/ (Oxford) or /parisbuildings/ (Paris)"
 )
 DISTRACTORS_LAYOUT = "R1M layout: root/{revisitop1m.txt,jpg/<path listed>}"
-DISTRACTORS_URL = "download revisitop1m.txt and jpg/revisitop1m.<1..100>.tar.gz from http://ptak.felk.cvut.cz/revisitop/revisitop1m/"
+DISTRACTORS_URL = (
+    "download revisitop1m.txt and jpg/revisitop1m.<1..100>.tar.gz from http://ptak.felk.cvut.cz/revisitop/revisitop1m/"
+)
 SETUPS = {  # setup -> (lists that are positives, lists that are junk)
     "easy": (("easy",), ("junk", "hard")),
     "medium": (("easy", "hard"), ("junk",)),
@@ -117,7 +119,9 @@ def crop_query(img: torch.Tensor, bbx: Sequence[float]) -> torch.Tensor:
     x1, x2 = max(0, x1), min(w, x2)
     y1, y2 = max(0, y1), min(h, y2)
     if x2 <= x1 or y2 <= y1:
-        raise DatasetError(f"query box {list(bbx)} leaves nothing of a {w}x{h} image; the ground-truth file does not match the images")
+        raise DatasetError(
+            f"query box {list(bbx)} leaves nothing of a {w}x{h} image; the ground-truth file does not match the images"
+        )
     return img[..., y1:y2, x1:x2]
 
 
@@ -154,7 +158,9 @@ def build_revisited(root, name: str | None = None, transform: Callable | None = 
     """Queries and database of ``roxford5k`` or ``rparis6k`` under ``root`` (``name=None``: the one
     whose ``gnd_<name>.pkl`` is in ``root``). Database labels are image indices."""
     if root is None:
-        raise DatasetError(f"the revisited benchmarks need data_root=<folder with gnd_<name>.pkl>; {REVISITED_LAYOUT}; {REVISITED_URL}")
+        raise DatasetError(
+            f"the revisited benchmarks need data_root=<folder with gnd_<name>.pkl>; {REVISITED_LAYOUT}; {REVISITED_URL}"
+        )
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DatasetError(f"data_root does not exist: expected the folder {root}; {REVISITED_LAYOUT}; {REVISITED_URL}")
@@ -182,7 +188,9 @@ def build_distractors(root, transform: Callable | None = None, check_images: boo
     appended to a name without extension). Labels are image indices. ``check_images`` stats every
     file (a few seconds for 1M)."""
     if root is None:
-        raise DatasetError(f"the +1M distractors need data_root=<revisitop1m folder>; {DISTRACTORS_LAYOUT}; {DISTRACTORS_URL}")
+        raise DatasetError(
+            f"the +1M distractors need data_root=<revisitop1m folder>; {DISTRACTORS_LAYOUT}; {DISTRACTORS_URL}"
+        )
     root = Path(root).expanduser()
     listing = root / "revisitop1m.txt"
     if not listing.is_file():
@@ -388,7 +396,8 @@ def revisited_map_reference(ranks_or_scores, gnd, kappas: Sequence[int] = (1, 5,
     for setup in SETUPS:
         ok, junk = _setup_lists(gnd, setup)
         rows = [_reference_query(ranks[q].tolist(), ok[q], junk[q], kappas) for q in range(len(gnd))]
-        per_setup[setup] = (np.asarray([a for a, _ in rows]), np.asarray([p for _, p in rows]).reshape(len(gnd), len(kappas)))
+        ap = np.asarray([a for a, _ in rows])
+        per_setup[setup] = (ap, np.asarray([p for _, p in rows]).reshape(len(gnd), len(kappas)))
     return _report(per_setup, kappas, reduce)
 
 
@@ -462,6 +471,21 @@ def embed_to_memmap(model: torch.nn.Module, dataset, path: str | Path, dim: int,
     return embeddings_to_memmap(batches(), path, len(dataset), dim, dtype)
 
 
+def _top_k_columns(sim: np.ndarray, k: int) -> np.ndarray:
+    """Column indices ``[nq, min(k, n)]`` of each row's ``k`` largest values, equal values by lower
+    index, listed in increasing column order. A partition finds the k-th largest value v; the row keeps
+    every value > v and, of those equal to v, the ones with the lowest indices."""
+    nq, n = sim.shape
+    if k >= n:
+        return np.broadcast_to(np.arange(n), (nq, n))
+    v = np.partition(sim, n - k, axis=1)[:, n - k : n - k + 1]
+    above = sim > v
+    equal = sim == v
+    need = k - above.sum(axis=1, keepdims=True)
+    keep = above | (equal & (np.cumsum(equal, axis=1) <= need))
+    return np.nonzero(keep)[1].reshape(nq, k)
+
+
 def rank_chunked(query_emb, db, topk: int | None = None, chunk: int = DEFAULT_CHUNK,
                  return_scores: bool = False):
     """Rank a (memory-mapped) database for each query by decreasing inner product ``<q, x>``, equal
@@ -470,31 +494,45 @@ def rank_chunked(query_emb, db, topk: int | None = None, chunk: int = DEFAULT_CH
     ``db`` is any ``[n_db, D]`` array (an ``np.memmap`` / ``np.load(..., mmap_mode="r")`` of float16
     or float32); each chunk is cast to float32. ``topk=None`` returns the full ranking ``[nq, n_db]``
     (the similarity matrix ``[nq, n_db]`` is held, but never the database); ``topk=k`` keeps a
-    running top-k, merging each chunk's candidates with a stable sort, so memory is
+    running top-k: each chunk's own top-k (:func:`_top_k_columns`, a partition) is merged into it
+    with a stable sort, so memory is
     ``O(nq · (k + chunk) + chunk · D)``. Returns ``ranks`` (int64), and the similarities in rank
-    order when ``return_scores``.
+    order when ``return_scores``. A database row that is not finite is an error.
     """
     q = np.ascontiguousarray(np.asarray(query_emb, dtype=np.float32))
     if q.ndim != 2 or db.ndim != 2 or q.shape[1] != db.shape[1]:
-        raise ConfigError(f"query embeddings {q.shape} and database {db.shape} must be [nq, D] and [n_db, D] with the same D")
+        raise ConfigError(
+            f"query embeddings {q.shape} and database {db.shape} must be [nq, D] and [n_db, D] with the same D"
+        )
     n_db = len(db)
     if chunk < 1:
         raise ConfigError(f"chunk={chunk} must be >= 1")
     if topk is not None and not 1 <= topk <= n_db:
         raise ConfigError(f"topk={topk} must be between 1 and the database size {n_db}, or None for the full ranking")
+    if not np.isfinite(q).all():
+        raise ConfigError("query embeddings contain NaN or inf; check the model")
     nq = len(q)
+
+    def similarities(s: int) -> np.ndarray:
+        block = q @ np.asarray(db[s : s + chunk], dtype=np.float32).T
+        if not np.isfinite(block).all():
+            raise ConfigError(f"database rows {s}..{s + block.shape[1] - 1} give non-finite similarities; "
+                              "the stored embeddings contain NaN or inf (or overflow float16)")
+        return block
+
     if topk is None:
         scores = np.empty((nq, n_db), dtype=np.float32)
         for s in range(0, n_db, chunk):
-            scores[:, s : s + chunk] = q @ np.asarray(db[s : s + chunk], dtype=np.float32).T
+            scores[:, s : s + chunk] = similarities(s)
         ranks = np.argsort(-scores, axis=1, kind="stable")
         return (ranks, np.take_along_axis(scores, ranks, axis=1)) if return_scores else ranks
     best_s = np.empty((nq, 0), dtype=np.float32)
     best_i = np.empty((nq, 0), dtype=np.int64)
     for s in range(0, n_db, chunk):
-        block = q @ np.asarray(db[s : s + chunk], dtype=np.float32).T
-        cand_s = np.concatenate([best_s, block], axis=1)
-        cand_i = np.concatenate([best_i, np.broadcast_to(np.arange(s, s + block.shape[1]), block.shape)], axis=1)
+        block = similarities(s)
+        block_i = _top_k_columns(block, topk)
+        cand_s = np.concatenate([best_s, np.take_along_axis(block, block_i, axis=1)], axis=1)
+        cand_i = np.concatenate([best_i, block_i + s], axis=1)
         # stable: among equal scores, the kept (lower-index) candidates stay first, then the chunk in index order
         order = np.argsort(-cand_s, axis=1, kind="stable")[:, :topk]
         best_s = np.take_along_axis(cand_s, order, axis=1)

@@ -165,13 +165,13 @@ def train(
         terms = criterion(z, y_all, ref[0], ref[1], idx_all, ref[2])
         total = terms["total"]
         if not torch.isfinite(total):
-            vals = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+            vals = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
             raise NonFiniteLossError(
                 f"loss is not finite at iteration {it} ({vals}); the last good checkpoint in {run_dir} is kept: "
                 "lower lr, enable grad_clip, or check the data"
             )
         noise = None
-        if cfg.record_grad_noise and it % max(cfg.log_every, 1) == 0:
+        if cfg.record_grad_noise and ((it + 1) % max(cfg.log_every, 1) == 0 or it + 1 == end):
             main_key = next(k for k in terms if k not in ("koleo", "total"))
             (g,) = torch.autograd.grad(terms[main_key], z, retain_graph=True)
             noise = gradient_noise(g)
@@ -198,11 +198,11 @@ def train(
             now = time.perf_counter()
             row = {"kind": "train", "iteration": it, "lr": scheduler.get_last_lr()[0],
                    "img_per_s": seen / max(now - t_last, 1e-9)}
-            row.update({k: float(v) for k, v in terms.items()})
+            row.update({k: float(v.detach()) for k, v in terms.items()})
             if noise is not None:
                 row["grad_noise"] = noise
             append_metrics(run_dir, row)
-            bar.set_postfix({k: round(float(v), 4) for k, v in terms.items()})
+            bar.set_postfix({k: round(float(v.detach()), 4) for k, v in terms.items()})
             t_last, seen = now, 0
         if cfg.ckpt_every and it % cfg.ckpt_every == 0 and it < end:
             checkpoint(it)

@@ -1,0 +1,40 @@
+# `make demo` and `make test` create .venv and install everything they need on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-fast lab install data kernel clean-runs
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m ipykernel install --user --name nbsrc --display-name "Python (nbsrc)" >/dev/null
+	touch $(STAMP)
+
+install: $(STAMP) data
+
+# Debian's dataset-fashion-mnist puts the real files in /usr/share/datasets/fashion-mnist.
+# Without root/apt the reader falls back to $$NBSRC_DATA or a download (see README).
+data:
+	@if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)) \
+		|| echo "warning: could not install dataset-fashion-mnist with apt-get"; \
+	fi
+
+demo: install
+	$(PY) -m nbsrc demo
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+lab: install
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean-runs:
+	@echo "runs/ holds your experiments; remove it by hand if you really mean to: rm -r runs/"
