@@ -1,8 +1,8 @@
-"""Command line: ``python -m nbsrc {train,eval,notebook,demo,bench} ...``.
+"""Command line: ``python -m nbsrc {train,eval,notebook,demo} ...``.
 
 Every field of :class:`~nbsrc.config.ExperimentConfig` is a flag (``--lr 1e-4``, ``--pooling gem``,
-``--dim 128``, ``--ks 1 2 4 8``, ``--no-amp``); ``--preset NAME`` or ``--config FILE.json`` load a
-whole config that flags then override.
+``--dim 128``, ``--ks 1 2 4 8``, ``--no-amp``); ``--config FILE.json`` loads a whole config that
+flags then override.
 """
 
 from __future__ import annotations
@@ -45,10 +45,6 @@ def _optional(conv):
 
 def config_from_args(ns: argparse.Namespace) -> ExperimentConfig:
     base: dict = {}
-    if getattr(ns, "preset", None):
-        from nbsrc.presets import load_preset
-
-        base = load_preset(ns.preset).to_dict()
     if getattr(ns, "config", None):
         base.update(json.loads(Path(ns.config).read_text()))
     names = {f.name for f in dataclasses.fields(ExperimentConfig)}
@@ -99,7 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m nbsrc", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train and evaluate one run into runs/<name>/")
-    t.add_argument("--preset", help="a preset name (python -m nbsrc presets lists them)")
     t.add_argument("--config", help="a config.json to start from")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue runs/<name> from its checkpoint")
@@ -115,9 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="run the notebooks in order on Fashion-MNIST and print the table")
     d.add_argument("--quick", action="store_true", help="tiny parameters (smoke test)")
     d.add_argument("--only", nargs="+", help="notebook file names to run")
-    b = sub.add_parser("bench", help="benchmarks (see python -m nbsrc.bench --help)")
-    b.add_argument("rest", nargs=argparse.REMAINDER)
-    sub.add_parser("presets", help="list the presets")
     ns = p.parse_args(argv)
     try:
         if ns.cmd == "train":
@@ -128,15 +120,6 @@ def main(argv: list[str] | None = None) -> int:
             cmd_notebook(ns)
         elif ns.cmd == "demo":
             cmd_demo(ns)
-        elif ns.cmd == "bench":
-            from nbsrc.bench import main as bench_main
-
-            return bench_main(ns.rest)
-        elif ns.cmd == "presets":
-            from nbsrc.presets import list_presets
-
-            for name in list_presets():
-                print(name)
     except NbsrcError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
