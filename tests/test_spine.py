@@ -189,10 +189,11 @@ def test_dist_pooling_needs_distilled_deit():
     with pytest.raises(ConfigError, match="distilled DeiT"):
         build_model("vit_tiny_patch16_224", "dist", img_size=16, patch_size=8)
     m = build_model("deit_tiny_distilled_patch16_224", "dist", img_size=16, patch_size=8).eval()
+    x = torch.randn(1, 3, 16, 16)
     with torch.no_grad():
-        assert torch.allclose(m(torch.randn(1, 3, 16, 16)),
-                              torch.nn.functional.normalize(m.forward_tokens(torch.zeros(1, 3, 16, 16))[:, 1] * 0 +
-                                                            m.forward_tokens(torch.zeros(1, 3, 16, 16))[:, 1], dim=-1)) or True
+        tok = m.forward_tokens(x)
+        torch.testing.assert_close(m(x), torch.nn.functional.normalize(tok[:, 1], dim=-1))
+        assert not torch.allclose(tok[:, 0], tok[:, 1])  # the distillation token is not the CLS token
 
 
 def test_pca_reduction_projects_and_normalises():
