@@ -140,3 +140,18 @@ def irt_variants(base: ExperimentConfig, prefix: str = "") -> dict[str, Experime
         "IRT_L": base.replace(name=f"{p}irt_l", lam=0.0),
         "IRT_R": base.replace(name=f"{p}irt_r"),
     }
+
+
+def lambda_sweep(base: ExperimentConfig, lams, prefix: str = "") -> dict[str, ExperimentConfig]:
+    """IRT_L/IRT_R configs over λ (IRT Fig. 2, Table 6); λ = 0 and λ = ``base.lam`` share their run
+    names with :func:`irt_variants`, so runs of notebook 02 are reused."""
+    v = irt_variants(base, prefix)
+    out = {}
+    for lam in lams:
+        if lam == 0:
+            out[f"λ = {lam:g}"] = v["IRT_L"]
+        elif lam == base.lam:
+            out[f"λ = {lam:g}"] = v["IRT_R"]
+        else:
+            out[f"λ = {lam:g}"] = v["IRT_R"].replace(name=f"{v['IRT_R'].name}_lam{lam:g}", lam=lam)
+    return out
