@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m ipykernel install --user --name nbsrc --display-name "Python (nbsrc)" >/dev/null
+	$(PY) -m ipykernel install --sys-prefix --name nbsrc --display-name "Python (nbsrc)" >/dev/null
 	touch $(STAMP)
 
 install: $(STAMP) data
@@ -33,7 +33,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 lab: install
-	$(VENV)/bin/jupyter lab notebooks/
+	JUPYTER_PATH=$(CURDIR)/$(VENV)/share/jupyter $(VENV)/bin/jupyter lab notebooks/
 
 clean-runs:
 	@echo "runs/ holds your experiments; remove it by hand if you really mean to: rm -r runs/"

@@ -7,7 +7,9 @@ changes nothing; here it is an error that names the valid parameters.
 from __future__ import annotations
 
 import difflib
+import json
 import os
+import sys
 from pathlib import Path
 
 from nbsrc.errors import ConfigError, NbsrcError
@@ -52,12 +54,28 @@ def run_notebook(path: str | Path, params: dict | None = None, out: str | Path |
 
 
 def _default_kernel() -> str:
-    """The project's registered kernel if present, else the current interpreter's ``python3``."""
-    try:
-        from jupyter_client.kernelspec import KernelSpecManager
+    """The ``nbsrc`` kernel of *this* interpreter, registered under ``sys.prefix`` if needed.
 
-        if KERNEL in KernelSpecManager().find_kernel_specs():
-            return KERNEL
-    except Exception:  # noqa: BLE001
-        pass
-    return "python3"
+    A kernelspec installed with ``--user`` is shared by every checkout on the machine, so the last
+    ``make install`` anywhere would decide which venv runs the notebooks. The spec is therefore kept
+    in the venv (``<sys.prefix>/share/jupyter``), repaired if it points at another interpreter, and
+    that directory is put first on ``JUPYTER_PATH`` so that no user-wide spec shadows it.
+    """
+    share = Path(sys.prefix) / "share" / "jupyter"
+    spec = share / "kernels" / KERNEL / "kernel.json"
+    try:
+        argv0 = json.loads(spec.read_text())["argv"][0]
+    except (OSError, ValueError, KeyError, IndexError):
+        argv0 = None
+    if argv0 != sys.executable:
+        try:
+            from ipykernel.kernelspec import install
+
+            install(kernel_name=KERNEL, display_name="Python (nbsrc)", prefix=sys.prefix)
+            # ipykernel writes argv[0] = sys.executable; check rather than trust it.
+            argv0 = json.loads(spec.read_text())["argv"][0]
+        except Exception:  # noqa: BLE001 - read-only prefix, no ipykernel: fall back below
+            return "python3"
+    paths = [str(share)] + [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p and p != str(share)]
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(paths)
+    return KERNEL if argv0 == sys.executable else "python3"

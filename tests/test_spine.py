@@ -372,3 +372,24 @@ def test_demo_notebooks_run_headless(tmp_path, monkeypatch):
     for fig in ("training_curves", "pca_cumulative_energy", "similarity_histograms", "tsne"):
         for ext in ("png", "pdf"):
             assert (tmp_path / QUICK["figures_dir"] / f"{fig}.{ext}").stat().st_size > 1000
+
+
+def test_notebook_kernel_is_this_interpreter(tmp_path, monkeypatch):
+    """A user-wide kernelspec left by another checkout must not decide which venv runs notebooks."""
+    import json
+    import sys
+
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    from nbsrc import notebook
+
+    stale = tmp_path / "user" / "kernels" / notebook.KERNEL
+    stale.mkdir(parents=True)
+    (stale / "kernel.json").write_text(json.dumps(
+        {"argv": ["/nonexistent/python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+         "display_name": "stale", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "user"))
+    monkeypatch.delenv("JUPYTER_PATH", raising=False)
+    name = notebook._default_kernel()
+    assert name == notebook.KERNEL
+    assert KernelSpecManager().get_kernel_spec(name).argv[0] == sys.executable
