@@ -19,14 +19,16 @@ from nbsrc.errors import ConfigError
 
 POOLINGS = ("cls", "dist", "avg", "max", "gem")
 LOSSES = ("contrastive", "nsoftmax", "snca", "arcface")
-DATASETS = ("fashion_mnist", "digits", "folder", "cub", "sop", "inshop")
+DATASETS = ("fashion_mnist", "digits", "folder", "cub", "sop", "inshop", "sfm120k")
+SAMPLERS = ("m_per_class", "group_size")
 SCHEDULERS = ("cosine", "constant")
 OPTIMIZERS = ("adamw", "sgd", "adam")
 
 # Fields that change how a run is executed or logged but not what it computes: two configs that
 # differ only here describe the same experiment (used to decide whether a saved run can be reused).
 EXECUTION_FIELDS = frozenset(
-    {"runs_dir", "device", "num_workers", "log_every", "ckpt_every", "progress", "eval_batch_size"}
+    {"runs_dir", "device", "num_workers", "log_every", "ckpt_every", "progress", "eval_batch_size",
+     "compile", "pin_memory", "fused_optimizer"}
 )
 
 
@@ -38,12 +40,19 @@ class ExperimentConfig:
     seed: int = 0
 
     # --- data ---
-    dataset: str = "fashion_mnist"  # fashion_mnist | digits | folder | cub | sop | inshop
+    dataset: str = "fashion_mnist"  # fashion_mnist | digits | folder | cub | sop | inshop | sfm120k
     data_root: str | None = None  # None: $NBSRC_DATA, then the Debian package, then a download
     train_classes: str = "0-4"  # class-disjoint split: train on these classes ...
     test_classes: str = "5-9"  # ... query and gallery on these unseen ones
     eval_per_class: int | None = None  # cap on evaluation images per class (None: all)
     img_size: int = 28  # square input side after resize and crop (paper: 224)
+    sampler: str = "m_per_class"  # m_per_class | group_size (DToP Table A12: batches of one image size)
+    # SfM-120k tuple training (IRT §4.2, Radenović et al.): per epoch, pairs_per_epoch (query, positive)
+    # pairs and a negative_pool of images; negatives_per_tuple hard negatives mined with the current model
+    tuples_per_batch: int = 5
+    negatives_per_tuple: int = 5
+    pairs_per_epoch: int = 2000
+    negative_pool: int = 22000
 
     # --- model ---
     backbone: str = "vit_tiny_patch16_224"  # any timm model name (paper: deit_small_patch16_224)
@@ -77,6 +86,9 @@ class ExperimentConfig:
     min_lr_factor: float = 1e-2  # cosine decays to lr * min_lr_factor
     grad_clip: float | None = 1.0  # max global grad norm; None: off
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler)
+    compile: bool = False  # torch.compile the model (CUDA; measured in `python -m nbsrc.bench train`)
+    pin_memory: bool = True  # pinned host memory + non-blocking copies when training on CUDA
+    fused_optimizer: bool = True  # fused AdamW/Adam/SGD kernels on CUDA
 
     # --- bookkeeping ---
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -196,6 +208,11 @@ class ExperimentConfig:
         for name in ("log_every", "ckpt_every", "eval_every", "num_workers"):
             if getattr(self, name) < 0:
                 bad(name, getattr(self, name), "a non-negative integer")
+        if self.sampler not in SAMPLERS:
+            bad("sampler", self.sampler, f"one of {', '.join(SAMPLERS)}")
+        for name in ("tuples_per_batch", "negatives_per_tuple", "pairs_per_epoch", "negative_pool"):
+            if getattr(self, name) < 1:
+                bad(name, getattr(self, name), "a positive integer")
         if self.arcface_scale <= 0 or self.temperature <= 0:
             bad("arcface_scale/temperature", (self.arcface_scale, self.temperature), "positive")
         if not isinstance(self.model_options, dict):
