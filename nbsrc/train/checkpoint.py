@@ -2,14 +2,17 @@
 
 ``checkpoint.pt`` is the latest, ``checkpoint.prev.pt`` the one before. A save writes a temporary
 file first and renames it into place only once it is complete, so a crash or a full disk never
-destroys a good checkpoint. A load that finds the latest one unreadable falls back to the previous
-one and says so.
+destroys a good checkpoint; a full disk raises a one-line :class:`~nbsrc.errors.RunDirError` saying
+so. A load that finds the latest one unreadable (truncated, corrupt, missing) falls back to the
+previous one and says so in one warning line.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import shutil
 import warnings
 from pathlib import Path
 
@@ -20,57 +23,101 @@ from nbsrc.errors import RunDirError
 
 LATEST = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # no space left, quota exceeded
 
 
 def save_checkpoint(state: dict, run_dir: str | Path) -> Path:
+    """Write ``state`` as the run's latest checkpoint, keeping the one before as the previous.
+
+    Written to a temporary file, flushed to disk, then renamed over ``checkpoint.pt``; the old
+    latest becomes ``checkpoint.prev.pt``. A failure while writing (a full disk: ``ENOSPC`` or
+    ``EDQUOT``) removes the partial file, leaves both earlier checkpoints as they were and raises a
+    :class:`~nbsrc.errors.RunDirError` that says so. Temporary files left by a killed save are removed.
+    """
     run_dir = Path(run_dir)
     latest, prev = run_dir / LATEST, run_dir / PREVIOUS
+    for stale in run_dir.glob(f".{LATEST}.tmp-*"):  # left behind by a process killed mid-save
+        stale.unlink(missing_ok=True)
     tmp = run_dir / f".{LATEST}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)  # a full disk leaves the earlier checkpoints untouched
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            free = shutil.disk_usage(run_dir).free / 2**20
+            kept = f"the last good checkpoint {latest} is unchanged" if latest.exists() else "no checkpoint was kept"
+            raise RunDirError(
+                f"disk full while saving a checkpoint in {run_dir} ({free:.0f} MiB free, {os.strerror(e.errno)}); "
+                f"{kept}: free some space (or use another --runs-dir) and continue with --resume"
+            ) from e
         raise
     if latest.exists():
         os.replace(latest, prev)
     os.replace(tmp, latest)
+    _fsync_dir(run_dir)
     return latest
 
 
-def _try_load(path: Path) -> dict | None:
+def _fsync_dir(path: Path) -> None:
+    """Make the renames durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _try_load(path: Path) -> tuple[dict | None, str]:
+    """``(state, "")`` or ``(None, why it is unusable)`` for one checkpoint file."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, ...
-        warnings.warn(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:80]})", stacklevel=3)
-        return None
+        detail = " ".join(str(e).split())[:100]
+        return None, f"truncated or corrupt ({type(e).__name__}: {detail})"
     if not isinstance(state, dict) or "iteration" not in state:
-        warnings.warn(f"checkpoint {path} is not an nbsrc checkpoint", stacklevel=3)
-        return None
-    return state
+        return None, "not an nbsrc checkpoint (no 'iteration' entry)"
+    return state, ""
 
 
 def load_checkpoint(run_dir: str | Path) -> dict:
-    """The latest readable checkpoint of a run, falling back to the previous one."""
+    """The latest readable checkpoint of a run, falling back to the previous one.
+
+    A latest checkpoint that cannot be read (truncated on disk, corrupt, missing after a kill between
+    the two renames of :func:`save_checkpoint`) gives one warning line naming the file, the reason and
+    the iteration of the previous checkpoint that is used instead.
+    """
     run_dir = Path(run_dir)
     latest, prev = run_dir / LATEST, run_dir / PREVIOUS
     if not latest.exists() and not prev.exists():
         raise RunDirError(f"no checkpoint in {run_dir}; start the run without --resume")
+    why_latest = "missing"
     if latest.exists():
-        state = _try_load(latest)
+        state, why_latest = _try_load(latest)
         if state is not None:
             return state
     if prev.exists():
-        state = _try_load(prev)
+        state, why_prev = _try_load(prev)
         if state is not None:
             warnings.warn(
-                f"using the previous checkpoint {prev} (iteration {state['iteration']}) because {latest} "
-                "is unreadable", stacklevel=2,
+                f"checkpoint {latest} is {why_latest}; resuming from the previous checkpoint {prev} "
+                f"(iteration {state['iteration']})", stacklevel=2,
             )
             return state
-    raise RunDirError(f"every checkpoint in {run_dir} is unreadable (truncated?); restart with --overwrite")
+        raise RunDirError(
+            f"no usable checkpoint in {run_dir}: {latest.name} is {why_latest} and {prev.name} is {why_prev}; "
+            "restart with --overwrite"
+        )
+    raise RunDirError(
+        f"checkpoint {latest} is {why_latest} and there is no previous one; restart with --overwrite"
+    )
 
 
 def rng_state() -> dict:

@@ -61,17 +61,36 @@ class DistInfo:
         return self.world_size > 1
 
 
+def backend_for(device: str = "auto") -> str:
+    """``nccl`` when this process trains on a GPU, ``gloo`` otherwise (CPU, or ``device='cpu'``)."""
+    return "nccl" if torch.cuda.is_available() and not str(device).startswith("cpu") else "gloo"
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the process group that ``torchrun`` describes in the environment (no-op without it)."""
+    """Join the process group that ``torchrun`` describes in the environment (no-op without it).
+
+    On GPUs each process first selects its own device (``LOCAL_RANK``), then joins with NCCL, so
+    that collectives never all land on GPU 0; on CPUs it joins with gloo.
+    """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
         return DistInfo()
+    backend = backend_for(device)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        use_cuda = torch.cuda.is_available() and device != "cpu"
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    if torch.cuda.is_available() and device != "cpu":
-        torch.cuda.set_device(info.local_rank)
-    return info
+        dist.init_process_group(backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` in :class:`~torch.nn.parallel.DistributedDataParallel` when a process group is up:
+    ``device_ids=[device.index]`` on CUDA, none on CPU (gloo). Without a process group: ``model``."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def current() -> DistInfo:
@@ -83,3 +102,12 @@ def current() -> DistInfo:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` from rank ``src`` on every rank (itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from nbsrc.config import ExperimentConfig
@@ -59,13 +58,15 @@ def lr_factor(cfg: ExperimentConfig, it: int) -> float:
 
 
 def build_optimizer(cfg: ExperimentConfig, params) -> torch.optim.Optimizer:
+    """AdamW, Adam or SGD (momentum 0.9) over the trainable ``params``; with ``cfg.fused_optimizer``
+    the fused CUDA kernels when the parameters live on a GPU (ignored on CPU)."""
     params = [p for p in params if p.requires_grad]
-    fused = {"fused": True} if params and params[0].is_cuda else {}
+    fused = {"fused": True} if cfg.fused_optimizer and params and all(p.is_cuda for p in params) else {}
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, **fused)
 
 
 @torch.no_grad()
@@ -137,16 +138,20 @@ def train(
             }, run_dir)
         distributed.barrier()
 
-    net = model
-    if dinfo.enabled:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = distributed.wrap_ddp(model, device)  # DDP (device_ids on CUDA) when a process group is up
+    if cfg.compile and device.type == "cuda":  # a no-op on CPU; checkpoints keep the plain model's keys
+        net = torch.compile(net)
+    pin = cfg.pin_memory and device.type == "cuda"  # pinned batches + non-blocking copies (CUDA only)
 
-    # Every rank draws the same global batch and takes its own slice of it.
-    sampler = MPerClassBatchSampler(train_ds.labels, cfg.batch_size, cfg.m_per_class, cfg.iterations, cfg.seed, start)
+    # Every rank draws the same global batch and takes its own slice of it. cfg.sampler picks
+    # m-per-class square crops or group-size batches of one image size (DToP Table A12).
+    from nbsrc.data.group_sampler import training_sampler
+
+    sampler, train_ds, collate = training_sampler(cfg, train_ds, start)
     local = cfg.batch_size // dinfo.world_size
     batches = _RankSlice(sampler, dinfo.rank, local)
-    loader = DataLoader(train_ds, batch_sampler=batches, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed),
+    loader = DataLoader(train_ds, batch_sampler=batches, collate_fn=collate, num_workers=cfg.num_workers,
+                        pin_memory=pin, generator=torch.Generator().manual_seed(cfg.seed),
                         persistent_workers=False)
 
     end = cfg.iterations if stop_after is None else min(cfg.iterations, stop_after)
@@ -155,8 +160,8 @@ def train(
     for x, y, idx in loader:
         if it >= end:
             break
-        x = x.to(device, non_blocking=True)
-        y, idx = y.to(device, non_blocking=True), idx.to(device, non_blocking=True)
+        x = x.to(device, non_blocking=pin)
+        y, idx = y.to(device, non_blocking=pin), idx.to(device, non_blocking=pin)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_on):
             z_local = net(x).float()  # l2-normalised; the PCA is fitted only after training
         z = distributed.gather_with_grad(z_local)
