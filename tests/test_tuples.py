@@ -1,0 +1,233 @@
+"""SfM-120k tuple training (IRT §4.2): the tuple loss against eq. (1) written as a loop, mining with
+the model of the epoch's start, exact resume, and the end-to-end Revisited Oxford/Paris run, on
+generated fixtures with a tiny ViT (timm's test_vit: 64-d, img 32, patch 8)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from fixtures_benchmarks import make_revisited, make_sfm120k
+
+from nbsrc.config import ExperimentConfig
+from nbsrc.data.sfm import SfMSplit, TupleDataset, TupleSampler, collate_tuples, load_sfm120k_db
+from nbsrc.data.transforms import RetrievalTransform
+from nbsrc.errors import ConfigError, DatasetError, NonFiniteLossError
+from nbsrc.eval import extract_embeddings
+from nbsrc.experiment_sfm import find_revisited_root, run_sfm_experiment
+from nbsrc.models import data_config, model_from_config
+from nbsrc.train import load_checkpoint, read_metrics
+from nbsrc.train.checkpoint import PREVIOUS
+from nbsrc.train.tuples import (
+    batches_per_epoch, epoch_batches, mine_epoch, train_tuples, tuple_contrastive_loss, tuple_loss_terms,
+)
+
+
+def loss_reference(z, tuple_size, beta):
+    """IRT eq. (1) on each tuple (q, p, n_1..n_K), straight from the formula, in float64 Python."""
+    z = [[float(v) for v in row] for row in z]
+    norm = lambda a: [v / math.sqrt(sum(x * x for x in a)) for v in a]  # noqa: E731
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731
+    per_tuple = []
+    for s in range(0, len(z), tuple_size):
+        q, p, negs = norm(z[s]), norm(z[s + 1]), [norm(n) for n in z[s + 2 : s + tuple_size]]
+        loss = 1.0 - dot(q, p)
+        for n in negs:
+            loss += max(0.0, dot(q, n) - beta)
+        per_tuple.append(loss)
+    return per_tuple
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tensors this small gain nothing from intra-op threads, and on a busy machine the threads'
+    synchronisation made each step ~30x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- the loss
+@pytest.mark.parametrize("tuple_size,beta", [(3, 0.85), (7, 0.85), (4, 0.0), (7, 1.0)])
+def test_tuple_loss_equals_the_reference(tuple_size, beta):
+    g = torch.Generator().manual_seed(tuple_size)
+    z = torch.randn(5 * tuple_size, 6, generator=g, dtype=torch.float64)
+    z[2] = z[0] * 3 + 0.01  # a negative almost on its query: above any margin < 1
+    ref = loss_reference(z, tuple_size, beta)
+    per = tuple_contrastive_loss(z, tuple_size, beta, reduce=False)
+    assert per.shape == (5,)
+    np.testing.assert_allclose(per.numpy(), ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(float(tuple_contrastive_loss(z, tuple_size, beta)), sum(ref) / 5, rtol=1e-12)
+
+
+def test_tuple_loss_hand_case():
+    # q = (1, 0); p at s = 0.6; negatives at s = 0.9 (0.05 over beta), s = 0 and s = 0.85 (on the margin)
+    z = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.9, math.sqrt(1 - 0.81)], [0.0, 2.0], [0.85, math.sqrt(1 - 0.85**2)]],
+                     dtype=torch.float64)
+    assert float(tuple_contrastive_loss(z, 5, beta=0.85)) == pytest.approx(0.4 + 0.05, abs=1e-12)
+
+
+def test_koleo_runs_over_the_distinct_images_of_the_batch():
+    from nbsrc.losses import koleo_loss
+
+    g = torch.Generator().manual_seed(1)
+    z = torch.nn.functional.normalize(torch.randn(8, 4, generator=g), dim=-1)
+    idx = torch.tensor([0, 1, 2, 3, 4, 5, 2, 6])  # image 2 is a negative of both tuples
+    z[6] = z[2]
+    terms = tuple_loss_terms(z, idx, 4, 0.5, lam=0.3)
+    keep = [0, 1, 2, 3, 4, 5, 7]
+    assert float(terms["koleo"]) == pytest.approx(float(koleo_loss(z[keep])), rel=1e-6)
+    assert float(terms["total"]) == pytest.approx(float(terms["contrastive"] + 0.3 * terms["koleo"]), rel=1e-6)
+    assert float(tuple_loss_terms(z, idx, 4, 0.5, lam=0.0)["koleo"]) == 0.0
+
+
+def test_tuple_loss_errors():
+    with pytest.raises(ConfigError, match="whole tuples of 7"):
+        tuple_contrastive_loss(torch.randn(10, 4), 7)
+    with pytest.raises(ConfigError, match="at least one negative"):
+        tuple_contrastive_loss(torch.randn(4, 4), 2)
+
+
+# ----------------------------------------------------------------------------- epochs
+def test_epochs_and_batches():
+    many = SfMSplit(paths=["x"] * 10, cluster=np.zeros(10, dtype=np.int64),
+                    qidxs=np.zeros(3000, dtype=np.int64), pidxs=np.zeros(3000, dtype=np.int64))
+    paper = ExperimentConfig()
+    assert batches_per_epoch(paper, many) == 2000 // 5  # so 100 epochs are 40,000 iterations
+    few = SfMSplit(paths=["x"] * 10, cluster=np.zeros(10, dtype=np.int64),
+                   qidxs=np.zeros(24, dtype=np.int64), pidxs=np.zeros(24, dtype=np.int64))
+    assert batches_per_epoch(paper, few) == math.ceil(24 / 5)
+    batches = epoch_batches(paper, 3, 12)
+    assert [len(b) for b in batches] == [5, 5, 2]
+    assert sorted(t for b in batches for t, _ in b) == list(range(12))
+    assert batches == epoch_batches(paper, 3, 12)
+    assert batches != epoch_batches(paper, 4, 12)
+
+
+# ----------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sfm")
+    root = make_sfm120k(tmp, n_clusters=8, per_cluster=4)
+    oxford, paris = make_revisited(tmp, "roxford5k"), make_revisited(tmp, "rparis6k")
+    return {"tmp": tmp, "root": root, "db": load_sfm120k_db(root), "roxford": oxford, "rparis": paris}
+
+
+def tuple_cfg(runs_dir, name="t", **kw):
+    base = dict(name=name, runs_dir=str(runs_dir), dataset="sfm120k", img_size=32, patch_size=8,
+                backbone="test_vit", pairs_per_epoch=4, tuples_per_batch=2, negatives_per_tuple=2,
+                negative_pool=16, iterations=4, optimizer="adam", lr=1e-4, weight_decay=1e-6, beta=0.85, lam=0.1,
+                memory_size=0, log_every=1, ckpt_every=0, progress=False, batch_size=4, m_per_class=2,
+                eval_batch_size=64, device="cpu")
+    return ExperimentConfig(**{**base, **kw})
+
+
+def fresh_model(cfg):
+    torch.manual_seed(cfg.seed)
+    return model_from_config(cfg)
+
+
+def test_resume_equals_uninterrupted_and_epochs_train_on_their_own_mining(data, tmp_path):
+    db = data["db"]
+    cfg = tuple_cfg(tmp_path / "runs")
+    assert batches_per_epoch(cfg, db) == 2  # 2 epochs of 2 steps
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    full_dir.mkdir(), cut_dir.mkdir()
+    init = {k: v.clone() for k, v in fresh_model(cfg).state_dict().items()}
+    full = train_tuples(cfg, fresh_model(cfg), db, full_dir)
+    assert any(not torch.equal(init[k], v) for k, v in full.state_dict().items())  # the model was trained
+
+    train_tuples(cfg, fresh_model(cfg), db, cut_dir, stop_after=2)  # the end of epoch 0
+    train_tuples(cfg, fresh_model(cfg), db, cut_dir, resume=True, stop_after=3)  # one step into epoch 1
+    # epoch 1 trains on the tuples mined with the model of the end of epoch 0
+    at_boundary, inside = torch.load(cut_dir / PREVIOUS, weights_only=False), load_checkpoint(cut_dir)
+    assert (at_boundary["iteration"], inside["iteration"]) == (2, 3)
+    m1 = fresh_model(cfg)
+    m1.load_state_dict(at_boundary["model"])
+    m1.eval()
+    norm = data_config(m1)
+    eval_tf = RetrievalTransform(32, train=False, mean=norm["mean"], std=norm["std"])
+    z, _, _ = extract_embeddings(m1, db.images(eval_tf), progress=False)  # all images, independently
+    sampler = TupleSampler(db, cfg.pairs_per_epoch, cfg.negative_pool, cfg.negatives_per_tuple, cfg.seed)
+    pairs, pool = sampler.draw(1)
+    tuples = inside["tuples"]
+    # the uninterrupted run did the same: its epoch-0-end checkpoint and its epoch-1 tuples
+    full_boundary, full_last = torch.load(full_dir / PREVIOUS, weights_only=False), load_checkpoint(full_dir)
+    assert (full_boundary["iteration"], full_last["iteration"]) == (2, 4)
+    assert all(torch.equal(v, at_boundary["model"][k]) for k, v in full_boundary["model"].items())
+    np.testing.assert_array_equal(full_last["tuples"], tuples)
+    np.testing.assert_array_equal(tuples[:, 0], db.qidxs[pairs])
+    np.testing.assert_array_equal(tuples[:, 1], db.pidxs[pairs])
+    for t in tuples:  # hardest first, one per cluster, none from the query's, each its cluster's hardest
+        sims = z[pool] @ z[t[0]]
+        pool_c = db.cluster[pool]
+        best = {c: pool[np.flatnonzero(pool_c == c)[np.argmax(sims[pool_c == c])]] for c in set(pool_c.tolist())}
+        best.pop(int(db.cluster[t[0]]), None)
+        ranked = sorted(best.values(), key=lambda i: -float(z[i] @ z[t[0]]))
+        assert t[2:].tolist() == ranked[: cfg.negatives_per_tuple]
+    np.testing.assert_array_equal(tuples, mine_epoch(m1, sampler, 1, eval_tf, cfg, "cpu"))
+    # ... and its first step's loss is that of the epoch's first batch of those tuples under m1
+    ds = TupleDataset(db, RetrievalTransform(32, train=True, mean=norm["mean"], std=norm["std"]), tuples)
+    x, _, idx = collate_tuples([ds[key] for key in epoch_batches(cfg, 1, len(tuples))[0]])
+    m1.train()
+    with torch.no_grad():
+        expected = tuple_loss_terms(m1(x), idx, 4, cfg.beta, cfg.lam)["total"]
+    logged = [r for r in read_metrics(cut_dir, "train") if r["iteration"] == 3]
+    assert len(logged) == 1 and logged[0]["total"] == pytest.approx(float(expected), rel=1e-5)
+
+    resumed = train_tuples(cfg, fresh_model(cfg), db, cut_dir, resume=True)  # to the end, mid-epoch resume
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    train_rows = lambda d: [(r["iteration"], r["total"]) for r in read_metrics(d, "train")]  # noqa: E731
+    assert train_rows(cut_dir) == train_rows(full_dir)
+    assert [r["epoch"] for r in read_metrics(full_dir, "mine")] == [0, 1]
+
+
+def test_non_finite_loss_and_bad_settings(data, tmp_path, monkeypatch):
+    cfg = tuple_cfg(tmp_path / "runs", iterations=1)
+    with pytest.raises(ConfigError, match="loss='contrastive'"):
+        train_tuples(cfg.replace(loss="snca"), fresh_model(cfg), data["db"], tmp_path)
+    with pytest.raises(ConfigError, match="memory_size=0"):
+        train_tuples(cfg.replace(memory_size=8), fresh_model(cfg), data["db"], tmp_path)
+    import nbsrc.train.tuples as tuples_mod
+
+    monkeypatch.setattr(tuples_mod, "tuple_contrastive_loss", lambda z, *a, **k: z.sum() * float("nan"))
+    with pytest.raises(NonFiniteLossError, match="iteration 0"):
+        train_tuples(cfg, fresh_model(cfg), data["db"], tmp_path)
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_run_sfm_experiment_end_to_end(data, tmp_path):
+    cfg = tuple_cfg(tmp_path / "runs", name="sfm", data_root=str(data["root"]), iterations=2, dim=8)
+    res = run_sfm_experiment(cfg, mode="new", roxford_root=data["roxford"], rparis_root=data["rparis"])
+    saved = json.loads((res.run_dir / "results.json").read_text())
+    for name in ("roxford5k", "rparis6k"):
+        for setup in ("easy", "medium", "hard"):
+            values = saved[name][setup]
+            assert set(values) == {"mAP", "mP@1", "mP@5", "mP@10"}
+            assert all(0.0 <= v <= 100.0 for v in values.values()), values
+    assert bool(res.model.pca.fitted)
+    emb = res.embeddings()
+    assert emb["roxford5k_query"].shape == (3, 8) and emb["rparis6k_database"].shape == (12, 8)
+    # the ranking behind the numbers: recomputed from the saved embeddings with the protocol
+    from nbsrc.eval.revisited import load_revisited_gnd, revisited_map_reference
+
+    gnd = load_revisited_gnd(data["roxford"] / "gnd_roxford5k.pkl")
+    q, x = emb["roxford5k_query"].astype(np.float64), emb["roxford5k_database"].astype(np.float64)
+    ref = revisited_map_reference(q @ x.T, gnd)
+    assert ref["hard"]["mAP"] == pytest.approx(saved["roxford5k"]["hard"]["mAP"], abs=1e-9)
+    again = run_sfm_experiment(cfg, mode="reuse")  # a finished run is reused, data not needed
+    assert again.reused and again.results == saved
+
+
+def test_revisited_roots_are_found_beside_the_sfm_folder(data, tmp_path):
+    assert find_revisited_root(data["root"], "roxford5k") == data["roxford"]
+    assert find_revisited_root(data["root"] / "retrieval-SfM-120k.pkl", "rparis6k") == data["rparis"]
+    lone = make_sfm120k(tmp_path, n_clusters=6, per_cluster=3)
+    assert find_revisited_root(lone, "roxford5k") is None
+    cfg = tuple_cfg(tmp_path / "runs", data_root=str(lone))
+    with pytest.raises(DatasetError, match="roxford_root="):
+        run_sfm_experiment(cfg, mode="new")
+    assert not (tmp_path / "runs" / "t").exists()  # nothing written for a run that cannot start
