@@ -1,8 +1,9 @@
-"""Command line: ``python -m nbsrc {train,eval,notebook,demo} ...``.
+"""Command line: ``python -m nbsrc {train,eval,notebook,demo,presets} ...``.
 
 Every field of :class:`~nbsrc.config.ExperimentConfig` is a flag (``--lr 1e-4``, ``--pooling gem``,
-``--dim 128``, ``--ks 1 2 4 8``, ``--no-amp``); ``--config FILE.json`` loads a whole config that
-flags then override.
+``--dim 128``, ``--ks 1 2 4 8``, ``--no-amp``); ``--preset NAME`` starts from a paper row
+(``python -m nbsrc presets`` lists them), ``--config FILE.json`` loads a whole config over it, and
+flags override both.
 """
 
 from __future__ import annotations
@@ -19,20 +20,25 @@ from nbsrc.errors import NbsrcError
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per config field. A flag not given leaves the field to the preset / config file /
+    default (``argparse.SUPPRESS``: absent from the namespace); ``none`` or ``null`` sets an optional
+    field to None (``--dim none``), while a plain string field keeps the word (``--weights none``)."""
     hints = typing.get_type_hints(ExperimentConfig)
     for f in dataclasses.fields(ExperimentConfig):
         t, flag = hints[f.name], "--" + f.name.replace("_", "-")
         args = typing.get_args(t)
-        base = next((a for a in args if a is not type(None)), t) if args and type(None) in args else t
+        optional = bool(args) and type(None) in args
+        base = next((a for a in args if a is not type(None)), t) if optional else t
+        unset = argparse.SUPPRESS
         if base is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=unset)
         elif f.name == "ks":
-            p.add_argument(flag, dest=f.name, type=int, nargs="+", default=None)
+            p.add_argument(flag, dest=f.name, type=int, nargs="+", default=unset)
         elif f.name == "model_options":
-            p.add_argument(flag, dest=f.name, type=json.loads, default=None, help="JSON dict")
+            p.add_argument(flag, dest=f.name, type=json.loads, default=unset, help="JSON dict")
         else:
             conv = base if base in (int, float, str) else str
-            p.add_argument(flag, dest=f.name, type=_optional(conv), default=None)
+            p.add_argument(flag, dest=f.name, type=_optional(conv) if optional else conv, default=unset)
 
 
 def _optional(conv):
@@ -44,11 +50,16 @@ def _optional(conv):
 
 
 def config_from_args(ns: argparse.Namespace) -> ExperimentConfig:
+    """The config of ``train``: the preset, then the ``--config`` file over it, then the flags."""
     base: dict = {}
+    if getattr(ns, "preset", None):
+        from nbsrc.presets import preset_dict
+
+        base.update(preset_dict(ns.preset))
     if getattr(ns, "config", None):
         base.update(json.loads(Path(ns.config).read_text()))
     names = {f.name for f in dataclasses.fields(ExperimentConfig)}
-    base.update({k: v for k, v in vars(ns).items() if k in names and v is not None})
+    base.update({k: v for k, v in vars(ns).items() if k in names})  # only the flags given are in ns
     return ExperimentConfig.from_dict(base)
 
 
@@ -56,7 +67,7 @@ def cmd_train(ns) -> None:
     from nbsrc.experiment import run_experiment
     from nbsrc.train.distributed import init_distributed
 
-    init_distributed(ns.device or "auto")  # no-op unless launched by torchrun
+    init_distributed(getattr(ns, "device", None) or "auto")  # no-op unless launched by torchrun
     cfg = config_from_args(ns)
     mode = "overwrite" if ns.overwrite else "resume" if ns.resume else "new"
     run_experiment(cfg, mode=mode)
@@ -85,17 +96,24 @@ def _literal(s: str):
         return s
 
 
+def cmd_presets(ns) -> None:
+    from nbsrc.presets import preset_table
+
+    print(preset_table(), end="")
+
+
 def cmd_demo(ns) -> None:
     from nbsrc.demo import run_demo
 
     run_demo(quick=ns.quick, notebooks_to_run=ns.only)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nbsrc", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train and evaluate one run into runs/<name>/")
-    t.add_argument("--config", help="a config.json to start from")
+    t.add_argument("--preset", help="a paper row to start from (python -m nbsrc presets lists them)")
+    t.add_argument("--config", help="a config.json applied over the preset")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue runs/<name> from its checkpoint")
     g.add_argument("--overwrite", action="store_true", help="move an existing runs/<name> aside and start again")
@@ -110,7 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="run the notebooks in order on Fashion-MNIST and print the table")
     d.add_argument("--quick", action="store_true", help="tiny parameters (smoke test)")
     d.add_argument("--only", nargs="+", help="notebook file names to run")
-    ns = p.parse_args(argv)
+    sub.add_parser("presets", help="print the table of presets (the paper's rows)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
     try:
         if ns.cmd == "train":
             cmd_train(ns)
@@ -120,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_notebook(ns)
         elif ns.cmd == "demo":
             cmd_demo(ns)
+        elif ns.cmd == "presets":
+            cmd_presets(ns)
     except NbsrcError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,194 @@
+"""Presets: the paper's rows as ready configs (IRT Tables 2, 3, 7, 8).
+
+One JSON file per row in this folder, named after the row: ``irt_r_sop_deits`` is IRT_R
+(contrastive loss + KoLeo, IRT eq. 5) on Stanford Online Products with DeiT-S; ``_dist`` marks the
+distilled DeiT-S† (``deit_small_distilled_patch16_224``). A file holds the
+:class:`~nbsrc.config.ExperimentConfig` fields of the row and a ``"paper"`` block that is not a
+config field: the paper, table, row label, the reported numbers (``null`` where not recorded) and
+notes on settings that are our assumptions rather than the paper's::
+
+    cfg = load_preset("irt_r_cub_deits", data_root="/data/CUB_200_2011")
+    python -m nbsrc train --preset irt_r_cub_deits --data-root /data/CUB_200_2011
+    python -m nbsrc presets                       # the table of docs/presets.md
+
+The run is named after the preset unless ``name=`` overrides it. :func:`evaluate_benchmarks` (notebook
+09) evaluates a finished run, or the preset's untrained model, on the benchmarks whose data is
+given and puts the paper's row beside it; :func:`download_instructions` says what to download when
+none is.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+from nbsrc.config import EXECUTION_FIELDS, ExperimentConfig
+from nbsrc.errors import ConfigError
+
+PRESETS_DIR = Path(__file__).resolve().parent
+CATEGORY_BENCHMARKS = ("cub", "sop", "inshop")  # Recall@K, nbsrc.data.benchmarks
+REVISITED_BENCHMARKS = ("roxford5k", "rparis6k")  # mAP Medium / Hard, nbsrc.eval.revisited
+BENCHMARKS = CATEGORY_BENCHMARKS + REVISITED_BENCHMARKS
+REVISITED_METRICS = {"mAP M": "medium", "mAP H": "hard"}  # paper column -> revisited_map setup
+
+
+# ----------------------------------------------------------------------------- loading
+def list_presets() -> list[str]:
+    """The preset names, sorted."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+
+
+def _read(name: str) -> dict[str, Any]:
+    path = PRESETS_DIR / f"{name}.json"
+    if not path.is_file():
+        names = list_presets()
+        close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown preset {name!r}{hint}; `python -m nbsrc presets` lists the {len(names)} presets")
+    return json.loads(path.read_text())
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    """The config fields of preset ``name`` (the ``paper`` block stripped, ``name`` set to the preset's)."""
+    d = _read(name)
+    d.pop("paper", None)
+    return {"name": name, **d}
+
+
+def preset_paper(name: str) -> dict[str, Any]:
+    """The preset's ``paper`` block: ``paper``, ``table``, ``row``, ``results`` ({benchmark: {metric:
+    value or None}}) and ``notes``."""
+    return _read(name)["paper"]
+
+
+def load_preset(name: str, /, **overrides: Any) -> ExperimentConfig:
+    """The validated :class:`~nbsrc.config.ExperimentConfig` of preset ``name``, with ``overrides``
+    (config fields, e.g. ``data_root=...``, ``device="cuda"``, even ``name=...``) applied on top."""
+    return ExperimentConfig.from_dict({**preset_dict(name), **overrides})
+
+
+# ----------------------------------------------------------------------------- the README table
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _paper_numbers(results: dict) -> str:
+    parts = []
+    for bench, metrics in results.items():
+        shown = " / ".join(_fmt(v) for v in metrics.values())
+        parts.append(f"{bench} {'/'.join(metrics)}: {shown}")
+    return "; ".join(parts)
+
+
+def preset_table() -> str:
+    """A markdown table with one row per preset: the paper row it reproduces, the settings that
+    differ between presets, and the paper's numbers (– where not recorded)."""
+    head = ("| preset | paper, table | row | dataset | backbone | loss (β, λ) | memory | optimizer, lr | "
+            "iterations | image | dim | paper's numbers |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name in list_presets():
+        c, p = preset_dict(name), preset_paper(name)
+        trained = c["iterations"] > 0
+        loss = f"{c['loss']} ({_fmt(c['beta'])}, {_fmt(c['lam'])})" if trained else "none (off-the-shelf)"
+        optim = f"{c['optimizer']}, {c['lr']:g}" if trained else "–"
+        lines.append(
+            f"| `{name}` | {p['paper']} {p['table']} | {p['row']} | {c['dataset']} | `{c['backbone']}` | {loss} | "
+            f"{c['memory_size']} | {optim} | {c['iterations']} | {c['img_size']} | "
+            f"{_fmt(c['dim'])} | {_paper_numbers(p['results'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- notebook 09
+def download_instructions(benchmarks=BENCHMARKS) -> str:
+    """What to download for each benchmark and the directory tree its loader expects (the same text
+    as the loaders' errors)."""
+    from nbsrc.data import benchmarks as b
+    from nbsrc.data.sfm import SFM_LAYOUT, SFM_URL
+    from nbsrc.eval.revisited import REVISITED_LAYOUT, REVISITED_URL
+
+    text = {
+        "cub": ("cub_root", b.CUB_URL, b.CUB_LAYOUT),
+        "sop": ("sop_root", b.SOP_URL, b.SOP_LAYOUT),
+        "inshop": ("inshop_root", b.INSHOP_URL, b.INSHOP_LAYOUT),
+        "roxford5k": ("roxford_root", REVISITED_URL.replace("<name>", "roxford5k"),
+                      REVISITED_LAYOUT.replace("<name>", "roxford5k")),
+        "rparis6k": ("rparis_root", REVISITED_URL.replace("<name>", "rparis6k"),
+                     REVISITED_LAYOUT.replace("<name>", "rparis6k")),
+        "sfm120k": ("data_root (training only)", SFM_URL, SFM_LAYOUT),
+    }
+    out = []
+    for bench in benchmarks:
+        param, url, layout = text[bench]
+        out.append(f"{bench} ({param}):\n    {url}\n    {layout}")
+    return "\n".join(out)
+
+
+def _paper_value(preset: str | None, bench: str, metric: str):
+    if preset is None:
+        return None
+    return preset_paper(preset)["results"].get(bench, {}).get(metric)
+
+
+def evaluate_benchmarks(preset: str | None, roots: dict[str, str | None], run_dir: str | Path | None = None,
+                        overrides: dict | None = None, eval_per_class: int | None = None, runs_dir: str | Path = "runs"):
+    """Evaluate a model on each benchmark of ``roots`` (``{"cub"|"sop"|"inshop"|"roxford5k"|"rparis6k":
+    folder or None}``; None entries are skipped) and put the paper's number beside ours.
+
+    The model is the finished run in ``run_dir`` (a folder, or a run name under ``runs_dir``; its
+    config and PCA; ``overrides`` may then change only execution settings such as ``device``), or else the untrained
+    (off-the-shelf, IRT_O) model of ``load_preset(preset, **overrides)``, whose descriptor is the
+    full embedding (no PCA: fitting one needs training data). Category-level benchmarks use the
+    official evaluation split and Recall@``RECALL_KS[benchmark]`` (IRT Table 2); the revisited ones
+    the mAP of the Medium and Hard setups (IRT Tables 7-8). The paper column holds ``preset``'s
+    reported number for that benchmark (None where the preset's row has none, e.g. a benchmark it was
+    not trained for). ``eval_per_class`` caps the evaluation images per class (None: the full
+    protocol). Returns a DataFrame indexed by ``(benchmark, metric)`` with columns ``ours, paper``.
+    """
+    import pandas as pd
+
+    from nbsrc.data.benchmarks import RECALL_KS, build_benchmark
+    from nbsrc.data.transforms import RetrievalTransform
+    from nbsrc.eval import evaluate
+    from nbsrc.experiment import load_run
+    from nbsrc.experiment_sfm import evaluate_revisited
+    from nbsrc.models import data_config, model_from_config
+    from nbsrc.train import resolve_device
+
+    unknown = [k for k in roots if k not in BENCHMARKS]
+    if unknown:
+        raise ConfigError(f"unknown benchmark {unknown[0]!r} in roots; expected keys among {', '.join(BENCHMARKS)}")
+    roots = {k: v for k, v in roots.items() if v is not None}
+    if not roots:
+        raise ConfigError("no benchmark root given; pass at least one of " + ", ".join(BENCHMARKS))
+    if run_dir is not None:
+        if not Path(run_dir).is_dir() and (Path(runs_dir) / run_dir).is_dir():
+            run_dir = Path(runs_dir) / run_dir
+        run = load_run(run_dir, with_model=True)
+        cfg, model = run.config, run.model
+        changed = sorted(set(overrides or {}) - EXECUTION_FIELDS)
+        if changed:
+            raise ConfigError(f"overrides {changed} would change what the run in {run_dir} computes; with a run_dir "
+                              f"only execution settings apply ({', '.join(sorted(EXECUTION_FIELDS))})")
+        cfg = cfg.replace(**(overrides or {}))
+    else:
+        if preset is None:
+            raise ConfigError("pass a preset (the off-the-shelf model to evaluate) or a run_dir")
+        cfg = load_preset(preset, **(overrides or {}))
+        model = model_from_config(cfg)
+    device = resolve_device(cfg.device)
+    model.to(device).eval()
+    norm = data_config(model)
+    eval_tf = RetrievalTransform(cfg.img_size, train=False, mean=norm["mean"], std=norm["std"])
+    rows = []
+    for bench, root in roots.items():
+        if bench in CATEGORY_BENCHMARKS:
+            data = build_benchmark(bench, root, eval_tf, eval_tf, eval_per_class, cfg.seed)
+            ours = evaluate(model, data, RECALL_KS[bench], cfg.eval_batch_size, device, progress=False)
+            rows += [(bench, m, v, _paper_value(preset, bench, m)) for m, v in ours.items()]
+        else:
+            _, res, _ = evaluate_revisited(model, root, eval_tf, cfg, device, bench)
+            rows += [(bench, m, res[s]["mAP"], _paper_value(preset, bench, m)) for m, s in REVISITED_METRICS.items()]
+    return pd.DataFrame(rows, columns=["benchmark", "metric", "ours", "paper"]).set_index(["benchmark", "metric"])

@@ -1,0 +1,344 @@
+"""Presets (the paper's rows as configs), the CLI's ``--preset`` and ``presets``, and notebook 09.
+
+Every preset is loaded, validated, built at its native architecture (random weights), given its
+optimizer, and run through its data pipeline on fixture trees in the official layouts. The settings
+the papers state (IRT §4: AdamW 3e-5, weight decay 5e-4, batch 64, β = 0.5, λ = 0.7; SfM-120k: Adam
+5e-7, weight decay 1e-6, β = 0.85) are checked against the files, not copied from them.
+"""
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from fixtures_benchmarks import make_cub, make_inshop, make_revisited, make_sfm120k, make_sop
+
+from nbsrc.config import ExperimentConfig
+from nbsrc.data import RetrievalTransform, build_data
+from nbsrc.data.benchmarks import RECALL_KS
+from nbsrc.errors import ConfigError
+from nbsrc.models import model_from_config
+from nbsrc.presets import (
+    BENCHMARKS, PRESETS_DIR, evaluate_benchmarks, list_presets, load_preset, preset_dict, preset_paper, preset_table,
+)
+from nbsrc.train.loop import build_optimizer
+
+PRESETS = list_presets()
+TINY = {"backbone": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "weights": "none", "device": "cpu",
+        "progress": False}
+
+
+def method(name: str) -> str:
+    return name.split("_")[1]  # irt_<o|l|r>_...
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory):
+    """Fixture trees in the official layouts: the data_root of each preset dataset, and the revisited ones."""
+    base = tmp_path_factory.mktemp("benchmarks")
+    return {
+        "cub": make_cub(base / "cub"), "sop": make_sop(base / "sop"), "inshop": make_inshop(base / "inshop"),
+        "sfm120k": make_sfm120k(base / "sfm"),
+        "roxford5k": make_revisited(base / "rev", "roxford5k"), "rparis6k": make_revisited(base / "rev", "rparis6k"),
+    }
+
+
+_MODELS: dict = {}
+
+
+def built(cfg: ExperimentConfig) -> torch.nn.Module:
+    """The preset's model with random weights, built once per architecture (building DeiT-S takes ~1 s)."""
+    key = json.dumps({k: getattr(cfg, k) for k in ("backbone", "pooling", "dim", "img_size", "patch_size",
+                                                  "gem_p", "model_options")}, sort_keys=True)
+    if key not in _MODELS:
+        torch.manual_seed(0)
+        _MODELS[key] = model_from_config(cfg).eval()
+    return _MODELS[key]
+
+
+# ----------------------------------------------------------------------------- every preset
+def test_there_are_presets_for_the_tables():
+    tables = {t.strip() for n in PRESETS for t in preset_paper(n)["table"].split(",")}
+    assert {"2", "3", "7", "8"} <= tables
+    for ds in ("cub", "sop", "inshop"):  # IRT Table 3: the three methods on each dataset
+        assert {f"irt_{m}_{ds}_deits" for m in "olr"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_loads_and_builds_its_model(name):
+    raw = json.loads((PRESETS_DIR / f"{name}.json").read_text())
+    cfg = load_preset(name, weights="none")
+    assert cfg.name == name and cfg.weights == "none"
+    assert raw["weights"] == "timm" and raw["patch_size"] is None  # the pretrained backbone at its own patch size
+    model = built(cfg)
+    net = model.backbone
+    assert type(net).__name__ == "VisionTransformer" or "distilled" in cfg.backbone
+    assert net.patch_embed.img_size == (cfg.img_size, cfg.img_size)
+    assert net.patch_embed.patch_size == (16, 16)  # DeiT-S/16
+    assert net.embed_dim == 384 and len(net.blocks) == 12  # DeiT-S: width 384, depth 12
+    assert (getattr(net, "dist_token", None) is not None) == ("distilled" in cfg.backbone)
+    with torch.no_grad():
+        z = model(torch.randn(1, 3, cfg.img_size, cfg.img_size))
+    assert z.shape == (1, 384)  # the full descriptor until the PCA is fitted
+    assert torch.allclose(z.norm(dim=1), torch.ones(1), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_optimizer(name):
+    cfg = load_preset(name, weights="none")
+    opt = build_optimizer(cfg, built(cfg).parameters())
+    expected = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[cfg.optimizer]
+    assert type(opt) is expected
+    group = opt.param_groups[0]
+    assert group["lr"] == cfg.lr and group["weight_decay"] == cfg.weight_decay
+    n_trainable = sum(p.numel() for p in built(cfg).parameters() if p.requires_grad)
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == n_trainable
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_data_pipeline_on_fixture_tree(name, trees):
+    cfg = load_preset(name, weights="none", data_root=str(trees[preset_dict(name)["dataset"]]))
+    size = cfg.img_size
+    if cfg.dataset == "sfm120k":
+        from nbsrc.data.sfm import load_sfm120k_db
+        from nbsrc.eval.revisited import build_revisited
+
+        db = load_sfm120k_db(cfg.data_root, "train")
+        img, label, _ = db.images(RetrievalTransform(size, train=False))[0]
+        assert img.shape == (3, size, size) and label == db.cluster[0]
+        for bench in ("roxford5k", "rparis6k"):
+            rev = build_revisited(trees[bench], bench, RetrievalTransform(size, train=False))
+            assert rev.query[0][0].shape == (3, size, size)
+        return
+    data = build_data(cfg)
+    assert (data.gallery is not None) == (cfg.dataset == "inshop")
+    train_img = data.train[(0, 1)][0]  # an augmented training view
+    assert train_img.shape == (3, size, size) and torch.isfinite(train_img).all()
+    assert data.query[0][0].shape == (3, size, size)
+
+
+# ----------------------------------------------------------------------------- the papers' settings
+CATEGORY = [n for n in PRESETS if preset_dict(n)["dataset"] in ("cub", "sop", "inshop")]
+SFM = [n for n in PRESETS if preset_dict(n)["dataset"] == "sfm120k"]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_method_in_the_name_matches_the_settings(name):
+    cfg = load_preset(name)
+    m = method(name)
+    assert m in ("o", "l", "r")
+    if m == "o":  # IRT_O: off the shelf, nothing trained
+        assert cfg.iterations == 0
+    else:
+        assert cfg.iterations > 0
+        assert (cfg.lam == 0) == (m == "l")  # IRT_L: no KoLeo; IRT_R: KoLeo
+    assert cfg.backbone == ("deit_small_distilled_patch16_224" if name.endswith("_dist") else "deit_small_patch16_224")
+    assert cfg.dataset in name.replace("sfm", "sfm120k")
+
+
+@pytest.mark.parametrize("name", CATEGORY)
+def test_category_level_presets_follow_irt(name):
+    cfg = load_preset(name)
+    assert cfg.ks == RECALL_KS[cfg.dataset]  # each dataset's own Recall@K
+    assert cfg.img_size == 224 and cfg.dim is None  # Table 2: the 384-d [CLS] descriptor at 224 px
+    assert cfg.pooling == "cls" and cfg.loss == "contrastive" and cfg.beta == 0.5
+    assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.batch_size) == ("adamw", 3e-5, 5e-4, 64)
+    if method(name) == "r":
+        assert cfg.lam == 0.7
+
+
+@pytest.mark.parametrize("name", SFM)
+def test_sfm_presets_follow_irt_section_4_2(name):
+    cfg = load_preset(name)
+    assert cfg.loss == "contrastive"  # the only loss the tuple trainer takes
+    assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.beta) == ("adam", 5e-7, 1e-6, 0.85)
+    assert cfg.dim == 128 and (cfg.tuples_per_batch, cfg.negatives_per_tuple) == (5, 5)
+    if cfg.iterations:  # 100 epochs of ceil(2000 / 5) steps
+        assert cfg.iterations == 100 * math.ceil(cfg.pairs_per_epoch / cfg.tuples_per_batch)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_paper_block(name):
+    p = preset_paper(name)
+    assert p["paper"] == "IRT" and p["row"] and p["notes"]
+    cfg = load_preset(name)
+    expected = ({cfg.dataset: {f"R@{k}" for k in cfg.ks}} if cfg.dataset != "sfm120k"
+                else {b: {"mAP M", "mAP H"} for b in ("roxford5k", "rparis6k")})
+    assert {b: set(m) for b, m in p["results"].items()} == expected
+    for metrics in p["results"].values():
+        vals = [v for v in metrics.values() if v is not None]
+        assert all(0 < v <= 100 for v in vals)
+        if cfg.dataset != "sfm120k":
+            assert vals == sorted(vals)  # Recall@K cannot fall as K grows
+        elif len(vals) == 2:
+            assert metrics["mAP M"] >= metrics["mAP H"]  # Hard's positives are a subset of Medium's
+
+
+def test_the_paper_block_is_not_a_config_field():
+    assert "paper" not in preset_dict("irt_r_cub_deits")
+    assert "paper" in json.loads((PRESETS_DIR / "irt_r_cub_deits.json").read_text())
+
+
+# ----------------------------------------------------------------------------- errors
+def test_unknown_preset_is_one_line_with_suggestion():
+    with pytest.raises(ConfigError) as e:
+        load_preset("irt_r_sop_deit")
+    msg = str(e.value)
+    assert "\n" not in msg and "unknown preset 'irt_r_sop_deit'" in msg and "did you mean 'irt_r_sop_deits'" in msg
+    with pytest.raises(ConfigError, match="unknown preset 'zzz'; `python -m nbsrc presets`"):
+        load_preset("zzz")
+
+
+def test_unknown_override_is_rejected():
+    with pytest.raises(ConfigError, match="unknown parameter 'learning_rate'"):
+        load_preset("irt_r_cub_deits", learning_rate=1e-4)
+    with pytest.raises(ConfigError, match="beta=2.0 is invalid"):
+        load_preset("irt_r_cub_deits", beta=2.0)
+
+
+def test_overrides_apply_on_top():
+    cfg = load_preset("irt_r_sop_deits", lr=1e-4, name="mine", data_root="/data/sop")
+    assert (cfg.lr, cfg.name, cfg.data_root) == (1e-4, "mine", "/data/sop")
+    assert cfg.memory_size == preset_dict("irt_r_sop_deits")["memory_size"]
+
+
+# ----------------------------------------------------------------------------- table and CLI
+def test_preset_table_has_one_row_per_preset_and_the_papers_numbers():
+    table = preset_table()
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert [re.match(r"\| `([^`]+)`", r).group(1) for r in rows] == PRESETS
+    n_cols = table.splitlines()[0].count("|")
+    assert all(line.count("|") == n_cols for line in table.splitlines())
+    for name in PRESETS:
+        row = next(r for r in rows if r.startswith(f"| `{name}`"))
+        for metrics in preset_paper(name)["results"].values():
+            for v in metrics.values():
+                if v is not None:
+                    assert f"{v:g}" in row
+
+
+def test_docs_table_is_the_generated_one():
+    text = (PRESETS_DIR.parent.parent / "docs" / "presets.md").read_text()
+    assert preset_table() in text
+
+
+def test_cli_preset_then_config_then_flags(tmp_path):
+    from nbsrc.__main__ import build_parser, config_from_args
+
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"lr": 5e-5, "iterations": 7}))
+    ns = build_parser().parse_args(["train", "--preset", "irt_r_cub_deits", "--config", str(cfg_file),
+                                    "--lr", "1e-4", "--weights", "none"])
+    cfg = config_from_args(ns)
+    base = preset_dict("irt_r_cub_deits")
+    assert cfg.name == "irt_r_cub_deits" and cfg.beta == base["beta"] and cfg.ks == tuple(base["ks"])
+    assert cfg.iterations == 7  # the config file over the preset
+    assert cfg.lr == 1e-4 and cfg.weights == "none"  # flags over both
+    assert config_from_args(build_parser().parse_args(["train", "--preset", "irt_l_sop_deits"])) == \
+        load_preset("irt_l_sop_deits")
+
+
+def test_cli_flags_can_reset_preset_values():
+    """``--weights none`` sets the word 'none' (a string field), ``--dim none`` sets None (an optional
+    field): both must override the preset's 'timm' and 128, not be dropped as 'not given'."""
+    from nbsrc.__main__ import build_parser, config_from_args
+
+    ns = build_parser().parse_args(["train", "--preset", "irt_r_sfm_deits", "--weights", "none", "--dim", "none",
+                                    "--no-amp", "--ks", "1", "5"])
+    cfg = config_from_args(ns)
+    assert (cfg.weights, cfg.dim, cfg.amp, cfg.ks) == ("none", None, False, (1, 5))
+    assert config_from_args(build_parser().parse_args(["train"])) == ExperimentConfig()  # no flag: the defaults
+
+
+def test_cli_unknown_preset_and_presets_command(capsys):
+    from nbsrc.__main__ import main
+
+    assert main(["train", "--preset", "irt_r_cub_deit"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "did you mean 'irt_r_cub_deits'" in err
+    assert main(["presets"]) == 0
+    assert capsys.readouterr().out == preset_table()
+
+
+# ----------------------------------------------------------------------------- notebook 09's function
+@pytest.fixture(scope="module")
+def tiny_run(trees, tmp_path_factory):
+    """A finished off-the-shelf run of a tiny ViT on the CUB fixture."""
+    from nbsrc.experiment import run_experiment
+
+    runs_dir = tmp_path_factory.mktemp("runs")
+    return run_experiment(load_preset("irt_o_cub_deits", **TINY, data_root=str(trees["cub"]), runs_dir=str(runs_dir)))
+
+
+def test_evaluate_benchmarks_reproduces_a_runs_own_evaluation(trees, tiny_run):
+    """A finished run, loaded again and evaluated on its benchmark, gives the Recall@K it saved."""
+    run = tiny_run
+    table = evaluate_benchmarks("irt_o_cub_deits", {"cub": trees["cub"], "sop": None}, run_dir=run.config.name,
+                                runs_dir=run.config.runs_dir)
+    assert list(table.index) == [("cub", f"R@{k}") for k in RECALL_KS["cub"]]
+    for (_, metric), ours in table["ours"].items():
+        assert ours == pytest.approx(run.results[metric], abs=1e-9)
+    assert table["paper"].isna().all()  # the IRT_O CUB row has no recorded number
+
+
+def test_evaluate_benchmarks_off_the_shelf_and_paper_column(trees):
+    table = evaluate_benchmarks("irt_r_cub_deits_dist", {"cub": trees["cub"], "roxford5k": trees["roxford5k"]},
+                                overrides=TINY)
+    assert set(table.index.get_level_values(0)) == {"cub", "roxford5k"}
+    assert table.loc[("cub", "R@1"), "paper"] == preset_paper("irt_r_cub_deits_dist")["results"]["cub"]["R@1"]
+    assert np.isnan(table.loc[("roxford5k", "mAP M"), "paper"])  # not the row's benchmark
+    ours = table["ours"].to_numpy()
+    assert np.isfinite(ours).all() and ((0 <= ours) & (ours <= 100)).all()
+    r = table.loc["cub", "ours"].to_numpy()
+    assert (np.diff(r) >= 0).all()  # Recall@K grows with K
+
+
+def test_evaluate_benchmarks_errors(trees, tiny_run):
+    with pytest.raises(ConfigError, match="unknown benchmark 'oxford'"):
+        evaluate_benchmarks("irt_o_cub_deits", {"oxford": "x"})
+    with pytest.raises(ConfigError, match="no benchmark root given"):
+        evaluate_benchmarks("irt_o_cub_deits", {b: None for b in BENCHMARKS})
+    with pytest.raises(ConfigError, match="pass a preset"):
+        evaluate_benchmarks(None, {"cub": trees["cub"]})
+    with pytest.raises(ConfigError, match=r"overrides \['lr'\] would change what the run"):
+        evaluate_benchmarks(None, {"cub": trees["cub"]}, run_dir=tiny_run.run_dir, overrides={"lr": 1.0})
+
+
+# ----------------------------------------------------------------------------- notebook 09
+def _outputs(path) -> str:
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    out = []
+    for c in nb.cells:
+        for o in c.get("outputs", []):
+            out.append(o.get("text", "") + str(o.get("data", {}).get("text/plain", "")))
+    return "\n".join(out)
+
+
+@pytest.mark.slow
+def test_notebook_09_without_data_prints_what_to_download(tmp_path):
+    from nbsrc.notebook import NOTEBOOKS_DIR, run_notebook
+
+    out = run_notebook(NOTEBOOKS_DIR / "09_benchmarks.ipynb", {"runs_dir": str(tmp_path / "runs"),
+                       "figures_dir": str(tmp_path / "fig")}, tmp_path / "09.ipynb")
+    text = _outputs(out)
+    for needle in ("images.txt", "Ebay_train.txt", "list_eval_partition.txt", "gnd_roxford5k.pkl", "gnd_rparis6k.pkl",
+                   "no benchmark evaluated"):
+        assert needle in text, needle
+    assert not (tmp_path / "fig").exists()
+
+
+@pytest.mark.slow
+def test_notebook_09_on_the_cub_fixture(tmp_path, trees):
+    from nbsrc.notebook import NOTEBOOKS_DIR, run_notebook
+
+    params = {"preset": "irt_o_cub_deits", "cub_root": str(trees["cub"]), "overrides": TINY,
+              "runs_dir": str(tmp_path / "runs"), "figures_dir": str(tmp_path / "fig")}
+    text = _outputs(run_notebook(NOTEBOOKS_DIR / "09_benchmarks.ipynb", params, tmp_path / "09.ipynb"))
+    assert all(f"R@{k}" in text for k in RECALL_KS["cub"])
+    saved = (tmp_path / "fig" / "benchmarks_irt_o_cub_deits.csv").read_text().splitlines()
+    assert saved[0] == "benchmark,metric,ours,paper" and len(saved) == 1 + len(RECALL_KS["cub"])
