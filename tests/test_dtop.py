@@ -523,7 +523,7 @@ def test_optimizer_and_scheduler():
 
 
 def test_bench_runs_and_reports_a_ratio():
-    from nbsrc.bench_dtop import bench_dtop_vs_vit
+    from nbsrc.bench.dtop import bench_dtop_vs_vit
 
     r = bench_dtop_vs_vit(img_size=16, patch_size=8, batch=2, steps=1, warmup=0, k=1, head_dim=8)
     assert r["ratio"] == pytest.approx(r["dtop_step_s"] / r["vit_step_s"]) and r["ratio"] > 0

@@ -2,7 +2,9 @@
 at most 1.5×). Both take the same batches, loss (ArcFace) and optimiser (SGD); their steps
 alternate within one run so that both see the same machine load, and the medians are compared.
 
-    python -m nbsrc.bench_dtop --img-size 64 --batch 16 --steps 10
+    python -m nbsrc.bench dtop --img-size 64 --batch 16 --steps 10
+
+(Moved here from ``nbsrc/bench_dtop.py``.)
 """
 
 from __future__ import annotations
@@ -77,17 +79,35 @@ def bench_dtop_vs_vit(
     }
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def results_markdown(r: dict, info: dict, note: str = "") -> str:
+    """The ``dtop`` section of bench/RESULTS.md."""
+    from nbsrc.bench import machine_lines
+
+    verdict = "within" if r["ratio"] <= 1.5 else "ABOVE"
+    return (machine_lines(info, note)
+            + f"- setup: {r['backbone']}, img {r['img_size']}, patch {r['patch_size']}, batch {r['batch']}, "
+            f"{r['steps']} timed steps each (alternating), device {r['device']}\n"
+            f"- parameters: DToP {r['dtop_params']:,} vs ViT {r['vit_params']:,}\n\n"
+            f"| ratio DToP step / ViT step (median) | target |\n|---|---|\n| {r['ratio']:.2f} | <= 1.5 |\n\n"
+            f"Reading: a full DToP training step costs {r['ratio']:.2f}x the plain ViT step, {verdict} the 1.5x budget.\n")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="vit_tiny_patch16_224")
     p.add_argument("--img-size", type=int, default=64)
     p.add_argument("--patch-size", type=int, default=None)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu")
-    a = p.parse_args(argv)
-    print(json.dumps(bench_dtop_vs_vit(a.backbone, a.img_size, a.batch, a.steps, a.device, a.patch_size), indent=2))
 
 
-if __name__ == "__main__":
-    main()
+def run(a, results_path=None, note: str = "") -> dict:
+    """Run the bench from parsed arguments, print the JSON and write the ``dtop`` section."""
+    from nbsrc.bench import RESULTS_PATH, machine_info, write_section
+
+    r = bench_dtop_vs_vit(a.backbone, a.img_size, a.batch, a.steps, a.device, a.patch_size, a.warmup)
+    r["patch_size"] = a.patch_size
+    print(json.dumps(r, indent=2))
+    write_section("dtop", results_markdown(r, machine_info(), note), results_path or RESULTS_PATH)
+    return r

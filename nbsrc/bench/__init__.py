@@ -1,0 +1,79 @@
+"""Benchmarks: ``python -m nbsrc.bench {train,eval,dtop}``.
+
+Each bench compares methods *within one run* (their steps alternate, so they share the machine's
+load) and reports ratios, which survive a busy machine better than absolute times. Each writes its
+own section of ``bench/RESULTS.md`` (machine, library versions, date, the ratios and a one-line
+reading), leaving the other sections as they are.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+from pathlib import Path
+
+RESULTS_PATH = Path("bench") / "RESULTS.md"
+_HEADER = "# Benchmark results\n\nWritten by `python -m nbsrc.bench {train,eval,dtop}`; each command rewrites only its own section.\n"
+
+
+def machine_info() -> dict:
+    """CPU model, cores, RAM, GPU, and the versions of torch / timm / faiss / numpy, plus the date."""
+    import numpy as np
+    import torch
+
+    info = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "cpu": _cpu_model(),
+            "cores": os.cpu_count(), "ram_gb": round(_ram_bytes() / 2**30, 1), "python": platform.python_version(),
+            "torch": torch.__version__, "numpy": np.__version__}
+    for name in ("timm", "faiss", "pytorch_metric_learning"):
+        try:
+            info[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - reported as missing
+            info[name] = "not installed"
+    info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def machine_lines(info: dict, note: str = "") -> str:
+    """The machine/version preamble of a section, as markdown lines."""
+    s = (f"- machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM, GPU: {info['gpu']}\n"
+         f"- versions: torch {info['torch']}, timm {info['timm']}, faiss {info['faiss']}, "
+         f"pytorch-metric-learning {info['pytorch_metric_learning']}, numpy {info['numpy']}, "
+         f"python {info['python']}\n- date: {info['date']}\n")
+    return s + (f"- note: {note}\n" if note else "")
+
+
+def write_section(name: str, body: str, path: str | Path = RESULTS_PATH) -> Path:
+    """Replace (or append) the section ``## name`` of ``path`` with ``body``; other sections stay.
+
+    Sections are delimited by ``<!-- bench:name -->`` markers; the file is replaced atomically.
+    """
+    path = Path(path)
+    text = path.read_text() if path.exists() else _HEADER
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    block = f"{start}\n## {name}\n\n{body.rstrip()}\n{end}\n"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,40 @@
+"""``python -m nbsrc.bench {train,eval,dtop} [options]``: run one benchmark, print its JSON and
+rewrite its section of bench/RESULTS.md (``--results PATH`` to write elsewhere, ``--note TEXT`` to
+record the conditions, e.g. a busy shared machine)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nbsrc.errors import NbsrcError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nbsrc.bench import dtop, eval as eval_bench, train
+
+    p = argparse.ArgumentParser(prog="python -m nbsrc.bench", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, module, help_ in (("train", train, "training throughput: nbsrc vs reference loop vs bare backbone"),
+                                ("eval", eval_bench, "Recall@K evaluation: time and peak RSS per method"),
+                                ("dtop", dtop, "DToP training-step cost relative to the plain ViT")):
+        s = sub.add_parser(name, help=help_, description=module.__doc__.split("\n\n")[0])
+        module.add_arguments(s)
+        s.add_argument("--results", default=None, help="markdown file to update (default bench/RESULTS.md)")
+        s.add_argument("--note", default="", help="a line recorded with the results (machine conditions)")
+        s.set_defaults(module=module)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        a.module.run(a, a.results, a.note)
+    except NbsrcError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

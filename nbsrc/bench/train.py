@@ -1,0 +1,378 @@
+"""Training throughput of nbsrc's step against a direct reference loop and the bare backbone.
+
+Three methods take turns on the same machine within one run, ``steps`` steps each, ``repeats``
+times (A B C A B C ...), after ``warmup`` untimed steps each:
+
+- **nbsrc**: the step of :func:`nbsrc.train.loop.train`: :func:`~nbsrc.models.model_from_config`,
+  :func:`~nbsrc.losses.build_loss` (contrastive, IRT eq. 1, over batch × batch and batch × XBM
+  memory, + λ · KoLeo, eq. 5), :func:`~nbsrc.train.loop.build_optimizer`, the warm-up/cosine
+  scheduler, gradient clipping, the finiteness check and the memory enqueue, in the loop's order.
+- **reference**: the same timm backbone written the most direct way, with
+  ``pytorch_metric_learning``'s ``ContrastiveLoss(pos_margin=1, neg_margin=beta,
+  distance=CosineSimilarity())`` inside its ``CrossBatchMemory``, KoLeo written inline, the same
+  optimiser, clipping and precision.
+- **bare**: the backbone's forward + backward + optimiser step with a trivial loss (mean square).
+
+Reported: ``ratio = nbsrc / reference`` img/s (target >= 1) and ``overhead = 1 − nbsrc / bare``
+(target <= 5% on CPU), medians over the repeats. On CUDA the execution switches (bf16 autocast,
+fused AdamW, pinned memory + non_blocking, DataLoader workers, torch.compile) are each turned off
+from the baseline and the nbsrc step's speed-up ``on / off`` is reported.
+
+    python -m nbsrc.bench train --batch 64 --steps 3 --repeats 5 --threads 1
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from nbsrc.config import ExperimentConfig
+from nbsrc.data import MPerClassBatchSampler
+from nbsrc.errors import ConfigError, NonFiniteLossError
+from nbsrc.losses import CrossBatchMemory, build_loss
+from nbsrc.models import model_from_config
+from nbsrc.train import distributed
+from nbsrc.train.loop import amp_settings, build_optimizer, lr_factor, resolve_device
+
+METHODS = ("nbsrc", "reference", "bare")
+
+
+# ----------------------------------------------------------------------------- data
+class SyntheticImages(Dataset):
+    """``n`` fixed random uint8 images of ``n_classes`` classes; an item is converted to a
+    normalised float tensor the way a ``ToTensor`` + ``Normalize`` transform would."""
+
+    def __init__(self, n: int, n_classes: int, img_size: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randint(0, 256, (n, 3, img_size, img_size), dtype=torch.uint8, generator=g)
+        self.labels = np.arange(n) % n_classes
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key):
+        i = key[0] if isinstance(key, tuple) else key
+        return (self.images[i].float() / 255.0 - 0.5) / 0.25, int(self.labels[i]), int(i)
+
+
+def _batches(cfg: ExperimentConfig, ds: SyntheticImages, pin: bool, total_steps: int):
+    sampler = MPerClassBatchSampler(ds.labels, cfg.batch_size, cfg.m_per_class, total_steps, cfg.seed)
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=pin,
+                        persistent_workers=cfg.num_workers > 0)
+    return iter(loader)
+
+
+def _unit(n: int, dim: int, gen: torch.Generator) -> torch.Tensor:
+    return F.normalize(torch.randn(n, dim, generator=gen), dim=-1)
+
+
+# ----------------------------------------------------------------------------- the three steps
+class NbsrcStep:
+    """The body of :func:`nbsrc.train.loop.train`'s loop, statement for statement (logging and
+    checkpointing aside). The loop has no reusable step function, so its pieces are called here in
+    the same order."""
+
+    def __init__(self, cfg: ExperimentConfig, device: torch.device, n_train: int):
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.device = cfg, device
+        self.model = model_from_config(cfg).to(device).train()
+        classes = list(range(n_train))
+        self.criterion = build_loss(cfg, self.model.feature_dim, classes).to(device)
+        self.optimizer = build_optimizer(cfg, list(self.model.parameters()) + list(self.criterion.parameters()))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: lr_factor(cfg, it))
+        self.amp_on, self.amp_dtype = amp_settings(cfg, device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_on and self.amp_dtype == torch.float16)
+        self.memory = CrossBatchMemory(cfg.memory_size, self.model.feature_dim, device) if cfg.memory_size else None
+        self.net = distributed.wrap_ddp(self.model, device)
+        if cfg.compile and device.type == "cuda":
+            self.net = torch.compile(self.net)
+        self.pin = cfg.pin_memory and device.type == "cuda"
+
+    def prefill(self, gen: torch.Generator, n_classes: int, first_index: int) -> None:
+        """Fill the memory with random unit vectors (dataset indices >= ``first_index``, so no
+        batch sample is masked as its own copy), as it is after the first iterations."""
+        if self.memory is not None:
+            m = self.memory.size
+            self.memory.enqueue(_unit(m, self.memory.dim, gen).to(self.device),
+                                torch.randint(0, n_classes, (m,), generator=gen).to(self.device),
+                                torch.arange(first_index, first_index + m).to(self.device))
+
+    def __call__(self, x, y, idx) -> None:
+        cfg, device, pin, memory = self.cfg, self.device, self.pin, self.memory
+        x = x.to(device, non_blocking=pin)
+        y, idx = y.to(device, non_blocking=pin), idx.to(device, non_blocking=pin)
+        with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_on):
+            z_local = self.net(x).float()
+        z = distributed.gather_with_grad(z_local)
+        y_all, idx_all = distributed.gather(y), distributed.gather(idx)
+        ref = memory.get() if memory is not None and len(memory) else (None, None, None)
+        terms = self.criterion(z, y_all, ref[0], ref[1], idx_all, ref[2])
+        total = terms["total"]
+        if not torch.isfinite(total):
+            raise NonFiniteLossError(f"bench: loss is not finite ({float(total)}); lower lr")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if cfg.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if memory is not None:
+            memory.enqueue(z.detach(), y_all, idx_all)
+
+
+def _timm_backbone(cfg: ExperimentConfig, device: torch.device) -> torch.nn.Module:
+    import timm
+
+    torch.manual_seed(cfg.seed)
+    kw = {"img_size": cfg.img_size} if cfg.patch_size is not None or "vit" in cfg.backbone else {}
+    if cfg.patch_size is not None:
+        kw["patch_size"] = cfg.patch_size
+    return timm.create_model(cfg.backbone, num_classes=0, **kw).to(device).train()
+
+
+def _direct_adamw(cfg: ExperimentConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    fused = cfg.fused_optimizer and next(model.parameters()).is_cuda
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+
+
+def inline_koleo(z: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo (IRT eq. 5) as one writes it inline: -mean log ‖z_i − z_nn(i)‖, nearest neighbour by
+    inner product (DINO's implementation)."""
+    with torch.no_grad():
+        sim = z @ z.T
+        sim.fill_diagonal_(-2.0)
+        nn_idx = sim.argmax(dim=1)
+    return -torch.log((z - z[nn_idx]).norm(dim=1) + eps).mean()
+
+
+class ReferenceStep:
+    """The direct loop: timm backbone, pytorch-metric-learning contrastive loss inside its
+    CrossBatchMemory, inline KoLeo, AdamW, gradient clipping."""
+
+    def __init__(self, cfg: ExperimentConfig, device: torch.device):
+        from pytorch_metric_learning.distances import CosineSimilarity
+        from pytorch_metric_learning.losses import ContrastiveLoss
+        from pytorch_metric_learning.losses import CrossBatchMemory as PMLCrossBatchMemory
+
+        self.cfg, self.device = cfg, device
+        self.model = _timm_backbone(cfg, device)
+        self.net = torch.compile(self.model) if cfg.compile and device.type == "cuda" else self.model
+        dim = self.model.num_features
+        loss = ContrastiveLoss(pos_margin=1, neg_margin=cfg.beta, distance=CosineSimilarity())
+        self.loss = PMLCrossBatchMemory(loss, embedding_size=dim, memory_size=max(cfg.memory_size, cfg.batch_size))
+        self.optimizer = _direct_adamw(cfg, self.model)
+        self.amp_on, self.amp_dtype = amp_settings(cfg, device)
+        self.pin = cfg.pin_memory and device.type == "cuda"
+
+    def prefill(self, gen: torch.Generator, n_classes: int, first_index: int) -> None:
+        m, dim = self.loss.memory_size, self.loss.embedding_size
+        self.loss.add_to_memory(_unit(m, dim, gen), torch.randint(0, n_classes, (m,), generator=gen), m)
+
+    def __call__(self, x, y, idx) -> None:
+        x, y = x.to(self.device, non_blocking=self.pin), y.to(self.device, non_blocking=self.pin)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_on):
+            z = self.net(x)
+        z = F.normalize(z.float(), dim=-1)
+        loss = self.loss(z, y) + self.cfg.lam * inline_koleo(z)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+
+
+class BareStep:
+    """Backbone forward + backward + AdamW step with a trivial loss: the floor for any method."""
+
+    def __init__(self, cfg: ExperimentConfig, device: torch.device):
+        self.device = device
+        self.model = _timm_backbone(cfg, device)
+        self.net = torch.compile(self.model) if cfg.compile and device.type == "cuda" else self.model
+        self.optimizer = _direct_adamw(cfg, self.model)
+        self.amp_on, self.amp_dtype = amp_settings(cfg, device)
+        self.pin = cfg.pin_memory and device.type == "cuda"
+
+    def prefill(self, gen, n_classes, first_index) -> None:
+        pass
+
+    def __call__(self, x, y, idx) -> None:
+        x = x.to(self.device, non_blocking=self.pin)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_on):
+            z = self.net(x)
+        loss = z.float().square().mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+# ----------------------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _alternate(runners: dict, device: torch.device, batch: int, steps: int, repeats: int, warmup: int) -> dict:
+    """``{name: [img/s per repeat]}``; each runner is ``(step, batch_iterator)``; blocks of
+    ``steps`` steps alternate between runners, after ``warmup`` untimed steps each."""
+    for step, batches in runners.values():
+        for _ in range(warmup):
+            step(*next(batches))
+    _sync(device)
+    out = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, (step, batches) in runners.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step(*next(batches))
+            _sync(device)
+            out[name].append(steps * batch / (time.perf_counter() - t0))
+    return out
+
+
+def _setup(kind: str, cfg: ExperimentConfig, device: torch.device, ds: SyntheticImages, n_classes: int, total: int):
+    step = {"nbsrc": lambda: NbsrcStep(cfg, device, n_classes),
+            "reference": lambda: ReferenceStep(cfg, device),
+            "bare": lambda: BareStep(cfg, device)}[kind]()
+    step.prefill(torch.Generator().manual_seed(cfg.seed + 1), n_classes, len(ds))
+    return step, _batches(cfg, ds, cfg.pin_memory and device.type == "cuda", total)
+
+
+def _switch_variants(cfg: ExperimentConfig) -> dict:
+    """The baseline (every switch on, compile as requested) and one variant per switch turned off
+    (workers: 0 vs the baseline's; compile: toggled)."""
+    base = cfg.replace(amp=True, fused_optimizer=True, pin_memory=True, num_workers=max(cfg.num_workers, 4))
+    return {
+        "baseline": base,
+        "bf16 autocast": base.replace(amp=False),
+        "fused AdamW": base.replace(fused_optimizer=False),
+        "pinned memory + non_blocking": base.replace(pin_memory=False),
+        f"DataLoader workers ({base.num_workers})": base.replace(num_workers=0),
+        "torch.compile": base.replace(compile=not base.compile),
+    }
+
+
+def bench_train(
+    model: str = "vit_tiny_patch16_224",
+    img_size: int = 28,
+    patch_size: int | None = 7,
+    batch: int = 64,
+    m_per_class: int = 4,
+    steps: int = 3,
+    repeats: int = 5,
+    warmup: int = 1,
+    memory_size: int = 1024,
+    lam: float = 0.7,
+    beta: float = 0.5,
+    device: str = "auto",
+    amp: bool = True,
+    compile: bool = False,
+    num_workers: int = 0,
+    pin_memory: bool = True,
+    fused_optimizer: bool = True,
+    switches: bool | None = None,
+    seed: int = 0,
+) -> dict:
+    """Median img/s of the three methods (see the module docstring), their ratios and, when
+    ``switches`` (default: on CUDA), the speed-up of each execution switch of the nbsrc step."""
+    if steps < 1 or repeats < 1 or warmup < 0:
+        raise ConfigError(f"steps={steps}, repeats={repeats}, warmup={warmup}: need steps >= 1, repeats >= 1, warmup >= 0")
+    dev = resolve_device(device)
+    if switches and dev.type != "cuda":
+        raise ConfigError("the execution switches only act on CUDA; run with --device cuda or --no-switches")
+    cfg = ExperimentConfig(
+        name="bench_train", backbone=model, img_size=img_size, patch_size=patch_size, batch_size=batch,
+        m_per_class=m_per_class, memory_size=memory_size, lam=lam, beta=beta, loss="contrastive", device=str(dev),
+        amp=amp, compile=compile, num_workers=num_workers, pin_memory=pin_memory, fused_optimizer=fused_optimizer,
+        iterations=10**6, warmup_iters=0, progress=False, seed=seed,
+    )
+    cfg.validate()
+    n_classes = max(2 * batch // m_per_class, 8)
+    ds = SyntheticImages(max(4 * batch, n_classes * m_per_class * 2), n_classes, img_size, seed)
+    total = warmup + steps * repeats
+    runners = {kind: _setup(kind, cfg, dev, ds, n_classes, total) for kind in METHODS}
+    per_repeat = _alternate(runners, dev, batch, steps, repeats, warmup)
+    med = {k: statistics.median(v) for k, v in per_repeat.items()}
+    out = {
+        "model": model, "img_size": img_size, "patch_size": patch_size, "batch": batch, "steps": steps,
+        "repeats": repeats, "warmup": warmup, "memory_size": memory_size, "lam": lam, "beta": beta,
+        "device": str(dev), "amp": amp_settings(cfg, dev)[0], "compile": compile and dev.type == "cuda",
+        "img_per_s": med, "img_per_s_per_repeat": per_repeat,
+        "ratio_nbsrc_over_reference": med["nbsrc"] / med["reference"],
+        "overhead_vs_bare": 1.0 - med["nbsrc"] / med["bare"],
+        "switches": None,
+    }
+    if switches if switches is not None else dev.type == "cuda":
+        variants = _switch_variants(cfg)
+        runners = {name: _setup("nbsrc", c, dev, ds, n_classes, total) for name, c in variants.items()}
+        sw = {k: statistics.median(v) for k, v in _alternate(runners, dev, batch, steps, repeats, warmup).items()}
+        base = sw.pop("baseline")
+        out["switches"] = {"baseline_img_per_s": base,
+                           "speedup_on_over_off": {name: base / v for name, v in sw.items()},
+                           "img_per_s_off": sw}
+    return out
+
+
+def results_markdown(r: dict, info: dict, note: str = "") -> str:
+    """The ``train`` section of bench/RESULTS.md."""
+    from nbsrc.bench import machine_lines
+
+    ratio, over = r["ratio_nbsrc_over_reference"], r["overhead_vs_bare"]
+    s = (machine_lines(info, note)
+         + f"- setup: {r['model']}, img {r['img_size']}, patch {r['patch_size']}, batch {r['batch']}, "
+         f"XBM memory {r['memory_size']}, KoLeo λ={r['lam']}, β={r['beta']}, device {r['device']}, "
+         f"amp {r['amp']}, compile {r['compile']}, torch threads {r.get('threads', torch.get_num_threads())}; {r['repeats']} repeats × {r['steps']} steps per method, "
+         f"alternating, {r['warmup']} warm-up steps excluded; medians\n\n"
+         "| nbsrc / reference (img/s) | target | overhead 1 − nbsrc / bare | target |\n|---|---|---|---|\n"
+         f"| {ratio:.3f} | >= 1.0 | {100 * over:.1f}% | <= 5% (CPU) |\n\n"
+         f"Reading: nbsrc's step runs at {ratio:.2f}x the speed of the direct pytorch-metric-learning loop "
+         f"and spends {100 * over:.1f}% of a step beyond the bare backbone forward/backward/update.\n")
+    if r["switches"]:
+        s += "\n| switch (nbsrc step) | speed-up on / off |\n|---|---|\n"
+        s += "".join(f"| {k} | {v:.2f}x |\n" for k, v in r["switches"]["speedup_on_over_off"].items())
+    return s
+
+
+def add_arguments(p) -> None:
+    import argparse
+
+    p.add_argument("--model", default="vit_tiny_patch16_224")
+    p.add_argument("--img-size", type=int, default=28)
+    p.add_argument("--patch-size", type=int, default=7)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--m-per-class", type=int, default=4)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per block")
+    p.add_argument("--repeats", type=int, default=5, help="blocks per method; the median is reported")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per method before timing")
+    p.add_argument("--memory-size", type=int, default=1024)
+    p.add_argument("--lam", type=float, default=0.7)
+    p.add_argument("--beta", type=float, default=0.5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--switches", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure each CUDA execution switch on/off (default: on CUDA)")
+
+
+def run(a, results_path=None, note: str = "") -> dict:
+    import json
+
+    from nbsrc.bench import RESULTS_PATH, machine_info, write_section
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    r = bench_train(a.model, a.img_size, a.patch_size, a.batch, a.m_per_class, a.steps, a.repeats, a.warmup,
+                    a.memory_size, a.lam, a.beta, a.device, a.amp, a.compile, a.num_workers, switches=a.switches)
+    r["threads"] = torch.get_num_threads()
+    print(json.dumps(r, indent=2))
+    write_section("train", results_markdown(r, machine_info(), note), results_path or RESULTS_PATH)
+    return r

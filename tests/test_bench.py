@@ -1,0 +1,131 @@
+"""The benchmarks at tiny sizes: they run, their reported numbers are consistent with each other,
+and they write their section of the results file. No timing assertions."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nbsrc.bench import write_section
+from nbsrc.bench.__main__ import main as bench_main
+from nbsrc.bench.eval import bench_eval, parse_size, results_markdown
+from nbsrc.bench.train import bench_train, inline_koleo
+from nbsrc.errors import ConfigError
+from nbsrc.losses import koleo_loss
+
+
+# ----------------------------------------------------------------------------- results file
+def test_write_section_replaces_only_its_own_section(tmp_path):
+    path = tmp_path / "R.md"
+    write_section("train", "first train body", path)
+    write_section("eval", "eval body", path)
+    write_section("train", "second train body", path)
+    text = path.read_text()
+    assert "second train body" in text and "first train body" not in text and "eval body" in text
+    assert text.count("## train") == 1 and text.count("## eval") == 1
+    assert text.index("## train") < text.index("## eval")  # a rewritten section keeps its place
+
+
+# ----------------------------------------------------------------------------- train
+def test_inline_koleo_of_the_reference_equals_nbsrc_koleo():
+    z = F.normalize(torch.randn(12, 5, generator=torch.Generator().manual_seed(0)), dim=-1)
+    assert float(inline_koleo(z)) == pytest.approx(float(koleo_loss(z)), rel=1e-6)
+
+
+TINY_TRAIN = dict(img_size=16, patch_size=8, batch=8, m_per_class=2, steps=1, repeats=2, warmup=1, memory_size=16)
+
+
+def test_train_bench_reports_consistent_ratios(tmp_path):
+    r = bench_train(**TINY_TRAIN)
+    tp = r["img_per_s"]
+    assert set(tp) == {"nbsrc", "reference", "bare"}
+    assert all(len(v) == 2 and all(x > 0 and math.isfinite(x) for x in v) for v in r["img_per_s_per_repeat"].values())
+    for name, per_repeat in r["img_per_s_per_repeat"].items():
+        assert tp[name] == pytest.approx(float(np.median(per_repeat)))
+    assert r["ratio_nbsrc_over_reference"] == pytest.approx(tp["nbsrc"] / tp["reference"])
+    assert r["overhead_vs_bare"] == pytest.approx(1 - tp["nbsrc"] / tp["bare"])
+    assert r["switches"] is None and r["device"] == "cpu" and r["amp"] is False  # no switches, no AMP on CPU
+
+
+def test_train_switches_need_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(ConfigError, match="only act on CUDA"):
+        bench_train(**TINY_TRAIN, device="cpu", switches=True)
+
+
+def test_train_cli_writes_its_section_with_the_ratio(tmp_path):
+    path = tmp_path / "R.md"
+    args = ["train", "--img-size", "16", "--patch-size", "8", "--batch", "8", "--m-per-class", "2", "--steps", "1",
+            "--repeats", "1", "--warmup", "0", "--memory-size", "16", "--results", str(path), "--note", "tiny test"]
+    assert bench_main(args) == 0
+    text = path.read_text()
+    assert "## train" in text and "nbsrc / reference" in text and "tiny test" in text and "torch " in text
+    row = next(line for line in text.splitlines() if line.startswith("| ") and ">= 1.0" in line)
+    assert float(row.split("|")[1]) > 0
+
+
+# ----------------------------------------------------------------------------- eval
+def _slow_recall(q, ql, g, gl, ks):
+    """Recall@K from the formula: rank the whole gallery by (-sim, index), hit if a label matches."""
+    sims = q.astype(np.float64) @ g.astype(np.float64).T
+    out = {}
+    for k in ks:
+        hits = [bool((gl[np.lexsort((np.arange(len(g)), -s))[:k]] == y).any()) for s, y in zip(sims, ql)]
+        out[k] = float(np.mean(hits))
+    return out
+
+
+@pytest.mark.parametrize("matrix_budget_gb", [1.0, 1e-5])  # whole similarity matrix / gallery chunks
+def test_eval_methods_agree_exactly_and_match_the_formula(tmp_path, matrix_budget_gb):
+    res = bench_eval(sizes=[(600, 16)], data=("random", "clustered"), n_query=40, matrix_budget_gb=matrix_budget_gb,
+                     workdir=tmp_path, keep=True, isolate=False)
+    assert res["all_agree"] and len(res["cases"]) == 2
+    for case in res["cases"]:
+        methods = case["methods"]
+        assert set(methods) == {"nbsrc", "torch", "pml"}
+        assert ("chunked" in methods["torch"]["how"]) == (matrix_budget_gb < 1)
+        assert methods["torch"]["identical_topk_rows"] == 1.0
+        assert methods["pml"]["recall"]["1"] == pytest.approx(methods["pml"]["precision_at_1"])
+        d = tmp_path / f"{case['data']}_600x16"
+        q, g = np.load(d / "query.npy").astype(np.float32), np.load(d / "gallery.npy").astype(np.float32)
+        slow = _slow_recall(q, np.load(d / "query_labels.npy"), g, np.load(d / "gallery_labels.npy"), (1, 2, 4, 8))
+        for name, r in methods.items():
+            assert r["same_hits_as_nbsrc"]
+            assert {int(k): v for k, v in r["recall"].items()} == pytest.approx(slow, abs=1e-12), name
+    assert 0.2 < res["cases"][1]["methods"]["nbsrc"]["recall"]["8"]  # clustered data is not chance level
+
+
+def test_eval_skips_pml_when_over_budget_and_says_why(tmp_path):
+    res = bench_eval(sizes=[(300, 8)], data=("random",), n_query=20, pml_budget_gb=1e-9, isolate=False)
+    assert "skipped" in res["cases"][0]["methods"]["pml"] and res["all_agree"]
+    md = results_markdown(res, {"cpu": "x", "cores": 1, "ram_gb": 1, "gpu": "none", "torch": "t", "timm": "t",
+                                "faiss": "f", "pytorch_metric_learning": "p", "numpy": "n", "python": "3", "date": "d"})
+    assert "skipped" in md and "pml-budget-gb" in md and "agree on every Recall@K" in md
+
+
+def test_eval_subprocess_measures_its_own_peak_rss(tmp_path):
+    path = tmp_path / "R.md"
+    assert bench_main(["eval", "--sizes", "300x8", "--data", "random", "--queries", "20", "--methods", "nbsrc",
+                       "--results", str(path)]) == 0
+    assert "## eval" in path.read_text() and "300×8" in path.read_text()
+
+
+def test_bad_size_is_a_config_error():
+    assert parse_size("100000x384") == (100000, 384)
+    with pytest.raises(ConfigError, match="ROWSxDIM"):
+        parse_size("100000*384")
+    with pytest.raises(ConfigError, match="choose among"):
+        bench_eval(sizes=[(10, 2)], methods=("faiss",))
+
+
+# ----------------------------------------------------------------------------- dtop
+def test_dtop_cli_writes_its_section(tmp_path):
+    path = tmp_path / "R.md"
+    assert bench_main(["dtop", "--img-size", "32", "--patch-size", "8", "--batch", "2", "--steps", "1", "--warmup", "0",
+                       "--results", str(path)]) == 0
+    text = path.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| ") and "<= 1.5" in line)
+    assert float(row.split("|")[1]) > 0 and "## dtop" in text
