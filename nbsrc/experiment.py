@@ -20,7 +20,7 @@ from nbsrc.data import RetrievalData, build_data, cap_per_class
 from nbsrc.errors import RunDirError
 from nbsrc.eval import evaluate, extract_embeddings
 from nbsrc.models import data_config, model_from_config
-from nbsrc.train import load_results, prepare_run_dir, read_metrics, resolve_device, train
+from nbsrc.train import distributed, load_results, prepare_run_dir, read_metrics, resolve_device, train
 from nbsrc.train.rundir import RESULTS, write_json_atomic
 
 EMBEDDINGS, MODEL = "embeddings.npz", "model.pt"
@@ -91,7 +91,14 @@ def run_experiment(cfg: ExperimentConfig, mode: str = "reuse", data: RetrievalDa
     :func:`nbsrc.train.prepare_run_dir`.
     """
     cfg.validate()
-    run_dir, action = prepare_run_dir(cfg, mode)
+    if cfg.dataset == "sfm120k":  # IRT §4.2: SfM-120k tuples, Revisited Oxford/Paris evaluation
+        from nbsrc.experiment_sfm import run_sfm_experiment
+
+        return run_sfm_experiment(cfg, mode, stop_after=stop_after)
+    # Under torchrun only rank 0 touches the run directory; the others learn its decision.
+    dinfo = distributed.current()
+    prepared = prepare_run_dir(cfg, mode) if dinfo.is_main else None
+    run_dir, action = distributed.broadcast_object(prepared)
     if action == "reuse":
         print(f"reusing finished run {run_dir} (same config); nothing retrained")
         return load_run(run_dir)
@@ -109,6 +116,9 @@ def run_experiment(cfg: ExperimentConfig, mode: str = "reuse", data: RetrievalDa
         train(cfg, model, data.train, run_dir, resume=action == "resume", evaluate=eval_fn, stop_after=stop_after)
         if stop_after is not None and stop_after < cfg.iterations:
             return RunResult(cfg, run_dir, {}, model=model)
+    if not dinfo.is_main:  # PCA, evaluation and the run's files are rank 0's
+        distributed.barrier()
+        return RunResult(cfg, run_dir, {}, model=model)
     model.to(device).eval()
     q_raw = None
     if cfg.dim:
@@ -127,6 +137,7 @@ def run_experiment(cfg: ExperimentConfig, mode: str = "reuse", data: RetrievalDa
     results = {**results, "n_query": int(len(q)), "seconds": round(time.perf_counter() - t0, 1),
                "device": str(device), "torch": torch.__version__, "python": platform.python_version()}
     write_json_atomic(run_dir / RESULTS, results)
+    distributed.barrier()
     print(f"{cfg.name}: " + "  ".join(f"{k}={v:.2f}" for k, v in results.items() if k.startswith("R@")))
     return RunResult(cfg, run_dir, results, model=model)
 
@@ -155,3 +166,173 @@ def lambda_sweep(base: ExperimentConfig, lams, prefix: str = "") -> dict[str, Ex
         else:
             out[f"λ = {lam:g}"] = v["IRT_R"].replace(name=f"{v['IRT_R'].name}_lam{lam:g}", lam=lam)
     return out
+
+
+# ----------------------------------------------------------------------------- IRT ablation grids
+# Each helper returns {label: config}, every config being ``base`` with only the ablated field(s)
+# changed and a run name derived from their values, so a rerun (or another notebook asking for the
+# same cell) finds the finished run and reuses it. Grid sizes are arguments: the paper's 5 × 5 β × λ
+# grid is ``beta_lambda_grid(base, (0.3, 0.4, 0.5, 0.6, 0.7), (0, 0.3, 0.5, 0.7, 1.0))``.
+OBJECTIVE_LABELS = {"contrastive": "Contrastive", "nsoftmax": "Normalized Softmax", "snca": "Scalable NCA",
+                    "arcface": "ArcFace"}
+
+
+def _distinct(values, what: str) -> list:
+    from nbsrc.errors import ConfigError
+
+    values = list(values)
+    if not values:
+        raise ConfigError(f"{what} is empty; give at least one value")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{what}={values!r} has repeated values; give each value once")
+    return values
+
+
+def beta_lambda_grid(base: ExperimentConfig, betas, lams) -> dict[str, ExperimentConfig]:
+    """IRT Table 5 and Fig. 4: one config per (β, λ) of ``betas`` × ``lams`` (β outer), ``base`` with
+    only ``beta`` (margin of eq. 1) and ``lam`` (KoLeo weight of eq. 5) changed. Labels are
+    ``"β = 0.3, λ = 0"``; run names ``<base.name>_b<β>_lam<λ>`` (``%g`` numbers), the same whatever
+    the base's own β and λ."""
+    betas, lams = _distinct(betas, "betas"), _distinct(lams, "lams")
+    return {f"β = {b:g}, λ = {lam:g}": beta_lambda_cell(base, b, lam) for b in betas for lam in lams}
+
+
+def beta_lambda_cell(base: ExperimentConfig, beta: float, lam: float) -> ExperimentConfig:
+    """The (β, λ) cell of :func:`beta_lambda_grid`: ``base`` with ``beta``, ``lam`` and the name
+    ``<base.name>_b<β>_lam<λ>``; the starting point of the pooling and objective ablations, so
+    their base run is the grid's."""
+    return base.replace(name=f"{base.name}_b{beta:g}_lam{lam:g}", beta=float(beta), lam=float(lam))
+
+
+def pooling_variants(base: ExperimentConfig, poolings=("cls", "avg", "max", "gem")) -> dict[str, ExperimentConfig]:
+    """IRT Table 9 (pooling after training): one config per pooling (``cls``, ``avg``, ``max``,
+    ``gem``, ``dist``), each trained. The base's own pooling keeps ``base.name`` (that run is shared
+    with the grid it came from); the others are ``<base.name>_pool_<pooling>``."""
+    poolings = _distinct(poolings, "poolings")
+    return {p: base if p == base.pooling else base.replace(name=f"{base.name}_pool_{p}", pooling=p)
+            for p in poolings}
+
+
+def objective_variants(base: ExperimentConfig, losses=("contrastive", "nsoftmax", "snca")) -> dict[str, ExperimentConfig]:
+    """IRT Table 4: the same model and data trained with each objective of ``losses`` (contrastive
+    eq. 1, Normalized Softmax, Scalable NCA; ArcFace also accepted), every other field, λ included,
+    as in ``base``. Labels are the objectives' names; the base's own loss keeps ``base.name``, the
+    others are ``<base.name>_<loss>``."""
+    losses = _distinct(losses, "losses")
+    return {OBJECTIVE_LABELS.get(loss, loss): base if loss == base.loss else base.replace(name=f"{base.name}_{loss}", loss=loss)
+            for loss in losses}
+
+
+def run_all(configs: dict[str, ExperimentConfig], mode: str = "reuse", data: RetrievalData | None = None) -> dict[str, RunResult]:
+    """:func:`run_experiment` on each config in order; ``{label: RunResult}`` with the same labels.
+    In ``reuse`` mode finished runs are loaded, not retrained, so a grid can be rerun or extended
+    cell by cell. ``data`` is passed through (it must suit every config)."""
+    return {label: run_experiment(cfg, mode, data=data) for label, cfg in configs.items()}
+
+
+def ablation_base(base: ExperimentConfig, iterations: int, name: str = "ablation") -> ExperimentConfig:
+    """The short-run base shared by the IRT ablations (notebooks 04 and 07): ``base`` named
+    ``<name>_it<iterations>``, trained for ``iterations`` (warm-up clipped to fit) and recording the
+    gradient noise γ, so the β × λ cells of Fig. 4 and Table 5 are one set of runs, trained once.
+    The length is in the name, so runs of another length sit beside them instead of clashing."""
+    return base.replace(name=f"{name}_it{iterations}", iterations=iterations,
+                        warmup_iters=min(base.warmup_iters, iterations), record_grad_noise=True)
+
+
+# ----------------------------------------------------------------------------- DToP ablations
+# The options each DToP ablation table varies (model_options keys, or config fields for A12).
+DTOP_TABLES = {
+    "A8": ("k",),  # last k encoder layers (eqs. 5-6)
+    "A9": ("pos_embed",),  # position encoding: none | dpe | cpe (eq. 2)
+    "A10": ("elm", "elm_irb", "elm_aspp", "elm_wave", "fusion"),  # ELM parts (eqs. 9-11)
+    "A12": ("sampler",),  # group-size vs fixed-size batches (on the mixed-size variant)
+    "A13": ("fusion",),  # fusion of the ELM's input and output (A14-A20)
+}
+ELM_PARTS = ("irb", "aspp", "wave")
+
+
+def dtop_ablation_grid(base: ExperimentConfig, table: str, values) -> dict[str, ExperimentConfig]:
+    """``{label: config}`` for DToP ablation ``table`` (``'A8'``, ``'A9'``, ``'A10'``, ``'A12'``,
+    ``'A13'``; Table A11 is evaluation-only, see :func:`dtop_multiscale_table`) over ``values``.
+
+    Each config is ``base`` with only the options of ``DTOP_TABLES[table]`` changed: A8 ``k``; A9
+    ``pos_embed``; A10 a tuple of ELM parts from ``('irb', 'aspp', 'wave')`` (``()``: ELM off, fused
+    'none'); A12 ``sampler``; A13 ``fusion``. Names are ``<base.name>_<option>`` and stable; a value
+    equal to the base's effective one (DToP defaults filled in) keeps ``base.name``, so that run is
+    trained once and reused by every table. A12 runs always get their own names, since they train on
+    :func:`dtop_mixed_size_data`, which the config does not record.
+    """
+    from nbsrc.errors import ConfigError
+    from nbsrc.models.dtop import DTOP_DEFAULTS
+
+    if table not in DTOP_TABLES:
+        raise ConfigError(f"table={table!r} is not a DToP training ablation; use one of {', '.join(DTOP_TABLES)} "
+                          "(A11 is evaluation-only: dtop_multiscale_table)")
+    if not base.model_options.get("dtop"):
+        raise ConfigError("base.model_options must contain dtop=True for a DToP ablation grid")
+    values = list(values)
+    if not values:
+        raise ConfigError(f"values for table {table} is empty; give at least one value")
+    eff = {**DTOP_DEFAULTS, **base.model_options}
+    eff_fusion = eff["fusion"] or ("orthogonal" if eff["elm"] else "none")
+    eff_parts = tuple(p for p in ELM_PARTS if eff["elm"] and eff[f"elm_{p}"])
+    out = {}
+    for v in values:
+        opts, fields = dict(base.model_options), {}
+        if table == "A8":
+            label, slug, same = f"k = {v}", f"k{v}", v == eff["k"]
+            opts["k"] = v
+        elif table == "A9":
+            label, slug, same = f"PE = {v}", f"pe_{v}", v == eff["pos_embed"]
+            opts["pos_embed"] = v
+        elif table == "A10":
+            parts = tuple(v)
+            if any(p not in ELM_PARTS for p in parts):
+                raise ConfigError(f"ELM part(s) {parts} unknown: A10 values are tuples of {ELM_PARTS}, () for no ELM")
+            parts = tuple(p for p in ELM_PARTS if p in parts)
+            label = "ELM = " + ("+".join(p.upper() if p != "wave" else "Wave" for p in parts) or "off")
+            slug, same = "elm_" + ("_".join(parts) or "off"), parts == eff_parts
+            opts.update(elm=bool(parts), **{f"elm_{p}": (p in parts) or not parts for p in ELM_PARTS})
+            if not parts:
+                opts["fusion"] = None
+        elif table == "A12":
+            label, slug, same = f"sampling = {v}", f"mixed_{v}", False
+            fields["sampler"] = v
+        else:
+            label, slug, same = f"fusion = {v}", f"fusion_{v}", v == eff_fusion
+            opts["fusion"] = v
+        out[label] = base if same else base.replace(name=f"{base.name}_{slug}", model_options=opts, **fields)
+    return out
+
+
+def dtop_mixed_size_data(cfg: ExperimentConfig, seed: int = 0) -> RetrievalData:
+    """``cfg``'s data (with its backbone's normalisation) as the deterministic mixed-size variant of
+    :func:`nbsrc.data.group_sampler.mixed_size_data` (longer side ``img_size``, sides multiples of
+    the patch size), for Table A12. Pass it to :func:`run_experiment` as ``data``."""
+    from nbsrc.data.group_sampler import mixed_size_data
+
+    norm = data_config(model_from_config(cfg))
+    data = build_data(cfg, norm["mean"], norm["std"])
+    return mixed_size_data(data, long_side=cfg.img_size, multiple=cfg.patch_size or 16, seed=seed)
+
+
+def dtop_multiscale_table(run: RunResult, scale_pairs: dict, data: RetrievalData | None = None):
+    """DToP Table A11: Recall@K (%) of ``run``'s model with queries and database embedded at the
+    scales of each ``{label: (query_scales, database_scales)}`` (see
+    :func:`nbsrc.eval.multiscale.evaluate_multiscale`), one row per label."""
+    import pandas as pd
+
+    from nbsrc.eval.multiscale import evaluate_multiscale
+
+    cfg = run.config
+    model = run.model if run.model is not None else load_run(run.run_dir, with_model=True).model
+    device = resolve_device(cfg.device)
+    model.to(device).eval()
+    if data is None:
+        norm = data_config(model)
+        data = build_data(cfg, norm["mean"], norm["std"])
+    rows = {label: evaluate_multiscale(model, data, qs, ds, cfg.ks, cfg.eval_batch_size, device, progress=False)
+            for label, (qs, ds) in scale_pairs.items()}
+    df = pd.DataFrame.from_dict({k: {m: round(v, 2) for m, v in r.items()} for k, r in rows.items()}, orient="index")
+    df.index.name = "query / database scales"
+    return df

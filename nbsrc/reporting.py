@@ -1,4 +1,5 @@
-"""Tables for the notebooks and the demo: Recall@K in the format of IRT Table 3."""
+"""Tables for the notebooks and the demo: Recall@K in the format of IRT Table 3, the ablation
+tables (config fields beside Recall@K: IRT Tables 4, 5, 6, 9) and the gradient noise of IRT Fig. 4."""
 
 from __future__ import annotations
 
@@ -31,3 +32,42 @@ def save_table(df: pd.DataFrame, name: str, out_dir: str | Path = "figures") -> 
         os.replace(tmp, path)
         paths.append(path)
     return paths
+
+
+def config_table(runs: dict, fields, ks=None) -> pd.DataFrame:
+    """One row per run (``{label: RunResult}``): the config ``fields`` that the ablation varies
+    (e.g. ``("beta", "lam")`` for IRT Table 5, ``("pooling",)`` for Table 9), then each Recall@K
+    in percent. Pivot a two-field table into a grid with ``df.pivot(index=..., columns=..., values="R@1")``."""
+    fields = [fields] if isinstance(fields, str) else list(fields)
+    recall = recall_table(runs, ks)
+    cols = {f: [getattr(run.config, f) for run in runs.values()] for f in fields}
+    df = pd.concat([pd.DataFrame(cols, index=recall.index), recall], axis=1)
+    df.index.name = "method"
+    return df
+
+
+def mean_grad_noise(rows) -> float:
+    """γ averaged over training (IRT Fig. 4): the mean of ``grad_noise`` over the logged training
+    rows of a run's ``metrics.jsonl`` (``run.metrics("train")``), NaN values (batches with fewer
+    than two active samples) left out; NaN if every logged value is NaN."""
+    import math
+
+    from nbsrc.errors import ConfigError
+
+    values = [float(r["grad_noise"]) for r in rows if r.get("grad_noise") is not None]
+    if not values:
+        raise ConfigError("no grad_noise in these metrics: train the run with record_grad_noise=True "
+                          "(it is logged every log_every iterations)")
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def gradient_noise_table(runs: dict, fields=("beta", "lam"), ks=(1,)) -> pd.DataFrame:
+    """:func:`config_table` plus ``gamma`` (:func:`mean_grad_noise`, 4 decimals) and ``gamma_logged``
+    (how many iterations it averages) for runs trained with ``record_grad_noise=True``."""
+    fields = [fields] if isinstance(fields, str) else list(fields)
+    df = config_table(runs, fields, ks)
+    rows = [run.metrics("train") for run in runs.values()]
+    df.insert(len(fields), "gamma", [round(mean_grad_noise(r), 4) for r in rows])
+    df.insert(len(fields) + 1, "gamma_logged", [sum(x.get("grad_noise") is not None for x in r) for r in rows])
+    return df

@@ -90,6 +90,43 @@ def plot_cumulative_energy(curves: Mapping[str, np.ndarray], threshold: float = 
     return fig
 
 
+@_styled
+def plot_energy_by_backbone(curves: Mapping[str, Mapping[str, np.ndarray]], threshold: float = 0.9,
+                            logx: bool = True, title: str = "ViT vs convnet, same loss (IRT Fig. 3)") -> Figure:
+    """Cumulative energy E(k) of several backbones, each in several states (e.g. off-the-shelf and
+    trained with the contrastive loss): ``curves = {backbone: {state: E}}``. One colour per backbone,
+    one line style per state (in the order of the first backbone's states: solid, dashed, dotted, …),
+    a dashed grey line at ``threshold``; the legend gives each curve's k at the threshold. The x axis
+    is logarithmic by default, since backbones differ in embedding size."""
+    _nonempty(curves, "curves")
+    styles = ["-", "--", ":", "-."]
+    states: list[str] = []
+    fig = Figure(figsize=(SINGLE_COLUMN, SINGLE_COLUMN * 0.85), layout="constrained")
+    ax = fig.add_subplot()
+    longest = 1
+    for i, (backbone, by_state) in enumerate(curves.items()):
+        _nonempty(by_state, f"curves[{backbone!r}]")
+        for state, curve in by_state.items():
+            if state not in states:
+                states.append(state)
+            e = _curve(curve, f"curves[{backbone!r}][{state!r}]")
+            longest = max(longest, len(e))
+            k = dim_at_energy(e, threshold)
+            label = f"{backbone}, {state}" + (f" ({threshold:.0%} at {k})" if k else "")
+            ax.plot(np.arange(1, len(e) + 1), e, color=PALETTE[i % len(PALETTE)],
+                    linestyle=styles[states.index(state) % len(styles)], label=label)
+    ax.axhline(threshold, color="0.4", linestyle="--", linewidth=0.8)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlim(1, longest)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("number of principal components")
+    ax.set_ylabel("cumulative energy")
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize=6)
+    return fig
+
+
 # ----------------------------------------------------------------------------- IRT Figure 4
 @_styled
 def plot_gradient_noise(betas: Sequence[float], gammas: Mapping[str, Sequence[float]],
