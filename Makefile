@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lab install data kernel clean-runs
+.PHONY: demo test test-fast lab install data browser kernel clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,10 +23,17 @@ data:
 		|| echo "warning: could not install dataset-fashion-mnist with apt-get"; \
 	fi
 
+# Headless Chromium + its driver for the JupyterLab widget test (tests/test_browser.py).
+browser:
+	@if ! command -v chromedriver >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null)) \
+		|| echo "warning: could not install chromium/chromium-driver with apt-get; the browser test will be skipped"; \
+	fi
+
 demo: install
 	$(PY) -m nbsrc demo
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
 
 test-fast: install

@@ -1,0 +1,446 @@
+"""Interactive exploration of finished runs in JupyterLab (ipywidgets), on top of the pure helpers
+that compute what the widgets show, so that everything a widget draws can be reproduced (and
+tested) without a browser:
+
+- :func:`list_finished_runs`: the runs of a ``runs_dir`` that have embeddings, with a summary of
+  their config (λ, β, loss, Recall@1) for labels;
+- :func:`load_retrieval` and :func:`retrieval_for_query`: a query of a run, its top-k neighbours
+  (images, labels, similarities) and which of them are hits (same label as the query);
+- :func:`spectrum_data`: cumulative PCA energy (IRT Fig. 2) and pair similarities (IRT Fig. 5) of
+  several runs;
+- :func:`retrieval_browser` and :func:`spectrum_explorer`: the widgets.
+
+Nothing is recomputed from the model: the widgets read each run's ``embeddings.npz`` (written by
+:func:`nbsrc.experiment.run_experiment`) and rebuild the run's evaluation images with
+:func:`nbsrc.data.build_data` from its saved config, so the runs must have finished (notebook 02).
+
+Without a widget frontend (papermill, nbconvert) the widgets cannot draw; ``static=None`` then
+also displays the default view as a plain figure, so an executed notebook still shows it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import warnings
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from nbsrc.analysis import average_precision_per_query, cumulative_energy, pair_similarities, worst_queries
+from nbsrc.data import RetrievalDataset, build_data
+from nbsrc.errors import ConfigError, NbsrcError, RunDirError
+from nbsrc.eval.recall import RetrievalResults, retrieve
+from nbsrc.experiment import EMBEDDINGS, RunResult, load_run
+from nbsrc.plots import plot_cumulative_energy, plot_retrieval_grid, plot_similarity_histograms
+
+
+# ----------------------------------------------------------------------------- finished runs
+@dataclass(frozen=True)
+class RunSummary:
+    """A finished run of ``runs_dir`` (it has ``config.json`` and ``embeddings.npz``)."""
+
+    name: str
+    run_dir: Path
+    dataset: str
+    loss: str
+    lam: float
+    beta: float
+    iterations: int
+    recall_at_1: float | None  # as stored in results.json (percent), None if missing
+
+    @property
+    def label(self) -> str:
+        """``"irt_r · λ=0.7 β=0.5 · R@1 54.0"``: what the widgets' run pickers show."""
+        r1 = f" · R@1 {self.recall_at_1:.1f}" if self.recall_at_1 is not None else ""
+        return f"{self.name} · λ={self.lam:g} β={self.beta:g}{r1}"
+
+    @property
+    def short_label(self) -> str:
+        """``"irt_r (λ=0.7, β=0.5)"``: the legend entry of a run in the overlaid figures."""
+        return f"{self.name} (λ={self.lam:g}, β={self.beta:g})"
+
+
+def list_finished_runs(runs_dir: str | Path = "runs") -> list[RunSummary]:
+    """The finished runs directly under ``runs_dir`` (``runs_dir/<name>/`` with ``config.json``
+    and ``embeddings.npz``), sorted by name. A run whose config no longer loads is skipped with a
+    warning. Raises :class:`~nbsrc.errors.RunDirError` when there is none."""
+    runs_dir = Path(runs_dir)
+    found = []
+    candidates = sorted(p.parent for p in runs_dir.glob(f"*/{EMBEDDINGS}")) if runs_dir.is_dir() else []
+    for run_dir in candidates:
+        if not (run_dir / "config.json").exists():
+            continue
+        try:
+            run = load_run(run_dir)
+        except NbsrcError as e:
+            warnings.warn(f"skipping run {run_dir}: {e}", stacklevel=2)
+            continue
+        cfg, r1 = run.config, run.results.get("R@1")
+        found.append(RunSummary(run_dir.name, run_dir, cfg.dataset, cfg.loss, cfg.lam, cfg.beta, cfg.iterations,
+                                None if r1 is None else float(r1)))
+    if not found:
+        missing = "" if runs_dir.is_dir() else " (the folder does not exist)"
+        raise RunDirError(f"no finished runs in {runs_dir}/{missing}: run notebook 02 first "
+                          f"(a finished run is a folder with config.json and {EMBEDDINGS})")
+    return found
+
+
+def _as_run(run) -> RunResult:
+    if isinstance(run, RunResult):
+        return run
+    if isinstance(run, RunSummary):
+        return load_run(run.run_dir)
+    return load_run(run)
+
+
+# ----------------------------------------------------------------------------- retrieval of one query
+def display_image(img) -> np.ndarray:
+    """A dataset image (uint8 tensor or array, H×W, 1×H×W or 3×H×W) as the uint8 H×W or H×W×3
+    array that :func:`nbsrc.plots.plot_retrieval_grid` draws."""
+    a = np.asarray(img.numpy() if hasattr(img, "numpy") else img)
+    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
+        a = np.moveaxis(a, 0, -1)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.dtype != np.uint8:
+        raise ConfigError(f"cannot display an image of dtype {a.dtype}: expected uint8 pixels (0-255)")
+    return np.ascontiguousarray(a)
+
+
+@dataclass
+class RunRetrieval:
+    """The top-``k`` neighbours of every query of a finished run, with the images behind them.
+
+    Row ``q`` of the run's query embeddings is image ``query_indices[q]`` of ``query``; gallery
+    row ``g`` is image ``gallery_indices[g]`` of ``gallery`` (the query set itself, with the query
+    left out of its own neighbours, when the run has no separate gallery)."""
+
+    run: RunResult
+    query: RetrievalDataset
+    gallery: RetrievalDataset
+    query_indices: np.ndarray
+    gallery_indices: np.ndarray
+    results: RetrievalResults
+    query_emb: np.ndarray
+    gallery_emb: np.ndarray | None
+
+    @property
+    def n_queries(self) -> int:
+        return len(self.query_indices)
+
+    @cached_property
+    def average_precision(self) -> np.ndarray:
+        """[nq] average precision of each query over the whole gallery (computed on first use)."""
+        if self.gallery_emb is None:
+            return average_precision_per_query(self.query_emb, self.results.query_labels)
+        return average_precision_per_query(self.query_emb, self.results.query_labels,
+                                           self.gallery_emb, self.results.gallery_labels)
+
+    def worst(self) -> np.ndarray:
+        """Query rows ordered from the lowest average precision up (queries without positives left out)."""
+        return worst_queries(self.average_precision, self.n_queries)
+
+
+def _check_images(labels_emb: np.ndarray, ds: RetrievalDataset, indices: np.ndarray, run_dir, what: str) -> None:
+    if len(indices) and (indices.min() < 0 or indices.max() >= len(ds)
+                         or not np.array_equal(ds.labels[indices], labels_emb)):
+        raise RunDirError(f"the {what} images of run {run_dir} no longer match its {EMBEDDINGS} (the dataset or "
+                          "its split changed since the run); retrain the run with mode='overwrite'")
+
+
+def load_retrieval(run, k: int = 8) -> RunRetrieval:
+    """Load a finished run (a :class:`~nbsrc.experiment.RunResult`, a :class:`RunSummary` or a run
+    directory), rebuild its evaluation images from its config and retrieve the top ``k`` of every
+    query (:func:`nbsrc.eval.retrieve`: inner product, ties by gallery index)."""
+    run = _as_run(run)
+    e = run.embeddings()
+    data = build_data(run.config)
+    qi = e["query_indices"].astype(np.int64)
+    _check_images(e["query_labels"], data.query, qi, run.run_dir, "query")
+    if "gallery" in e:
+        if data.gallery is None:
+            raise RunDirError(f"run {run.run_dir} has gallery embeddings but its dataset now has no separate "
+                              "gallery; retrain the run with mode='overwrite'")
+        gi = e["gallery_indices"].astype(np.int64)
+        _check_images(e["gallery_labels"], data.gallery, gi, run.run_dir, "gallery")
+        results = retrieve(e["query"], e["query_labels"], e["gallery"], e["gallery_labels"], k=k)
+        return RunRetrieval(run, data.query, data.gallery, qi, gi, results, e["query"], e["gallery"])
+    results = retrieve(e["query"], e["query_labels"], k=k)
+    return RunRetrieval(run, data.query, data.query, qi, qi, results, e["query"], None)
+
+
+@dataclass
+class QueryRetrieval:
+    """One query and its top-k neighbours, best first; ``hits[j]``: neighbour ``j`` has the
+    query's label."""
+
+    run_name: str
+    query_row: int
+    query_image: np.ndarray
+    query_label: int
+    images: list[np.ndarray]
+    labels: np.ndarray  # [k]
+    sims: np.ndarray  # [k]
+    gallery_rows: np.ndarray  # [k] rows of the gallery embeddings
+    hits: np.ndarray  # [k] bool
+    class_names: list[str] | None = None
+
+    def _name(self, label) -> str:
+        return str(self.class_names[int(label)]) if self.class_names is not None else str(label)
+
+    def figure(self, title: str | None = None):
+        """The query and its neighbours, hits framed green and misses red
+        (:func:`nbsrc.plots.plot_retrieval_grid`)."""
+        return plot_retrieval_grid(
+            [self.query_image], [self.images], self.hits[None, :],
+            query_titles=[f"q{self.query_row}: {self._name(self.query_label)}"],
+            retrieved_titles=[[f"{self._name(lab)}\n{s:.2f}" for lab, s in zip(self.labels, self.sims)]],
+            title=title or f"{self.run_name}: query {self.query_row} and its top {len(self.hits)}")
+
+
+def retrieval_for_query(run, query_row: int, k: int = 8) -> QueryRetrieval:
+    """Query ``query_row`` (a row of the run's query embeddings) of ``run`` (a :class:`RunRetrieval`
+    from :func:`load_retrieval`, or anything :func:`load_retrieval` takes) with its top ``k``
+    neighbours: images, labels, similarities and hits."""
+    rr = run if isinstance(run, RunRetrieval) else load_retrieval(run, k)
+    if k > rr.results.k and rr.results.k < len(rr.results.gallery_labels) - int(rr.results.is_self_excluded):
+        rr = load_retrieval(rr.run, k)
+    if isinstance(query_row, bool) or not isinstance(query_row, (int, np.integer)) or not 0 <= query_row < rr.n_queries:
+        raise ConfigError(f"query_row={query_row!r} is invalid: run {rr.run.run_dir.name} has {rr.n_queries} "
+                          f"queries, so expected an integer in [0, {rr.n_queries - 1}]")
+    q = int(query_row)
+    rows = rr.results.indices[q, :k]
+    return QueryRetrieval(
+        run_name=rr.run.run_dir.name, query_row=q,
+        query_image=display_image(rr.query.raw(int(rr.query_indices[q]))),
+        query_label=int(rr.results.query_labels[q]),
+        images=[display_image(rr.gallery.raw(int(rr.gallery_indices[g]))) for g in rows],
+        labels=rr.results.gallery_labels[rows], sims=rr.results.sims[q, :k], gallery_rows=rows,
+        hits=rr.results.hits[q, :k],
+        class_names=list(rr.query.class_names) if rr.query.class_names is not None else None)
+
+
+# ----------------------------------------------------------------------------- spectra of several runs
+def spectrum_data(runs, max_negatives: int | None = 200_000, seed: int = 0):
+    """For each run (:class:`RunSummary`, :class:`~nbsrc.experiment.RunResult` or run directory):
+    the cumulative PCA energy of its query embeddings (IRT Fig. 2) and its positive / negative pair
+    similarities (IRT Fig. 5). Returns ``(curves {label: E}, sims {label: (pos, neg)})`` keyed by
+    :attr:`RunSummary.short_label`, ready for :func:`nbsrc.plots.plot_cumulative_energy` and
+    :func:`nbsrc.plots.plot_similarity_histograms`."""
+    curves, sims = {}, {}
+    for r in runs:
+        run = _as_run(r)
+        label = f"{run.run_dir.name} (λ={run.config.lam:g}, β={run.config.beta:g})"
+        e = run.embeddings()
+        curves[label] = cumulative_energy(e["query"])
+        pos, neg, _ = pair_similarities(e["query"], e["query_labels"], max_negatives=max_negatives, seed=seed)
+        sims[label] = (pos, neg)
+    return curves, sims
+
+
+# ----------------------------------------------------------------------------- widgets
+def widget_frontend_connected() -> bool:
+    """Whether the cell now running was sent by a frontend that draws widgets: one opened the
+    ``jupyter.widget.control`` comm, or the execute request carries JupyterLab's cell metadata
+    (``cellId``, ``deletedCells``; Notebook 7 sends the same). papermill / nbclient send neither."""
+    import ipywidgets
+
+    if getattr(ipywidgets.Widget, "_control_comm", None) is not None:
+        return True
+    try:
+        from IPython import get_ipython
+
+        kernel = getattr(get_ipython(), "kernel", None)
+        parent = kernel.get_parent() if kernel is not None else None
+    except Exception:  # noqa: BLE001 - an unusual kernel: assume no frontend, draw statically
+        return False
+    meta = (parent or {}).get("metadata") or {}
+    return any(key in meta for key in ("cellId", "deletedCells", "recordTiming"))
+
+
+def _png_output(fig, dpi: int = 110) -> dict:
+    """A figure as an Output-widget output (PNG), so the widget's content is its ``outputs`` trait
+    (what the frontend shows, and what a test can read) rather than a side effect of printing."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return {"output_type": "display_data", "metadata": {},
+            "data": {"image/png": base64.b64encode(buf.getvalue()).decode("ascii"), "text/plain": repr(fig)}}
+
+
+def _text_output(text: str) -> dict:
+    return {"output_type": "stream", "name": "stdout", "text": text + "\n"}
+
+
+def _show_static(widget, static: bool | None) -> None:
+    if static is None:
+        static = not widget_frontend_connected()
+    if static and widget.figures:
+        from IPython.display import Image, display
+
+        # As PNG, not the Figure: a bare Figure (never registered with pyplot) has no image repr.
+        display(*(Image(data=base64.b64decode(_png_output(f)["data"]["image/png"]), format="png")
+                  for f in widget.figures))
+
+
+def _make_retrieval_browser(runs_dir, k: int):
+    import ipywidgets as w
+
+    class RetrievalBrowser(w.VBox):
+        """Pick a run and a query; see the query's top-k neighbours, hits framed green."""
+
+        def __init__(self):
+            self.runs = {s.name: s for s in list_finished_runs(runs_dir)}
+            self.k = k
+            self._cache: dict[str, RunRetrieval] = {}
+            self.figures: list = []
+            self.current: QueryRetrieval | None = None
+            self.run_picker = w.Dropdown(options=[(s.label, s.name) for s in self.runs.values()],
+                                         description="run", layout=w.Layout(width="420px"))
+            self.worst = w.ToggleButton(value=False, description="worst queries first", icon="sort-amount-asc",
+                                        layout=w.Layout(width="auto"), tooltip="order the slider by average precision, lowest first")
+            self.slider = w.IntSlider(value=0, min=0, max=0, description="query", continuous_update=False,
+                                      layout=w.Layout(width="420px"))
+            self.info = w.HTML()
+            self.output = w.Output()
+            super().__init__([w.HBox([self.run_picker, self.worst]), self.slider, self.info, self.output])
+            self.run_picker.observe(self._on_run, names="value")
+            self.worst.observe(self._on_worst, names="value")
+            self._quiet = False
+            self.slider.observe(lambda _: None if self._quiet else self.update(), names="value")
+            self._on_run()
+
+        @property
+        def retrieval(self) -> RunRetrieval:
+            name = self.run_picker.value
+            if name not in self._cache:
+                self._cache[name] = load_retrieval(self.runs[name], self.k)
+            return self._cache[name]
+
+        def query_row(self) -> int:
+            """The query row shown: the slider value, or with "worst" the value-th worst query."""
+            if self.worst.value:
+                return int(self.retrieval.worst()[self.slider.value])
+            return int(self.slider.value)
+
+        def _on_run(self, _=None):
+            self._reset_slider()
+
+        def _on_worst(self, _=None):
+            self._reset_slider()
+
+        def _reset_slider(self):
+            try:
+                n = len(self.retrieval.worst()) if self.worst.value else self.retrieval.n_queries
+            except NbsrcError as e:
+                return self._fail(e)
+            self.slider.description = "worst #" if self.worst.value else "query"
+            self._quiet = True  # one redraw below, not one per slider change
+            try:
+                self.slider.max = max(n - 1, 0)
+                self.slider.value = 0 if self.worst.value else min(self.slider.value, self.slider.max)
+            finally:
+                self._quiet = False
+            self.update()
+
+        def _fail(self, e: Exception):
+            self.figures, self.current = [], None
+            self.info.value = ""
+            self.output.outputs = (_text_output(f"error: {e}"),)
+
+        def update(self):
+            """Redraw for the current run, query and mode."""
+            try:
+                rr = self.retrieval
+                q = self.query_row()
+                self.current = retrieval_for_query(rr, q, self.k)
+            except (NbsrcError, IndexError) as e:
+                return self._fail(e)
+            hits = self.current.hits
+            ap = f", AP {rr.average_precision[q]:.2f}" if self.worst.value else ""
+            self.info.value = (f"query {q} of {rr.n_queries} (label {self.current._name(self.current.query_label)}"
+                               f"{ap}): {int(hits.sum())} of {len(hits)} neighbours correct")
+            fig = self.current.figure()
+            self.figures = [fig]
+            self.output.outputs = (_png_output(fig),)
+
+    return RetrievalBrowser()
+
+
+def retrieval_browser(runs_dir: str | Path = "runs", k: int = 8, static: bool | None = None):
+    """A widget to browse the retrievals of the finished runs of ``runs_dir``: a run picker
+    (``run_picker``), a query slider (``slider``) and a "worst queries first" toggle (``worst``,
+    slider = rank by average precision, lowest first); the output shows the query and its top
+    ``k`` neighbours framed green (same label) or red (:func:`retrieval_for_query`).
+
+    The returned ``ipywidgets.VBox`` also holds ``current`` (the :class:`QueryRetrieval` shown)
+    and ``figures`` (the figure shown). ``static``: also display the default view as a plain
+    figure; ``None`` does so only when no widget frontend is connected (papermill)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"k={k!r} is invalid: expected the number of neighbours to show, an integer >= 1")
+    browser = _make_retrieval_browser(runs_dir, int(k))
+    _show_static(browser, static)
+    return browser
+
+
+def _make_spectrum_explorer(runs_dir, max_negatives, default: int):
+    import ipywidgets as w
+
+    class SpectrumExplorer(w.VBox):
+        """Pick several runs; see their PCA energy curves and similarity histograms together."""
+
+        def __init__(self):
+            self.runs = {s.name: s for s in list_finished_runs(runs_dir)}
+            self._cache: dict[str, tuple] = {}
+            self.figures: list = []
+            names = list(self.runs)
+            self.picker = w.SelectMultiple(options=[(s.label, s.name) for s in self.runs.values()],
+                                           value=tuple(names[:default]), rows=min(8, len(names)),
+                                           description="runs", layout=w.Layout(width="520px"))
+            self.output = w.Output()
+            super().__init__([w.HTML("Select several runs (Ctrl/Shift-click) to overlay them."),
+                              self.picker, self.output])
+            self.picker.observe(lambda _: self.update(), names="value")
+            self.update()
+
+        def _data(self, name: str):
+            if name not in self._cache:
+                curves, sims = spectrum_data([self.runs[name]], max_negatives)
+                (label, curve), (pair,) = next(iter(curves.items())), sims.values()
+                self._cache[name] = (label, curve, pair)
+            return self._cache[name]
+
+        def update(self):
+            """Redraw for the current selection."""
+            if not self.picker.value:
+                self.figures = []
+                self.output.outputs = (_text_output("select one or more runs"),)
+                return
+            try:
+                picked = [self._data(n) for n in self.picker.value]
+                curves = {label: curve for label, curve, _ in picked}
+                sims = {label: pair for label, _, pair in picked}
+                self.figures = [plot_cumulative_energy(curves), plot_similarity_histograms(sims)]
+            except NbsrcError as e:
+                self.figures = []
+                self.output.outputs = (_text_output(f"error: {e}"),)
+                return
+            self.output.outputs = tuple(_png_output(f) for f in self.figures)
+
+    return SpectrumExplorer()
+
+
+def spectrum_explorer(runs_dir: str | Path = "runs", max_negatives: int | None = 200_000, default: int = 3,
+                      static: bool | None = None):
+    """A widget to compare finished runs of ``runs_dir``: a multiple-choice run picker (``picker``,
+    labels give λ and β; the first ``default`` runs selected) and, for the selection, the
+    cumulative PCA energy curves (IRT Fig. 2) and positive / negative similarity histograms
+    (IRT Fig. 5) overlaid (:func:`spectrum_data`). The returned ``ipywidgets.VBox`` holds the
+    figures shown in ``figures``; ``static`` as in :func:`retrieval_browser`."""
+    if isinstance(default, bool) or not isinstance(default, int) or default < 1:
+        raise ConfigError(f"default={default!r} is invalid: expected how many runs to select at first, an integer >= 1")
+    explorer = _make_spectrum_explorer(runs_dir, max_negatives, default)
+    _show_static(explorer, static)
+    return explorer
