@@ -369,9 +369,19 @@ def test_demo_notebooks_run_headless(tmp_path, monkeypatch):
     run_demo(quick=True)
     table = (tmp_path / QUICK["figures_dir"] / "table3_irt.md").read_text()
     assert all(m in table for m in ("IRT_O", "IRT_L", "IRT_R"))
-    for fig in ("training_curves", "pca_cumulative_energy", "similarity_histograms", "tsne"):
+    for fig in ("training_curves", "pca_cumulative_energy", "fig3_vit_vs_convnet", "fig4_gradient_noise",
+                "similarity_histograms", "tsne", "table5_beta_lambda", "dtop_ablations"):
         for ext in ("png", "pdf"):
-            assert (tmp_path / QUICK["figures_dir"] / f"{fig}.{ext}").stat().st_size > 1000
+            assert (tmp_path / QUICK["figures_dir"] / f"{fig}.{ext}").stat().st_size > 1000, fig
+    for table in ("table4_objectives", "table6_lambda", "table9_pooling", "tableA8_k", "tableA13_fusion"):
+        assert (tmp_path / QUICK["figures_dir"] / f"{table}.md").exists(), table
+    # Figures are shown in the executed notebooks too (not only saved), as PNG outputs.
+    import nbformat
+
+    for nb in ("02_train", "03_pca_collapse", "05_similarity_histograms", "06_tsne"):
+        cells = nbformat.read(tmp_path / "runs/notebooks/quick" / f"{nb}.ipynb", as_version=4).cells
+        outputs = [o for c in cells if c.cell_type == "code" for o in c.get("outputs", [])]
+        assert any("image/png" in o.get("data", {}) for o in outputs), nb
 
 
 def test_notebook_kernel_is_this_interpreter(tmp_path, monkeypatch):
