@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from nbsrc.bench import write_section
 from nbsrc.bench.__main__ import main as bench_main
 from nbsrc.bench.eval import bench_eval, parse_size, results_markdown
-from nbsrc.bench.train import bench_train, inline_koleo
+from nbsrc.bench.train import bench_train, inline_koleo, interleave
 from nbsrc.errors import ConfigError
 from nbsrc.losses import koleo_loss
 
@@ -41,12 +41,38 @@ def test_train_bench_reports_consistent_ratios(tmp_path):
     r = bench_train(**TINY_TRAIN)
     tp = r["img_per_s"]
     assert set(tp) == {"nbsrc", "reference", "bare"}
-    assert all(len(v) == 2 and all(x > 0 and math.isfinite(x) for x in v) for v in r["img_per_s_per_repeat"].values())
-    for name, per_repeat in r["img_per_s_per_repeat"].items():
-        assert tp[name] == pytest.approx(float(np.median(per_repeat)))
+    assert all(len(v) == 2 and all(t > 0 and math.isfinite(t) for t in v) for v in r["step_s"].values())
+    for name, step_s in r["step_s"].items():
+        assert tp[name] == pytest.approx(TINY_TRAIN["batch"] / float(np.median(step_s)))
     assert r["ratio_nbsrc_over_reference"] == pytest.approx(tp["nbsrc"] / tp["reference"])
     assert r["overhead_vs_bare"] == pytest.approx(1 - tp["nbsrc"] / tp["bare"])
     assert r["switches"] is None and r["device"] == "cpu" and r["amp"] is False  # no switches, no AMP on CPU
+
+
+def test_interleave_times_one_step_at_a_time_in_turn_on_the_same_batches():
+    calls = []
+    batches = [(i,) for i in range(5)]
+    runners = {name: (lambda b, name=name: calls.append((name, b)), batches) for name in "ABC"}
+    step_s = interleave(runners, torch.device("cpu"), warmup=2, n=3)
+    assert calls[:6] == [(n, b) for n in "ABC" for b in (0, 1)]  # warm-up, untimed
+    assert calls[6:] == [(n, b) for b in (2, 3, 4) for n in "ABC"]  # A B C A B C A B C
+    assert {k: len(v) for k, v in step_s.items()} == {"A": 3, "B": 3, "C": 3}
+
+
+def test_nbsrc_method_runs_the_loops_own_train_step(monkeypatch):
+    from nbsrc.bench import train as bench_train_module
+    from nbsrc.train import loop
+
+    assert bench_train_module.train_step is loop.train_step
+    calls = []
+
+    def counted(*a, **k):
+        calls.append(k["it"])
+        return loop.train_step(*a, **k)
+
+    monkeypatch.setattr(bench_train_module, "train_step", counted)
+    bench_train(**TINY_TRAIN)
+    assert calls == [0, 1, 2]  # 1 warm-up + steps × repeats = 2 timed steps
 
 
 def test_train_switches_need_cuda():
@@ -65,6 +91,14 @@ def test_train_cli_writes_its_section_with_the_ratio(tmp_path):
     assert "## train" in text and "nbsrc / reference" in text and "tiny test" in text and "torch " in text
     row = next(line for line in text.splitlines() if line.startswith("| ") and ">= 1.0" in line)
     assert float(row.split("|")[1]) > 0
+
+
+def test_train_cli_threads_default_to_torchs_count_and_must_be_positive(tmp_path):
+    from nbsrc.bench.__main__ import build_parser
+
+    assert build_parser().parse_args(["train"]).threads == torch.get_num_threads()
+    assert bench_main(["train", "--threads", "0", "--results", str(tmp_path / "R.md")]) == 2
+    assert not (tmp_path / "R.md").exists()
 
 
 # ----------------------------------------------------------------------------- eval

@@ -1,28 +1,33 @@
 """Training throughput of nbsrc's step against a direct reference loop and the bare backbone.
 
-Three methods take turns on the same machine within one run, ``steps`` steps each, ``repeats``
-times (A B C A B C ...), after ``warmup`` untimed steps each:
+Three methods take turns step by step on the same machine within one run (A B C A B C ...), each
+step timed on its own with ``time.perf_counter`` (CUDA synchronised before and after), on the same
+pre-generated batches, after ``warmup`` untimed steps each; ``steps × repeats`` timed steps per
+method. Data loading is outside the timed step (the batches sit on the CPU, as a DataLoader hands
+them over; the copy to the device is inside, as in the loop).
 
-- **nbsrc**: the step of :func:`nbsrc.train.loop.train`: :func:`~nbsrc.models.model_from_config`,
-  :func:`~nbsrc.losses.build_loss` (contrastive, IRT eq. 1, over batch × batch and batch × XBM
-  memory, + λ · KoLeo, eq. 5), :func:`~nbsrc.train.loop.build_optimizer`, the warm-up/cosine
-  scheduler, gradient clipping, the finiteness check and the memory enqueue, in the loop's order.
+- **nbsrc**: :func:`nbsrc.train.loop.train_step`, the loop's own step, on a
+  :func:`~nbsrc.models.model_from_config` model with :func:`~nbsrc.losses.build_loss` (contrastive,
+  IRT eq. 1, over batch × batch and batch × XBM memory, + λ · KoLeo, eq. 5),
+  :func:`~nbsrc.train.loop.build_optimizer` and the warm-up/cosine scheduler: forward, loss, the
+  finiteness check, backward, gradient clipping, optimiser and scheduler step, memory enqueue.
 - **reference**: the same timm backbone written the most direct way, with
   ``pytorch_metric_learning``'s ``ContrastiveLoss(pos_margin=1, neg_margin=beta,
   distance=CosineSimilarity())`` inside its ``CrossBatchMemory``, KoLeo written inline, the same
   optimiser, clipping and precision.
 - **bare**: the backbone's forward + backward + optimiser step with a trivial loss (mean square).
 
-Reported: ``ratio = nbsrc / reference`` img/s (target >= 1) and ``overhead = 1 − nbsrc / bare``
-(target <= 5% on CPU), medians over the repeats. On CUDA the execution switches (bf16 autocast,
-fused AdamW, pinned memory + non_blocking, DataLoader workers, torch.compile) are each turned off
-from the baseline and the nbsrc step's speed-up ``on / off`` is reported.
+Reported: median img/s per method (``batch / median step time``), ``ratio = nbsrc / reference``
+(target >= 1) and ``overhead = 1 − nbsrc / bare`` (target <= 5% on CPU). On CUDA the execution
+switches (bf16 autocast, fused AdamW, pinned memory + non_blocking, torch.compile) are each turned
+off from the baseline and the nbsrc step's speed-up ``on / off`` is reported the same way.
 
     python -m nbsrc.bench train --batch 64 --steps 3 --repeats 5 --threads 1
 """
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 
@@ -33,11 +38,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from nbsrc.config import ExperimentConfig
 from nbsrc.data import MPerClassBatchSampler
-from nbsrc.errors import ConfigError, NonFiniteLossError
+from nbsrc.errors import ConfigError
 from nbsrc.losses import CrossBatchMemory, build_loss
 from nbsrc.models import model_from_config
 from nbsrc.train import distributed
-from nbsrc.train.loop import amp_settings, build_optimizer, lr_factor, resolve_device
+from nbsrc.train.loop import StepParts, amp_settings, build_optimizer, lr_factor, resolve_device, train_step
 
 METHODS = ("nbsrc", "reference", "bare")
 
@@ -60,11 +65,14 @@ class SyntheticImages(Dataset):
         return (self.images[i].float() / 255.0 - 0.5) / 0.25, int(self.labels[i]), int(i)
 
 
-def _batches(cfg: ExperimentConfig, ds: SyntheticImages, pin: bool, total_steps: int):
-    sampler = MPerClassBatchSampler(ds.labels, cfg.batch_size, cfg.m_per_class, total_steps, cfg.seed)
-    loader = DataLoader(ds, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=pin,
-                        persistent_workers=cfg.num_workers > 0)
-    return iter(loader)
+def make_batches(cfg: ExperimentConfig, ds: SyntheticImages, n: int) -> list[tuple[torch.Tensor, ...]]:
+    """``n`` batches ``(x, y, idx)`` of the m-per-class sampler, drawn once and shared by every method."""
+    sampler = MPerClassBatchSampler(ds.labels, cfg.batch_size, cfg.m_per_class, n, cfg.seed)
+    return [tuple(b) for b in DataLoader(ds, batch_sampler=sampler)]
+
+
+def _pinned(batches: list[tuple[torch.Tensor, ...]]) -> list[tuple[torch.Tensor, ...]]:
+    return [tuple(t.pin_memory() for t in b) for b in batches]
 
 
 def _unit(n: int, dim: int, gen: torch.Generator) -> torch.Tensor:
@@ -73,58 +81,40 @@ def _unit(n: int, dim: int, gen: torch.Generator) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- the three steps
 class NbsrcStep:
-    """The body of :func:`nbsrc.train.loop.train`'s loop, statement for statement (logging and
-    checkpointing aside). The loop has no reusable step function, so its pieces are called here in
-    the same order."""
+    """:func:`nbsrc.train.loop.train_step`, the body of the training loop (logging and checkpointing
+    aside), on parts built as :func:`~nbsrc.train.loop.train` builds them."""
 
     def __init__(self, cfg: ExperimentConfig, device: torch.device, n_train: int):
         torch.manual_seed(cfg.seed)
-        self.cfg, self.device = cfg, device
-        self.model = model_from_config(cfg).to(device).train()
-        classes = list(range(n_train))
-        self.criterion = build_loss(cfg, self.model.feature_dim, classes).to(device)
-        self.optimizer = build_optimizer(cfg, list(self.model.parameters()) + list(self.criterion.parameters()))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: lr_factor(cfg, it))
-        self.amp_on, self.amp_dtype = amp_settings(cfg, device)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_on and self.amp_dtype == torch.float16)
-        self.memory = CrossBatchMemory(cfg.memory_size, self.model.feature_dim, device) if cfg.memory_size else None
-        self.net = distributed.wrap_ddp(self.model, device)
+        self.cfg, self.it = cfg, 0
+        model = model_from_config(cfg).to(device).train()
+        criterion = build_loss(cfg, model.feature_dim, list(range(n_train))).to(device)
+        optimizer = build_optimizer(cfg, list(model.parameters()) + list(criterion.parameters()))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
+        amp_on, amp_dtype = amp_settings(cfg, device)
+        scaler = torch.amp.GradScaler("cuda", enabled=amp_on and amp_dtype == torch.float16)
+        memory = CrossBatchMemory(cfg.memory_size, model.feature_dim, device) if cfg.memory_size else None
+        ema = copy.deepcopy(model).requires_grad_(False) if cfg.momentum is not None else None
+        net = distributed.wrap_ddp(model, device)
         if cfg.compile and device.type == "cuda":
-            self.net = torch.compile(self.net)
-        self.pin = cfg.pin_memory and device.type == "cuda"
+            net = torch.compile(net)
+        pin = cfg.pin_memory and device.type == "cuda"
+        self.parts = StepParts(model, net, criterion, optimizer, scheduler, scaler, memory, ema, device, amp_on,
+                               amp_dtype, pin)
 
     def prefill(self, gen: torch.Generator, n_classes: int, first_index: int) -> None:
         """Fill the memory with random unit vectors (dataset indices >= ``first_index``, so no
         batch sample is masked as its own copy), as it is after the first iterations."""
-        if self.memory is not None:
-            m = self.memory.size
-            self.memory.enqueue(_unit(m, self.memory.dim, gen).to(self.device),
-                                torch.randint(0, n_classes, (m,), generator=gen).to(self.device),
-                                torch.arange(first_index, first_index + m).to(self.device))
+        memory, device = self.parts.memory, self.parts.device
+        if memory is not None:
+            m = memory.size
+            memory.enqueue(_unit(m, memory.dim, gen).to(device),
+                           torch.randint(0, n_classes, (m,), generator=gen).to(device),
+                           torch.arange(first_index, first_index + m).to(device))
 
     def __call__(self, x, y, idx) -> None:
-        cfg, device, pin, memory = self.cfg, self.device, self.pin, self.memory
-        x = x.to(device, non_blocking=pin)
-        y, idx = y.to(device, non_blocking=pin), idx.to(device, non_blocking=pin)
-        with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_on):
-            z_local = self.net(x).float()
-        z = distributed.gather_with_grad(z_local)
-        y_all, idx_all = distributed.gather(y), distributed.gather(idx)
-        ref = memory.get() if memory is not None and len(memory) else (None, None, None)
-        terms = self.criterion(z, y_all, ref[0], ref[1], idx_all, ref[2])
-        total = terms["total"]
-        if not torch.isfinite(total):
-            raise NonFiniteLossError(f"bench: loss is not finite ({float(total)}); lower lr")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        if cfg.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        if memory is not None:
-            memory.enqueue(z.detach(), y_all, idx_all)
+        train_step(self.cfg, self.parts, x, y, idx, it=self.it)
+        self.it += 1
 
 
 def _timm_backbone(cfg: ExperimentConfig, device: torch.device) -> torch.nn.Module:
@@ -218,45 +208,48 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _alternate(runners: dict, device: torch.device, batch: int, steps: int, repeats: int, warmup: int) -> dict:
-    """``{name: [img/s per repeat]}``; each runner is ``(step, batch_iterator)``; blocks of
-    ``steps`` steps alternate between runners, after ``warmup`` untimed steps each."""
+def interleave(runners: dict, device: torch.device, warmup: int, n: int) -> dict[str, list[float]]:
+    """``{name: [seconds of each timed step]}``. ``runners`` is ``{name: (step, batches)}``; all take
+    ``warmup`` untimed steps, then step ``i`` of every runner in turn (A B C A B C ...), each timed on
+    its own, on ``batches[warmup + i]`` for ``i < n``."""
     for step, batches in runners.values():
-        for _ in range(warmup):
-            step(*next(batches))
+        for i in range(warmup):
+            step(*batches[i])
     _sync(device)
     out = {name: [] for name in runners}
-    for _ in range(repeats):
+    for i in range(warmup, warmup + n):
         for name, (step, batches) in runners.items():
             _sync(device)
             t0 = time.perf_counter()
-            for _ in range(steps):
-                step(*next(batches))
+            step(*batches[i])
             _sync(device)
-            out[name].append(steps * batch / (time.perf_counter() - t0))
+            out[name].append(time.perf_counter() - t0)
     return out
 
 
-def _setup(kind: str, cfg: ExperimentConfig, device: torch.device, ds: SyntheticImages, n_classes: int, total: int):
+def _setup(kind: str, cfg: ExperimentConfig, device: torch.device, n_classes: int, first_index: int):
     step = {"nbsrc": lambda: NbsrcStep(cfg, device, n_classes),
             "reference": lambda: ReferenceStep(cfg, device),
             "bare": lambda: BareStep(cfg, device)}[kind]()
-    step.prefill(torch.Generator().manual_seed(cfg.seed + 1), n_classes, len(ds))
-    return step, _batches(cfg, ds, cfg.pin_memory and device.type == "cuda", total)
+    step.prefill(torch.Generator().manual_seed(cfg.seed + 1), n_classes, first_index)
+    return step
 
 
 def _switch_variants(cfg: ExperimentConfig) -> dict:
     """The baseline (every switch on, compile as requested) and one variant per switch turned off
-    (workers: 0 vs the baseline's; compile: toggled)."""
-    base = cfg.replace(amp=True, fused_optimizer=True, pin_memory=True, num_workers=max(cfg.num_workers, 4))
+    (compile: toggled). DataLoader workers are not among them: loading is outside the timed step."""
+    base = cfg.replace(amp=True, fused_optimizer=True, pin_memory=True)
     return {
         "baseline": base,
         "bf16 autocast": base.replace(amp=False),
         "fused AdamW": base.replace(fused_optimizer=False),
         "pinned memory + non_blocking": base.replace(pin_memory=False),
-        f"DataLoader workers ({base.num_workers})": base.replace(num_workers=0),
         "torch.compile": base.replace(compile=not base.compile),
     }
+
+
+def _img_per_s(batch: int, step_s: dict[str, list[float]]) -> dict[str, float]:
+    return {name: batch / statistics.median(t) for name, t in step_s.items()}
 
 
 def bench_train(
@@ -274,14 +267,14 @@ def bench_train(
     device: str = "auto",
     amp: bool = True,
     compile: bool = False,
-    num_workers: int = 0,
     pin_memory: bool = True,
     fused_optimizer: bool = True,
     switches: bool | None = None,
     seed: int = 0,
 ) -> dict:
-    """Median img/s of the three methods (see the module docstring), their ratios and, when
-    ``switches`` (default: on CUDA), the speed-up of each execution switch of the nbsrc step."""
+    """Median img/s of the three methods (see the module docstring) over ``steps × repeats``
+    interleaved, individually timed steps each, their ratios and, when ``switches`` (default: on
+    CUDA), the speed-up of each execution switch of the nbsrc step."""
     if steps < 1 or repeats < 1 or warmup < 0:
         raise ConfigError(f"steps={steps}, repeats={repeats}, warmup={warmup}: need steps >= 1, repeats >= 1, warmup >= 0")
     dev = resolve_device(device)
@@ -290,29 +283,36 @@ def bench_train(
     cfg = ExperimentConfig(
         name="bench_train", backbone=model, img_size=img_size, patch_size=patch_size, batch_size=batch,
         m_per_class=m_per_class, memory_size=memory_size, lam=lam, beta=beta, loss="contrastive", device=str(dev),
-        amp=amp, compile=compile, num_workers=num_workers, pin_memory=pin_memory, fused_optimizer=fused_optimizer,
+        amp=amp, compile=compile, num_workers=0, pin_memory=pin_memory, fused_optimizer=fused_optimizer,
         iterations=10**6, warmup_iters=0, progress=False, seed=seed,
     )
     cfg.validate()
     n_classes = max(2 * batch // m_per_class, 8)
     ds = SyntheticImages(max(4 * batch, n_classes * m_per_class * 2), n_classes, img_size, seed)
-    total = warmup + steps * repeats
-    runners = {kind: _setup(kind, cfg, dev, ds, n_classes, total) for kind in METHODS}
-    per_repeat = _alternate(runners, dev, batch, steps, repeats, warmup)
-    med = {k: statistics.median(v) for k, v in per_repeat.items()}
+    n = steps * repeats
+    plain = make_batches(cfg, ds, warmup + n)
+    on_cuda = dev.type == "cuda"
+    pinned = _pinned(plain) if on_cuda else None  # what a pin_memory DataLoader hands over
+
+    def batches_for(c: ExperimentConfig):
+        return pinned if c.pin_memory and on_cuda else plain
+
+    runners = {kind: (_setup(kind, cfg, dev, n_classes, len(ds)), batches_for(cfg)) for kind in METHODS}
+    step_s = interleave(runners, dev, warmup, n)
+    med = _img_per_s(batch, step_s)
     out = {
         "model": model, "img_size": img_size, "patch_size": patch_size, "batch": batch, "steps": steps,
         "repeats": repeats, "warmup": warmup, "memory_size": memory_size, "lam": lam, "beta": beta,
-        "device": str(dev), "amp": amp_settings(cfg, dev)[0], "compile": compile and dev.type == "cuda",
-        "img_per_s": med, "img_per_s_per_repeat": per_repeat,
+        "device": str(dev), "amp": amp_settings(cfg, dev)[0], "compile": compile and on_cuda,
+        "img_per_s": med, "step_s": step_s,
         "ratio_nbsrc_over_reference": med["nbsrc"] / med["reference"],
         "overhead_vs_bare": 1.0 - med["nbsrc"] / med["bare"],
         "switches": None,
     }
-    if switches if switches is not None else dev.type == "cuda":
+    if switches if switches is not None else on_cuda:
         variants = _switch_variants(cfg)
-        runners = {name: _setup("nbsrc", c, dev, ds, n_classes, total) for name, c in variants.items()}
-        sw = {k: statistics.median(v) for k, v in _alternate(runners, dev, batch, steps, repeats, warmup).items()}
+        runners = {name: (_setup("nbsrc", c, dev, n_classes, len(ds)), batches_for(c)) for name, c in variants.items()}
+        sw = _img_per_s(batch, interleave(runners, dev, warmup, n))
         base = sw.pop("baseline")
         out["switches"] = {"baseline_img_per_s": base,
                            "speedup_on_over_off": {name: base / v for name, v in sw.items()},
@@ -328,8 +328,10 @@ def results_markdown(r: dict, info: dict, note: str = "") -> str:
     s = (machine_lines(info, note)
          + f"- setup: {r['model']}, img {r['img_size']}, patch {r['patch_size']}, batch {r['batch']}, "
          f"XBM memory {r['memory_size']}, KoLeo λ={r['lam']}, β={r['beta']}, device {r['device']}, "
-         f"amp {r['amp']}, compile {r['compile']}, torch threads {r.get('threads', torch.get_num_threads())}; {r['repeats']} repeats × {r['steps']} steps per method, "
-         f"alternating, {r['warmup']} warm-up steps excluded; medians\n\n"
+         f"amp {r['amp']}, compile {r['compile']}, torch threads {r.get('threads', torch.get_num_threads())}; "
+         f"{r['repeats'] * r['steps']} steps per method, "
+         f"interleaved step by step and timed one by one on the same batches, {r['warmup']} warm-up steps excluded; "
+         "img/s = batch / median step time\n\n"
          "| nbsrc / reference (img/s) | target | overhead 1 − nbsrc / bare | target |\n|---|---|---|---|\n"
          f"| {ratio:.3f} | >= 1.0 | {100 * over:.1f}% | <= 5% (CPU) |\n\n"
          f"Reading: nbsrc's step runs at {ratio:.2f}x the speed of the direct pytorch-metric-learning loop "
@@ -348,8 +350,9 @@ def add_arguments(p) -> None:
     p.add_argument("--patch-size", type=int, default=7)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--m-per-class", type=int, default=4)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per block")
-    p.add_argument("--repeats", type=int, default=5, help="blocks per method; the median is reported")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed steps per method = steps x repeats, interleaved; the median step time is reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per method before timing")
     p.add_argument("--memory-size", type=int, default=1024)
     p.add_argument("--lam", type=float, default=0.7)
@@ -357,8 +360,8 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="torch.set_num_threads (default: %(default)s, torch's current count)")
     p.add_argument("--switches", action=argparse.BooleanOptionalAction, default=None,
                    help="measure each CUDA execution switch on/off (default: on CUDA)")
 
@@ -368,10 +371,11 @@ def run(a, results_path=None, note: str = "") -> dict:
 
     from nbsrc.bench import RESULTS_PATH, machine_info, write_section
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    if a.threads < 1:
+        raise ConfigError(f"--threads {a.threads}: need at least 1 thread")
+    torch.set_num_threads(a.threads)
     r = bench_train(a.model, a.img_size, a.patch_size, a.batch, a.m_per_class, a.steps, a.repeats, a.warmup,
-                    a.memory_size, a.lam, a.beta, a.device, a.amp, a.compile, a.num_workers, switches=a.switches)
+                    a.memory_size, a.lam, a.beta, a.device, a.amp, a.compile, switches=a.switches)
     r["threads"] = torch.get_num_threads()
     print(json.dumps(r, indent=2))
     write_section("train", results_markdown(r, machine_info(), note), results_path or RESULTS_PATH)

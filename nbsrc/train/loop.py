@@ -14,6 +14,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,85 @@ def _momentum_update(ema: torch.nn.Module, model: torch.nn.Module, m: float) -> 
         pe.mul_(m).add_(p.detach(), alpha=1 - m)
     for be, b in zip(ema.buffers(), model.buffers()):
         be.copy_(b)
+
+
+@dataclass
+class StepParts:
+    """What one training step reads and updates; :func:`train` builds it, a benchmark may too."""
+
+    model: torch.nn.Module  # the plain model: clipping, the momentum update
+    net: torch.nn.Module  # what the forward runs: ``model`` or its DDP / compiled wrapper
+    criterion: RetrievalLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    memory: CrossBatchMemory | None  # XBM; None when ``cfg.memory_size == 0``
+    ema: torch.nn.Module | None  # momentum encoder of the memory keys; None when ``cfg.momentum`` is None
+    device: torch.device
+    amp_on: bool
+    amp_dtype: torch.dtype
+    pin: bool  # batches are pinned: copy them non-blocking
+
+
+def train_step(
+    cfg: ExperimentConfig,
+    parts: StepParts,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    idx: torch.Tensor,
+    *,
+    it: int = 0,
+    grad_noise: bool = False,
+    run_dir: str | Path | None = None,
+) -> tuple[dict[str, torch.Tensor], float | None]:
+    """One iteration of :func:`train` on this rank's batch ``(x, y, idx)``; returns the loss terms
+    (``"total"`` among them) and the gradient noise (IRT Fig. 4) when ``grad_noise``, else None.
+
+    Moves the batch to the device, forwards it (autocast), gathers the global batch (DDP), computes
+    the loss over batch × batch and batch × memory, raises :class:`~nbsrc.errors.NonFiniteLossError`
+    on a NaN/inf loss (``it`` and ``run_dir`` go into its message), backward (GradScaler), clips,
+    steps optimizer, scaler and scheduler, then enqueues the batch into the memory: the momentum
+    encoder's keys after its update when there is one, else the batch's own embeddings.
+    """
+    device, pin, memory, ema = parts.device, parts.pin, parts.memory, parts.ema
+    x = x.to(device, non_blocking=pin)
+    y, idx = y.to(device, non_blocking=pin), idx.to(device, non_blocking=pin)
+    with torch.autocast(device.type, dtype=parts.amp_dtype, enabled=parts.amp_on):
+        z_local = parts.net(x).float()  # l2-normalised; the PCA is fitted only after training
+    z = distributed.gather_with_grad(z_local)
+    y_all, idx_all = distributed.gather(y), distributed.gather(idx)
+    ref = memory.get() if memory is not None and len(memory) else (None, None, None)
+    terms = parts.criterion(z, y_all, ref[0], ref[1], idx_all, ref[2])
+    total = terms["total"]
+    if not torch.isfinite(total):
+        vals = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+        kept = f"the last good checkpoint in {run_dir} is kept: " if run_dir is not None else ""
+        raise NonFiniteLossError(
+            f"loss is not finite at iteration {it} ({vals}); {kept}lower lr, enable grad_clip, or check the data"
+        )
+    noise = None
+    if grad_noise:
+        main_key = next(k for k in terms if k not in ("koleo", "total"))
+        (g,) = torch.autograd.grad(terms[main_key], z, retain_graph=True)
+        noise = gradient_noise(g)
+    optimizer, scaler = parts.optimizer, parts.scaler
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    if cfg.grad_clip is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(parts.model.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    parts.scheduler.step()
+    if memory is not None:
+        if ema is not None:
+            _momentum_update(ema, parts.model, cfg.momentum)
+            with torch.no_grad(), torch.autocast(device.type, dtype=parts.amp_dtype, enabled=parts.amp_on):
+                keys = distributed.gather(ema(x).float())
+            memory.enqueue(keys, y_all, idx_all)
+        else:
+            memory.enqueue(z.detach(), y_all, idx_all)
+    return terms, noise
 
 
 def train(
@@ -142,6 +222,7 @@ def train(
     if cfg.compile and device.type == "cuda":  # a no-op on CPU; checkpoints keep the plain model's keys
         net = torch.compile(net)
     pin = cfg.pin_memory and device.type == "cuda"  # pinned batches + non-blocking copies (CUDA only)
+    parts = StepParts(model, net, criterion, optimizer, scheduler, scaler, memory, ema, device, amp_on, amp_dtype, pin)
 
     # Every rank draws the same global batch and takes its own slice of it. cfg.sampler picks
     # m-per-class square crops or group-size batches of one image size (DToP Table A12).
@@ -160,44 +241,10 @@ def train(
     for x, y, idx in loader:
         if it >= end:
             break
-        x = x.to(device, non_blocking=pin)
-        y, idx = y.to(device, non_blocking=pin), idx.to(device, non_blocking=pin)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_on):
-            z_local = net(x).float()  # l2-normalised; the PCA is fitted only after training
-        z = distributed.gather_with_grad(z_local)
-        y_all, idx_all = distributed.gather(y), distributed.gather(idx)
-        ref = memory.get() if memory is not None and len(memory) else (None, None, None)
-        terms = criterion(z, y_all, ref[0], ref[1], idx_all, ref[2])
-        total = terms["total"]
-        if not torch.isfinite(total):
-            vals = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
-            raise NonFiniteLossError(
-                f"loss is not finite at iteration {it} ({vals}); the last good checkpoint in {run_dir} is kept: "
-                "lower lr, enable grad_clip, or check the data"
-            )
-        noise = None
-        if cfg.record_grad_noise and ((it + 1) % max(cfg.log_every, 1) == 0 or it + 1 == end):
-            main_key = next(k for k in terms if k not in ("koleo", "total"))
-            (g,) = torch.autograd.grad(terms[main_key], z, retain_graph=True)
-            noise = gradient_noise(g)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        if cfg.grad_clip is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        if memory is not None:
-            if ema is not None:
-                _momentum_update(ema, model, cfg.momentum)
-                with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_on):
-                    keys = distributed.gather(ema(x).float())
-                memory.enqueue(keys, y_all, idx_all)
-            else:
-                memory.enqueue(z.detach(), y_all, idx_all)
+        want_noise = cfg.record_grad_noise and ((it + 1) % max(cfg.log_every, 1) == 0 or it + 1 == end)
+        terms, noise = train_step(cfg, parts, x, y, idx, it=it, grad_noise=want_noise, run_dir=run_dir)
         it += 1
-        seen += len(y_all)
+        seen += len(y) * dinfo.world_size  # the global batch
         bar.update(1)
         if dinfo.is_main and (it % max(cfg.log_every, 1) == 0 or it == end):
             now = time.perf_counter()
