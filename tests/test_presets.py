@@ -220,8 +220,8 @@ def test_preset_table_has_one_row_per_preset_and_the_papers_numbers():
                     assert f"{v:g}" in row
 
 
-def test_docs_table_is_the_generated_one():
-    text = (PRESETS_DIR.parent.parent / "docs" / "presets.md").read_text()
+def test_readme_table_is_the_generated_one():
+    text = (PRESETS_DIR.parent.parent / "README.md").read_text()
     assert preset_table() in text
 
 
