@@ -262,9 +262,11 @@ def _final_weights(run_dir):
     return torch.load(run_dir / "checkpoint.pt", weights_only=False)
 
 
-def test_kill_and_resume_gives_identical_weights(tiny_cfg):
+@pytest.mark.parametrize("momentum", [None, 0.9], ids=["no-momentum", "momentum-encoder"])
+def test_kill_and_resume_gives_identical_weights(tiny_cfg, momentum):
     from nbsrc.experiment import run_experiment
 
+    tiny_cfg = tiny_cfg.replace(momentum=momentum)  # 0.9: the memory is filled by a momentum encoder
     full = run_experiment(tiny_cfg.replace(name="full"), mode="new")
     part = tiny_cfg.replace(name="part")
     run_experiment(part, mode="new", stop_after=4)  # "killed" after iteration 4 (checkpoint at 3 and 4)
@@ -276,6 +278,10 @@ def test_kill_and_resume_gives_identical_weights(tiny_cfg):
     assert full.results["R@1"] == resumed.results["R@1"]
     iters = [r["iteration"] for r in resumed.metrics("train")]
     assert iters == sorted(set(iters))  # rows after the checkpoint were not logged twice
+    if momentum is not None:  # the encoder is part of the checkpoint, and it lags the model
+        ema_full, ema_res = _final_weights(full.run_dir)["ema"], _final_weights(resumed.run_dir)["ema"]
+        assert set(ema_full) == set(a) and all(torch.equal(ema_full[k], ema_res[k]) for k in a)
+        assert any(not torch.equal(ema_res[k], b[k]) for k in b if b[k].is_floating_point())
 
 
 def test_run_dir_is_never_overwritten(tiny_cfg):
