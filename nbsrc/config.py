@@ -47,6 +47,7 @@ class ExperimentConfig:
     eval_per_class: int | None = None  # cap on evaluation images per class (None: all)
     img_size: int = 28  # square input side after resize and crop (paper: 224)
     sampler: str = "m_per_class"  # m_per_class | group_size (DToP Table A12: batches of one image size)
+    size_variant: str | None = None  # None | "mixed": every image stretched to one of 5 aspect ratios (A12)
     # SfM-120k tuple training (IRT §4.2, Radenović et al.): per epoch, pairs_per_epoch (query, positive)
     # pairs and a negative_pool of images; negatives_per_tuple hard negatives mined with the current model
     tuples_per_batch: int = 5
@@ -208,6 +209,8 @@ class ExperimentConfig:
         for name in ("log_every", "ckpt_every", "eval_every", "num_workers"):
             if getattr(self, name) < 0:
                 bad(name, getattr(self, name), "a non-negative integer")
+        if self.size_variant not in (None, "mixed"):
+            bad("size_variant", self.size_variant, "None or 'mixed' (the mixed-size variant of DToP Table A12)")
         if self.sampler not in SAMPLERS:
             bad("sampler", self.sampler, f"one of {', '.join(SAMPLERS)}")
         for name in ("tuples_per_batch", "negatives_per_tuple", "pairs_per_epoch", "negative_pool"):

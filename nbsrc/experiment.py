@@ -245,7 +245,7 @@ DTOP_TABLES = {
     "A8": ("k",),  # last k encoder layers (eqs. 5-6)
     "A9": ("pos_embed",),  # position encoding: none | dpe | cpe (eq. 2)
     "A10": ("elm", "elm_irb", "elm_aspp", "elm_wave", "fusion"),  # ELM parts (eqs. 9-11)
-    "A12": ("sampler",),  # group-size vs fixed-size batches (on the mixed-size variant)
+    "A12": ("sampler", "size_variant"),  # group-size vs fixed-size batches, both on the mixed-size variant
     "A13": ("fusion",),  # fusion of the ELM's input and output (A14-A20)
 }
 ELM_PARTS = ("irb", "aspp", "wave")
@@ -259,8 +259,8 @@ def dtop_ablation_grid(base: ExperimentConfig, table: str, values) -> dict[str, 
     ``pos_embed``; A10 a tuple of ELM parts from ``('irb', 'aspp', 'wave')`` (``()``: ELM off, fused
     'none'); A12 ``sampler``; A13 ``fusion``. Names are ``<base.name>_<option>`` and stable; a value
     equal to the base's effective one (DToP defaults filled in) keeps ``base.name``, so that run is
-    trained once and reused by every table. A12 runs always get their own names, since they train on
-    :func:`dtop_mixed_size_data`, which the config does not record.
+    trained once and reused by every table. A12 runs train on the mixed-size variant of the data
+    (``size_variant="mixed"``), so they always get their own names.
     """
     from nbsrc.errors import ConfigError
     from nbsrc.models.dtop import DTOP_DEFAULTS
@@ -297,23 +297,12 @@ def dtop_ablation_grid(base: ExperimentConfig, table: str, values) -> dict[str, 
                 opts["fusion"] = None
         elif table == "A12":
             label, slug, same = f"sampling = {v}", f"mixed_{v}", False
-            fields["sampler"] = v
+            fields.update(sampler=v, size_variant="mixed")
         else:
             label, slug, same = f"fusion = {v}", f"fusion_{v}", v == eff_fusion
             opts["fusion"] = v
         out[label] = base if same else base.replace(name=f"{base.name}_{slug}", model_options=opts, **fields)
     return out
-
-
-def dtop_mixed_size_data(cfg: ExperimentConfig, seed: int = 0) -> RetrievalData:
-    """``cfg``'s data (with its backbone's normalisation) as the deterministic mixed-size variant of
-    :func:`nbsrc.data.group_sampler.mixed_size_data` (longer side ``img_size``, sides multiples of
-    the patch size), for Table A12. Pass it to :func:`run_experiment` as ``data``."""
-    from nbsrc.data.group_sampler import mixed_size_data
-
-    norm = data_config(model_from_config(cfg))
-    data = build_data(cfg, norm["mean"], norm["std"])
-    return mixed_size_data(data, long_side=cfg.img_size, multiple=cfg.patch_size or 16, seed=seed)
 
 
 def dtop_multiscale_table(run: RunResult, scale_pairs: dict, data: RetrievalData | None = None):

@@ -121,3 +121,23 @@ def test_ablation_grid_bad_input():
         dtop_ablation_grid(ExperimentConfig(), "A8", [1])
     with pytest.raises(ConfigError, match="values"):
         dtop_ablation_grid(base, "A8", [])
+
+
+def test_size_variant_mixed_is_recorded_in_the_config_and_applied_by_build_data(tiny_cfg):
+    """A12 trains on the mixed-size variant; the config says so, so a saved run can be rebuilt."""
+    from nbsrc.config import ExperimentConfig
+    from nbsrc.data import build_data
+    from nbsrc.errors import ConfigError
+    from nbsrc.experiment import dtop_ablation_grid
+
+    cfg = tiny_cfg.replace(img_size=8, patch_size=4)
+    square, mixed = build_data(cfg), build_data(cfg.replace(size_variant="mixed"))
+    assert set(image_sizes(square.train)) == {(8, 8)}
+    sizes = image_sizes(mixed.train)
+    assert len(set(sizes)) > 1 and all(max(h, w) == 8 and h % 4 == 0 and w % 4 == 0 for h, w in sizes)
+    assert np.array_equal(square.train.labels, mixed.train.labels)
+    assert image_sizes(build_data(cfg.replace(size_variant="mixed")).train) == sizes  # deterministic
+    for c in dtop_ablation_grid(cfg.replace(model_options={"dtop": True}), "A12", ["m_per_class", "group_size"]).values():
+        assert c.size_variant == "mixed" and ExperimentConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ConfigError, match="size_variant"):
+        cfg.replace(size_variant="wide")

@@ -53,7 +53,17 @@ def _split(images, labels, cfg: ExperimentConfig, train_tf, eval_tf, names=None)
 
 
 def build_data(cfg: ExperimentConfig, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> RetrievalData:
-    """The datasets named by ``cfg.dataset``, with the paper's train and evaluation transforms."""
+    """The datasets named by ``cfg.dataset``, with the paper's train and evaluation transforms;
+    with ``cfg.size_variant == "mixed"``, their deterministic mixed-size variant (DToP Table A12)."""
+    data = _build_data(cfg, mean, std)
+    if cfg.size_variant == "mixed":
+        from nbsrc.data.group_sampler import mixed_size_data
+
+        data = mixed_size_data(data, long_side=cfg.img_size, multiple=cfg.patch_size or 16, seed=cfg.seed)
+    return data
+
+
+def _build_data(cfg: ExperimentConfig, mean, std) -> RetrievalData:
     train_tf = RetrievalTransform(cfg.img_size, train=True, mean=mean, std=std)
     eval_tf = RetrievalTransform(cfg.img_size, train=False, mean=mean, std=std)
     if cfg.dataset == "fashion_mnist":

@@ -9,7 +9,7 @@ notes on settings that are our assumptions rather than the paper's::
 
     cfg = load_preset("irt_r_cub_deits", data_root="/data/CUB_200_2011")
     python -m nbsrc train --preset irt_r_cub_deits --data-root /data/CUB_200_2011
-    python -m nbsrc presets                       # the table of docs/presets.md
+    python -m nbsrc presets                       # the table in README.md
 
 The run is named after the preset unless ``name=`` overrides it. :func:`evaluate_benchmarks` (notebook
 09) evaluates a finished run, or the preset's untrained model, on the benchmarks whose data is
