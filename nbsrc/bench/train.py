@@ -27,7 +27,6 @@ off from the baseline and the nbsrc step's speed-up ``on / off`` is reported the
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 
@@ -39,10 +38,8 @@ from torch.utils.data import DataLoader, Dataset
 from nbsrc.config import ExperimentConfig
 from nbsrc.data import MPerClassBatchSampler
 from nbsrc.errors import ConfigError
-from nbsrc.losses import CrossBatchMemory, build_loss
 from nbsrc.models import model_from_config
-from nbsrc.train import distributed
-from nbsrc.train.loop import StepParts, amp_settings, build_optimizer, lr_factor, resolve_device, train_step
+from nbsrc.train.loop import amp_settings, build_step_parts, resolve_device, train_step
 
 METHODS = ("nbsrc", "reference", "bare")
 
@@ -87,20 +84,7 @@ class NbsrcStep:
     def __init__(self, cfg: ExperimentConfig, device: torch.device, n_train: int):
         torch.manual_seed(cfg.seed)
         self.cfg, self.it = cfg, 0
-        model = model_from_config(cfg).to(device).train()
-        criterion = build_loss(cfg, model.feature_dim, list(range(n_train))).to(device)
-        optimizer = build_optimizer(cfg, list(model.parameters()) + list(criterion.parameters()))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
-        amp_on, amp_dtype = amp_settings(cfg, device)
-        scaler = torch.amp.GradScaler("cuda", enabled=amp_on and amp_dtype == torch.float16)
-        memory = CrossBatchMemory(cfg.memory_size, model.feature_dim, device) if cfg.memory_size else None
-        ema = copy.deepcopy(model).requires_grad_(False) if cfg.momentum is not None else None
-        net = distributed.wrap_ddp(model, device)
-        if cfg.compile and device.type == "cuda":
-            net = torch.compile(net)
-        pin = cfg.pin_memory and device.type == "cuda"
-        self.parts = StepParts(model, net, criterion, optimizer, scheduler, scaler, memory, ema, device, amp_on,
-                               amp_dtype, pin)
+        self.parts = build_step_parts(cfg, model_from_config(cfg), list(range(n_train)), device)
 
     def prefill(self, gen: torch.Generator, n_classes: int, first_index: int) -> None:
         """Fill the memory with random unit vectors (dataset indices >= ``first_index``, so no

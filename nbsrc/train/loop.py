@@ -157,6 +157,27 @@ def train_step(
     return terms, noise
 
 
+def build_step_parts(cfg: ExperimentConfig, model: torch.nn.Module, train_classes: list,
+                     device: torch.device) -> StepParts:
+    """Everything :func:`train_step` needs, built from ``cfg`` around ``model`` (moved to ``device``):
+    the loss, optimizer, schedule, grad scaler, cross-batch memory, momentum encoder, and the network
+    the step runs (DDP-wrapped when a process group is up, ``torch.compile``-d on CUDA if asked;
+    checkpoints keep the plain model's keys)."""
+    model.to(device).train()
+    criterion: RetrievalLoss = build_loss(cfg, model.feature_dim, train_classes).to(device)
+    optimizer = build_optimizer(cfg, list(model.parameters()) + list(criterion.parameters()))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
+    amp_on, amp_dtype = amp_settings(cfg, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_on and amp_dtype == torch.float16)
+    memory = CrossBatchMemory(cfg.memory_size, model.feature_dim, device) if cfg.memory_size else None
+    ema = copy.deepcopy(model).requires_grad_(False) if cfg.momentum is not None else None
+    net = distributed.wrap_ddp(model, device)
+    if cfg.compile and device.type == "cuda":  # a no-op on CPU
+        net = torch.compile(net)
+    pin = cfg.pin_memory and device.type == "cuda"  # pinned batches + non-blocking copies (CUDA only)
+    return StepParts(model, net, criterion, optimizer, scheduler, scaler, memory, ema, device, amp_on, amp_dtype, pin)
+
+
 def train(
     cfg: ExperimentConfig,
     model: torch.nn.Module,
@@ -180,15 +201,9 @@ def train(
     if cfg.batch_size % dinfo.world_size:
         raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {dinfo.world_size} processes")
     torch.manual_seed(cfg.seed)
-    model.to(device).train()
-    train_classes = np.unique(train_ds.labels).tolist()
-    criterion: RetrievalLoss = build_loss(cfg, model.feature_dim, train_classes).to(device)
-    optimizer = build_optimizer(cfg, list(model.parameters()) + list(criterion.parameters()))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
-    amp_on, amp_dtype = amp_settings(cfg, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_on and amp_dtype == torch.float16)
-    memory = CrossBatchMemory(cfg.memory_size, model.feature_dim, device) if cfg.memory_size else None
-    ema = copy.deepcopy(model).requires_grad_(False) if cfg.momentum is not None else None
+    parts = build_step_parts(cfg, model, np.unique(train_ds.labels).tolist(), device)
+    criterion, optimizer, scheduler, scaler = parts.criterion, parts.optimizer, parts.scheduler, parts.scaler
+    memory, ema = parts.memory, parts.ema
 
     start = 0
     if resume:
@@ -218,11 +233,7 @@ def train(
             }, run_dir)
         distributed.barrier()
 
-    net = distributed.wrap_ddp(model, device)  # DDP (device_ids on CUDA) when a process group is up
-    if cfg.compile and device.type == "cuda":  # a no-op on CPU; checkpoints keep the plain model's keys
-        net = torch.compile(net)
-    pin = cfg.pin_memory and device.type == "cuda"  # pinned batches + non-blocking copies (CUDA only)
-    parts = StepParts(model, net, criterion, optimizer, scheduler, scaler, memory, ema, device, amp_on, amp_dtype, pin)
+    pin = parts.pin
 
     # Every rank draws the same global batch and takes its own slice of it. cfg.sampler picks
     # m-per-class square crops or group-size batches of one image size (DToP Table A12).
