@@ -71,3 +71,16 @@ def gradient_noise_table(runs: dict, fields=("beta", "lam"), ks=(1,)) -> pd.Data
     df.insert(len(fields), "gamma", [round(mean_grad_noise(r), 4) for r in rows])
     df.insert(len(fields) + 1, "gamma_logged", [sum(x.get("grad_noise") is not None for x in r) for r in rows])
     return df
+
+
+def energy_table(runs: dict, threshold: float = 0.9, ks=(1,)) -> pd.DataFrame:
+    """IRT Figs. 2–3 as numbers: per run (``{label: RunResult}``) its Recall@K, the number of
+    principal components of its query embeddings that reach ``threshold`` of the energy
+    (:func:`nbsrc.analysis.effective_dim`), and the embedding dimension."""
+    from nbsrc.analysis import effective_dim
+
+    df = recall_table(runs, ks)
+    z = {label: run.embeddings()["query"] for label, run in runs.items()}
+    df[f"dim_{round(100 * threshold)}"] = [effective_dim(z[label], threshold) for label in df.index]
+    df["embedding_dim"] = [z[label].shape[1] for label in df.index]
+    return df

@@ -161,3 +161,28 @@ def test_plot_energy_by_backbone_one_colour_per_backbone_one_style_per_state():
     assert fig.axes[0].get_xlim()[1] == 10
     with pytest.raises(ConfigError, match="non-empty"):
         plot_energy_by_backbone({"ViT": {}})
+
+
+def test_energy_table_counts_components_to_the_threshold():
+    """Embeddings whose energy is all in 2 of 5 directions reach 90 % at 2 components;
+    full-rank isotropic ones need nearly all 5."""
+    import numpy as np
+
+    from nbsrc.reporting import energy_table
+
+    rng = np.random.default_rng(0)
+
+    class Run:  # the two things energy_table reads from a RunResult
+        def __init__(self, z):
+            self.z, self.recall = z, {"R@1": 50.0, "R@2": 60.0}
+
+        def embeddings(self):
+            return {"query": self.z}
+
+    flat = np.zeros((400, 5))
+    flat[:, :2] = rng.normal(size=(400, 2))
+    iso = rng.normal(size=(400, 5))
+    t = energy_table({"flat": Run(flat), "iso": Run(iso)}, threshold=0.9)
+    assert list(t.columns) == ["R@1", "dim_90", "embedding_dim"]
+    assert t.loc["flat", "dim_90"] == 2 and t.loc["iso", "dim_90"] >= 4
+    assert (t["embedding_dim"] == 5).all()
