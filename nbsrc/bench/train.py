@@ -1,7 +1,7 @@
 """Training throughput of nbsrc's step against a direct reference loop and the bare backbone.
 
-Three methods take turns step by step on the same machine within one run (A B C A B C ...), each
-step timed on its own with ``time.perf_counter`` (CUDA synchronised before and after), on the same
+Three methods take turns step by step on the same machine within one run (A B C, B C A, C A B, ...),
+each step timed on its own with ``time.perf_counter`` (CUDA synchronised before and after), on the same
 pre-generated batches, after ``warmup`` untimed steps each; ``steps × repeats`` timed steps per
 method. Data loading is outside the timed step (the batches sit on the CPU, as a DataLoader hands
 them over; the copy to the device is inside, as in the loop).
@@ -17,8 +17,13 @@ them over; the copy to the device is inside, as in the loop).
   optimiser, clipping and precision.
 - **bare**: the backbone's forward + backward + optimiser step with a trivial loss (mean square).
 
-Reported: median img/s per method (``batch / median step time``), ``ratio = nbsrc / reference``
-(target >= 1) and ``overhead = 1 − nbsrc / bare`` (target <= 5% on CPU). On CUDA the execution
+Reported: median img/s per method (``batch / median step time``); ``ratio = nbsrc / reference``
+(target >= 1) and ``overhead = 1 − nbsrc / bare`` (target <= 5% on CPU), each as the median over
+rounds of the per-round speed ratio (the methods of one round share the machine's state, so drift and
+bursts of load cancel) with a 95% bootstrap interval over rounds, and as the ratio of the medians.
+The verdict on a target says "met" only when the whole interval clears it. Beside the steps, the
+part in which nbsrc and the reference differ, the loss over batch × (batch + memory) with KoLeo and
+its backward, is timed alone the same way (``loss_ms``). On CUDA the execution
 switches (bf16 autocast, fused AdamW, pinned memory + non_blocking, torch.compile) are each turned
 off from the baseline and the nbsrc step's speed-up ``on / off`` is reported the same way.
 
@@ -130,7 +135,7 @@ class ReferenceStep:
     """The direct loop: timm backbone, pytorch-metric-learning contrastive loss inside its
     CrossBatchMemory, inline KoLeo, AdamW, gradient clipping."""
 
-    def __init__(self, cfg: ExperimentConfig, device: torch.device):
+    def __init__(self, cfg: ExperimentConfig, device: torch.device, dim: int | None = None):
         from pytorch_metric_learning.distances import CosineSimilarity
         from pytorch_metric_learning.losses import ContrastiveLoss
         from pytorch_metric_learning.losses import CrossBatchMemory as PMLCrossBatchMemory
@@ -138,7 +143,7 @@ class ReferenceStep:
         self.cfg, self.device = cfg, device
         self.model = _timm_backbone(cfg, device)
         self.net = torch.compile(self.model) if cfg.compile and device.type == "cuda" else self.model
-        dim = self.model.num_features
+        dim = dim or self.model.num_features
         loss = ContrastiveLoss(pos_margin=1, neg_margin=cfg.beta, distance=CosineSimilarity())
         self.loss = PMLCrossBatchMemory(loss, embedding_size=dim, memory_size=max(cfg.memory_size, cfg.batch_size))
         self.optimizer = _direct_adamw(cfg, self.model)
@@ -194,15 +199,19 @@ def _sync(device: torch.device) -> None:
 
 def interleave(runners: dict, device: torch.device, warmup: int, n: int) -> dict[str, list[float]]:
     """``{name: [seconds of each timed step]}``. ``runners`` is ``{name: (step, batches)}``; all take
-    ``warmup`` untimed steps, then step ``i`` of every runner in turn (A B C A B C ...), each timed on
-    its own, on ``batches[warmup + i]`` for ``i < n``."""
+    ``warmup`` untimed steps, then step ``i`` of every runner in turn, each timed on its own, on
+    ``batches[warmup + i]`` for ``i < n``. The order rotates from round to round (A B C, B C A,
+    C A B, ...), so that no method always runs first or right after the same other one."""
     for step, batches in runners.values():
         for i in range(warmup):
             step(*batches[i])
     _sync(device)
-    out = {name: [] for name in runners}
+    names = list(runners)
+    out = {name: [] for name in names}
     for i in range(warmup, warmup + n):
-        for name, (step, batches) in runners.items():
+        r = (i - warmup) % len(names)
+        for name in names[r:] + names[:r]:
+            step, batches = runners[name]
             _sync(device)
             t0 = time.perf_counter()
             step(*batches[i])
@@ -236,6 +245,65 @@ def _img_per_s(batch: int, step_s: dict[str, list[float]]) -> dict[str, float]:
     return {name: batch / statistics.median(t) for name, t in step_s.items()}
 
 
+def paired_ratio(slow: list[float], fast: list[float], n_boot: int = 2000, seed: int = 0) -> dict:
+    """Speed of ``fast``'s method relative to ``slow``'s from per-round times of the same rounds:
+    ``{"median": median_i slow_i / fast_i, "ci95": (lo, hi) by a percentile bootstrap over rounds,
+    "of_medians": median(slow) / median(fast)}``. Above 1: the ``fast`` method is faster."""
+    a, b = np.asarray(slow, dtype=float), np.asarray(fast, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or not len(a):
+        raise ConfigError(f"paired_ratio needs two equally long, non-empty lists of times, got {a.shape} and {b.shape}")
+    r = a / b
+    rng = np.random.default_rng(seed)
+    boot = np.median(r[rng.integers(0, len(r), size=(n_boot, len(r)))], axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"median": float(np.median(r)), "ci95": (float(lo), float(hi)),
+            "of_medians": float(np.median(a) / np.median(b))}
+
+
+def verdict(value: float, ci95: tuple[float, float], target: float, higher_is_better: bool = True) -> str:
+    """"met", "not met", or "within noise of the target" when the 95% interval straddles it."""
+    lo, hi = ci95
+    if higher_is_better:
+        return "met" if lo >= target else "not met" if hi < target else "within noise of the target"
+    return "met" if hi <= target else "not met" if lo > target else "within noise of the target"
+
+
+def bench_loss(cfg: ExperimentConfig, device: torch.device, n: int = 50, seed: int = 0) -> dict[str, float]:
+    """Median ms of the loss alone, forward + backward, on one batch of random unit embeddings
+    against a full memory of ``cfg.memory_size``: nbsrc's criterion (IRT eq. 1 + λ·KoLeo over
+    batch × batch and batch × memory) against pytorch-metric-learning's ContrastiveLoss in its
+    CrossBatchMemory + inline KoLeo; interleaved, ``n`` timed calls each after 3 untimed ones."""
+    gen = torch.Generator().manual_seed(seed)
+    dim, n_classes = 192, max(2 * cfg.batch_size // cfg.m_per_class, 8)
+    mine, ref = NbsrcStep(cfg, device, n_classes), ReferenceStep(cfg, device, dim=dim)
+    mine.prefill(gen, n_classes, 10**9)
+    ref.prefill(gen, n_classes, 10**9)
+    mem = mine.parts.memory.get() if mine.parts.memory is not None and len(mine.parts.memory) else (None, None, None)
+    z0 = _unit(cfg.batch_size, dim, gen).to(device)
+    y = (torch.arange(cfg.batch_size) // cfg.m_per_class % n_classes).to(device)
+    idx = torch.arange(cfg.batch_size).to(device)
+
+    def nbsrc_loss():
+        z = z0.clone().requires_grad_()
+        mine.parts.criterion(z, y, mem[0], mem[1], idx, mem[2])["total"].backward()
+
+    def reference_loss():
+        z = z0.clone().requires_grad_()
+        (ref.loss(z, y) + cfg.lam * inline_koleo(z)).backward()
+
+    fns = {"nbsrc": nbsrc_loss, "reference": reference_loss}
+    times = {k: [] for k in fns}
+    for i in range(3 + n):
+        for name in (list(fns) if i % 2 else list(fns)[::-1]):
+            _sync(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            if i >= 3:
+                times[name].append(time.perf_counter() - t0)
+    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+
+
 def bench_train(
     model: str = "vit_tiny_patch16_224",
     img_size: int = 28,
@@ -255,6 +323,7 @@ def bench_train(
     fused_optimizer: bool = True,
     switches: bool | None = None,
     seed: int = 0,
+    loss_only: bool = True,
 ) -> dict:
     """Median img/s of the three methods (see the module docstring) over ``steps × repeats``
     interleaved, individually timed steps each, their ratios and, when ``switches`` (default: on
@@ -284,13 +353,23 @@ def bench_train(
     runners = {kind: (_setup(kind, cfg, dev, n_classes, len(ds)), batches_for(cfg)) for kind in METHODS}
     step_s = interleave(runners, dev, warmup, n)
     med = _img_per_s(batch, step_s)
+    vs_ref = paired_ratio(step_s["reference"], step_s["nbsrc"])
+    vs_bare = paired_ratio(step_s["nbsrc"], step_s["bare"])  # > 1: bare is faster than nbsrc
+    overhead_ci = (1 - 1 / vs_bare["ci95"][0], 1 - 1 / vs_bare["ci95"][1])
     out = {
         "model": model, "img_size": img_size, "patch_size": patch_size, "batch": batch, "steps": steps,
         "repeats": repeats, "warmup": warmup, "memory_size": memory_size, "lam": lam, "beta": beta,
         "device": str(dev), "amp": amp_settings(cfg, dev)[0], "compile": compile and on_cuda,
         "img_per_s": med, "step_s": step_s,
-        "ratio_nbsrc_over_reference": med["nbsrc"] / med["reference"],
-        "overhead_vs_bare": 1.0 - med["nbsrc"] / med["bare"],
+        "ratio_nbsrc_over_reference": vs_ref["median"],
+        "ratio_ci95": vs_ref["ci95"],
+        "ratio_of_medians": med["nbsrc"] / med["reference"],
+        "ratio_verdict": verdict(vs_ref["median"], vs_ref["ci95"], 1.0),
+        "overhead_vs_bare": 1.0 - 1.0 / vs_bare["median"],
+        "overhead_ci95": overhead_ci,
+        "overhead_of_medians": 1.0 - med["nbsrc"] / med["bare"],
+        "overhead_verdict": verdict(1.0 - 1.0 / vs_bare["median"], overhead_ci, 0.05, higher_is_better=False),
+        "loss_ms": bench_loss(cfg, dev, seed=seed) if loss_only else None,
         "switches": None,
     }
     if switches if switches is not None else on_cuda:
@@ -309,17 +388,28 @@ def results_markdown(r: dict, info: dict, note: str = "") -> str:
     from nbsrc.bench import machine_lines
 
     ratio, over = r["ratio_nbsrc_over_reference"], r["overhead_vs_bare"]
+    (rlo, rhi), (olo, ohi) = r["ratio_ci95"], r["overhead_ci95"]
     s = (machine_lines(info, note)
          + f"- setup: {r['model']}, img {r['img_size']}, patch {r['patch_size']}, batch {r['batch']}, "
          f"XBM memory {r['memory_size']}, KoLeo λ={r['lam']}, β={r['beta']}, device {r['device']}, "
          f"amp {r['amp']}, compile {r['compile']}, torch threads {r.get('threads', torch.get_num_threads())}; "
-         f"{r['repeats'] * r['steps']} steps per method, "
-         f"interleaved step by step and timed one by one on the same batches, {r['warmup']} warm-up steps excluded; "
-         "img/s = batch / median step time\n\n"
-         "| nbsrc / reference (img/s) | target | overhead 1 − nbsrc / bare | target |\n|---|---|---|---|\n"
-         f"| {ratio:.3f} | >= 1.0 | {100 * over:.1f}% | <= 5% (CPU) |\n\n"
-         f"Reading: nbsrc's step runs at {ratio:.2f}x the speed of the direct pytorch-metric-learning loop "
-         f"and spends {100 * over:.1f}% of a step beyond the bare backbone forward/backward/update.\n")
+         f"{r['repeats'] * r['steps']} rounds, each one step of every method in rotating order, timed one by one "
+         f"on the same batches, {r['warmup']} warm-up steps excluded\n"
+         "- statistic: median over rounds of the per-round ratio, [95% bootstrap interval over rounds]; "
+         "in brackets after it, the ratio of the methods' median step times\n\n"
+         "| nbsrc / reference (img/s) | target | verdict | overhead 1 − nbsrc / bare | target | verdict |\n"
+         "|---|---|---|---|---|---|\n"
+         f"| {ratio:.3f} [{rlo:.3f}, {rhi:.3f}] ({r['ratio_of_medians']:.3f}) | >= 1.0 | {r['ratio_verdict']} "
+         f"| {100 * over:.1f}% [{100 * olo:.1f}, {100 * ohi:.1f}] ({100 * r['overhead_of_medians']:.1f}%) "
+         f"| <= 5% (CPU) | {r['overhead_verdict']} |\n\n")
+    if r.get("loss_ms"):
+        lm = r["loss_ms"]
+        s += (f"Loss alone (forward + backward on one batch against a full memory of {r['memory_size']}): "
+              f"nbsrc {lm['nbsrc']:.2f} ms, pytorch-metric-learning + inline KoLeo {lm['reference']:.2f} ms "
+              f"({lm['reference'] / lm['nbsrc']:.2f}x).\n\n")
+    s += (f"Reading: nbsrc's step runs at {ratio:.3f}x the speed of the direct pytorch-metric-learning loop "
+          f"(target >= 1.0: {r['ratio_verdict']}) and spends {100 * over:.1f}% of a step beyond the bare backbone "
+          f"forward/backward/update (target <= 5%: {r['overhead_verdict']}).\n")
     if r["switches"]:
         s += "\n| switch (nbsrc step) | speed-up on / off |\n|---|---|\n"
         s += "".join(f"| {k} | {v:.2f}x |\n" for k, v in r["switches"]["speedup_on_over_off"].items())
