@@ -304,3 +304,29 @@ def test_errors_are_config_errors_that_say_what_to_fix(rng):
         recall_at_k(x[0], y[:1])
     with pytest.raises(ConfigError, match="single embedding"):
         recall_at_k(x[:1], y[:1])
+
+
+def test_float16_memmaps_are_read_block_by_block_with_the_same_results(rng, tmp_path, monkeypatch):
+    """The gallery goes into the index a block at a time and the query set is never copied whole:
+    a float16 memory map gives the results of the same values in memory, and a NaN in a later block
+    is reported with its row in the whole array."""
+    import nbsrc.eval.recall as recall_mod
+    from numpy.lib.format import open_memmap
+
+    monkeypatch.setattr(recall_mod, "_ADD_ROWS", 7)  # many blocks on a small gallery
+    g, q = unit(rng.normal(size=(50, 6))).astype(np.float16), unit(rng.normal(size=(9, 6))).astype(np.float16)
+    gl, ql = rng.integers(0, 4, 50), rng.integers(0, 4, 9)
+    mm = open_memmap(tmp_path / "g.npy", mode="w+", dtype=np.float16, shape=g.shape)
+    mm[:] = g
+    mm.flush()
+    on_disk = np.load(tmp_path / "g.npy", mmap_mode="r")
+    a = retrieve(q, ql, on_disk, gl, k=5)
+    b = retrieve(q.astype(np.float32), ql, g.astype(np.float32), gl, k=5)
+    assert np.array_equal(a.indices, b.indices) and np.array_equal(a.sims, b.sims)
+    c = retrieve(on_disk, gl, k=3)  # query = gallery, self excluded, also from the memory map
+    d = retrieve(g.astype(np.float32), gl, k=3)
+    assert np.array_equal(c.indices, d.indices)
+    bad = g.astype(np.float32)
+    bad[23, 2] = np.inf
+    with pytest.raises(ConfigError, match=r"gallery_emb contains NaN or inf \(row 23"):
+        retrieve(q, ql, bad, gl, k=2)

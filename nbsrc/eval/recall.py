@@ -37,17 +37,28 @@ _WIDE_SEARCH_ELEMENTS = 1 << 24
 
 
 # ----------------------------------------------------------------------------- input checks
-def _as_embeddings(x, name: str) -> np.ndarray:
-    x = np.ascontiguousarray(np.asarray(x), dtype=np.float32)
+_ADD_ROWS = 65536  # gallery rows converted to float32 and added to the index at a time
+
+
+def _as_matrix(x, name: str) -> np.ndarray:
+    """``x`` as a 2-D, non-empty array, not copied: a float16 memory map stays on disk."""
+    x = x if isinstance(x, np.ndarray) else np.asarray(x)
     if x.ndim != 2:
         raise ConfigError(f"{name} must be a 2-D array [N, D], got shape {x.shape}; stack the embeddings row-wise")
     if len(x) == 0:
         raise ConfigError(f"{name} is empty (shape {x.shape}); retrieval needs at least one embedding")
+    return x
+
+
+def _as_embeddings(x, name: str, first_row: int = 0) -> np.ndarray:
+    """A float32, C-contiguous copy of rows of ``x`` (rows ``first_row...`` of ``name``), checked finite."""
+    x = np.ascontiguousarray(_as_matrix(x, name), dtype=np.float32)
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
         raise ConfigError(
-            f"{name} contains NaN or inf (row {int(np.flatnonzero(bad)[0])}, {int(bad.sum())} row(s) in all); "
-            "the model produced non-finite embeddings: check the weights, the input normalisation and the loss"
+            f"{name} contains NaN or inf (row {first_row + int(np.flatnonzero(bad)[0])}, {int(bad.sum())} row(s) "
+            "in this block); the model produced non-finite embeddings: check the weights, the input normalisation "
+            "and the loss"
         )
     return x
 
@@ -73,10 +84,10 @@ def _as_ks(ks) -> tuple[int, ...]:
 
 
 def _query_gallery(query_emb, gallery_emb) -> tuple[np.ndarray, np.ndarray, bool]:
-    query = _as_embeddings(query_emb, "query_emb")
+    query = _as_matrix(query_emb, "query_emb")
     if gallery_emb is None:
         return query, query, True
-    gallery = _as_embeddings(gallery_emb, "gallery_emb")
+    gallery = _as_matrix(gallery_emb, "gallery_emb")
     if gallery.shape[1] != query.shape[1]:
         raise ConfigError(
             f"query embeddings have dimension {query.shape[1]} but gallery embeddings {gallery.shape[1]}; "
@@ -92,6 +103,7 @@ def knn_search(
     k: int,
     exclude_self: bool = False,
     chunk_size: int = 4096,
+    names: tuple[str, str] = ("query", "gallery"),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` inner-product neighbours of each query (faiss ``IndexFlatIP``).
 
@@ -100,12 +112,15 @@ def knn_search(
     what is guaranteed). With ``exclude_self`` the query set *is* the gallery: gallery item ``i`` is
     removed from the neighbours of query ``i`` (by index, not by value; duplicates stay).
     Queries are searched ``chunk_size`` at a time, so results in flight stay O(chunk_size * k);
-    rows searched again for a tie are capped at 2**24 (row x neighbour) entries at once.
+    rows searched again for a tie are capped at 2**24 (row x neighbour) entries at once. Neither
+    input is copied whole: the gallery goes into the index ``_ADD_ROWS`` rows at a time and each
+    query chunk is converted on its own, so float16 memory maps cost little beyond faiss's float32
+    copy of the gallery. ``names`` are what error messages call the two inputs.
     """
     import faiss
 
-    query = _as_embeddings(query, "query")
-    gallery = _as_embeddings(gallery, "gallery")
+    query = _as_matrix(query, names[0])
+    gallery = _as_matrix(gallery, names[1])
     if query.shape[1] != gallery.shape[1]:
         raise ConfigError(
             f"query dimension {query.shape[1]} != gallery dimension {gallery.shape[1]}; "
@@ -125,7 +140,10 @@ def knn_search(
         raise ConfigError(f"k={k} but the gallery has {what}; choose k <= {available}")
 
     index = faiss.IndexFlatIP(gallery.shape[1])
-    index.add(gallery)
+    for s in range(0, ng, _ADD_ROWS):
+        index.add(_as_embeddings(gallery[s : s + _ADD_ROWS], names[1], s))
+    for s in range(0, nq, _ADD_ROWS):  # the queries are checked before any search
+        _as_embeddings(query[s : s + _ADD_ROWS], names[0], s)
     sims = np.empty((nq, k), dtype=np.float32)
     idx = np.empty((nq, k), dtype=np.int64)
     first_width = min(ng, k + int(exclude_self) + _EXTRA_NEIGHBOURS)
@@ -138,7 +156,7 @@ def knn_search(
             step = max(1, min(len(rows), _WIDE_SEARCH_ELEMENTS // width))
             for s in range(0, len(rows), step):
                 r = rows[s : s + step]
-                d, i = index.search(query[r], width)
+                d, i = index.search(np.ascontiguousarray(query[r], dtype=np.float32), width)
                 s_k, i_k, settled = _top_k_sorted(d, i, r if exclude_self else None, k, width == ng)
                 sims[r[settled]], idx[r[settled]] = s_k[settled], i_k[settled]
                 todo.append(r[~settled])
@@ -253,7 +271,9 @@ def retrieve(
     available = len(gallery) - int(self_excluded)
     if available < 1:
         raise ConfigError("query = gallery with a single embedding: there is nothing to retrieve; add samples")
-    sims, idx = knn_search(query, gallery, min(k, available), exclude_self=self_excluded, chunk_size=chunk_size)
+    names = ("query_emb", "query_emb" if self_excluded else "gallery_emb")
+    sims, idx = knn_search(query, gallery, min(k, available), exclude_self=self_excluded, chunk_size=chunk_size,
+                           names=names)
     return RetrievalResults(query_labels, gallery_labels, idx, sims, self_excluded)
 
 
