@@ -50,6 +50,9 @@ class ExperimentConfig:
     size_variant: str | None = None  # None | "mixed": every image stretched to one of 5 aspect ratios (A12)
     # SfM-120k tuple training (IRT §4.2, Radenović et al.): per epoch, pairs_per_epoch (query, positive)
     # pairs and a negative_pool of images; negatives_per_tuple hard negatives mined with the current model
+    # how SfM-120k trains: "tuples" (IRT §4.2: tuples with mined hard negatives, contrastive loss) or
+    # "classes" (DToP: each image labelled by its 3D model, the ordinary loop with any loss, e.g. ArcFace)
+    sfm_training: str = "tuples"
     tuples_per_batch: int = 5
     negatives_per_tuple: int = 5
     pairs_per_epoch: int = 2000
@@ -213,6 +216,9 @@ class ExperimentConfig:
             bad("size_variant", self.size_variant, "None or 'mixed' (the mixed-size variant of DToP Table A12)")
         if self.sampler not in SAMPLERS:
             bad("sampler", self.sampler, f"one of {', '.join(SAMPLERS)}")
+        if self.sfm_training not in ("tuples", "classes"):
+            bad("sfm_training", self.sfm_training,
+                "'tuples' (IRT: mined hard-negative tuples) or 'classes' (DToP: 3D models as classes, e.g. ArcFace)")
         for name in ("tuples_per_batch", "negatives_per_tuple", "pairs_per_epoch", "negative_pool"):
             if getattr(self, name) < 1:
                 bad(name, getattr(self, name), "a positive integer")

@@ -1,10 +1,18 @@
 """IRT §4.2 end to end: train on SfM-120k tuples, fit the PCA on SfM-120k, evaluate on Revisited
-Oxford and Paris (IRT Tables 7-8).
+Oxford and Paris (IRT Tables 7-8; DToP Table A5).
 
 :func:`run_sfm_experiment` is what :func:`nbsrc.experiment.run_experiment` calls for
 ``cfg.dataset == "sfm120k"``. It reads ``retrieval-SfM-120k.pkl`` and ``ims/`` from
-``cfg.data_root``, trains with :func:`nbsrc.train.tuples.train_tuples` (unless
-``cfg.iterations == 0``: the off-the-shelf model), fits the PCA to ``cfg.dim`` (paper: 128) on
+``cfg.data_root`` and trains (unless ``cfg.iterations == 0``: the off-the-shelf model) in one of
+two ways, ``cfg.sfm_training``:
+
+- ``"tuples"`` (IRT): :func:`nbsrc.train.tuples.train_tuples`, tuples with hard negatives mined by
+  the current model, contrastive loss;
+- ``"classes"`` (DToP): every training image labelled by its 3D model (cluster), trained by the
+  ordinary loop :func:`nbsrc.train.train` with any loss of the config (ArcFace for DToP), the
+  m-per-class or group-size sampler and the cross-batch memory as configured.
+
+It then fits the PCA to ``cfg.dim`` (paper: 128) on
 embeddings of (a fixed subset of) the SfM-120k training images, and evaluates each Revisited
 dataset with the protocol of :mod:`nbsrc.eval.revisited`: the query, cropped to its box, ranks the
 database by decreasing ``<f(q), f(x)>``; mAP and mP@{1, 5, 10} in the Easy, Medium and Hard setups.
@@ -23,6 +31,7 @@ import numpy as np
 import torch
 
 from nbsrc.config import ExperimentConfig
+from nbsrc.data.datasets import RetrievalDataset
 from nbsrc.data.sfm import SfMSplit, load_sfm120k_db
 from nbsrc.data.transforms import RetrievalTransform
 from nbsrc.errors import DatasetError
@@ -30,7 +39,7 @@ from nbsrc.eval.embed import extract_embeddings
 from nbsrc.eval.revisited import REVISITED_LAYOUT, REVISITED_NAMES, build_revisited, revisited_map
 from nbsrc.experiment import EMBEDDINGS, MODEL, PCA_FIT_SAMPLES, RunResult, load_run
 from nbsrc.models import data_config, model_from_config
-from nbsrc.train import prepare_run_dir, resolve_device, run_state
+from nbsrc.train import prepare_run_dir, resolve_device, run_state, train
 from nbsrc.train.rundir import RESULTS, write_json_atomic
 from nbsrc.train.tuples import train_tuples
 
@@ -48,6 +57,19 @@ def find_revisited_root(data_root, name: str) -> Path | None:
         if (cand / f"gnd_{name}.pkl").is_file():
             return cand
     return None
+
+
+def class_dataset(db: SfMSplit, transform) -> RetrievalDataset:
+    """The training images of ``db`` labelled by their 3D model, for ``sfm_training="classes"``; a 3D
+    model with a single image cannot give a positive pair and is left out."""
+    ids, counts = np.unique(db.cluster, return_counts=True)
+    keep = np.flatnonzero(np.isin(db.cluster, ids[counts >= 2]))
+    if len(np.unique(db.cluster[keep])) < 2:
+        raise DatasetError(
+            f"SfM-120k training split has {len(np.unique(db.cluster[keep]))} 3D model(s) with at least 2 images; "
+            "class training needs 2 or more: check retrieval-SfM-120k.pkl"
+        )
+    return db.images(transform).subset(keep)
 
 
 def fit_pca_sfm(model: torch.nn.Module, db: SfMSplit, eval_tf, cfg: ExperimentConfig, device) -> None:
@@ -101,13 +123,18 @@ def run_sfm_experiment(cfg: ExperimentConfig, mode: str = "reuse", roxford_root=
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)  # the initial weights are part of the experiment
     model = model_from_config(cfg)
+    norm = data_config(model)
+    eval_tf = RetrievalTransform(cfg.img_size, train=False, mean=norm["mean"], std=norm["std"])
     if cfg.iterations > 0:
-        train_tuples(cfg, model, db, run_dir, resume=action == "resume", progress=cfg.progress, stop_after=stop_after)
+        if cfg.sfm_training == "classes":
+            train_tf = RetrievalTransform(cfg.img_size, train=True, mean=norm["mean"], std=norm["std"])
+            train(cfg, model, class_dataset(db, train_tf), run_dir, resume=action == "resume", stop_after=stop_after)
+        else:
+            train_tuples(cfg, model, db, run_dir, resume=action == "resume", progress=cfg.progress,
+                         stop_after=stop_after)
         if stop_after is not None and stop_after < cfg.iterations:
             return RunResult(cfg, run_dir, {}, model=model)
     model.to(device).eval()
-    norm = data_config(model)
-    eval_tf = RetrievalTransform(cfg.img_size, train=False, mean=norm["mean"], std=norm["std"])
     if cfg.dim:
         fit_pca_sfm(model, db, eval_tf, cfg, device)
     results, arrays = {}, {}

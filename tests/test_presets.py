@@ -34,6 +34,10 @@ def method(name: str) -> str:
     return name.split("_")[1]  # irt_<o|l|r>_...
 
 
+IRT = [n for n in PRESETS if n.startswith("irt_")]
+DTOP = [n for n in PRESETS if n.startswith("dtop_")]
+
+
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def trees(tmp_path_factory):
@@ -61,13 +65,16 @@ def built(cfg: ExperimentConfig) -> torch.nn.Module:
 
 # ----------------------------------------------------------------------------- every preset
 def test_there_are_presets_for_the_tables():
-    tables = {t.strip() for n in PRESETS for t in preset_paper(n)["table"].split(",")}
+    assert sorted(IRT + DTOP) == PRESETS  # every preset is an IRT or a DToP row
+    tables = {t.strip() for n in IRT for t in preset_paper(n)["table"].split(",")}
     assert {"2", "3", "7", "8"} <= tables
+    assert {preset_paper(n)["table"] for n in DTOP} == {"A5"} and len(DTOP) >= 2
+    assert "vit_base_r50_s16_384" in {preset_dict(n)["backbone"] for n in DTOP}  # DToP's default hybrid
     for ds in ("cub", "sop", "inshop"):  # IRT Table 3: the three methods on each dataset
         assert {f"irt_{m}_{ds}_deits" for m in "olr"} <= set(PRESETS)
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", IRT)
 def test_preset_loads_and_builds_its_model(name):
     raw = json.loads((PRESETS_DIR / f"{name}.json").read_text())
     cfg = load_preset(name, weights="none")
@@ -84,6 +91,23 @@ def test_preset_loads_and_builds_its_model(name):
         z = model(torch.randn(1, 3, cfg.img_size, cfg.img_size))
     assert z.shape == (1, 384)  # the full descriptor until the PCA is fitted
     assert torch.allclose(z.norm(dim=1), torch.ones(1), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", DTOP)
+def test_dtop_preset_builds_the_full_dtop_model(name):
+    from nbsrc.models.dtop import DToPModel
+
+    raw = json.loads((PRESETS_DIR / f"{name}.json").read_text())
+    assert raw["weights"] == "timm" and raw["patch_size"] is None
+    cfg = load_preset(name, weights="none")
+    model = built(cfg)
+    assert isinstance(model, DToPModel) and model.k == 6
+    assert model.elm is not None and model.fusion.kind == "orthogonal"  # the full model: ELM + orthogonal fusion
+    hybrid = "_r" in cfg.backbone.split("_", 1)[1]  # vit_<size>_r<depth>_s<stride>_384
+    assert (type(model.backbone.patch_embed).__name__ == "HybridEmbed") == hybrid
+    with torch.no_grad():
+        z = model(torch.randn(1, 3, cfg.img_size, cfg.img_size))
+    assert z.shape == (1, 1536) and torch.allclose(z.norm(dim=1), torch.ones(1), atol=1e-5)  # eq. 12 head, l2
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -109,6 +133,17 @@ def test_preset_data_pipeline_on_fixture_tree(name, trees):
         db = load_sfm120k_db(cfg.data_root, "train")
         img, label, _ = db.images(RetrievalTransform(size, train=False))[0]
         assert img.shape == (3, size, size) and label == db.cluster[0]
+        if cfg.sfm_training == "classes":  # DToP: the ordinary loop's sampler over the 3D models
+            from nbsrc.data.group_sampler import training_sampler
+            from nbsrc.experiment_sfm import class_dataset
+
+            train_ds = class_dataset(db, RetrievalTransform(size, train=True))
+            small = cfg.replace(iterations=2, warmup_iters=0, batch_size=4 * cfg.m_per_class)  # 8 fixture clusters
+            sampler, ds, _ = training_sampler(small, train_ds)
+            batch = next(iter(sampler))
+            assert len(batch) == small.batch_size
+            x, y, _ = ds[batch[0]]
+            assert x.shape == (3, size, size) and y == ds.labels[batch[0][0]]
         for bench in ("roxford5k", "rparis6k"):
             rev = build_revisited(trees[bench], bench, RetrievalTransform(size, train=False))
             assert rev.query[0][0].shape == (3, size, size)
@@ -122,10 +157,10 @@ def test_preset_data_pipeline_on_fixture_tree(name, trees):
 
 # ----------------------------------------------------------------------------- the papers' settings
 CATEGORY = [n for n in PRESETS if preset_dict(n)["dataset"] in ("cub", "sop", "inshop")]
-SFM = [n for n in PRESETS if preset_dict(n)["dataset"] == "sfm120k"]
+SFM = [n for n in IRT if preset_dict(n)["dataset"] == "sfm120k"]
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", IRT)
 def test_method_in_the_name_matches_the_settings(name):
     cfg = load_preset(name)
     m = method(name)
@@ -160,10 +195,21 @@ def test_sfm_presets_follow_irt_section_4_2(name):
         assert cfg.iterations == 100 * math.ceil(cfg.pairs_per_epoch / cfg.tuples_per_batch)
 
 
+@pytest.mark.parametrize("name", DTOP)
+def test_dtop_presets_follow_dtop_a1(name):
+    cfg = load_preset(name)
+    assert cfg.dataset == "sfm120k" and cfg.sfm_training == "classes"  # 3D models as classes, the ordinary loop
+    assert (cfg.loss, cfg.arcface_margin, cfg.lam, cfg.memory_size) == ("arcface", 0.15, 0.0, 0)
+    assert (cfg.optimizer, cfg.lr, cfg.scheduler, cfg.min_lr_factor) == ("sgd", 1e-3, "cosine", 1e-4)
+    assert 0 < cfg.warmup_iters < cfg.iterations
+    assert cfg.model_options == {"dtop": True, "k": 6} and cfg.dim is None  # the 1536-d head is the descriptor
+    assert cfg.backbone.endswith("_384")  # timm's 384 px ViTs; DPE resamples the grid to img_size
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_paper_block(name):
     p = preset_paper(name)
-    assert p["paper"] == "IRT" and p["row"] and p["notes"]
+    assert p["paper"] == ("IRT" if name.startswith("irt_") else "DToP") and p["row"] and p["notes"]
     cfg = load_preset(name)
     expected = ({cfg.dataset: {f"R@{k}" for k in cfg.ks}} if cfg.dataset != "sfm120k"
                 else {b: {"mAP M", "mAP H"} for b in ("roxford5k", "rparis6k")})
@@ -342,3 +388,16 @@ def test_notebook_09_on_the_cub_fixture(tmp_path, trees):
     assert all(f"R@{k}" in text for k in RECALL_KS["cub"])
     saved = (tmp_path / "fig" / "benchmarks_irt_o_cub_deits.csv").read_text().splitlines()
     assert saved[0] == "benchmark,metric,ours,paper" and len(saved) == 1 + len(RECALL_KS["cub"])
+
+
+def test_lambda_sweep_of_a_preset_gives_the_table_6_rows():
+    """IRT Table 6's rows are an IRT_R preset with only λ changed (README, Presets)."""
+    from nbsrc.experiment import lambda_sweep
+
+    base = load_preset("irt_r_sop_deits")
+    rows = lambda_sweep(base, [0, 0.3, 0.7, 1.0], prefix="sop")
+    assert [c.name for c in rows.values()] == ["sop_irt_l", "sop_irt_r_lam0.3", "sop_irt_r", "sop_irt_r_lam1"]
+    assert [c.lam for c in rows.values()] == [0.0, 0.3, 0.7, 1.0]
+    for cfg in rows.values():
+        diff = {k for k, v in cfg.to_dict().items() if v != base.to_dict()[k]}
+        assert diff <= {"name", "lam"}, diff

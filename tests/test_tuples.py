@@ -231,3 +231,41 @@ def test_revisited_roots_are_found_beside_the_sfm_folder(data, tmp_path):
     with pytest.raises(DatasetError, match="roxford_root="):
         run_sfm_experiment(cfg, mode="new")
     assert not (tmp_path / "runs" / "t").exists()  # nothing written for a run that cannot start
+
+
+def test_sfm_class_training_trains_arcface_on_the_3d_models(data, tmp_path, monkeypatch):
+    """sfm_training='classes' (DToP): the ordinary loop on the training images labelled by cluster,
+    with ArcFace, then the same Revisited evaluation; the tuple loop is not used."""
+    import nbsrc.experiment_sfm as sfm_mod
+    from nbsrc.experiment_sfm import class_dataset
+
+    ds = class_dataset(data["db"], None)
+    assert len(ds) == len(data["db"]) and np.array_equal(ds.labels, data["db"].cluster)
+    seen = {}
+    real_train = sfm_mod.train
+
+    def spy(cfg, model, train_ds, *a, **k):
+        seen["labels"] = np.asarray(train_ds.labels)
+        return real_train(cfg, model, train_ds, *a, **k)
+
+    monkeypatch.setattr(sfm_mod, "train", spy)
+    monkeypatch.setattr(sfm_mod, "train_tuples", lambda *a, **k: pytest.fail("tuple loop used for class training"))
+    cfg = tuple_cfg(tmp_path / "runs", name="dtop_cls", data_root=str(data["root"]), sfm_training="classes",
+                    loss="arcface", arcface_scale=16.0, lam=0.0, optimizer="sgd", lr=1e-3, iterations=3,
+                    batch_size=8, m_per_class=2)
+    res = run_sfm_experiment(cfg, mode="new", roxford_root=data["roxford"])
+    assert set(np.unique(seen["labels"])) == set(np.unique(data["db"].cluster))
+    train_rows = [r for r in read_metrics(res.run_dir) if r["kind"] == "train"]
+    assert [r["iteration"] for r in train_rows] == [1, 2, 3] and "arcface" in train_rows[0]
+    assert 0.0 <= res.results["roxford5k"]["medium"]["mAP"] <= 100.0
+
+
+def test_sfm_class_training_needs_two_3d_models_with_pairs(tmp_path):
+    from nbsrc.data.sfm import SfMSplit
+    from nbsrc.experiment_sfm import class_dataset
+
+    db = SfMSplit(paths=["a", "b", "c"], cluster=np.array([0, 0, 1]), qidxs=np.array([0]), pidxs=np.array([1]))
+    with pytest.raises(DatasetError, match="2 or more"):
+        class_dataset(db, None)
+    with pytest.raises(ConfigError, match="sfm_training"):
+        ExperimentConfig(sfm_training="pairs").validate()

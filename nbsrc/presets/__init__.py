@@ -1,8 +1,10 @@
-"""Presets: the paper's rows as ready configs (IRT Tables 2, 3, 7, 8).
+"""Presets: the papers' rows as ready configs (IRT Tables 2, 3, 7, 8; DToP Table A5).
 
 One JSON file per row in this folder, named after the row: ``irt_r_sop_deits`` is IRT_R
 (contrastive loss + KoLeo, IRT eq. 5) on Stanford Online Products with DeiT-S; ``_dist`` marks the
-distilled DeiT-S† (``deit_small_distilled_patch16_224``). A file holds the
+distilled DeiT-S† (``deit_small_distilled_patch16_224``); ``dtop_r50vitb16_sfm`` is the full DToP
+model on the hybrid R50+ViT-B/16, trained with ArcFace on the SfM-120k images labelled by their 3D
+model (``sfm_training="classes"``) and evaluated on Revisited Oxford and Paris. A file holds the
 :class:`~nbsrc.config.ExperimentConfig` fields of the row and a ``"paper"`` block that is not a
 config field: the paper, table, row label, the reported numbers (``null`` where not recorded) and
 notes on settings that are our assumptions rather than the paper's::
@@ -87,11 +89,17 @@ def preset_table() -> str:
     differ between presets, and the paper's numbers (– where not recorded)."""
     head = ("| preset | paper, table | row | dataset | backbone | loss (β, λ) | memory | optimizer, lr | "
             "iterations | image | dim | paper's numbers |")
+    # loss column: contrastive (β, λ) for IRT, arcface (margin, scale) for DToP
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name in list_presets():
         c, p = preset_dict(name), preset_paper(name)
         trained = c["iterations"] > 0
-        loss = f"{c['loss']} ({_fmt(c['beta'])}, {_fmt(c['lam'])})" if trained else "none (off-the-shelf)"
+        if not trained:
+            loss = "none (off-the-shelf)"
+        elif c["loss"] == "arcface":
+            loss = f"arcface (m {_fmt(c['arcface_margin'])}, s {_fmt(c['arcface_scale'])})"
+        else:
+            loss = f"{c['loss']} ({_fmt(c['beta'])}, {_fmt(c['lam'])})"
         optim = f"{c['optimizer']}, {c['lr']:g}" if trained else "–"
         lines.append(
             f"| `{name}` | {p['paper']} {p['table']} | {p['row']} | {c['dataset']} | `{c['backbone']}` | {loss} | "

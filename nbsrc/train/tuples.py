@@ -139,7 +139,8 @@ def check_tuple_config(cfg: ExperimentConfig) -> None:
     """Settings the tuple loop cannot honour are errors, not silently ignored."""
     if cfg.loss != "contrastive":
         raise ConfigError(
-            f"loss={cfg.loss!r}: SfM-120k tuple training uses the contrastive loss; set loss='contrastive'"
+            f"loss={cfg.loss!r}: SfM-120k tuple training uses the contrastive loss; set loss='contrastive', "
+            "or sfm_training='classes' to train on the 3D models as classes"
         )
     if cfg.memory_size:
         raise ConfigError(f"memory_size={cfg.memory_size}: tuple training has no cross-batch memory; set memory_size=0")
