@@ -206,3 +206,24 @@ def test_dtop_cli_writes_its_section(tmp_path):
     text = path.read_text()
     row = next(line for line in text.splitlines() if line.startswith("| ") and "<= 1.5" in line)
     assert float(row.split("|")[1].split()[0]) > 0 and "## dtop" in text
+
+
+# ----------------------------------------------------------------------------- loader
+def test_loader_bench_compares_worker_counts_with_the_step(tmp_path):
+    from nbsrc.bench.loader import bench_loader, results_markdown as loader_md
+    from nbsrc.config import ExperimentConfig
+
+    cfg = ExperimentConfig(name="b", dataset="digits", img_size=16, patch_size=8, batch_size=8, m_per_class=2,
+                           memory_size=16, device="cpu", progress=False, iterations=10**6)
+    r = bench_loader(cfg, workers=(1, 0), batches=3, warmup=1, steps=2)
+    assert set(r["loader_img_per_s"]) == {"0", "1"} and r["step_img_per_s"] > 0
+    for w, rate in r["loader_img_per_s"].items():
+        assert rate > 0 and r["loader_over_step"][w] == pytest.approx(rate / r["step_img_per_s"])
+    keep = r["workers_that_keep_up"]
+    assert keep is None or r["loader_over_step"][str(keep)] >= 1
+    assert all(r["loader_over_step"][w] < 1 for w in ("0", "1") if keep is None or int(w) < keep)
+    info = {"cpu": "x", "cores": 1, "ram_gb": 1, "gpu": "none", "torch": "t", "timm": "t", "faiss": "f",
+            "pytorch_metric_learning": "p", "numpy": "n", "python": "3", "date": "d"}
+    assert "| 0 |" in loader_md(r, info) and "DataLoader workers" in loader_md(r, info)
+    with pytest.raises(ConfigError, match="worker counts >= 0"):
+        bench_loader(cfg, workers=(-1,))
