@@ -145,7 +145,10 @@ def test_one_ddp_step_equals_one_process_on_the_global_batch(runs):
     assert [r["iteration"] for r in ddp_rows] == [1, 2, 3, 4]  # logged once (rank 0), not once per rank
     for a, b in zip(ddp_rows, one_rows, strict=True):
         for key in ("contrastive", "koleo", "total"):
-            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["iteration"], key)
+            # step 1 is the 1e-5; later steps (memory filled, weights moved) track it to float32
+            # accumulation: relative 1e-5 of a loss of ~13 (different thread counts reorder the sums)
+            tol = dict(abs=1e-5) if a["iteration"] == 1 else dict(rel=1e-5, abs=1e-5)
+            assert a[key] == pytest.approx(b[key], **tol), (a["iteration"], key)
     assert ddp_rows[0]["koleo"] != 0 and ddp_rows[1]["contrastive"] > 0
 
     torch.manual_seed(runs["cfg"]["ddp"].seed)
