@@ -34,12 +34,12 @@ from nbsrc.config import ExperimentConfig
 from nbsrc.data.datasets import RetrievalDataset
 from nbsrc.data.sfm import SfMSplit, load_sfm120k_db
 from nbsrc.data.transforms import RetrievalTransform
-from nbsrc.errors import DatasetError
+from nbsrc.errors import ConfigError, DatasetError
 from nbsrc.eval.embed import extract_embeddings
 from nbsrc.eval.revisited import REVISITED_LAYOUT, REVISITED_NAMES, build_revisited, revisited_map
 from nbsrc.experiment import EMBEDDINGS, MODEL, PCA_FIT_SAMPLES, RunResult, load_run
 from nbsrc.models import data_config, model_from_config
-from nbsrc.train import prepare_run_dir, resolve_device, run_state, train
+from nbsrc.train import distributed, prepare_run_dir, resolve_device, run_state, train
 from nbsrc.train.rundir import RESULTS, write_json_atomic
 from nbsrc.train.tuples import train_tuples
 
@@ -103,6 +103,12 @@ def run_sfm_experiment(cfg: ExperimentConfig, mode: str = "reuse", roxford_root=
     :func:`nbsrc.experiment.run_experiment`. ``stop_after`` ends training early (no evaluation).
     """
     cfg.validate()
+    dinfo = distributed.current()
+    if dinfo.enabled and cfg.sfm_training == "tuples" and cfg.iterations > 0:
+        raise ConfigError(
+            "SfM-120k tuple training (sfm_training='tuples') runs in one process: launch it without torchrun, "
+            "or train on the 3D models with --sfm-training classes, which runs data-parallel"
+        )
     if mode == "reuse" and run_state(cfg.run_dir) == "done":  # a finished run needs no data
         prepare_run_dir(cfg, mode)  # checks that the saved config is the same
         print(f"reusing finished run {cfg.run_dir} (same config); nothing retrained")
@@ -116,7 +122,9 @@ def run_sfm_experiment(cfg: ExperimentConfig, mode: str = "reuse", roxford_root=
             f"{' / '.join(REVISITED_NAMES)} beside data_root={cfg.data_root!r}; {REVISITED_LAYOUT}"
         )
     db = load_sfm120k_db(cfg.data_root, "train")
-    run_dir, action = prepare_run_dir(cfg, mode)
+    # Under torchrun only rank 0 touches the run directory; the others learn its decision.
+    prepared = prepare_run_dir(cfg, mode) if dinfo.is_main else None
+    run_dir, action = distributed.broadcast_object(prepared)
     if action == "reuse":
         return load_run(run_dir)
     device = resolve_device(cfg.device)
@@ -134,6 +142,9 @@ def run_sfm_experiment(cfg: ExperimentConfig, mode: str = "reuse", roxford_root=
                          stop_after=stop_after)
         if stop_after is not None and stop_after < cfg.iterations:
             return RunResult(cfg, run_dir, {}, model=model)
+    if not dinfo.is_main:  # PCA, evaluation and the run's files are rank 0's
+        distributed.barrier()
+        return RunResult(cfg, run_dir, {}, model=model)
     model.to(device).eval()
     if cfg.dim:
         fit_pca_sfm(model, db, eval_tf, cfg, device)
@@ -148,4 +159,5 @@ def run_sfm_experiment(cfg: ExperimentConfig, mode: str = "reuse", roxford_root=
     results.update({"n_train_images": len(db), "seconds": round(time.perf_counter() - t0, 1), "device": str(device),
                     "torch": torch.__version__, "python": platform.python_version()})
     write_json_atomic(run_dir / RESULTS, results)
+    distributed.barrier()
     return RunResult(cfg, run_dir, results, model=model)

@@ -269,3 +269,38 @@ def test_sfm_class_training_needs_two_3d_models_with_pairs(tmp_path):
         class_dataset(db, None)
     with pytest.raises(ConfigError, match="sfm_training"):
         ExperimentConfig(sfm_training="pairs").validate()
+
+
+def test_sfm_tuple_training_under_torchrun_says_to_use_one_process_or_classes(tmp_path, monkeypatch):
+    from nbsrc.train import distributed
+
+    monkeypatch.setattr(distributed, "current", lambda: distributed.DistInfo(rank=0, world_size=2))
+    with pytest.raises(ConfigError, match="without torchrun.*--sfm-training classes"):
+        run_sfm_experiment(tuple_cfg(tmp_path / "runs"), mode="new")
+
+
+@pytest.mark.slow
+def test_sfm_class_training_under_torchrun_writes_the_run_once(data, tmp_path):
+    """``torchrun --nproc_per_node=2 -m nbsrc train --dataset sfm120k --sfm-training classes``: both
+    ranks train, rank 0 alone creates the run directory, evaluates on Revisited Oxford and Paris and
+    writes the results."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "nbsrc", "train",
+           "--name", "sfm_ddp", "--runs-dir", str(tmp_path), "--dataset", "sfm120k", "--data-root", str(data["root"]),
+           "--sfm-training", "classes", "--backbone", "test_vit", "--img-size", "32", "--patch-size", "8",
+           "--loss", "arcface", "--arcface-scale", "16", "--lam", "0", "--optimizer", "sgd", "--lr", "0.001",
+           "--iterations", "3", "--batch-size", "8", "--m-per-class", "2", "--memory-size", "0",
+           "--device", "cpu", "--no-progress", "--log-every", "1", "--ckpt-every", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sfm_ddp"]  # no second, racing directory
+    results = json.loads((tmp_path / "sfm_ddp" / "results.json").read_text())
+    assert set(results) >= {"roxford5k", "rparis6k"} and 0.0 <= results["roxford5k"]["medium"]["mAP"] <= 100.0
+    its = [r["iteration"] for r in read_metrics(tmp_path / "sfm_ddp") if r["kind"] == "train"]
+    assert its == [1, 2, 3]  # each iteration logged once, by rank 0
+    assert proc.stdout.count("sfm_ddp roxford5k: mAP") == 1  # evaluated and reported once
