@@ -113,6 +113,7 @@ def run_sfm_experiment(cfg: ExperimentConfig, mode: str = "reuse", roxford_root=
         prepare_run_dir(cfg, mode)  # checks that the saved config is the same
         print(f"reusing finished run {cfg.run_dir} (same config); nothing retrained")
         return load_run(cfg.run_dir)
+    db = load_sfm120k_db(cfg.data_root, "train")  # first: a wrong data_root is named as such
     roots = {"roxford5k": roxford_root, "rparis6k": rparis_root}
     roots = {n: Path(r) if r is not None else find_revisited_root(cfg.data_root, n) for n, r in roots.items()}
     roots = {n: r for n, r in roots.items() if r is not None}
@@ -121,7 +122,6 @@ def run_sfm_experiment(cfg: ExperimentConfig, mode: str = "reuse", roxford_root=
             f"no Revisited dataset to evaluate on: pass roxford_root= and/or rparis_root=, or put "
             f"{' / '.join(REVISITED_NAMES)} beside data_root={cfg.data_root!r}; {REVISITED_LAYOUT}"
         )
-    db = load_sfm120k_db(cfg.data_root, "train")
     # Under torchrun only rank 0 touches the run directory; the others learn its decision.
     prepared = prepare_run_dir(cfg, mode) if dinfo.is_main else None
     run_dir, action = distributed.broadcast_object(prepared)

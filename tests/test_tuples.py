@@ -231,6 +231,8 @@ def test_revisited_roots_are_found_beside_the_sfm_folder(data, tmp_path):
     with pytest.raises(DatasetError, match="roxford_root="):
         run_sfm_experiment(cfg, mode="new")
     assert not (tmp_path / "runs" / "t").exists()  # nothing written for a run that cannot start
+    with pytest.raises(DatasetError, match="expected .*retrieval-SfM-120k.pkl"):  # the data root named first
+        run_sfm_experiment(tuple_cfg(tmp_path / "runs", data_root=str(tmp_path / "missing")), mode="new")
 
 
 def test_sfm_class_training_trains_arcface_on_the_3d_models(data, tmp_path, monkeypatch):
