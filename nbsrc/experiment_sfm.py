@@ -34,7 +34,7 @@ from nbsrc.config import ExperimentConfig
 from nbsrc.data.datasets import RetrievalDataset
 from nbsrc.data.sfm import SfMSplit, load_sfm120k_db
 from nbsrc.data.transforms import RetrievalTransform
-from nbsrc.errors import ConfigError, DatasetError
+from nbsrc.errors import DatasetError
 from nbsrc.eval.embed import extract_embeddings
 from nbsrc.eval.revisited import REVISITED_LAYOUT, REVISITED_NAMES, build_revisited, revisited_map
 from nbsrc.experiment import EMBEDDINGS, MODEL, PCA_FIT_SAMPLES, RunResult, load_run
@@ -104,11 +104,6 @@ def run_sfm_experiment(cfg: ExperimentConfig, mode: str = "reuse", roxford_root=
     """
     cfg.validate()
     dinfo = distributed.current()
-    if dinfo.enabled and cfg.sfm_training == "tuples" and cfg.iterations > 0:
-        raise ConfigError(
-            "SfM-120k tuple training (sfm_training='tuples') runs in one process: launch it without torchrun, "
-            "or train on the 3D models with --sfm-training classes, which runs data-parallel"
-        )
     if mode == "reuse" and run_state(cfg.run_dir) == "done":  # a finished run needs no data
         prepare_run_dir(cfg, mode)  # checks that the saved config is the same
         print(f"reusing finished run {cfg.run_dir} (same config); nothing retrained")

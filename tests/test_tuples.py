@@ -273,19 +273,90 @@ def test_sfm_class_training_needs_two_3d_models_with_pairs(tmp_path):
         ExperimentConfig(sfm_training="pairs").validate()
 
 
-def test_sfm_tuple_training_under_torchrun_says_to_use_one_process_or_classes(tmp_path, monkeypatch):
+def test_tuple_batches_must_divide_among_the_ranks(data, tmp_path, monkeypatch):
     from nbsrc.train import distributed
+    from nbsrc.train.tuples import check_world_size
 
+    check_world_size(tuple_cfg(tmp_path), data["db"], 2)  # 4 pairs, 2 tuples a batch: 1 each
+    with pytest.raises(ConfigError, match="tuples_per_batch=3 .* among the 2 processes"):
+        check_world_size(tuple_cfg(tmp_path, tuples_per_batch=3), data["db"], 2)
+    with pytest.raises(ConfigError, match="last batch of 1 tuples"):  # 5 pairs in batches of 2: 2, 2, 1
+        check_world_size(tuple_cfg(tmp_path, pairs_per_epoch=5), data["db"], 2)
     monkeypatch.setattr(distributed, "current", lambda: distributed.DistInfo(rank=0, world_size=2))
-    with pytest.raises(ConfigError, match="without torchrun.*--sfm-training classes"):
-        run_sfm_experiment(tuple_cfg(tmp_path / "runs"), mode="new")
+    cfg = tuple_cfg(tmp_path / "runs", tuples_per_batch=3)
+    with pytest.raises(ConfigError, match="among the 2 processes"):
+        train_tuples(cfg, fresh_model(cfg), data["db"], tmp_path / "run")
+
+
+def _tuple_ddp_worker(rank: int, port: int, cfg_dict: dict, root: str, out: str) -> None:
+    """One rank of the 2-process tuple run: gloo, train_tuples, dump the weights and this rank's mining."""
+    import os
+
+    import torch.distributed as dist
+
+    from nbsrc.train.distributed import init_distributed
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    init_distributed("cpu")
+    try:
+        cfg = ExperimentConfig.from_dict(cfg_dict)
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        model = train_tuples(cfg, fresh_model(cfg), load_sfm120k_db(root), cfg.run_dir)
+        torch.save(model.state_dict(), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_sfm_class_training_under_torchrun_writes_the_run_once(data, tmp_path):
-    """``torchrun --nproc_per_node=2 -m nbsrc train --dataset sfm120k --sfm-training classes``: both
-    ranks train, rank 0 alone creates the run directory, evaluates on Revisited Oxford and Paris and
-    writes the results."""
+def test_two_process_tuple_training_equals_one_process_on_the_global_batch(data, tmp_path):
+    """torchrun-style tuple training on 2 gloo ranks (1 tuple each of a global batch of 2, mining
+    sharded over the ranks) gives the single process's losses, tuples and weights."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    kw = dict(optimizer="sgd", lr=0.5, weight_decay=0.0, lam=0.5, iterations=4, ckpt_every=0)  # 2 epochs: mining twice
+    ddp_cfg, one_cfg = tuple_cfg(tmp_path / "runs", "ddp", **kw), tuple_cfg(tmp_path / "runs", "one", **kw)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_tuple_ddp_worker, args=(port, ddp_cfg.to_dict(), str(data["root"]), str(tmp_path)), nprocs=2, join=True)
+    one_cfg.run_dir.mkdir(parents=True)
+    one = train_tuples(one_cfg, fresh_model(one_cfg), data["db"], one_cfg.run_dir, progress=False).state_dict()
+
+    ddp_rows, one_rows = read_metrics(ddp_cfg.run_dir), read_metrics(one_cfg.run_dir)
+    assert [(r["kind"], r["iteration"]) for r in ddp_rows] == [(r["kind"], r["iteration"]) for r in one_rows]
+    assert [r["kind"] for r in ddp_rows].count("mine") == 2  # logged once, by rank 0
+    for a, b in zip(ddp_rows, one_rows):
+        if a["kind"] == "train":
+            for key in ("contrastive", "koleo", "total"):
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["iteration"], key)
+    assert np.array_equal(load_checkpoint(ddp_cfg.run_dir)["tuples"], load_checkpoint(one_cfg.run_dir)["tuples"])
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    init = fresh_model(one_cfg).state_dict()
+    moved = max(float((one[k] - init[k]).abs().max()) for k in one if one[k].is_floating_point())
+    assert moved > 1e-3
+    for k, v in one.items():
+        torch.testing.assert_close(ranks[0][k], ranks[1][k], rtol=0, atol=0)  # DDP keeps the ranks identical
+        torch.testing.assert_close(ranks[0][k], v, rtol=0, atol=1e-5, msg=f"weights {k}")
+
+
+TRAINING_FLAGS = {
+    "classes": ["--loss", "arcface", "--arcface-scale", "16", "--lam", "0", "--optimizer", "sgd", "--lr", "0.001",
+                "--batch-size", "8", "--m-per-class", "2"],
+    "tuples": ["--loss", "contrastive", "--lam", "0.1", "--optimizer", "adam", "--lr", "1e-4", "--pairs-per-epoch", "4",
+               "--tuples-per-batch", "2", "--negatives-per-tuple", "2", "--negative-pool", "16"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("training", ["classes", "tuples"])
+def test_sfm_training_under_torchrun_writes_the_run_once(data, tmp_path, training):
+    """``torchrun --nproc_per_node=2 -m nbsrc train --dataset sfm120k --sfm-training T``: both ranks
+    train, rank 0 alone creates the run directory, evaluates on Revisited Oxford and Paris and writes
+    the results."""
     import os
     import subprocess
     import sys
@@ -294,9 +365,8 @@ def test_sfm_class_training_under_torchrun_writes_the_run_once(data, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "nbsrc", "train",
            "--name", "sfm_ddp", "--runs-dir", str(tmp_path), "--dataset", "sfm120k", "--data-root", str(data["root"]),
-           "--sfm-training", "classes", "--backbone", "test_vit", "--img-size", "32", "--patch-size", "8",
-           "--loss", "arcface", "--arcface-scale", "16", "--lam", "0", "--optimizer", "sgd", "--lr", "0.001",
-           "--iterations", "3", "--batch-size", "8", "--m-per-class", "2", "--memory-size", "0",
+           "--sfm-training", training, "--backbone", "test_vit", "--img-size", "32", "--patch-size", "8",
+           *TRAINING_FLAGS[training], "--iterations", "3", "--memory-size", "0",
            "--device", "cpu", "--no-progress", "--log-every", "1", "--ckpt-every", "0"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

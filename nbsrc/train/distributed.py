@@ -46,6 +46,16 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, 0)
 
 
+def gather_objects(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` (picklable objects of any size; ``[obj]`` without a
+    process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 @dataclass
 class DistInfo:
     rank: int = 0

@@ -28,6 +28,13 @@ epoch's tuples, so a run resumed from any checkpoint ends with the same weights 
 one: at an epoch boundary the tuples are mined again (mining is deterministic given the weights),
 inside an epoch the saved ones are used and the batches already trained on are skipped.
 Checkpoints are written every ``cfg.ckpt_every`` steps, at every epoch end and at the end.
+
+**Data-parallel (torchrun).** ``tuples_per_batch`` is the global batch: each rank trains its share
+of every batch's tuples, the loss and KoLeo see the gathered global batch
+(:func:`~nbsrc.train.distributed.gather_with_grad`), so a step equals one process's step on the
+whole batch. Mining embeds a contiguous share of the images on each rank and gathers them, so every
+rank mines the same tuples (rank 0's are broadcast to be sure). Rank 0 alone writes checkpoints
+and metrics. ``tuples_per_batch`` and the epoch's last, smaller batch must divide among the ranks.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from nbsrc.losses.contrastive import contrastive_pair_terms, upcast
 from nbsrc.losses.koleo import koleo_loss
 from nbsrc.models import data_config
 from nbsrc.progress import progress as progress_bar
+from nbsrc.train import distributed
 from nbsrc.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from nbsrc.train.loop import amp_settings, build_optimizer, lr_factor, resolve_device
 from nbsrc.train.rundir import append_metrics, truncate_metrics
@@ -118,11 +126,18 @@ def mine_epoch(model: torch.nn.Module, sampler: TupleSampler, epoch: int, eval_t
     """The tuples ``[n_pairs, 2 + K]`` of ``epoch``, mined with ``model`` as it is now (eval mode,
     evaluation transform): :meth:`~nbsrc.data.sfm.TupleSampler.epoch_tuples`."""
     images = sampler.db.images(eval_tf)
+    dinfo = distributed.current()
 
     def embed(idx: np.ndarray) -> np.ndarray:
-        return embed_images(model, images.subset(idx), cfg.eval_batch_size, device, cfg.num_workers, amp)
+        if not dinfo.enabled:
+            return embed_images(model, images.subset(idx), cfg.eval_batch_size, device, cfg.num_workers, amp)
+        share = np.array_split(np.asarray(idx), dinfo.world_size)[dinfo.rank]  # contiguous, in rank order
+        local = (embed_images(model, images.subset(share), cfg.eval_batch_size, device, cfg.num_workers, amp)
+                 if len(share) else None)
+        return np.concatenate([e for e in distributed.gather_objects(local) if e is not None])
 
-    return sampler.epoch_tuples(epoch, embed)
+    tuples = sampler.epoch_tuples(epoch, embed)
+    return distributed.broadcast_object(tuples) if dinfo.enabled else tuples
 
 
 def epoch_batches(cfg: ExperimentConfig, epoch: int, n_tuples: int) -> list[list[tuple[int, int]]]:
@@ -146,6 +161,16 @@ def check_tuple_config(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"memory_size={cfg.memory_size}: tuple training has no cross-batch memory; set memory_size=0")
 
 
+def check_world_size(cfg: ExperimentConfig, db: SfMSplit, world: int) -> None:
+    """Every batch of tuples, the epoch's last one included, must split evenly among ``world`` ranks."""
+    last = min(cfg.pairs_per_epoch, len(db.qidxs)) % cfg.tuples_per_batch
+    if world > 1 and (cfg.tuples_per_batch % world or last % world):
+        raise ConfigError(
+            f"tuples_per_batch={cfg.tuples_per_batch} (global) and the epoch's last batch of {last} tuples must "
+            f"divide among the {world} processes: choose tuples_per_batch and pairs_per_epoch as multiples of {world}"
+        )
+
+
 # ----------------------------------------------------------------------------- the loop
 def train_tuples(cfg: ExperimentConfig, model: torch.nn.Module, db_train: SfMSplit, run_dir: str | Path,
                  resume: bool = False, progress: bool = True, stop_after: int | None = None) -> torch.nn.Module:
@@ -159,7 +184,11 @@ def train_tuples(cfg: ExperimentConfig, model: torch.nn.Module, db_train: SfMSpl
     """
     check_tuple_config(cfg)
     run_dir = Path(run_dir)
+    dinfo = distributed.current()
+    check_world_size(cfg, db_train, dinfo.world_size)
     device = resolve_device(cfg.device)
+    if dinfo.enabled and device.type == "cuda":
+        device = torch.device("cuda", dinfo.local_rank)
     torch.manual_seed(cfg.seed)
     model.to(device).train()
     norm = data_config(model)
@@ -184,17 +213,22 @@ def train_tuples(cfg: ExperimentConfig, model: torch.nn.Module, db_train: SfMSpl
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         start, tuples = int(state["iteration"]), state.get("tuples")
-        truncate_metrics(run_dir, start)
+        if dinfo.is_main:
+            truncate_metrics(run_dir, start)
+    net = distributed.wrap_ddp(model, device)  # after loading: every rank starts from the same weights
 
     def checkpoint(it: int) -> None:
-        save_checkpoint({
-            "iteration": it, "epoch": it // per_epoch, "config": cfg.to_dict(), "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "rng": rng_state(), "tuples": tuples,
-        }, run_dir)
+        if dinfo.is_main:
+            save_checkpoint({
+                "iteration": it, "epoch": it // per_epoch, "config": cfg.to_dict(), "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": rng_state(), "tuples": tuples,
+            }, run_dir)
+        distributed.barrier()
 
     end = cfg.iterations if stop_after is None else min(cfg.iterations, stop_after)
-    bar = progress_bar(end, f"train {cfg.name} (tuples)", progress and cfg.progress, initial=start)
+    bar = progress_bar(end, f"train {cfg.name} (tuples)", progress and cfg.progress and dinfo.is_main,
+                       initial=start)
     it, t_last, seen = start, time.perf_counter(), 0
     while it < end:
         epoch, offset = divmod(it, per_epoch)
@@ -202,10 +236,11 @@ def train_tuples(cfg: ExperimentConfig, model: torch.nn.Module, db_train: SfMSpl
             t0 = time.perf_counter()
             tuples = mine_epoch(model, sampler, epoch, eval_tf, cfg, device, (amp_on, amp_dtype))
             model.train()
-            append_metrics(run_dir, {"kind": "mine", "iteration": it, "epoch": epoch, "n_tuples": len(tuples),
-                                     "seconds": round(time.perf_counter() - t0, 3)})
+            if dinfo.is_main:
+                append_metrics(run_dir, {"kind": "mine", "iteration": it, "epoch": epoch, "n_tuples": len(tuples),
+                                         "seconds": round(time.perf_counter() - t0, 3)})
         dataset.set_tuples(tuples)
-        batches = epoch_batches(cfg, epoch, len(tuples))[offset:]
+        batches = [_rank_share(b, dinfo) for b in epoch_batches(cfg, epoch, len(tuples))[offset:]]
         loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_tuples, num_workers=cfg.num_workers,
                             pin_memory=cfg.pin_memory and device.type == "cuda")
         for x, _, idx in loader:
@@ -213,7 +248,9 @@ def train_tuples(cfg: ExperimentConfig, model: torch.nn.Module, db_train: SfMSpl
                 break
             x = x.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_on):
-                z = model(x).float()
+                z = net(x).float()
+            if dinfo.enabled:  # the loss and KoLeo of the global batch, tuples in rank order
+                z, idx = distributed.gather_with_grad(z), distributed.gather(idx.to(device)).cpu()
             terms = tuple_loss_terms(z, idx, tuple_size, cfg.beta, cfg.lam)
             total = terms["total"]
             if not torch.isfinite(total):
@@ -231,9 +268,9 @@ def train_tuples(cfg: ExperimentConfig, model: torch.nn.Module, db_train: SfMSpl
             scaler.update()
             scheduler.step()
             it += 1
-            seen += len(x)
+            seen += len(x) * dinfo.world_size  # the global batch
             bar.update(1)
-            if it % max(cfg.log_every, 1) == 0 or it == end:
+            if dinfo.is_main and (it % max(cfg.log_every, 1) == 0 or it == end):
                 now = time.perf_counter()
                 row = {"kind": "train", "iteration": it, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
                        "img_per_s": seen / max(now - t_last, 1e-9)}
@@ -246,3 +283,11 @@ def train_tuples(cfg: ExperimentConfig, model: torch.nn.Module, db_train: SfMSpl
     bar.close()
     checkpoint(it)
     return model
+
+
+def _rank_share(batch: list, dinfo: distributed.DistInfo) -> list:
+    """This rank's contiguous share of a global batch of tuples (all of it in one process)."""
+    if not dinfo.enabled:
+        return batch
+    n = len(batch) // dinfo.world_size  # check_world_size made every batch divide evenly
+    return batch[dinfo.rank * n : (dinfo.rank + 1) * n]
