@@ -2,6 +2,7 @@
 ground-truth reader and query crops on a generated fixture, and chunked ranking of a memmap."""
 
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from fixtures_benchmarks import make_revisited
 
 from nbsrc.errors import ConfigError, DatasetError
 from nbsrc.eval.revisited import (
-    ap_and_precision, bench_revisited, build_distractors, build_revisited, crop_query, embeddings_to_memmap,
+    ap_and_precision, build_distractors, build_revisited, crop_query, embeddings_to_memmap,
     load_revisited_gnd, random_gnd, rank_chunked, revisited_map, revisited_map_reference,
 )
 
@@ -146,10 +147,17 @@ def test_bad_rankings_are_rejected():
         revisited_map(np.array([[0, 1], [1, 0]]), gnd, kappas=(0,))
 
 
-def test_bench_reports_a_speedup_and_agreement():
-    out = bench_revisited(n_queries=10, n_db=1000, repeats=1)
-    assert out["max_abs_diff"] < 1e-9
-    assert out["speedup"] > 1 and out["vectorised_s"] > 0
+def test_bench_cli_writes_the_speedup_and_agreement(tmp_path):
+    from nbsrc.bench.__main__ import main as bench_main
+
+    path = tmp_path / "R.md"
+    assert bench_main(["revisited", "--queries", "10", "--db", "1000", "--rounds", "3", "--results", str(path)]) == 0
+    text = path.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| ") and "x [" in line)
+    speedup, lo, hi = (float(v) for v in re.match(r"\| ([\d.]+)x \[([\d.]+), ([\d.]+)\]", row).groups())
+    assert 0 < lo <= speedup <= hi  # a ratio, not a timed assertion
+    assert float(row.split("|")[2]) < 1e-9 and "## revisited" in text
+    assert bench_main(["revisited", "--rounds", "0", "--results", str(path)]) == 2
 
 
 # ----------------------------------------------------------------------------- data

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m nbsrc.bench {train,eval,dtop,loader}``.
+"""Benchmarks: ``python -m nbsrc.bench {train,eval,dtop,loader,revisited}``.
 
 Each bench compares methods *within one run* (their steps alternate, so they share the machine's
 load) and reports ratios, which survive a busy machine better than absolute times. Each writes its
@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 RESULTS_PATH = Path("bench") / "RESULTS.md"
-_HEADER = "# Benchmark results\n\nWritten by `python -m nbsrc.bench {train,eval,dtop,loader}`; each command rewrites only its own section.\n"
+_HEADER = "# Benchmark results\n\nWritten by `python -m nbsrc.bench {train,eval,dtop,loader,revisited}`; each command rewrites only its own section.\n"
 
 
 def machine_info() -> dict:

@@ -1,4 +1,4 @@
-"""``python -m nbsrc.bench {train,eval,dtop,loader} [options]``: run one benchmark, print its JSON and
+"""``python -m nbsrc.bench {train,eval,dtop,loader,revisited} [options]``: run one benchmark, print its JSON and
 rewrite its section of bench/RESULTS.md (``--results PATH`` to write elsewhere, ``--note TEXT`` to
 record the conditions, e.g. a busy shared machine)."""
 
@@ -11,14 +11,15 @@ from nbsrc.errors import NbsrcError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nbsrc.bench import dtop, eval as eval_bench, loader, train
+    from nbsrc.bench import dtop, eval as eval_bench, loader, revisited, train
 
     p = argparse.ArgumentParser(prog="python -m nbsrc.bench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, module, help_ in (("train", train, "training throughput: nbsrc vs reference loop vs bare backbone"),
                                 ("eval", eval_bench, "Recall@K evaluation: time and peak RSS per method"),
                                 ("dtop", dtop, "DToP training-step cost relative to the plain ViT"),
-                                ("loader", loader, "DataLoader workers needed to keep the training step fed")):
+                                ("loader", loader, "DataLoader workers needed to keep the training step fed"),
+                                ("revisited", revisited, "Revisited mAP: vectorised protocol vs the slow loop")):
         s = sub.add_parser(name, help=help_, description=module.__doc__.split("\n\n")[0])
         module.add_arguments(s)
         s.add_argument("--results", default=None, help="markdown file to update (default bench/RESULTS.md)")

@@ -42,7 +42,6 @@ memory used is bounded by the chunk, not by the database.
 from __future__ import annotations
 
 import pickle
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -411,26 +410,6 @@ def random_gnd(n_queries: int, n_db: int, rng: np.random.Generator, max_sizes=(6
         a, b = sizes[0], sizes[0] + sizes[1]
         gnd.append({"bbx": np.zeros(4), "easy": perm[:a], "hard": perm[a:b], "junk": perm[b : b + sizes[2]]})
     return gnd
-
-
-def bench_revisited(n_queries: int = 70, n_db: int = 5000, seed: int = 0, repeats: int = 5) -> dict:
-    """Time :func:`revisited_map` against :func:`revisited_map_reference` on random rankings of
-    ``n_queries`` queries over ``n_db`` images (the size of rOxford5k); returns the timings (best of
-    ``repeats`` for the vectorised one), the speed-up and the largest difference between the two."""
-    rng = np.random.default_rng(seed)
-    gnd = random_gnd(n_queries, n_db, rng)
-    ranks = np.argsort(rng.random((n_queries, n_db)), axis=1)
-    fast_s = float("inf")
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        fast = revisited_map(ranks, gnd)
-        fast_s = min(fast_s, time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    slow = revisited_map_reference(ranks, gnd)
-    slow_s = time.perf_counter() - t0
-    diff = max(abs(fast[s][m] - slow[s][m]) for s in fast for m in fast[s])
-    return {"n_queries": n_queries, "n_db": n_db, "vectorised_s": fast_s, "reference_s": slow_s,
-            "speedup": slow_s / fast_s, "max_abs_diff": diff}
 
 
 # ----------------------------------------------------------------------------- +1M distractors
