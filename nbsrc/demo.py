@@ -12,7 +12,7 @@ TABLE = Path("figures") / "table3_irt.md"
 # Tiny parameters for the smoke run (CI): each notebook finishes in well under a minute.
 QUICK = {
     "runs_dir": "runs/quick", "figures_dir": "runs/quick/figures", "iterations": 4, "eval_per_class": 20,
-    "batch_size": 32, "m_per_class": 8, "memory_size": 64, "warmup_iters": 0,
+    "batch_size": 32, "m_per_class": 8, "memory_size": 64, "warmup_iters": 0, "seeds": [0, 1],
 }
 
 

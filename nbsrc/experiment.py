@@ -17,7 +17,7 @@ import torch
 
 from nbsrc.config import ExperimentConfig
 from nbsrc.data import RetrievalData, build_data, cap_per_class
-from nbsrc.errors import RunDirError
+from nbsrc.errors import ConfigError, RunDirError
 from nbsrc.eval import evaluate, extract_embeddings
 from nbsrc.models import data_config, model_from_config
 from nbsrc.train import distributed, load_results, prepare_run_dir, read_metrics, resolve_device, train
@@ -151,6 +151,17 @@ def irt_variants(base: ExperimentConfig, prefix: str = "") -> dict[str, Experime
         "IRT_L": base.replace(name=f"{p}irt_l", lam=0.0),
         "IRT_R": base.replace(name=f"{p}irt_r"),
     }
+
+
+def seed_variants(cfgs: dict[str, ExperimentConfig], seeds) -> dict[tuple[str, int], ExperimentConfig]:
+    """``{(label, seed): config}``: each config of ``cfgs`` with each seed (initial weights, batches,
+    augmentations). The config's own seed keeps its run name, so existing runs are reused; another
+    seed ``s`` gets ``<name>_seed<s>``."""
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds={seeds}: give one or more distinct seeds, e.g. [0, 1, 2]")
+    return {(label, s): cfg if s == cfg.seed else cfg.replace(name=f"{cfg.name}_seed{s}", seed=s)
+            for label, cfg in cfgs.items() for s in seeds}
 
 
 def lambda_sweep(base: ExperimentConfig, lams, prefix: str = "") -> dict[str, ExperimentConfig]:

@@ -20,6 +20,24 @@ def recall_table(runs: dict, ks=None) -> pd.DataFrame:
     return df
 
 
+def recall_over_seeds(runs: dict, ks=None) -> pd.DataFrame:
+    """Recall@K (%) over seeds from ``{(label, seed): RunResult}``: per label and K the mean, the
+    sample standard deviation (ddof 1; NaN for one seed), the minimum and maximum, and ``n`` seeds.
+    Columns ``R@k mean``, ``R@k std``, ``R@k min``, ``R@k max``, then ``n``; labels keep their order."""
+    per = recall_table({key: run for key, run in runs.items()}, ks)
+    per.index = pd.MultiIndex.from_tuples(per.index, names=["method", "seed"])
+    labels = list(dict.fromkeys(label for label, _ in runs))
+    g = per.groupby(level="method", sort=False)
+    out = pd.DataFrame(index=pd.Index(labels, name="method"))
+    for col in per.columns:
+        out[f"{col} mean"] = g[col].mean().round(2)
+        out[f"{col} std"] = g[col].std(ddof=1).round(2)
+        out[f"{col} min"] = g[col].min()
+        out[f"{col} max"] = g[col].max()
+    out["n"] = g.size()
+    return out
+
+
 def save_table(df: pd.DataFrame, name: str, out_dir: str | Path = "figures") -> list[Path]:
     """Write ``<name>.csv`` and ``<name>.md`` atomically; returns the paths."""
     out_dir = Path(out_dir)

@@ -186,3 +186,37 @@ def test_energy_table_counts_components_to_the_threshold():
     assert list(t.columns) == ["R@1", "dim_90", "embedding_dim"]
     assert t.loc["flat", "dim_90"] == 2 and t.loc["iso", "dim_90"] >= 4
     assert (t["embedding_dim"] == 5).all()
+
+
+# ----------------------------------------------------------------------------- seeds
+def test_seed_variants_keep_the_own_seed_run_and_name_the_others():
+    from nbsrc.experiment import irt_variants, seed_variants
+
+    cfgs = irt_variants(BASE.replace(seed=0))
+    v = seed_variants(cfgs, [0, 1, 2])
+    assert list(v) == [(m, s) for m in cfgs for s in (0, 1, 2)]
+    assert v[("IRT_L", 0)] is cfgs["IRT_L"]  # the existing run (notebooks 03-07 reuse it) is reused
+    assert v[("IRT_R", 2)].name == "irt_r_seed2" and v[("IRT_R", 2)].seed == 2
+    assert _differences(v[("IRT_R", 2)], cfgs["IRT_R"]) == {"name", "seed"}
+    assert len({c.name for c in v.values()}) == len(v)
+    for bad in ([], [1, 1]):
+        with pytest.raises(ConfigError, match="distinct seeds"):
+            seed_variants(cfgs, bad)
+
+
+def test_recall_over_seeds_is_mean_and_sample_std_per_method():
+    import numpy as np
+
+    from nbsrc.reporting import recall_over_seeds
+
+    r1 = {("IRT_L", 0): 60.0, ("IRT_L", 1): 64.5, ("IRT_L", 2): 58.25, ("IRT_R", 0): 50.0, ("IRT_R", 1): 61.0}
+    runs = {key: {"R@1": v, "R@2": v + 10} for key, v in r1.items()}
+    t = recall_over_seeds(runs)
+    assert list(t.index) == ["IRT_L", "IRT_R"] and list(t["n"]) == [3, 2]
+    for method in ("IRT_L", "IRT_R"):
+        vals = np.array([v for (m, _), v in r1.items() if m == method])
+        assert t.loc[method, "R@1 mean"] == pytest.approx(round(vals.mean(), 2))
+        assert t.loc[method, "R@1 std"] == pytest.approx(round(vals.std(ddof=1), 2))
+        assert (t.loc[method, "R@1 min"], t.loc[method, "R@1 max"]) == (vals.min(), vals.max())
+        assert t.loc[method, "R@2 mean"] == pytest.approx(round(vals.mean() + 10, 2))
+    assert math.isnan(recall_over_seeds({("a", 0): {"R@1": 1.0}}).loc["a", "R@1 std"])  # one seed: no spread

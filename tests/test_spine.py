@@ -6,6 +6,7 @@ import json
 import struct
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -375,6 +376,8 @@ def test_demo_notebooks_run_headless(tmp_path, monkeypatch):
     run_demo(quick=True)
     table = (tmp_path / QUICK["figures_dir"] / "table3_irt.md").read_text()
     assert all(m in table for m in ("IRT_O", "IRT_L", "IRT_R"))
+    seeds = pd.read_csv(tmp_path / QUICK["figures_dir"] / "table3_irt_seeds.csv", index_col=0)
+    assert list(seeds.index) == ["IRT_O", "IRT_L", "IRT_R"] and set(seeds["n"]) == {2}
     for fig in ("training_curves", "pca_cumulative_energy", "fig3_vit_vs_convnet", "fig4_gradient_noise",
                 "similarity_histograms", "tsne", "table5_beta_lambda", "dtop_ablations"):
         for ext in ("png", "pdf"):
