@@ -80,15 +80,44 @@ def mean_grad_noise(rows) -> float:
     return sum(finite) / len(finite) if finite else float("nan")
 
 
+def grad_noise_se(rows) -> float:
+    """Standard error of :func:`mean_grad_noise`: the sample standard deviation (ddof 1) of the
+    finite logged ``grad_noise`` values over the square root of their count; NaN below two values.
+    It measures how far the average over these few batches would move with other batches, not the
+    spread over seeds."""
+    import math
+
+    finite = [float(r["grad_noise"]) for r in rows
+              if r.get("grad_noise") is not None and not math.isnan(float(r["grad_noise"]))]
+    if len(finite) < 2:
+        return float("nan")
+    mean = sum(finite) / len(finite)
+    var = sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)
+    return math.sqrt(var / len(finite))
+
+
 def gradient_noise_table(runs: dict, fields=("beta", "lam"), ks=(1,)) -> pd.DataFrame:
-    """:func:`config_table` plus ``gamma`` (:func:`mean_grad_noise`, 4 decimals) and ``gamma_logged``
-    (how many iterations it averages) for runs trained with ``record_grad_noise=True``."""
+    """:func:`config_table` plus ``gamma`` (:func:`mean_grad_noise`, 4 decimals), ``gamma_se`` (its
+    standard error, :func:`grad_noise_se`) and ``gamma_logged`` (how many iterations it averages) for
+    runs trained with ``record_grad_noise=True``."""
     fields = [fields] if isinstance(fields, str) else list(fields)
     df = config_table(runs, fields, ks)
     rows = [run.metrics("train") for run in runs.values()]
     df.insert(len(fields), "gamma", [round(mean_grad_noise(r), 4) for r in rows])
-    df.insert(len(fields) + 1, "gamma_logged", [sum(x.get("grad_noise") is not None for x in r) for r in rows])
+    df.insert(len(fields) + 1, "gamma_se", [round(grad_noise_se(r), 4) for r in rows])
+    df.insert(len(fields) + 2, "gamma_logged", [sum(x.get("grad_noise") is not None for x in r) for r in rows])
     return df
+
+
+def change_word(a: float, b: float, se_a: float, se_b: float, z: float = 2.0) -> str:
+    """How ``b`` compares with ``a`` given their standard errors: "rises" / "falls" when
+    ``|b - a| > z · sqrt(se_a² + se_b²)``, else "shows no clear change" (also when an error is NaN)."""
+    import math
+
+    bound = z * math.sqrt(se_a**2 + se_b**2)
+    if math.isnan(bound) or abs(b - a) <= bound:
+        return "shows no clear change"
+    return "rises" if b > a else "falls"
 
 
 def energy_table(runs: dict, threshold: float = 0.9, ks=(1,)) -> pd.DataFrame:

@@ -11,7 +11,7 @@ from nbsrc.config import ExperimentConfig
 from nbsrc.errors import ConfigError
 from nbsrc.experiment import (ablation_base, beta_lambda_cell, beta_lambda_grid, objective_variants, pooling_variants,
                               run_all)
-from nbsrc.reporting import config_table, gradient_noise_table, mean_grad_noise
+from nbsrc.reporting import change_word, config_table, grad_noise_se, gradient_noise_table, mean_grad_noise
 
 
 def _differences(a: ExperimentConfig, b: ExperimentConfig) -> set[str]:
@@ -107,6 +107,20 @@ def test_mean_grad_noise_averages_the_logged_values_and_skips_nan():
         mean_grad_noise([{"iteration": 10, "contrastive": 1.0}])
 
 
+def test_grad_noise_se_and_change_word():
+    import numpy as np
+
+    vals = [0.2, float("nan"), 0.5, 0.35, 0.1]
+    finite = np.array([0.2, 0.5, 0.35, 0.1])
+    rows = [{"grad_noise": v} for v in vals] + [{"contrastive": 1.0}]
+    assert grad_noise_se(rows) == pytest.approx(finite.std(ddof=1) / np.sqrt(4))
+    assert math.isnan(grad_noise_se([{"grad_noise": 0.3}]))
+    assert change_word(0.80, 0.90, 0.02, 0.02) == "rises"  # 0.10 > 2 * 0.028
+    assert change_word(0.90, 0.80, 0.02, 0.02) == "falls"
+    assert change_word(0.810, 0.813, 0.02, 0.02) == "shows no clear change"
+    assert change_word(0.8, 0.9, float("nan"), 0.01) == "shows no clear change"
+
+
 def test_config_table_and_gradient_noise_table():
     runs = {"a": _FakeRun(BASE.replace(beta=0.3, lam=0.0), {"R@1": 50.0, "R@2": 60.0}, [{"grad_noise": 0.4}]),
             "b": _FakeRun(BASE.replace(beta=0.5, lam=0.7), {"R@1": 70.123, "R@2": 80.0},
@@ -117,8 +131,9 @@ def test_config_table_and_gradient_noise_table():
     grid = t.pivot(index="beta", columns="lam", values="R@1")
     assert grid.loc[0.5, 0.7] == 70.12 and pd.isna(grid.loc[0.5, 0.0])
     g = gradient_noise_table(runs)
-    assert list(g.columns) == ["beta", "lam", "gamma", "gamma_logged", "R@1"]
+    assert list(g.columns) == ["beta", "lam", "gamma", "gamma_se", "gamma_logged", "R@1"]
     assert g.loc["b", "gamma"] == pytest.approx(0.2) and g.loc["b", "gamma_logged"] == 2
+    assert g.loc["b", "gamma_se"] == pytest.approx(0.1) and pd.isna(g.loc["a", "gamma_se"])  # sd 0.1414 / sqrt 2
     assert list(config_table(runs, "lam").columns) == ["lam", "R@1", "R@2"]
 
 

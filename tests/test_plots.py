@@ -62,6 +62,13 @@ def test_gradient_noise_figure_and_length_check():
     np.testing.assert_array_equal(ax.get_lines()[0].get_xdata(), betas)
     with pytest.raises(ConfigError, match="one γ per β"):
         plot_gradient_noise(betas, {"λ = 0": [0.1, 0.2]})
+    fig = plot_gradient_noise(betas, {"λ = 0": [0.2, 0.4, 0.6]}, errors={"λ = 0": [0.01, 0.02, 0.03]})
+    (ax,) = panels(fig)
+    (bars,) = ax.containers  # one error-bar container per line, the bars ± the errors
+    segments = bars.lines[2][0].get_segments()
+    np.testing.assert_allclose([seg[:, 1] for seg in segments], [[0.19, 0.21], [0.38, 0.42], [0.57, 0.63]])
+    with pytest.raises(ConfigError, match="errors must give one value per β"):
+        plot_gradient_noise(betas, {"λ = 0": [0.2, 0.4, 0.6]}, errors={"λ = 0": [0.1]})
 
 
 def test_similarity_histograms_one_panel_per_model(rng):

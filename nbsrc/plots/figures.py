@@ -130,9 +130,11 @@ def plot_energy_by_backbone(curves: Mapping[str, Mapping[str, np.ndarray]], thre
 # ----------------------------------------------------------------------------- IRT Figure 4
 @_styled
 def plot_gradient_noise(betas: Sequence[float], gammas: Mapping[str, Sequence[float]],
-                        title: str = "Gradient noise vs margin (IRT Fig. 4)") -> Figure:
+                        title: str = "Gradient noise vs margin (IRT Fig. 4)",
+                        errors: Mapping[str, Sequence[float]] | None = None) -> Figure:
     """γ = ‖Cov(ĝ)‖_* (averaged over training) against the margin β, one line per setting
-    (e.g. ``{"λ = 0": [...], "λ = 0.7": [...]}``), each list aligned with ``betas``."""
+    (e.g. ``{"λ = 0": [...], "λ = 0.7": [...]}``), each list aligned with ``betas``; ``errors``
+    (same keys and lengths, e.g. the standard errors ``gamma_se``) draws ± error bars."""
     _nonempty(gammas, "gammas")
     x = _curve(betas, "betas")
     fig = Figure(figsize=(SINGLE_COLUMN, SINGLE_COLUMN * 0.8), layout="constrained")
@@ -142,7 +144,13 @@ def plot_gradient_noise(betas: Sequence[float], gammas: Mapping[str, Sequence[fl
         if len(y) != len(x):
             raise ConfigError(f"gammas[{label!r}] has {len(y)} values but there are {len(x)} betas; "
                               "give one γ per β (NaN where a run is missing)")
-        ax.plot(x, y, marker="o", color=PALETTE[i % len(PALETTE)], label=str(label))
+        err = None
+        if errors is not None:
+            if label not in errors or len(errors[label]) != len(x):
+                raise ConfigError(f"errors must give one value per β for every line; {label!r} is missing or "
+                                  f"has the wrong length")
+            err = _curve(errors[label], f"errors[{label!r}]")
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=2, color=PALETTE[i % len(PALETTE)], label=str(label))
     ax.set_xlabel("margin β")
     ax.set_ylabel("gradient noise γ = ‖Cov(ĝ)‖$_*$")
     ax.set_title(title)
