@@ -83,6 +83,21 @@ def fit_pca(model: torch.nn.Module, data: RetrievalData, cfg: ExperimentConfig, 
     model.pca.fit(z)
 
 
+def prepare_run_on_rank0(cfg: ExperimentConfig, mode: str) -> tuple[Path, str]:
+    """:func:`nbsrc.train.prepare_run_dir` on rank 0 only; under torchrun the other ranks receive its
+    ``(run_dir, action)``, so that one process alone creates, checks or moves the run directory."""
+    prepared = prepare_run_dir(cfg, mode) if distributed.current().is_main else None
+    return distributed.broadcast_object(prepared)
+
+
+def seeded_model(cfg: ExperimentConfig) -> tuple[torch.nn.Module, dict]:
+    """The config's model with its initial weights drawn from ``cfg.seed`` (part of the experiment),
+    and its input normalisation (:func:`nbsrc.models.data_config`)."""
+    torch.manual_seed(cfg.seed)
+    model = model_from_config(cfg)
+    return model, data_config(model)
+
+
 def run_experiment(cfg: ExperimentConfig, mode: str = "reuse", data: RetrievalData | None = None,
                    stop_after: int | None = None) -> RunResult:
     """Train (unless ``cfg.iterations == 0``), fit the PCA, evaluate, and write the run directory.
@@ -95,18 +110,14 @@ def run_experiment(cfg: ExperimentConfig, mode: str = "reuse", data: RetrievalDa
         from nbsrc.experiment_sfm import run_sfm_experiment
 
         return run_sfm_experiment(cfg, mode, stop_after=stop_after)
-    # Under torchrun only rank 0 touches the run directory; the others learn its decision.
     dinfo = distributed.current()
-    prepared = prepare_run_dir(cfg, mode) if dinfo.is_main else None
-    run_dir, action = distributed.broadcast_object(prepared)
+    run_dir, action = prepare_run_on_rank0(cfg, mode)
     if action == "reuse":
         print(f"reusing finished run {run_dir} (same config); nothing retrained")
         return load_run(run_dir)
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
-    torch.manual_seed(cfg.seed)  # the initial weights are part of the experiment
-    model = model_from_config(cfg)
-    norm = data_config(model)
+    model, norm = seeded_model(cfg)
     data = data if data is not None else build_data(cfg, norm["mean"], norm["std"])
 
     def eval_fn(m):

@@ -37,8 +37,8 @@ from nbsrc.data.transforms import RetrievalTransform
 from nbsrc.errors import DatasetError
 from nbsrc.eval.embed import extract_embeddings
 from nbsrc.eval.revisited import REVISITED_LAYOUT, REVISITED_NAMES, build_revisited, revisited_map
-from nbsrc.experiment import EMBEDDINGS, MODEL, PCA_FIT_SAMPLES, RunResult, load_run
-from nbsrc.models import data_config, model_from_config
+from nbsrc.experiment import (EMBEDDINGS, MODEL, PCA_FIT_SAMPLES, RunResult, load_run, prepare_run_on_rank0,
+                              seeded_model)
 from nbsrc.train import distributed, prepare_run_dir, resolve_device, run_state, train
 from nbsrc.train.rundir import RESULTS, write_json_atomic
 from nbsrc.train.tuples import train_tuples
@@ -117,16 +117,12 @@ def run_sfm_experiment(cfg: ExperimentConfig, mode: str = "reuse", roxford_root=
             f"no Revisited dataset to evaluate on: pass roxford_root= and/or rparis_root=, or put "
             f"{' / '.join(REVISITED_NAMES)} beside data_root={cfg.data_root!r}; {REVISITED_LAYOUT}"
         )
-    # Under torchrun only rank 0 touches the run directory; the others learn its decision.
-    prepared = prepare_run_dir(cfg, mode) if dinfo.is_main else None
-    run_dir, action = distributed.broadcast_object(prepared)
+    run_dir, action = prepare_run_on_rank0(cfg, mode)
     if action == "reuse":
         return load_run(run_dir)
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
-    torch.manual_seed(cfg.seed)  # the initial weights are part of the experiment
-    model = model_from_config(cfg)
-    norm = data_config(model)
+    model, norm = seeded_model(cfg)
     eval_tf = RetrievalTransform(cfg.img_size, train=False, mean=norm["mean"], std=norm["std"])
     if cfg.iterations > 0:
         if cfg.sfm_training == "classes":
