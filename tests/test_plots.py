@@ -193,6 +193,15 @@ def test_save_figure_writes_png_at_300_dpi_and_pdf_without_temp_files(tmp_path):
     assert all(p.stat().st_mode & 0o777 == 0o644 for p in paths)
 
 
+def test_save_figure_is_byte_reproducible(tmp_path):
+    import time
+
+    first = [p.read_bytes() for p in save_figure(small_figure(), "fig", tmp_path / "a")]
+    time.sleep(1.1)  # a PDF creation date would now differ
+    second = [p.read_bytes() for p in save_figure(small_figure(), "fig", tmp_path / "b")]
+    assert first == second and b"CreationDate" not in first[1]
+
+
 @pytest.mark.parametrize("failing_format", ["png", "pdf"])
 def test_failed_save_leaves_previous_files_intact(tmp_path, monkeypatch, failing_format):
     paths = save_figure(small_figure(1.0), "fig", tmp_path)

@@ -103,7 +103,8 @@ def save_figure(fig, name: str, out_dir: str | os.PathLike = "figures") -> list[
     Atomic: each file is first rendered to a hidden temporary file in ``out_dir`` and only when
     both have been written are they moved into place with ``os.replace``. If rendering fails, the
     temporary files are removed and any previous ``<name>.png`` / ``<name>.pdf`` stay untouched, so
-    a reader never sees a half-written figure.
+    a reader never sees a half-written figure. The PDF carries no creation date, so the same figure
+    gives the same bytes and a rerun leaves version control clean.
     """
     if not name or Path(name).name != name or name.startswith("."):
         raise ConfigError(f"figure name {name!r} is invalid: give a plain file stem such as 'fig2_pca_energy'")
@@ -116,7 +117,8 @@ def save_figure(fig, name: str, out_dir: str | os.PathLike = "figures") -> list[
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".{fmt}.tmp", dir=out)
             temps.append(Path(tmp))
             with os.fdopen(fd, "wb") as fh:
-                fig.savefig(fh, format=fmt, dpi=SAVE_DPI, bbox_inches="tight", pad_inches=0.05)
+                meta = {"CreationDate": None} if fmt == "pdf" else {}  # no timestamp: same figure, same bytes
+                fig.savefig(fh, format=fmt, dpi=SAVE_DPI, bbox_inches="tight", pad_inches=0.05, metadata=meta)
                 fh.flush()
                 os.fsync(fh.fileno())
         mode = 0o666 & ~_umask()  # mkstemp makes 0600 files; give the figures the usual permissions
