@@ -48,11 +48,11 @@ class ExperimentConfig:
     img_size: int = 28  # square input side after resize and crop (paper: 224)
     sampler: str = "m_per_class"  # m_per_class | group_size (DToP Table A12: batches of one image size)
     size_variant: str | None = None  # None | "mixed": every image stretched to one of 5 aspect ratios (A12)
-    # SfM-120k tuple training (IRT §4.2, Radenović et al.): per epoch, pairs_per_epoch (query, positive)
-    # pairs and a negative_pool of images; negatives_per_tuple hard negatives mined with the current model
     # how SfM-120k trains: "tuples" (IRT §4.2: tuples with mined hard negatives, contrastive loss) or
     # "classes" (DToP: each image labelled by its 3D model, the ordinary loop with any loss, e.g. ArcFace)
     sfm_training: str = "tuples"
+    # SfM-120k tuple training (IRT §4.2, Radenović et al.): per epoch, pairs_per_epoch (query, positive)
+    # pairs and a negative_pool of images; negatives_per_tuple hard negatives mined with the current model
     tuples_per_batch: int = 5
     negatives_per_tuple: int = 5
     pairs_per_epoch: int = 2000

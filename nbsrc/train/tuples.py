@@ -128,16 +128,13 @@ def mine_epoch(model: torch.nn.Module, sampler: TupleSampler, epoch: int, eval_t
     images = sampler.db.images(eval_tf)
     dinfo = distributed.current()
 
-    def embed(idx: np.ndarray) -> np.ndarray:
-        if not dinfo.enabled:
-            return embed_images(model, images.subset(idx), cfg.eval_batch_size, device, cfg.num_workers, amp)
-        share = np.array_split(np.asarray(idx), dinfo.world_size)[dinfo.rank]  # contiguous, in rank order
+    def embed(idx: np.ndarray) -> np.ndarray:  # each rank a contiguous share, gathered in rank order
+        share = np.array_split(np.asarray(idx), dinfo.world_size)[dinfo.rank]
         local = (embed_images(model, images.subset(share), cfg.eval_batch_size, device, cfg.num_workers, amp)
                  if len(share) else None)
         return np.concatenate([e for e in distributed.gather_objects(local) if e is not None])
 
-    tuples = sampler.epoch_tuples(epoch, embed)
-    return distributed.broadcast_object(tuples) if dinfo.enabled else tuples
+    return distributed.broadcast_object(sampler.epoch_tuples(epoch, embed))  # rank 0's tuples everywhere
 
 
 def epoch_batches(cfg: ExperimentConfig, epoch: int, n_tuples: int) -> list[list[tuple[int, int]]]:
