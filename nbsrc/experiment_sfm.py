@@ -16,8 +16,8 @@ It then fits the PCA to ``cfg.dim`` (paper: 128) on
 embeddings of (a fixed subset of) the SfM-120k training images, and evaluates each Revisited
 dataset with the protocol of :mod:`nbsrc.eval.revisited`: the query, cropped to its box, ranks the
 database by decreasing ``<f(q), f(x)>``; mAP and mP@{1, 5, 10} in the Easy, Medium and Hard setups.
-Images go through the evaluation transform (shorter side resized, ``img_size`` centre crop), as
-for training. ``results.json`` holds ``{"roxford5k": {"easy": {"mAP": .., "mP@1": ..}, "medium":
+Images are resized to an ``img_size`` square, nothing cropped (IRT §4.2:
+:func:`~nbsrc.data.transforms.particular_object_transform`). ``results.json`` holds ``{"roxford5k": {"easy": {"mAP": .., "mP@1": ..}, "medium":
 .., "hard": ..}, "rparis6k": ...}`` in percent.
 """
 
@@ -33,7 +33,7 @@ import torch
 from nbsrc.config import ExperimentConfig
 from nbsrc.data.datasets import RetrievalDataset
 from nbsrc.data.sfm import SfMSplit, load_sfm120k_db
-from nbsrc.data.transforms import RetrievalTransform
+from nbsrc.data.transforms import RetrievalTransform, particular_object_transform
 from nbsrc.errors import DatasetError
 from nbsrc.eval.embed import extract_embeddings
 from nbsrc.eval.revisited import REVISITED_LAYOUT, REVISITED_NAMES, build_revisited, revisited_map
@@ -123,7 +123,7 @@ def run_sfm_experiment(cfg: ExperimentConfig, mode: str = "reuse", roxford_root=
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
     model, norm = seeded_model(cfg)
-    eval_tf = RetrievalTransform(cfg.img_size, train=False, mean=norm["mean"], std=norm["std"])
+    eval_tf = particular_object_transform(cfg.img_size, norm["mean"], norm["std"])  # IRT §4.2: squashed square
     if cfg.iterations > 0:
         if cfg.sfm_training == "classes":
             train_tf = RetrievalTransform(cfg.img_size, train=True, mean=norm["mean"], std=norm["std"])

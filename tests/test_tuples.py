@@ -12,7 +12,7 @@ from fixtures_benchmarks import make_revisited, make_sfm120k
 
 from nbsrc.config import ExperimentConfig
 from nbsrc.data.sfm import SfMSplit, TupleDataset, TupleSampler, collate_tuples, load_sfm120k_db
-from nbsrc.data.transforms import RetrievalTransform
+from nbsrc.data.transforms import particular_object_transform
 from nbsrc.errors import ConfigError, DatasetError, NonFiniteLossError
 from nbsrc.eval import extract_embeddings
 from nbsrc.experiment_sfm import find_revisited_root, run_sfm_experiment
@@ -148,7 +148,7 @@ def test_resume_equals_uninterrupted_and_epochs_train_on_their_own_mining(data, 
     m1.load_state_dict(at_boundary["model"])
     m1.eval()
     norm = data_config(m1)
-    eval_tf = RetrievalTransform(32, train=False, mean=norm["mean"], std=norm["std"])
+    eval_tf = particular_object_transform(32, norm["mean"], norm["std"])  # IRT §4.2: what train_tuples mines with
     z, _, _ = extract_embeddings(m1, db.images(eval_tf), progress=False)  # all images, independently
     sampler = TupleSampler(db, cfg.pairs_per_epoch, cfg.negative_pool, cfg.negatives_per_tuple, cfg.seed)
     pairs, pool = sampler.draw(1)
@@ -169,7 +169,7 @@ def test_resume_equals_uninterrupted_and_epochs_train_on_their_own_mining(data, 
         assert t[2:].tolist() == ranked[: cfg.negatives_per_tuple]
     np.testing.assert_array_equal(tuples, mine_epoch(m1, sampler, 1, eval_tf, cfg, "cpu"))
     # ... and its first step's loss is that of the epoch's first batch of those tuples under m1
-    ds = TupleDataset(db, RetrievalTransform(32, train=True, mean=norm["mean"], std=norm["std"]), tuples)
+    ds = TupleDataset(db, eval_tf, tuples)  # training without augmentation (IRT §4.2)
     x, _, idx = collate_tuples([ds[key] for key in epoch_batches(cfg, 1, len(tuples))[0]])
     m1.train()
     with torch.no_grad():

@@ -158,7 +158,7 @@ def evaluate_benchmarks(preset: str | None, roots: dict[str, str | None], run_di
     import pandas as pd
 
     from nbsrc.data.benchmarks import RECALL_KS, build_benchmark
-    from nbsrc.data.transforms import RetrievalTransform
+    from nbsrc.data.transforms import RetrievalTransform, particular_object_transform
     from nbsrc.eval import evaluate
     from nbsrc.experiment import load_run
     from nbsrc.experiment_sfm import evaluate_revisited
@@ -197,6 +197,7 @@ def evaluate_benchmarks(preset: str | None, roots: dict[str, str | None], run_di
             ours = evaluate(model, data, RECALL_KS[bench], cfg.eval_batch_size, device, progress=False)
             rows += [(bench, m, v, _paper_value(preset, bench, m)) for m, v in ours.items()]
         else:
-            _, res, _ = evaluate_revisited(model, root, eval_tf, cfg, device, bench)
+            square = particular_object_transform(cfg.img_size, norm["mean"], norm["std"])  # IRT §4.2
+            _, res, _ = evaluate_revisited(model, root, square, cfg, device, bench)
             rows += [(bench, m, res[s]["mAP"], _paper_value(preset, bench, m)) for m, s in REVISITED_METRICS.items()]
     return pd.DataFrame(rows, columns=["benchmark", "metric", "ours", "paper"]).set_index(["benchmark", "metric"])

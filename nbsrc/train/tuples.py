@@ -19,8 +19,8 @@ the split)`` (400 at the paper's 2,000 / 5), so the paper's 100 epochs are ``ite
 when ``iterations`` is not a multiple of an epoch, the last epoch stops early. At the start of every
 epoch the tuples are mined anew with the model as it is then (``model.eval()``, evaluation
 transform), and the epoch trains on exactly those tuples, in an order and with augmentations that
-depend only on ``(cfg.seed, epoch)`` (training transform: random ``img_size`` crop and flip,
-seeded per tuple image; mining and evaluation: centre crop). The lr schedule (warm-up + cosine or constant) runs over
+depend only on ``(cfg.seed, epoch)``. Training, mining and evaluation see the same
+transform, an ``img_size`` square resize without augmentation (IRT §4.2; cirtorch's default). The lr schedule (warm-up + cosine or constant) runs over
 iterations, as in :mod:`nbsrc.train.loop`.
 
 **Resume.** A checkpoint holds the model, optimizer, scheduler, scaler, RNG states and the current
@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader
 
 from nbsrc.config import ExperimentConfig
 from nbsrc.data.sfm import SfMSplit, TupleDataset, TupleSampler, collate_tuples
-from nbsrc.data.transforms import RetrievalTransform
+from nbsrc.data.transforms import particular_object_transform
 from nbsrc.errors import ConfigError, NonFiniteLossError
 from nbsrc.losses.contrastive import contrastive_pair_terms, upcast
 from nbsrc.losses.koleo import koleo_loss
@@ -189,8 +189,7 @@ def train_tuples(cfg: ExperimentConfig, model: torch.nn.Module, db_train: SfMSpl
     torch.manual_seed(cfg.seed)
     model.to(device).train()
     norm = data_config(model)
-    train_tf = RetrievalTransform(cfg.img_size, train=True, mean=norm["mean"], std=norm["std"])
-    eval_tf = RetrievalTransform(cfg.img_size, train=False, mean=norm["mean"], std=norm["std"])
+    train_tf = eval_tf = particular_object_transform(cfg.img_size, norm["mean"], norm["std"])  # IRT §4.2, no augmentation
     sampler = TupleSampler(db_train, cfg.pairs_per_epoch, cfg.negative_pool, cfg.negatives_per_tuple, cfg.seed)
     dataset = TupleDataset(db_train, train_tf)
     tuple_size = 2 + cfg.negatives_per_tuple
