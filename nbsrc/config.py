@@ -23,6 +23,8 @@ DATASETS = ("fashion_mnist", "digits", "folder", "cub", "sop", "inshop", "sfm120
 SAMPLERS = ("m_per_class", "group_size")
 SCHEDULERS = ("cosine", "constant")
 OPTIMIZERS = ("adamw", "sgd", "adam")
+TUPLE_LOSSES = ("distance", "eq1")  # nbsrc.losses.tuples
+WHITENINGS = (None, "learned")
 
 # Fields that change how a run is executed or logged but not what it computes: two configs that
 # differ only here describe the same experiment (used to decide whether a saved run can be reused).
@@ -105,6 +107,15 @@ class ExperimentConfig:
     eval_batch_size: int = 256
     progress: bool = True
 
+    # --- the papers' protocols (issue 11; docs/fidelity.md). Defaults leave the demo unchanged. ---
+    # SfM-120k tuple loss: "distance" (cirtorch's ½d² / ½max(0, β − d)², summed over tuples; IRT §4.2
+    # builds on that code) or "eq1" (IRT eq. 1 with β as a cosine threshold); nbsrc.losses.tuples
+    tuple_loss: str = "distance"
+    lr_decay_per_epoch: float = 0.0  # SfM tuple training: lr × exp(−decay · epoch) (cirtorch: 0.01); 0: off
+    freeze_batchnorm: bool = False  # BatchNorm layers kept in eval mode while training (cirtorch); ViTs have none
+    eval_scales: list[float] | None = None  # Revisited evaluation scales (DToP: 1, 1/√2, 1/2); None: single scale
+    whitening: str | None = None  # None | "learned": supervised whitening from SfM-120k pairs (DToP, Radenović)
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExperimentConfig:
@@ -121,6 +132,8 @@ class ExperimentConfig:
         d = dict(d)
         if "ks" in d and d["ks"] is not None:
             d["ks"] = tuple(int(k) for k in d["ks"])
+        if d.get("eval_scales") is not None:
+            d["eval_scales"] = [float(v) for v in d["eval_scales"]]
         cfg = cls(**d)
         cfg.validate()
         return cfg
@@ -226,6 +239,18 @@ class ExperimentConfig:
             bad("arcface_scale/temperature", (self.arcface_scale, self.temperature), "positive")
         if not isinstance(self.model_options, dict):
             bad("model_options", self.model_options, "a dict of extra build_model options")
+        self._validate_protocol(bad)
+
+    def _validate_protocol(self, bad) -> None:
+        """The papers' protocol fields (the block at the end of the dataclass)."""
+        if self.tuple_loss not in TUPLE_LOSSES:
+            bad("tuple_loss", self.tuple_loss, f"one of {', '.join(TUPLE_LOSSES)} (IRT §4.2 on cirtorch: 'distance')")
+        if not 0.0 <= self.lr_decay_per_epoch < 1.0:
+            bad("lr_decay_per_epoch", self.lr_decay_per_epoch, "a rate in [0, 1): lr × exp(−rate · epoch) (cirtorch: 0.01)")
+        if self.eval_scales is not None and (not self.eval_scales or any(not float(v) > 0 for v in self.eval_scales)):
+            bad("eval_scales", self.eval_scales, "None or a non-empty list of positive scales, e.g. [1, 0.7071, 0.5]")
+        if self.whitening not in WHITENINGS:
+            bad("whitening", self.whitening, "None or 'learned' (supervised whitening from SfM-120k pairs)")
 
 
 def parse_classes(spec: str | list[int] | tuple[int, ...]) -> list[int]:

@@ -173,7 +173,7 @@ def test_resume_equals_uninterrupted_and_epochs_train_on_their_own_mining(data, 
     x, _, idx = collate_tuples([ds[key] for key in epoch_batches(cfg, 1, len(tuples))[0]])
     m1.train()
     with torch.no_grad():
-        expected = tuple_loss_terms(m1(x), idx, 4, cfg.beta, cfg.lam)["total"]
+        expected = tuple_loss_terms(m1(x), idx, 4, cfg.beta, cfg.lam, cfg.tuple_loss)["total"]
     logged = [r for r in read_metrics(cut_dir, "train") if r["iteration"] == 3]
     assert len(logged) == 1 and logged[0]["total"] == pytest.approx(float(expected), rel=1e-5)
 
@@ -193,7 +193,8 @@ def test_non_finite_loss_and_bad_settings(data, tmp_path, monkeypatch):
         train_tuples(cfg.replace(memory_size=8), fresh_model(cfg), data["db"], tmp_path)
     import nbsrc.train.tuples as tuples_mod
 
-    monkeypatch.setattr(tuples_mod, "tuple_contrastive_loss", lambda z, *a, **k: z.sum() * float("nan"))
+    nan_terms = lambda z, *a, **k: {"contrastive": z.sum() * float("nan"), "total": z.sum() * float("nan")}  # noqa: E731
+    monkeypatch.setattr(tuples_mod, "tuple_loss_terms", nan_terms)
     with pytest.raises(NonFiniteLossError, match="iteration 0"):
         train_tuples(cfg, fresh_model(cfg), data["db"], tmp_path)
 

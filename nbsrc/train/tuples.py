@@ -2,16 +2,13 @@
 
 A tuple is ``(q, p, n_1, ..., n_K)``: a query, a positive (another view of the same 3D model) and
 ``K = cfg.negatives_per_tuple`` (5) hard negatives mined with the current model (see
-:mod:`nbsrc.data.sfm`). The loss is IRT's contrastive loss, eq. (1), on the anchor-positive and
-anchor-negative pairs of each tuple only (no positive-negative or cross-tuple pairs), with margin
-β = ``cfg.beta`` (paper: 0.85)::
-
-    ℓ_t = (1 − s(q_t, p_t)) + Σ_k [s(q_t, n_tk) − β]_+ ,      s(a, b) = aᵀb (l2-normalised)
-    L   = 1/B Σ_t ℓ_t  +  λ · L_KoLeo                           (eq. 1 and eq. 5)
-
-B = ``cfg.tuples_per_batch`` (5) tuples per step; KoLeo (λ = ``cfg.lam``) runs over the distinct
-images of the batch (an image may be a negative of several tuples; its copies are not its nearest
-neighbour). Adam, lr 5e-7, weight decay 1e-6, 100 epochs in the paper.
+:mod:`nbsrc.data.sfm`). The loss (:mod:`nbsrc.losses.tuples`, ``cfg.tuple_loss``) is by default
+cirtorch's contrastive loss on Euclidean distances, summed over the tuples (IRT builds on that
+code), or IRT's eq. (1) on the anchor-positive and anchor-negative pairs of each tuple; margin
+β = ``cfg.beta`` (paper: 0.85); plus λ · KoLeo (``cfg.lam``) over the distinct images of the batch.
+B = ``cfg.tuples_per_batch`` (5) tuples per step. Adam, lr 5e-7, weight decay 1e-6, 100 epochs in
+the paper; cirtorch's per-epoch decay ``exp(−cfg.lr_decay_per_epoch)`` and frozen BatchNorm
+(``cfg.freeze_batchnorm``) from :mod:`nbsrc.train.protocol`.
 
 **Epochs and iterations.** ``cfg.iterations`` counts optimizer steps, as everywhere in nbsrc. An
 epoch is ``ceil(n_pairs / tuples_per_batch)`` steps, ``n_pairs = min(cfg.pairs_per_epoch, pairs in
@@ -45,56 +42,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from nbsrc.config import ExperimentConfig
 from nbsrc.data.sfm import SfMSplit, TupleDataset, TupleSampler, collate_tuples
 from nbsrc.data.transforms import particular_object_transform
 from nbsrc.errors import ConfigError, NonFiniteLossError
-from nbsrc.losses.contrastive import contrastive_pair_terms, upcast
-from nbsrc.losses.koleo import koleo_loss
+from nbsrc.losses.tuples import tuple_contrastive_loss, tuple_loss_terms  # noqa: F401 (re-exported)
 from nbsrc.models import data_config
 from nbsrc.progress import progress as progress_bar
 from nbsrc.train import distributed
 from nbsrc.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from nbsrc.train.loop import amp_settings, build_optimizer, lr_factor, resolve_device
+from nbsrc.train.protocol import epoch_lr_decay, train_mode
 from nbsrc.train.rundir import append_metrics, truncate_metrics
 
 
-# ----------------------------------------------------------------------------- the loss
-def tuple_contrastive_loss(embeddings: torch.Tensor, tuple_size: int, beta: float = 0.85,
-                           reduce: bool = True) -> torch.Tensor:
-    """IRT eq. (1) on tuples: ``1/B Σ_t [(1 − s(q_t, p_t)) + Σ_k [s(q_t, n_tk) − β]_+]``.
-
-    ``embeddings`` is ``[B · tuple_size, D]``, tuple by tuple, each ``(q, p, n_1, ..., n_K)`` (the
-    layout of :func:`~nbsrc.data.sfm.collate_tuples`); they are l2-normalised here. Only the query
-    is an anchor. ``reduce=False`` returns the per-tuple losses ``ℓ_t`` ``[B]``.
-    """
-    if tuple_size < 3:
-        raise ConfigError(f"tuple_size={tuple_size} must be >= 3 (query, positive and at least one negative)")
-    if embeddings.ndim != 2 or len(embeddings) % tuple_size:
-        raise ConfigError(
-            f"embeddings of shape {tuple(embeddings.shape)} are not whole tuples of {tuple_size}; "
-            "expected [B * tuple_size, D]"
-        )
-    z = F.normalize(upcast(embeddings), dim=-1).view(-1, tuple_size, embeddings.shape[-1])
-    sim = torch.einsum("bd,btd->bt", z[:, 0], z[:, 1:])  # [B, 1 + K]: s(q, p), s(q, n_1), ...
-    pos = torch.zeros_like(sim, dtype=torch.bool)
-    pos[:, 0] = True
-    per_tuple = contrastive_pair_terms(sim, pos, ~pos, beta).sum(dim=1)
-    return per_tuple.mean() if reduce else per_tuple
-
-
-def tuple_loss_terms(z: torch.Tensor, idx: torch.Tensor, tuple_size: int, beta: float, lam: float) -> dict:
-    """``{"contrastive", "koleo", "total"}`` of one batch of tuples; KoLeo over its distinct images."""
-    main = tuple_contrastive_loss(z, tuple_size, beta)
-    koleo = main.new_zeros(())
-    if lam > 0:
-        first = np.unique(idx.cpu().numpy(), return_index=True)[1]
-        if len(first) >= 2:
-            koleo = koleo_loss(z[torch.as_tensor(np.sort(first), device=z.device)])
-    return {"contrastive": main, "koleo": koleo, "total": main + lam * koleo}
+# the loss: nbsrc.losses.tuples (distance form of cirtorch by default, IRT eq. 1 as an option)
 
 
 # ----------------------------------------------------------------------------- epochs
@@ -187,7 +151,7 @@ def train_tuples(cfg: ExperimentConfig, model: torch.nn.Module, db_train: SfMSpl
     if dinfo.enabled and device.type == "cuda":
         device = torch.device("cuda", dinfo.local_rank)
     torch.manual_seed(cfg.seed)
-    model.to(device).train()
+    train_mode(model.to(device), cfg.freeze_batchnorm)  # cirtorch: BatchNorm in eval mode (nbsrc.train.protocol)
     norm = data_config(model)
     train_tf = eval_tf = particular_object_transform(cfg.img_size, norm["mean"], norm["std"])  # IRT §4.2, no augmentation
     sampler = TupleSampler(db_train, cfg.pairs_per_epoch, cfg.negative_pool, cfg.negatives_per_tuple, cfg.seed)
@@ -196,7 +160,8 @@ def train_tuples(cfg: ExperimentConfig, model: torch.nn.Module, db_train: SfMSpl
     per_epoch = batches_per_epoch(cfg, db_train)
 
     optimizer = build_optimizer(cfg, model.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(cfg, it) * epoch_lr_decay(it, per_epoch, cfg.lr_decay_per_epoch))
     amp_on, amp_dtype = amp_settings(cfg, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_on and amp_dtype == torch.float16)
 
@@ -231,7 +196,7 @@ def train_tuples(cfg: ExperimentConfig, model: torch.nn.Module, db_train: SfMSpl
         if offset == 0 or tuples is None:  # a new epoch: mine with the model as it is now
             t0 = time.perf_counter()
             tuples = mine_epoch(model, sampler, epoch, eval_tf, cfg, device, (amp_on, amp_dtype))
-            model.train()
+            train_mode(model, cfg.freeze_batchnorm)
             if dinfo.is_main:
                 append_metrics(run_dir, {"kind": "mine", "iteration": it, "epoch": epoch, "n_tuples": len(tuples),
                                          "seconds": round(time.perf_counter() - t0, 3)})
@@ -247,7 +212,7 @@ def train_tuples(cfg: ExperimentConfig, model: torch.nn.Module, db_train: SfMSpl
                 z = net(x).float()
             if dinfo.enabled:  # the loss and KoLeo of the global batch, tuples in rank order
                 z, idx = distributed.gather_with_grad(z), distributed.gather(idx.to(device)).cpu()
-            terms = tuple_loss_terms(z, idx, tuple_size, cfg.beta, cfg.lam)
+            terms = tuple_loss_terms(z, idx, tuple_size, cfg.beta, cfg.lam, cfg.tuple_loss)
             total = terms["total"]
             if not torch.isfinite(total):
                 vals = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
