@@ -21,7 +21,8 @@ from nbsrc.data.benchmarks import RECALL_KS
 from nbsrc.errors import ConfigError
 from nbsrc.models import model_from_config
 from nbsrc.presets import (
-    BENCHMARKS, PRESETS_DIR, evaluate_benchmarks, list_presets, load_preset, preset_dict, preset_paper, preset_table,
+    BENCHMARKS, PRESETS_DIR, evaluate_benchmarks, list_presets, load_preset, preset_dict, preset_grid_tables,
+    preset_paper, preset_table,
 )
 from nbsrc.train.loop import build_optimizer
 
@@ -67,9 +68,10 @@ def built(cfg: ExperimentConfig) -> torch.nn.Module:
 def test_there_are_presets_for_the_tables():
     assert sorted(IRT + DTOP) == PRESETS  # every preset is an IRT or a DToP row
     tables = {t.strip() for n in IRT for t in preset_paper(n)["table"].split(",")}
-    assert {"2", "3", "7", "8"} <= tables
-    assert {preset_paper(n)["table"] for n in DTOP} == {"A5"} and len(DTOP) >= 2
-    assert "vit_base_r50_s16_384" in {preset_dict(n)["backbone"] for n in DTOP}  # DToP's default hybrid
+    assert {"2", "3", "4", "5", "6", "7", "8", "9"} <= tables
+    assert {preset_paper(n)["table"] for n in DTOP} == {"A5", "A7-A13", "A10"}
+    assert preset_dict("dtop_full_r50vitb16_sfm")["backbone"] == "vit_base_r50_s16_384"  # DToP's default hybrid
+    assert set(preset_grid_tables("dtop_full_r50vitb16_sfm")) == {f"A{i}" for i in range(7, 14)}
     for ds in ("cub", "sop", "inshop"):  # IRT Table 3: the three methods on each dataset
         assert {f"irt_{m}_{ds}_deits" for m in "olr"} <= set(PRESETS)
 
@@ -82,19 +84,21 @@ def test_preset_loads_and_builds_its_model(name):
     assert raw["weights"] == "timm" and raw["patch_size"] is None  # the pretrained backbone at its own patch size
     model = built(cfg)
     net = model.backbone
-    assert type(net).__name__ == "VisionTransformer" or "distilled" in cfg.backbone
-    assert net.patch_embed.img_size == (cfg.img_size, cfg.img_size)
-    assert net.patch_embed.patch_size == (16, 16)  # DeiT-S/16
-    assert net.embed_dim == 384 and len(net.blocks) == 12  # DeiT-S: width 384, depth 12
-    assert (getattr(net, "dist_token", None) is not None) == ("distilled" in cfg.backbone)
+    width = 2048 if cfg.backbone.startswith("resnet") else 768 if "base" in cfg.backbone else 384
+    if not cfg.backbone.startswith("resnet"):
+        assert type(net).__name__ == "VisionTransformer" or "distilled" in cfg.backbone
+        assert net.patch_embed.img_size == (cfg.img_size, cfg.img_size)
+        assert net.patch_embed.patch_size == (16, 16)  # DeiT-S/16, DeiT-B/16
+        assert net.embed_dim == width and len(net.blocks) == 12  # DeiT-S: width 384, DeiT-B: 768; depth 12
+        assert (getattr(net, "dist_token", None) is not None) == ("distilled" in cfg.backbone)
     with torch.no_grad():
         z = model(torch.randn(1, 3, cfg.img_size, cfg.img_size))
-    assert z.shape == (1, 384)  # the full descriptor until the PCA is fitted
+    assert z.shape == (1, width)  # the full descriptor until the PCA is fitted
     assert torch.allclose(z.norm(dim=1), torch.ones(1), atol=1e-5)
 
 
 @pytest.mark.parametrize("name", DTOP)
-def test_dtop_preset_builds_the_full_dtop_model(name):
+def test_dtop_preset_builds_its_dtop_model(name):
     from nbsrc.models.dtop import DToPModel
 
     raw = json.loads((PRESETS_DIR / f"{name}.json").read_text())
@@ -102,12 +106,17 @@ def test_dtop_preset_builds_the_full_dtop_model(name):
     cfg = load_preset(name, weights="none")
     model = built(cfg)
     assert isinstance(model, DToPModel) and model.k == 6
-    assert model.elm is not None and model.fusion.kind == "orthogonal"  # the full model: ELM + orthogonal fusion
     hybrid = "_r" in cfg.backbone.split("_", 1)[1]  # vit_<size>_r<depth>_s<stride>_384
     assert (type(model.backbone.patch_embed).__name__ == "HybridEmbed") == hybrid
+    full = name.startswith("dtop_full_")
+    if full:  # the full model: both branches, ELM + orthogonal fusion, N = 1536
+        assert model.elm is not None and model.fusion.kind == "orthogonal" and model.branch == "both"
+    else:  # Table A5: one branch, no ELM, N = 768
+        assert model.elm is None and model.branch == ("global" if "_cls_" in name else "local")
+        assert model.head.in_features == (6 * 768 if model.branch == "global" else 768)
     with torch.no_grad():
-        z = model(torch.randn(1, 3, cfg.img_size, cfg.img_size))
-    assert z.shape == (1, 1536) and torch.allclose(z.norm(dim=1), torch.ones(1), atol=1e-5)  # eq. 12 head, l2
+        z = model(torch.randn(1, 3, 64, 48))  # DPE: any size
+    assert z.shape == (1, 1536 if full else 768) and torch.allclose(z.norm(dim=1), torch.ones(1), atol=1e-5)
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -139,11 +148,16 @@ def test_preset_data_pipeline_on_fixture_tree(name, trees):
 
             train_ds = class_dataset(db, RetrievalTransform(size, train=True))
             small = cfg.replace(iterations=2, warmup_iters=0, batch_size=4 * cfg.m_per_class)  # 8 fixture clusters
-            sampler, ds, _ = training_sampler(small, train_ds)
+            sampler, ds, collate = training_sampler(small, train_ds)
             batch = next(iter(sampler))
             assert len(batch) == small.batch_size
-            x, y, _ = ds[batch[0]]
-            assert x.shape == (3, size, size) and y == ds.labels[batch[0][0]]
+            if collate is None:  # fixed-size batches: every image an img_size square
+                x, y, _ = ds[batch[0]]
+                assert x.shape == (3, size, size) and y == ds.labels[batch[0][0]]
+            else:  # group-size batches (DToP Table A12): one size per batch, longer side img_size
+                x, y, _ = collate([ds[key] for key in batch])
+                assert x.shape[0] == small.batch_size and max(x.shape[-2:]) == size
+                assert y[0] == ds.labels[batch[0][0]]
         for bench in ("roxford5k", "rparis6k"):
             rev = build_revisited(trees[bench], bench, RetrievalTransform(size, train=False))
             assert rev.query[0][0].shape == (3, size, size)
@@ -170,17 +184,19 @@ def test_method_in_the_name_matches_the_settings(name):
     else:
         assert cfg.iterations > 0
         assert (cfg.lam == 0) == (m == "l")  # IRT_L: no KoLeo; IRT_R: KoLeo
-    assert cfg.backbone == ("deit_small_distilled_patch16_224" if name.endswith("_dist") else "deit_small_patch16_224")
     assert cfg.dataset in name.replace("sfm", "sfm120k")
+    assert ("distilled" in cfg.backbone) == ("_dist" in name)
+    assert ("_128" in name) == (cfg.dim == 128)
 
 
 @pytest.mark.parametrize("name", CATEGORY)
 def test_category_level_presets_follow_irt(name):
     cfg = load_preset(name)
     assert cfg.ks == RECALL_KS[cfg.dataset]  # each dataset's own Recall@K
-    assert cfg.img_size == 224 and cfg.dim is None  # Table 2: the 384-d [CLS] descriptor at 224 px
-    assert cfg.pooling == "cls" and cfg.loss == "contrastive" and cfg.beta == 0.5
+    assert cfg.img_size == 224 and cfg.dim in (None, 128)  # Table 2: the [CLS] descriptor at 224 px, or ▷128
+    assert cfg.beta == 0.5
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.batch_size) == ("adamw", 3e-5, 5e-4, 64)
+    assert (cfg.scheduler, cfg.warmup_iters, cfg.grad_clip) == ("constant", 0, None)  # nothing the paper does not say
     if method(name) == "r":
         assert cfg.lam == 0.7
 
@@ -188,9 +204,10 @@ def test_category_level_presets_follow_irt(name):
 @pytest.mark.parametrize("name", SFM)
 def test_sfm_presets_follow_irt_section_4_2(name):
     cfg = load_preset(name)
-    assert cfg.loss == "contrastive"  # the only loss the tuple trainer takes
+    assert cfg.loss == "contrastive" and cfg.tuple_loss == "distance"  # cirtorch's loss (IRT builds on its code)
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.beta) == ("adam", 5e-7, 1e-6, 0.85)
-    assert cfg.dim == 128 and (cfg.tuples_per_batch, cfg.negatives_per_tuple) == (5, 5)
+    assert (cfg.tuples_per_batch, cfg.negatives_per_tuple, cfg.pairs_per_epoch, cfg.negative_pool) == (5, 5, 2000, 22000)
+    assert (cfg.scheduler, cfg.lr_decay_per_epoch, cfg.freeze_batchnorm, cfg.grad_clip) == ("constant", 0.01, True, None)
     if cfg.iterations:  # 100 epochs of ceil(2000 / 5) steps
         assert cfg.iterations == 100 * math.ceil(cfg.pairs_per_epoch / cfg.tuples_per_batch)
 
@@ -200,9 +217,12 @@ def test_dtop_presets_follow_dtop_a1(name):
     cfg = load_preset(name)
     assert cfg.dataset == "sfm120k" and cfg.sfm_training == "classes"  # 3D models as classes, the ordinary loop
     assert (cfg.loss, cfg.arcface_margin, cfg.lam, cfg.memory_size) == ("arcface", 0.15, 0.0, 0)
-    assert (cfg.optimizer, cfg.lr, cfg.scheduler, cfg.min_lr_factor) == ("sgd", 1e-3, "cosine", 1e-4)
-    assert 0 < cfg.warmup_iters < cfg.iterations
-    assert cfg.model_options == {"dtop": True, "k": 6} and cfg.dim is None  # the 1536-d head is the descriptor
+    assert (cfg.optimizer, cfg.lr, cfg.scheduler, cfg.min_lr_factor, cfg.batch_size) == ("sgd", 1e-3, "cosine", 1e-4, 64)
+    assert cfg.sampler == "group_size" and cfg.whitening == "learned"  # Tables A12, A7
+    assert cfg.eval_scales == pytest.approx([1.0, 2 ** -0.5, 0.5])  # Table A11: 3 scales on both sides
+    # warm-up of 3 epochs on SfM-120k (§A.1), none for the Table A5 benchmark ("except without warm-up")
+    assert cfg.warmup_iters == (0 if name.startswith("dtop_a5_") else 3 * math.ceil(91642 / 64))
+    assert cfg.model_options["dtop"] and cfg.model_options["k"] == 6 and cfg.dim is None  # the head is the descriptor
     assert cfg.backbone.endswith("_384")  # timm's 384 px ViTs; DPE resamples the grid to img_size
 
 
@@ -213,6 +233,8 @@ def test_paper_block(name):
     cfg = load_preset(name)
     expected = ({cfg.dataset: {f"R@{k}" for k in cfg.ks}} if cfg.dataset != "sfm120k"
                 else {b: {"mAP M", "mAP H"} for b in ("roxford5k", "rparis6k")})
+    if p["paper"] == "DToP":  # DToP's tables also print the old Oxford 5k / Paris 6k mAP
+        expected.update({"oxford5k": {"mAP"}, "paris6k": {"mAP"}})
     assert {b: set(m) for b, m in p["results"].items()} == expected
     for metrics in p["results"].values():
         vals = [v for v in metrics.values() if v is not None]
@@ -336,6 +358,8 @@ def test_evaluate_benchmarks_off_the_shelf_and_paper_column(trees):
     assert set(table.index.get_level_values(0)) == {"cub", "roxford5k"}
     assert table.loc[("cub", "R@1"), "paper"] == preset_paper("irt_r_cub_deits_dist")["results"]["cub"]["R@1"]
     assert np.isnan(table.loc[("roxford5k", "mAP M"), "paper"])  # not the row's benchmark
+    assert table.loc[("cub", "R@1"), "difference"] == pytest.approx(table.loc[("cub", "R@1"), "ours"] - 76.6)
+    assert np.isnan(table.loc[("roxford5k", "mAP M"), "difference"])
     ours = table["ours"].to_numpy()
     assert np.isfinite(ours).all() and ((0 <= ours) & (ours <= 100)).all()
     r = table.loc["cub", "ours"].to_numpy()
@@ -387,7 +411,7 @@ def test_notebook_09_on_the_cub_fixture(tmp_path, trees):
     text = _outputs(run_notebook(NOTEBOOKS_DIR / "09_benchmarks.ipynb", params, tmp_path / "09.ipynb"))
     assert all(f"R@{k}" in text for k in RECALL_KS["cub"])
     saved = (tmp_path / "fig" / "benchmarks_irt_o_cub_deits.csv").read_text().splitlines()
-    assert saved[0] == "benchmark,metric,ours,paper" and len(saved) == 1 + len(RECALL_KS["cub"])
+    assert saved[0] == "benchmark,metric,ours,paper,difference" and len(saved) == 1 + len(RECALL_KS["cub"])
 
 
 def test_lambda_sweep_of_a_preset_gives_the_table_6_rows():

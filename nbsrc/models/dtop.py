@@ -31,6 +31,7 @@ Options (``build_model(..., dtop=True, <option>=...)``, paper table in brackets)
     fusion      'orthogonal'  'none' | 'sum' | 'hadamard' | 'concat' | 'fast_norm' | 'orthogonal';
                               with elm=False the default is 'none' (Y alone)      (A13)
     head_dim    1536          output dimension N of the FC layer                  (eq. 12, A7)
+    branch      'both'        'both' | 'global' ([CLS] only) | 'local' (patches only) (A5)
 
 ``pooling`` picks the local branch's pooling: 'gem' (the paper's; also what the default 'cls'
 means here, since the [CLS] tokens always form the global branch), 'avg' or 'max'.
@@ -76,7 +77,9 @@ DTOP_DEFAULTS = {
     "elm_wave": True,
     "fusion": None,  # None: 'orthogonal' with the ELM, 'none' without
     "head_dim": 1536,
+    "branch": "both",  # 'both' (eq. 12) | 'global' | 'local': one branch alone (Table A5's benchmark)
 }
+BRANCHES = ("both", "global", "local")
 LOCAL_POOLINGS = {"cls": "gem", "gem": "gem", "avg": "avg", "max": "max"}
 
 
@@ -134,6 +137,7 @@ class DToPModel(nn.Module):
         elm_wave: bool = True,
         fusion: str | None = None,
         head_dim: int = 1536,
+        branch: str = "both",
         local_pool: str = "gem",
         dim: int | None = None,
         gem_p: float = 3.0,
@@ -161,6 +165,8 @@ class DToPModel(nn.Module):
             raise ConfigError(f"head_dim={head_dim!r} is invalid: expected an integer >= 1 (paper: 1536)")
         if not getattr(backbone, "dynamic_img_size", False):
             raise ConfigError("DToP needs a ViT built with dynamic_img_size=True (build_dtop_model does this)")
+        if branch not in BRANCHES:
+            raise ConfigError(f"branch={branch!r} is unknown; use one of {', '.join(BRANCHES)} (Table A5: one branch)")
         if local_pool not in ("gem", "avg", "max"):
             raise ConfigError(f"local pooling {local_pool!r} is unknown; use gem, avg or max")
         fusion = fusion if fusion is not None else ("orthogonal" if elm else "none")
@@ -181,7 +187,9 @@ class DToPModel(nn.Module):
 
         # Output (eq. 12).
         self.global_dim, self.local_dim = k * d, self.fusion.out_dim(d)
-        self.head = nn.Linear(self.global_dim + self.local_dim, head_dim)
+        self.branch = branch  # Table A5: "only the global branch (7) ... or the local branch (10)"
+        used = (self.global_dim if branch != "local" else 0) + (self.local_dim if branch != "global" else 0)
+        self.head = nn.Linear(used, head_dim)
         self.feature_dim = head_dim
         self.pca = PCAReduction(head_dim, dim) if dim else None
 
@@ -260,7 +268,8 @@ class DToPModel(nn.Module):
         u_tokens = u.flatten(2).transpose(1, 2) if u is not None else None
         local = self.local_pool(self.fusion(y_tokens, u_tokens))
         glob = cls.reshape(b, k * d)  # eq. (5)
-        feats = self.head(torch.cat([glob, local], dim=1))  # eq. (12), before l2
+        parts = {"both": [glob, local], "global": [glob], "local": [local]}[self.branch]
+        feats = self.head(torch.cat(parts, dim=1))  # eq. (12), before l2 (Table A5: one branch)
         return {"cls": cls, "patches": patches, "Y": y, "U": u, "global": glob, "local": local, "features": feats}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,15 @@
-"""Presets: the papers' rows as ready configs (IRT Tables 2, 3, 7, 8; DToP Table A5).
+"""Presets: the papers' rows as ready configs (IRT Tables 2-9; DToP Tables A5, A7-A13).
 
 One JSON file per row in this folder, named after the row: ``irt_r_sop_deits`` is IRT_R
-(contrastive loss + KoLeo, IRT eq. 5) on Stanford Online Products with DeiT-S; ``_dist`` marks the
-distilled DeiT-S† (``deit_small_distilled_patch16_224``); ``dtop_r50vitb16_sfm`` is the full DToP
-model on the hybrid R50+ViT-B/16, trained with ArcFace on the SfM-120k images labelled by their 3D
-model (``sfm_training="classes"``) and evaluated on Revisited Oxford and Paris. A file holds the
-:class:`~nbsrc.config.ExperimentConfig` fields of the row and a ``"paper"`` block that is not a
-config field: the paper, table, row label, the reported numbers (``null`` where not recorded) and
-notes on settings that are our assumptions rather than the paper's::
+(contrastive loss + KoLeo, IRT eq. 5) on Stanford Online Products with DeiT-S; ``_dist`` marks a
+distilled DeiT (DeiT-S†, DeiT-B†), ``_128`` the PCA to 128 components (▷128), ``384`` a 384-px
+input, ``r50`` / ``r101`` the convnet rows; ``dtop_full_r50vitb16_sfm`` is the full DToP model of
+Tables A7-A13 and ``dtop_a5_*`` the backbone benchmark of Table A5 (one branch, no ELM, N = 768).
+A file holds the :class:`~nbsrc.config.ExperimentConfig` fields of the row (every setting the
+paper states is the paper's; docs/fidelity.md lists each one) and a ``"paper"`` block that is not a
+config field: the paper, table, row label, the reported numbers exactly as printed (``null`` where
+the table prints none), optional ``grids`` (the paper's ablation tables around this row, with their
+numbers: :func:`preset_grid`) and notes that say which settings are our reading::
 
     cfg = load_preset("irt_r_cub_deits", data_root="/data/CUB_200_2011")
     python -m nbsrc train --preset irt_r_cub_deits --data-root /data/CUB_200_2011
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +74,71 @@ def load_preset(name: str, /, **overrides: Any) -> ExperimentConfig:
     return ExperimentConfig.from_dict({**preset_dict(name), **overrides})
 
 
+# ----------------------------------------------------------------------------- the paper's grids
+def preset_grid_tables(name: str) -> list[str]:
+    """The tables of the grids recorded in preset ``name``'s paper block (e.g. ``['5']``, ``['A7', 'A8']``)."""
+    return [g["table"] for g in preset_paper(name).get("grids", [])]
+
+
+def preset_grid(name: str, table: str, /, **overrides: Any) -> dict[str, dict[str, Any]]:
+    """The paper's ablation ``table`` around preset ``name``: ``{label: {"config": ExperimentConfig,
+    "paper": {benchmark: {metric: value}}, ...}}``, one entry per row or cell the paper prints.
+
+    The configs come from the grid helpers of :mod:`nbsrc.experiment` applied to
+    ``load_preset(name, **overrides)`` (``beta_lambda_grid`` for IRT Table 5, ``lambda_sweep`` for
+    Table 6, ``pooling_variants`` for Table 9, ``dtop_ablation_grid`` for DToP A8 and A10), or are
+    the preset with the row's fields changed (``"overrides"``: A7, A9, A12, A13; run names
+    ``<preset>_<slug of the label>``); an evaluation-only grid (A11) gives the preset itself with the
+    entry's ``query_scales`` and ``database_scales``.
+    """
+    from nbsrc import experiment as ex
+
+    grids = {g["table"]: g for g in preset_paper(name).get("grids", [])}
+    if table not in grids:
+        raise ConfigError(f"preset {name!r} records no grid for table {table!r}; it records "
+                          f"{', '.join(grids) or 'none'}")
+    g, base = grids[table], load_preset(name, **overrides)
+    helper, args = g["helper"], g.get("args", {})
+    if helper == "overrides":
+        configs = {}
+        for label, fields in args["overrides"].items():
+            fields = dict(fields)
+            if "model_options" in fields:
+                fields["model_options"] = {**base.model_options, **fields["model_options"]}
+            changed = {k: v for k, v in fields.items() if _effective(k, getattr(base, k)) != _effective(k, v)}
+            slug = re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
+            configs[label] = base.replace(name=f"{base.name}_{slug}", **changed) if changed else base
+    elif helper == "evaluation":
+        return {label: {"config": base, "paper": g["results"][label], **sc} for label, sc in args["scales"].items()}
+    elif helper == "dtop_ablation_grid":
+        configs = ex.dtop_ablation_grid(base, table, args["values"])
+    elif helper == "beta_lambda_grid":
+        configs = ex.beta_lambda_grid(base, args["betas"], args["lams"])
+    elif helper == "lambda_sweep":
+        configs = ex.lambda_sweep(base, args["lams"], prefix=base.name)
+    elif helper == "pooling_variants":
+        configs = ex.pooling_variants(base, args["poolings"])
+    else:
+        raise ConfigError(f"preset {name!r}, table {table}: unknown grid helper {helper!r}")
+    missing = sorted(set(g["results"]) - set(configs))
+    if missing:
+        raise ConfigError(f"preset {name!r}, table {table}: the paper's rows {missing} have no config; "
+                          f"the helper gave {sorted(configs)}")
+    return {label: {"config": configs[label], "paper": g["results"][label]} for label in g["results"]}
+
+
+def _effective(field: str, value):
+    """DToP's model_options with its defaults filled in (fusion None: orthogonal with the ELM), so that
+    a row that restates the defaults is the preset itself (its run trained once)."""
+    if field != "model_options" or not value.get("dtop"):
+        return value
+    from nbsrc.models.dtop import DTOP_DEFAULTS
+
+    eff = {**DTOP_DEFAULTS, **value}
+    eff["fusion"] = eff["fusion"] or ("orthogonal" if eff["elm"] else "none")
+    return eff
+
+
 # ----------------------------------------------------------------------------- the README table
 def _fmt(v) -> str:
     return "–" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
@@ -88,7 +156,7 @@ def preset_table() -> str:
     """A markdown table with one row per preset: the paper row it reproduces, the settings that
     differ between presets, and the paper's numbers (– where not recorded)."""
     head = ("| preset | paper, table | row | dataset | backbone | loss (β, λ) | memory | optimizer, lr | "
-            "iterations | image | dim | paper's numbers |")
+            "iterations | image | dim | paper's numbers | grids |")
     # loss column: contrastive (β, λ) for IRT, arcface (margin, scale) for DToP
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name in list_presets():
@@ -104,7 +172,7 @@ def preset_table() -> str:
         lines.append(
             f"| `{name}` | {p['paper']} {p['table']} | {p['row']} | {c['dataset']} | `{c['backbone']}` | {loss} | "
             f"{c['memory_size']} | {optim} | {c['iterations']} | {c['img_size']} | "
-            f"{_fmt(c['dim'])} | {_paper_numbers(p['results'])} |"
+            f"{_fmt(c['dim'])} | {_paper_numbers(p['results'])} | {', '.join(preset_grid_tables(name)) or '–'} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -153,7 +221,8 @@ def evaluate_benchmarks(preset: str | None, roots: dict[str, str | None], run_di
     the mAP of the Medium and Hard setups (IRT Tables 7-8). The paper column holds ``preset``'s
     reported number for that benchmark (None where the preset's row has none, e.g. a benchmark it was
     not trained for). ``eval_per_class`` caps the evaluation images per class (None: the full
-    protocol). Returns a DataFrame indexed by ``(benchmark, metric)`` with columns ``ours, paper``.
+    protocol). Returns a DataFrame indexed by ``(benchmark, metric)`` with columns ``ours, paper,
+    difference`` (ours − paper in points; NaN where the paper prints no number).
     """
     import pandas as pd
 
@@ -200,4 +269,6 @@ def evaluate_benchmarks(preset: str | None, roots: dict[str, str | None], run_di
             square = particular_object_transform(cfg.img_size, norm["mean"], norm["std"])  # IRT §4.2
             _, res, _ = evaluate_revisited(model, root, square, cfg, device, bench)
             rows += [(bench, m, res[s]["mAP"], _paper_value(preset, bench, m)) for m, s in REVISITED_METRICS.items()]
-    return pd.DataFrame(rows, columns=["benchmark", "metric", "ours", "paper"]).set_index(["benchmark", "metric"])
+    table = pd.DataFrame(rows, columns=["benchmark", "metric", "ours", "paper"]).set_index(["benchmark", "metric"])
+    table["difference"] = table["ours"] - table["paper"].astype(float)  # ours − paper, in points
+    return table

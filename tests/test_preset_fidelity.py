@@ -1,0 +1,177 @@
+"""Every preset against a table written here from the papers (IRT §4.2 and Tables 2-9; DToP §A.1,
+§A.2 and Tables A5, A7-A13), so that a preset cannot drift from its paper (issue 11).
+
+The table lists, per preset: backbone, image size, descriptor size (None: the backbone's full width;
+128: PCA ▷128), loss, its margin, λ, optimizer, lr, weight decay, batch, iterations, memory size
+and momentum. The shared settings are the papers' sentences, quoted beside them.
+"""
+
+import math
+
+import pytest
+import torch
+
+from nbsrc.presets import list_presets, load_preset, preset_grid, preset_grid_tables, preset_paper
+
+# IRT §4.2, category level: "AdamW ... learning rate 3·10⁻⁵, weight decay 5·10⁻⁴ and batch size of 64 ...
+# β = 0.5 ... λ = 0.7"; "SOP and In-Shop models were trained for 35k iterations and the CUB-200-2011 model
+# ... for 2000 iterations"; "a dynamic offline memory queue of the same size as the dataset (with the
+# exception of In-Shop dataset for which the memory size is 0.2 of the dataset size)"; "for the In-Shop
+# dataset we adopt a momentum encoder ... 0.999".
+TRAIN_IMAGES = {"sop": 59_551, "cub": 5_864, "inshop": 25_882}  # the official training splits (IRT §4.1)
+CAT = {"optimizer": "adamw", "lr": 3e-5, "weight_decay": 5e-4, "batch_size": 64}
+CAT_ITERS = {"sop": 35_000, "cub": 2_000, "inshop": 35_000}
+CAT_MEMORY = {"sop": TRAIN_IMAGES["sop"], "cub": TRAIN_IMAGES["cub"], "inshop": round(0.2 * TRAIN_IMAGES["inshop"])}
+# IRT §4.2, particular objects: "Adam ... 5·10⁻⁷ and weight decay of 10⁻⁶. The contrastive loss margin is
+# set to β = 0.85. The models are finetuned for 100 epochs"; "each batch consists of 5 tuples"; "For each
+# epoch, we randomly select 2,000 positive pairs".
+SFM = {"optimizer": "adam", "lr": 5e-7, "weight_decay": 1e-6, "memory_size": 0, "momentum": None,
+       "iterations": 100 * math.ceil(2000 / 5)}
+# DToP §A.1: "batch size of 64 and the ArcFace loss with margin 0.15 ... stochastic gradient descent with
+# momentum 0.9, initial learning rate 10⁻³".
+DTOP = {"optimizer": "sgd", "lr": 1e-3, "batch_size": 64, "loss": "arcface", "margin": 0.15, "lam": 0.0,
+        "memory_size": 0, "momentum": None}
+
+DS, DT, DB, DB384 = ("deit_small_patch16_224", "deit_small_distilled_patch16_224",
+                     "deit_base_distilled_patch16_224", "deit_base_distilled_patch16_384")
+R50, R101 = "resnet50.tv_in1k", "resnet101.tv_in1k"  # Table 1: ImageNet-1k R50 76.2, R101 77.4 top-1
+
+
+def cat(ds, backbone=DS, dim=None, lam=0.7, loss="contrastive", trained=True):
+    return {**CAT, "dataset": ds, "backbone": backbone, "img_size": 224, "dim": dim, "loss": loss, "margin": 0.5,
+            "lam": lam, "iterations": CAT_ITERS[ds] if trained else 0,
+            "memory_size": 0 if loss == "nsoftmax" else CAT_MEMORY[ds],
+            "momentum": 0.999 if ds == "inshop" and loss != "nsoftmax" else None}
+
+
+def sfm(backbone=DS, img=224, dim=None, lam=0.0, trained=True):
+    return {**SFM, "dataset": "sfm120k", "backbone": backbone, "img_size": img, "dim": dim, "loss": "contrastive",
+            "margin": 0.85, "lam": lam, "iterations": SFM["iterations"] if trained else 0}
+
+
+def dtop(backbone, a5=False):
+    return {**DTOP, "dataset": "sfm120k", "backbone": backbone, "img_size": 384, "dim": None}
+
+
+PAPER = {
+    # IRT Table 3 (DeiT-S, 384-d): IRT_O, IRT_L, IRT_R; IRT Table 2: IRT_R DeiT-S ▷128, 384, DeiT-S† 384
+    **{f"irt_o_{d}_deits": cat(d, lam=0.0, trained=False) for d in TRAIN_IMAGES},
+    **{f"irt_l_{d}_deits": cat(d, lam=0.0) for d in TRAIN_IMAGES},
+    **{f"irt_r_{d}_deits": cat(d) for d in TRAIN_IMAGES},
+    **{f"irt_r_{d}_deits_128": cat(d, dim=128) for d in TRAIN_IMAGES},
+    **{f"irt_r_{d}_deits_dist": cat(d, backbone=DT) for d in TRAIN_IMAGES},
+    # IRT Table 4 (SOP, β = 0.5; IRT_L): NSoftmax, SNCA, contrastive for R50 (2048-d) and DeiT-S (384-d)
+    "irt_l_sop_deits_nsoftmax": cat("sop", lam=0.0, loss="nsoftmax"),
+    "irt_l_sop_deits_snca": cat("sop", lam=0.0, loss="snca"),
+    "irt_l_sop_r50": cat("sop", backbone=R50, lam=0.0),
+    "irt_l_sop_r50_nsoftmax": cat("sop", backbone=R50, lam=0.0, loss="nsoftmax"),
+    "irt_l_sop_r50_snca": cat("sop", backbone=R50, lam=0.0, loss="snca"),
+    # IRT Tables 3, 6, 9 (DeiT-S, 384-d); IRT_R on SfM-120k: λ = 4 (Table 3's row is Table 6's λ = 4.0 row)
+    "irt_o_sfm_deits": sfm(trained=False), "irt_l_sfm_deits": sfm(), "irt_r_sfm_deits": sfm(lam=4.0),
+    # IRT Table 7 (IRT_L): 224 px ▷128 and full; 384 px ▷128 and full
+    "irt_l_sfm_deits_dist_128": sfm(DT, dim=128), "irt_l_sfm_deits_dist": sfm(DT),
+    "irt_l_sfm_deitb_dist_128": sfm(DB, dim=128), "irt_l_sfm_deitb_dist": sfm(DB),
+    "irt_l_sfm_deitb_dist384_128": sfm(DB384, 384, 128), "irt_l_sfm_deitb_dist384": sfm(DB384, 384),
+    "irt_l_sfm_r50_gem_128": sfm(R50, dim=128), "irt_l_sfm_r50_gem": sfm(R50),
+    "irt_l_sfm_r101_gem_128": sfm(R101, dim=128), "irt_l_sfm_r101_gem": sfm(R101),
+    "irt_l_sfm_r101_gem384_128": sfm(R101, 384, 128), "irt_l_sfm_r101_gem384": sfm(R101, 384),
+    # IRT Table 8: IRT_R DeiT-B† {384}, ▷128 and 768-d
+    "irt_r_sfm_deitb_dist384_128": sfm(DB384, 384, 128, lam=4.0), "irt_r_sfm_deitb_dist384": sfm(DB384, 384, lam=4.0),
+    # DToP Tables A7-A13 (the full model), A10 (no CNN stem), A5 (backbones, one branch, no ELM)
+    "dtop_full_r50vitb16_sfm": dtop("vit_base_r50_s16_384"), "dtop_full_vitb16_sfm": dtop("vit_base_patch16_384"),
+    "dtop_a5_vitb16_cls_sfm": dtop("vit_base_patch16_384"), "dtop_a5_vitb16_patch_sfm": dtop("vit_base_patch16_384"),
+    "dtop_a5_r50vitb16_cls_sfm": dtop("vit_base_r50_s16_384"),
+    "dtop_a5_r50vitb16_patch_sfm": dtop("vit_base_r50_s16_384"),
+}
+
+
+def test_every_preset_is_in_the_table():
+    assert sorted(PAPER) == list_presets()
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_preset_settings_are_the_papers(name):
+    cfg, want = load_preset(name), PAPER[name]
+    margin = cfg.arcface_margin if cfg.loss == "arcface" else cfg.beta
+    got = {"dataset": cfg.dataset, "backbone": cfg.backbone, "img_size": cfg.img_size, "dim": cfg.dim, "loss": cfg.loss,
+           "margin": margin, "lam": cfg.lam, "optimizer": cfg.optimizer, "lr": cfg.lr,
+           "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "iterations": cfg.iterations,
+           "memory_size": cfg.memory_size, "momentum": cfg.momentum}
+    assert {k: got[k] for k in want} == want
+
+
+# ----------------------------------------------------------------------------- the numbers
+def results(name):
+    return preset_paper(name)["results"]
+
+
+def test_irt_tables_agree_where_they_share_a_row():
+    """Facts that follow from comparing the tables (papers/README.md)."""
+    lam = preset_grid("irt_r_sfm_deits", "6")
+    assert lam["λ = 0"]["paper"] == results("irt_l_sfm_deits")  # Table 3's IRT_L = Table 6's λ = 0
+    assert lam["λ = 4"]["paper"] == results("irt_r_sfm_deits")  # Table 3's IRT_R = Table 6's λ = 4.0
+    assert lam["λ = 4"]["config"].lam == 4.0 == load_preset("irt_r_sfm_deits").lam
+    pool = preset_grid("irt_l_sfm_deits", "9")
+    assert pool["cls"]["paper"] == results("irt_l_sfm_deits")  # Table 9 is IRT_L
+    assert results("irt_l_sfm_deitb_dist384") == {"roxford5k": {"mAP M": 50.5, "mAP H": 22.7},
+                                                   "rparis6k": {"mAP M": 70.6, "mAP H": 47.4}}  # Tables 7 and 8
+    assert preset_grid("irt_l_sop_deits", "9")["cls"]["paper"]["sop"]["R@1"] == results("irt_l_sop_deits")["sop"]["R@1"]
+    assert results("irt_r_sop_deits")["sop"]["R@1"] == 84.0  # Table 2's DeiT-S 384 row is Table 3's IRT_R
+
+
+def test_the_in_shop_distilled_row_as_printed():
+    assert results("irt_r_inshop_deits_dist") == {"inshop": {"R@1": 91.9, "R@10": 98.1, "R@20": 98.7, "R@30": 98.9}}
+
+
+def test_dtop_full_row_is_in_every_ablation_table():
+    full = results("dtop_full_r50vitb16_sfm")
+    assert full["roxford5k"] == {"mAP M": 68.5, "mAP H": 43.0} and full["oxford5k"] == {"mAP": 89.7}
+    for table in ("A7", "A8", "A9", "A10", "A11", "A12", "A13"):
+        grid = preset_grid("dtop_full_r50vitb16_sfm", table)
+        same = [label for label, row in grid.items() if row["paper"] == full]
+        assert len(same) == 1, (table, same)
+        assert grid[same[0]]["config"].name == "dtop_full_r50vitb16_sfm"  # the full model's own run, trained once
+
+
+def test_grids_change_only_what_their_table_varies():
+    base = load_preset("dtop_full_r50vitb16_sfm").to_dict()
+    for table in preset_grid_tables("dtop_full_r50vitb16_sfm"):
+        for label, row in preset_grid("dtop_full_r50vitb16_sfm", table).items():
+            diff = {k for k, v in row["config"].to_dict().items() if v != base[k]}
+            assert diff <= {"name", "model_options", "sampler"}, (table, label, diff)
+    a12 = preset_grid("dtop_full_r50vitb16_sfm", "A12")
+    assert a12["fixed-size (384x384)"]["config"].sampler == "m_per_class"
+    a11 = preset_grid("dtop_full_r50vitb16_sfm", "A11")
+    assert a11["query multi, database single"]["database_scales"] == [1.0]
+    t5 = preset_grid("irt_r_sop_deits", "5")
+    assert len(t5) == 25 and t5["β = 0.9, λ = 1"]["paper"] == {"sop": {"R@1": 41.5}}
+    assert t5["β = 0.9, λ = 1"]["config"].beta == 0.9 and t5["β = 0.9, λ = 1"]["config"].lam == 1.0
+    assert preset_grid("irt_l_sop_r50", "5")["β = 0.5, λ = 0"]["paper"]["sop"]["R@1"] == 79.8  # Table 4's R50 row
+
+
+def test_grid_errors():
+    from nbsrc.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="records no grid for table '5'; it records 9"):
+        preset_grid("irt_l_sop_deits", "5")
+
+
+def test_dtop_branch_option():
+    """Table A5: the global branch alone ([CLS] of k layers -> FC) or the local branch alone."""
+    from nbsrc.errors import ConfigError
+    from nbsrc.models import build_model
+
+    torch.manual_seed(0)
+    kw = dict(img_size=32, patch_size=8, dtop=True, k=2, elm=False, head_dim=16)
+    g = build_model("vit_tiny_patch16_224", branch="global", **kw).eval()
+    loc = build_model("vit_tiny_patch16_224", pooling="avg", branch="local", **kw).eval()
+    assert g.head.in_features == 2 * 192 and loc.head.in_features == 192
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        b = g.branches(x)
+        assert torch.allclose(b["features"], g.head(b["global"]), atol=1e-6)
+        b = loc.branches(x)
+        assert torch.allclose(b["features"], loc.head(b["local"]), atol=1e-6)
+        assert torch.allclose(b["local"], b["Y"].flatten(2).mean(-1), atol=1e-5)  # "global average pooling"
+    with pytest.raises(ConfigError, match="branch='cls' is unknown"):
+        build_model("vit_tiny_patch16_224", branch="cls", **kw)
