@@ -36,7 +36,8 @@ from nbsrc.data.sfm import SfMSplit, load_sfm120k_db
 from nbsrc.data.transforms import RetrievalTransform, particular_object_transform
 from nbsrc.errors import DatasetError
 from nbsrc.eval.embed import extract_embeddings
-from nbsrc.eval.revisited import REVISITED_LAYOUT, REVISITED_NAMES, build_revisited, revisited_map
+from nbsrc.eval.particular import SINGLE_SCALE, evaluate_revisited_data, learn_sfm_whitening
+from nbsrc.eval.revisited import REVISITED_LAYOUT, REVISITED_NAMES, build_revisited
 from nbsrc.experiment import (EMBEDDINGS, MODEL, PCA_FIT_SAMPLES, RunResult, load_run, prepare_run_on_rank0,
                               seeded_model)
 from nbsrc.train import distributed, prepare_run_dir, resolve_device, run_state, train
@@ -83,14 +84,15 @@ def fit_pca_sfm(model: torch.nn.Module, db: SfMSplit, eval_tf, cfg: ExperimentCo
 
 
 def evaluate_revisited(model: torch.nn.Module, root, eval_tf, cfg: ExperimentConfig, device,
-                       name: str | None = None) -> tuple[str, dict, dict[str, np.ndarray]]:
+                       name: str | None = None, whitening=None) -> tuple[str, dict, dict[str, np.ndarray]]:
     """``(name, {"easy"|"medium"|"hard": {"mAP", "mP@1", "mP@5", "mP@10"}}, embeddings)`` of the
-    revisited dataset under ``root`` (percent)."""
+    revisited dataset under ``root`` (percent), at ``cfg.eval_scales`` with ``whitening`` (DToP;
+    :func:`nbsrc.eval.particular.evaluate_revisited_data`)."""
     data = build_revisited(root, name, eval_tf)
-    q, _, _ = extract_embeddings(model, data.query, cfg.eval_batch_size, device, cfg.num_workers, False)
-    x, _, _ = extract_embeddings(model, data.database, cfg.eval_batch_size, device, cfg.num_workers, False)
-    scores = q.astype(np.float64) @ x.astype(np.float64).T
-    return data.name, revisited_map(scores, data.gnd, KAPPAS), {"query": q, "database": x}
+    res, emb = evaluate_revisited_data(model, data, cfg.eval_scales or SINGLE_SCALE, whitening=whitening,
+                                       batch_size=cfg.eval_batch_size, device=device, kappas=KAPPAS,
+                                       num_workers=cfg.num_workers)
+    return data.name, res, emb
 
 
 def run_sfm_experiment(cfg: ExperimentConfig, mode: str = "reuse", roxford_root=None, rparis_root=None,
@@ -139,9 +141,11 @@ def run_sfm_experiment(cfg: ExperimentConfig, mode: str = "reuse", roxford_root=
     model.to(device).eval()
     if cfg.dim:
         fit_pca_sfm(model, db, eval_tf, cfg, device)
+    whiten = (learn_sfm_whitening(model, db, eval_tf, cfg.eval_scales or SINGLE_SCALE, cfg.eval_batch_size, device)
+              if cfg.whitening == "learned" else None)  # DToP: supervised whitening from SfM-120k's pairs
     results, arrays = {}, {}
     for name, root in roots.items():
-        name, res, emb = evaluate_revisited(model, root, eval_tf, cfg, device, name)
+        name, res, emb = evaluate_revisited(model, root, eval_tf, cfg, device, name, whiten)
         results[name] = res
         arrays.update({f"{name}_{k}": v for k, v in emb.items()})
         print(f"{cfg.name} {name}: mAP M {res['medium']['mAP']:.2f}  H {res['hard']['mAP']:.2f}")

@@ -4,18 +4,22 @@
 - :func:`gradient_noise`, :func:`per_sample_embedding_grads`, :class:`GradientNoiseMeter`:
   γ = ‖Cov(ĝ)‖_* of the contrastive loss's gradient directions (IRT §3.3, Fig. 4);
 - :func:`pair_similarities`, :func:`pair_indices`: positive / negative pair similarities (IRT Fig. 5);
+  :func:`revisited_pair_similarities` the query-database pairs of Revisited Paris (Medium), as the
+  paper draws them, and :func:`run_pair_similarities` whichever of the two a run's embeddings allow;
 - :func:`tsne`: 2-D t-SNE map with a fixed seed (DToP Fig. A6);
 - :func:`average_precision_per_query`, :func:`worst_queries`: per-query rankings for the retrieval grid.
 """
 
 from nbsrc.analysis.embedding import TSNEResult, stratified_subsample, tsne
 from nbsrc.analysis.gradients import GradientNoiseMeter, gradient_noise, per_sample_embedding_grads
-from nbsrc.analysis.similarity import average_precision_per_query, pair_indices, pair_similarities, worst_queries
+from nbsrc.analysis.similarity import (average_precision_per_query, pair_indices, pair_similarities,
+                                      revisited_pair_similarities, run_pair_similarities, worst_queries)
 from nbsrc.analysis.spectrum import as_embeddings, as_labels, cumulative_energy, dim_at_energy, effective_dim
 
 __all__ = [
     "cumulative_energy", "effective_dim", "dim_at_energy", "as_embeddings", "as_labels",
     "gradient_noise", "per_sample_embedding_grads", "GradientNoiseMeter",
-    "pair_similarities", "pair_indices", "average_precision_per_query", "worst_queries",
+    "pair_similarities", "pair_indices", "revisited_pair_similarities", "run_pair_similarities",
+    "average_precision_per_query", "worst_queries",
     "tsne", "TSNEResult", "stratified_subsample",
 ]

@@ -183,3 +183,60 @@ def worst_queries(per_query, n: int, by: str = "ap") -> np.ndarray:
     idx = np.flatnonzero(~np.isnan(v))
     key = v[idx] if by == "ap" else -v[idx]
     return idx[np.argsort(key, kind="stable")][:n].astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- Revisited pairs (IRT Fig. 5)
+def revisited_pair_similarities(query_emb, database_emb, gnd, setup: str = "medium",
+                                max_negatives: int | None = 200_000, seed: int = 0):
+    """Cosine similarities of the query-database pairs of a Revisited dataset, as IRT Fig. 5 draws
+    them ("extracted from the RParis (M) dataset")::
+
+        pos = { q̂ᵀx̂ : x ∈ P_q },   neg = { q̂ᵀx̂ : x ∉ P_q ∪ J_q },   over all queries q
+
+    with the positives ``P_q`` and junk ``J_q`` of ``setup`` (``"medium"``: P = easy ∪ hard,
+    J = junk; :data:`nbsrc.eval.revisited.SETUPS`). Junk pairs are in neither set. More than
+    ``max_negatives`` negatives: a uniform sample of that many (without replacement, ``seed``).
+    Returns ``(pos, neg, info)`` as :func:`pair_similarities`.
+    """
+    from nbsrc.eval.revisited import SETUPS, _gnd_list
+
+    if setup not in SETUPS:
+        raise ConfigError(f"setup={setup!r} is invalid: expected one of {', '.join(SETUPS)}")
+    cap = _check_cap(max_negatives, "max_negatives")
+    Q, X = _unit_rows(as_embeddings(query_emb), "query_emb"), _unit_rows(as_embeddings(database_emb), "database_emb")
+    gnd = _gnd_list(gnd)
+    if len(gnd) != len(Q):
+        raise DatasetError(f"{len(Q)} query embeddings but {len(gnd)} ground-truth entries; embed every query once")
+    ok_keys, junk_keys = SETUPS[setup]
+    sims = Q.astype(np.float64) @ X.astype(np.float64).T
+    is_pos = np.zeros(sims.shape, dtype=bool)
+    is_junk = np.zeros(sims.shape, dtype=bool)
+    for i, g in enumerate(gnd):
+        for keys, mask in ((ok_keys, is_pos), (junk_keys, is_junk)):
+            idx = np.concatenate([np.asarray(g[k], dtype=np.int64).reshape(-1) for k in keys])
+            mask[i, idx] = True
+    pos = sims[is_pos]
+    neg_all = sims[~is_pos & ~is_junk]
+    keep = _choose_ranks(len(neg_all), cap, np.random.default_rng(seed))
+    neg = neg_all[np.sort(keep)]
+    info = {"positives_total": len(pos), "positives_used": len(pos), "negatives_total": len(neg_all),
+            "negatives_used": len(neg), "setup": setup}
+    info["summary"] = (f"{len(pos):,} positive and {len(neg):,} of {len(neg_all):,} negative query-database pairs "
+                       f"({setup} setup)" + (f", uniform sample (seed {seed})" if len(neg) < len(neg_all) else ""))
+    return pos, neg, info
+
+
+def run_pair_similarities(embeddings: dict, gnd=None, name: str = "rparis6k", setup: str = "medium",
+                          max_negatives: int | None = 200_000, seed: int = 0):
+    """The pairs notebook 05 draws for a run's saved ``embeddings`` (``RunResult.embeddings()``):
+    the Revisited form of IRT Fig. 5 (:func:`revisited_pair_similarities` on ``<name>_query`` /
+    ``<name>_database``, ``setup``; Revisited Paris Medium by default) when the run holds that
+    dataset's embeddings, otherwise the class-label pairs of its query set (:func:`pair_similarities`).
+    ``gnd``: the dataset's ground truth (``load_revisited_gnd``), needed for the Revisited form."""
+    if f"{name}_query" in embeddings:
+        if gnd is None:
+            raise ConfigError(f"the run holds {name} embeddings: pass gnd=load_revisited_gnd(<folder>/gnd_{name}.pkl) "
+                              f"(notebook 05: rparis_root=<folder>)")
+        return revisited_pair_similarities(embeddings[f"{name}_query"], embeddings[f"{name}_database"], gnd, setup,
+                                           max_negatives, seed)
+    return pair_similarities(embeddings["query"], embeddings["query_labels"], max_negatives=max_negatives, seed=seed)
