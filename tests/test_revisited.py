@@ -9,11 +9,10 @@ import pytest
 import torch
 from fixtures_benchmarks import make_revisited
 
+from nbsrc.bench.revisited import random_gnd
+from nbsrc.data.revisited import build_distractors, build_revisited, crop_query, load_revisited_gnd
 from nbsrc.errors import ConfigError, DatasetError
-from nbsrc.eval.revisited import (
-    ap_and_precision, build_distractors, build_revisited, crop_query, embeddings_to_memmap,
-    load_revisited_gnd, random_gnd, rank_chunked, revisited_map, revisited_map_reference,
-)
+from nbsrc.eval.revisited import ap_and_precision, rank_chunked, revisited_map, revisited_map_reference
 
 
 def q(easy=(), hard=(), junk=()):
@@ -225,7 +224,7 @@ def test_rank_chunked_equals_dense_argsort(tmp_path, dtype):
     db = rng.integers(-2, 3, (103, 4)).astype(np.float32)
     queries = rng.integers(-2, 3, (7, 4)).astype(np.float32)
     path = tmp_path / "db.npy"
-    embeddings_to_memmap((db[s : s + 25] for s in range(0, 103, 25)), path, 103, 4, dtype)
+    np.save(path, db.astype(dtype))
     mm = np.load(path, mmap_mode="r")
     assert mm.dtype == dtype and mm.shape == (103, 4)
     dense = queries @ db.T
@@ -238,7 +237,7 @@ def test_rank_chunked_equals_dense_argsort(tmp_path, dtype):
             np.testing.assert_array_equal(scores, np.take_along_axis(dense, expected[:, :k], axis=1))
 
 
-def test_rank_chunked_and_memmap_errors(tmp_path):
+def test_rank_chunked_errors(tmp_path):
     db = np.zeros((5, 3), np.float32)
     with pytest.raises(ConfigError, match="same D"):
         rank_chunked(np.zeros((2, 4)), db)
@@ -247,21 +246,4 @@ def test_rank_chunked_and_memmap_errors(tmp_path):
     db[3, 1] = np.nan
     with pytest.raises(ConfigError, match="rows 2..3 give non-finite"):
         rank_chunked(np.ones((2, 3)), db, topk=2, chunk=2)
-    with pytest.raises(ConfigError, match="n=4"):
-        embeddings_to_memmap([np.zeros((3, 3)), np.zeros((3, 3))], tmp_path / "x.npy", 4, 3)
-    with pytest.raises(ConfigError, match="n=7"):
-        embeddings_to_memmap([np.zeros((3, 3))], tmp_path / "y.npy", 7, 3)
 
-
-def test_embed_to_memmap_streams_a_dataset(tmp_path):
-    from nbsrc.data import RetrievalDataset
-    from nbsrc.eval.revisited import embed_to_memmap
-
-    images = np.random.default_rng(0).integers(0, 255, (11, 3, 4, 4), dtype=np.uint8)
-    ds = RetrievalDataset(images, np.zeros(11), transform=lambda x: x.float().flatten())
-    model = torch.nn.Linear(48, 5)
-    mm = embed_to_memmap(model, ds, tmp_path / "e.npy", dim=5, dtype=np.float32, batch_size=4, chunk=3, progress=False)
-    with torch.no_grad():
-        expected = model(torch.from_numpy(images).float().flatten(1)).numpy()
-    np.testing.assert_allclose(np.load(tmp_path / "e.npy", mmap_mode="r"), expected, rtol=1e-5, atol=1e-5)
-    assert mm.shape == (11, 5)

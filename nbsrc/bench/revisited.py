@@ -21,10 +21,22 @@ import numpy as np
 from nbsrc.errors import ConfigError
 
 
+def random_gnd(n_queries: int, n_db: int, rng: np.random.Generator, max_sizes=(60, 100, 80)) -> list[dict]:
+    """Random disjoint easy / hard / junk lists (sizes uniform in ``0..max_sizes``), for tests and
+    the benchmark; a few queries get no easy or no hard image, so the skip rule is exercised."""
+    gnd = []
+    for _ in range(n_queries):
+        sizes = [int(rng.integers(0, m + 1)) for m in max_sizes]
+        perm = rng.permutation(n_db)
+        a, b = sizes[0], sizes[0] + sizes[1]
+        gnd.append({"bbx": np.zeros(4), "easy": perm[:a], "hard": perm[a:b], "junk": perm[b : b + sizes[2]]})
+    return gnd
+
+
 def bench_revisited(n_queries: int = 70, n_db: int = 5000, rounds: int = 7, seed: int = 0) -> dict:
     """Seconds per round of both implementations, their paired speed-up and their largest difference."""
     from nbsrc.bench.train import paired_ratio
-    from nbsrc.eval.revisited import random_gnd, revisited_map, revisited_map_reference
+    from nbsrc.eval.revisited import revisited_map, revisited_map_reference
 
     if n_queries < 1 or n_db < 2 or rounds < 1:
         raise ConfigError(f"queries={n_queries}, db={n_db}, rounds={rounds}: need >= 1 query, >= 2 images, >= 1 round")

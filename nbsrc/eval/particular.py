@@ -24,10 +24,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from nbsrc.data.revisited import RevisitedData
 from nbsrc.errors import ConfigError
 from nbsrc.eval.embed import extract_embeddings
 from nbsrc.eval.multiscale import DEFAULT_SCALES, MultiScaleModel
-from nbsrc.eval.revisited import RevisitedData, revisited_map
+from nbsrc.eval.revisited import revisited_map
 from nbsrc.eval.whitening import apply_whitening, learn_whitening
 
 SINGLE_SCALE = (1.0,)
@@ -71,7 +72,7 @@ def evaluate_revisited_data(model: torch.nn.Module, data: RevisitedData, scales:
                             batch_size: int = 256, device: str | torch.device = "cpu", kappas=(1, 5, 10),
                             num_workers: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
     """``({"easy"|"medium"|"hard": {"mAP", "mP@1", ...}}, {"query": q, "database": x})`` on a
-    :class:`~nbsrc.eval.revisited.RevisitedData`, in percent.
+    :class:`~nbsrc.data.revisited.RevisitedData`, in percent.
 
     ``scales``: the database's (and, unless ``query_scales`` is given, the queries') scales (DToP:
     ``DEFAULT_SCALES`` on both sides, Table A11). ``whitening``: ``(m, P)`` of

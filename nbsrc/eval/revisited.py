@@ -1,10 +1,8 @@
-"""Revisited Oxford and Paris (Radenović et al., CVPR 2018): the particular-object retrieval
-benchmark of IRT Tables 7-8 and DToP, with its mAP / mP@k protocol and the +1M distractors.
+"""The metric of Revisited Oxford and Paris (Radenović et al., CVPR 2018), the particular-object
+retrieval benchmark of IRT Tables 7-8 and DToP: mAP / mP@k, and chunked ranking for +1M distractors.
 
-**Data.** ``gnd_roxford5k.pkl`` / ``gnd_rparis6k.pkl`` hold ``imlist`` (database image names),
-``qimlist`` (query image names) and ``gnd``: per query a bounding box ``bbx = [x1, y1, x2, y2]``
-and the database indices ``easy``, ``hard`` and ``junk``. Images are ``<root>/jpg/<name>.jpg``.
-Each query image is cropped to its box before it is embedded, as the protocol requires.
+**Data** (:mod:`nbsrc.data.revisited`). ``gnd``: per query a bounding box and the database indices
+``easy``, ``hard`` and ``junk``; each query image is cropped to its box before it is embedded.
 
 **Setups.** For query q, the positives P and the ignored ("junk") images J are::
 
@@ -34,171 +32,32 @@ and the tests check that both agree to 1e-9. An image that is both a positive an
 official files never contain) is treated as the official code does: it counts as a positive and
 also shifts the positives after it.
 
-**+1M distractors.** :func:`embed_to_memmap` streams the embeddings of a (large) dataset to a
-``.npy`` memory map; :func:`rank_chunked` ranks the database in chunks against the queries, so the
-memory used is bounded by the chunk, not by the database.
+**+1M distractors.** :func:`nbsrc.eval.stream.embed_to_memmap` streams the embeddings of a
+(large) dataset to a ``.npy`` memory map (resumably); :func:`rank_chunked` ranks the database in
+chunks against the queries, so the memory used is bounded by the chunk, not by the database.
+
+The readers (ground truth, query crops, datasets) are :mod:`nbsrc.data.revisited`, re-exported
+here; random ground truth for tests and the benchmark is :func:`nbsrc.bench.revisited.random_gnd`.
 """
 
 from __future__ import annotations
 
-import pickle
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
-import torch
 
-from nbsrc.data.datasets import RetrievalDataset, load_image
-from nbsrc.errors import ConfigError, DatasetError
+from nbsrc.data.revisited import (  # noqa: F401 (the readers, re-exported for existing imports)
+    DISTRACTORS_LAYOUT, DISTRACTORS_URL, REVISITED_LAYOUT, REVISITED_NAMES, REVISITED_URL, RevisitedData,
+    RevisitedQueries, build_distractors, build_revisited, crop_query, load_revisited_gnd,
+)
+from nbsrc.errors import ConfigError
 
-REVISITED_NAMES = ("roxford5k", "rparis6k")
-REVISITED_LAYOUT = "Revisited layout: root/{gnd_<name>.pkl,jpg/<image>.jpg} with name roxford5k or rparis6k"
-REVISITED_URL = (
-    "download gnd_<name>.pkl from http://cmp.felk.cvut.cz/revisitop/data/datasets/<name>/ and the images from "
-    "https://www.robots.ox.ac.uk/~vgg/data/oxbuildings/ (Oxford) or /parisbuildings/ (Paris)"
-)
-DISTRACTORS_LAYOUT = "R1M layout: root/{revisitop1m.txt,jpg/<path listed>}"
-DISTRACTORS_URL = (
-    "download revisitop1m.txt and jpg/revisitop1m.<1..100>.tar.gz from http://ptak.felk.cvut.cz/revisitop/revisitop1m/"
-)
 SETUPS = {  # setup -> (lists that are positives, lists that are junk)
     "easy": (("easy",), ("junk", "hard")),
     "medium": (("easy", "hard"), ("junk",)),
     "hard": (("hard",), ("junk", "easy")),
 }
 DEFAULT_CHUNK = 16384
-
-
-# ----------------------------------------------------------------------------- ground truth and images
-def load_revisited_gnd(path: str | Path) -> dict:
-    """Read ``gnd_roxford5k.pkl`` / ``gnd_rparis6k.pkl`` and check its structure.
-
-    Returns the pickle's dict: ``imlist``, ``qimlist`` and ``gnd`` (one dict per query with
-    ``bbx`` and the ``easy``, ``hard``, ``junk`` index lists, as int64 arrays here).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"expected {path}; {REVISITED_LAYOUT}; {REVISITED_URL}")
-    try:
-        with open(path, "rb") as f:
-            cfg = pickle.load(f)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise DatasetError(f"cannot read {path} ({type(e).__name__}: {e}); download it again ({REVISITED_URL})") from None
-    if not isinstance(cfg, dict) or not {"imlist", "qimlist", "gnd"} <= set(cfg):
-        raise DatasetError(f"{path} is not a revisited ground-truth file: expected a dict with imlist, qimlist and gnd")
-    n_db, n_q = len(cfg["imlist"]), len(cfg["qimlist"])
-    if len(cfg["gnd"]) != n_q:
-        raise DatasetError(f"{path}: {len(cfg['gnd'])} gnd entries for {n_q} queries; the file is corrupt")
-    gnd = []
-    for q, g in enumerate(cfg["gnd"]):
-        missing = {"bbx", "easy", "hard", "junk"} - set(g)
-        if missing:
-            raise DatasetError(f"{path}: query {q} has no {sorted(missing)[0]!r}; expected bbx, easy, hard and junk")
-        entry = {"bbx": np.asarray(g["bbx"], dtype=np.float64).reshape(-1)}
-        if entry["bbx"].shape != (4,):
-            raise DatasetError(f"{path}: query {q} bbx has {entry['bbx'].size} values; expected [x1, y1, x2, y2]")
-        for key in ("easy", "hard", "junk"):
-            idx = np.asarray(g[key], dtype=np.int64).reshape(-1)
-            if len(idx) and (idx.min() < 0 or idx.max() >= n_db):
-                raise DatasetError(f"{path}: query {q} {key} index out of range 0..{n_db - 1}; the file is corrupt")
-            entry[key] = idx
-        gnd.append(entry)
-    return {**cfg, "gnd": gnd}
-
-
-def crop_query(img: torch.Tensor, bbx: Sequence[float]) -> torch.Tensor:
-    """Crop an image tensor (``[C,] H, W``) to ``bbx = [x1, y1, x2, y2]`` in pixels.
-
-    Like ``PIL.Image.crop`` (which the protocol's code uses) the corners are rounded to integers and
-    the crop is ``img[..., y1:y2, x1:x2]``; the box is clipped to the image.
-    """
-    x1, y1, x2, y2 = (int(round(float(v))) for v in bbx)
-    h, w = img.shape[-2:]
-    x1, x2 = max(0, x1), min(w, x2)
-    y1, y2 = max(0, y1), min(h, y2)
-    if x2 <= x1 or y2 <= y1:
-        raise DatasetError(
-            f"query box {list(bbx)} leaves nothing of a {w}x{h} image; the ground-truth file does not match the images"
-        )
-    return img[..., y1:y2, x1:x2]
-
-
-class RevisitedQueries(RetrievalDataset):
-    """The query images, each cropped to its bounding box before the transform. Labels are the
-    query numbers (the protocol uses ``gnd``, not labels)."""
-
-    def __init__(self, paths, bbxs, transform=None):
-        super().__init__(np.asarray(paths, dtype=object), np.arange(len(paths)), transform)
-        self.bbxs = [np.asarray(b, dtype=np.float64) for b in bbxs]
-
-    def raw(self, i: int) -> torch.Tensor:
-        return crop_query(load_image(self.images[i]), self.bbxs[i])
-
-
-@dataclass
-class RevisitedData:
-    """Queries (cropped), database images and ground truth of one revisited dataset."""
-
-    name: str
-    query: RevisitedQueries
-    database: RetrievalDataset
-    gnd: list[dict]
-
-
-def _check_files(paths: Sequence[str], layout: str, url: str) -> None:
-    missing = [p for p in paths if not Path(p).is_file()]
-    if missing:
-        raise DatasetError(f"expected {missing[0]} ({len(missing)} of {len(paths)} listed images missing); {layout}; {url}")
-
-
-def build_revisited(root, name: str | None = None, transform: Callable | None = None,
-                    query_transform: Callable | None = None) -> RevisitedData:
-    """Queries and database of ``roxford5k`` or ``rparis6k`` under ``root`` (``name=None``: the one
-    whose ``gnd_<name>.pkl`` is in ``root``). Database labels are image indices."""
-    if root is None:
-        raise DatasetError(
-            f"the revisited benchmarks need data_root=<folder with gnd_<name>.pkl>; {REVISITED_LAYOUT}; {REVISITED_URL}"
-        )
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DatasetError(f"data_root does not exist: expected the folder {root}; {REVISITED_LAYOUT}; {REVISITED_URL}")
-    if name is None:
-        found = [n for n in REVISITED_NAMES if (root / f"gnd_{n}.pkl").is_file()]
-        if len(found) != 1:
-            raise DatasetError(
-                f"expected exactly one of {root}/gnd_roxford5k.pkl, {root}/gnd_rparis6k.pkl (found {len(found)}); "
-                f"pass name=...; {REVISITED_LAYOUT}; {REVISITED_URL}"
-            )
-        name = found[0]
-    if name not in REVISITED_NAMES:
-        raise ConfigError(f"unknown revisited dataset {name!r}; expected one of {', '.join(REVISITED_NAMES)}")
-    cfg = load_revisited_gnd(root / f"gnd_{name}.pkl")
-    db_paths = [str(root / "jpg" / f"{im}.jpg") for im in cfg["imlist"]]
-    q_paths = [str(root / "jpg" / f"{im}.jpg") for im in cfg["qimlist"]]
-    _check_files(q_paths + db_paths, REVISITED_LAYOUT, REVISITED_URL)
-    query = RevisitedQueries(q_paths, [g["bbx"] for g in cfg["gnd"]], query_transform or transform)
-    database = RetrievalDataset(np.asarray(db_paths, dtype=object), np.arange(len(db_paths)), transform)
-    return RevisitedData(name=name, query=query, database=database, gnd=cfg["gnd"])
-
-
-def build_distractors(root, transform: Callable | None = None, check_images: bool = True) -> RetrievalDataset:
-    """The R1M distractors: ``root/revisitop1m.txt`` lists paths relative to ``root/jpg`` (``.jpg`` is
-    appended to a name without extension). Labels are image indices. ``check_images`` stats every
-    file (a few seconds for 1M)."""
-    if root is None:
-        raise DatasetError(
-            f"the +1M distractors need data_root=<revisitop1m folder>; {DISTRACTORS_LAYOUT}; {DISTRACTORS_URL}"
-        )
-    root = Path(root).expanduser()
-    listing = root / "revisitop1m.txt"
-    if not listing.is_file():
-        raise DatasetError(f"expected {listing}; {DISTRACTORS_LAYOUT}; {DISTRACTORS_URL}")
-    names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
-    paths = [str(root / "jpg" / (n if Path(n).suffix else n + ".jpg")) for n in names]
-    if check_images:
-        _check_files(paths, DISTRACTORS_LAYOUT, DISTRACTORS_URL)
-    return RetrievalDataset(np.asarray(paths, dtype=object), np.arange(len(paths)), transform)
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -400,56 +259,7 @@ def revisited_map_reference(ranks_or_scores, gnd, kappas: Sequence[int] = (1, 5,
     return _report(per_setup, kappas, reduce)
 
 
-def random_gnd(n_queries: int, n_db: int, rng: np.random.Generator, max_sizes=(60, 100, 80)) -> list[dict]:
-    """Random disjoint easy / hard / junk lists (sizes uniform in ``0..max_sizes``), for tests and
-    the benchmark; a few queries get no easy or no hard image, so the skip rule is exercised."""
-    gnd = []
-    for _ in range(n_queries):
-        sizes = [int(rng.integers(0, m + 1)) for m in max_sizes]
-        perm = rng.permutation(n_db)
-        a, b = sizes[0], sizes[0] + sizes[1]
-        gnd.append({"bbx": np.zeros(4), "easy": perm[:a], "hard": perm[a:b], "junk": perm[b : b + sizes[2]]})
-    return gnd
-
-
 # ----------------------------------------------------------------------------- +1M distractors
-def embeddings_to_memmap(batches: Iterable, path: str | Path, n: int, dim: int, dtype=np.float16) -> np.memmap:
-    """Write embedding batches (each ``[b, dim]``, in order) into a ``.npy`` memory map of shape
-    ``[n, dim]``; reopen it later with ``np.load(path, mmap_mode="r")``."""
-    out = np.lib.format.open_memmap(str(path), mode="w+", dtype=dtype, shape=(n, dim))
-    filled = 0
-    for batch in batches:
-        b = np.asarray(batch.detach().cpu().float() if isinstance(batch, torch.Tensor) else batch, dtype=np.float32)
-        if b.ndim != 2 or b.shape[1] != dim:
-            raise ConfigError(f"an embedding batch has shape {b.shape}; expected [batch, {dim}]")
-        if filled + len(b) > n:
-            raise ConfigError(f"more than n={n} embeddings were written to {path}; n must equal the dataset size")
-        out[filled : filled + len(b)] = b
-        filled += len(b)
-    if filled != n:
-        raise ConfigError(f"{filled} embeddings were written to {path} but n={n}; n must equal the dataset size")
-    out.flush()
-    return out
-
-
-def embed_to_memmap(model: torch.nn.Module, dataset, path: str | Path, dim: int, dtype=np.float16,
-                    batch_size: int = 256, chunk: int = 8192, device="cpu", num_workers: int = 0,
-                    progress: bool = True) -> np.memmap:
-    """Embed ``dataset`` with ``model`` ``chunk`` images at a time (via
-    :func:`~nbsrc.eval.embed.extract_embeddings`) straight into a memory map, so that 1M
-    distractors never sit in memory at once."""
-    from torch.utils.data import Subset
-
-    from nbsrc.eval.embed import extract_embeddings
-
-    def batches():
-        for s in range(0, len(dataset), chunk):
-            part = Subset(dataset, range(s, min(s + chunk, len(dataset))))
-            yield extract_embeddings(model, part, batch_size, device, num_workers, progress)[0]
-
-    return embeddings_to_memmap(batches(), path, len(dataset), dim, dtype)
-
-
 def _top_k_columns(sim: np.ndarray, k: int) -> np.ndarray:
     """Column indices ``[nq, min(k, n)]`` of each row's ``k`` largest values, equal values by lower
     index, listed in increasing column order. A partition finds the k-th largest value v; the row keeps

@@ -183,7 +183,7 @@ def download_instructions(benchmarks=BENCHMARKS) -> str:
     as the loaders' errors)."""
     from nbsrc.data import benchmarks as b
     from nbsrc.data.sfm import SFM_LAYOUT, SFM_URL
-    from nbsrc.eval.revisited import REVISITED_LAYOUT, REVISITED_URL
+    from nbsrc.data.revisited import REVISITED_LAYOUT, REVISITED_URL
 
     text = {
         "cub": ("cub_root", b.CUB_URL, b.CUB_LAYOUT),
