@@ -10,13 +10,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import sys
 import typing
 from pathlib import Path
 
 from nbsrc.config import ExperimentConfig
-from nbsrc.errors import NbsrcError
+from nbsrc.errors import ConfigError, NbsrcError
+
+# OSErrors that are the user's environment, not a bug: reported in one line naming the file.
+_ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC),
+                       errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line on stderr (``error: ...; see ... --help``)
+    rather than the whole usage text followed by the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -56,11 +69,35 @@ def config_from_args(ns: argparse.Namespace) -> ExperimentConfig:
         from nbsrc.presets import preset_dict
 
         base.update(preset_dict(ns.preset))
-    if getattr(ns, "config", None):
-        base.update(json.loads(Path(ns.config).read_text()))
     names = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    if getattr(ns, "config", None):
+        base.update(read_config_file(ns.config, names))
     base.update({k: v for k, v in vars(ns).items() if k in names})  # only the flags given are in ns
     return ExperimentConfig.from_dict(base)
+
+
+def read_config_file(path: str, names: set[str]) -> dict:
+    """The JSON dict of ``--config FILE``; a missing, unreadable or malformed file, or a key that is no
+    config field, is a one-line :class:`~nbsrc.errors.ConfigError` naming the file."""
+    try:
+        text = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e.strerror}); pass an existing config.json") from None
+    try:
+        d = json.loads(text)
+    except ValueError as e:
+        where = f"line {e.lineno}, column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else str(e)[:80]
+        raise ConfigError(f"--config {path} is not valid JSON ({where}); fix the file") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"--config {path} holds a JSON {type(d).__name__}; expected an object of config fields")
+    unknown = sorted(set(d) - names)
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], sorted(names), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"--config {path}: unknown parameter {unknown[0]!r}{hint}; its keys must be config fields")
+    return d
 
 
 def cmd_train(ns) -> None:
@@ -84,16 +121,11 @@ def cmd_eval(ns) -> None:
 def cmd_notebook(ns) -> None:
     from nbsrc.notebook import run_notebook
 
-    params = {k: _literal(v) for k, v in (ns.param or [])}
+    from nbsrc.notebook import parse_parameters
+
+    params = parse_parameters(ns.path, ns.param or [])
     out = run_notebook(ns.path, params, ns.out, log_output=ns.log_output)
     print(f"executed {ns.path} -> {out}")
-
-
-def _literal(s: str):
-    try:
-        return json.loads(s)
-    except json.JSONDecodeError:
-        return s
 
 
 def cmd_presets(ns) -> None:
@@ -109,7 +141,7 @@ def cmd_demo(ns) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m nbsrc", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m nbsrc", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train and evaluate one run into runs/<name>/")
     t.add_argument("--preset", help="a paper row to start from (python -m nbsrc presets lists them)")
@@ -147,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
             cmd_presets(ns)
     except NbsrcError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a read-only runs directory, a full disk, a file where a folder should be
+        if err.errno not in _ENVIRONMENT_ERRNOS or err.filename is None:
+            raise
+        print(f"error: cannot write or read {err.filename}: {err.strerror}; check that the path is a writable "
+              "directory with free space, or choose another --runs-dir", file=sys.stderr)
         return 2
     return 0
 

@@ -21,7 +21,7 @@ from nbsrc.errors import ConfigError, RunDirError
 from nbsrc.eval import evaluate, extract_embeddings
 from nbsrc.models import data_config, model_from_config
 from nbsrc.train import distributed, load_results, prepare_run_dir, read_metrics, resolve_device, train
-from nbsrc.train.rundir import RESULTS, write_json_atomic
+from nbsrc.train.rundir import RESULTS, load_run_config, write_json_atomic
 
 EMBEDDINGS, MODEL = "embeddings.npz", "model.pt"
 PCA_FIT_SAMPLES = 5_000
@@ -61,7 +61,7 @@ def load_run(run_dir: str | Path, with_model: bool = False) -> RunResult:
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
         raise RunDirError(f"run {run_dir} does not exist (no config.json); train it first or check the name")
-    cfg = ExperimentConfig.load(run_dir / "config.json")
+    cfg = load_run_config(run_dir / "config.json")
     res = RunResult(cfg, run_dir, load_results(run_dir), reused=True)
     if with_model:
         res.model = model_from_config(cfg.replace(weights="none"))

@@ -1,13 +1,20 @@
 """Run the notebooks headless with papermill, rejecting parameters the notebook does not declare.
 
 papermill only warns about an unknown parameter and runs on with the default, so a typo silently
-changes nothing; here it is an error that names the valid parameters.
+changes nothing; here it is an error that names the valid parameters. A value of the wrong type
+(``-p iterations abc``) is an error naming the parameter before the kernel starts, and an error
+raised inside the notebook ends in one line naming the notebook, the cell and the error (the
+executed notebook keeps the whole traceback).
 """
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import difflib
+import typing
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -24,15 +31,91 @@ def notebook_parameters(path: str | Path) -> dict:
     return pm.inspect_notebook(str(path))
 
 
+def _default(declared: dict, name: str):
+    """The notebook's default of ``name`` as a value, or ``...`` when it is not a literal."""
+    try:
+        return ast.literal_eval(declared[name]["default"])
+    except (ValueError, SyntaxError, TypeError, KeyError):
+        return ...
+
+
+def _optional_config_fields() -> set[str]:
+    """Config fields that may be None (``patch_size``, ``dim``, ...): a notebook parameter of that
+    name may be set to None even where its default is a number."""
+    from nbsrc.config import ExperimentConfig
+
+    hints = typing.get_type_hints(ExperimentConfig)
+    return {f.name for f in dataclasses.fields(ExperimentConfig) if type(None) in typing.get_args(hints[f.name])}
+
+
+def _expected(default) -> tuple[str, typing.Callable[[object], bool]] | None:
+    """What a parameter with this default accepts: ``(words, test)``, or None for anything."""
+    if default is ... or default is None:
+        return None
+    if isinstance(default, bool):
+        return "True or False", lambda v: isinstance(v, bool)
+    if isinstance(default, int):
+        return "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if isinstance(default, float):
+        return "a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if isinstance(default, str):
+        return "a string", lambda v: isinstance(v, str)
+    if isinstance(default, (list, tuple)):
+        return "a list such as [1, 2]", lambda v: isinstance(v, (list, tuple))
+    if isinstance(default, dict):
+        return "a dict such as {\"key\": 1}", lambda v: isinstance(v, dict)
+    return None
+
+
 def check_parameters(path: str | Path, params: dict) -> None:
+    """Every parameter is declared by the notebook and has the type of its default (None is also
+    accepted where the default is None or the name is an optional config field)."""
     declared = notebook_parameters(path)
-    for k in params:
+    optional = None
+    for k, v in params.items():
         if k not in declared:
             close = difflib.get_close_matches(k, list(declared), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(
                 f"unknown parameter {k!r} for {Path(path).name}{hint}; it declares: {', '.join(declared)}"
             )
+        expected = _expected(_default(declared, k))
+        if expected is None:
+            continue
+        words, accepts = expected
+        if v is None:
+            optional = _optional_config_fields() if optional is None else optional
+            if k in optional:
+                continue
+        if not accepts(v):
+            raise ConfigError(
+                f"parameter {k}={v!r} of {Path(path).name} is invalid: expected {words}, like its default "
+                f"{declared[k]['default']}"
+            )
+
+
+def parse_parameters(path: str | Path, pairs) -> dict:
+    """``-p NAME VALUE`` pairs of the command line as values: JSON (``300``, ``[0, 1]``, ``null``),
+    else a Python literal (``None``, ``{'a': 1}``), else ``none``/``null`` for None, else the text.
+    For a parameter whose default is a string the text is taken as it is (``-p weights none``)."""
+    declared = notebook_parameters(path) if Path(path).exists() else {}
+    out = {}
+    for name, text in pairs:
+        if name in declared and isinstance(_default(declared, name), str):
+            out[name] = text
+            continue
+        try:
+            out[name] = json.loads(text)
+            continue
+        except ValueError:
+            pass
+        try:
+            out[name] = ast.literal_eval(text)
+            continue
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            pass
+        out[name] = None if text.lower() in ("none", "null") else text
+    return out
 
 
 def run_notebook(path: str | Path, params: dict | None = None, out: str | Path | None = None,
@@ -48,8 +131,14 @@ def run_notebook(path: str | Path, params: dict | None = None, out: str | Path |
     out = Path(out) if out is not None else Path("runs") / "notebooks" / path.name
     out.parent.mkdir(parents=True, exist_ok=True)
     kernel = kernel or os.environ.get("NBSRC_KERNEL") or _default_kernel()
-    pm.execute_notebook(str(path), str(out), parameters=params, kernel_name=kernel,
-                        cwd=str(cwd or Path.cwd()), progress_bar=False, log_output=log_output)
+    try:
+        pm.execute_notebook(str(path), str(out), parameters=params, kernel_name=kernel,
+                            cwd=str(cwd or Path.cwd()), progress_bar=False, log_output=log_output)
+    except pm.PapermillExecutionError as e:
+        evalue = " ".join(str(e.evalue).split())
+        raise NbsrcError(
+            f"{path.name} stopped in cell {e.exec_count}: {e.ename}: {evalue} (the whole traceback is in {out})"
+        ) from None
     return out
 
 

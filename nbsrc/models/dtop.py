@@ -62,7 +62,7 @@ from nbsrc.models.locality import FUSIONS, EnhancedLocality, Fusion
 from nbsrc.models.pooling import TokenPooling
 from nbsrc.models.position import PE_INTERPOLATIONS, PE_KINDS, PositionGenerator, dynamic_position_embedding
 from nbsrc.models.retrieval import PCAReduction, RetrievalModel
-from nbsrc.models.weights import load_checkpoint_weights, load_efficientnet_lite0
+from nbsrc.models.weights import WEIGHT_SOURCES, load_efficientnet_lite0, load_start_weights, resolve_weights_file
 
 EFFNET_LITE0_VIT = "effnet_lite0_vit"
 EFFNET_LITE0_STAGES = 5  # conv_stem + blocks[:5] of tf_efficientnet_lite0: stride 16, 112 channels
@@ -306,9 +306,9 @@ def _check_options(options: dict) -> dict:
 
 def _resolve_weights(weights: str | Path) -> tuple[str, bool]:
     weights = str(weights)
-    is_path = weights not in ("none", "timm", "efficientnet_lite0")
-    if is_path and not Path(weights).is_file():
-        raise WeightsError(f"weights={weights!r} is neither none, timm, efficientnet_lite0 nor an existing file")
+    is_path = weights not in WEIGHT_SOURCES
+    if is_path:
+        resolve_weights_file(weights)  # a missing file or an empty run directory fails before any building
     return weights, is_path
 
 
@@ -353,8 +353,8 @@ def build_dtop_model(
     """The DToP model of ``backbone`` with the options of the module docstring.
 
     ``weights``: 'none', 'timm' (timm's hub), 'efficientnet_lite0' (only for ``effnet_lite0_vit``)
-    or a checkpoint path: a whole DToP model's state dict, or else a backbone state dict (keys
-    optionally prefixed ``backbone.``).
+    or a path: a run directory, its ``model.pt`` or ``checkpoint.pt``, or a backbone state dict
+    (:func:`nbsrc.models.weights.load_start_weights` says what is taken).
     """
     opts = _check_options(options)
     if pooling not in LOCAL_POOLINGS:
@@ -366,10 +366,7 @@ def build_dtop_model(
     model = DToPModel(net, local_pool=LOCAL_POOLINGS[pooling], dim=dim, gem_p=gem_p, gem_learnable=gem_learnable,
                       **opts)
     if is_path:
-        try:
-            load_checkpoint_weights(model, weights)
-        except WeightsError:
-            load_checkpoint_weights(model.backbone, weights, prefix="backbone.")
+        load_start_weights(model, weights)
     return model
 
 
@@ -393,6 +390,7 @@ def build_effnet_lite0_vit_model(
         raise ConfigError(f"unknown build_model option(s) {sorted(options)}; DToP options need dtop=True")
     weights, is_path = _resolve_weights(weights)
     net = create_effnet_lite0_vit(img_size, "none" if is_path else weights, patch_size=patch_size)
+    model = RetrievalModel(net, pooling, int(net.num_prefix_tokens), False, dim, gem_p, gem_learnable)
     if is_path:
-        load_checkpoint_weights(net, weights)
-    return RetrievalModel(net, pooling, int(net.num_prefix_tokens), False, dim, gem_p, gem_learnable)
+        load_start_weights(model, weights)
+    return model

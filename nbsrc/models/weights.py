@@ -7,6 +7,7 @@ falls back silently to random initialisation.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -73,23 +74,127 @@ def load_efficientnet_lite0(model: nn.Module) -> None:
         ) from None
 
 
-def load_checkpoint_weights(model: nn.Module, path: str | Path, prefix: str = "") -> None:
-    """Load a local checkpoint: a raw state dict, or an nbsrc checkpoint (``{'model': ...}``)."""
-    path = Path(path)
+# What a run directory holds that can serve as weights, in order of preference: the finished model,
+# then the latest checkpoint, then the previous one (alone only after a kill between two renames).
+RUN_WEIGHT_FILES = ("model.pt", "checkpoint.pt", "checkpoint.prev.pt")
+WEIGHT_SOURCES = ("none", "timm", "efficientnet_lite0")
+
+
+def resolve_weights_file(weights: str | Path) -> Path:
+    """The file that ``weights`` (a checkpoint file or a run directory) points to.
+
+    A run directory ``runs/<name>`` gives its ``model.pt`` when finished, else its latest checkpoint.
+    """
+    path = Path(weights)
+    if path.is_dir():
+        for name in RUN_WEIGHT_FILES:
+            if (path / name).is_file():
+                return path / name
+        raise WeightsError(
+            f"weights={str(weights)!r} is a directory without {' or '.join(RUN_WEIGHT_FILES[:2])}: not an nbsrc run "
+            "that reached its first checkpoint; pass a run directory that did, a checkpoint file, 'timm' or 'none'"
+        )
     if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist; pass an existing checkpoint, 'timm' or 'none'")
+        raise WeightsError(
+            f"weights={str(weights)!r} is neither one of {', '.join(WEIGHT_SOURCES)} nor an existing checkpoint file "
+            "or run directory"
+        )
+    return path
+
+
+def _numpy_globals() -> list:
+    """What a training checkpoint's numpy RNG state needs to unpickle under ``weights_only``:
+    the array reconstructor, ``ndarray``, ``dtype`` and the dtype's class (nothing executable)."""
+    import numpy as np
+
+    reconstruct = np.zeros(1).__reduce__()[0]
+    return [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """``(state_dict, config)`` of a weights file: a raw state dict, a finished run's ``model.pt``, or
+    an nbsrc training checkpoint (``{'model': ..., 'config': ..., 'rng': ...}``).
+
+    Loaded with ``weights_only=True`` (no code in the file is run); the numpy arrays of a checkpoint's
+    RNG state are allowed. ``config`` is the config of the run the weights come from (the
+    checkpoint's own, or the ``config.json`` beside a ``model.pt``), or None; it only serves to
+    say, when the weights do not fit, how that run's model was built.
+    """
+    path = Path(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise WeightsError(f"cannot read weights file {path} ({type(e).__name__}); is it a torch checkpoint?") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if prefix and all(k.startswith(prefix) for k in state):
-        state = {k[len(prefix):]: v for k, v in state.items()}
+        with torch.serialization.safe_globals(_numpy_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a file we cannot use
+        detail = " ".join(str(e).split())[:120]
+        raise WeightsError(
+            f"cannot read weights file {path} ({type(e).__name__}: {detail}); is it a torch checkpoint?"
+        ) from None
+    config = None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        config = obj.get("config") if isinstance(obj.get("config"), dict) else None
+        obj = obj["model"]
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"weights file {path} holds no state dict of tensors; is it a model checkpoint?")
+    if config is None and (path.parent / "config.json").is_file():
+        try:
+            config = json.loads((path.parent / "config.json").read_text())
+        except (OSError, ValueError):
+            config = None
+    return obj, config
+
+
+def _built_as(config: dict | None) -> str:
+    if not isinstance(config, dict):
+        return ""
+    keys = ("backbone", "img_size", "patch_size", "pooling", "model_options")
+    return "; they come from a model built with " + ", ".join(f"{k}={config.get(k)!r}" for k in keys if k in config)
+
+
+def load_start_weights(model: nn.Module, weights: str | Path) -> None:
+    """Load starting weights into a freshly built retrieval model (plain, DToP or hybrid).
+
+    ``weights`` is a checkpoint file or a run directory (:func:`resolve_weights_file`), holding:
+
+    * a whole retrieval model of the same kind (a run's ``model.pt``, or the ``model`` of its
+      ``checkpoint.pt``): every weight is taken (backbone, pooling, DToP's branches and head),
+      except the PCA;
+    * a bare backbone (a timm state dict, keys without ``backbone.``): loaded into
+      ``model.backbone``; the rest keeps its initialisation;
+    * a retrieval model of another kind (a plain run's weights for a DToP model, a DToP run's for a
+      plain one, another pooling with learnable GeM): its backbone only, said in one line.
+
+    The backbone must fit exactly (same architecture, image and patch size); otherwise a
+    :class:`~nbsrc.errors.WeightsError` says how the weights' model was built.
+
+    Our reading of a saved PCA (IRT ▷dim): it is a statistic of the old model's embeddings on the
+    old run's training images, not a learned weight, so it is never taken. A model with ``dim``
+    starts with its PCA unfitted, and the run fits it on its own training images after its own
+    training (as for any run; with ``iterations=0`` that is the loaded model's embeddings); a model
+    without ``dim`` gives the unreduced embedding. The ``load_run`` path, which reopens a finished
+    run as it was, loads the PCA with the rest.
+    """
+    path = resolve_weights_file(weights)
+    state, config = read_state_dict(path)
+    state = {k: v for k, v in state.items() if not k.startswith("pca.")}
+    own = [k for k in model.state_dict() if not k.startswith("pca.")]
     try:
-        model.load_state_dict(state, strict=True)
+        if not any(k.startswith("backbone.") for k in state):  # a bare backbone
+            model.backbone.load_state_dict(state, strict=True)
+        elif set(state) == set(own):  # a whole model of this kind
+            model.load_state_dict(state, strict=False)  # strict=False only for the PCA buffers
+        else:  # another kind of retrieval model: take its backbone
+            model.backbone.load_state_dict(
+                {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}, strict=True
+            )
+            theirs = sorted({k.split(".")[0] for k in state} - {"backbone"})
+            ours = sorted({k.split(".")[0] for k in own} - {"backbone"})
+            print(f"weights: took only the backbone from {path} (its other parts: {', '.join(theirs) or 'none'}; "
+                  f"this model's, which keep their initialisation: {', '.join(ours) or 'none'})")
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise WeightsError(f"weights in {path} do not fit the model ({first}); check backbone and options") from None
+        first = " ".join(str(e).split())[:300]
+        raise WeightsError(
+            f"weights in {path} do not fit the model ({first}){_built_as(config)}; build the same model or pass "
+            "other weights"
+        ) from None

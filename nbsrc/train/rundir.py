@@ -1,16 +1,24 @@
 """Run directories: ``runs/<name>/`` holds ``config.json``, ``metrics.jsonl``, checkpoints and,
 once finished, ``results.json`` and ``embeddings.npz``. Nothing in an existing run directory is
-overwritten unless asked (``--overwrite``, which moves the old directory aside, never deletes it)."""
+overwritten unless asked (``--overwrite``, which moves the old directory aside, never deletes it).
+
+Damaged files are named, never a raw traceback: a ``config.json`` or ``results.json`` that is not
+valid JSON is a one-line :class:`~nbsrc.errors.RunDirError` naming the file and what to do; a
+partial last line of ``metrics.jsonl`` (what a kill in the middle of an append leaves) is dropped,
+and said in one line when a resume rewrites the file.
+"""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from nbsrc.config import ExperimentConfig
-from nbsrc.errors import RunDirError
+from nbsrc.errors import ConfigError, RunDirError
 from nbsrc.train.checkpoint import LATEST, PREVIOUS
 
 CONFIG, METRICS, RESULTS = "config.json", "metrics.jsonl", "results.json"
@@ -34,7 +42,7 @@ def _check_same(cfg: ExperimentConfig, run_dir: Path) -> None:
     saved_path = run_dir / CONFIG
     if not saved_path.exists():
         raise RunDirError(f"{run_dir} has no {CONFIG}; it is not an nbsrc run, choose another name")
-    saved = ExperimentConfig.load(saved_path).fingerprint()
+    saved = load_run_config(saved_path).fingerprint()
     new = cfg.fingerprint()
     diff = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k))
     if diff:
@@ -60,8 +68,7 @@ def prepare_run_dir(cfg: ExperimentConfig, mode: str = "new") -> tuple[Path, str
     run_dir = cfg.run_dir
     state = run_state(run_dir)
     if mode == "overwrite" and state not in ("absent", "empty"):
-        backup = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(run_dir, backup)
+        backup = move_aside(run_dir)
         print(f"moved the existing {run_dir} to {backup}")
         state = "absent"
     if mode == "new" and state not in ("absent", "empty"):
@@ -86,25 +93,108 @@ def prepare_run_dir(cfg: ExperimentConfig, mode: str = "new") -> tuple[Path, str
     return run_dir, "train"
 
 
+def move_aside(run_dir: Path) -> Path:
+    """Rename ``run_dir`` to ``<name>.old-<time>`` (``-2``, ``-3``, ... when that name is taken).
+
+    The backup name is reserved by creating it as an empty directory (``mkdir`` fails if it exists,
+    atomically), then the run is renamed onto it (a rename may replace an empty directory), so two
+    ``--overwrite`` in the same second never collide, and no existing backup is ever replaced.
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in itertools.count(1):
+        backup = run_dir.with_name(f"{run_dir.name}.old-{stamp}" + (f"-{n}" if n > 1 else ""))
+        try:
+            backup.mkdir()
+        except FileExistsError:
+            continue
+        try:
+            os.replace(run_dir, backup)
+        except FileNotFoundError:
+            backup.rmdir()
+            raise RunDirError(
+                f"{run_dir} disappeared while it was being moved aside (another --overwrite of the same run?); "
+                "run the command again"
+            ) from None
+        return backup
+    raise AssertionError("unreachable")
+
+
+def read_json(path: str | Path, fix: str) -> Any:
+    """The JSON in ``path``; a file that is not valid JSON is a one-line :class:`RunDirError` naming
+    it, the place of the damage and ``fix`` (what the user can do)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes())
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        where = f"line {e.lineno}, column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else str(e)[:80]
+        raise RunDirError(f"{path} is damaged, not valid JSON ({where}); {fix}") from None
+
+
+def load_run_config(path: str | Path) -> ExperimentConfig:
+    """A run's saved ``config.json``; damaged JSON or a config this version cannot read is a one-line
+    :class:`RunDirError` naming the file."""
+    fix = "restore it, or start the run again with --overwrite (the old directory is moved aside)"
+    d = read_json(path, fix)
+    if not isinstance(d, dict):
+        raise RunDirError(f"{path} holds a JSON {type(d).__name__}, not a config; {fix}")
+    try:
+        return ExperimentConfig.from_dict(d)
+    except (ConfigError, TypeError) as e:
+        raise RunDirError(f"{path} is not a usable config ({e}); {fix}") from None
+
+
 def append_metrics(run_dir: Path, row: dict) -> None:
     with open(run_dir / METRICS, "a") as f:
         f.write(json.dumps(row) + "\n")
 
 
-def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict]:
-    path = Path(run_dir) / METRICS
+def _metric_rows(path: Path) -> tuple[list[dict], str]:
+    """``(rows, partial)``: the rows of ``metrics.jsonl`` and the partial last line, if any.
+
+    Every row is appended with its newline in one write, so a last line without a newline that is not
+    valid JSON is what a kill in the middle of an append leaves: it is returned apart, not parsed. A
+    damaged line anywhere else is a one-line :class:`RunDirError` naming the file and the line.
+    """
     if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [], ""
+    *lines, tail = path.read_bytes().split(b"\n")
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            raise RunDirError(
+                f"{path}, line {i} is damaged, not a JSON row ({line[:40]!r}); delete that line (or the file, "
+                "losing the logged curves) and run again"
+            ) from None
+    if tail.strip():
+        try:
+            rows.append(json.loads(tail))
+        except ValueError:
+            return rows, tail.decode("utf-8", "replace")
+    return rows, ""
+
+
+def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict]:
+    """The logged rows (of ``kind``: ``train``, ``eval``, ...); a partial last line (a run killed
+    while writing it, or one being written right now) is left out."""
+    rows, _ = _metric_rows(Path(run_dir) / METRICS)
     return [r for r in rows if kind is None or r.get("kind") == kind]
 
 
 def truncate_metrics(run_dir: Path, after_iteration: int) -> None:
-    """Drop rows logged after ``after_iteration`` (a resumed run logs them again)."""
-    rows = [r for r in read_metrics(run_dir) if r.get("iteration", 0) <= after_iteration]
+    """Drop rows logged after ``after_iteration`` (a resumed run logs them again), and a partial last
+    line left by a kill in the middle of an append (said in one line)."""
+    path = run_dir / METRICS
+    rows, partial = _metric_rows(path)
+    if partial:
+        print(f"dropped the partial last line of {path} (left by an interrupted write): {partial[:40]!r}")
+    rows = [r for r in rows if r.get("iteration", 0) <= after_iteration]
     tmp = run_dir / (METRICS + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, run_dir / METRICS)
+    os.replace(tmp, path)
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -117,4 +207,5 @@ def load_results(run_dir: str | Path) -> dict:
     path = Path(run_dir) / RESULTS
     if not path.exists():
         raise RunDirError(f"run {run_dir} has no {RESULTS}: it does not exist or has not finished; train it first")
-    return json.loads(path.read_text())
+    return read_json(path, "run the same command with --resume to evaluate the last checkpoint again, or "
+                           "--overwrite to start again")
