@@ -43,6 +43,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -150,13 +151,14 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def decode_image(path: str | Path) -> Image.Image:
-    """The image at ``path`` as an upright RGB ``PIL.Image`` (see the module docstring), or a
-    one-line :class:`~nbsrc.errors.DatasetError` naming the file."""
+def decode_image(path: str | Path | BinaryIO, name: str | None = None) -> Image.Image:
+    """The image at ``path`` (or in an open binary file) as an upright RGB ``PIL.Image`` (see the
+    module docstring), or a one-line :class:`~nbsrc.errors.DatasetError` naming the file (or
+    ``name``, e.g. "the uploaded image")."""
     try:
         return _decode(path)
     except _Unreadable as e:
-        raise DatasetError(f"cannot decode image {path} ({e}); remove or replace the file") from None
+        raise DatasetError(f"cannot decode image {name or path} ({e}); remove or replace the file") from None
 
 
 def _is_empty(path) -> bool:
@@ -166,9 +168,9 @@ def _is_empty(path) -> bool:
         return False
 
 
-def load_image(path: str | Path) -> torch.Tensor:
+def load_image(path: str | Path | BinaryIO, name: str | None = None) -> torch.Tensor:
     """Read an image file as a uint8 RGB tensor ``3 x H x W`` (:func:`decode_image`)."""
-    im = decode_image(path)
+    im = decode_image(path, name)
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
