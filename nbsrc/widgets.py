@@ -8,7 +8,9 @@ tested) without a browser:
   (images, labels, similarities) and which of them are hits (same label as the query);
 - :func:`spectrum_data`: cumulative PCA energy (IRT Fig. 2) and pair similarities (IRT Fig. 5) of
   several runs;
-- :func:`retrieval_browser` and :func:`spectrum_explorer`: the widgets.
+- :func:`retrieval_browser` and :func:`spectrum_explorer`: the widgets;
+- :func:`query_browser`: upload your own image and see its neighbours in an index built by
+  ``nbsrc embed`` (:class:`nbsrc.retrieval.Index`).
 
 Nothing is recomputed from the model: the widgets read each run's ``embeddings.npz`` (written by
 :func:`nbsrc.experiment.run_experiment`) and rebuild the run's evaluation images with
@@ -312,3 +314,69 @@ def spectrum_explorer(runs_dir: str | Path = "runs", max_negatives: int | None =
     explorer = _make_spectrum_explorer(runs_dir, max_negatives, default)
     _show_static(explorer, static)
     return explorer
+
+
+# ----------------------------------------------------------------------------- query with your own image
+def _make_query_browser(index, k: int, default_query):
+    import ipywidgets as w
+
+    from nbsrc.retrieval import Index, search_image
+
+    class QueryBrowser(w.VBox):
+        """Upload an image; see its top-k neighbours in an index built by ``nbsrc embed``."""
+
+        def __init__(self):
+            self.index = index if isinstance(index, Index) else Index.load(index)
+            self.figures: list = []
+            self.current = None  # SearchResults of the image shown
+            self.upload = w.FileUpload(accept="image/*", multiple=False, description="query image")
+            self.k = w.BoundedIntText(value=k, min=1, max=max(1, len(self.index)), description="k",
+                                      layout=w.Layout(width="140px"))
+            self.info = w.HTML()
+            self.output = w.Output()
+            super().__init__([w.HBox([self.upload, self.k]), self.info, self.output])
+            self.upload.observe(self._on_upload, names="value")
+            self.k.observe(lambda _: self.show(*self._last) if self._last else None, names="value")
+            self._last = None
+            first = default_query if default_query is not None else self.index.listing.path(
+                int(self.index.indexed_rows[0]))
+            self.show(first, str(first))
+
+        def _on_upload(self, change):
+            files = change["new"]
+            if files:
+                f = files[0]
+                self.show(bytes(f["content"]), f["name"])
+
+        def show(self, image, name: str):
+            """Search ``image`` (a path or encoded bytes) and redraw."""
+            self._last = (image, name)
+            try:
+                self.current, fig = search_image(self.index, image, int(self.k.value), name=name)
+            except NbsrcError as e:
+                self.figures, self.current = [], None
+                self.info.value = ""
+                self.output.outputs = (_text_output(f"error: {e}"),)
+                return
+            best = self.current.paths[0][0]
+            self.info.value = (f"{name}: top {self.current.rows.shape[1]} of {len(self.index)} images "
+                               f"(best {self.current.scores[0, 0]:.3f}: {best.name})")
+            self.figures = [fig]
+            self.output.outputs = (_png_output(fig),)
+
+    return QueryBrowser()
+
+
+def query_browser(index, k: int = 8, default_query=None, static: bool | None = None):
+    """A widget to query an index (an :class:`nbsrc.retrieval.Index` or its directory, from
+    ``nbsrc embed``) with your own image: a file upload (``upload``) and ``k``; the output shows
+    the query and its top ``k`` (:func:`nbsrc.retrieval.search_image`). Before any upload it shows
+    ``default_query`` (a path; default: the first indexed image). The returned ``ipywidgets.VBox``
+    holds ``current`` (the :class:`~nbsrc.retrieval.SearchResults` shown), ``figures``, and
+    ``show(image, name)`` to search a path or encoded bytes from code; ``static`` as in
+    :func:`retrieval_browser`."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"k={k!r} is invalid: expected the number of neighbours to show, an integer >= 1")
+    browser = _make_query_browser(index, int(k), default_query)
+    _show_static(browser, static)
+    return browser

@@ -163,8 +163,10 @@ def decode_image(path: str | Path | BinaryIO, name: str | None = None) -> Image.
 
 def _is_empty(path) -> bool:
     try:
+        if hasattr(path, "getbuffer"):  # an in-memory file
+            return path.getbuffer().nbytes == 0
         return os.path.getsize(path) == 0
-    except OSError:
+    except (OSError, TypeError):
         return False
 
 

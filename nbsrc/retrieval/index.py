@@ -262,6 +262,13 @@ class Index:
         return self.listing.classes
 
     @property
+    def indexed_rows(self) -> np.ndarray:
+        """The listing rows held by the faiss index (every image but the skipped ones), sorted."""
+        import faiss
+
+        return np.sort(faiss.vector_to_array(self.faiss_index.id_map).astype(np.int64))
+
+    @property
     def skipped(self) -> list[tuple[Path, str]]:
         """``[(path, reason)]`` of the images left out (``skipped.tsv``)."""
         lines = (self.path / REPORT).read_text().splitlines()[1:]
@@ -445,8 +452,9 @@ class Index:
         """The ``k`` nearest indexed images of each of ``images`` (see :meth:`embed`; one image or
         a list), best first; ``k`` is capped at the index size. ``model``: only to check that it is
         the index's own (a different one is a one-line error); the index always embeds with its own."""
-        if isinstance(images, (str, Path, bytes)) or hasattr(images, "mode") or (
-                hasattr(images, "ndim") and images.ndim == 3):
+        from PIL import Image
+
+        if isinstance(images, (str, Path, bytes, Image.Image)) or (hasattr(images, "ndim") and images.ndim == 3):
             images = [images]
         images = list(images)
         if not images:
@@ -476,6 +484,18 @@ class Index:
         return SearchResults(names, rows.astype(np.int64), scores.astype(np.float32),
                              [[self.listing.path(int(r)) for r in row] for row in rows],
                              self.listing.labels[rows], self.listing.classes, ql)
+
+
+def search_image(index: Index, image, k: int = 8, name: str | None = None, thumbnail: int = 160):
+    """One query (a path, encoded bytes such as an upload, a PIL image or a uint8 array) searched in
+    ``index``: ``(SearchResults, figure of the query and its top k)``. What the notebook's
+    "query with your own image" widget shows."""
+    results = index.search([image], k)
+    if name is not None:
+        results.queries = [name]
+    shown = thumbnail_of(image, thumbnail) if isinstance(image, (str, Path)) else _shrink(
+        np.asarray(_as_tensor(image)), thumbnail)
+    return results, results.figure([shown], thumbnail=thumbnail)
 
 
 def _faiss_index(emb: np.ndarray, good: np.ndarray):
@@ -518,10 +538,14 @@ def _as_tensor(x) -> torch.Tensor:
     import io
 
     if isinstance(x, (str, Path)):
+        if not Path(x).is_file():
+            raise DatasetError(f"query image {x} does not exist or is not a file; check the path")
         return load_image(x)
     if isinstance(x, (bytes, bytearray, memoryview)):
         return load_image(io.BytesIO(bytes(x)), name="the uploaded image")
-    if hasattr(x, "mode"):  # a PIL image
+    from PIL import Image
+
+    if isinstance(x, Image.Image):
         from nbsrc.data.images import _to_rgb
 
         return torch.from_numpy(np.asarray(_to_rgb(x), dtype=np.uint8).copy()).permute(2, 0, 1)

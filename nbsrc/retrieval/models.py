@@ -118,11 +118,11 @@ def load_embedding_model(spec: str | Path, weights: str | None = None, pooling: 
                               {"source": "preset", "spec": spec, "weights": cfg.weights, "config": cfg.to_dict()})
     backbone, default_weights = SHORTCUTS.get(spec, (spec, "timm"))
     if not timm.is_model(backbone):
-        looks_like_path = any(c in spec for c in "/\\") or path.suffix
+        looks_like_path = any(c in spec for c in "/\\") or bool(path.suffix)
         hint = (f"the folder {spec} does not exist" if looks_like_path else
-                "not a run directory, a preset (python -m nbsrc presets) or a timm model name "
-                "(timm.list_models('*vit*'))")
-        raise ConfigError(f"unknown model {spec!r}: {hint}; or use efficientnet_lite0 (offline ImageNet weights)")
+                "not a preset (python -m nbsrc presets) or a timm model name (timm.list_models('*vit*'))")
+        raise ConfigError(f"unknown model {spec!r}: {hint}; pass a run directory, a preset, a timm model name, "
+                          "or efficientnet_lite0 (offline ImageNet weights)")
     weights = weights or default_weights
     if pooling is None:
         pooling = "cls" if _is_transformer(backbone) else "gem"
