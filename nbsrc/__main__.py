@@ -1,4 +1,4 @@
-"""Command line: ``python -m nbsrc {train,eval,notebook,demo,presets} ...``.
+"""Command line: ``python -m nbsrc {train,eval,notebook,demo,presets,embed,search} ...``.
 
 Every field of :class:`~nbsrc.config.ExperimentConfig` is a flag (``--lr 1e-4``, ``--pooling gem``,
 ``--dim 128``, ``--ks 1 2 4 8``, ``--no-amp``); ``--preset NAME`` starts from a paper row
@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="tiny parameters (smoke test)")
     d.add_argument("--only", nargs="+", help="notebook file names to run")
     sub.add_parser("presets", help="print the table of presets (the paper's rows)")
+    from nbsrc.retrieval.cli import add_subcommands as add_retrieval_commands
+
+    add_retrieval_commands(sub)  # embed, search
     return p
 
 
@@ -177,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_demo(ns)
         elif ns.cmd == "presets":
             cmd_presets(ns)
+        elif hasattr(ns, "func"):
+            ns.func(ns)
     except NbsrcError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -8,7 +8,9 @@ tested) without a browser:
   (images, labels, similarities) and which of them are hits (same label as the query);
 - :func:`spectrum_data`: cumulative PCA energy (IRT Fig. 2) and pair similarities (IRT Fig. 5) of
   several runs;
-- :func:`retrieval_browser` and :func:`spectrum_explorer`: the widgets.
+- :func:`retrieval_browser` and :func:`spectrum_explorer`: the widgets;
+- :func:`query_browser`: upload your own image and see its neighbours in an index built by
+  ``nbsrc embed`` (:class:`nbsrc.retrieval.Index`).
 
 Nothing is recomputed from the model: the widgets read each run's ``embeddings.npz`` (written by
 :func:`nbsrc.experiment.run_experiment`) and rebuild the run's evaluation images with
@@ -24,18 +26,21 @@ import base64
 import io
 import warnings
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from nbsrc.analysis import average_precision_per_query, cumulative_energy, pair_similarities, worst_queries
-from nbsrc.data import RetrievalDataset, build_data
+from nbsrc.analysis import cumulative_energy, pair_similarities
 from nbsrc.errors import ConfigError, NbsrcError, RunDirError
-from nbsrc.eval.recall import RetrievalResults, retrieve
-from nbsrc.experiment import EMBEDDINGS, RunResult, load_run
-from nbsrc.plots import plot_cumulative_energy, plot_retrieval_grid, plot_similarity_histograms
+from nbsrc.experiment import EMBEDDINGS, load_run
+from nbsrc.plots import plot_cumulative_energy, plot_similarity_histograms
+from nbsrc.retrieval.runs import (  # the logic lives in nbsrc.retrieval; re-exported here
+    QueryRetrieval, RunRetrieval, as_run, display_image, load_retrieval, retrieval_for_query,
+)
 
+__all__ = ["RunSummary", "list_finished_runs", "spectrum_data", "retrieval_browser", "spectrum_explorer",
+           "query_browser", "widget_frontend_connected", "QueryRetrieval", "RunRetrieval", "display_image",
+           "load_retrieval", "retrieval_for_query"]
 
 # ----------------------------------------------------------------------------- finished runs
 @dataclass(frozen=True)
@@ -88,141 +93,6 @@ def list_finished_runs(runs_dir: str | Path = "runs") -> list[RunSummary]:
     return found
 
 
-def _as_run(run) -> RunResult:
-    if isinstance(run, RunResult):
-        return run
-    if isinstance(run, RunSummary):
-        return load_run(run.run_dir)
-    return load_run(run)
-
-
-# ----------------------------------------------------------------------------- retrieval of one query
-def display_image(img) -> np.ndarray:
-    """A dataset image (uint8 tensor or array, H×W, 1×H×W or 3×H×W) as the uint8 H×W or H×W×3
-    array that :func:`nbsrc.plots.plot_retrieval_grid` draws."""
-    a = np.asarray(img.numpy() if hasattr(img, "numpy") else img)
-    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
-        a = np.moveaxis(a, 0, -1)
-    if a.ndim == 3 and a.shape[-1] == 1:
-        a = a[..., 0]
-    if a.dtype != np.uint8:
-        raise ConfigError(f"cannot display an image of dtype {a.dtype}: expected uint8 pixels (0-255)")
-    return np.ascontiguousarray(a)
-
-
-@dataclass
-class RunRetrieval:
-    """The top-``k`` neighbours of every query of a finished run, with the images behind them.
-
-    Row ``q`` of the run's query embeddings is image ``query_indices[q]`` of ``query``; gallery
-    row ``g`` is image ``gallery_indices[g]`` of ``gallery`` (the query set itself, with the query
-    left out of its own neighbours, when the run has no separate gallery)."""
-
-    run: RunResult
-    query: RetrievalDataset
-    gallery: RetrievalDataset
-    query_indices: np.ndarray
-    gallery_indices: np.ndarray
-    results: RetrievalResults
-    query_emb: np.ndarray
-    gallery_emb: np.ndarray | None
-
-    @property
-    def n_queries(self) -> int:
-        return len(self.query_indices)
-
-    @cached_property
-    def average_precision(self) -> np.ndarray:
-        """[nq] average precision of each query over the whole gallery (computed on first use)."""
-        if self.gallery_emb is None:
-            return average_precision_per_query(self.query_emb, self.results.query_labels)
-        return average_precision_per_query(self.query_emb, self.results.query_labels,
-                                           self.gallery_emb, self.results.gallery_labels)
-
-    def worst(self) -> np.ndarray:
-        """Query rows ordered from the lowest average precision up (queries without positives left out)."""
-        return worst_queries(self.average_precision, self.n_queries)
-
-
-def _check_images(labels_emb: np.ndarray, ds: RetrievalDataset, indices: np.ndarray, run_dir, what: str) -> None:
-    if len(indices) and (indices.min() < 0 or indices.max() >= len(ds)
-                         or not np.array_equal(ds.labels[indices], labels_emb)):
-        raise RunDirError(f"the {what} images of run {run_dir} no longer match its {EMBEDDINGS} (the dataset or "
-                          "its split changed since the run); retrain the run with mode='overwrite'")
-
-
-def load_retrieval(run, k: int = 8) -> RunRetrieval:
-    """Load a finished run (a :class:`~nbsrc.experiment.RunResult`, a :class:`RunSummary` or a run
-    directory), rebuild its evaluation images from its config and retrieve the top ``k`` of every
-    query (:func:`nbsrc.eval.retrieve`: inner product, ties by gallery index)."""
-    run = _as_run(run)
-    e = run.embeddings()
-    data = build_data(run.config)
-    qi = e["query_indices"].astype(np.int64)
-    _check_images(e["query_labels"], data.query, qi, run.run_dir, "query")
-    if "gallery" in e:
-        if data.gallery is None:
-            raise RunDirError(f"run {run.run_dir} has gallery embeddings but its dataset now has no separate "
-                              "gallery; retrain the run with mode='overwrite'")
-        gi = e["gallery_indices"].astype(np.int64)
-        _check_images(e["gallery_labels"], data.gallery, gi, run.run_dir, "gallery")
-        results = retrieve(e["query"], e["query_labels"], e["gallery"], e["gallery_labels"], k=k)
-        return RunRetrieval(run, data.query, data.gallery, qi, gi, results, e["query"], e["gallery"])
-    results = retrieve(e["query"], e["query_labels"], k=k)
-    return RunRetrieval(run, data.query, data.query, qi, qi, results, e["query"], None)
-
-
-@dataclass
-class QueryRetrieval:
-    """One query and its top-k neighbours, best first; ``hits[j]``: neighbour ``j`` has the
-    query's label."""
-
-    run_name: str
-    query_row: int
-    query_image: np.ndarray
-    query_label: int
-    images: list[np.ndarray]
-    labels: np.ndarray  # [k]
-    sims: np.ndarray  # [k]
-    gallery_rows: np.ndarray  # [k] rows of the gallery embeddings
-    hits: np.ndarray  # [k] bool
-    class_names: list[str] | None = None
-
-    def _name(self, label) -> str:
-        return str(self.class_names[int(label)]) if self.class_names is not None else str(label)
-
-    def figure(self, title: str | None = None):
-        """The query and its neighbours, hits framed green and misses red
-        (:func:`nbsrc.plots.plot_retrieval_grid`)."""
-        return plot_retrieval_grid(
-            [self.query_image], [self.images], self.hits[None, :],
-            query_titles=[f"q{self.query_row}: {self._name(self.query_label)}"],
-            retrieved_titles=[[f"{self._name(lab)}\n{s:.2f}" for lab, s in zip(self.labels, self.sims)]],
-            title=title or f"{self.run_name}: query {self.query_row} and its top {len(self.hits)}")
-
-
-def retrieval_for_query(run, query_row: int, k: int = 8) -> QueryRetrieval:
-    """Query ``query_row`` (a row of the run's query embeddings) of ``run`` (a :class:`RunRetrieval`
-    from :func:`load_retrieval`, or anything :func:`load_retrieval` takes) with its top ``k``
-    neighbours: images, labels, similarities and hits."""
-    rr = run if isinstance(run, RunRetrieval) else load_retrieval(run, k)
-    if k > rr.results.k and rr.results.k < len(rr.results.gallery_labels) - int(rr.results.is_self_excluded):
-        rr = load_retrieval(rr.run, k)
-    if isinstance(query_row, bool) or not isinstance(query_row, (int, np.integer)) or not 0 <= query_row < rr.n_queries:
-        raise ConfigError(f"query_row={query_row!r} is invalid: run {rr.run.run_dir.name} has {rr.n_queries} "
-                          f"queries, so expected an integer in [0, {rr.n_queries - 1}]")
-    q = int(query_row)
-    rows = rr.results.indices[q, :k]
-    return QueryRetrieval(
-        run_name=rr.run.run_dir.name, query_row=q,
-        query_image=display_image(rr.query.raw(int(rr.query_indices[q]))),
-        query_label=int(rr.results.query_labels[q]),
-        images=[display_image(rr.gallery.raw(int(rr.gallery_indices[g]))) for g in rows],
-        labels=rr.results.gallery_labels[rows], sims=rr.results.sims[q, :k], gallery_rows=rows,
-        hits=rr.results.hits[q, :k],
-        class_names=list(rr.query.class_names) if rr.query.class_names is not None else None)
-
-
 # ----------------------------------------------------------------------------- spectra of several runs
 def spectrum_data(runs, max_negatives: int | None = 200_000, seed: int = 0):
     """For each run (:class:`RunSummary`, :class:`~nbsrc.experiment.RunResult` or run directory):
@@ -232,7 +102,7 @@ def spectrum_data(runs, max_negatives: int | None = 200_000, seed: int = 0):
     :func:`nbsrc.plots.plot_similarity_histograms`."""
     curves, sims = {}, {}
     for r in runs:
-        run = _as_run(r)
+        run = as_run(r)
         label = f"{run.run_dir.name} (λ={run.config.lam:g}, β={run.config.beta:g})"
         e = run.embeddings()
         curves[label] = cumulative_energy(e["query"])
@@ -444,3 +314,69 @@ def spectrum_explorer(runs_dir: str | Path = "runs", max_negatives: int | None =
     explorer = _make_spectrum_explorer(runs_dir, max_negatives, default)
     _show_static(explorer, static)
     return explorer
+
+
+# ----------------------------------------------------------------------------- query with your own image
+def _make_query_browser(index, k: int, default_query):
+    import ipywidgets as w
+
+    from nbsrc.retrieval import Index, search_image
+
+    class QueryBrowser(w.VBox):
+        """Upload an image; see its top-k neighbours in an index built by ``nbsrc embed``."""
+
+        def __init__(self):
+            self.index = index if isinstance(index, Index) else Index.load(index)
+            self.figures: list = []
+            self.current = None  # SearchResults of the image shown
+            self.upload = w.FileUpload(accept="image/*", multiple=False, description="query image")
+            self.k = w.BoundedIntText(value=k, min=1, max=max(1, len(self.index)), description="k",
+                                      layout=w.Layout(width="140px"))
+            self.info = w.HTML()
+            self.output = w.Output()
+            super().__init__([w.HBox([self.upload, self.k]), self.info, self.output])
+            self.upload.observe(self._on_upload, names="value")
+            self.k.observe(lambda _: self.show(*self._last) if self._last else None, names="value")
+            self._last = None
+            first = default_query if default_query is not None else self.index.listing.path(
+                int(self.index.indexed_rows[0]))
+            self.show(first, str(first))
+
+        def _on_upload(self, change):
+            files = change["new"]
+            if files:
+                f = files[0]
+                self.show(bytes(f["content"]), f["name"])
+
+        def show(self, image, name: str):
+            """Search ``image`` (a path or encoded bytes) and redraw."""
+            self._last = (image, name)
+            try:
+                self.current, fig = search_image(self.index, image, int(self.k.value), name=name)
+            except NbsrcError as e:
+                self.figures, self.current = [], None
+                self.info.value = ""
+                self.output.outputs = (_text_output(f"error: {e}"),)
+                return
+            best = self.current.paths[0][0]
+            self.info.value = (f"{name}: top {self.current.rows.shape[1]} of {len(self.index)} images "
+                               f"(best {self.current.scores[0, 0]:.3f}: {best.name})")
+            self.figures = [fig]
+            self.output.outputs = (_png_output(fig),)
+
+    return QueryBrowser()
+
+
+def query_browser(index, k: int = 8, default_query=None, static: bool | None = None):
+    """A widget to query an index (an :class:`nbsrc.retrieval.Index` or its directory, from
+    ``nbsrc embed``) with your own image: a file upload (``upload``) and ``k``; the output shows
+    the query and its top ``k`` (:func:`nbsrc.retrieval.search_image`). Before any upload it shows
+    ``default_query`` (a path; default: the first indexed image). The returned ``ipywidgets.VBox``
+    holds ``current`` (the :class:`~nbsrc.retrieval.SearchResults` shown), ``figures``, and
+    ``show(image, name)`` to search a path or encoded bytes from code; ``static`` as in
+    :func:`retrieval_browser`."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"k={k!r} is invalid: expected the number of neighbours to show, an integer >= 1")
+    browser = _make_query_browser(index, int(k), default_query)
+    _show_static(browser, static)
+    return browser

@@ -13,6 +13,7 @@ from nbsrc.data.datasets import RetrievalDataset, load_image
 from nbsrc.data.fashion_mnist import CLASS_NAMES as FASHION_MNIST_CLASSES
 from nbsrc.data.fashion_mnist import find_fashion_mnist, load_fashion_mnist, read_idx
 from nbsrc.data.folder import image_folder_dataset, scan_image_folder
+from nbsrc.data.images import check_dataset_images, check_images, list_images, scan_images
 from nbsrc.data.samplers import MPerClassBatchSampler
 from nbsrc.data.splits import cap_per_class, check_min_per_class, class_disjoint_split
 from nbsrc.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RetrievalTransform
@@ -22,6 +23,7 @@ __all__ = [
     "RetrievalData", "RetrievalDataset", "RetrievalTransform", "MPerClassBatchSampler", "build_data",
     "load_fashion_mnist", "find_fashion_mnist", "read_idx", "image_folder_dataset", "scan_image_folder",
     "class_disjoint_split", "cap_per_class", "check_min_per_class", "load_image", "load_digits_images",
+    "list_images", "scan_images", "check_images", "check_dataset_images",
 ]
 
 

@@ -8,22 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
-from torchvision.transforms.v2.functional import pil_to_tensor
 
+from nbsrc.data.images import load_image  # the one image reader (re-exported here for older imports)
 from nbsrc.errors import DatasetError
 
-
-def load_image(path: str | Path) -> torch.Tensor:
-    """Read an image file as a uint8 RGB tensor (3 x H x W), with a clear error if it is corrupt."""
-    try:
-        with Image.open(path) as im:
-            return pil_to_tensor(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(
-            f"cannot decode image {path} ({type(e).__name__}: {e}); remove or replace the file"
-        ) from None
+__all__ = ["RetrievalDataset", "load_image"]
 
 
 class RetrievalDataset(Dataset):

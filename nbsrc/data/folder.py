@@ -1,4 +1,11 @@
-"""A generic image folder, ``root/<class>/<image>``, so the whole pipeline runs on your own photos."""
+"""A generic image folder, ``root/<class>/<image>``, so the whole pipeline runs on your own photos.
+
+Classes are the sub-folders of ``root`` (in sorted order); a class's images are all the images under
+its folder, at any depth (:func:`nbsrc.data.images.list_images`: symlink loops and links to ``.`` are
+harmless). Images directly in ``root`` belong to no class and are left out. Every image is checked
+(decoded once) when the dataset is built, so an unreadable file stops the run before training with
+the file named (the policy of :mod:`nbsrc.data.images`).
+"""
 
 from __future__ import annotations
 
@@ -7,37 +14,55 @@ from pathlib import Path
 import numpy as np
 
 from nbsrc.data.datasets import RetrievalDataset
+from nbsrc.data.images import IMAGE_EXTENSIONS, check_images, list_images
 from nbsrc.data.splits import check_min_per_class
 from nbsrc.errors import DatasetError
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+__all__ = ["IMAGE_EXTENSIONS", "LAYOUT", "scan_image_folder", "image_folder_dataset", "folder_classes"]
+
 LAYOUT = "root/<class_name>/<image>.jpg, one sub-folder per class"
 
 
-def scan_image_folder(root: str | Path) -> tuple[list[Path], np.ndarray, list[str]]:
-    """Paths, integer labels (classes in sorted folder order) and class names of an image folder."""
+def folder_classes(root: str | Path, paths) -> tuple[np.ndarray, list[str]]:
+    """The class of each of ``paths`` (files under ``root``): its first sub-folder below ``root``.
+    Returns ``(labels [N] int64, class_names)``, classes in sorted order; a file directly in
+    ``root`` has label -1."""
+    root = Path(root)
+    firsts = [Path(p).relative_to(root).parts for p in paths]
+    names = sorted({parts[0] for parts in firsts if len(parts) > 1})
+    index = {n: i for i, n in enumerate(names)}
+    labels = np.asarray([index[parts[0]] if len(parts) > 1 else -1 for parts in firsts], dtype=np.int64)
+    return labels, names
+
+
+def scan_image_folder(root: str | Path, check: bool = True) -> tuple[list[Path], np.ndarray, list[str]]:
+    """Paths, integer labels (classes in sorted folder order) and class names of an image folder.
+
+    ``check``: decode every image first and stop with one :class:`~nbsrc.errors.DatasetError`
+    naming the unreadable ones (:func:`nbsrc.data.images.check_images`)."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist; expected the layout {LAYOUT}")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
-        raise DatasetError(f"image folder {root} has no class sub-folders; expected the layout {LAYOUT}")
-    paths, labels, names = [], [], []
-    for c, d in enumerate(class_dirs):
-        files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        names.append(d.name)
-        if len(files) < 2:
-            raise DatasetError(
-                f"class folder {d} has {len(files)} image(s) but retrieval needs at least 2 per "
-                "class; add images or remove the folder"
-            )
-        paths += files
-        labels += [c] * len(files)
-    labels_arr = np.asarray(labels, dtype=np.int64)
-    check_min_per_class(labels_arr, 2, str(root))
-    return paths, labels_arr, names
+    paths = list_images(root)
+    labels, names = folder_classes(root, paths)
+    if not names:
+        what = "no images" if not paths else "images but no class sub-folders"
+        raise DatasetError(f"image folder {root} has {what}; expected the layout {LAYOUT}")
+    keep = labels >= 0
+    paths = [p for p, k in zip(paths, keep) if k]
+    labels = labels[keep]
+    counts = np.bincount(labels, minlength=len(names))
+    for c in np.flatnonzero(counts < 2):
+        raise DatasetError(
+            f"class folder {root / names[c]} has {counts[c]} image(s) but retrieval needs at least 2 per "
+            "class; add images or remove the folder"
+        )
+    check_min_per_class(labels, 2, str(root))
+    if check:
+        check_images(paths, f"image folder {root}")
+    return paths, labels, names
 
 
-def image_folder_dataset(root: str | Path, transform=None) -> RetrievalDataset:
-    paths, labels, names = scan_image_folder(root)
+def image_folder_dataset(root: str | Path, transform=None, check: bool = True) -> RetrievalDataset:
+    paths, labels, names = scan_image_folder(root, check=check)
     return RetrievalDataset(paths, labels, transform, class_names=names)

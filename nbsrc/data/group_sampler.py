@@ -242,14 +242,9 @@ def image_sizes(ds: RetrievalDataset) -> list[tuple[int, int]]:
     out = []
     for item in images:
         if isinstance(item, (str, Path)):
-            from PIL import Image
+            from nbsrc.data.images import image_size
 
-            try:
-                with Image.open(item) as im:
-                    w, h = im.size
-            except OSError as e:
-                raise DatasetError(f"cannot read the size of image {item} ({e}); remove or replace the file") from None
-            out.append((h, w))
+            out.append(image_size(item))  # header only, EXIF rotation applied, size limit checked
         else:
             out.append(tuple(int(v) for v in np.shape(item)[-2:]))
     return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,7 @@ def _check_resume(state: dict, expected: dict, path: Path, side: Path) -> None:
             )
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def embed_to_memmap(
     model: torch.nn.Module,
     dataset,
@@ -69,6 +70,7 @@ def embed_to_memmap(
     dtype=np.float16,
     progress: bool = True,
     num_workers: int = 0,
+    on_batch: Callable[[int, object], None] | None = None,
 ) -> np.memmap:
     """Embed ``dataset`` (items ``(image, ...)``, in order) with ``model`` into the ``.npy`` file
     ``path`` of shape ``[len(dataset), D]`` and ``dtype``; returns it memory-mapped read-only.
@@ -76,6 +78,10 @@ def embed_to_memmap(
     Rows are written batch by batch; a rerun resumes after the last recorded batch and does not
     recompute finished rows. The model must already be on ``device``; on CUDA the forward runs
     under bf16 autocast. The model's train/eval modes are restored afterwards.
+
+    ``on_batch(first_row, batch)``, if given, is called with each batch as the loader returned it
+    after its rows are on disk and before the sidecar records them (so whatever it saves about rows
+    ``first_row...`` is never behind the sidecar; after a crash it may be ahead, and is seen again).
     """
     path = Path(path)
     side = sidecar_path(path)
@@ -120,6 +126,8 @@ def embed_to_memmap(
                     out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n, z.shape[1]))
                 out[done : done + len(z)] = z.float().cpu().numpy().astype(dtype)
                 out.flush()  # rows on disk before the sidecar says so
+                if on_batch is not None:
+                    on_batch(done, batch)
                 done += len(z)
                 _write_progress(side, {**expected, "rows_done": done, "shape": list(out.shape)})
                 bar.update(1)

@@ -24,6 +24,8 @@ from nbsrc.plots.style import (
     DOUBLE_COLUMN, HIT_COLOR, MISS_COLOR, PALETTE, QUERY_COLOR, SINGLE_COLUMN, STYLE, color_for,
 )
 
+UNKNOWN_COLOR = "0.6"  # a neighbour whose correctness is unknown (the query has no class)
+
 
 def _styled(draw):
     """Draw inside the house style, and lay the figure out before leaving it (ticks are created
@@ -333,7 +335,13 @@ def plot_retrieval_grid(query_images, retrieved_images, hits, query_titles=None,
     ``query_images[q]`` and ``retrieved_images[q][j]`` are uint8 arrays H×W (grey) or H×W×3;
     ``hits`` is ``[Q, k]`` bool (e.g. ``RetrievalResults.hits``). ``query_titles[q]`` labels a row
     (default "query q"); ``retrieved_titles[q][j]``, if given, is written under each neighbour
-    (e.g. its class)."""
+    (e.g. its class). ``hits=None``: whether a neighbour is correct is unknown (a query without a
+    class): every neighbour gets a neutral grey frame."""
+    known = hits is not None
+    if not known:
+        if len(retrieved_images) == 0:
+            raise ConfigError("retrieved_images is empty: give at least one query with at least one neighbour")
+        hits = np.zeros((len(retrieved_images), len(retrieved_images[0])), dtype=bool)
     hits = np.asarray(hits)
     if hits.ndim != 2 or hits.dtype != bool:
         raise ConfigError(f"hits must be a [Q, k] bool array, got dtype {hits.dtype} shape {hits.shape}")
@@ -354,15 +362,16 @@ def plot_retrieval_grid(query_images, retrieved_images, hits, query_titles=None,
         for j in range(k):
             ax = axes[q, j + 1]
             _framed(ax, _image(retrieved_images[q][j], f"retrieved_images[{q}][{j}]"),
-                    HIT_COLOR if hits[q, j] else MISS_COLOR)
+                    (HIT_COLOR if hits[q, j] else MISS_COLOR) if known else UNKNOWN_COLOR)
             if retrieved_titles is not None:
                 ax.set_xlabel(str(retrieved_titles[q][j]), fontsize=6)
     axes[0, 0].set_title("query", fontsize=8)
     for j in range(k):
         axes[0, j + 1].set_title(f"#{j + 1}", fontsize=8)
-    fig.legend(handles=[Patch(facecolor="none", edgecolor=QUERY_COLOR, linewidth=2, label="query"),
-                        Patch(facecolor="none", edgecolor=HIT_COLOR, linewidth=2, label="correct"),
-                        Patch(facecolor="none", edgecolor=MISS_COLOR, linewidth=2, label="incorrect")],
-               loc="outside lower center", ncols=3)
+    handles = [Patch(facecolor="none", edgecolor=QUERY_COLOR, linewidth=2, label="query")]
+    if known:
+        handles += [Patch(facecolor="none", edgecolor=HIT_COLOR, linewidth=2, label="correct"),
+                    Patch(facecolor="none", edgecolor=MISS_COLOR, linewidth=2, label="incorrect")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles))
     fig.suptitle(title)
     return fig
