@@ -13,7 +13,8 @@ retrieval set, evaluate on its unseen test classes)::
 plus ``train_fit`` / ``train_val``, the training part split by class (the last 100 training classes
 are the validation classes on which a recipe is chosen, never the test classes). A config selects a
 part by name: ``train_classes="pretrain"``, ``test_classes="train_val"``; id ranges such as
-``"1000-1399"`` work as for any dataset.
+``"1000-1399"`` work as for any dataset. A config's ``data_root`` is the cache folder (None: the
+default below).
 
 How it is built (:func:`build_glyphs`, deterministic, cached):
 
