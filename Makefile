@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lab install data browser kernel clean-runs
+.PHONY: demo test test-fast lab install data glyphs browser kernel clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,18 @@ data:
 		(apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)) \
 		|| echo "warning: could not install dataset-fashion-mnist with apt-get"; \
 	fi
+
+# CJK glyphs (nbsrc/data/glyphs.py): Debian's CJK font packages (about 300 MB), installed with apt
+# when run as root and a face is missing, then the dataset rendered once into $$NBSRC_DATA/glyphs or
+# ~/.cache/nbsrc/glyphs (later runs find the cache). Without root/apt the build names the missing packages.
+glyphs: $(STAMP)
+	@if ! $(PY) -m nbsrc.data.glyphs check >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		pkgs="$$($(PY) -m nbsrc.data.glyphs packages)"; \
+		(DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$pkgs >/dev/null 2>&1 \
+		 || (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$pkgs >/dev/null)) \
+		|| echo "warning: could not install the CJK font packages with apt-get"; \
+	fi
+	$(PY) -m nbsrc.data.glyphs build
 
 # Headless Chromium + its driver for the JupyterLab widget test (tests/test_browser.py).
 browser:

@@ -19,7 +19,7 @@ from nbsrc.errors import ConfigError
 
 POOLINGS = ("cls", "dist", "avg", "max", "gem")
 LOSSES = ("contrastive", "nsoftmax", "snca", "arcface")
-DATASETS = ("fashion_mnist", "digits", "folder", "cub", "sop", "inshop", "sfm120k")
+DATASETS = ("fashion_mnist", "digits", "glyphs", "folder", "cub", "sop", "inshop", "sfm120k")
 SAMPLERS = ("m_per_class", "group_size")
 SCHEDULERS = ("cosine", "constant")
 OPTIMIZERS = ("adamw", "sgd", "adam")

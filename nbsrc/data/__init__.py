@@ -45,8 +45,8 @@ def load_digits_images() -> tuple[np.ndarray, np.ndarray]:
     return (d.images * (255.0 / 16.0)).round().astype(np.uint8), d.target.astype(np.int64)
 
 
-def _split(images, labels, cfg: ExperimentConfig, train_tf, eval_tf, names=None) -> RetrievalData:
-    tr, te = class_disjoint_split(labels, cfg.train_classes, cfg.test_classes)
+def _split(images, labels, cfg: ExperimentConfig, train_tf, eval_tf, names=None, classes=None) -> RetrievalData:
+    tr, te = class_disjoint_split(labels, *(classes or (cfg.train_classes, cfg.test_classes)))
     te = cap_per_class(te, labels, cfg.eval_per_class, seed=cfg.seed)
     full = RetrievalDataset(images, labels, None, names)
     query = full.subset(te, eval_tf)
@@ -74,6 +74,12 @@ def _build_data(cfg: ExperimentConfig, mean, std) -> RetrievalData:
     if cfg.dataset == "digits":
         images, labels = load_digits_images()
         return _split(images, labels, cfg, train_tf, eval_tf, [str(i) for i in range(10)])
+    if cfg.dataset == "glyphs":  # CJK glyphs; train/test_classes may name parts ("pretrain", "train_val", ...)
+        from nbsrc.data import glyphs
+
+        g = glyphs.load_glyphs(cfg.data_root, progress=cfg.progress)
+        classes = [glyphs.resolve_classes(s, g.parts) for s in (cfg.train_classes, cfg.test_classes)]
+        return _split(g.images, g.labels, cfg, train_tf, eval_tf, g.class_names, classes)
     if cfg.dataset == "folder":
         if cfg.data_root is None:
             raise ConfigError("dataset='folder' needs data_root=<folder with one sub-folder per class>")
