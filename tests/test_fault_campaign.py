@@ -45,6 +45,10 @@ TINY = {"dataset": "digits", "img-size": 8, "patch-size": 4, "iterations": 2, "b
         "lr": 1e-3, "log-every": 1, "ckpt-every": 1, "eval-per-class": 10, "lam": 0.5, "memory-size": 0,
         "device": "cpu"}
 FINISHED = "done"  # the one tiny finished run that the cases copy
+# A runs directory that cannot be written: a read-only one, or for root (who may write anywhere)
+# /sys, where even root may not create a directory.
+ROOT = os.geteuid() == 0
+READ_ONLY = "/sys/nbsrc-campaign" if ROOT else "runs"
 
 
 def tiny_flags(name: str = "t", **over) -> list[str]:
@@ -286,6 +290,8 @@ CASES: dict[str, Case] = {
     "config file unknown key": Case(["train", "--config", "typo.json", *tiny_flags()],
                                     "--config typo.json: unknown parameter 'learning_rate'",
                                     setup=_write("typo.json", '{"learning_rate": 0.1}')),
+    "runs dir read-only": Case(["train", *tiny_flags(), "--runs-dir", READ_ONLY], READ_ONLY,
+                               setup=lambda ws: None if ROOT else (ws / "runs").chmod(0o555)),
     "runs dir under a file": Case(["train", *tiny_flags(), "--runs-dir", "afile/runs"], "afile/runs",
                                   setup=_write("afile", "not a directory")),
     # --- model, weights and device (after validation; the run must not start)
@@ -455,6 +461,7 @@ def campaign(tmp_path_factory):
         results[name] = {**codes[name], "stdout": (ws / "out" / "stdout").read_text(),
                          "stderr": (ws / "out" / "stderr").read_text(), "before": before[name],
                          "after": snapshot(ws / "runs"), "ws": ws}
+        (ws / "runs").chmod(0o755)  # the read-only case, so that pytest can remove it
     if os.environ.get("NBSRC_CAMPAIGN_TIMINGS"):  # where to write each case's wall time, slowest first
         Path(os.environ["NBSRC_CAMPAIGN_TIMINGS"]).write_text("".join(
             f"{r['seconds']:7.2f} s  exit {r['rc']}  {name}\n"
