@@ -101,11 +101,11 @@ def read_config_file(path: str, names: set[str]) -> dict:
 
 
 def cmd_train(ns) -> None:
+    cfg = config_from_args(ns)  # a bad config fails here, before torch is imported (seconds)
     from nbsrc.experiment import run_experiment
     from nbsrc.train.distributed import init_distributed
 
     init_distributed(getattr(ns, "device", None) or "auto")  # no-op unless launched by torchrun
-    cfg = config_from_args(ns)
     mode = "overwrite" if ns.overwrite else "resume" if ns.resume else "new"
     run_experiment(cfg, mode=mode)
 

@@ -22,6 +22,9 @@ from pathlib import Path
 from nbsrc.errors import ConfigError, NbsrcError
 
 KERNEL = "nbsrc"
+# The kernel's own log on stderr: errors only (not ipykernel's warning, on every start, that its
+# local TCP sockets are unencrypted), so that a failed notebook ends in one line.
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
 
@@ -133,7 +136,8 @@ def run_notebook(path: str | Path, params: dict | None = None, out: str | Path |
     kernel = kernel or os.environ.get("NBSRC_KERNEL") or _default_kernel()
     try:
         pm.execute_notebook(str(path), str(out), parameters=params, kernel_name=kernel,
-                            cwd=str(cwd or Path.cwd()), progress_bar=False, log_output=log_output)
+                            cwd=str(cwd or Path.cwd()), progress_bar=False, log_output=log_output,
+                            extra_arguments=KERNEL_ARGUMENTS)
     except pm.PapermillExecutionError as e:
         evalue = " ".join(str(e.evalue).split())
         raise NbsrcError(
