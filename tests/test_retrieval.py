@@ -10,50 +10,17 @@ import json
 import shutil
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from fixtures_photos import make_photo_folder
 from nbsrc.data.images import load_image
 from nbsrc.errors import ConfigError, DatasetError, RunDirError
 from nbsrc.retrieval import Index, load_embedding_model, search_image
 
 IMG = 64  # EfficientNet-Lite0 (a convnet) takes any size; 64 px keeps the tests quick on a CPU
-
-
-def _sources() -> dict[str, Image.Image]:
-    """Three real photographs shipped with scikit-learn and matplotlib."""
-    from sklearn.datasets import load_sample_image
-
-    hopper = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-    return {"china": Image.fromarray(load_sample_image("china.jpg")),
-            "flower": Image.fromarray(load_sample_image("flower.jpg")),
-            "hopper": Image.open(hopper).convert("RGB")}
-
-
-def _crop(im: Image.Image, rng) -> Image.Image:
-    w, h = im.size
-    s = rng.uniform(0.55, 0.9)
-    cw, ch = int(w * s), int(h * s)
-    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    c = im.crop((x, y, x + cw, y + ch)).resize((int(cw * 0.5), int(ch * 0.5)))
-    return c.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else c
-
-
-def make_photo_folder(root: Path, per_class: int = 4, seed: int = 0) -> dict[str, Path]:
-    """``root/<class>/<i>.jpg``: random crops of three photographs; returns one held-out query
-    crop per class (outside ``root``)."""
-    rng = np.random.default_rng(seed)
-    queries = {}
-    for name, im in _sources().items():
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            _crop(im, rng).save(root / name / f"{i}.jpg", quality=90)
-        queries[name] = root.parent / f"query_{name}.jpg"
-        _crop(im, rng).save(queries[name], quality=90)
-    return queries
 
 
 @pytest.fixture(scope="module")

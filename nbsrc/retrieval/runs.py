@@ -23,7 +23,7 @@ from nbsrc.experiment import EMBEDDINGS, RunResult, load_run
 from nbsrc.plots import plot_retrieval_grid
 
 __all__ = ["RunRetrieval", "QueryRetrieval", "load_retrieval", "retrieval_for_query", "display_image",
-           "as_run", "export_split_images"]
+           "as_run", "export_split_images", "index_of_run"]
 
 
 def as_run(run) -> RunResult:
@@ -199,3 +199,17 @@ def export_split_images(run, out_dir: str | Path, split: str = "query", per_clas
         Image.fromarray(display_image(ds.raw(i))).save(tmp, format="PNG")
         tmp.replace(path)
     return out
+
+
+def index_of_run(run, out_dir: str | Path | None = None, split: str = "query", progress: bool = False):
+    """An :class:`nbsrc.retrieval.Index` of a finished run's evaluation images, made the way a user
+    indexes a folder: the images are written as PNG files (:func:`export_split_images`, into
+    ``<out_dir>/images``) and embedded with the run's model (``nbsrc embed RUN FOLDER``, into
+    ``<out_dir>/index``). ``out_dir`` defaults to ``<runs_dir>/<run name>.query_index``. A second
+    call finds both and only opens the index."""
+    from nbsrc.retrieval.index import Index
+
+    run = as_run(run)
+    out = Path(out_dir) if out_dir is not None else run.run_dir.parent / f"{run.run_dir.name}.{split}_index"
+    folder = export_split_images(run, out / "images", split=split)
+    return Index.build(run.run_dir, folder, out / "index", progress=progress, log=None)
