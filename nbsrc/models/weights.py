@@ -125,7 +125,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | N
         with torch.serialization.safe_globals(_numpy_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a file we cannot use
-        detail = " ".join(str(e).split())[:120]
+        detail = " ".join(str(e).split()).split(". ")[0][:120]  # torch's first sentence says what failed
         raise WeightsError(
             f"cannot read weights file {path} ({type(e).__name__}: {detail}); is it a torch checkpoint?"
         ) from None
