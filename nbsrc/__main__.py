@@ -119,9 +119,7 @@ def cmd_eval(ns) -> None:
 
 
 def cmd_notebook(ns) -> None:
-    from nbsrc.notebook import run_notebook
-
-    from nbsrc.notebook import parse_parameters
+    from nbsrc.notebook import parse_parameters, run_notebook
 
     params = parse_parameters(ns.path, ns.param or [])
     out = run_notebook(ns.path, params, ns.out, log_output=ns.log_output)

@@ -125,7 +125,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | N
         with torch.serialization.safe_globals(_numpy_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a file we cannot use
-        detail = " ".join(str(e).split())[:120]
+        detail = " ".join(str(e).split()).split(". ")[0][:120]  # torch's first sentence says what failed
         raise WeightsError(
             f"cannot read weights file {path} ({type(e).__name__}: {detail}); is it a torch checkpoint?"
         ) from None
@@ -168,8 +168,11 @@ def load_start_weights(model: nn.Module, weights: str | Path) -> None:
     The backbone must fit exactly (same architecture, image and patch size); otherwise a
     :class:`~nbsrc.errors.WeightsError` says how the weights' model was built.
 
-    Our reading of a saved PCA (IRT ▷dim): it is a statistic of the old model's embeddings on the
-    old run's training images, not a learned weight, so it is never taken. A model with ``dim``
+    Our reading of a saved PCA. IRT §3 reduces the pooled, normalised descriptor "by principal
+    component analysis (PCA) before normalizing it", and §4.2 notes "the dimensionality reduction is
+    achieved using a PCA trained on the SFM120k dataset": the PCA is fitted on the final model's
+    embeddings of the training data. A saved PCA is thus a statistic of the old model on the old
+    run's images, not a learned weight, and it is never taken. A model with ``dim``
     starts with its PCA unfitted, and the run fits it on its own training images after its own
     training (as for any run; with ``iterations=0`` that is the loaded model's embeddings); a model
     without ``dim`` gives the unreduced embedding. The ``load_run`` path, which reopens a finished
