@@ -308,3 +308,30 @@ def test_query_browser_widget(built, photos):
     assert w.output.outputs[0]["text"].startswith("error: cannot decode image the uploaded image")
     res, fig = search_image(built, queries["china"], k=2)
     assert res.rows.shape == (1, 2) and len(fig.axes) == 3
+
+
+# ----------------------------------------------------------------------------- notebook 10, headless
+@pytest.mark.slow
+def test_notebook_10_query_widget_runs_headless(tmp_path):
+    """Notebook 10 under papermill: the upload widget's default view is drawn statically and saved,
+    and a second run reuses the index it built."""
+    import nbformat
+
+    from nbsrc.config import ExperimentConfig
+    from nbsrc.experiment import run_experiment
+    from nbsrc.notebook import NOTEBOOKS_DIR, run_notebook
+
+    runs = tmp_path / "runs"
+    run_experiment(ExperimentConfig(name="tiny0", runs_dir=str(runs), dataset="digits", img_size=8, patch_size=4,
+                                    iterations=0, lam=0.0, batch_size=16, m_per_class=4, eval_per_class=6,
+                                    progress=False))
+    params = {"runs_dir": str(runs), "figures_dir": str(tmp_path / "figs"), "k": 4}
+    for attempt in range(2):
+        out = run_notebook(NOTEBOOKS_DIR / "10_explore.ipynb", params, tmp_path / f"10_{attempt}.ipynb", cwd=tmp_path)
+        cells = nbformat.read(out, as_version=4).cells
+        query_cell = next(c for c in cells if c.cell_type == "code" and "query_browser(" in c.source)
+        text = "".join(o.get("text", "") for o in query_cell.outputs)
+        assert "Index(" in text and "30 images" in text  # 5 unseen digits x 6
+        assert any("image/png" in o.get("data", {}) for o in query_cell.outputs)
+    assert (tmp_path / "figs" / "explore_query.png").stat().st_size > 1000
+    assert (runs / "tiny0.query_index" / "index" / "manifest.json").exists()

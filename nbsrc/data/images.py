@@ -115,7 +115,9 @@ def _decode(path) -> Image.Image:
     try:
         with _open(path) as im:
             im.load()
-            return _to_rgb(ImageOps.exif_transpose(im))
+            if im.getexif().get(0x0112, 1) != 1:  # transposing makes a copy: only when needed
+                im = ImageOps.exif_transpose(im)
+            return _to_rgb(im)
     except _DECODE_ERRORS as e:
         raise _Unreadable(_reason(path, e)) from None
 
@@ -144,6 +146,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         return Image.fromarray(np.rint(np.clip(a * scale, 0, 255)).astype(np.uint8), "L").convert("RGB")
     if mode == "P" and "transparency" in im.info:
         im, mode = im.convert("RGBA"), "RGBA"
+    if mode == "RGB":
+        return im
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -173,7 +177,7 @@ def _is_empty(path) -> bool:
 def load_image(path: str | Path | BinaryIO, name: str | None = None) -> torch.Tensor:
     """Read an image file as a uint8 RGB tensor ``3 x H x W`` (:func:`decode_image`)."""
     im = decode_image(path, name)
-    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
