@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nbsrc.data.images import describe_bad_images, image_problem, list_images, load_image
+from nbsrc.data.images import describe_bad_images, image_problem, list_images, load_image, scan_images
 from nbsrc.errors import ConfigError, DatasetError, RunDirError
 from nbsrc.eval.stream import embed_to_memmap, model_fingerprint, sidecar_path
 from nbsrc.retrieval.models import EmbeddingModel, Preprocessing, load_embedding_model, rebuild_model
@@ -318,8 +318,9 @@ class Index:
         if (out / MANIFEST).exists():
             return cls._reopen(out, plan, dev, log)
         cls._claim(out, plan)
-        header_bad = {i for i in range(len(listing.paths))
-                      if image_problem(listing.path(i), decode=False) is not None}
+        row_of = {listing.path(i): i for i in range(len(listing.paths))}
+        header_reasons = {row_of[p]: r for p, r in scan_images(list(row_of), decode=False)}  # threads, headers only
+        header_bad = set(header_reasons)
         skips_path = out / _PARTIAL_SKIPS
 
         def record(first_row: int, batch) -> None:
@@ -336,7 +337,7 @@ class Index:
         emb = embed_to_memmap(net, _ListedImages(listing, model.preprocessing.transform(), header_bad),
                               out / EMBEDDINGS, batch_size=batch_size, device=dev, progress=progress,
                               num_workers=num_workers, on_batch=record)
-        reasons = {i: image_problem(listing.path(i), decode=False) or "unreadable" for i in header_bad}
+        reasons = dict(header_reasons)
         if skips_path.exists():
             for line in skips_path.read_text().splitlines():
                 if line.strip():
