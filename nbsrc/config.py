@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,9 +71,12 @@ class ExperimentConfig:
 
     # --- loss (IRT eq. 1 and 5) ---
     loss: str = "contrastive"  # contrastive | nsoftmax | snca | arcface
-    beta: float = 0.5  # contrastive margin on negatives, in [0, 1]
+    beta: float = 0.5  # margin on negatives (pytorch-metric-learning: neg_margin), in [0, 1]
     lam: float = 0.7  # KoLeo weight lambda; 0 gives IRT_L, > 0 gives IRT_R
     memory_size: int = 0  # cross-batch memory (XBM) size in embeddings; 0: off
+    # iteration from which the memory is read and filled (XBM's warm-up; before it: batch x batch only);
+    # 0: from the start, as IRT fine-tuning a pretrained model does
+    memory_start: int = 0
     momentum: float | None = None  # momentum encoder for the memory (paper, In-Shop: 0.999)
     arcface_margin: float = 0.15
     arcface_scale: float = 30.0
@@ -153,6 +157,11 @@ class ExperimentConfig:
         def bad(name: str, value: Any, expected: str) -> None:
             raise ConfigError(f"{name}={value!r} is invalid: expected {expected}")
 
+        for f in dataclasses.fields(self):  # NaN and inf pass every comparison below: refuse them first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                bad(f.name, value, "a finite number (not NaN or inf)")
+
         if not self.name or "/" in self.name or self.name in (".", ".."):
             bad("name", self.name, "a non-empty run name without '/'")
         if self.dataset not in DATASETS:
@@ -187,6 +196,8 @@ class ExperimentConfig:
             bad("batch_size", self.batch_size, "room for at least 2 classes of m_per_class samples")
         if self.memory_size < 0:
             bad("memory_size", self.memory_size, "a memory size >= 0 (0 turns the memory off)")
+        if self.memory_start < 0:
+            bad("memory_start", self.memory_start, "an iteration >= 0 from which the memory is used (0: from the start)")
         if self.momentum is not None and not 0.0 <= self.momentum < 1.0:
             bad("momentum", self.momentum, "a momentum in [0, 1) (paper: 0.999), or None")
         if self.momentum is not None and self.memory_size == 0:

@@ -19,9 +19,8 @@ from nbsrc.experiment_sfm import find_revisited_root, run_sfm_experiment
 from nbsrc.models import data_config, model_from_config
 from nbsrc.train import load_checkpoint, read_metrics
 from nbsrc.train.checkpoint import PREVIOUS
-from nbsrc.train.tuples import (
-    batches_per_epoch, epoch_batches, mine_epoch, train_tuples, tuple_contrastive_loss, tuple_loss_terms,
-)
+from nbsrc.losses.tuples import tuple_contrastive_loss, tuple_loss_terms
+from nbsrc.train.tuples import batches_per_epoch, epoch_batches, mine_epoch, train_tuples
 
 
 def loss_reference(z, tuple_size, beta):
@@ -191,9 +190,9 @@ def test_non_finite_loss_and_bad_settings(data, tmp_path, monkeypatch):
         train_tuples(cfg.replace(loss="snca"), fresh_model(cfg), data["db"], tmp_path)
     with pytest.raises(ConfigError, match="memory_size=0"):
         train_tuples(cfg.replace(memory_size=8), fresh_model(cfg), data["db"], tmp_path)
-    import nbsrc.train.tuples as tuples_mod
+    from nbsrc.losses import TUPLE_LOSSES
 
-    monkeypatch.setattr(tuples_mod, "tuple_contrastive_loss", lambda z, *a, **k: z.sum() * float("nan"))
+    monkeypatch.setitem(TUPLE_LOSSES, "contrastive", lambda z, *a, **k: z.sum() * float("nan"))
     with pytest.raises(NonFiniteLossError, match="iteration 0"):
         train_tuples(cfg, fresh_model(cfg), data["db"], tmp_path)
 

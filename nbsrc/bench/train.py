@@ -45,6 +45,7 @@ from nbsrc.data import MPerClassBatchSampler
 from nbsrc.errors import ConfigError
 from nbsrc.models import model_from_config
 from nbsrc.train.loop import amp_settings, build_step_parts, resolve_device, train_step
+from nbsrc.train.pairs import PairTask
 
 METHODS = ("nbsrc", "reference", "bare")
 
@@ -89,12 +90,13 @@ class NbsrcStep:
     def __init__(self, cfg: ExperimentConfig, device: torch.device, n_train: int):
         torch.manual_seed(cfg.seed)
         self.cfg, self.it = cfg, 0
-        self.parts = build_step_parts(cfg, model_from_config(cfg), list(range(n_train)), device)
+        self.task = PairTask(cfg, None, list(range(n_train)))
+        self.parts = build_step_parts(cfg, model_from_config(cfg), self.task, device)
 
     def prefill(self, gen: torch.Generator, n_classes: int, first_index: int) -> None:
         """Fill the memory with random unit vectors (dataset indices >= ``first_index``, so no
         batch sample is masked as its own copy), as it is after the first iterations."""
-        memory, device = self.parts.memory, self.parts.device
+        memory, device = self.task.memory, self.parts.device
         if memory is not None:
             m = memory.size
             memory.enqueue(_unit(m, memory.dim, gen).to(device),
@@ -102,7 +104,7 @@ class NbsrcStep:
                            torch.arange(first_index, first_index + m).to(device))
 
     def __call__(self, x, y, idx) -> None:
-        train_step(self.cfg, self.parts, x, y, idx, it=self.it)
+        train_step(self.cfg, self.parts, (x, y, idx), it=self.it)
         self.it += 1
 
 
@@ -278,14 +280,15 @@ def bench_loss(cfg: ExperimentConfig, device: torch.device, n: int = 50, seed: i
     mine, ref = NbsrcStep(cfg, device, n_classes), ReferenceStep(cfg, device, dim=dim)
     mine.prefill(gen, n_classes, 10**9)
     ref.prefill(gen, n_classes, 10**9)
-    mem = mine.parts.memory.get() if mine.parts.memory is not None and len(mine.parts.memory) else (None, None, None)
+    memory = mine.task.memory
+    mem = memory.get() if memory is not None and len(memory) else (None, None, None)
     z0 = _unit(cfg.batch_size, dim, gen).to(device)
     y = (torch.arange(cfg.batch_size) // cfg.m_per_class % n_classes).to(device)
     idx = torch.arange(cfg.batch_size).to(device)
 
     def nbsrc_loss():
         z = z0.clone().requires_grad_()
-        mine.parts.criterion(z, y, mem[0], mem[1], idx, mem[2])["total"].backward()
+        mine.task.criterion(z, y, mem[0], mem[1], idx, mem[2])["total"].backward()
 
     def reference_loss():
         z = z0.clone().requires_grad_()
