@@ -52,7 +52,8 @@ def loader_img_per_s(cfg: ExperimentConfig, ds, workers: int, batches: int, warm
 def bench_loader(cfg: ExperimentConfig, workers=(0, 1, 2), batches: int = 40, warmup: int = 3,
                  steps: int = 10) -> dict:
     """Loader img/s per worker count beside the training step's img/s (median of ``steps`` steps)."""
-    from nbsrc.bench.train import NbsrcStep, _sync
+    from nbsrc.bench import sync
+    from nbsrc.bench.train import NbsrcStep
     from nbsrc.data import build_data
     from nbsrc.train.loop import resolve_device
 
@@ -69,10 +70,10 @@ def bench_loader(cfg: ExperimentConfig, workers=(0, 1, 2), batches: int = 40, wa
     step = NbsrcStep(cfg, device, len(set(ds.labels.tolist())))
     step_times = []
     for i, (x, y, idx) in enumerate(_loader(cfg, ds, 2 + steps, 0, pin)):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         step(x, y, idx)
-        _sync(device)
+        sync(device)
         if i >= 2:
             step_times.append(time.perf_counter() - t0)
     step_rate = cfg.batch_size / statistics.median(step_times)

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from nbsrc.bench import sync
 from nbsrc.config import ExperimentConfig
 from nbsrc.data import MPerClassBatchSampler
 from nbsrc.errors import ConfigError
@@ -194,11 +195,6 @@ class BareStep:
 
 
 # ----------------------------------------------------------------------------- timing
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def interleave(runners: dict, device: torch.device, warmup: int, n: int) -> dict[str, list[float]]:
     """``{name: [seconds of each timed step]}``. ``runners`` is ``{name: (step, batches)}``; all take
     ``warmup`` untimed steps, then step ``i`` of every runner in turn, each timed on its own, on
@@ -207,17 +203,17 @@ def interleave(runners: dict, device: torch.device, warmup: int, n: int) -> dict
     for step, batches in runners.values():
         for i in range(warmup):
             step(*batches[i])
-    _sync(device)
+    sync(device)
     names = list(runners)
     out = {name: [] for name in names}
     for i in range(warmup, warmup + n):
         r = (i - warmup) % len(names)
         for name in names[r:] + names[:r]:
             step, batches = runners[name]
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             step(*batches[i])
-            _sync(device)
+            sync(device)
             out[name].append(time.perf_counter() - t0)
     return out
 
@@ -298,10 +294,10 @@ def bench_loss(cfg: ExperimentConfig, device: torch.device, n: int = 50, seed: i
     times = {k: [] for k in fns}
     for i in range(3 + n):
         for name in (list(fns) if i % 2 else list(fns)[::-1]):
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             fns[name]()
-            _sync(device)
+            sync(device)
             if i >= 3:
                 times[name].append(time.perf_counter() - t0)
     return {k: 1000 * statistics.median(v) for k, v in times.items()}

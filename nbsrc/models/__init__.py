@@ -2,46 +2,20 @@
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
 import timm
 import torch
 
-from nbsrc.errors import ConfigError, WeightsError
+from nbsrc.errors import ConfigError
+from nbsrc.models.backbones import WEIGHT_SOURCES, check_backbone, create_backbone, resolve_weights
+from nbsrc.models.dtop import build_dtop_model, build_effnet_lite0_vit_model
 from nbsrc.models.pooling import TokenPooling
 from nbsrc.models.retrieval import PCAReduction, RetrievalModel
 from nbsrc.models.weights import load_checkpoint_weights, load_efficientnet_lite0
 
-__all__ = ["build_model", "model_from_config", "RetrievalModel", "PCAReduction", "TokenPooling", "data_config"]
-
-WEIGHT_SOURCES = ("none", "timm", "efficientnet_lite0")
-
-
-def _check_backbone(name: str) -> None:
-    if timm.is_model(name):
-        return
-    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models('*vit*')"
-    raise ConfigError(f"unknown backbone {name!r}: not a timm model{hint}")
-
-
-def _create_backbone(name: str, pretrained: bool, img_size: int | None, patch_size: int | None, **extra):
-    kwargs = dict(num_classes=0, **extra)
-    if img_size is not None:
-        kwargs["img_size"] = img_size
-    if patch_size is not None:
-        kwargs["patch_size"] = patch_size
-    try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except TypeError as e:
-        if patch_size is not None and "patch_size" in str(e):
-            raise ConfigError(f"patch_size={patch_size} does not apply to {name!r} (not a ViT); use patch_size=None") from None
-        if img_size is not None and "img_size" in str(e):  # convnets take any input size
-            kwargs.pop("img_size")
-            return timm.create_model(name, pretrained=pretrained, **kwargs)
-        raise
-
+__all__ = ["build_model", "model_from_config", "RetrievalModel", "PCAReduction", "TokenPooling", "data_config",
+           "WEIGHT_SOURCES"]
 
 def build_model(
     backbone: str = "vit_tiny_patch16_224",
@@ -67,37 +41,19 @@ def build_model(
         options: DToP options (``dtop=True`` and its switches; see :mod:`nbsrc.models.dtop`).
     """
     if backbone == "effnet_lite0_vit":  # EfficientNet-Lite0 stem + ViT encoder, see nbsrc.models.dtop
-        from nbsrc.models.dtop import build_effnet_lite0_vit_model
-
         return build_effnet_lite0_vit_model(pooling, dim, weights, img_size, patch_size, gem_p, gem_learnable, **options)
-    _check_backbone(backbone)
-    weights = str(weights)
-    is_path = weights not in WEIGHT_SOURCES
-    if is_path and not Path(weights).is_file():
-        raise WeightsError(
-            f"weights={weights!r} is neither one of {', '.join(WEIGHT_SOURCES)} nor an existing checkpoint file"
-        )
+    check_backbone(backbone)
+    weights, is_path = resolve_weights(weights)
     if weights == "efficientnet_lite0" and backbone != "tf_efficientnet_lite0" and not options.get("dtop"):
         raise ConfigError(
             "weights='efficientnet_lite0' loads only into backbone='tf_efficientnet_lite0'"
         )
     if options.get("dtop"):
-        from nbsrc.models.dtop import build_dtop_model
-
         return build_dtop_model(backbone=backbone, pooling=pooling, dim=dim, weights=weights, img_size=img_size,
                                 patch_size=patch_size, gem_p=gem_p, gem_learnable=gem_learnable, **options)
     if options:
         raise ConfigError(f"unknown build_model option(s) {sorted(options)}; DToP options need dtop=True")
-    try:
-        net = _create_backbone(backbone, weights == "timm", img_size, patch_size)
-    except (RuntimeError, OSError, ValueError) as e:
-        if weights != "timm":
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsError(
-            f"could not fetch pretrained weights for {backbone!r} from timm's hub ({msg[:160]}); "
-            "connect to the internet, pass weights=<checkpoint path>, or use weights='none'"
-        ) from None
+    net = create_backbone(backbone, weights == "timm", img_size, patch_size)
     if weights == "efficientnet_lite0":
         load_efficientnet_lite0(net)
     elif is_path:
