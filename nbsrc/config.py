@@ -19,7 +19,6 @@ from typing import Any
 from nbsrc.errors import ConfigError
 
 POOLINGS = ("cls", "dist", "avg", "max", "gem")
-LOSSES = ("contrastive", "nsoftmax", "snca", "arcface")
 DATASETS = ("fashion_mnist", "digits", "folder", "cub", "sop", "inshop", "sfm120k")
 SAMPLERS = ("m_per_class", "group_size")
 SCHEDULERS = ("cosine", "constant")
@@ -70,7 +69,8 @@ class ExperimentConfig:
     model_options: dict[str, Any] = field(default_factory=dict)  # extra build_model options (DToP)
 
     # --- loss (IRT eq. 1 and 5) ---
-    loss: str = "contrastive"  # contrastive | nsoftmax | snca | arcface
+    loss: str = "contrastive"  # a name of nbsrc.losses.PAIR_LOSSES (contrastive | nsoftmax | snca | arcface)
+    # or, for SfM-120k tuples, of TUPLE_LOSSES; checked when the run is built, before anything is written
     beta: float = 0.5  # margin on negatives (pytorch-metric-learning: neg_margin), in [0, 1]
     lam: float = 0.7  # KoLeo weight lambda; 0 gives IRT_L, > 0 gives IRT_R
     memory_size: int = 0  # cross-batch memory (XBM) size in embeddings; 0: off
@@ -168,8 +168,8 @@ class ExperimentConfig:
             bad("dataset", self.dataset, f"one of {', '.join(DATASETS)}")
         if self.pooling not in POOLINGS:
             bad("pooling", self.pooling, f"one of {', '.join(POOLINGS)}")
-        if self.loss not in LOSSES:
-            bad("loss", self.loss, f"one of {', '.join(LOSSES)}")
+        if not isinstance(self.loss, str) or not self.loss:
+            bad("loss", self.loss, "the name of a loss of nbsrc.losses.PAIR_LOSSES (or TUPLE_LOSSES)")
         if self.optimizer not in OPTIMIZERS:
             bad("optimizer", self.optimizer, f"one of {', '.join(OPTIMIZERS)}")
         if self.scheduler not in SCHEDULERS:

@@ -25,7 +25,7 @@ from nbsrc.losses.tuples import TUPLE_LOSSES, tuple_contrastive_loss, tuple_loss
 __all__ = [
     "contrastive_loss", "contrastive_pair_terms", "pair_mask", "koleo_loss", "nearest_neighbor_distance",
     "CrossBatchMemory", "NormalizedSoftmaxLoss", "snca_loss", "ArcFaceLoss", "ProxyTerm", "RetrievalLoss",
-    "build_loss", "PAIR_LOSSES", "TUPLE_LOSSES", "tuple_contrastive_loss", "tuple_loss", "tuple_loss_terms",
+    "build_loss", "pair_loss", "PAIR_LOSSES", "TUPLE_LOSSES", "tuple_contrastive_loss", "tuple_loss", "tuple_loss_terms",
 ]
 
 
@@ -86,8 +86,13 @@ class RetrievalLoss(nn.Module):
         return {self.loss: main, "koleo": koleo, "total": main + self.lam * koleo}
 
 
+def pair_loss(name: str) -> Callable:
+    """The builder registered as ``name`` in :data:`PAIR_LOSSES`; an unknown name is a one-line error."""
+    if name not in PAIR_LOSSES:
+        raise ConfigError(f"loss={name!r} is invalid: expected one of {', '.join(sorted(PAIR_LOSSES))}")
+    return PAIR_LOSSES[name]
+
+
 def build_loss(cfg, embedding_dim: int, train_classes) -> RetrievalLoss:
     """The pair loss named by ``cfg.loss`` (:data:`PAIR_LOSSES`) plus ``cfg.lam`` · KoLeo."""
-    if cfg.loss not in PAIR_LOSSES:
-        raise ConfigError(f"loss={cfg.loss!r} is invalid: expected one of {', '.join(sorted(PAIR_LOSSES))}")
-    return RetrievalLoss(cfg.loss, PAIR_LOSSES[cfg.loss](cfg, embedding_dim, sorted(train_classes)), cfg.lam)
+    return RetrievalLoss(cfg.loss, pair_loss(cfg.loss)(cfg, embedding_dim, sorted(train_classes)), cfg.lam)

@@ -30,7 +30,7 @@ from nbsrc.config import ExperimentConfig
 from nbsrc.data import RetrievalDataset
 from nbsrc.data.group_sampler import training_sampler
 from nbsrc.errors import ConfigError
-from nbsrc.losses import CrossBatchMemory, RetrievalLoss, build_loss
+from nbsrc.losses import CrossBatchMemory, RetrievalLoss, build_loss, pair_loss
 from nbsrc.losses.diagnostics import gradient_noise
 from nbsrc.train import distributed
 from nbsrc.train.loop import StepParts, TrainingTask, fit
@@ -50,6 +50,7 @@ class PairTask(TrainingTask):
     split, ``train_classes`` its classes (they index the proxies of a proxy loss)."""
 
     def __init__(self, cfg: ExperimentConfig, train_ds: RetrievalDataset, train_classes: list | None = None):
+        pair_loss(cfg.loss)  # an unknown loss is an error before anything is built
         self.cfg, self.train_ds = cfg, train_ds
         self.train_classes = (train_classes if train_classes is not None
                               else np.unique(train_ds.labels).tolist())
