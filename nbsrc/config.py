@@ -24,6 +24,15 @@ SAMPLERS = ("m_per_class", "group_size")
 SCHEDULERS = ("cosine", "constant")
 OPTIMIZERS = ("adamw", "sgd", "adam")
 
+# --help of the fields whose name alone does not say what they are (the CLI shows it)
+FIELD_HELP = {
+    "beta": "margin on negatives (pytorch-metric-learning: neg_margin), in [0, 1]; IRT eq. 1's beta",
+    "lam": "KoLeo weight lambda (IRT eq. 5); 0 gives IRT_L, > 0 IRT_R",
+    "dim": "PCA output dimension fitted after training (IRT: 128); none keeps the embedding",
+    "memory_size": "cross-batch memory (XBM) size in embeddings; 0: off",
+    "memory_start": "iteration from which the cross-batch memory is read and filled (XBM warm-up); 0: from the start",
+}
+
 # Fields that change how a run is executed or logged but not what it computes: two configs that
 # differ only here describe the same experiment (used to decide whether a saved run can be reused).
 EXECUTION_FIELDS = frozenset(
