@@ -418,7 +418,7 @@ def results_markdown(r: dict, info: dict, note: str = "") -> str:
 def add_arguments(p) -> None:
     import argparse
 
-    p.add_argument("--model", default="vit_tiny_patch16_224")
+    p.add_argument("--backbone", default="vit_tiny_patch16_224")
     p.add_argument("--img-size", type=int, default=28)
     p.add_argument("--patch-size", type=int, default=7)
     p.add_argument("--batch", type=int, default=64)
@@ -447,7 +447,7 @@ def run(a, results_path=None, note: str = "") -> dict:
     if a.threads < 1:
         raise ConfigError(f"--threads {a.threads}: need at least 1 thread")
     torch.set_num_threads(a.threads)
-    r = bench_train(a.model, a.img_size, a.patch_size, a.batch, a.m_per_class, a.steps, a.repeats, a.warmup,
+    r = bench_train(a.backbone, a.img_size, a.patch_size, a.batch, a.m_per_class, a.steps, a.repeats, a.warmup,
                     a.memory_size, a.lam, a.beta, a.device, a.amp, a.compile, switches=a.switches)
     r["threads"] = torch.get_num_threads()
     print(json.dumps(r, indent=2))
