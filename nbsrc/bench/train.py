@@ -86,7 +86,7 @@ def _unit(n: int, dim: int, gen: torch.Generator) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the three steps
 class NbsrcStep:
     """:func:`nbsrc.train.loop.train_step`, the body of the training loop (logging and checkpointing
-    aside), on parts built as :func:`~nbsrc.train.loop.train` builds them."""
+    aside), on parts built as :func:`~nbsrc.train.loop.fit` builds them, for a pair task."""
 
     def __init__(self, cfg: ExperimentConfig, device: torch.device, n_train: int):
         torch.manual_seed(cfg.seed)
