@@ -16,7 +16,7 @@ import sys
 import typing
 from pathlib import Path
 
-from nbsrc.config import ExperimentConfig
+from nbsrc.config import FIELD_HELP, ExperimentConfig
 from nbsrc.errors import ConfigError, NbsrcError
 
 # OSErrors that are the user's environment, not a bug: reported in one line naming the file.
@@ -42,16 +42,16 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         args = typing.get_args(t)
         optional = bool(args) and type(None) in args
         base = next((a for a in args if a is not type(None)), t) if optional else t
-        unset = argparse.SUPPRESS
+        unset, help_ = argparse.SUPPRESS, FIELD_HELP.get(f.name)
         if base is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=unset)
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=unset, help=help_)
         elif f.name == "ks":
             p.add_argument(flag, dest=f.name, type=int, nargs="+", default=unset)
         elif f.name == "model_options":
             p.add_argument(flag, dest=f.name, type=json.loads, default=unset, help="JSON dict")
         else:
             conv = base if base in (int, float, str) else str
-            p.add_argument(flag, dest=f.name, type=_optional(conv) if optional else conv, default=unset)
+            p.add_argument(flag, dest=f.name, type=_optional(conv) if optional else conv, default=unset, help=help_)
 
 
 def _optional(conv):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,20 @@ from typing import Any
 from nbsrc.errors import ConfigError
 
 POOLINGS = ("cls", "dist", "avg", "max", "gem")
-LOSSES = ("contrastive", "nsoftmax", "snca", "arcface")
 DATASETS = ("fashion_mnist", "digits", "glyphs", "folder", "cub", "sop", "inshop", "sfm120k")
 SAMPLERS = ("m_per_class", "group_size")
 SCHEDULERS = ("cosine", "constant")
 OPTIMIZERS = ("adamw", "sgd", "adam")
-TUPLE_LOSSES = ("distance", "eq1")  # nbsrc.losses.tuples
 WHITENINGS = (None, "learned")
+
+# --help of the fields whose name alone does not say what they are (the CLI shows it)
+FIELD_HELP = {
+    "beta": "margin on negatives (pytorch-metric-learning: neg_margin), in [0, 1]; IRT eq. 1's beta",
+    "lam": "KoLeo weight lambda (IRT eq. 5); 0 gives IRT_L, > 0 IRT_R",
+    "dim": "PCA output dimension fitted after training (IRT: 128); none keeps the embedding",
+    "memory_size": "cross-batch memory (XBM) size in embeddings; 0: off",
+    "memory_start": "iteration from which the cross-batch memory is read and filled (XBM warm-up); 0: from the start",
+}
 
 # Fields that change how a run is executed or logged but not what it computes: two configs that
 # differ only here describe the same experiment (used to decide whether a saved run can be reused).
@@ -71,10 +79,14 @@ class ExperimentConfig:
     model_options: dict[str, Any] = field(default_factory=dict)  # extra build_model options (DToP)
 
     # --- loss (IRT eq. 1 and 5) ---
-    loss: str = "contrastive"  # contrastive | nsoftmax | snca | arcface
-    beta: float = 0.5  # contrastive margin on negatives, in [0, 1]
+    loss: str = "contrastive"  # a name of nbsrc.losses.PAIR_LOSSES (contrastive | nsoftmax | snca | arcface);
+    # checked when the run is built, before anything is written (SfM-120k tuples: contrastive, see tuple_loss)
+    beta: float = 0.5  # margin on negatives (pytorch-metric-learning: neg_margin), in [0, 1]
     lam: float = 0.7  # KoLeo weight lambda; 0 gives IRT_L, > 0 gives IRT_R
     memory_size: int = 0  # cross-batch memory (XBM) size in embeddings; 0: off
+    # iteration from which the memory is read and filled (XBM's warm-up; before it: batch x batch only);
+    # 0: from the start, as IRT fine-tuning a pretrained model does
+    memory_start: int = 0
     momentum: float | None = None  # momentum encoder for the memory (paper, In-Shop: 0.999)
     arcface_margin: float = 0.15
     arcface_scale: float = 30.0
@@ -166,14 +178,19 @@ class ExperimentConfig:
         def bad(name: str, value: Any, expected: str) -> None:
             raise ConfigError(f"{name}={value!r} is invalid: expected {expected}")
 
+        for f in dataclasses.fields(self):  # NaN and inf pass every comparison below: refuse them first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                bad(f.name, value, "a finite number (not NaN or inf)")
+
         if not self.name or "/" in self.name or self.name in (".", ".."):
             bad("name", self.name, "a non-empty run name without '/'")
         if self.dataset not in DATASETS:
             bad("dataset", self.dataset, f"one of {', '.join(DATASETS)}")
         if self.pooling not in POOLINGS:
             bad("pooling", self.pooling, f"one of {', '.join(POOLINGS)}")
-        if self.loss not in LOSSES:
-            bad("loss", self.loss, f"one of {', '.join(LOSSES)}")
+        if not isinstance(self.loss, str) or not self.loss:
+            bad("loss", self.loss, "the name of a loss of nbsrc.losses.PAIR_LOSSES")
         if self.optimizer not in OPTIMIZERS:
             bad("optimizer", self.optimizer, f"one of {', '.join(OPTIMIZERS)}")
         if self.scheduler not in SCHEDULERS:
@@ -200,6 +217,8 @@ class ExperimentConfig:
             bad("batch_size", self.batch_size, "room for at least 2 classes of m_per_class samples")
         if self.memory_size < 0:
             bad("memory_size", self.memory_size, "a memory size >= 0 (0 turns the memory off)")
+        if self.memory_start < 0:
+            bad("memory_start", self.memory_start, "an iteration >= 0 from which the memory is used (0: from the start)")
         if self.momentum is not None and not 0.0 <= self.momentum < 1.0:
             bad("momentum", self.momentum, "a momentum in [0, 1) (paper: 0.999), or None")
         if self.momentum is not None and self.memory_size == 0:
@@ -243,11 +262,11 @@ class ExperimentConfig:
 
     def _validate_protocol(self, bad) -> None:
         """The papers' protocol fields (the block at the end of the dataclass)."""
-        if self.tuple_loss not in TUPLE_LOSSES:
-            bad("tuple_loss", self.tuple_loss, f"one of {', '.join(TUPLE_LOSSES)} (IRT §4.2 on cirtorch: 'distance')")
+        if not isinstance(self.tuple_loss, str) or not self.tuple_loss:  # a name of nbsrc.losses.TUPLE_LOSSES,
+            bad("tuple_loss", self.tuple_loss, "a form of nbsrc.losses.TUPLE_LOSSES ('distance' or 'eq1')")  # checked at build
         if not 0.0 <= self.lr_decay_per_epoch < 1.0:
             bad("lr_decay_per_epoch", self.lr_decay_per_epoch, "a rate in [0, 1): lr × exp(−rate · epoch) (cirtorch: 0.01)")
-        if self.eval_scales is not None and (not self.eval_scales or any(not float(v) > 0 for v in self.eval_scales)):
+        if self.eval_scales is not None and (not self.eval_scales or any(not (math.isfinite(float(v)) and float(v) > 0) for v in self.eval_scales)):
             bad("eval_scales", self.eval_scales, "None or a non-empty list of positive scales, e.g. [1, 0.7071, 0.5]")
         if self.whitening not in WHITENINGS:
             bad("whitening", self.whitening, "None or 'learned' (supervised whitening from SfM-120k pairs)")

@@ -1,30 +1,58 @@
-"""One experiment end to end: data -> model -> train -> PCA -> evaluate -> run directory.
+"""One experiment end to end: data -> model -> task -> fit -> PCA -> evaluate -> run directory.
 
 The CLI (``python -m nbsrc train``) and the notebooks both call :func:`run_experiment`, so a
-notebook figure and a command-line run of the same config are the same computation. In ``reuse``
-mode (the notebooks' default) a finished run with the same config is loaded instead of retrained.
+notebook figure and a command-line run of the same config are the same computation. Every dataset
+goes through the same steps; what differs is a :class:`Setup` (:func:`build_setup`):
+
+- datasets of classes (Fashion-MNIST, digits, image folders, CUB, SOP, In-Shop): a
+  :class:`~nbsrc.train.pairs.PairTask` on the training classes, the PCA fitted on (a fixed subset
+  of) them, Recall@K on the test classes (:func:`nbsrc.eval.evaluate`);
+- SfM-120k (IRT §4.2; DToP Table A5): a :class:`~nbsrc.train.tuples.TupleTask`
+  (``sfm_training="tuples"``, IRT) or a PairTask on the images labelled by their 3D model
+  (``"classes"``, DToP: any pair loss, ArcFace for DToP), the PCA fitted on SfM-120k training
+  images, and the mAP / mP@k of Revisited Oxford and Paris in the Easy, Medium and Hard setups
+  (:mod:`nbsrc.eval.revisited`), found beside ``cfg.data_root`` (:func:`find_revisited_root`).
+
+**Nothing is written until the run can start.** The config, the device, the model and its
+weights, the data and its splits, the first training batch and a forward pass through the model
+are all built and checked first; only then is the run directory created (atomically, see
+:func:`nbsrc.train.rundir.prepare_run_dir`). A directory that holds no checkpoint and no results is
+not a run: a later start under the same name replaces it (and says so). In ``reuse`` mode (the
+notebooks' default) a finished run with the same config is loaded instead of retrained.
 """
 
 from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 from nbsrc.config import ExperimentConfig
-from nbsrc.data import RetrievalData, build_data, cap_per_class
-from nbsrc.errors import ConfigError, RunDirError
+from nbsrc.data import RetrievalData, RetrievalDataset, build_data, cap_per_class
+from nbsrc.data.group_sampler import training_sampler
+from nbsrc.data.sfm import SfMSplit, load_sfm120k_db
+from nbsrc.data.images import check_dataset_images, check_images
+from nbsrc.data.transforms import RetrievalTransform, particular_object_transform
+from nbsrc.errors import ConfigError, DatasetError, RunDirError
 from nbsrc.eval import evaluate, extract_embeddings
+from nbsrc.eval.particular import SINGLE_SCALE, evaluate_revisited_data, learn_sfm_whitening
+from nbsrc.eval.revisited import REVISITED_LAYOUT, REVISITED_NAMES, build_revisited
 from nbsrc.models import data_config, model_from_config
-from nbsrc.train import distributed, load_results, prepare_run_dir, read_metrics, resolve_device, train
+from nbsrc.train import distributed, load_results, prepare_run_dir, read_metrics, resolve_device, run_state
+from nbsrc.train.loop import TrainingTask, fit
+from nbsrc.train.pairs import PairTask
 from nbsrc.train.rundir import RESULTS, load_run_config, write_json_atomic
+from nbsrc.train.tuples import TupleTask
 
 EMBEDDINGS, MODEL = "embeddings.npz", "model.pt"
 PCA_FIT_SAMPLES = 5_000
+KAPPAS = (1, 5, 10)  # mP@k of the Revisited protocol
 
 
 @dataclass
@@ -73,13 +101,12 @@ def load_run(run_dir: str | Path, with_model: bool = False) -> RunResult:
     return res
 
 
-def fit_pca(model: torch.nn.Module, data: RetrievalData, cfg: ExperimentConfig, device) -> None:
-    """Fit the model's PCA (IRT ▷dim) on embeddings of (a fixed subset of) the training classes."""
-    train_eval = data.train.subset(np.arange(len(data.train)), transform=data.query.transform)
-    per_class = max(1, PCA_FIT_SAMPLES // max(1, len(np.unique(train_eval.labels))))
-    keep = cap_per_class(np.arange(len(train_eval)), train_eval.labels, per_class, seed=cfg.seed)
-    z, _, _ = extract_embeddings(model, train_eval.subset(keep), cfg.eval_batch_size, device,
-                                 cfg.num_workers, progress=cfg.progress)
+def fit_pca(model: torch.nn.Module, images: RetrievalDataset, keep: np.ndarray, cfg: ExperimentConfig,
+            device) -> None:
+    """Fit the model's PCA (IRT ▷dim) on the embeddings of ``images[keep]`` (training images,
+    evaluation transform; a fixed subset of at most ``PCA_FIT_SAMPLES``, see :class:`Setup`)."""
+    z, _, _ = extract_embeddings(model, images.subset(keep), cfg.eval_batch_size, device, cfg.num_workers,
+                                 progress=cfg.progress)
     model.pca.fit(z)
 
 
@@ -98,33 +125,207 @@ def seeded_model(cfg: ExperimentConfig) -> tuple[torch.nn.Module, dict]:
     return model, data_config(model)
 
 
+# ----------------------------------------------------------------------------- evaluators
+Evaluation = tuple[dict, dict[str, np.ndarray]]  # (results, embeddings to save)
+
+
+def recall_evaluation(model: torch.nn.Module, data: RetrievalData, cfg: ExperimentConfig, device,
+                      query_raw: np.ndarray | None = None) -> Evaluation:
+    """Recall@K (%) of the test classes (:func:`nbsrc.eval.evaluate`), and the query (and gallery)
+    embeddings with their labels and indices; ``query_raw``: the queries before the PCA."""
+    results = evaluate(model, data, cfg.ks, cfg.eval_batch_size, device, progress=cfg.progress)
+    q, ql, qi = extract_embeddings(model, data.query, cfg.eval_batch_size, device, cfg.num_workers, False)
+    arrays = {"query": q, "query_labels": ql, "query_indices": qi}
+    if query_raw is not None:
+        arrays["query_raw"] = query_raw
+    if data.gallery is not None:
+        g, gl, gi = extract_embeddings(model, data.gallery, cfg.eval_batch_size, device, cfg.num_workers, False)
+        arrays.update(gallery=g, gallery_labels=gl, gallery_indices=gi)
+    print(f"{cfg.name}: " + "  ".join(f"{k}={v:.2f}" for k, v in results.items() if k.startswith("R@")))
+    return {**results, "n_query": int(len(q))}, arrays
+
+
+def evaluate_revisited(model: torch.nn.Module, root, eval_tf, cfg: ExperimentConfig, device,
+                       name: str | None = None, whitening=None) -> tuple[str, dict, dict[str, np.ndarray]]:
+    """``(name, {"easy"|"medium"|"hard": {"mAP", "mP@1", "mP@5", "mP@10"}}, embeddings)`` of the
+    revisited dataset under ``root`` (percent): the query, cropped to its box, ranks the database by
+    decreasing ``<f(q), f(x)>``, at ``cfg.eval_scales`` with ``whitening`` (DToP;
+    :func:`nbsrc.eval.particular.evaluate_revisited_data`)."""
+    data = build_revisited(root, name, eval_tf)
+    res, emb = evaluate_revisited_data(model, data, cfg.eval_scales or SINGLE_SCALE, whitening=whitening,
+                                       batch_size=cfg.eval_batch_size, device=device, kappas=KAPPAS,
+                                       num_workers=cfg.num_workers)
+    return data.name, res, emb
+
+
+def revisited_evaluation(model: torch.nn.Module, roots: dict[str, Path], eval_tf, cfg: ExperimentConfig,
+                         device, db: SfMSplit | None = None) -> Evaluation:
+    """:func:`evaluate_revisited` on each dataset of ``roots``: ``{name: {setup: {metric: %}}}``. With
+    ``cfg.whitening == "learned"`` the whitening is first learned from the matching pairs of ``db``
+    (SfM-120k training; DToP §A.1, Radenović et al.), after the PCA."""
+    whiten = (learn_sfm_whitening(model, db, eval_tf, cfg.eval_scales or SINGLE_SCALE, cfg.eval_batch_size, device)
+              if cfg.whitening == "learned" else None)
+    results, arrays = {}, {}
+    for name, root in roots.items():
+        name, res, emb = evaluate_revisited(model, root, eval_tf, cfg, device, name, whiten)
+        results[name] = res
+        arrays.update({f"{name}_{k}": v for k, v in emb.items()})
+        print(f"{cfg.name} {name}: mAP M {res['medium']['mAP']:.2f}  H {res['hard']['mAP']:.2f}")
+    return results, arrays
+
+
+# ----------------------------------------------------------------------------- what differs per dataset
+@dataclass
+class Setup:
+    """What :func:`run_experiment` needs of a dataset: the training task, the images the PCA is
+    fitted on (``pca_images[pca_keep]``), the final evaluation, an optional evaluation during
+    training (``cfg.eval_every``) and what goes into ``results.json`` besides the evaluation."""
+
+    task: TrainingTask
+    pca_images: RetrievalDataset
+    pca_keep: np.ndarray
+    evaluate: Callable[[torch.nn.Module, torch.device, np.ndarray | None], Evaluation]
+    evaluate_during: Callable[[torch.nn.Module], dict] | None = None
+    summary: dict = field(default_factory=dict)
+    query_raw: RetrievalDataset | None = None  # embedded before the PCA, saved as query_raw
+
+
+def class_setup(cfg: ExperimentConfig, norm: dict, device, data: RetrievalData | None = None) -> Setup:
+    """Datasets of classes: train on ``data.train`` (PairTask), PCA on up to ``PCA_FIT_SAMPLES``
+    training images (an equal share per class, drawn from ``cfg.seed``), Recall@K on the test classes."""
+    data = data if data is not None else build_data(cfg, norm["mean"], norm["std"])
+    for part, what in ((data.train, "training set"), (data.query, "query set"), (data.gallery, "gallery")):
+        if part is not None:
+            check_dataset_images(part, what, decode=False)  # every file is an image (folders decode all when built)
+    train_eval = data.train.subset(np.arange(len(data.train)), transform=data.query.transform)
+    per_class = max(1, PCA_FIT_SAMPLES // max(1, len(np.unique(train_eval.labels))))
+    keep = cap_per_class(np.arange(len(train_eval)), train_eval.labels, per_class, seed=cfg.seed)
+
+    def during(m):
+        return evaluate(m, data, cfg.ks, cfg.eval_batch_size, device, progress=False)
+
+    return Setup(PairTask(cfg, data.train), train_eval, keep,
+                 lambda m, dev, q_raw: recall_evaluation(m, data, cfg, dev, q_raw), during,
+                 query_raw=data.query)
+
+
+def find_revisited_root(data_root, name: str) -> Path | None:
+    """``<name>`` beside the SfM-120k folder, or cirtorch's ``data/test/<name>`` when the SfM-120k
+    folder is ``data/train/retrieval-SfM-120k``; None when neither holds ``gnd_<name>.pkl``."""
+    if data_root is None:
+        return None
+    base = Path(data_root).expanduser()
+    base = base.parent if base.suffix == ".pkl" else base
+    for cand in (base / name, base.parent / name, base.parent.parent / "test" / name):
+        if (cand / f"gnd_{name}.pkl").is_file():
+            return cand
+    return None
+
+
+def class_dataset(db: SfMSplit, transform) -> RetrievalDataset:
+    """The training images of ``db`` labelled by their 3D model, for ``sfm_training="classes"``; a 3D
+    model with a single image cannot give a positive pair and is left out."""
+    ids, counts = np.unique(db.cluster, return_counts=True)
+    keep = np.flatnonzero(np.isin(db.cluster, ids[counts >= 2]))
+    if len(np.unique(db.cluster[keep])) < 2:
+        raise DatasetError(
+            f"SfM-120k training split has {len(np.unique(db.cluster[keep]))} 3D model(s) with at least 2 images; "
+            "class training needs 2 or more: check retrieval-SfM-120k.pkl"
+        )
+    return db.images(transform).subset(keep)
+
+
+def sfm_setup(cfg: ExperimentConfig, norm: dict, device, roxford_root=None, rparis_root=None) -> Setup:
+    """SfM-120k: tuples (IRT) or 3D models as classes (DToP), PCA on up to ``PCA_FIT_SAMPLES``
+    SfM-120k training images (a subset drawn from ``cfg.seed``), Revisited Oxford / Paris.
+
+    ``roxford_root`` / ``rparis_root``: the folders holding ``gnd_roxford5k.pkl`` /
+    ``gnd_rparis6k.pkl`` and ``jpg/``; None looks beside ``cfg.data_root`` and skips a dataset that
+    is not there; at least one must be found."""
+    db = load_sfm120k_db(cfg.data_root, "train")  # first: a wrong data_root is named as such
+    roots = {"roxford5k": roxford_root, "rparis6k": rparis_root}
+    roots = {n: Path(r) if r is not None else find_revisited_root(cfg.data_root, n) for n, r in roots.items()}
+    roots = {n: r for n, r in roots.items() if r is not None}
+    if not roots:
+        raise DatasetError(
+            f"no Revisited dataset to evaluate on: pass roxford_root= and/or rparis_root=, or put "
+            f"{' / '.join(REVISITED_NAMES)} beside data_root={cfg.data_root!r}; {REVISITED_LAYOUT}"
+        )
+    check_images(db.paths, "SfM-120k", decode=False)  # a missing or unreadable file, before anything is written
+    eval_tf = particular_object_transform(cfg.img_size, norm["mean"], norm["std"])  # IRT §4.2: squashed square
+    if cfg.sfm_training == "classes":
+        train_tf = RetrievalTransform(cfg.img_size, train=True, mean=norm["mean"], std=norm["std"])
+        task: TrainingTask = PairTask(cfg, class_dataset(db, train_tf))
+    else:
+        task = TupleTask(cfg, db)
+    n = min(PCA_FIT_SAMPLES, len(db))
+    keep = np.sort(np.random.default_rng([cfg.seed, 128]).permutation(len(db))[:n])
+    return Setup(task, db.images(eval_tf), keep,
+                 lambda m, dev, q_raw: revisited_evaluation(m, roots, eval_tf, cfg, dev, db),
+                 summary={"n_train_images": len(db)})
+
+
+def build_setup(cfg: ExperimentConfig, norm: dict, device, data: RetrievalData | None = None,
+                roxford_root=None, rparis_root=None) -> Setup:
+    """The :class:`Setup` of ``cfg.dataset``."""
+    if cfg.dataset == "sfm120k":
+        return sfm_setup(cfg, norm, device, roxford_root, rparis_root)
+    return class_setup(cfg, norm, device, data)
+
+
+def check_can_start(cfg: ExperimentConfig, model: torch.nn.Module, setup: Setup) -> None:
+    """What would fail later, checked before anything is written: enough training images for the
+    PCA, the first training batch loads (its images decode) and passes through the model (eval
+    mode: no RNG drawn, no statistics updated). (A ``dim`` larger than the embedding already failed
+    when the model was built.)"""
+    if cfg.dim and len(setup.pca_keep) < cfg.dim:
+        raise ConfigError(f"dim={cfg.dim} is invalid: the PCA is fitted on {len(setup.pca_keep)} training images; "
+                          f"choose dim <= {len(setup.pca_keep)} or None")
+    train_ds = getattr(setup.task, "train_ds", None)  # a PairTask's; tuples are mined by the model itself
+    if cfg.iterations == 0 or train_ds is None:
+        return
+    sampler, ds, collate = training_sampler(cfg, train_ds, 0)
+    keys = next(iter(sampler))
+    x = (collate or default_collate)([ds[k] for k in keys[:2]])[0]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
+    for k in keys[2:]:  # the rest of the first batch decodes
+        ds[k]
+
+
 def run_experiment(cfg: ExperimentConfig, mode: str = "reuse", data: RetrievalData | None = None,
-                   stop_after: int | None = None) -> RunResult:
-    """Train (unless ``cfg.iterations == 0``), fit the PCA, evaluate, and write the run directory.
+                   stop_after: int | None = None, roxford_root=None, rparis_root=None) -> RunResult:
+    """Train (unless ``cfg.iterations == 0``: the off-the-shelf model), fit the PCA, evaluate, and
+    write the run directory.
 
     ``mode``: ``reuse`` (default), ``new``, ``resume`` or ``overwrite``; see
-    :func:`nbsrc.train.prepare_run_dir`.
+    :func:`nbsrc.train.prepare_run_dir`. ``data`` (datasets of classes) is used instead of building
+    it; ``roxford_root`` / ``rparis_root`` (SfM-120k) see :func:`sfm_setup`. ``stop_after`` ends
+    training early (no evaluation; to test resuming).
     """
     cfg.validate()
-    if cfg.dataset == "sfm120k":  # IRT §4.2: SfM-120k tuples, Revisited Oxford/Paris evaluation
-        from nbsrc.experiment_sfm import run_sfm_experiment
-
-        return run_sfm_experiment(cfg, mode, stop_after=stop_after)
     dinfo = distributed.current()
-    run_dir, action = prepare_run_on_rank0(cfg, mode)
-    if action == "reuse":
+    if mode == "reuse" and run_state(cfg.run_dir) == "done":  # a finished run needs no data
+        run_dir, _ = prepare_run_on_rank0(cfg, mode)  # checks that the saved config is the same
         print(f"reusing finished run {run_dir} (same config); nothing retrained")
         return load_run(run_dir)
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
     model, norm = seeded_model(cfg)
-    data = data if data is not None else build_data(cfg, norm["mean"], norm["std"])
-
-    def eval_fn(m):
-        return evaluate(m, data, cfg.ks, cfg.eval_batch_size, device, progress=False)
-
+    setup = build_setup(cfg, norm, device, data, roxford_root, rparis_root)
+    check_can_start(cfg, model, setup)
+    run_dir, action = prepare_run_on_rank0(cfg, mode)  # the first write
+    if action == "reuse":
+        print(f"reusing finished run {run_dir} (same config); nothing retrained")
+        return load_run(run_dir)
     if cfg.iterations > 0:
-        train(cfg, model, data.train, run_dir, resume=action == "resume", evaluate=eval_fn, stop_after=stop_after)
+        fit(cfg, model, setup.task, run_dir, resume=action == "resume", evaluate=setup.evaluate_during,
+            stop_after=stop_after)
         if stop_after is not None and stop_after < cfg.iterations:
             return RunResult(cfg, run_dir, {}, model=model)
     if not dinfo.is_main:  # PCA, evaluation and the run's files are rank 0's
@@ -133,23 +334,17 @@ def run_experiment(cfg: ExperimentConfig, mode: str = "reuse", data: RetrievalDa
     model.to(device).eval()
     q_raw = None
     if cfg.dim:
-        q_raw, _, _ = extract_embeddings(model, data.query, cfg.eval_batch_size, device, cfg.num_workers, False)
-        fit_pca(model, data, cfg, device)
-    results = evaluate(model, data, cfg.ks, cfg.eval_batch_size, device, progress=cfg.progress)
-    q, ql, qi = extract_embeddings(model, data.query, cfg.eval_batch_size, device, cfg.num_workers, False)
-    arrays = {"query": q, "query_labels": ql, "query_indices": qi}
-    if q_raw is not None:
-        arrays["query_raw"] = q_raw
-    if data.gallery is not None:
-        g, gl, gi = extract_embeddings(model, data.gallery, cfg.eval_batch_size, device, cfg.num_workers, False)
-        arrays.update(gallery=g, gallery_labels=gl, gallery_indices=gi)
+        if setup.query_raw is not None:
+            q_raw, _, _ = extract_embeddings(model, setup.query_raw, cfg.eval_batch_size, device, cfg.num_workers,
+                                             False)
+        fit_pca(model, setup.pca_images, setup.pca_keep, cfg, device)
+    results, arrays = setup.evaluate(model, device, q_raw)
     np.savez(run_dir / EMBEDDINGS, **arrays)
     torch.save(model.state_dict(), run_dir / MODEL)
-    results = {**results, "n_query": int(len(q)), "seconds": round(time.perf_counter() - t0, 1),
-               "device": str(device), "torch": torch.__version__, "python": platform.python_version()}
+    results = {**results, **setup.summary, "seconds": round(time.perf_counter() - t0, 1), "device": str(device),
+               "torch": torch.__version__, "python": platform.python_version()}
     write_json_atomic(run_dir / RESULTS, results)
     distributed.barrier()
-    print(f"{cfg.name}: " + "  ".join(f"{k}={v:.2f}" for k, v in results.items() if k.startswith("R@")))
     return RunResult(cfg, run_dir, results, model=model)
 
 

@@ -113,6 +113,6 @@ def test_build_loss_uses_it(tiny_cfg):
     from nbsrc.losses import build_loss
 
     loss = build_loss(tiny_cfg.replace(loss="arcface", arcface_margin=0.2, arcface_scale=16.0), 8, [5, 6, 7])
-    assert isinstance(loss.proxy_loss, ArcFaceLoss) and loss.proxy_loss.margin == 0.2
+    assert isinstance(loss.term.proxy, ArcFaceLoss) and loss.term.proxy.margin == 0.2
     out = loss(torch.randn(4, 8), torch.tensor([5, 6, 7, 5]))
     assert torch.isfinite(out["total"])

@@ -54,11 +54,11 @@ def _train_here(cfg, out: Path, tag: str, rank: int = 0, resume: bool = False, s
     which only rank 0 calls) and the ranks that evaluated and saved checkpoints."""
     from nbsrc.data import build_data
     from nbsrc.models import data_config, model_from_config
-    from nbsrc.train import loop
+    from nbsrc.train import loop, pairs
     from nbsrc.train.rundir import CONFIG
 
     memories, saved_by, evaluated_by, snapshots = [], [], [], {}
-    real = loop.CrossBatchMemory, loop.save_checkpoint
+    real = pairs.CrossBatchMemory, loop.save_checkpoint
 
     class RecordedMemory(real[0]):
         def __init__(self, *a, **k):
@@ -85,11 +85,11 @@ def _train_here(cfg, out: Path, tag: str, rank: int = 0, resume: bool = False, s
         raise AssertionError("torch.compile was called on CPU")
 
     real_compile = torch.compile
-    loop.CrossBatchMemory, loop.save_checkpoint, torch.compile = RecordedMemory, recorded_save, no_compile
+    pairs.CrossBatchMemory, loop.save_checkpoint, torch.compile = RecordedMemory, recorded_save, no_compile
     try:
-        loop.train(cfg, model, data.train, cfg.run_dir, resume=resume, evaluate=evaluate, stop_after=stop_after)
+        pairs.train(cfg, model, data.train, cfg.run_dir, resume=resume, evaluate=evaluate, stop_after=stop_after)
     finally:
-        (loop.CrossBatchMemory, loop.save_checkpoint), torch.compile = real, real_compile
+        (pairs.CrossBatchMemory, loop.save_checkpoint), torch.compile = real, real_compile
     torch.save({"model": model.state_dict(), "memory": memories[0].state_dict(), "snapshots": snapshots,
                 "saved_by": saved_by, "evaluated_by": evaluated_by}, out / f"{tag}_rank{rank}.pt")
 

@@ -152,7 +152,7 @@ def test_run_all_trains_once_then_reuses(tiny_cfg, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was retrained")
 
-    monkeypatch.setattr(experiment, "train", no_training)
+    monkeypatch.setattr(experiment, "fit", no_training)
     second = run_all(beta_lambda_grid(base, (0.3, 0.5), (0.0,)))
     assert all(r.reused for r in second.values())
     assert {k: r.recall for k, r in second.items()} == {k: r.recall for k, r in first.items()}

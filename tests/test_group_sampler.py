@@ -147,11 +147,11 @@ def test_training_batches_resume_exactly_and_depend_only_on_seed_and_t():
 
 
 def test_rank_slices_of_a_group_batch_keep_its_size():
-    from nbsrc.train.loop import _RankSlice
+    from nbsrc.train.distributed import DistInfo, RankSlice
 
     labels, sizes = labelled_sizes()
     s = GroupSizeMPerClassSampler(labels, sizes, 8, 2, iterations=6, seed=1)
-    ranks = [list(_RankSlice(s, r, 4)) for r in range(2)]
+    ranks = [list(RankSlice(s, DistInfo(rank=r, world_size=2))) for r in range(2)]
     for t, glob in enumerate(s):
         assert ranks[0][t] + ranks[1][t] == glob
         assert all(len({sizes[i] for i, _ in part[t]}) == 1 for part in ranks)

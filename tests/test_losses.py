@@ -2,6 +2,7 @@
 references written from the formulas, and against pytorch-metric-learning."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -172,6 +173,8 @@ def test_snca_matches_reference():
 def test_retrieval_loss_total_is_main_plus_lambda_koleo():
     g = torch.Generator().manual_seed(7)
     z, y = torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g)
-    out = RetrievalLoss("contrastive", beta=0.5, lam=0.7)(z, y)
+    term = partial(contrastive_loss, beta=0.5)
+    out = RetrievalLoss("contrastive", term, lam=0.7)(z, y)
     assert out["total"].item() == pytest.approx(out["contrastive"].item() + 0.7 * out["koleo"].item(), abs=1e-6)
-    assert RetrievalLoss("contrastive", lam=0.0)(z, y)["koleo"].item() == 0.0
+    assert out["contrastive"].item() == pytest.approx(contrastive_loss(z, y, beta=0.5).item(), abs=1e-7)
+    assert RetrievalLoss("contrastive", term, lam=0.0)(z, y)["koleo"].item() == 0.0

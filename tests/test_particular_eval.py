@@ -91,16 +91,16 @@ def test_whitening_is_learned_from_the_sfm_pairs(data):
 
 
 def test_sfm_run_evaluates_with_whitening_and_scales(data, tmp_path):
-    """run_sfm_experiment with the DToP evaluation switched on (an untrained convnet, which takes any size)."""
-    from nbsrc.experiment_sfm import run_sfm_experiment
+    """run_experiment on SfM-120k with the DToP evaluation switched on (an untrained convnet, which takes any size)."""
+    from nbsrc.experiment import run_experiment
 
     cfg = ExperimentConfig(name="dtop_eval", runs_dir=str(tmp_path), dataset="sfm120k", data_root=str(data["sfm"]),
                            backbone="resnet18", patch_size=None, pooling="avg", img_size=32, dim=8, iterations=0,
                            eval_scales=list(DEFAULT_SCALES), whitening="learned", progress=False, device="cpu")
-    res = run_sfm_experiment(cfg, mode="new", roxford_root=data["rev"])
+    res = run_experiment(cfg, mode="new", roxford_root=data["rev"])
     saved = json.loads((res.run_dir / "results.json").read_text())
     assert 0 <= saved["roxford5k"]["medium"]["mAP"] <= 100
-    plain = run_sfm_experiment(cfg.replace(name="plain", eval_scales=None, whitening=None), mode="new",
+    plain = run_experiment(cfg.replace(name="plain", eval_scales=None, whitening=None), mode="new",
                                roxford_root=data["rev"])
     emb_w, emb_p = np.load(res.run_dir / "embeddings.npz"), np.load(plain.run_dir / "embeddings.npz")
     assert emb_w["roxford5k_query"].shape == emb_p["roxford5k_query"].shape

@@ -144,7 +144,7 @@ def test_preset_data_pipeline_on_fixture_tree(name, trees):
         assert img.shape == (3, size, size) and label == db.cluster[0]
         if cfg.sfm_training == "classes":  # DToP: the ordinary loop's sampler over the 3D models
             from nbsrc.data.group_sampler import training_sampler
-            from nbsrc.experiment_sfm import class_dataset
+            from nbsrc.experiment import class_dataset
 
             train_ds = class_dataset(db, RetrievalTransform(size, train=True))
             small = cfg.replace(iterations=2, warmup_iters=0, batch_size=4 * cfg.m_per_class)  # 8 fixture clusters

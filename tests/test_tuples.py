@@ -15,13 +15,12 @@ from nbsrc.data.sfm import SfMSplit, TupleDataset, TupleSampler, collate_tuples,
 from nbsrc.data.transforms import particular_object_transform
 from nbsrc.errors import ConfigError, DatasetError, NonFiniteLossError
 from nbsrc.eval import extract_embeddings
-from nbsrc.experiment_sfm import find_revisited_root, run_sfm_experiment
+from nbsrc.experiment import find_revisited_root, run_experiment
 from nbsrc.models import data_config, model_from_config
 from nbsrc.train import load_checkpoint, read_metrics
 from nbsrc.train.checkpoint import PREVIOUS
-from nbsrc.train.tuples import (
-    batches_per_epoch, epoch_batches, mine_epoch, train_tuples, tuple_contrastive_loss, tuple_loss_terms,
-)
+from nbsrc.losses.tuples import tuple_contrastive_loss, tuple_loss_terms
+from nbsrc.train.tuples import batches_per_epoch, epoch_batches, mine_epoch, train_tuples
 
 
 def loss_reference(z, tuple_size, beta):
@@ -191,10 +190,9 @@ def test_non_finite_loss_and_bad_settings(data, tmp_path, monkeypatch):
         train_tuples(cfg.replace(loss="snca"), fresh_model(cfg), data["db"], tmp_path)
     with pytest.raises(ConfigError, match="memory_size=0"):
         train_tuples(cfg.replace(memory_size=8), fresh_model(cfg), data["db"], tmp_path)
-    import nbsrc.train.tuples as tuples_mod
+    from nbsrc.losses import TUPLE_LOSSES
 
-    nan_terms = lambda z, *a, **k: {"contrastive": z.sum() * float("nan"), "total": z.sum() * float("nan")}  # noqa: E731
-    monkeypatch.setattr(tuples_mod, "tuple_loss_terms", nan_terms)
+    monkeypatch.setitem(TUPLE_LOSSES, cfg.tuple_loss, lambda z, *a, **k: z.sum() * float("nan"))
     with pytest.raises(NonFiniteLossError, match="iteration 0"):
         train_tuples(cfg, fresh_model(cfg), data["db"], tmp_path)
 
@@ -202,7 +200,7 @@ def test_non_finite_loss_and_bad_settings(data, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- end to end
 def test_run_sfm_experiment_end_to_end(data, tmp_path):
     cfg = tuple_cfg(tmp_path / "runs", name="sfm", data_root=str(data["root"]), iterations=2, dim=8)
-    res = run_sfm_experiment(cfg, mode="new", roxford_root=data["roxford"], rparis_root=data["rparis"])
+    res = run_experiment(cfg, mode="new", roxford_root=data["roxford"], rparis_root=data["rparis"])
     saved = json.loads((res.run_dir / "results.json").read_text())
     for name in ("roxford5k", "rparis6k"):
         for setup in ("easy", "medium", "hard"):
@@ -219,7 +217,7 @@ def test_run_sfm_experiment_end_to_end(data, tmp_path):
     q, x = emb["roxford5k_query"].astype(np.float64), emb["roxford5k_database"].astype(np.float64)
     ref = revisited_map_reference(q @ x.T, gnd)
     assert ref["hard"]["mAP"] == pytest.approx(saved["roxford5k"]["hard"]["mAP"], abs=1e-9)
-    again = run_sfm_experiment(cfg, mode="reuse")  # a finished run is reused, data not needed
+    again = run_experiment(cfg, mode="reuse")  # a finished run is reused, data not needed
     assert again.reused and again.results == saved
 
 
@@ -230,33 +228,33 @@ def test_revisited_roots_are_found_beside_the_sfm_folder(data, tmp_path):
     assert find_revisited_root(lone, "roxford5k") is None
     cfg = tuple_cfg(tmp_path / "runs", data_root=str(lone))
     with pytest.raises(DatasetError, match="roxford_root="):
-        run_sfm_experiment(cfg, mode="new")
+        run_experiment(cfg, mode="new")
     assert not (tmp_path / "runs" / "t").exists()  # nothing written for a run that cannot start
     with pytest.raises(DatasetError, match="expected .*retrieval-SfM-120k.pkl"):  # the data root named first
-        run_sfm_experiment(tuple_cfg(tmp_path / "runs", data_root=str(tmp_path / "missing")), mode="new")
+        run_experiment(tuple_cfg(tmp_path / "runs", data_root=str(tmp_path / "missing")), mode="new")
 
 
 def test_sfm_class_training_trains_arcface_on_the_3d_models(data, tmp_path, monkeypatch):
     """sfm_training='classes' (DToP): the ordinary loop on the training images labelled by cluster,
     with ArcFace, then the same Revisited evaluation; the tuple loop is not used."""
-    import nbsrc.experiment_sfm as sfm_mod
-    from nbsrc.experiment_sfm import class_dataset
+    import nbsrc.experiment as experiment_mod
+    from nbsrc.experiment import class_dataset
 
     ds = class_dataset(data["db"], None)
     assert len(ds) == len(data["db"]) and np.array_equal(ds.labels, data["db"].cluster)
     seen = {}
-    real_train = sfm_mod.train
+    real_task = experiment_mod.PairTask
 
-    def spy(cfg, model, train_ds, *a, **k):
+    def spy(cfg, train_ds, *a, **k):
         seen["labels"] = np.asarray(train_ds.labels)
-        return real_train(cfg, model, train_ds, *a, **k)
+        return real_task(cfg, train_ds, *a, **k)
 
-    monkeypatch.setattr(sfm_mod, "train", spy)
-    monkeypatch.setattr(sfm_mod, "train_tuples", lambda *a, **k: pytest.fail("tuple loop used for class training"))
+    monkeypatch.setattr(experiment_mod, "PairTask", spy)
+    monkeypatch.setattr(experiment_mod, "TupleTask", lambda *a, **k: pytest.fail("tuple task used for class training"))
     cfg = tuple_cfg(tmp_path / "runs", name="dtop_cls", data_root=str(data["root"]), sfm_training="classes",
                     loss="arcface", arcface_scale=16.0, lam=0.0, optimizer="sgd", lr=1e-3, iterations=3,
                     batch_size=8, m_per_class=2)
-    res = run_sfm_experiment(cfg, mode="new", roxford_root=data["roxford"])
+    res = run_experiment(cfg, mode="new", roxford_root=data["roxford"])
     assert set(np.unique(seen["labels"])) == set(np.unique(data["db"].cluster))
     train_rows = [r for r in read_metrics(res.run_dir) if r["kind"] == "train"]
     assert [r["iteration"] for r in train_rows] == [1, 2, 3] and "arcface" in train_rows[0]
@@ -265,7 +263,7 @@ def test_sfm_class_training_trains_arcface_on_the_3d_models(data, tmp_path, monk
 
 def test_sfm_class_training_needs_two_3d_models_with_pairs(tmp_path):
     from nbsrc.data.sfm import SfMSplit
-    from nbsrc.experiment_sfm import class_dataset
+    from nbsrc.experiment import class_dataset
 
     db = SfMSplit(paths=["a", "b", "c"], cluster=np.array([0, 0, 1]), qidxs=np.array([0]), pidxs=np.array([1]))
     with pytest.raises(DatasetError, match="2 or more"):

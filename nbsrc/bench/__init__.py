@@ -15,6 +15,15 @@ import re
 from pathlib import Path
 
 RESULTS_PATH = Path("bench") / "RESULTS.md"
+
+
+def sync(device) -> None:
+    """Wait for the device's queued work, so that a timer read after it times the work (CUDA)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 _HEADER = "# Benchmark results\n\nWritten by `python -m nbsrc.bench {train,eval,dtop,loader,revisited}`; each command rewrites only its own section.\n"
 
 

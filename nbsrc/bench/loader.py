@@ -52,7 +52,8 @@ def loader_img_per_s(cfg: ExperimentConfig, ds, workers: int, batches: int, warm
 def bench_loader(cfg: ExperimentConfig, workers=(0, 1, 2), batches: int = 40, warmup: int = 3,
                  steps: int = 10) -> dict:
     """Loader img/s per worker count beside the training step's img/s (median of ``steps`` steps)."""
-    from nbsrc.bench.train import NbsrcStep, _sync
+    from nbsrc.bench import sync
+    from nbsrc.bench.train import NbsrcStep
     from nbsrc.data import build_data
     from nbsrc.train.loop import resolve_device
 
@@ -69,10 +70,10 @@ def bench_loader(cfg: ExperimentConfig, workers=(0, 1, 2), batches: int = 40, wa
     step = NbsrcStep(cfg, device, len(set(ds.labels.tolist())))
     step_times = []
     for i, (x, y, idx) in enumerate(_loader(cfg, ds, 2 + steps, 0, pin)):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         step(x, y, idx)
-        _sync(device)
+        sync(device)
         if i >= 2:
             step_times.append(time.perf_counter() - t0)
     step_rate = cfg.batch_size / statistics.median(step_times)
@@ -108,7 +109,7 @@ def results_markdown(r: dict, info: dict, note: str = "") -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist (default), digits, folder, cub, sop, inshop")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--model", default="vit_tiny_patch16_224")
+    p.add_argument("--backbone", default="vit_tiny_patch16_224")
     p.add_argument("--img-size", type=int, default=28)
     p.add_argument("--patch-size", type=int, default=7)
     p.add_argument("--batch", type=int, default=64)
@@ -124,7 +125,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(a, results_path=None, note: str = "") -> dict:
     from nbsrc.bench import RESULTS_PATH, machine_info, write_section
 
-    cfg = ExperimentConfig(name="bench_loader", dataset=a.dataset, data_root=a.data_root, backbone=a.model,
+    cfg = ExperimentConfig(name="bench_loader", dataset=a.dataset, data_root=a.data_root, backbone=a.backbone,
                            img_size=a.img_size, patch_size=a.patch_size, batch_size=a.batch, m_per_class=a.m_per_class,
                            memory_size=a.memory_size, device=a.device, progress=False, iterations=10**6)
     r = bench_loader(cfg, a.workers, a.batches, a.warmup, a.steps)

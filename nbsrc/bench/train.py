@@ -40,11 +40,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from nbsrc.bench import sync
 from nbsrc.config import ExperimentConfig
 from nbsrc.data import MPerClassBatchSampler
 from nbsrc.errors import ConfigError
 from nbsrc.models import model_from_config
 from nbsrc.train.loop import amp_settings, build_step_parts, resolve_device, train_step
+from nbsrc.train.pairs import PairTask
 
 METHODS = ("nbsrc", "reference", "bare")
 
@@ -84,17 +86,18 @@ def _unit(n: int, dim: int, gen: torch.Generator) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the three steps
 class NbsrcStep:
     """:func:`nbsrc.train.loop.train_step`, the body of the training loop (logging and checkpointing
-    aside), on parts built as :func:`~nbsrc.train.loop.train` builds them."""
+    aside), on parts built as :func:`~nbsrc.train.loop.fit` builds them, for a pair task."""
 
     def __init__(self, cfg: ExperimentConfig, device: torch.device, n_train: int):
         torch.manual_seed(cfg.seed)
         self.cfg, self.it = cfg, 0
-        self.parts = build_step_parts(cfg, model_from_config(cfg), list(range(n_train)), device)
+        self.task = PairTask(cfg, None, list(range(n_train)))
+        self.parts = build_step_parts(cfg, model_from_config(cfg), self.task, device)
 
     def prefill(self, gen: torch.Generator, n_classes: int, first_index: int) -> None:
         """Fill the memory with random unit vectors (dataset indices >= ``first_index``, so no
         batch sample is masked as its own copy), as it is after the first iterations."""
-        memory, device = self.parts.memory, self.parts.device
+        memory, device = self.task.memory, self.parts.device
         if memory is not None:
             m = memory.size
             memory.enqueue(_unit(m, memory.dim, gen).to(device),
@@ -102,7 +105,7 @@ class NbsrcStep:
                            torch.arange(first_index, first_index + m).to(device))
 
     def __call__(self, x, y, idx) -> None:
-        train_step(self.cfg, self.parts, x, y, idx, it=self.it)
+        train_step(self.cfg, self.parts, (x, y, idx), it=self.it)
         self.it += 1
 
 
@@ -192,11 +195,6 @@ class BareStep:
 
 
 # ----------------------------------------------------------------------------- timing
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def interleave(runners: dict, device: torch.device, warmup: int, n: int) -> dict[str, list[float]]:
     """``{name: [seconds of each timed step]}``. ``runners`` is ``{name: (step, batches)}``; all take
     ``warmup`` untimed steps, then step ``i`` of every runner in turn, each timed on its own, on
@@ -205,17 +203,17 @@ def interleave(runners: dict, device: torch.device, warmup: int, n: int) -> dict
     for step, batches in runners.values():
         for i in range(warmup):
             step(*batches[i])
-    _sync(device)
+    sync(device)
     names = list(runners)
     out = {name: [] for name in names}
     for i in range(warmup, warmup + n):
         r = (i - warmup) % len(names)
         for name in names[r:] + names[:r]:
             step, batches = runners[name]
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             step(*batches[i])
-            _sync(device)
+            sync(device)
             out[name].append(time.perf_counter() - t0)
     return out
 
@@ -278,14 +276,15 @@ def bench_loss(cfg: ExperimentConfig, device: torch.device, n: int = 50, seed: i
     mine, ref = NbsrcStep(cfg, device, n_classes), ReferenceStep(cfg, device, dim=dim)
     mine.prefill(gen, n_classes, 10**9)
     ref.prefill(gen, n_classes, 10**9)
-    mem = mine.parts.memory.get() if mine.parts.memory is not None and len(mine.parts.memory) else (None, None, None)
+    memory = mine.task.memory
+    mem = memory.get() if memory is not None and len(memory) else (None, None, None)
     z0 = _unit(cfg.batch_size, dim, gen).to(device)
     y = (torch.arange(cfg.batch_size) // cfg.m_per_class % n_classes).to(device)
     idx = torch.arange(cfg.batch_size).to(device)
 
     def nbsrc_loss():
         z = z0.clone().requires_grad_()
-        mine.parts.criterion(z, y, mem[0], mem[1], idx, mem[2])["total"].backward()
+        mine.task.criterion(z, y, mem[0], mem[1], idx, mem[2])["total"].backward()
 
     def reference_loss():
         z = z0.clone().requires_grad_()
@@ -295,10 +294,10 @@ def bench_loss(cfg: ExperimentConfig, device: torch.device, n: int = 50, seed: i
     times = {k: [] for k in fns}
     for i in range(3 + n):
         for name in (list(fns) if i % 2 else list(fns)[::-1]):
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             fns[name]()
-            _sync(device)
+            sync(device)
             if i >= 3:
                 times[name].append(time.perf_counter() - t0)
     return {k: 1000 * statistics.median(v) for k, v in times.items()}
@@ -419,7 +418,7 @@ def results_markdown(r: dict, info: dict, note: str = "") -> str:
 def add_arguments(p) -> None:
     import argparse
 
-    p.add_argument("--model", default="vit_tiny_patch16_224")
+    p.add_argument("--backbone", default="vit_tiny_patch16_224")
     p.add_argument("--img-size", type=int, default=28)
     p.add_argument("--patch-size", type=int, default=7)
     p.add_argument("--batch", type=int, default=64)
@@ -448,7 +447,7 @@ def run(a, results_path=None, note: str = "") -> dict:
     if a.threads < 1:
         raise ConfigError(f"--threads {a.threads}: need at least 1 thread")
     torch.set_num_threads(a.threads)
-    r = bench_train(a.model, a.img_size, a.patch_size, a.batch, a.m_per_class, a.steps, a.repeats, a.warmup,
+    r = bench_train(a.backbone, a.img_size, a.patch_size, a.batch, a.m_per_class, a.steps, a.repeats, a.warmup,
                     a.memory_size, a.lam, a.beta, a.device, a.amp, a.compile, switches=a.switches)
     r["threads"] = torch.get_num_threads()
     print(json.dumps(r, indent=2))

@@ -4,12 +4,10 @@ the train / query / gallery datasets every other layer uses."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from nbsrc.config import ExperimentConfig
-from nbsrc.data.datasets import RetrievalDataset, load_image
+from nbsrc.data.datasets import RetrievalData, RetrievalDataset, load_image
 from nbsrc.data.fashion_mnist import CLASS_NAMES as FASHION_MNIST_CLASSES
 from nbsrc.data.fashion_mnist import find_fashion_mnist, load_fashion_mnist, read_idx
 from nbsrc.data.folder import image_folder_dataset, scan_image_folder
@@ -25,16 +23,6 @@ __all__ = [
     "class_disjoint_split", "cap_per_class", "check_min_per_class", "load_image", "load_digits_images",
     "list_images", "scan_images", "check_images", "check_dataset_images",
 ]
-
-
-@dataclass
-class RetrievalData:
-    """Training set, queries and gallery. ``gallery is None`` means query = gallery (self-match
-    excluded), as for SOP and CUB; In-Shop has a separate gallery."""
-
-    train: RetrievalDataset
-    query: RetrievalDataset
-    gallery: RetrievalDataset | None = None
 
 
 def load_digits_images() -> tuple[np.ndarray, np.ndarray]:
@@ -85,6 +73,6 @@ def _build_data(cfg: ExperimentConfig, mean, std) -> RetrievalData:
             raise ConfigError("dataset='folder' needs data_root=<folder with one sub-folder per class>")
         paths, labels, names = scan_image_folder(cfg.data_root)
         return _split(np.asarray(paths, dtype=object), labels, cfg, train_tf, eval_tf, names)
-    from nbsrc.data import benchmarks  # CUB-200-2011, SOP, In-Shop: official split files
+    from nbsrc.data import benchmarks  # CUB-200-2011, SOP, In-Shop: official split files (imported when used)
 
     return benchmarks.build_benchmark(cfg.dataset, cfg.data_root, train_tf, eval_tf, cfg.eval_per_class, cfg.seed)

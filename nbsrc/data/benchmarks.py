@@ -157,7 +157,7 @@ def load_cub(root) -> tuple[list[str], np.ndarray, list[str]]:
 
 def build_cub(root, train_tf, eval_tf, eval_per_class=None, seed=0):
     """CUB-200-2011 with the standard split: classes 1-100 train, classes 101-200 evaluate."""
-    from nbsrc.data import RetrievalData
+    from nbsrc.data.datasets import RetrievalData
 
     paths, labels, names = load_cub(root)
     is_train = labels < len(CUB_TRAIN_CLASSES)
@@ -198,7 +198,7 @@ def load_sop_split(root, split: str) -> tuple[list[str], np.ndarray, np.ndarray]
 
 def build_sop(root, train_tf, eval_tf, eval_per_class=None, seed=0):
     """Stanford Online Products: ``Ebay_train.txt`` trains, ``Ebay_test.txt`` evaluates (query = gallery)."""
-    from nbsrc.data import RetrievalData
+    from nbsrc.data.datasets import RetrievalData
 
     root = find_sop_root(root)
     # check both split files before the (slower) image check, so the first error is the file one
@@ -276,7 +276,7 @@ def build_inshop(root, train_tf, eval_tf, eval_per_class=None, seed=0):
 
     ``eval_per_class`` caps the images per item in the query and in the gallery separately.
     """
-    from nbsrc.data import RetrievalData
+    from nbsrc.data.datasets import RetrievalData
 
     parts = load_inshop(root)
     names = parts["items"]

@@ -4,6 +4,7 @@ and in the retrieval results."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,16 @@ class RetrievalDataset(Dataset):
         indices = np.asarray(indices)
         imgs = self.images[indices] if isinstance(self.images, np.ndarray) else [self.images[i] for i in indices]
         return RetrievalDataset(imgs, self.labels[indices], transform or self.transform, self.class_names)
+
+
+@dataclass
+class RetrievalData:
+    """Training set, queries and gallery. ``gallery is None`` means query = gallery (self-match
+    excluded), as for SOP and CUB; In-Shop has a separate gallery."""
+
+    train: RetrievalDataset
+    query: RetrievalDataset
+    gallery: RetrievalDataset | None = None
 
 
 def _takes_generator(transform: Callable) -> bool:

@@ -319,7 +319,7 @@ def mixed_size_data(data, ratios: Sequence[float] = MIXED_RATIOS, long_side: int
                     multiple: int = 7, seed: int = 0):
     """:class:`~nbsrc.data.RetrievalData` with :func:`mixed_size_variant` of every split (the
     query and gallery with other seeds than the training set)."""
-    from nbsrc.data import RetrievalData
+    from nbsrc.data.datasets import RetrievalData
 
     gallery = data.gallery
     return RetrievalData(

@@ -3,7 +3,8 @@
 IRT §4.2: "we build our implementation on top of the public code associated with the work by
 Radenović et al. (2018b). We follow the same optimization and regularization procedure ... We use
 the default hyper-parameters of Radenović et al. (2018b) ... The contrastive loss margin is set to
-β = 0.85." Two forms of the tuple loss are here; ``form`` picks one:
+β = 0.85." Two forms of the tuple loss are here, registered in :data:`TUPLE_LOSSES`;
+``cfg.tuple_loss`` picks one (adding a form is a function here and a line in the registry):
 
 * ``"distance"`` (default; the loss of that code, cirtorch's ``contrastive_loss``), on the
   Euclidean distance ``d(a, b) = ‖a − b + ε‖`` between l2-normalised descriptors
@@ -31,11 +32,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from collections.abc import Callable
+
 from nbsrc.errors import ConfigError
 from nbsrc.losses.contrastive import contrastive_pair_terms, upcast
 from nbsrc.losses.koleo import koleo_loss
 
-TUPLE_LOSSES = ("distance", "eq1")
 CIRTORCH_EPS = 1e-6
 
 
@@ -72,14 +74,25 @@ def tuple_contrastive_loss(embeddings: torch.Tensor, tuple_size: int, beta: floa
     return per_tuple.mean() if reduce else per_tuple
 
 
+# name -> loss(embeddings, tuple_size, margin) -> scalar; ``cfg.tuple_loss`` picks one for tuple training
+TUPLE_LOSSES: dict[str, Callable[[torch.Tensor, int, float], torch.Tensor]] = {
+    "distance": distance_contrastive_loss,  # cirtorch's, on Euclidean distances, summed (IRT §4.2's code)
+    "eq1": tuple_contrastive_loss,  # IRT eq. (1) on the anchor-positive and anchor-negative pairs, averaged
+}
+
+
+def tuple_loss_fn(form: str) -> Callable[[torch.Tensor, int, float], torch.Tensor]:
+    """The tuple loss registered as ``form``; an unknown name is a one-line error listing the others."""
+    if form not in TUPLE_LOSSES:
+        raise ConfigError(f"tuple_loss={form!r} is invalid: expected one of {', '.join(TUPLE_LOSSES)} "
+                          "(IRT §4.2 on cirtorch: 'distance')")
+    return TUPLE_LOSSES[form]
+
+
 def tuple_loss(embeddings: torch.Tensor, tuple_size: int, margin: float = 0.85, form: str = "distance",
                reduce: bool = True) -> torch.Tensor:
     """The tuple loss of ``form`` (``"distance"``: cirtorch, summed; ``"eq1"``: IRT eq. 1, averaged)."""
-    if form == "distance":
-        return distance_contrastive_loss(embeddings, tuple_size, margin, reduce)
-    if form == "eq1":
-        return tuple_contrastive_loss(embeddings, tuple_size, margin, reduce)
-    raise ConfigError(f"tuple loss form={form!r} is invalid: expected one of {', '.join(TUPLE_LOSSES)}")
+    return tuple_loss_fn(form)(embeddings, tuple_size, margin, reduce)
 
 
 def tuple_loss_terms(z: torch.Tensor, idx: torch.Tensor, tuple_size: int, beta: float, lam: float,

@@ -56,13 +56,13 @@ from timm.layers import HybridEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from nbsrc.errors import ConfigError, WeightsError
-from nbsrc.models import _check_backbone, _create_backbone
+from nbsrc.errors import ConfigError
+from nbsrc.models.backbones import check_backbone, create_backbone, resolve_weights
 from nbsrc.models.locality import FUSIONS, EnhancedLocality, Fusion
 from nbsrc.models.pooling import TokenPooling
 from nbsrc.models.position import PE_INTERPOLATIONS, PE_KINDS, PositionGenerator, dynamic_position_embedding
 from nbsrc.models.retrieval import PCAReduction, RetrievalModel
-from nbsrc.models.weights import WEIGHT_SOURCES, load_efficientnet_lite0, load_start_weights, resolve_weights_file
+from nbsrc.models.weights import load_efficientnet_lite0, load_start_weights
 
 EFFNET_LITE0_VIT = "effnet_lite0_vit"
 EFFNET_LITE0_STAGES = 5  # conv_stem + blocks[:5] of tf_efficientnet_lite0: stride 16, 112 channels
@@ -304,39 +304,23 @@ def _check_options(options: dict) -> dict:
     return opts
 
 
-def _resolve_weights(weights: str | Path) -> tuple[str, bool]:
-    weights = str(weights)
-    is_path = weights not in WEIGHT_SOURCES
-    if is_path:
-        resolve_weights_file(weights)  # a missing file or an empty run directory fails before any building
-    return weights, is_path
-
-
 def _create_vit(backbone: str, weights: str, img_size: int | None, patch_size: int | None) -> nn.Module:
     if backbone == EFFNET_LITE0_VIT:
         return create_effnet_lite0_vit(img_size, weights, patch_size=patch_size, dynamic_img_size=True,
                                        dynamic_img_pad=True)
-    _check_backbone(backbone)
+    check_backbone(backbone)
     if weights == "efficientnet_lite0":
         raise ConfigError(
             f"weights='efficientnet_lite0' loads only into backbone={EFFNET_LITE0_VIT!r} (DToP) or "
             "'tf_efficientnet_lite0'"
         )
     try:
-        return _create_backbone(backbone, weights == "timm", img_size, patch_size, dynamic_img_size=True,
-                                dynamic_img_pad=True)
+        return create_backbone(backbone, weights == "timm", img_size, patch_size, dynamic_img_size=True,
+                               dynamic_img_pad=True)
     except TypeError as e:
         if "dynamic_img" in str(e):
             raise ConfigError(f"DToP needs a timm VisionTransformer; {backbone!r} is not one") from None
         raise
-    except (RuntimeError, OSError, ValueError) as e:
-        if weights != "timm":
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsError(
-            f"could not fetch pretrained weights for {backbone!r} from timm's hub ({msg[:160]}); "
-            "connect to the internet, pass weights=<checkpoint path>, or use weights='none'"
-        ) from None
 
 
 def build_dtop_model(
@@ -361,7 +345,7 @@ def build_dtop_model(
         raise ConfigError(
             f"pooling={pooling!r} does not apply to DToP: its local branch pools with gem (default), avg or max"
         )
-    weights, is_path = _resolve_weights(weights)
+    weights, is_path = resolve_weights(weights)
     net = _create_vit(backbone, "none" if is_path else weights, img_size, patch_size)
     model = DToPModel(net, local_pool=LOCAL_POOLINGS[pooling], dim=dim, gem_p=gem_p, gem_learnable=gem_learnable,
                       **opts)
@@ -388,7 +372,7 @@ def build_effnet_lite0_vit_model(
     options = {k: v for k, v in options.items() if k != "dtop"}
     if options:
         raise ConfigError(f"unknown build_model option(s) {sorted(options)}; DToP options need dtop=True")
-    weights, is_path = _resolve_weights(weights)
+    weights, is_path = resolve_weights(weights)
     net = create_effnet_lite0_vit(img_size, "none" if is_path else weights, patch_size=patch_size)
     model = RetrievalModel(net, pooling, int(net.num_prefix_tokens), False, dim, gem_p, gem_learnable)
     if is_path:

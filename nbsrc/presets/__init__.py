@@ -230,7 +230,7 @@ def evaluate_benchmarks(preset: str | None, roots: dict[str, str | None], run_di
     from nbsrc.data.transforms import RetrievalTransform, particular_object_transform
     from nbsrc.eval import evaluate
     from nbsrc.experiment import load_run
-    from nbsrc.experiment_sfm import evaluate_revisited
+    from nbsrc.experiment import evaluate_revisited
     from nbsrc.models import data_config, model_from_config
     from nbsrc.train import resolve_device
 

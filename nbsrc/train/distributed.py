@@ -121,3 +121,22 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+class RankSlice:
+    """This rank's contiguous share of every global batch of ``batches`` (a batch sampler or a list
+    of batches): every rank draws the same global batch and trains on its own part of it; in one
+    process, the whole batch. Each global batch must divide evenly among the ranks (checked by
+    the task that makes them)."""
+
+    def __init__(self, batches, info: DistInfo | None = None):
+        self.batches, self.info = batches, info if info is not None else current()
+
+    def __iter__(self):
+        rank, world = self.info.rank, self.info.world_size
+        for batch in self.batches:
+            n = len(batch) // world
+            yield batch[rank * n : (rank + 1) * n]
+
+    def __len__(self) -> int:
+        return len(self.batches)

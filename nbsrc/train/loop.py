@@ -1,34 +1,42 @@
-"""The training loop: one plain loop for CPU and CUDA, single process or DDP.
+"""The one training loop: :func:`fit` runs a :class:`TrainingTask` on CPU or CUDA, in one process
+or under DDP (torchrun).
 
-Per iteration: forward the batch, l2-normalise, gather the global batch (DDP), compute the loss
-over batch × batch and batch × memory, step, enqueue the batch into the memory, log. AMP on CUDA
-(bf16 where supported, else fp16 with a GradScaler), gradient clipping, warm-up + cosine schedule.
-A NaN or inf loss stops the run with :class:`~nbsrc.errors.NonFiniteLossError` and leaves the last
-good checkpoint in place. Resuming restores model, optimizer, scheduler, scaler, memory, momentum
-encoder, RNG states and the sampler position, so a resumed run ends with the same weights.
+``fit`` owns what every kind of training shares: the device, mixed precision (AMP on CUDA: bf16
+where supported, else fp16 with a GradScaler), the optimizer step with gradient clipping, the
+warm-up + cosine schedule, checkpoints and exact resume, the non-finite-loss guard, the metrics log
+(``metrics.jsonl``), the progress bar and DDP. What differs between kinds of training is a task
+(timm's ``TrainingTask``, pytorch-metric-learning's ``calculate_loss``):
+
+* :class:`nbsrc.train.pairs.PairTask`: m-per-class (or group-size) batches, any pair loss of
+  :data:`nbsrc.losses.PAIR_LOSSES` over batch × batch and batch × cross-batch memory, the momentum
+  encoder; IRT's training and DToP's class training on SfM-120k;
+* :class:`nbsrc.train.tuples.TupleTask`: SfM-120k tuples with hard negatives mined at every epoch
+  start, any tuple loss of :data:`nbsrc.losses.TUPLE_LOSSES`.
+
+Per iteration ``fit`` asks the task for this rank's next batch, the task forwards it and returns
+its loss terms (``"total"`` among them), and ``fit`` checks them, steps and logs. A NaN or inf loss
+stops the run with :class:`~nbsrc.errors.NonFiniteLossError`, whose message says which checkpoint,
+if any, is on disk. Resuming restores model, optimizer, scheduler, scaler, RNG states and what the
+task keeps (memory, momentum encoder, the epoch's tuples), so a resumed run ends with the same
+weights as an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from nbsrc.config import ExperimentConfig
-from nbsrc.data import MPerClassBatchSampler, RetrievalDataset
 from nbsrc.errors import ConfigError, NonFiniteLossError
-from nbsrc.losses import CrossBatchMemory, RetrievalLoss, build_loss
-from nbsrc.losses.diagnostics import gradient_noise
 from nbsrc.progress import progress
 from nbsrc.train import distributed
-from nbsrc.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from nbsrc.train.checkpoint import LATEST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from nbsrc.train.protocol import train_mode
 from nbsrc.train.rundir import append_metrics, truncate_metrics
 
 
@@ -70,73 +78,128 @@ def build_optimizer(cfg: ExperimentConfig, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, **fused)
 
 
-@torch.no_grad()
-def _momentum_update(ema: torch.nn.Module, model: torch.nn.Module, m: float) -> None:
-    for pe, p in zip(ema.parameters(), model.parameters()):
-        pe.mul_(m).add_(p.detach(), alpha=1 - m)
-    for be, b in zip(ema.buffers(), model.buffers()):
-        be.copy_(b)
+class TrainingTask:
+    """What one kind of training adds to :func:`fit`. A subclass overrides what it needs.
+
+    ``setup`` builds the task's own modules around the model (a loss with learnable proxies, a
+    memory) and returns the extra modules whose parameters the optimizer also trains; ``batches``
+    yields this rank's batches from iteration ``start`` on; ``loss`` forwards one batch through
+    ``parts.net`` (autocast is on) and returns the loss terms; ``after_step`` runs after the
+    optimizer step (the memory's enqueue). ``state`` / ``load_state`` are the task's part of a
+    checkpoint; ``log_fields`` adds to every logged row; ``checkpoint_due`` asks for extra
+    checkpoints (at the end of an epoch); ``lr_scale`` multiplies the schedule's factor (SfM-120k's
+    per-epoch decay).
+    """
+
+    name = "train"
+
+    def setup(self, parts: StepParts) -> list[torch.nn.Module]:
+        return []
+
+    def batches(self, parts: StepParts, start: int, log: Callable[[dict], None]) -> Iterator:
+        raise NotImplementedError
+
+    def loss(self, parts: StepParts, batch) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def diagnostics(self, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Extra values logged on a logging step (the gradient noise of IRT Fig. 4)."""
+        return {}
+
+    def after_step(self, parts: StepParts) -> None:
+        pass
+
+    def state(self, it: int) -> dict:
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass
+
+    def log_fields(self, it: int) -> dict:
+        return {}
+
+    def checkpoint_due(self, it: int) -> bool:
+        return False
+
+    def lr_scale(self, it: int) -> float:
+        return 1.0
 
 
 @dataclass
 class StepParts:
-    """What one training step reads and updates; :func:`train` builds it, a benchmark may too."""
+    """What one training step reads and updates; :func:`fit` builds it, a benchmark may too."""
 
-    model: torch.nn.Module  # the plain model: clipping, the momentum update
+    cfg: ExperimentConfig
+    model: torch.nn.Module  # the plain model: clipping, checkpoints, the momentum update
     net: torch.nn.Module  # what the forward runs: ``model`` or its DDP / compiled wrapper
-    criterion: RetrievalLoss
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    memory: CrossBatchMemory | None  # XBM; None when ``cfg.memory_size == 0``
-    ema: torch.nn.Module | None  # momentum encoder of the memory keys; None when ``cfg.momentum`` is None
+    task: TrainingTask
+    optimizer: torch.optim.Optimizer | None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    scaler: torch.amp.GradScaler | None
     device: torch.device
     amp_on: bool
     amp_dtype: torch.dtype
     pin: bool  # batches are pinned: copy them non-blocking
 
 
-def train_step(
-    cfg: ExperimentConfig,
-    parts: StepParts,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    idx: torch.Tensor,
-    *,
-    it: int = 0,
-    grad_noise: bool = False,
-    run_dir: str | Path | None = None,
-) -> tuple[dict[str, torch.Tensor], float | None]:
-    """One iteration of :func:`train` on this rank's batch ``(x, y, idx)``; returns the loss terms
-    (``"total"`` among them) and the gradient noise (IRT Fig. 4) when ``grad_noise``, else None.
+def build_step_parts(cfg: ExperimentConfig, model: torch.nn.Module, task: TrainingTask,
+                     device: torch.device, load: dict | None = None) -> StepParts:
+    """Everything :func:`train_step` needs, built from ``cfg`` around ``model`` (moved to ``device``):
+    the task's modules, the optimizer over the model's and their parameters, the schedule, the grad
+    scaler, and the network the step runs (DDP-wrapped when a process group is up, after ``load``
+    (a checkpoint) is restored; ``torch.compile``-d on CUDA if asked; checkpoints keep the plain
+    model's keys)."""
+    train_mode(model.to(device), cfg.freeze_batchnorm)
+    amp_on, amp_dtype = amp_settings(cfg, device)
+    pin = cfg.pin_memory and device.type == "cuda"  # pinned batches + non-blocking copies (CUDA only)
+    parts = StepParts(cfg, model, model, task, None, None, None, device, amp_on, amp_dtype, pin)
+    extra = task.setup(parts)
+    params = list(model.parameters()) + [p for m in extra for p in m.parameters()]
+    parts.optimizer = build_optimizer(cfg, params)
+    parts.scheduler = torch.optim.lr_scheduler.LambdaLR(parts.optimizer, lambda it: lr_factor(cfg, it) * task.lr_scale(it))
+    parts.scaler = torch.amp.GradScaler("cuda", enabled=amp_on and amp_dtype == torch.float16)
+    if load is not None:
+        model.load_state_dict(load["model"])
+        parts.optimizer.load_state_dict(load["optimizer"])
+        parts.scheduler.load_state_dict(load["scheduler"])
+        parts.scaler.load_state_dict(load["scaler"])
+        task.load_state(load)
+    net = distributed.wrap_ddp(model, device)  # every rank starts from the same weights
+    if cfg.compile and device.type == "cuda":  # a no-op on CPU
+        net = torch.compile(net)
+    parts.net = net
+    return parts
 
-    Moves the batch to the device, forwards it (autocast), gathers the global batch (DDP), computes
-    the loss over batch × batch and batch × memory, raises :class:`~nbsrc.errors.NonFiniteLossError`
-    on a NaN/inf loss (``it`` and ``run_dir`` go into its message), backward (GradScaler), clips,
-    steps optimizer, scaler and scheduler, then enqueues the batch into the memory: the momentum
-    encoder's keys after its update when there is one, else the batch's own embeddings.
+
+def non_finite_message(terms: dict, it: int, run_dir: Path | None, last_checkpoint: int | None) -> str:
+    """What a NaN/inf loss at iteration ``it`` means for what is on disk, in one line."""
+    vals = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+    if run_dir is None:
+        disk = ""
+    elif last_checkpoint is not None:
+        disk = f"the last good checkpoint {Path(run_dir) / LATEST} (iteration {last_checkpoint}) is kept; "
+    else:
+        disk = f"no checkpoint was written, so {run_dir} is not a run yet and the next start replaces it; "
+    return f"loss is not finite at iteration {it} ({vals}); {disk}lower lr, enable grad_clip, or check the data"
+
+
+def train_step(cfg: ExperimentConfig, parts: StepParts, batch, *, it: int = 0, grad_noise: bool = False,
+               run_dir: str | Path | None = None, last_checkpoint: int | None = None) -> tuple[dict, dict]:
+    """One iteration of :func:`fit` on this rank's ``batch``; returns the loss terms (``"total"``
+    among them) and the task's diagnostics when ``grad_noise`` (else ``{}``).
+
+    The task forwards the batch (autocast) and computes its loss; a NaN/inf loss raises
+    :class:`~nbsrc.errors.NonFiniteLossError` (``it``, ``run_dir`` and ``last_checkpoint`` go into
+    its message); then backward (GradScaler), clipping, the optimizer, scaler and scheduler steps,
+    and the task's ``after_step``.
     """
-    device, pin, memory, ema = parts.device, parts.pin, parts.memory, parts.ema
-    x = x.to(device, non_blocking=pin)
-    y, idx = y.to(device, non_blocking=pin), idx.to(device, non_blocking=pin)
-    with torch.autocast(device.type, dtype=parts.amp_dtype, enabled=parts.amp_on):
-        z_local = parts.net(x).float()  # l2-normalised; the PCA is fitted only after training
-    z = distributed.gather_with_grad(z_local)
-    y_all, idx_all = distributed.gather(y), distributed.gather(idx)
-    ref = memory.get() if memory is not None and len(memory) else (None, None, None)
-    terms = parts.criterion(z, y_all, ref[0], ref[1], idx_all, ref[2])
+    task = parts.task
+    with torch.autocast(parts.device.type, dtype=parts.amp_dtype, enabled=parts.amp_on):
+        terms = task.loss(parts, batch)
     total = terms["total"]
     if not torch.isfinite(total):
-        vals = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
-        kept = f"the last good checkpoint in {run_dir} is kept: " if run_dir is not None else ""
-        raise NonFiniteLossError(
-            f"loss is not finite at iteration {it} ({vals}); {kept}lower lr, enable grad_clip, or check the data"
-        )
-    noise = None
-    if grad_noise:
-        main_key = next(k for k in terms if k not in ("koleo", "total"))
-        (g,) = torch.autograd.grad(terms[main_key], z, retain_graph=True)
-        noise = gradient_noise(g)
+        raise NonFiniteLossError(non_finite_message(terms, it, run_dir, last_checkpoint))
+    extra = task.diagnostics(terms) if grad_noise else {}
     optimizer, scaler = parts.optimizer, parts.scaler
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
@@ -146,148 +209,89 @@ def train_step(
     scaler.step(optimizer)
     scaler.update()
     parts.scheduler.step()
-    if memory is not None:
-        if ema is not None:
-            _momentum_update(ema, parts.model, cfg.momentum)
-            with torch.no_grad(), torch.autocast(device.type, dtype=parts.amp_dtype, enabled=parts.amp_on):
-                keys = distributed.gather(ema(x).float())
-            memory.enqueue(keys, y_all, idx_all)
-        else:
-            memory.enqueue(z.detach(), y_all, idx_all)
-    return terms, noise
+    task.after_step(parts)
+    return terms, extra
 
 
-def build_step_parts(cfg: ExperimentConfig, model: torch.nn.Module, train_classes: list,
-                     device: torch.device) -> StepParts:
-    """Everything :func:`train_step` needs, built from ``cfg`` around ``model`` (moved to ``device``):
-    the loss, optimizer, schedule, grad scaler, cross-batch memory, momentum encoder, and the network
-    the step runs (DDP-wrapped when a process group is up, ``torch.compile``-d on CUDA if asked;
-    checkpoints keep the plain model's keys)."""
-    model.to(device).train()
-    criterion: RetrievalLoss = build_loss(cfg, model.feature_dim, train_classes).to(device)
-    optimizer = build_optimizer(cfg, list(model.parameters()) + list(criterion.parameters()))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
-    amp_on, amp_dtype = amp_settings(cfg, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_on and amp_dtype == torch.float16)
-    memory = CrossBatchMemory(cfg.memory_size, model.feature_dim, device) if cfg.memory_size else None
-    ema = copy.deepcopy(model).requires_grad_(False) if cfg.momentum is not None else None
-    net = distributed.wrap_ddp(model, device)
-    if cfg.compile and device.type == "cuda":  # a no-op on CPU
-        net = torch.compile(net)
-    pin = cfg.pin_memory and device.type == "cuda"  # pinned batches + non-blocking copies (CUDA only)
-    return StepParts(model, net, criterion, optimizer, scheduler, scaler, memory, ema, device, amp_on, amp_dtype, pin)
-
-
-def train(
+def fit(
     cfg: ExperimentConfig,
     model: torch.nn.Module,
-    train_ds: RetrievalDataset,
+    task: TrainingTask,
     run_dir: str | Path,
     resume: bool = False,
     evaluate: Callable[[torch.nn.Module], dict] | None = None,
     stop_after: int | None = None,
 ) -> torch.nn.Module:
-    """Train ``model`` in place following ``cfg``; returns the (unwrapped) model.
+    """Train ``model`` in place on ``task`` for ``cfg.iterations`` steps; returns the plain model.
 
     ``evaluate(model) -> dict`` is called every ``cfg.eval_every`` iterations (rank 0) and its
-    result logged. ``stop_after`` ends the loop early at that iteration, checkpointing first (used to
-    test that killing and resuming gives the same weights).
+    result logged. ``stop_after`` ends the loop early at that iteration, checkpointing first (to
+    test that killing and resuming gives the same weights). Checkpoints are written every
+    ``cfg.ckpt_every`` steps, when the task asks (``checkpoint_due``) and at the end; rank 0 alone
+    writes checkpoints and metrics.
     """
     run_dir = Path(run_dir)
     dinfo = distributed.current()
     device = resolve_device(cfg.device)
     if dinfo.enabled and device.type == "cuda":
         device = torch.device("cuda", dinfo.local_rank)
-    if cfg.batch_size % dinfo.world_size:
-        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {dinfo.world_size} processes")
     torch.manual_seed(cfg.seed)
-    parts = build_step_parts(cfg, model, np.unique(train_ds.labels).tolist(), device)
-    criterion, optimizer, scheduler, scaler = parts.criterion, parts.optimizer, parts.scheduler, parts.scaler
-    memory, ema = parts.memory, parts.ema
-
-    start = 0
-    if resume:
-        state = load_checkpoint(run_dir)
-        model.load_state_dict(state["model"])
-        criterion.load_state_dict(state["criterion"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if memory is not None:
-            memory.load_state_dict(state["memory"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
+    state = load_checkpoint(run_dir) if resume else None
+    parts = build_step_parts(cfg, model, task, device, load=state)
+    start, last_checkpoint = 0, None
+    if state is not None:
         set_rng_state(state["rng"])
-        start = int(state["iteration"])
+        start = last_checkpoint = int(state["iteration"])
         if dinfo.is_main:
             truncate_metrics(run_dir, start)
 
     def checkpoint(it: int) -> None:
+        nonlocal last_checkpoint
         if dinfo.is_main:
             save_checkpoint({
                 "iteration": it, "config": cfg.to_dict(), "model": model.state_dict(),
-                "criterion": criterion.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "memory": memory.state_dict() if memory is not None else None,
-                "ema": ema.state_dict() if ema is not None else None, "rng": rng_state(),
+                "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
+                "scaler": parts.scaler.state_dict(), "rng": rng_state(), **task.state(it),
             }, run_dir)
         distributed.barrier()
+        last_checkpoint = it
 
-    pin = parts.pin
-
-    # Every rank draws the same global batch and takes its own slice of it. cfg.sampler picks
-    # m-per-class square crops or group-size batches of one image size (DToP Table A12).
-    from nbsrc.data.group_sampler import training_sampler
-
-    sampler, train_ds, collate = training_sampler(cfg, train_ds, start)
-    local = cfg.batch_size // dinfo.world_size
-    batches = _RankSlice(sampler, dinfo.rank, local)
-    loader = DataLoader(train_ds, batch_sampler=batches, collate_fn=collate, num_workers=cfg.num_workers,
-                        pin_memory=pin, generator=torch.Generator().manual_seed(cfg.seed),
-                        persistent_workers=False)
+    def log(row: dict) -> None:
+        if dinfo.is_main:
+            append_metrics(run_dir, row)
 
     end = cfg.iterations if stop_after is None else min(cfg.iterations, stop_after)
-    bar = progress(end, f"train {cfg.name}", cfg.progress and dinfo.is_main, initial=start)
+    bar = progress(end, f"train {cfg.name}{'' if task.name == 'train' else f' ({task.name})'}",
+                   cfg.progress and dinfo.is_main, initial=start)
+    batches = task.batches(parts, start, log)
     it, t_last, seen = start, time.perf_counter(), 0
-    for x, y, idx in loader:
-        if it >= end:
+    while it < end:
+        batch = next(batches, None)
+        if batch is None:
             break
         want_noise = cfg.record_grad_noise and ((it + 1) % max(cfg.log_every, 1) == 0 or it + 1 == end)
-        terms, noise = train_step(cfg, parts, x, y, idx, it=it, grad_noise=want_noise, run_dir=run_dir)
+        terms, extra = train_step(cfg, parts, batch, it=it, grad_noise=want_noise, run_dir=run_dir,
+                                  last_checkpoint=last_checkpoint)
+        fields = task.log_fields(it)
         it += 1
-        seen += len(y) * dinfo.world_size  # the global batch
+        seen += len(batch[0]) * dinfo.world_size  # the global batch
         bar.update(1)
         if dinfo.is_main and (it % max(cfg.log_every, 1) == 0 or it == end):
             now = time.perf_counter()
-            row = {"kind": "train", "iteration": it, "lr": scheduler.get_last_lr()[0],
+            row = {"kind": "train", "iteration": it, **fields, "lr": parts.scheduler.get_last_lr()[0],
                    "img_per_s": seen / max(now - t_last, 1e-9)}
             row.update({k: float(v.detach()) for k, v in terms.items()})
-            if noise is not None:
-                row["grad_noise"] = noise
+            row.update(extra)
             append_metrics(run_dir, row)
             bar.set_postfix({k: round(float(v.detach()), 4) for k, v in terms.items()})
             t_last, seen = now, 0
-        if cfg.ckpt_every and it % cfg.ckpt_every == 0 and it < end:
+        if it < end and ((cfg.ckpt_every and it % cfg.ckpt_every == 0) or task.checkpoint_due(it)):
             checkpoint(it)
         if evaluate is not None and cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iterations:
             if dinfo.is_main:
                 append_metrics(run_dir, {"kind": "eval", "iteration": it, **evaluate(model)})
-                model.train()
+                train_mode(model, cfg.freeze_batchnorm)
             distributed.barrier()
     bar.close()
     checkpoint(it)
     return model
-
-
-class _RankSlice:
-    """This rank's slice of every global batch of a batch sampler."""
-
-    def __init__(self, sampler: MPerClassBatchSampler, rank: int, local: int):
-        self.sampler, self.rank, self.local = sampler, rank, local
-
-    def __iter__(self):
-        for batch in self.sampler:
-            yield batch[self.rank * self.local : (self.rank + 1) * self.local]
-
-    def __len__(self) -> int:
-        return len(self.sampler)

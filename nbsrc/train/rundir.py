@@ -6,13 +6,15 @@ Damaged files are named, never a raw traceback: a ``config.json`` or ``results.j
 valid JSON is a one-line :class:`~nbsrc.errors.RunDirError` naming the file and what to do; a
 partial last line of ``metrics.jsonl`` (what a kill in the middle of an append leaves) is dropped,
 and said in one line when a resume rewrites the file.
-"""
+A directory with no checkpoint and no results, only what a start leaves before its first
+checkpoint, is not a run: a new start under its name replaces it."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,15 @@ def run_state(run_dir: Path) -> str:
     return "started"
 
 
+def is_leftover(run_dir: Path) -> bool:
+    """A directory that holds no checkpoint and no results, only what a start leaves before its
+    first checkpoint (``config.json``, ``metrics.jsonl``, a killed save's temporary file): not a
+    run, so a new start under its name may replace it."""
+    return run_state(run_dir) == "started" and all(
+        p.name in (CONFIG, METRICS, METRICS + ".tmp") or p.name.startswith(f".{LATEST}.tmp-")
+        for p in run_dir.iterdir())
+
+
 def _check_same(cfg: ExperimentConfig, run_dir: Path) -> None:
     saved_path = run_dir / CONFIG
     if not saved_path.exists():
@@ -53,6 +64,29 @@ def _check_same(cfg: ExperimentConfig, run_dir: Path) -> None:
         )
 
 
+def _create_atomically(cfg: ExperimentConfig, run_dir: Path, replace: bool) -> None:
+    """Write ``config.json`` into a temporary directory beside ``run_dir`` and rename it into place,
+    so that ``run_dir`` never exists half-made; ``replace``: a leftover (:func:`is_leftover`) is
+    moved out of the way first and deleted once the new directory is in place."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir.with_name(f".{run_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    cfg.save(tmp / CONFIG)
+    stale = run_dir.with_name(f".{run_dir.name}.leftover-{os.getpid()}") if replace else None
+    try:
+        if stale is not None:
+            os.replace(run_dir, stale)
+        os.rename(tmp, run_dir)  # onto nothing or an empty directory; fails if another start got there first
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunDirError(f"cannot create run directory {run_dir} ({os.strerror(e.errno) if e.errno else e}); "
+                          "another run may have started under this name: choose another --name") from None
+    if stale is not None:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def prepare_run_dir(cfg: ExperimentConfig, mode: str = "new") -> tuple[Path, str]:
     """Create or check ``cfg.run_dir``; returns ``(path, action)`` with action ``train``,
     ``resume`` or ``reuse`` (finished run with the same config: nothing to do).
@@ -62,11 +96,20 @@ def prepare_run_dir(cfg: ExperimentConfig, mode: str = "new") -> tuple[Path, str
     * ``overwrite``: an existing directory is renamed to ``<name>.old-<time>``, then start fresh.
     * ``reuse``: as notebooks use it: a finished run with the same config is reused, a partial one
       resumed, an absent one started; a different config is an error.
+
+    In every mode a leftover of a start that failed or was killed before its first checkpoint
+    (:func:`is_leftover`) is not a run: it is replaced (one line says so), and ``resume`` starts it
+    from iteration 0. A new directory is created atomically (:func:`_create_atomically`).
     """
     if mode not in MODES:
         raise RunDirError(f"run mode {mode!r} is unknown; use one of {', '.join(MODES)}")
     run_dir = cfg.run_dir
     state = run_state(run_dir)
+    replace = is_leftover(run_dir)
+    if replace:
+        print(f"replacing {run_dir}: it holds no checkpoint and no results (a start that failed or was killed "
+              "before its first checkpoint), so it is not a run")
+        state = "absent"
     if mode == "overwrite" and state not in ("absent", "empty"):
         backup = move_aside(run_dir)
         print(f"moved the existing {run_dir} to {backup}")
@@ -76,7 +119,7 @@ def prepare_run_dir(cfg: ExperimentConfig, mode: str = "new") -> tuple[Path, str
             f"run directory {run_dir} already exists; pass --resume to continue it, --overwrite to start "
             "again (the old one is moved aside), or choose another --name"
         )
-    if mode == "resume":
+    if mode == "resume" and not replace:
         if state not in ("partial", "done"):
             raise RunDirError(f"cannot resume {run_dir}: it has no checkpoint; start it without --resume")
         _check_same(cfg, run_dir)
@@ -87,9 +130,8 @@ def prepare_run_dir(cfg: ExperimentConfig, mode: str = "new") -> tuple[Path, str
             return run_dir, "reuse"
         if state == "partial":
             return run_dir, "resume"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / CONFIG)
-    (run_dir / METRICS).unlink(missing_ok=True) if state in ("absent", "empty", "started") else None
+        raise RunDirError(f"{run_dir} is neither a run nor a leftover of one; choose another name")
+    _create_atomically(cfg, run_dir, replace)
     return run_dir, "train"
 
 

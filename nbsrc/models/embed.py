@@ -1,0 +1,65 @@
+"""The one embedding function: a model applied to a whole dataset, in order, in eval mode.
+
+Training (hard-negative mining of SfM-120k tuples, the PCA fit) and evaluation (Recall@K, Revisited
+mAP) both call :func:`extract_embeddings`; it sits at the models layer so that ``train`` and
+``eval`` may import it without pointing up the layering.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from nbsrc.data import RetrievalDataset
+from nbsrc.errors import ConfigError, DatasetError
+from nbsrc.progress import progress as progress_bar
+
+
+@torch.no_grad()
+def extract_embeddings(
+    model: torch.nn.Module,
+    dataset: RetrievalDataset,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    progress: bool = True,
+    amp: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run ``model`` (images -> embeddings [B, D]) over ``dataset`` in order, in eval mode.
+
+    Returns ``(embeddings float32 [N, D], labels int64 [N], indices int64 [N])``; row ``n`` is
+    ``dataset[n]``. The model must already be on ``device``; on CUDA the forward pass runs under
+    bf16 autocast (``amp=False``: float32) and the outputs are cast back to float32. The
+    train/eval mode of every submodule is restored afterwards.
+    """
+    if len(dataset) == 0:
+        raise DatasetError("cannot extract embeddings of an empty dataset; check the split (classes, eval_per_class)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r} is invalid: expected an integer >= 1")
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False,
+                        num_workers=num_workers, pin_memory=cuda)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    embs, labels, indices = [], [], []
+    try:
+        with progress_bar(len(loader), "embed", enabled=progress) as bar:
+            for images, y, idx in loader:
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and amp):
+                    z = model(images.to(device, non_blocking=True))
+                if z.ndim != 2 or len(z) != len(images):
+                    raise ConfigError(
+                        f"the model returned shape {tuple(z.shape)} for a batch of {len(images)} images; "
+                        "an embedding model must return [batch, dim]"
+                    )
+                embs.append(z.float().cpu())
+                labels.append(y)
+                indices.append(idx)
+                bar.update(1)
+    finally:
+        for m, training in modes:
+            m.training = training
+    return (torch.cat(embs).numpy(), torch.cat(labels).numpy().astype(np.int64),
+            torch.cat(indices).numpy().astype(np.int64))
