@@ -18,10 +18,8 @@ traceback and exits 1; ``SystemExit`` exits with its code). ``test_forked_cases_
 runs a few cases as real ``python -m nbsrc`` processes too and checks that they give the same
 exit code and stderr.
 
-Cases that need other work of issue 16 are listed in ``NEEDS`` and marked strict xfail: ``engine``
-(item 1: nothing written before a run can start; item 2: NaN/inf settings) and ``userpath`` (item 4:
-one policy for unreadable or unsafe images). Once that work is merged they pass, the strict xfail
-turns into a failure, and the entry is removed.
+Every case, the failed starts included (nothing is written before a run can start: issue 16.1),
+must hold; none is expected to fail.
 """
 
 from __future__ import annotations
@@ -377,39 +375,9 @@ SUCCEEDS = {
              finished_run=True, setup=lambda ws: _copy_config(ws, "failed")), "failed: R@1="),
 }
 
-# Cases that need other work of issue 16 (see the module docstring); the reason, for the xfail mark.
-ENGINE_START = "engine (16.1): nothing may be written before the run can start"
-NEEDS = {
-    "lambda nan": "engine (16.2): NaN/inf settings rejected at validation",
-    "lr nan": "engine (16.2): NaN/inf settings rejected at validation",
-    "lr inf": "engine (16.2): NaN/inf settings rejected at validation",
-    "unknown backbone": ENGINE_START,
-    "patch size none at 28 px": ENGINE_START,
-    "PCA larger than the embedding": ENGINE_START,
-    "DToP option out of range": ENGINE_START,
-    "weights file missing": ENGINE_START,
-    "weights file not a checkpoint": ENGINE_START,
-    "weights of another image size": ENGINE_START,
-    "weights from a run that never checkpointed": ENGINE_START,
-    "device cuda without a GPU": ENGINE_START,
-    "data root missing": ENGINE_START,
-    "data root empty": ENGINE_START,
-    "class out of range": ENGINE_START,
-    "folder: truncated PNG in a training class": "userpath (16.4) image policy, engine (16.1) start",
-    "folder: empty file named .jpg": "userpath (16.4) image policy, engine (16.1) start",
-    "folder: text file named .png": "userpath (16.4) image policy, engine (16.1) start",
-    "folder: decompression bomb": "userpath (16.4) image policy, engine (16.1) start",
-    "folder: symlink loop": "userpath (16.4) image policy, engine (16.1) start",
-    "notebook with patch_size none at 8 px": ENGINE_START,
-    "resume after a kill before the first checkpoint": "engine (16.1): a directory without checkpoint is not a run",
-    "the corrected command after a failed start": "engine (16.1): a directory without checkpoint is not a run",
-    "class list unparsable": ENGINE_START,
-}
-
-
 def _copy_config(ws: Path, name: str) -> None:
-    """What a failed start or a kill before the first checkpoint leaves today: the config alone (the
-    copy of the finished run it is made from is removed)."""
+    """What a kill before the first checkpoint leaves (a failed start leaves nothing): the config
+    alone (the copy of the finished run it is made from is removed)."""
     cfg = json.loads((ws / "runs" / FINISHED / "config.json").read_text())
     (ws / "runs" / name).mkdir(parents=True)
     (ws / "runs" / name / "config.json").write_text(json.dumps({**cfg, "name": name}, indent=2, sort_keys=True) + "\n")
@@ -478,8 +446,7 @@ def _changes(res: dict) -> set[str]:
 
 
 def _params(names):
-    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=NEEDS[n])) if n in NEEDS else n
-            for n in names]
+    return list(names)
 
 
 def test_the_campaign_is_large_enough():

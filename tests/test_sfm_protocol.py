@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+
+from nbsrc.train.tuples import check_tuple_config
 from torch import nn
 
 from nbsrc.config import ExperimentConfig
@@ -57,7 +59,7 @@ def test_tuple_loss_forms_and_default():
     idx = torch.arange(14)
     assert torch.equal(tuple_loss_terms(z, idx, 7, 0.85, 0.0)["contrastive"], distance_contrastive_loss(z, 7, 0.85))
     assert ExperimentConfig().tuple_loss == "distance"
-    with pytest.raises(ConfigError, match="form='cosine' is invalid"):
+    with pytest.raises(ConfigError, match="tuple_loss='cosine' is invalid"):
         tuple_loss(z, 7, 0.85, "cosine")
     with pytest.raises(ConfigError, match="whole tuples of 7"):
         distance_contrastive_loss(torch.randn(10, 4), 7)
@@ -98,8 +100,9 @@ def test_protocol_config_fields():
     assert (cfg.lr_decay_per_epoch, cfg.freeze_batchnorm, cfg.eval_scales, cfg.whitening) == (0.0, False, None, None)
     c = ExperimentConfig.from_dict({"eval_scales": [1, 0.5], "whitening": "learned", "lr_decay_per_epoch": 0.01})
     assert c.eval_scales == [1.0, 0.5] and ExperimentConfig.from_dict(c.to_dict()) == c
-    for bad, match in [({"tuple_loss": "cos"}, "tuple_loss='cos' is invalid"),
-                       ({"lr_decay_per_epoch": -1}, "lr_decay_per_epoch=-1 is invalid"),
+    with pytest.raises(ConfigError, match="tuple_loss='cos' is invalid"):  # the registry's check, at build
+        check_tuple_config(ExperimentConfig(tuple_loss="cos"))
+    for bad, match in [({"lr_decay_per_epoch": -1}, "lr_decay_per_epoch=-1 is invalid"),
                        ({"eval_scales": []}, "eval_scales=\\[\\] is invalid"),
                        ({"eval_scales": [1, 0]}, "eval_scales"),
                        ({"whitening": "pca"}, "whitening='pca' is invalid")]:

@@ -198,13 +198,13 @@ def revisited_pair_similarities(query_emb, database_emb, gnd, setup: str = "medi
     ``max_negatives`` negatives: a uniform sample of that many (without replacement, ``seed``).
     Returns ``(pos, neg, info)`` as :func:`pair_similarities`.
     """
-    from nbsrc.eval.revisited import SETUPS, _gnd_list
+    from nbsrc.eval.revisited import SETUPS, gnd_list
 
     if setup not in SETUPS:
         raise ConfigError(f"setup={setup!r} is invalid: expected one of {', '.join(SETUPS)}")
     cap = _check_cap(max_negatives, "max_negatives")
     Q, X = _unit_rows(as_embeddings(query_emb), "query_emb"), _unit_rows(as_embeddings(database_emb), "database_emb")
-    gnd = _gnd_list(gnd)
+    gnd = gnd_list(gnd)
     if len(gnd) != len(Q):
         raise DatasetError(f"{len(Q)} query embeddings but {len(gnd)} ground-truth entries; embed every query once")
     ok_keys, junk_keys = SETUPS[setup]

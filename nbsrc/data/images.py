@@ -117,7 +117,7 @@ def _decode(path) -> Image.Image:
             im.load()
             if im.getexif().get(0x0112, 1) != 1:  # transposing makes a copy: only when needed
                 im = ImageOps.exif_transpose(im)
-            return _to_rgb(im)
+            return to_rgb(im)
     except _DECODE_ERRORS as e:
         raise _Unreadable(_reason(path, e)) from None
 
@@ -132,7 +132,7 @@ def _header(path) -> tuple[int, int]:
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB, with 16-bit scaling and transparency over white (module docstring)."""
     mode = im.mode
     if mode.startswith("I;16") or mode == "I":

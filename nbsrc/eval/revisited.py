@@ -61,7 +61,7 @@ DEFAULT_CHUNK = 16384
 
 
 # ----------------------------------------------------------------------------- input checks
-def _gnd_list(gnd) -> list[dict]:
+def gnd_list(gnd) -> list[dict]:
     if isinstance(gnd, dict):
         if "gnd" not in gnd:
             raise ConfigError("gnd must be the list of per-query dicts, or the loaded file's dict with a 'gnd' key")
@@ -210,7 +210,7 @@ def revisited_map(ranks_or_scores, gnd, kappas: Sequence[int] = (1, 5, 10), redu
     ``reduce=False`` returns per-query arrays instead: ``{"easy": {"AP": [nq], "P@1": [nq], ...}}``
     with NaN for the skipped queries.
     """
-    gnd = _gnd_list(gnd)
+    gnd = gnd_list(gnd)
     kappas = _as_kappas(kappas)
     ranks = as_rankings(ranks_or_scores, len(gnd))
     inv = inverse_rankings(ranks, _n_db(ranks, gnd))
@@ -247,7 +247,7 @@ def _reference_query(ranking, ok, junk, kappas) -> tuple[float, list[float]]:
 
 def revisited_map_reference(ranks_or_scores, gnd, kappas: Sequence[int] = (1, 5, 10), reduce: bool = True) -> dict:
     """:func:`revisited_map` with a Python loop over queries and ranks (slow; for tests and the benchmark)."""
-    gnd = _gnd_list(gnd)
+    gnd = gnd_list(gnd)
     kappas = _as_kappas(kappas)
     ranks = as_rankings(ranks_or_scores, len(gnd))
     per_setup = {}

@@ -68,12 +68,12 @@ def build_model(
 
 def model_from_config(cfg) -> torch.nn.Module:
     """``build_model`` with the fields of an :class:`~nbsrc.config.ExperimentConfig`."""
-    img_size = cfg.img_size if _is_transformer(cfg.backbone) else None
+    img_size = cfg.img_size if is_transformer(cfg.backbone) else None
     return build_model(cfg.backbone, cfg.pooling, cfg.dim, cfg.weights, img_size, cfg.patch_size,
                        cfg.gem_p, cfg.gem_learnable, **cfg.model_options)
 
 
-def _is_transformer(name: str) -> bool:
+def is_transformer(name: str) -> bool:
     module = timm.models.get_arch_name(name) if hasattr(timm.models, "get_arch_name") else name
     return any(s in str(module) for s in ("vit", "deit", "beit", "eva", "swin", "cait", "xcit"))
 

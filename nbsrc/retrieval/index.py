@@ -547,9 +547,9 @@ def _as_tensor(x) -> torch.Tensor:
     from PIL import Image
 
     if isinstance(x, Image.Image):
-        from nbsrc.data.images import _to_rgb
+        from nbsrc.data.images import to_rgb
 
-        return torch.from_numpy(np.asarray(_to_rgb(x), dtype=np.uint8).copy()).permute(2, 0, 1)
+        return torch.from_numpy(np.asarray(to_rgb(x), dtype=np.uint8).copy()).permute(2, 0, 1)
     t = torch.as_tensor(np.asarray(x))
     if t.dtype != torch.uint8:
         raise ConfigError(f"a query image array must be uint8 (0-255), got {t.dtype}")

@@ -84,7 +84,7 @@ def _default_img_size(backbone: str) -> int:
 
 
 def _is_transformer(backbone: str) -> bool:
-    from nbsrc.models import _is_transformer as is_vit
+    from nbsrc.models import is_transformer as is_vit
 
     return is_vit(backbone)
 

@@ -68,6 +68,10 @@ def _create_atomically(cfg: ExperimentConfig, run_dir: Path, replace: bool) -> N
     """Write ``config.json`` into a temporary directory beside ``run_dir`` and rename it into place,
     so that ``run_dir`` never exists half-made; ``replace``: a leftover (:func:`is_leftover`) is
     moved out of the way first and deleted once the new directory is in place."""
+    for parent in (run_dir.parent, *run_dir.parent.parents):
+        if parent.exists() and not parent.is_dir():
+            raise RunDirError(f"runs directory {run_dir.parent} cannot be made: {parent} is a file, not a folder; "
+                              "choose another runs_dir")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = run_dir.with_name(f".{run_dir.name}.tmp-{os.getpid()}")
     if tmp.exists():
