@@ -38,8 +38,9 @@ FIELD_HELP = {
 # differ only here describe the same experiment (used to decide whether a saved run can be reused).
 EXECUTION_FIELDS = frozenset(
     {"runs_dir", "device", "num_workers", "log_every", "ckpt_every", "progress", "eval_batch_size",
-     "compile", "pin_memory", "fused_optimizer"}
+     "compile", "pin_memory", "fused_optimizer", "cpu_compile", "threads"}
 )
+# Not here: ``amp`` and ``cpu_bf16``, which change the numbers a run computes (bf16 rounds every matmul).
 
 
 @dataclass
@@ -107,6 +108,10 @@ class ExperimentConfig:
     compile: bool = False  # torch.compile the model (CUDA; measured in `python -m nbsrc.bench train`)
     pin_memory: bool = True  # pinned host memory + non-blocking copies when training on CUDA
     fused_optimizer: bool = True  # fused AdamW/Adam/SGD kernels on CUDA
+    # CPU execution (issue 15; measured in `python -m nbsrc.bench train`); each is a no-op on CUDA
+    cpu_bf16: bool = False  # bf16 autocast when training on CPU (changes the numbers: not an execution field)
+    cpu_compile: bool = False  # torch.compile (inductor) the model when training on CPU
+    threads: int = 0  # torch.set_num_threads for training (0: torch's own count)
 
     # --- bookkeeping ---
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -241,7 +246,7 @@ class ExperimentConfig:
             bad("ks", self.ks, "positive Recall@K cut-offs such as (1, 2, 4, 8)")
         if self.eval_per_class is not None and self.eval_per_class < 2:
             bad("eval_per_class", self.eval_per_class, "at least 2 images per class, or None")
-        for name in ("log_every", "ckpt_every", "eval_every", "num_workers"):
+        for name in ("log_every", "ckpt_every", "eval_every", "num_workers", "threads"):
             if getattr(self, name) < 0:
                 bad(name, getattr(self, name), "a non-negative integer")
         if self.size_variant not in (None, "mixed"):

@@ -113,12 +113,52 @@ def test_train_switches_need_cuda():
 def test_train_cli_writes_its_section_with_the_ratio(tmp_path):
     path = tmp_path / "R.md"
     args = ["train", "--img-size", "16", "--patch-size", "8", "--batch", "8", "--m-per-class", "2", "--steps", "1",
-            "--repeats", "1", "--warmup", "0", "--memory-size", "16", "--results", str(path), "--note", "tiny test"]
+            "--repeats", "1", "--warmup", "0", "--memory-size", "16", "--results", str(path), "--note", "tiny test",
+            "--cpu-variants", "none"]
     assert bench_main(args) == 0
     text = path.read_text()
     assert "## train" in text and "nbsrc / reference" in text and "tiny test" in text and "torch " in text
     row = next(line for line in text.splitlines() if line.startswith("| ") and ">= 1.0" in line)
     assert float(row.split("|")[1].split()[0]) > 0
+
+
+def test_train_cpu_variants_are_paired_with_the_fp32_reference(tmp_path):
+    from nbsrc.bench.train import results_markdown
+
+    r = bench_train(**TINY_TRAIN, device="cpu", cpu_variants=("nbsrc bf16",))
+    cv = r["cpu_variants"]
+    assert set(cv["step_s"]) == {"reference", "nbsrc fp32", "nbsrc bf16"}
+    assert all(len(v) == 2 and all(t > 0 for t in v) for v in cv["step_s"].values())
+    st = {k: np.asarray(v) for k, v in cv["step_s"].items()}
+    bf16 = cv["variants"]["nbsrc bf16"]
+    assert bf16["over_reference"]["median"] == pytest.approx(float(np.median(st["reference"] / st["nbsrc bf16"])))
+    assert bf16["over_nbsrc_fp32"]["median"] == pytest.approx(float(np.median(st["nbsrc fp32"] / st["nbsrc bf16"])))
+    assert cv["variants"]["nbsrc fp32"]["over_nbsrc_fp32"]["median"] == 1.0
+    assert bf16["compile_s"] is None and len(r["loadavg"]) == 3
+    text = results_markdown(r, {"cpu": "x", "cores": 2, "ram_gb": 1, "gpu": "none", "torch": "t", "timm": "t",
+                                "faiss": "f", "pytorch_metric_learning": "p", "numpy": "n", "python": "3",
+                                "date": "d"})
+    assert "| nbsrc bf16 |" in text and "load average" in text
+    with pytest.raises(ConfigError, match="unknown CPU variant"):
+        bench_train(**TINY_TRAIN, device="cpu", cpu_variants=("nbsrc fp16",))
+
+
+@pytest.mark.slow
+def test_train_cpu_compile_variant_reports_its_compile_time():
+    r = bench_train(**TINY_TRAIN, device="cpu", cpu_variants=("nbsrc compile",), loss_only=False)
+    v = r["cpu_variants"]["nbsrc compile"]
+    assert v["compile_s"] is not None and math.isfinite(v["compile_s"])
+    assert v["payoff_steps"] is None or v["payoff_steps"] > 0
+
+
+def test_embed_cli_writes_its_section(tmp_path):
+    path = tmp_path / "R.md"
+    assert bench_main(["embed", "--images", "6", "--width", "40", "--height", "30", "--rounds", "2",
+                       "--results", str(path)]) == 0
+    text = path.read_text()
+    assert "<!-- bench:embed -->" in text and "nbsrc speed / direct loop" in text and "load average" in text
+    cos = float(re.search(r"lowest cosine .*? is ([0-9.]+)", text).group(1))
+    assert cos > 0.9  # the same network on the same images; only the resize kernels differ
 
 
 def test_train_cli_threads_default_to_torchs_count_and_must_be_positive(tmp_path):

@@ -32,6 +32,7 @@ off from the baseline and the nbsrc step's speed-up ``on / off`` is reported the
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -195,14 +196,21 @@ class BareStep:
 
 
 # ----------------------------------------------------------------------------- timing
-def interleave(runners: dict, device: torch.device, warmup: int, n: int) -> dict[str, list[float]]:
+def interleave(runners: dict, device: torch.device, warmup: int, n: int,
+               first: dict | None = None) -> dict[str, list[float]]:
     """``{name: [seconds of each timed step]}``. ``runners`` is ``{name: (step, batches)}``; all take
     ``warmup`` untimed steps, then step ``i`` of every runner in turn, each timed on its own, on
     ``batches[warmup + i]`` for ``i < n``. The order rotates from round to round (A B C, B C A,
-    C A B, ...), so that no method always runs first or right after the same other one."""
-    for step, batches in runners.values():
+    C A B, ...), so that no method always runs first or right after the same other one. ``first``,
+    if given, receives each runner's first warm-up step in seconds (where torch.compile compiles)."""
+    for name, (step, batches) in runners.items():
         for i in range(warmup):
+            sync(device)
+            t0 = time.perf_counter()
             step(*batches[i])
+            sync(device)
+            if i == 0 and first is not None:
+                first[name] = time.perf_counter() - t0
     sync(device)
     names = list(runners)
     out = {name: [] for name in names}
@@ -237,6 +245,48 @@ def _switch_variants(cfg: ExperimentConfig) -> dict:
         "pinned memory + non_blocking": base.replace(pin_memory=False),
         "torch.compile": base.replace(compile=not base.compile),
     }
+
+
+# The CPU execution options of the nbsrc step (config fields, nbsrc.train.loop), each against the
+# reference as a user writes it (fp32, eager) in the same interleaved rounds.
+CPU_VARIANTS = {
+    "nbsrc fp32": {},
+    "nbsrc bf16": {"cpu_bf16": True},
+    "nbsrc compile": {"cpu_compile": True},
+    "nbsrc bf16 + compile": {"cpu_bf16": True, "cpu_compile": True},
+}
+
+
+def bench_cpu_variants(cfg: ExperimentConfig, device: torch.device, batches, n_classes: int, first_index: int,
+                       warmup: int, n: int, variants=tuple(CPU_VARIANTS)) -> dict:
+    """The reference (fp32 eager) and the nbsrc step under each CPU option of ``variants`` (names of
+    :data:`CPU_VARIANTS`), interleaved in the same rounds. Per variant: speed over the reference
+    (paired, with its interval), speed over nbsrc fp32 eager, and for compiled ones the compile time
+    (first warm-up step minus the median step) and the steps it needs to pay off
+    (compile time / time saved per step; None when it saves nothing)."""
+    unknown = [v for v in variants if v not in CPU_VARIANTS]
+    if unknown:
+        raise ConfigError(f"unknown CPU variant(s) {unknown}; choose from {list(CPU_VARIANTS)}")
+    base = cfg.replace(amp=False, compile=False, cpu_bf16=False, cpu_compile=False)
+    runners = {"reference": (_setup("reference", base, device, n_classes, first_index), batches)}
+    names = ["nbsrc fp32", *[v for v in variants if v != "nbsrc fp32"]]
+    for name in names:
+        runners[name] = (_setup("nbsrc", base.replace(**CPU_VARIANTS[name]), device, n_classes, first_index), batches)
+    first: dict[str, float] = {}
+    step_s = interleave(runners, device, max(warmup, 2), n, first=first)  # compile may recompile once
+    med = {k: statistics.median(v) for k, v in step_s.items()}
+    out = {"step_s": step_s, "first_step_s": first, "variants": {}}
+    for name in names:
+        row = {"over_reference": paired_ratio(step_s["reference"], step_s[name]),
+               "over_nbsrc_fp32": paired_ratio(step_s["nbsrc fp32"], step_s[name]),
+               "img_per_s": cfg.batch_size / med[name], "compile_s": None, "payoff_steps": None}
+        if CPU_VARIANTS[name].get("cpu_compile"):
+            row["compile_s"] = first[name] - med[name]
+            saved = med["nbsrc fp32"] - med[name]
+            row["payoff_steps"] = row["compile_s"] / saved if saved > 0 else None
+        out["variants"][name] = row
+    out["reference_img_per_s"] = cfg.batch_size / med["reference"]
+    return out
 
 
 def _img_per_s(batch: int, step_s: dict[str, list[float]]) -> dict[str, float]:
@@ -323,10 +373,12 @@ def bench_train(
     switches: bool | None = None,
     seed: int = 0,
     loss_only: bool = True,
+    cpu_variants: tuple[str, ...] = (),
 ) -> dict:
     """Median img/s of the three methods (see the module docstring) over ``steps × repeats``
     interleaved, individually timed steps each, their ratios and, when ``switches`` (default: on
-    CUDA), the speed-up of each execution switch of the nbsrc step."""
+    CUDA), the speed-up of each execution switch of the nbsrc step; on CPU, the ``cpu_variants``
+    (names of :data:`CPU_VARIANTS`) against the fp32 eager reference (:func:`bench_cpu_variants`)."""
     if steps < 1 or repeats < 1 or warmup < 0:
         raise ConfigError(f"steps={steps}, repeats={repeats}, warmup={warmup}: need steps >= 1, repeats >= 1, warmup >= 0")
     dev = resolve_device(device)
@@ -342,7 +394,7 @@ def bench_train(
     n_classes = max(2 * batch // m_per_class, 8)
     ds = SyntheticImages(max(4 * batch, n_classes * m_per_class * 2), n_classes, img_size, seed)
     n = steps * repeats
-    plain = make_batches(cfg, ds, warmup + n)
+    plain = make_batches(cfg, ds, max(warmup, 2) + n)  # the CPU variants warm up at least 2 steps
     on_cuda = dev.type == "cuda"
     pinned = _pinned(plain) if on_cuda else None  # what a pin_memory DataLoader hands over
 
@@ -370,6 +422,9 @@ def bench_train(
         "overhead_verdict": verdict(1.0 - 1.0 / vs_bare["median"], overhead_ci, 0.05, higher_is_better=False),
         "loss_ms": bench_loss(cfg, dev, seed=seed) if loss_only else None,
         "switches": None,
+        "cpu_variants": (bench_cpu_variants(cfg, dev, plain, n_classes, len(ds), warmup, n, cpu_variants)
+                         if cpu_variants and not on_cuda else None),
+        "loadavg": os.getloadavg(),
     }
     if switches if switches is not None else on_cuda:
         variants = _switch_variants(cfg)
@@ -394,7 +449,9 @@ def results_markdown(r: dict, info: dict, note: str = "") -> str:
          f"amp {r['amp']}, compile {r['compile']}, torch threads {r.get('threads', torch.get_num_threads())}; "
          f"{r['repeats'] * r['steps']} rounds, each one step of every method in rotating order, timed one by one "
          f"on the same batches, {r['warmup']} warm-up steps excluded\n"
-         "- statistic: median over rounds of the per-round ratio, [95% bootstrap interval over rounds]; "
+         + (f"- load average (1, 5, 15 min) at the end: {', '.join(f'{x:.2f}' for x in r['loadavg'])}\n"
+            if r.get("loadavg") else "")
+         + "- statistic: median over rounds of the per-round ratio, [95% bootstrap interval over rounds]; "
          "in brackets after it, the ratio of the methods' median step times\n\n"
          "| nbsrc / reference (img/s) | target | verdict | overhead 1 − nbsrc / bare | target | verdict |\n"
          "|---|---|---|---|---|---|\n"
@@ -409,6 +466,20 @@ def results_markdown(r: dict, info: dict, note: str = "") -> str:
     s += (f"Reading: nbsrc's step runs at {ratio:.3f}x the speed of the direct pytorch-metric-learning loop "
           f"(target >= 1.0: {r['ratio_verdict']}) and spends {100 * over:.1f}% of a step beyond the bare backbone "
           f"forward/backward/update (target <= 5%: {r['overhead_verdict']}).\n")
+    if r.get("cpu_variants"):
+        cv = r["cpu_variants"]
+        s += ("\nCPU execution options (config fields `cpu_bf16`, `cpu_compile`) of the nbsrc step against the "
+              "reference as a user writes it (fp32, eager), all in the same interleaved rounds "
+              f"(reference {cv['reference_img_per_s']:.1f} img/s):\n\n"
+              "| nbsrc variant | speed over reference (fp32 eager) | speed over nbsrc fp32 eager | img/s "
+              "| compile time | steps to pay off |\n|---|---|---|---|---|---|\n")
+        for name, v in cv["variants"].items():
+            a, b = v["over_reference"], v["over_nbsrc_fp32"]
+            comp = "" if v["compile_s"] is None else f"{v['compile_s']:.1f} s"
+            pay = ("" if v["compile_s"] is None else "never (no step saved)" if v["payoff_steps"] is None
+                   else f"{v['payoff_steps']:.0f}")
+            s += (f"| {name} | {a['median']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}] | "
+                  f"{b['median']:.3f} [{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}] | {v['img_per_s']:.1f} | {comp} | {pay} |\n")
     if r["switches"]:
         s += "\n| switch (nbsrc step) | speed-up on / off |\n|---|---|\n"
         s += "".join(f"| {k} | {v:.2f}x |\n" for k, v in r["switches"]["speedup_on_over_off"].items())
@@ -435,8 +506,19 @@ def add_arguments(p) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="torch.set_num_threads (default: %(default)s, torch's current count)")
+    p.add_argument("--cpu-variants", default=None,
+                   help="comma-separated CPU variants to measure against the fp32 eager reference, from "
+                        f"{', '.join(CPU_VARIANTS)} (default on CPU: all; 'none' to skip)")
     p.add_argument("--switches", action=argparse.BooleanOptionalAction, default=None,
                    help="measure each CUDA execution switch on/off (default: on CUDA)")
+
+
+def _parse_variants(text: str | None) -> tuple[str, ...]:
+    if text is None:
+        return tuple(CPU_VARIANTS)
+    if text.strip() == "none":
+        return ()
+    return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 def run(a, results_path=None, note: str = "") -> dict:
@@ -448,7 +530,8 @@ def run(a, results_path=None, note: str = "") -> dict:
         raise ConfigError(f"--threads {a.threads}: need at least 1 thread")
     torch.set_num_threads(a.threads)
     r = bench_train(a.backbone, a.img_size, a.patch_size, a.batch, a.m_per_class, a.steps, a.repeats, a.warmup,
-                    a.memory_size, a.lam, a.beta, a.device, a.amp, a.compile, switches=a.switches)
+                    a.memory_size, a.lam, a.beta, a.device, a.amp, a.compile, switches=a.switches,
+                    cpu_variants=_parse_variants(a.cpu_variants))
     r["threads"] = torch.get_num_threads()
     print(json.dumps(r, indent=2))
     write_section("train", results_markdown(r, machine_info(), note), results_path or RESULTS_PATH)

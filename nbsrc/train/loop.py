@@ -24,6 +24,8 @@ weights as an uninterrupted one.
 from __future__ import annotations
 
 import math
+import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -49,11 +51,61 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
+_NOTICES: set[str] = set()
+
+
+def notice(message: str) -> None:
+    """Print a one-line notice to stderr, once per process and message (an option that does nothing here)."""
+    if message not in _NOTICES:
+        _NOTICES.add(message)
+        print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 matmuls natively on this CPU (AVX-512 BF16 or AMX); elsewhere CPU bf16
+    autocast still computes the same, through slower emulated kernels."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def amp_settings(cfg: ExperimentConfig, device: torch.device) -> tuple[bool, torch.dtype]:
-    """(enabled, dtype): bf16 on GPUs that support it, fp16 otherwise; off on CPU."""
-    if not cfg.amp or device.type != "cuda":
-        return False, torch.float32
-    return True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    """(enabled, dtype). On CUDA ``cfg.amp``: bf16 on GPUs that support it, fp16 otherwise. On CPU
+    ``cfg.cpu_bf16``: bf16 autocast (with a notice where the CPU has no native bf16, since it then runs
+    emulated and is likely slower than fp32). Each field is a no-op, with a notice, on the other device."""
+    if device.type == "cuda":
+        if cfg.cpu_bf16:
+            notice("cpu_bf16 acts on CPU training only; on CUDA mixed precision is `amp`")
+        if not cfg.amp:
+            return False, torch.float32
+        return True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cfg.cpu_bf16:
+        if not cpu_has_native_bf16():
+            notice("cpu_bf16: this CPU has no native bf16 (AVX-512 BF16 / AMX); autocast runs emulated, likely slower")
+        return True, torch.bfloat16
+    return False, torch.float32
+
+
+def compile_wanted(cfg: ExperimentConfig, device: torch.device) -> bool:
+    """Whether to ``torch.compile`` the network: ``cfg.compile`` on CUDA, ``cfg.cpu_compile`` on CPU
+    (a no-op, with a notice, where torch.compile is unavailable or on the other device)."""
+    if device.type == "cuda":
+        if cfg.cpu_compile:
+            notice("cpu_compile acts on CPU training only; on CUDA it is `compile`")
+        return cfg.compile
+    if device.type != "cpu" or not cfg.cpu_compile:
+        return False
+    if not hasattr(torch, "compile") or shutil.which("g++") is None and shutil.which("c++") is None:
+        notice("cpu_compile: torch.compile needs a C++ compiler (g++) for inductor on CPU; running eager")
+        return False
+    return True
+
+
+def apply_threads(cfg: ExperimentConfig) -> None:
+    """``torch.set_num_threads(cfg.threads)`` for the process when ``cfg.threads`` > 0 (0: leave it)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
 
 
 def lr_factor(cfg: ExperimentConfig, it: int) -> float:
@@ -165,7 +217,7 @@ def build_step_parts(cfg: ExperimentConfig, model: torch.nn.Module, task: Traini
         parts.scaler.load_state_dict(load["scaler"])
         task.load_state(load)
     net = distributed.wrap_ddp(model, device)  # every rank starts from the same weights
-    if cfg.compile and device.type == "cuda":  # a no-op on CPU
+    if compile_wanted(cfg, device):
         net = torch.compile(net)
     parts.net = net
     return parts
@@ -235,6 +287,7 @@ def fit(
     device = resolve_device(cfg.device)
     if dinfo.enabled and device.type == "cuda":
         device = torch.device("cuda", dinfo.local_rank)
+    apply_threads(cfg)
     torch.manual_seed(cfg.seed)
     state = load_checkpoint(run_dir) if resume else None
     parts = build_step_parts(cfg, model, task, device, load=state)
