@@ -9,7 +9,6 @@ mP@k) is :mod:`nbsrc.eval.revisited`.
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from nbsrc.data.datasets import RetrievalDataset, load_image
+from nbsrc.data.files import read_pickle
 from nbsrc.errors import ConfigError, DatasetError
 
 REVISITED_NAMES = ("roxford5k", "rparis6k")
@@ -39,13 +39,7 @@ def load_revisited_gnd(path: str | Path) -> dict:
     ``bbx`` and the ``easy``, ``hard``, ``junk`` index lists, as int64 arrays here).
     """
     path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"expected {path}; {REVISITED_LAYOUT}; {REVISITED_URL}")
-    try:
-        with open(path, "rb") as f:
-            cfg = pickle.load(f)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise DatasetError(f"cannot read {path} ({type(e).__name__}: {e}); download it again ({REVISITED_URL})") from None
+    cfg = read_pickle(path, REVISITED_LAYOUT, REVISITED_URL)
     if not isinstance(cfg, dict) or not {"imlist", "qimlist", "gnd"} <= set(cfg):
         raise DatasetError(f"{path} is not a revisited ground-truth file: expected a dict with imlist, qimlist and gnd")
     n_db, n_q = len(cfg["imlist"]), len(cfg["qimlist"])

@@ -25,7 +25,6 @@ the highest ``(s, −position)``. Training then minimises the contrastive loss w
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from nbsrc.data.datasets import RetrievalDataset
+from nbsrc.data.files import read_pickle
 from nbsrc.errors import ConfigError, DatasetError
 
 SFM_FILE = "retrieval-SfM-120k.pkl"
@@ -78,13 +78,7 @@ def load_sfm120k_db(path, split: str = "train", ims_root=None, check_images: boo
         raise DatasetError(f"SfM-120k needs data_root=<folder with {SFM_FILE}>; {SFM_LAYOUT}; {SFM_URL}")
     path = Path(path).expanduser()
     db_file = path / SFM_FILE if path.is_dir() or path.suffix != ".pkl" else path
-    if not db_file.is_file():
-        raise DatasetError(f"expected {db_file}; {SFM_LAYOUT}; {SFM_URL}")
-    try:
-        with open(db_file, "rb") as f:
-            db = pickle.load(f)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise DatasetError(f"cannot read {db_file} ({type(e).__name__}: {e}); download it again ({SFM_URL})") from None
+    db = read_pickle(db_file, SFM_LAYOUT, SFM_URL)
     if not isinstance(db, dict) or split not in db:
         have = sorted(db) if isinstance(db, dict) else type(db).__name__
         raise DatasetError(f"{db_file} has no split {split!r} (found {have}); expected {{'train': ..., 'val': ...}}")
