@@ -63,7 +63,13 @@ def _optional(conv):
 
 
 def config_from_args(ns: argparse.Namespace) -> ExperimentConfig:
-    """The config of ``train``: the preset, then the ``--config`` file over it, then the flags."""
+    """The config of ``train``: the preset, then the ``--config`` file over it, then the flags.
+
+    With ``--resume`` it is the run's own ``runs/<name>/config.json`` (:func:`resume_config`). Without
+    ``--name`` (and without a name from the preset or config file) the run is named after what it
+    computes (:func:`default_run_name`), never a name a notebook uses."""
+    if getattr(ns, "resume", False):
+        return resume_config(ns)
     base: dict = {}
     if getattr(ns, "preset", None):
         from nbsrc.presets import preset_dict
@@ -73,7 +79,58 @@ def config_from_args(ns: argparse.Namespace) -> ExperimentConfig:
     if getattr(ns, "config", None):
         base.update(read_config_file(ns.config, names))
     base.update({k: v for k, v in vars(ns).items() if k in names})  # only the flags given are in ns
-    return ExperimentConfig.from_dict(base)
+    if "name" in base:
+        return ExperimentConfig.from_dict(base)
+    cfg = ExperimentConfig.from_dict(base)
+    return cfg.replace(name=default_run_name(cfg))
+
+
+def default_run_name(cfg: ExperimentConfig) -> str:
+    """``cli_<dataset>_<loss>_lam<lam>_<hash>``: the CLI's run name when ``--name`` is not given. The
+    hash is of the config's fingerprint (what the run computes), so the same command names the same
+    run (and ``--resume`` without ``--name`` finds it), a different one another run; the ``cli_``
+    prefix is one no notebook uses (they name runs ``irt_r``, ``dtop``, ``effnet_...``), so
+    ``make demo`` and the README's commands never collide."""
+    import hashlib
+
+    fp = {k: v for k, v in cfg.fingerprint().items() if k != "name"}
+    digest = hashlib.sha1(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    return f"cli_{cfg.dataset}_{cfg.loss}_lam{cfg.lam:g}_{digest}"
+
+
+def resume_config(ns: argparse.Namespace) -> ExperimentConfig:
+    """The config of ``train --resume``: ``<runs-dir>/<name>/config.json`` as saved. Flags may change
+    only how the run is executed (:data:`~nbsrc.config.EXECUTION_FIELDS`: device, num_workers,
+    progress, log and checkpoint frequency, ...); a flag that changes what the run computes, or
+    ``--preset`` / ``--config``, is a one-line :class:`~nbsrc.errors.ConfigError` naming it."""
+    from nbsrc.config import EXECUTION_FIELDS
+    from nbsrc.train.rundir import CONFIG, load_run_config
+
+    for opt in ("preset", "config"):
+        if getattr(ns, opt, None):
+            raise ConfigError(f"--{opt} cannot be combined with --resume: a resumed run keeps its saved "
+                              f"config.json; drop --{opt}")
+    names = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    given = {k: v for k, v in vars(ns).items() if k in names}
+    if "name" not in given:
+        given["name"] = default_run_name(ExperimentConfig.from_dict(given))
+    runs_dir = Path(given.get("runs_dir", ExperimentConfig.runs_dir))
+    path = runs_dir / given["name"] / CONFIG
+    if not path.exists():
+        raise ConfigError(f"--resume: there is no run {runs_dir / given['name']} (no {CONFIG}); pass the "
+                          f"--name (and --runs-dir) of an existing run, or drop --resume to start one")
+    saved = load_run_config(path)
+    for k, v in given.items():
+        if k in ("name", "runs_dir") or k in EXECUTION_FIELDS:
+            continue
+        old = saved.to_dict()[k]
+        if (list(v) if isinstance(v, tuple) else v) != old:
+            flag = "--" + k.replace("_", "-")
+            raise ConfigError(f"{flag} {v!r} cannot change a resumed run (it was made with {k}={old!r}): only "
+                              f"execution settings ({', '.join(sorted(EXECUTION_FIELDS - {'runs_dir'}))}) may; "
+                              f"drop {flag}, or start a new run with another --name")
+    changes = {k: v for k, v in given.items() if k in EXECUTION_FIELDS}
+    return saved.replace(**{**changes, "runs_dir": str(runs_dir)})
 
 
 def read_config_file(path: str, names: set[str]) -> dict:

@@ -1,0 +1,89 @@
+"""The command line as README shows it (issue 13): ``--resume`` reads the run's own config, the
+default run name never collides with a notebook's, ``--help`` explains every flag, ``eval``,
+``runs`` and ``compare``."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from nbsrc.__main__ import build_parser, default_run_name, main
+from nbsrc.config import ExperimentConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--dataset", "digits", "--img-size", "8", "--patch-size", "4", "--batch-size", "16", "--m-per-class", "4",
+        "--iterations", "2", "--eval-per-class", "20", "--log-every", "1", "--ckpt-every", "1", "--memory-size", "0",
+        "--no-progress", "--device", "cpu", "--lam", "0"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One tiny finished run, ``runs/r``, trained through the CLI."""
+    runs = tmp_path_factory.mktemp("cli") / "runs"
+    assert main(["train", "--name", "r", "--runs-dir", str(runs), *TINY]) == 0
+    return runs
+
+
+def test_resume_reads_the_saved_config(finished, capsys):
+    """README's resume example: ``--name X --resume`` with no other flag continues runs/X as saved."""
+    rc = main(["train", "--name", "r", "--runs-dir", str(finished), "--resume"])
+    assert rc == 0, capsys.readouterr().err
+
+
+def test_resume_accepts_execution_flags(finished, capsys):
+    rc = main(["train", "--name", "r", "--runs-dir", str(finished), "--resume", "--device", "cpu",
+               "--num-workers", "0", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, named", [(["--lr", "0.5"], "--lr 0.5"), (["--lam", "0.3"], "--lam 0.3"),
+                                          (["--iterations", "5"], "--iterations 5")])
+def test_resume_refuses_a_flag_that_changes_the_run(finished, capsys, flags, named):
+    before = sorted(p.name for p in (finished / "r").iterdir())
+    rc = main(["train", "--name", "r", "--runs-dir", str(finished), "--resume", *flags])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and named in err and "cannot change a resumed run" in err
+    assert sorted(p.name for p in (finished / "r").iterdir()) == before
+
+
+def test_resume_refuses_preset(finished, capsys):
+    rc = main(["train", "--name", "r", "--runs-dir", str(finished), "--resume", "--preset", "irt_r_sop_deits"])
+    assert rc == 2 and "--preset cannot be combined with --resume" in capsys.readouterr().err
+
+
+def test_resume_of_a_missing_run_names_it(tmp_path, capsys):
+    rc = main(["train", "--name", "ghost", "--runs-dir", str(tmp_path / "runs"), "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "ghost" in err and "no config.json" in err and not (tmp_path / "runs").exists()
+
+
+def notebook_run_names() -> set[str]:
+    """Every run name a notebook can produce: literal names and the runner's variant names."""
+    names = set()
+    for nb in (ROOT / "notebooks").glob("*.ipynb"):
+        src = "".join("".join(c["source"]) for c in json.loads(nb.read_text())["cells"])
+        names.update(re.findall(r"""name=f?["']([A-Za-z0-9_{}]+)""", src))
+    return names
+
+
+def test_default_name_is_none_a_notebook_uses():
+    cfg = ExperimentConfig()
+    name = default_run_name(cfg)
+    assert name.startswith("cli_fashion_mnist_contrastive_lam0.7_")
+    prefixes = {n.split("{")[0] for n in notebook_run_names()} | {"irt_r", "irt_l", "irt_o", "dtop", "effnet"}
+    assert prefixes and not any(name == p or (p and name.startswith(p) and "{" in p) for p in prefixes)
+    assert not any(name.startswith(p) for p in prefixes if p)
+    # the same settings give the same name, different ones another
+    assert default_run_name(ExperimentConfig()) == name
+    assert default_run_name(cfg.replace(lr=1e-3)) != name
+    assert default_run_name(cfg.replace(device="cpu")) == name  # execution fields do not count
+
+
+def test_train_without_name_uses_the_default_name(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert main(["train", "--runs-dir", str(runs), *TINY]) == 0
+    (made,) = [p.name for p in runs.iterdir()]
+    assert made == default_run_name(ExperimentConfig.load(runs / made / "config.json"))
+    # README: the same command with --resume and no --name finds the same run
+    assert main(["train", "--runs-dir", str(runs), *TINY, "--resume"]) == 0, capsys.readouterr().err
