@@ -87,3 +87,55 @@ def test_train_without_name_uses_the_default_name(tmp_path, capsys):
     assert made == default_run_name(ExperimentConfig.load(runs / made / "config.json"))
     # README: the same command with --resume and no --name finds the same run
     assert main(["train", "--runs-dir", str(runs), *TINY, "--resume"]) == 0, capsys.readouterr().err
+
+
+def test_train_help_shows_every_flag_with_help_default_and_choices(capsys):
+    import dataclasses
+
+    from nbsrc import config
+    from nbsrc.losses import PAIR_LOSSES
+
+    parser = build_parser()
+    train = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "train")[1]
+    helps = {a.dest: a.help for a in train._actions}
+    for f in dataclasses.fields(ExperimentConfig):
+        m = re.fullmatch(r"(.+) \(default: (.+)\)", helps[f.name] or "", re.S)
+        assert m and m.group(1).strip(), f"--{f.name} has no help text with a default: {helps[f.name]!r}"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--pooling {" + ",".join(config.POOLINGS) + "}" in text
+    assert "choices: " + ", ".join(PAIR_LOSSES) in text
+    assert "(default: 0.7)" in text and "(default: 1 2 4 8)" in text  # lam, ks
+    assert "margin on negatives" in text  # the papers' name where ours differs
+
+
+def test_eval_prints_results_and_how_they_were_evaluated(finished, capsys):
+    assert main(["eval", str(finished / "r")]) == 0
+    first, how = capsys.readouterr().out.strip().splitlines()
+    saved = json.loads((finished / "r" / "results.json").read_text())
+    assert first == "r: " + "  ".join(f"{k}={saved[k]:.2f}" for k in ("R@1", "R@2", "R@4", "R@8"))
+    assert "evaluated on digits classes 5-9 (at most 20 images per class" in how
+    assert "after 2 iterations" in how and "on cpu" in how and "nbsrc 0.1.0" in how
+
+
+def test_results_record_provenance(finished):
+    import numpy
+    import timm
+    import torch
+
+    saved = json.loads((finished / "r" / "results.json").read_text())
+    v = saved["versions"]
+    assert (v["torch"], v["timm"], v["numpy"], v["nbsrc"]) == (torch.__version__, timm.__version__,
+                                                               numpy.__version__, "0.1.0")
+    assert v["faiss"] != "absent"
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?|unknown", saved["git_commit"])
+    assert saved["machine"]["cpu"] and saved["machine"]["gpu"] == (
+        torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+
+
+def test_git_commit_outside_a_checkout_is_unknown(tmp_path):
+    from nbsrc.provenance import git_commit
+
+    assert git_commit(tmp_path) == "unknown"
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", git_commit(ROOT)) or not (ROOT / ".git").exists()
