@@ -47,7 +47,7 @@ from nbsrc.provenance import provenance
 from nbsrc.train import distributed, load_results, prepare_run_dir, read_metrics, resolve_device, run_state
 from nbsrc.train.loop import TrainingTask, fit
 from nbsrc.train.pairs import PairTask
-from nbsrc.train.rundir import RESULTS, load_run_config, write_json_atomic
+from nbsrc.train.rundir import RESULTS, close_tensorboard, load_run_config, log_tensorboard, write_json_atomic
 from nbsrc.train.tuples import TupleTask
 
 EMBEDDINGS, MODEL = "embeddings.npz", "model.pt"
@@ -344,6 +344,8 @@ def run_experiment(cfg: ExperimentConfig, mode: str = "reuse", data: RetrievalDa
     results = {**results, **setup.summary, "seconds": round(time.perf_counter() - t0, 1), "device": str(device),
                **provenance()}  # versions of torch, timm, faiss, numpy, nbsrc; git_commit; machine (CPU, GPU)
     write_json_atomic(run_dir / RESULTS, results)
+    log_tensorboard(run_dir, {**results, "kind": "results", "iteration": cfg.iterations})  # its numbers
+    close_tensorboard(run_dir)
     distributed.barrier()
     return RunResult(cfg, run_dir, results, model=model)
 

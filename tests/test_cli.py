@@ -139,3 +139,37 @@ def test_git_commit_outside_a_checkout_is_unknown(tmp_path):
 
     assert git_commit(tmp_path) == "unknown"
     assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", git_commit(ROOT)) or not (ROOT / ".git").exists()
+
+
+def test_metrics_go_to_a_readable_tensorboard_event_file(finished):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from nbsrc.train import read_metrics
+
+    events = list((finished / "r" / "tb").glob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(finished / "r" / "tb"))
+    acc.Reload()
+    rows = read_metrics(finished / "r", "train")
+    assert rows
+    keys = [k for k, v in rows[0].items() if k not in ("kind", "iteration") and isinstance(v, float)]
+    assert "lr" in keys and len(keys) >= 3  # the loss terms, lr, img/s
+    for key in keys:
+        got = {e.step: e.value for e in acc.Scalars(f"train/{key}")}  # a resume (tests above) may repeat a step
+        assert got == {r["iteration"]: pytest.approx(r[key], rel=1e-6) for r in rows}
+    saved = json.loads((finished / "r" / "results.json").read_text())
+    r1 = acc.Scalars("results/R@1")[-1]  # a resumed finished run is evaluated again
+    assert (r1.step, r1.value) == (2, pytest.approx(saved["R@1"], rel=1e-6))
+
+
+def test_without_tensorboard_nothing_is_written_and_it_is_said_once(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from nbsrc.train import rundir
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    monkeypatch.setattr(rundir, "_tb_missing_said", False)
+    for it in (1, 2):
+        rundir.log_tensorboard(tmp_path, {"kind": "train", "iteration": it, "loss": 0.5})
+    assert capsys.readouterr().out.count("tensorboard package is not installed") == 1
+    assert not (tmp_path / "tb").exists()
