@@ -173,3 +173,27 @@ def test_without_tensorboard_nothing_is_written_and_it_is_said_once(tmp_path, mo
         rundir.log_tensorboard(tmp_path, {"kind": "train", "iteration": it, "loss": 0.5})
     assert capsys.readouterr().out.count("tensorboard package is not installed") == 1
     assert not (tmp_path / "tb").exists()
+
+
+def test_notebook_progress_is_printed_as_plain_lines(tmp_path, capsys, monkeypatch):
+    """``make demo``'s notebooks (``show_progress``): papermill's cell lines and the kernel's progress
+    lines appear on stdout while the notebook runs, as plain lines, not widgets."""
+    import nbformat
+
+    from nbsrc.notebook import run_notebook
+
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the kernel imports this checkout's nbsrc
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    params = nbformat.v4.new_code_cell("n = 3")
+    params.metadata["tags"] = ["parameters"]
+    work = nbformat.v4.new_code_cell("from nbsrc.progress import progress\nbar = progress(n, 'work')\n"
+                                     "for _ in range(n):\n    bar.update(1)\nprint('after the loop')")
+    nb.cells = [params, work]
+    path = tmp_path / "tiny.ipynb"
+    nbformat.write(nb, path)
+    run_notebook(path, {"n": 10}, tmp_path / "out.ipynb", show_progress=True)
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("  | ")]
+    assert any("work: 10/10" in ln for ln in lines), out
+    assert any("after the loop" in ln for ln in lines) and any("Executing Cell" in ln for ln in lines), out
+    assert "\r" not in out and "NBSRC_PROGRESS" not in __import__("os").environ
