@@ -1,4 +1,4 @@
-"""Command line: ``python -m nbsrc {train,eval,notebook,demo,presets,embed,search} ...``.
+"""Command line: ``python -m nbsrc {train,eval,runs,compare,notebook,demo,presets,embed,search} ...``.
 
 Every field of :class:`~nbsrc.config.ExperimentConfig` is a flag (``--lr 1e-4``, ``--pooling gem``,
 ``--dim 128``, ``--ks 1 2 4 8``, ``--no-amp``); ``--preset NAME`` starts from a paper row
@@ -282,6 +282,22 @@ def describe_evaluation(cfg: ExperimentConfig, results: dict) -> str:
     return first + "\n" + ", ".join(how)
 
 
+def cmd_runs(ns) -> None:
+    from nbsrc.runlist import format_table, list_runs, write_csv
+
+    rows = list_runs(ns.runs_dir)
+    print(format_table(rows) if rows else f"no runs under {ns.runs_dir}")
+    if ns.csv:
+        write_csv(rows, ns.csv)
+        print(f"wrote {ns.csv}")
+
+
+def cmd_compare(ns) -> None:
+    from nbsrc.runlist import compare_runs, format_table
+
+    print(format_table(compare_runs(ns.runs)))
+
+
 def cmd_notebook(ns) -> None:
     from nbsrc.notebook import parse_parameters, run_notebook
 
@@ -314,6 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(t)
     e = sub.add_parser("eval", help="print the saved results of finished runs and how they were evaluated")
     e.add_argument("runs", nargs="+", help="run directories, e.g. runs/irt_r")
+    r = sub.add_parser("runs", help="list the runs under a directory: state, iterations, R@1 or mAP, date")
+    r.add_argument("runs_dir", nargs="?", default="runs", metavar="DIR", help="runs directory (default: runs)")
+    r.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
+    c = sub.add_parser("compare", help="the settings that differ between runs, and their results")
+    c.add_argument("runs", nargs="+", metavar="RUN", help="run directories, e.g. runs/my_irt_r runs/my_irt_l")
     n = sub.add_parser("notebook", help="run one notebook headless with papermill")
     n.add_argument("path")
     n.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"))
@@ -342,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
             cmd_demo(ns)
         elif ns.cmd == "presets":
             cmd_presets(ns)
+        elif ns.cmd == "runs":
+            cmd_runs(ns)
+        elif ns.cmd == "compare":
+            cmd_compare(ns)
         elif hasattr(ns, "func"):
             ns.func(ns)
     except NbsrcError as err:

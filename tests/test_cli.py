@@ -197,3 +197,77 @@ def test_notebook_progress_is_printed_as_plain_lines(tmp_path, capsys, monkeypat
     assert any("work: 10/10" in ln for ln in lines), out
     assert any("after the loop" in ln for ln in lines) and any("Executing Cell" in ln for ln in lines), out
     assert "\r" not in out and "NBSRC_PROGRESS" not in __import__("os").environ
+
+
+def test_runs_lists_finished_resumable_and_leftover(finished, tmp_path, capsys):
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(finished / "r", runs / "r")
+    shutil.copytree(finished / "r", runs / "half")
+    for f in ("results.json", "model.pt", "embeddings.npz"):
+        (runs / "half" / f).unlink()
+    (runs / "gone").mkdir()
+    shutil.copy(finished / "r" / "config.json", runs / "gone" / "config.json")
+    (runs / "not_a_run").mkdir()
+    assert main(["runs", str(runs), "--csv", str(tmp_path / "runs.csv")]) == 0
+    out = capsys.readouterr().out
+    saved = json.loads((finished / "r" / "results.json").read_text())
+    rows = {ln.split()[0]: ln.split() for ln in out.splitlines()[2:] if ln and not ln.startswith("wrote")}
+    assert set(rows) == {"r", "half", "gone"}
+    assert rows["r"][1:5] == ["finished", "2/2", "R@1", f"{saved['R@1']:.2f}"]
+    assert rows["half"][1:3] == ["resumable", "2/2"] and rows["gone"][1:3] == ["leftover", "0/2"]
+    import csv
+
+    assert [r["name"] for r in csv.DictReader(open(tmp_path / "runs.csv"))] == ["gone", "half", "r"]
+
+
+def test_compare_shows_the_settings_that_differ_and_the_results(finished, tmp_path, capsys):
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(finished / "r", runs / "a")
+    shutil.copytree(finished / "r", runs / "b")
+    cfg = json.loads((runs / "b" / "config.json").read_text())
+    cfg.update(lr=0.5, name="b")
+    (runs / "b" / "config.json").write_text(json.dumps(cfg))
+    res = json.loads((runs / "b" / "results.json").read_text())
+    res["R@1"] = 12.345
+    (runs / "b" / "results.json").write_text(json.dumps(res))
+    assert main(["compare", str(runs / "a"), str(runs / "b")]) == 0
+    header, _, a, b = capsys.readouterr().out.strip().splitlines()
+    assert header.split()[:3] == ["run", "lr", "R@1"]  # lr is the only setting that differs
+    assert b.split()[:3] == ["b", "0.5", "12.35"]
+    assert main(["compare", str(runs / "a"), str(runs / "ghost")]) == 2
+    assert "ghost does not exist" in capsys.readouterr().err
+
+
+def readme_cli_commands() -> list[list[str]]:
+    """The commands of README's "Command line" block, as argument lists after ``-m nbsrc``."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Command line", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [shlex.split(line.split("#")[0])[3:] for line in block.splitlines() if "-m nbsrc" in line]
+
+
+def test_readme_cli_examples_run_as_written(tmp_path, monkeypatch, capsys):
+    """README's command-line block, in order, in a fresh directory: each train command with the tiny
+    settings appended (and then the same on --resume), the others as written. The notebook line and the
+    preset line (it needs the SOP images) are run elsewhere (test_faults_cli, test_presets)."""
+    monkeypatch.chdir(tmp_path)
+    commands = readme_cli_commands()
+    assert [c[0] for c in commands][:6] == ["train", "train", "train", "eval", "runs", "compare"]
+    (tmp_path / "runs").mkdir()
+    ran = 0
+    for args in commands:
+        if args[0] == "notebook" or "--preset" in args:
+            continue
+        if args[0] == "compare":  # runs/irt_r is notebook 02's run: compare the README's run with itself
+            args = [a if a != "runs/irt_r" else "runs/my_irt_r" for a in args]
+        extra = [f for f in TINY if args[0] == "train"] if "--resume" not in args else []
+        rc = main([*args, *extra])
+        assert rc == 0, (args, capsys.readouterr().err)
+        ran += 1
+    assert ran >= 6
+    assert (tmp_path / "runs" / "my_irt_r" / "results.json").exists()
