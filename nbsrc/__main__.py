@@ -151,6 +151,10 @@ def config_from_args(ns: argparse.Namespace) -> ExperimentConfig:
     computes (:func:`default_run_name`), never a name a notebook uses."""
     if getattr(ns, "resume", False):
         return resume_config(ns)
+    return _config_from_flags(ns)
+
+
+def _config_from_flags(ns: argparse.Namespace) -> ExperimentConfig:
     base: dict = {}
     if getattr(ns, "preset", None):
         from nbsrc.presets import preset_dict
@@ -183,9 +187,11 @@ def resume_config(ns: argparse.Namespace) -> ExperimentConfig:
     """The config of ``train --resume``: ``<runs-dir>/<name>/config.json`` as saved. Flags may change
     only how the run is executed (:data:`~nbsrc.config.EXECUTION_FIELDS`: device, num_workers,
     progress, log and checkpoint frequency, ...); a flag that changes what the run computes, or
-    ``--preset`` / ``--config``, is a one-line :class:`~nbsrc.errors.ConfigError` naming it."""
+    ``--preset`` / ``--config``, is a one-line :class:`~nbsrc.errors.ConfigError` naming it. A leftover
+    of a start killed before its first checkpoint is not a run (:func:`~nbsrc.train.rundir.is_leftover`):
+    the command's own config starts it again."""
     from nbsrc.config import EXECUTION_FIELDS
-    from nbsrc.train.rundir import CONFIG, load_run_config
+    from nbsrc.train.rundir import CONFIG, is_leftover, load_run_config
 
     for opt in ("preset", "config"):
         if getattr(ns, opt, None):
@@ -200,6 +206,8 @@ def resume_config(ns: argparse.Namespace) -> ExperimentConfig:
     if not path.exists():
         raise ConfigError(f"--resume: there is no run {runs_dir / given['name']} (no {CONFIG}); pass the "
                           f"--name (and --runs-dir) of an existing run, or drop --resume to start one")
+    if is_leftover(path.parent):  # killed before its first checkpoint: not a run, the command starts it anew
+        return _config_from_flags(ns)
     saved = load_run_config(path)
     for k, v in given.items():
         if k in ("name", "runs_dir") or k in EXECUTION_FIELDS:
