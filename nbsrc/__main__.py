@@ -1,4 +1,4 @@
-"""Command line: ``python -m nbsrc {train,eval,notebook,demo,presets,embed,search} ...``.
+"""Command line: ``python -m nbsrc {train,eval,runs,compare,notebook,demo,presets,embed,search} ...``.
 
 Every field of :class:`~nbsrc.config.ExperimentConfig` is a flag (``--lr 1e-4``, ``--pooling gem``,
 ``--dim 128``, ``--ks 1 2 4 8``, ``--no-amp``); ``--preset NAME`` starts from a paper row
@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import errno
 import json
+import re
 import sys
 import typing
 from pathlib import Path
@@ -32,26 +33,106 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
 
 
+def field_choices() -> dict[str, tuple]:
+    """The values a config field can take, from the tuples of :mod:`nbsrc.config` and the registries of
+    :mod:`nbsrc.losses` (shown by ``--help``; ``validate()`` and the registries still check them)."""
+    from nbsrc import config as c
+    from nbsrc.losses import PAIR_LOSSES, TUPLE_LOSSES
+
+    return {"dataset": c.DATASETS, "pooling": c.POOLINGS, "sampler": c.SAMPLERS, "scheduler": c.SCHEDULERS,
+            "optimizer": c.OPTIMIZERS, "whitening": c.WHITENINGS, "loss": tuple(PAIR_LOSSES),
+            "tuple_loss": tuple(TUPLE_LOSSES), "sfm_training": ("tuples", "classes"), "size_variant": (None, "mixed"),
+            "device": ("auto", "cpu", "cuda", "cuda:N")}
+
+
+# --help of the fields that have no comment of their own in nbsrc/config.py
+_UNCOMMENTED_HELP = {
+    "name": "the run's directory under --runs-dir",
+    "runs_dir": "directory that holds the run directories",
+    "seed": "random seed of the model's initialisation, the sampler and the data order",
+    "negatives_per_tuple": "SfM-120k: hard negatives mined per (query, positive) tuple",
+    "pairs_per_epoch": "SfM-120k: (query, positive) pairs drawn per epoch",
+    "negative_pool": "SfM-120k: images from which the hard negatives are mined each epoch",
+    "gem_p": "GeM pooling exponent p (pooling gem)",
+    "gem_learnable": "learn GeM's p with the network",
+    "arcface_margin": "ArcFace additive angular margin m (loss arcface)",
+    "arcface_scale": "ArcFace scale s (loss arcface)",
+    "optimizer": "optimizer of the network's parameters",
+    "lr": "peak learning rate",
+    "weight_decay": "decoupled weight decay (AdamW) or L2 (SGD, Adam)",
+    "batch_size": "images per batch, a multiple of --m-per-class",
+    "warmup_iters": "iterations of linear learning-rate warm-up",
+    "scheduler": "learning-rate schedule after the warm-up",
+    "num_workers": "DataLoader worker processes (0: load in the main process)",
+    "log_every": "write a metrics.jsonl row every N iterations",
+    "ckpt_every": "save checkpoint.pt every N iterations (0: only at the end)",
+    "ks": "the K of Recall@K",
+    "eval_batch_size": "images per batch when embedding for evaluation",
+    "progress": "show a progress bar while training",
+}
+
+
+def field_comments() -> dict[str, str]:
+    """Each config field's comment in ``nbsrc/config.py`` (the one on its line, else the comment lines
+    just above it), with :data:`~nbsrc.config.FIELD_HELP` taking precedence: the help of ``train``'s flags."""
+    import inspect
+
+    from nbsrc import config
+
+    out: dict[str, str] = {}
+    above: list[str] = []
+    for line in inspect.getsource(config.ExperimentConfig).splitlines():
+        stripped = line.strip()
+        m = re.match(r"(\w+): [^=]+=[^#]*(?:#\s*(.*))?$", stripped)
+        if stripped.startswith("#") and not stripped.startswith("# ---"):
+            above.append(stripped.lstrip("# "))
+        elif m:
+            text = m.group(2) or " ".join(above)
+            if text:
+                out[m.group(1)] = text
+            above = []
+        else:
+            above = []
+    return {**_UNCOMMENTED_HELP, **out, **FIELD_HELP}
+
+
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per config field. A flag not given leaves the field to the preset / config file /
-    default (``argparse.SUPPRESS``: absent from the namespace); ``none`` or ``null`` sets an optional
-    field to None (``--dim none``), while a plain string field keeps the word (``--weights none``)."""
+    """One flag per config field, its help the field's comment, its default and its choices. A flag not
+    given leaves the field to the preset / config file / default (``argparse.SUPPRESS``: absent from the
+    namespace); ``none`` or ``null`` sets an optional field to None (``--dim none``), while a plain string
+    field keeps the word (``--weights none``)."""
     hints = typing.get_type_hints(ExperimentConfig)
+    comments, choices, defaults = field_comments(), field_choices(), ExperimentConfig().to_dict()
     for f in dataclasses.fields(ExperimentConfig):
         t, flag = hints[f.name], "--" + f.name.replace("_", "-")
         args = typing.get_args(t)
         optional = bool(args) and type(None) in args
         base = next((a for a in args if a is not type(None)), t) if optional else t
-        unset, help_ = argparse.SUPPRESS, FIELD_HELP.get(f.name)
+        shown = defaults[f.name]
+        shown = "none" if shown is None else " ".join(map(str, shown)) if isinstance(shown, list) else shown
+        if f.name == "name":
+            shown = "cli_<dataset>_<loss>_lam<lam>_<hash of the settings>, a name no notebook uses"
+        help_ = comments.get(f.name, f.name.replace("_", " "))
+        if f.name in choices and re.fullmatch(r"[\w:]+( \| [\w:]+)+", help_):  # a bare list: the choices say it
+            help_ = {"device": "where to train and evaluate"}.get(f.name, f.name.replace("_", " "))
+        if f.name in choices:
+            help_ += f"; choices: {', '.join('none' if v is None else str(v) for v in choices[f.name])}"
+        help_ = (help_ + f" (default: {shown})").replace("%", "%%")
+        unset = argparse.SUPPRESS
         if base is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=unset, help=help_)
         elif f.name == "ks":
-            p.add_argument(flag, dest=f.name, type=int, nargs="+", default=unset)
+            p.add_argument(flag, dest=f.name, type=int, nargs="+", default=unset, help=help_)
         elif f.name == "model_options":
-            p.add_argument(flag, dest=f.name, type=json.loads, default=unset, help="JSON dict")
+            p.add_argument(flag, dest=f.name, type=json.loads, default=unset, help="a JSON dict; " + help_)
+        elif f.name == "eval_scales":
+            p.add_argument(flag, dest=f.name, type=float, nargs="+", default=unset, help=help_)
         else:
             conv = base if base in (int, float, str) else str
-            p.add_argument(flag, dest=f.name, type=_optional(conv) if optional else conv, default=unset, help=help_)
+            metavar = "{" + ",".join("none" if v is None else str(v) for v in choices[f.name]) + "}" \
+                if f.name in choices and f.name != "device" else None
+            p.add_argument(flag, dest=f.name, type=_optional(conv) if optional else conv, default=unset,
+                           help=help_, metavar=metavar)
 
 
 def _optional(conv):
@@ -63,7 +144,17 @@ def _optional(conv):
 
 
 def config_from_args(ns: argparse.Namespace) -> ExperimentConfig:
-    """The config of ``train``: the preset, then the ``--config`` file over it, then the flags."""
+    """The config of ``train``: the preset, then the ``--config`` file over it, then the flags.
+
+    With ``--resume`` it is the run's own ``runs/<name>/config.json`` (:func:`resume_config`). Without
+    ``--name`` (and without a name from the preset or config file) the run is named after what it
+    computes (:func:`default_run_name`), never a name a notebook uses."""
+    if getattr(ns, "resume", False):
+        return resume_config(ns)
+    return _config_from_flags(ns)
+
+
+def _config_from_flags(ns: argparse.Namespace) -> ExperimentConfig:
     base: dict = {}
     if getattr(ns, "preset", None):
         from nbsrc.presets import preset_dict
@@ -73,7 +164,62 @@ def config_from_args(ns: argparse.Namespace) -> ExperimentConfig:
     if getattr(ns, "config", None):
         base.update(read_config_file(ns.config, names))
     base.update({k: v for k, v in vars(ns).items() if k in names})  # only the flags given are in ns
-    return ExperimentConfig.from_dict(base)
+    if "name" in base:
+        return ExperimentConfig.from_dict(base)
+    cfg = ExperimentConfig.from_dict(base)
+    return cfg.replace(name=default_run_name(cfg))
+
+
+def default_run_name(cfg: ExperimentConfig) -> str:
+    """``cli_<dataset>_<loss>_lam<lam>_<hash>``: the CLI's run name when ``--name`` is not given. The
+    hash is of the config's fingerprint (what the run computes), so the same command names the same
+    run (and ``--resume`` without ``--name`` finds it), a different one another run; the ``cli_``
+    prefix is one no notebook uses (they name runs ``irt_r``, ``dtop``, ``effnet_...``), so
+    ``make demo`` and the README's commands never collide."""
+    import hashlib
+
+    fp = {k: v for k, v in cfg.fingerprint().items() if k != "name"}
+    digest = hashlib.sha1(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    return f"cli_{cfg.dataset}_{cfg.loss}_lam{cfg.lam:g}_{digest}"
+
+
+def resume_config(ns: argparse.Namespace) -> ExperimentConfig:
+    """The config of ``train --resume``: ``<runs-dir>/<name>/config.json`` as saved. Flags may change
+    only how the run is executed (:data:`~nbsrc.config.EXECUTION_FIELDS`: device, num_workers,
+    progress, log and checkpoint frequency, ...); a flag that changes what the run computes, or
+    ``--preset`` / ``--config``, is a one-line :class:`~nbsrc.errors.ConfigError` naming it. A leftover
+    of a start killed before its first checkpoint is not a run (:func:`~nbsrc.train.rundir.is_leftover`):
+    the command's own config starts it again."""
+    from nbsrc.config import EXECUTION_FIELDS
+    from nbsrc.train.rundir import CONFIG, is_leftover, load_run_config
+
+    for opt in ("preset", "config"):
+        if getattr(ns, opt, None):
+            raise ConfigError(f"--{opt} cannot be combined with --resume: a resumed run keeps its saved "
+                              f"config.json; drop --{opt}")
+    names = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    given = {k: v for k, v in vars(ns).items() if k in names}
+    if "name" not in given:
+        given["name"] = default_run_name(ExperimentConfig.from_dict(given))
+    runs_dir = Path(given.get("runs_dir", ExperimentConfig.runs_dir))
+    path = runs_dir / given["name"] / CONFIG
+    if not path.exists():
+        raise ConfigError(f"--resume: there is no run {runs_dir / given['name']} (no {CONFIG}); pass the "
+                          f"--name (and --runs-dir) of an existing run, or drop --resume to start one")
+    if is_leftover(path.parent):  # killed before its first checkpoint: not a run, the command starts it anew
+        return _config_from_flags(ns)
+    saved = load_run_config(path)
+    for k, v in given.items():
+        if k in ("name", "runs_dir") or k in EXECUTION_FIELDS:
+            continue
+        old = saved.to_dict()[k]
+        if (list(v) if isinstance(v, tuple) else v) != old:
+            flag = "--" + k.replace("_", "-")
+            raise ConfigError(f"{flag} {v!r} cannot change a resumed run (it was made with {k}={old!r}): only "
+                              f"execution settings ({', '.join(sorted(EXECUTION_FIELDS - {'runs_dir'}))}) may; "
+                              f"drop {flag}, or start a new run with another --name")
+    changes = {k: v for k, v in given.items() if k in EXECUTION_FIELDS}
+    return saved.replace(**{**changes, "runs_dir": str(runs_dir)})
 
 
 def read_config_file(path: str, names: set[str]) -> dict:
@@ -111,11 +257,53 @@ def cmd_train(ns) -> None:
 
 
 def cmd_eval(ns) -> None:
+    """Print each finished run's saved results and how they were obtained. The evaluation is the one the
+    run did when it finished (on its held-out classes, with the model it saved), so printing it is exact
+    and instant; re-evaluating on other data is ``nbsrc embed`` + ``nbsrc search`` or
+    :func:`nbsrc.experiment.load_run` with ``with_model=True``."""
     from nbsrc.experiment import load_run
 
     for run in ns.runs:
         res = load_run(Path(run))
-        print(f"{res.config.name}: " + "  ".join(f"{k}={v:.2f}" for k, v in res.recall.items()))
+        print(describe_evaluation(res.config, res.results))
+
+
+def describe_evaluation(cfg: ExperimentConfig, results: dict) -> str:
+    """Two lines: ``name: R@1=..  R@2=..`` (or mAP) and how that was evaluated."""
+    scores = {k: v for k, v in results.items() if k.startswith(("R@", "mAP", "roxford", "rparis"))
+              and isinstance(v, (int, float))}
+    first = f"{cfg.name}: " + "  ".join(f"{k}={v:.2f}" for k, v in scores.items())
+    per_class = "all images" if cfg.eval_per_class is None else f"at most {cfg.eval_per_class} images"
+    where = (f"Revisited Oxford/Paris" if cfg.dataset == "sfm120k" else
+             f"{cfg.dataset} classes {cfg.test_classes} ({per_class} per class, each query against the rest)")
+    how = [f"  evaluated on {where}", f"{'PCA to ' + str(cfg.dim) if cfg.dim else 'no PCA'}",
+           f"after {cfg.iterations} iterations" if cfg.iterations else "off-the-shelf (no training)"]
+    if cfg.eval_scales:
+        how.append(f"scales {cfg.eval_scales}")
+    if cfg.whitening:
+        how.append(f"{cfg.whitening} whitening")
+    if "device" in results:
+        how.append(f"on {results['device']}")
+    versions = results.get("versions")
+    if isinstance(versions, dict):
+        how.append(f"nbsrc {versions.get('nbsrc')}, commit {str(results.get('git_commit', 'unknown'))[:12]}")
+    return first + "\n" + ", ".join(how)
+
+
+def cmd_runs(ns) -> None:
+    from nbsrc.runlist import format_table, list_runs, write_csv
+
+    rows = list_runs(ns.runs_dir)
+    print(format_table(rows) if rows else f"no runs under {ns.runs_dir}")
+    if ns.csv:
+        write_csv(rows, ns.csv)
+        print(f"wrote {ns.csv}")
+
+
+def cmd_compare(ns) -> None:
+    from nbsrc.runlist import compare_runs, format_table
+
+    print(format_table(compare_runs(ns.runs)))
 
 
 def cmd_notebook(ns) -> None:
@@ -148,8 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue runs/<name> from its checkpoint")
     g.add_argument("--overwrite", action="store_true", help="move an existing runs/<name> aside and start again")
     _add_config_flags(t)
-    e = sub.add_parser("eval", help="print the results of finished runs")
+    e = sub.add_parser("eval", help="print the saved results of finished runs and how they were evaluated")
     e.add_argument("runs", nargs="+", help="run directories, e.g. runs/irt_r")
+    r = sub.add_parser("runs", help="list the runs under a directory: state, iterations, R@1 or mAP, date")
+    r.add_argument("runs_dir", nargs="?", default="runs", metavar="DIR", help="runs directory (default: runs)")
+    r.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
+    c = sub.add_parser("compare", help="the settings that differ between runs, and their results")
+    c.add_argument("runs", nargs="+", metavar="RUN", help="run directories, e.g. runs/my_irt_r runs/my_irt_l")
     n = sub.add_parser("notebook", help="run one notebook headless with papermill")
     n.add_argument("path")
     n.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"))
@@ -178,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
             cmd_demo(ns)
         elif ns.cmd == "presets":
             cmd_presets(ns)
+        elif ns.cmd == "runs":
+            cmd_runs(ns)
+        elif ns.cmd == "compare":
+            cmd_compare(ns)
         elif hasattr(ns, "func"):
             ns.func(ns)
     except NbsrcError as err:

@@ -1,5 +1,9 @@
 """``make demo``: run the notebooks in order through papermill on Fashion-MNIST, then print the
-Recall@K table of IRT_O, IRT_L and IRT_R."""
+Recall@K table of IRT_O, IRT_L and IRT_R.
+
+Never silent: each notebook is announced with a start line and an end line with its elapsed time, and
+in between its cells' outputs, training progress included, are printed as plain lines (``  | ...``;
+:func:`nbsrc.notebook.run_notebook` with ``show_progress``)."""
 
 from __future__ import annotations
 
@@ -30,9 +34,9 @@ def run_demo(quick: bool = False, notebooks_to_run: list[str] | None = None, out
         declared = notebook_parameters(nb)
         params = {k: v for k, v in QUICK.items() if k in declared} if quick else {}
         t = time.perf_counter()
-        print(f"== {nb.name} ...", flush=True)
-        out = run_notebook(nb, params, Path(out_dir) / ("quick" if quick else "") / nb.name)
-        print(f"   done in {time.perf_counter() - t:.0f} s -> {out}", flush=True)
+        print(f"== {nb.name}: started at {time.strftime('%H:%M:%S')}", flush=True)
+        out = run_notebook(nb, params, Path(out_dir) / ("quick" if quick else "") / nb.name, show_progress=True)
+        print(f"== {nb.name}: done in {time.perf_counter() - t:.0f} s -> {out}", flush=True)
     table = Path(QUICK["figures_dir"]) / TABLE.name if quick else TABLE
     print(f"\nDemo finished in {(time.perf_counter() - t0) / 60:.1f} min. Recall@K (%) on the unseen classes:\n")
     print(table.read_text() if table.exists() else f"(no table: {table} was not written)")

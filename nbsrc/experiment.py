@@ -23,7 +23,6 @@ notebooks' default) a finished run with the same config is loaded instead of ret
 
 from __future__ import annotations
 
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,10 +43,11 @@ from nbsrc.eval import evaluate, extract_embeddings
 from nbsrc.eval.particular import SINGLE_SCALE, evaluate_revisited_data, learn_sfm_whitening
 from nbsrc.eval.revisited import REVISITED_LAYOUT, REVISITED_NAMES, build_revisited
 from nbsrc.models import data_config, model_from_config
+from nbsrc.provenance import provenance
 from nbsrc.train import distributed, load_results, prepare_run_dir, read_metrics, resolve_device, run_state
 from nbsrc.train.loop import TrainingTask, fit
 from nbsrc.train.pairs import PairTask
-from nbsrc.train.rundir import RESULTS, load_run_config, write_json_atomic
+from nbsrc.train.rundir import RESULTS, close_tensorboard, load_run_config, log_tensorboard, write_json_atomic
 from nbsrc.train.tuples import TupleTask
 
 EMBEDDINGS, MODEL = "embeddings.npz", "model.pt"
@@ -342,8 +342,10 @@ def run_experiment(cfg: ExperimentConfig, mode: str = "reuse", data: RetrievalDa
     np.savez(run_dir / EMBEDDINGS, **arrays)
     torch.save(model.state_dict(), run_dir / MODEL)
     results = {**results, **setup.summary, "seconds": round(time.perf_counter() - t0, 1), "device": str(device),
-               "torch": torch.__version__, "python": platform.python_version()}
+               **provenance()}  # versions of torch, timm, faiss, numpy, nbsrc; git_commit; machine (CPU, GPU)
     write_json_atomic(run_dir / RESULTS, results)
+    log_tensorboard(run_dir, {**results, "kind": "results", "iteration": cfg.iterations})  # its numbers
+    close_tensorboard(run_dir)
     distributed.barrier()
     return RunResult(cfg, run_dir, results, model=model)
 

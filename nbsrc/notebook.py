@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import typing
 import json
+import logging
 import math
 import os
 import sys
@@ -122,9 +123,19 @@ def parse_parameters(path: str | Path, pairs) -> dict:
 
 
 def run_notebook(path: str | Path, params: dict | None = None, out: str | Path | None = None,
-                 kernel: str | None = None, cwd: str | Path | None = None, log_output: bool = False) -> Path:
-    """Execute ``path`` with ``params`` into ``out`` (default ``runs/notebooks/<name>``)."""
+                 kernel: str | None = None, cwd: str | Path | None = None, log_output: bool = False,
+                 show_progress: bool = False) -> Path:
+    """Execute ``path`` with ``params`` into ``out`` (default ``runs/notebooks/<name>``).
+
+    ``log_output``: the cells' outputs go to papermill's log as they come. ``show_progress`` (what
+    ``make demo`` uses): that log is printed to stdout as plain lines (``  | ...``), papermill's
+    "Executing Cell N" lines included, and nbsrc's progress bars inside the kernel print plain lines
+    (``train irt_r: 40/100 (3.1/s) loss=...``) instead of widgets, so a long notebook is never silent."""
     import papermill as pm
+
+    if show_progress:
+        log_output = True
+        _print_papermill_log()
 
     path = Path(path)
     if not path.exists():
@@ -134,6 +145,9 @@ def run_notebook(path: str | Path, params: dict | None = None, out: str | Path |
     out = Path(out) if out is not None else Path("runs") / "notebooks" / path.name
     out.parent.mkdir(parents=True, exist_ok=True)
     kernel = kernel or os.environ.get("NBSRC_KERNEL") or _default_kernel()
+    saved_env = os.environ.get("NBSRC_PROGRESS")
+    if show_progress:
+        os.environ["NBSRC_PROGRESS"] = "lines"  # the kernel inherits the environment
     try:
         pm.execute_notebook(str(path), str(out), parameters=params, kernel_name=kernel,
                             cwd=str(cwd or Path.cwd()), progress_bar=False, log_output=log_output,
@@ -143,7 +157,30 @@ def run_notebook(path: str | Path, params: dict | None = None, out: str | Path |
         raise NbsrcError(
             f"{path.name} stopped in cell {e.exec_count}: {e.ename}: {evalue} (the whole traceback is in {out})"
         ) from None
+    finally:
+        if show_progress:
+            if saved_env is None:
+                os.environ.pop("NBSRC_PROGRESS", None)
+            else:
+                os.environ["NBSRC_PROGRESS"] = saved_env
     return out
+
+
+class _StdoutHandler(logging.Handler):
+    """Writes to the ``sys.stdout`` of the moment (so that redirections and test captures see it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for line in self.format(record).splitlines():
+            if line.strip():
+                print(f"  | {line.rstrip()}", flush=True)
+
+
+def _print_papermill_log() -> None:
+    """Route papermill's log (cell starts and, with ``log_output``, the cells' outputs) to stdout, once."""
+    logger = logging.getLogger("papermill")
+    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+        logger.addHandler(_StdoutHandler())
+    logger.setLevel(logging.INFO)
 
 
 def _default_kernel() -> str:

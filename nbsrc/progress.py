@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
 
 def _interactive() -> bool:
+    if os.environ.get("NBSRC_PROGRESS") == "lines":  # set by `make demo`: a kernel's bars as plain log lines
+        return False
     try:
         from IPython import get_ipython
 

@@ -324,7 +324,7 @@ CASES: dict[str, Case] = {
     # --- run directories: existing, damaged, killed
     "new run over a finished one": Case(["train", *tiny_flags(FINISHED)], "already exists", finished_run=True),
     "resume of a run that does not exist": Case(["train", *tiny_flags("ghost"), "--resume"], "ghost"),
-    "resume with another config": Case(_done_resume("--resume", "--lr", "0.5"), "different config (lr=0.001, now 0.5",
+    "resume with another config": Case(_done_resume("--resume", "--lr", "0.5"), "--lr 0.5 cannot change a resumed run (it was made with lr=0.001)",
                                        finished_run=True),
     "resume with a damaged config.json": Case(_done_resume("--resume"), f"runs/{FINISHED}/config.json is damaged",
                                               finished_run=True,

@@ -52,6 +52,11 @@ def test_index_files_and_classes(built, photos):
     assert built.classes == ["china", "flower", "hopper"] and len(built) == 12
     assert (built.path / "skipped.tsv").read_text() == "path\treason\n"
     assert not (built.path / "skipped.partial.jsonl").exists()
+    import timm
+
+    from nbsrc.provenance import provenance  # the same record as a run's results.json
+    assert m["versions"]["timm"] == timm.__version__ and m["versions"] == provenance()["versions"]
+    assert m["git_commit"] and m["machine"]["cpu"]
 
 
 def test_embeddings_equal_the_model_on_each_image(built, photos, lite0):

@@ -45,6 +45,7 @@ from nbsrc.data.images import describe_bad_images, image_problem, list_images, l
 from nbsrc.errors import ConfigError, DatasetError, RunDirError
 from nbsrc.eval.stream import embed_to_memmap, model_fingerprint, sidecar_path
 from nbsrc.retrieval.models import EmbeddingModel, Preprocessing, load_embedding_model, rebuild_model
+from nbsrc.provenance import provenance
 
 FORMAT = "nbsrc-index"
 VERSION = 1
@@ -366,7 +367,7 @@ class Index:
             "dim": int(emb.shape[1]), "metric": "inner product of l2-normalised embeddings (cosine similarity)",
             "model": model.reference, "model_fingerprint": fingerprint,
             "preprocessing": model.preprocessing.to_dict(), "embeddings_dtype": str(emb.dtype),
-            "versions": _versions(),
+            **provenance(),  # versions (torch, timm, faiss, numpy, nbsrc), git_commit, machine
         }
         _write_json(out / MANIFEST, manifest)
         skips_path.unlink(missing_ok=True)
@@ -521,18 +522,6 @@ def _rows_done(out: Path) -> int:
         return int(json.loads(side.read_text()).get("rows_done", 0)) if side.exists() else 0
     except (OSError, ValueError):
         return 0
-
-
-def _versions() -> dict:
-    import platform
-
-    import faiss
-    import timm
-
-    from nbsrc import __version__ as nbsrc_version
-
-    return {"nbsrc": nbsrc_version, "torch": torch.__version__, "timm": timm.__version__,
-            "faiss": getattr(faiss, "__version__", "?"), "python": platform.python_version()}
 
 
 def _as_tensor(x) -> torch.Tensor:

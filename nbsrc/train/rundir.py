@@ -190,8 +190,57 @@ def load_run_config(path: str | Path) -> ExperimentConfig:
 
 
 def append_metrics(run_dir: Path, row: dict) -> None:
+    """Append ``row`` to ``metrics.jsonl``, and its numbers to the run's TensorBoard log
+    (:func:`log_tensorboard`)."""
     with open(run_dir / METRICS, "a") as f:
         f.write(json.dumps(row) + "\n")
+    log_tensorboard(run_dir, row)
+
+
+TENSORBOARD = "tb"  # runs/<name>/tb/: TensorBoard event files (`tensorboard --logdir runs`)
+_tb_writers: dict[Path, Any] = {}
+_tb_missing_said = False
+
+
+def log_tensorboard(run_dir: Path, row: dict) -> None:
+    """Write the numbers of a metrics row to ``<run_dir>/tb/`` as TensorBoard scalars tagged
+    ``<kind>/<field>`` (``train/loss``, ``eval/R@1``, ``results/R@1``) at step ``row["iteration"]``.
+
+    Needs the ``tensorboard`` package (``torch.utils.tensorboard.SummaryWriter``); without it nothing is
+    written and one line says so, once per process. A resumed run adds a new event file beside the old
+    one; TensorBoard reads them together (the rows a resume drops from ``metrics.jsonl`` stay in it)."""
+    global _tb_missing_said
+    run_dir = Path(run_dir)
+    writer = _tb_writers.get(run_dir)
+    if writer is None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            if not _tb_missing_said:
+                print("TensorBoard logs are off: the tensorboard package is not installed (pip install tensorboard); "
+                      "metrics.jsonl has every metric")
+                _tb_missing_said = True
+            return
+        writer = _tb_writers[run_dir] = SummaryWriter(log_dir=str(run_dir / TENSORBOARD))
+    kind, step = row.get("kind", "train"), int(row.get("iteration", 0))
+
+    def scalars(prefix: str, d: dict):  # nested dicts (Revisited easy/medium/hard) become tag paths
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from scalars(f"{prefix}/{k}", v)
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                yield f"{prefix}/{k}", v
+
+    for tag, v in scalars(kind, {k: v for k, v in row.items() if k not in ("kind", "iteration")}):
+        writer.add_scalar(tag, v, global_step=step)
+    writer.flush()
+
+
+def close_tensorboard(run_dir: Path) -> None:
+    """Close the run's TensorBoard writer (if one is open); a later row opens a new event file."""
+    writer = _tb_writers.pop(Path(run_dir), None)
+    if writer is not None:
+        writer.close()
 
 
 def _metric_rows(path: Path) -> tuple[list[dict], str]:

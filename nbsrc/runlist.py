@@ -1,0 +1,99 @@
+"""``nbsrc runs`` and ``nbsrc compare``: what is under a runs directory, and how runs differ.
+
+A run directory is one that holds a ``config.json`` (:mod:`nbsrc.train.rundir`). Its state is
+``finished`` (``results.json`` written), ``resumable`` (a checkpoint: ``train --resume`` continues it)
+or ``leftover`` (neither: a start that failed or was killed before its first checkpoint; a new start
+under its name replaces it)."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+from pathlib import Path
+
+from nbsrc.errors import RunDirError
+from nbsrc.train.rundir import CONFIG, RESULTS, load_run_config, read_json, read_metrics, run_state
+
+STATES = {"done": "finished", "partial": "resumable"}
+
+
+def flat_numbers(d: dict, prefix: str = "") -> dict[str, float]:
+    """The numbers of a (nested) results dict, keys joined with ``/`` (``roxford5k/medium/mAP``)."""
+    out: dict[str, float] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_numbers(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def scores(results: dict) -> dict[str, float]:
+    """The retrieval scores of a results dict: Recall@K, and the Revisited mAP (medium, hard)."""
+    flat = flat_numbers(results)
+    return {k: v for k, v in flat.items() if k.startswith("R@") or k.endswith(("medium/mAP", "hard/mAP"))}
+
+
+def run_row(run_dir: Path) -> dict:
+    """One line of ``nbsrc runs``: name, state, iterations done / planned, R@1 or mAP, date."""
+    cfg = load_run_config(run_dir / CONFIG)
+    state = STATES.get(run_state(run_dir), "leftover")
+    results = read_json(run_dir / RESULTS, "run it again with --resume") if state == "finished" else {}
+    try:
+        done = max((r["iteration"] for r in read_metrics(run_dir, "train")), default=0)
+    except RunDirError:
+        done = "?"
+    if state == "finished":
+        done = cfg.iterations
+    score = scores(results)
+    shown = f"R@1 {score['R@1']:.2f}" if "R@1" in score else "  ".join(
+        f"{k.split('/')[0]} {k.split('/')[1][0].upper()} mAP {v:.2f}" for k, v in score.items())
+    newest = max((p.stat().st_mtime for p in run_dir.iterdir()), default=run_dir.stat().st_mtime)
+    return {"name": run_dir.name, "state": state, "iterations": f"{done}/{cfg.iterations}", "score": shown or "-",
+            "date": datetime.datetime.fromtimestamp(newest).strftime("%Y-%m-%d %H:%M")}
+
+
+def list_runs(runs_dir: str | Path = "runs") -> list[dict]:
+    """A :func:`run_row` for every run directory directly under ``runs_dir``, by name. A run whose
+    ``config.json`` is damaged is listed with state ``damaged`` and the reason, never a crash."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise RunDirError(f"{runs_dir} is not a directory of runs; pass the --runs-dir used to train")
+    rows = []
+    for d in sorted(p for p in runs_dir.iterdir() if (p / CONFIG).is_file()):
+        try:
+            rows.append(run_row(d))
+        except RunDirError as e:
+            rows.append({"name": d.name, "state": "damaged", "iterations": "?", "score": str(e)[:60], "date": ""})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    from tabulate import tabulate
+
+    return tabulate(rows, headers="keys", tablefmt="simple", disable_numparse=True)
+
+
+def write_csv(rows: list[dict], path: str | Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["name"])
+        w.writeheader()
+        w.writerows(rows)
+
+
+def compare_runs(run_dirs: list[str | Path]) -> list[dict]:
+    """One row per run: its name, the config fields whose values differ between the runs (execution
+    fields such as device included, since they can explain a speed), and its scores."""
+    loaded = []
+    for d in map(Path, run_dirs):
+        if not (d / CONFIG).is_file():
+            raise RunDirError(f"run {d} does not exist (no {CONFIG}); pass run directories such as runs/irt_r")
+        cfg = load_run_config(d / CONFIG).to_dict()
+        results = read_json(d / RESULTS, "run it again with --resume") if (d / RESULTS).exists() else {}
+        loaded.append((d.name, cfg, scores(results)))
+    keys = [k for k in loaded[0][1] if k not in ("name", "runs_dir")
+            and len({json.dumps(c.get(k), sort_keys=True) for _, c, _ in loaded}) > 1]
+    score_keys = list(dict.fromkeys(k for _, _, s in loaded for k in s))
+    return [{"run": name, **{k: cfg.get(k) for k in keys},
+             **{k: f"{s[k]:.2f}" if k in s else "-" for k in score_keys}} for name, cfg, s in loaded]

@@ -1,0 +1,273 @@
+"""The command line as README shows it (issue 13): ``--resume`` reads the run's own config, the
+default run name never collides with a notebook's, ``--help`` explains every flag, ``eval``,
+``runs`` and ``compare``."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from nbsrc.__main__ import build_parser, default_run_name, main
+from nbsrc.config import ExperimentConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--dataset", "digits", "--img-size", "8", "--patch-size", "4", "--batch-size", "16", "--m-per-class", "4",
+        "--iterations", "2", "--eval-per-class", "20", "--log-every", "1", "--ckpt-every", "1", "--memory-size", "0",
+        "--no-progress", "--device", "cpu", "--lam", "0"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One tiny finished run, ``runs/r``, trained through the CLI."""
+    runs = tmp_path_factory.mktemp("cli") / "runs"
+    assert main(["train", "--name", "r", "--runs-dir", str(runs), *TINY]) == 0
+    return runs
+
+
+def test_resume_reads_the_saved_config(finished, capsys):
+    """README's resume example: ``--name X --resume`` with no other flag continues runs/X as saved."""
+    rc = main(["train", "--name", "r", "--runs-dir", str(finished), "--resume"])
+    assert rc == 0, capsys.readouterr().err
+
+
+def test_resume_accepts_execution_flags(finished, capsys):
+    rc = main(["train", "--name", "r", "--runs-dir", str(finished), "--resume", "--device", "cpu",
+               "--num-workers", "0", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, named", [(["--lr", "0.5"], "--lr 0.5"), (["--lam", "0.3"], "--lam 0.3"),
+                                          (["--iterations", "5"], "--iterations 5")])
+def test_resume_refuses_a_flag_that_changes_the_run(finished, capsys, flags, named):
+    before = sorted(p.name for p in (finished / "r").iterdir())
+    rc = main(["train", "--name", "r", "--runs-dir", str(finished), "--resume", *flags])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and named in err and "cannot change a resumed run" in err
+    assert sorted(p.name for p in (finished / "r").iterdir()) == before
+
+
+def test_resume_refuses_preset(finished, capsys):
+    rc = main(["train", "--name", "r", "--runs-dir", str(finished), "--resume", "--preset", "irt_r_sop_deits"])
+    assert rc == 2 and "--preset cannot be combined with --resume" in capsys.readouterr().err
+
+
+def test_resume_of_a_missing_run_names_it(tmp_path, capsys):
+    rc = main(["train", "--name", "ghost", "--runs-dir", str(tmp_path / "runs"), "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "ghost" in err and "no config.json" in err and not (tmp_path / "runs").exists()
+
+
+def notebook_run_names() -> set[str]:
+    """Every run name a notebook can produce: literal names and the runner's variant names."""
+    names = set()
+    for nb in (ROOT / "notebooks").glob("*.ipynb"):
+        src = "".join("".join(c["source"]) for c in json.loads(nb.read_text())["cells"])
+        names.update(re.findall(r"""name=f?["']([A-Za-z0-9_{}]+)""", src))
+    return names
+
+
+def test_default_name_is_none_a_notebook_uses():
+    cfg = ExperimentConfig()
+    name = default_run_name(cfg)
+    assert name.startswith("cli_fashion_mnist_contrastive_lam0.7_")
+    prefixes = {n.split("{")[0] for n in notebook_run_names()} | {"irt_r", "irt_l", "irt_o", "dtop", "effnet"}
+    assert prefixes and not any(name == p or (p and name.startswith(p) and "{" in p) for p in prefixes)
+    assert not any(name.startswith(p) for p in prefixes if p)
+    # the same settings give the same name, different ones another
+    assert default_run_name(ExperimentConfig()) == name
+    assert default_run_name(cfg.replace(lr=1e-3)) != name
+    assert default_run_name(cfg.replace(device="cpu")) == name  # execution fields do not count
+
+
+def test_train_without_name_uses_the_default_name(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert main(["train", "--runs-dir", str(runs), *TINY]) == 0
+    (made,) = [p.name for p in runs.iterdir()]
+    assert made == default_run_name(ExperimentConfig.load(runs / made / "config.json"))
+    # README: the same command with --resume and no --name finds the same run
+    assert main(["train", "--runs-dir", str(runs), *TINY, "--resume"]) == 0, capsys.readouterr().err
+
+
+def test_train_help_shows_every_flag_with_help_default_and_choices(capsys):
+    import dataclasses
+
+    from nbsrc import config
+    from nbsrc.losses import PAIR_LOSSES
+
+    parser = build_parser()
+    train = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "train")[1]
+    helps = {a.dest: a.help for a in train._actions}
+    for f in dataclasses.fields(ExperimentConfig):
+        m = re.fullmatch(r"(.+) \(default: (.+)\)", helps[f.name] or "", re.S)
+        assert m and m.group(1).strip(), f"--{f.name} has no help text with a default: {helps[f.name]!r}"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--pooling {" + ",".join(config.POOLINGS) + "}" in text
+    assert "choices: " + ", ".join(PAIR_LOSSES) in text
+    assert "(default: 0.7)" in text and "(default: 1 2 4 8)" in text  # lam, ks
+    assert "margin on negatives" in text  # the papers' name where ours differs
+
+
+def test_eval_prints_results_and_how_they_were_evaluated(finished, capsys):
+    assert main(["eval", str(finished / "r")]) == 0
+    first, how = capsys.readouterr().out.strip().splitlines()
+    saved = json.loads((finished / "r" / "results.json").read_text())
+    assert first == "r: " + "  ".join(f"{k}={saved[k]:.2f}" for k in ("R@1", "R@2", "R@4", "R@8"))
+    assert "evaluated on digits classes 5-9 (at most 20 images per class" in how
+    assert "after 2 iterations" in how and "on cpu" in how and "nbsrc 0.1.0" in how
+
+
+def test_results_record_provenance(finished):
+    import numpy
+    import timm
+    import torch
+
+    saved = json.loads((finished / "r" / "results.json").read_text())
+    v = saved["versions"]
+    assert (v["torch"], v["timm"], v["numpy"], v["nbsrc"]) == (torch.__version__, timm.__version__,
+                                                               numpy.__version__, "0.1.0")
+    assert v["faiss"] != "absent"
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?|unknown", saved["git_commit"])
+    assert saved["machine"]["cpu"] and saved["machine"]["gpu"] == (
+        torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+
+
+def test_git_commit_outside_a_checkout_is_unknown(tmp_path):
+    from nbsrc.provenance import git_commit
+
+    assert git_commit(tmp_path) == "unknown"
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", git_commit(ROOT)) or not (ROOT / ".git").exists()
+
+
+def test_metrics_go_to_a_readable_tensorboard_event_file(finished):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from nbsrc.train import read_metrics
+
+    events = list((finished / "r" / "tb").glob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(finished / "r" / "tb"))
+    acc.Reload()
+    rows = read_metrics(finished / "r", "train")
+    assert rows
+    keys = [k for k, v in rows[0].items() if k not in ("kind", "iteration") and isinstance(v, float)]
+    assert "lr" in keys and len(keys) >= 3  # the loss terms, lr, img/s
+    for key in keys:
+        got = {e.step: e.value for e in acc.Scalars(f"train/{key}")}  # a resume (tests above) may repeat a step
+        assert got == {r["iteration"]: pytest.approx(r[key], rel=1e-6) for r in rows}
+    saved = json.loads((finished / "r" / "results.json").read_text())
+    r1 = acc.Scalars("results/R@1")[-1]  # a resumed finished run is evaluated again
+    assert (r1.step, r1.value) == (2, pytest.approx(saved["R@1"], rel=1e-6))
+
+
+def test_without_tensorboard_nothing_is_written_and_it_is_said_once(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from nbsrc.train import rundir
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    monkeypatch.setattr(rundir, "_tb_missing_said", False)
+    for it in (1, 2):
+        rundir.log_tensorboard(tmp_path, {"kind": "train", "iteration": it, "loss": 0.5})
+    assert capsys.readouterr().out.count("tensorboard package is not installed") == 1
+    assert not (tmp_path / "tb").exists()
+
+
+def test_notebook_progress_is_printed_as_plain_lines(tmp_path, capsys, monkeypatch):
+    """``make demo``'s notebooks (``show_progress``): papermill's cell lines and the kernel's progress
+    lines appear on stdout while the notebook runs, as plain lines, not widgets."""
+    import nbformat
+
+    from nbsrc.notebook import run_notebook
+
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the kernel imports this checkout's nbsrc
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    params = nbformat.v4.new_code_cell("n = 3")
+    params.metadata["tags"] = ["parameters"]
+    work = nbformat.v4.new_code_cell("from nbsrc.progress import progress\nbar = progress(n, 'work')\n"
+                                     "for _ in range(n):\n    bar.update(1)\nprint('after the loop')")
+    nb.cells = [params, work]
+    path = tmp_path / "tiny.ipynb"
+    nbformat.write(nb, path)
+    run_notebook(path, {"n": 10}, tmp_path / "out.ipynb", show_progress=True)
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("  | ")]
+    assert any("work: 10/10" in ln for ln in lines), out
+    assert any("after the loop" in ln for ln in lines) and any("Executing Cell" in ln for ln in lines), out
+    assert "\r" not in out and "NBSRC_PROGRESS" not in __import__("os").environ
+
+
+def test_runs_lists_finished_resumable_and_leftover(finished, tmp_path, capsys):
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(finished / "r", runs / "r")
+    shutil.copytree(finished / "r", runs / "half")
+    for f in ("results.json", "model.pt", "embeddings.npz"):
+        (runs / "half" / f).unlink()
+    (runs / "gone").mkdir()
+    shutil.copy(finished / "r" / "config.json", runs / "gone" / "config.json")
+    (runs / "not_a_run").mkdir()
+    assert main(["runs", str(runs), "--csv", str(tmp_path / "runs.csv")]) == 0
+    out = capsys.readouterr().out
+    saved = json.loads((finished / "r" / "results.json").read_text())
+    rows = {ln.split()[0]: ln.split() for ln in out.splitlines()[2:] if ln and not ln.startswith("wrote")}
+    assert set(rows) == {"r", "half", "gone"}
+    assert rows["r"][1:5] == ["finished", "2/2", "R@1", f"{saved['R@1']:.2f}"]
+    assert rows["half"][1:3] == ["resumable", "2/2"] and rows["gone"][1:3] == ["leftover", "0/2"]
+    import csv
+
+    assert [r["name"] for r in csv.DictReader(open(tmp_path / "runs.csv"))] == ["gone", "half", "r"]
+
+
+def test_compare_shows_the_settings_that_differ_and_the_results(finished, tmp_path, capsys):
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(finished / "r", runs / "a")
+    shutil.copytree(finished / "r", runs / "b")
+    cfg = json.loads((runs / "b" / "config.json").read_text())
+    cfg.update(lr=0.5, name="b")
+    (runs / "b" / "config.json").write_text(json.dumps(cfg))
+    res = json.loads((runs / "b" / "results.json").read_text())
+    res["R@1"] = 12.345
+    (runs / "b" / "results.json").write_text(json.dumps(res))
+    assert main(["compare", str(runs / "a"), str(runs / "b")]) == 0
+    header, _, a, b = capsys.readouterr().out.strip().splitlines()
+    assert header.split()[:3] == ["run", "lr", "R@1"]  # lr is the only setting that differs
+    assert b.split()[:3] == ["b", "0.5", "12.35"]
+    assert main(["compare", str(runs / "a"), str(runs / "ghost")]) == 2
+    assert "ghost does not exist" in capsys.readouterr().err
+
+
+def readme_cli_commands() -> list[list[str]]:
+    """The commands of README's "Command line" block, as argument lists after ``-m nbsrc``."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Command line", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [shlex.split(line.split("#")[0])[3:] for line in block.splitlines() if "-m nbsrc" in line]
+
+
+def test_readme_cli_examples_run_as_written(tmp_path, monkeypatch, capsys):
+    """README's command-line block, in order, in a fresh directory: each train command with the tiny
+    settings appended (and then the same on --resume), the others as written. The notebook line and the
+    preset line (it needs the SOP images) are run elsewhere (test_faults_cli, test_presets)."""
+    monkeypatch.chdir(tmp_path)
+    commands = readme_cli_commands()
+    assert [c[0] for c in commands][:6] == ["train", "train", "train", "eval", "runs", "compare"]
+    (tmp_path / "runs").mkdir()
+    ran = 0
+    for args in commands:
+        if args[0] == "notebook" or "--preset" in args:
+            continue
+        if args[0] == "compare":  # runs/irt_r is notebook 02's run: compare the README's run with itself
+            args = [a if a != "runs/irt_r" else "runs/my_irt_r" for a in args]
+        extra = [f for f in TINY if args[0] == "train"] if "--resume" not in args else []
+        rc = main([*args, *extra])
+        assert rc == 0, (args, capsys.readouterr().err)
+        ran += 1
+    assert ran >= 6
+    assert (tmp_path / "runs" / "my_irt_r" / "results.json").exists()
