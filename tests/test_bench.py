@@ -143,14 +143,6 @@ def test_train_cpu_variants_are_paired_with_the_fp32_reference(tmp_path):
         bench_train(**TINY_TRAIN, device="cpu", cpu_variants=("nbsrc fp16",))
 
 
-@pytest.mark.slow
-def test_train_cpu_compile_variant_reports_its_compile_time():
-    r = bench_train(**TINY_TRAIN, device="cpu", cpu_variants=("nbsrc compile",), loss_only=False)
-    v = r["cpu_variants"]["nbsrc compile"]
-    assert v["compile_s"] is not None and math.isfinite(v["compile_s"])
-    assert v["payoff_steps"] is None or v["payoff_steps"] > 0
-
-
 def test_embed_cli_writes_its_section(tmp_path):
     path = tmp_path / "R.md"
     assert bench_main(["embed", "--images", "6", "--width", "40", "--height", "30", "--rounds", "2",
