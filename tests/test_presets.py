@@ -318,7 +318,8 @@ def test_cli_flags_can_reset_preset_values():
                                     "--no-amp", "--ks", "1", "5"])
     cfg = config_from_args(ns)
     assert (cfg.weights, cfg.dim, cfg.amp, cfg.ks) == ("none", None, False, (1, 5))
-    assert config_from_args(build_parser().parse_args(["train"])) == ExperimentConfig()  # no flag: the defaults
+    bare = config_from_args(build_parser().parse_args(["train"]))  # no flag: the defaults, under the CLI's own name
+    assert bare.name.startswith("cli_") and bare.replace(name=ExperimentConfig().name) == ExperimentConfig()
 
 
 def test_cli_unknown_preset_and_presets_command(capsys):
