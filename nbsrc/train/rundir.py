@@ -42,10 +42,10 @@ def run_state(run_dir: Path) -> str:
 
 def is_leftover(run_dir: Path) -> bool:
     """A directory that holds no checkpoint and no results, only what a start leaves before its
-    first checkpoint (``config.json``, ``metrics.jsonl``, a killed save's temporary file): not a
-    run, so a new start under its name may replace it."""
+    first checkpoint (``config.json``, ``metrics.jsonl``, the TensorBoard copy of the metrics, a
+    killed save's temporary file): not a run, so a new start under its name may replace it."""
     return run_state(run_dir) == "started" and all(
-        p.name in (CONFIG, METRICS, METRICS + ".tmp") or p.name.startswith(f".{LATEST}.tmp-")
+        p.name in (CONFIG, METRICS, METRICS + ".tmp", TENSORBOARD) or p.name.startswith(f".{LATEST}.tmp-")
         for p in run_dir.iterdir())
 
 
