@@ -14,6 +14,8 @@ import platform
 import re
 from pathlib import Path
 
+from nbsrc.provenance import cpu_model
+
 RESULTS_PATH = Path("bench") / "RESULTS.md"
 
 
@@ -32,7 +34,7 @@ def machine_info() -> dict:
     import numpy as np
     import torch
 
-    info = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "cpu": _cpu_model(),
+    info = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "cpu": cpu_model(),
             "cores": os.cpu_count(), "ram_gb": round(_ram_bytes() / 2**30, 1), "python": platform.python_version(),
             "torch": torch.__version__, "numpy": np.__version__}
     for name in ("timm", "faiss", "pytorch_metric_learning"):
@@ -42,16 +44,6 @@ def machine_info() -> dict:
             info[name] = "not installed"
     info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _ram_bytes() -> int:
