@@ -153,3 +153,19 @@ def test_build_data_selects_parts_by_name(tmp_path, monkeypatch):
     assert data.train[0][0].shape == (3, 32, 32)
     val = build_data(cfg.replace(train_classes="train_fit", test_classes="train_val"))
     assert set(val.train.labels.tolist()) == {4, 5, 6} and set(val.query.labels.tolist()) == {7}
+
+
+def test_a_built_set_loads_by_its_file_with_its_own_parts(tmp_path):
+    """data_root may name a built set's file: a small set (here 12 classes) then serves any config."""
+    from nbsrc.config import ExperimentConfig
+    from nbsrc.data import build_data
+
+    g = small(tmp_path)
+    for path in (g.path, g.path.with_suffix(".json")):
+        again = glyphs.load_glyphs(path)
+        assert again.parts == g.parts and again.images.tobytes() == g.images.tobytes()
+    data = build_data(ExperimentConfig(dataset="glyphs", data_root=str(g.path), train_classes="train_fit",
+                                       test_classes="test", img_size=32, patch_size=8))
+    assert set(np.unique(data.train.labels).tolist()) == {4, 5, 6} and set(np.unique(data.query.labels).tolist()) == {8, 9, 10, 11}
+    with pytest.raises(DatasetError, match="is not a built glyph set"):
+        glyphs.load_glyphs(tmp_path / "nothing.npz")

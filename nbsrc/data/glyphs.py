@@ -455,8 +455,22 @@ def _load(npz: Path, meta_path: Path, ranges) -> GlyphSet:
 
 
 def load_glyphs(cache_dir: str | Path | None = None, progress: bool = True) -> GlyphSet:
-    """The default glyph dataset (:data:`CJK_FONTS`, :data:`PARTS`, seed 0, 32 px), built on first use."""
+    """The default glyph dataset (:data:`CJK_FONTS`, :data:`PARTS`, seed 0, 32 px), built on first use
+    in ``cache_dir``; or, when ``cache_dir`` names a built set's file (``glyphs-<key>.npz`` or its
+    ``.json``), that set whatever its spec (e.g. a small one built by :func:`build_glyphs` for a test)."""
+    if cache_dir is not None and Path(cache_dir).suffix in (".npz", ".json"):
+        return load_built(cache_dir)
     return build_glyphs(cache_dir=cache_dir, progress=progress)
+
+
+def load_built(path: str | Path) -> GlyphSet:
+    """The glyph set built before into ``path`` (its ``.npz`` or ``.json``), with the parts its metadata records."""
+    npz, meta_path = Path(path).with_suffix(".npz"), Path(path).with_suffix(".json")
+    if not (npz.is_file() and meta_path.is_file()):
+        raise DatasetError(f"glyphs: {path} is not a built glyph set (need both {npz.name} and {meta_path.name}); "
+                           "give the cache folder instead, or build the set with `python -m nbsrc.data.glyphs build`")
+    meta = json.loads(meta_path.read_text())
+    return _load(npz, meta_path, {name: tuple(r) for name, r in meta["parts"].items()})
 
 
 def main(argv=None) -> int:
