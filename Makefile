@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lab install data glyphs browser kernel clean-runs
+.PHONY: demo demo-glyphs test test-fast lab install data glyphs browser kernel clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ browser:
 
 demo: install
 	$(PY) -m nbsrc demo
+
+# The second demo: pretraining on 1,000 glyph classes, fine-tuning on 500 others, evaluation on 500 unseen ones.
+demo-glyphs: install glyphs
+	$(PY) -m nbsrc demo --demo glyphs
 
 test: install browser
 	$(PY) -m pytest -q

@@ -323,7 +323,7 @@ def cmd_presets(ns) -> None:
 def cmd_demo(ns) -> None:
     from nbsrc.demo import run_demo
 
-    run_demo(quick=ns.quick, notebooks_to_run=ns.only)
+    run_demo(quick=ns.quick, notebooks_to_run=ns.only, demo=ns.demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -348,7 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"))
     n.add_argument("--out")
     n.add_argument("--log-output", action="store_true")
-    d = sub.add_parser("demo", help="run the notebooks in order on Fashion-MNIST and print the table")
+    d = sub.add_parser("demo", help="run the notebooks in order on a demo's data and print the table")
+    from nbsrc.demo import DEFAULT_DEMO, DEMOS
+
+    d.add_argument("--demo", default=DEFAULT_DEMO, choices=DEMOS,
+                   help=f"which demo (nbsrc.demo.DEMO_DATA; default: {DEFAULT_DEMO}); glyphs needs `make glyphs`")
     d.add_argument("--quick", action="store_true", help="tiny parameters (smoke test)")
     d.add_argument("--only", nargs="+", help="notebook file names to run")
     sub.add_parser("presets", help="print the table of presets (the paper's rows)")

@@ -1,5 +1,12 @@
-"""``make demo``: run the notebooks in order through papermill on Fashion-MNIST, then print the
-Recall@K table of IRT_O, IRT_L and IRT_R.
+"""The demo: its settings in one place, and ``make demo`` (the notebooks in order through papermill,
+then the Recall@K table of IRT_O, IRT_L and IRT_R).
+
+Every demo notebook (01-08) starts from :func:`demo_config`: the data of one demo (:data:`DEMO_DATA`)
+and the training recipe (:data:`RECIPE`), with the notebook's ``overrides`` on top. A notebook's
+parameters cell holds only what that notebook varies plus ``demo`` and ``overrides``; ``nbsrc
+notebook NB -p lr 1e-4`` (or papermill's ``-p overrides '{"lr": 1e-4}'``) changes any config field
+(:func:`nbsrc.notebook.fold_overrides`). Run names are the notebooks' own; run reuse across the
+notebooks follows from their configs being built by the same function.
 
 Never silent: each notebook is announced with a start line and an end line with its elapsed time, and
 in between its cells' outputs, training progress included, are printed as plain lines (``  | ...``;
@@ -7,16 +14,150 @@ in between its cells' outputs, training progress included, are printed as plain 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
+from typing import Any
 
+from nbsrc.config import EXECUTION_FIELDS, ExperimentConfig
+from nbsrc.errors import ConfigError
 from nbsrc.notebook import NOTEBOOKS_DIR, run_notebook
 
-TABLE = Path("figures") / "table3_irt.md"
+TABLE = Path("table3_irt.md")  # in the figures folder
+
+# The data of each demo: a class-disjoint split (train on some classes, query = gallery on unseen ones), the
+# input size, and the batches (m images of each class in every batch: 4 classes a batch of Fashion-MNIST's 5,
+# 32 of the glyphs' 500).
+DEMO_DATA: dict[str, dict[str, Any]] = {
+    # Fashion-MNIST (Debian's dataset-fashion-mnist): train on classes 0-4, evaluate on the unseen 5-9
+    # (300 images each); 28 px with 7-px patches (4 x 4 tokens); random init (no pretrained weights offline).
+    "fashion_mnist": dict(dataset="fashion_mnist", train_classes="0-4", test_classes="5-9", eval_per_class=300,
+                          img_size=28, patch_size=7, weights="none", batch_size=64, m_per_class=16),
+    # CJK glyphs (nbsrc.data.glyphs, `make glyphs`): 2,000 ideographs drawn by 59 font faces, 32 px. Pretrain
+    # on classes 0-999 (PRETRAIN), fine-tune on 1000-1499, evaluate on the unseen 1500-1999 (12 images each:
+    # 6,000 queries, query = gallery); 8-px patches (4 x 4 tokens).
+    "glyphs": dict(dataset="glyphs", train_classes="train", test_classes="test", eval_per_class=12,
+                   img_size=32, patch_size=8, weights="none", batch_size=128, m_per_class=4),
+}
+
+# The training recipe of every demo run (IRT_L / IRT_R on the training classes; IRT §4.1's contrastive
+# loss with beta = 0.5 and lambda = 0.7 as the paper). Our reading for the rest: a ViT-Tiny at the demo's size.
+RECIPE: dict[str, Any] = dict(
+    backbone="vit_tiny_patch16_224", pooling="cls", beta=0.5, lam=0.7, iterations=300, lr=1e-3,
+    weight_decay=5e-4, memory_size=1024, memory_start=0, warmup_iters=20,
+)
+# The demos whose model is pretrained here first, on classes disjoint from both of its splits (ImageNet -> SOP
+# in miniature, IRT §4): the pretraining run's settings over DEMO_DATA and RECIPE. Its run is named after its
+# config's hash, so the fine-tuning runs' ``weights`` (that run's directory) change when it does.
+PRETRAIN: dict[str, dict[str, Any]] = {
+    # Our reading (no ImageNet here): Scalable NCA (a softmax over the batch's neighbours) on the 1,000
+    # pretraining classes, evaluated on the validation classes. Class-proxy classification (Normalized
+    # Softmax, 1,000 proxies, each seen ~0.1 times a batch) did not leave ln(1000) in the budget:
+    # loss 7.2 -> 7.0 after 170 iterations of 128 images (notebooks/11_recipe_study.ipynb).
+    "glyphs": dict(train_classes="pretrain", test_classes="train_val", eval_per_class=None, loss="snca",
+                   temperature=0.05, lam=0.0, memory_size=0, memory_start=0, iterations=300, warmup_iters=30,
+                   lr=5e-4, weight_decay=0.05, batch_size=128, m_per_class=4),
+}
+# Fields that a demo's ``overrides`` pass on to its pretraining run too: how it runs, the architecture
+# (the weights must fit the fine-tuned model) and where the data are.
+PRETRAIN_SHARED = EXECUTION_FIELDS | {"backbone", "img_size", "patch_size", "data_root"}
+DEMOS = tuple(DEMO_DATA)
+DEFAULT_DEMO = "fashion_mnist"
+
+
+def _check_demo(demo: str) -> None:
+    if demo not in DEMO_DATA:
+        raise ConfigError(f"demo={demo!r} is invalid: expected one of {', '.join(DEMOS)}")
+
+
+def pretrain_config(demo: str, runs_dir: str = "runs", **overrides: Any) -> ExperimentConfig | None:
+    """The pretraining run of ``demo`` (None when it has none): :data:`DEMO_DATA` and the architecture
+    of :data:`RECIPE` with :data:`PRETRAIN` ``[demo]`` on top, then ``overrides``; named
+    ``pretrain_<hash of its fingerprint>`` under ``<runs_dir>/<demo>``."""
+    _check_demo(demo)
+    if demo not in PRETRAIN:
+        return None
+    d = {**DEMO_DATA[demo], **{k: RECIPE[k] for k in ("backbone", "pooling")}, **PRETRAIN[demo],
+         "runs_dir": str(Path(runs_dir) / demo), **overrides}
+    cfg = ExperimentConfig.from_dict({**d, "name": "pretrain"})
+    digest = hashlib.sha256(json.dumps(cfg.fingerprint() | {"name": None}, sort_keys=True).encode()).hexdigest()[:8]
+    return cfg.replace(name=f"pretrain_{digest}")
+
+
+def demo_config(demo: str = DEFAULT_DEMO, runs_dir: str = "runs", name: str = "irt", **overrides: Any) -> ExperimentConfig:
+    """The demo's base config: :data:`DEMO_DATA` ``[demo]`` + :data:`RECIPE` + ``overrides`` (any
+    config field; a notebook's ``overrides`` parameter), validated. The notebooks derive their runs
+    from it (:func:`nbsrc.experiment.irt_variants`, the sweeps and grids)."""
+    _check_demo(demo)
+    d = {**DEMO_DATA[demo], **RECIPE}
+    pre = pretrain_config(demo, runs_dir, **{k: v for k, v in overrides.items() if k in PRETRAIN_SHARED})
+    if pre is not None:
+        d["weights"] = str(pre.run_dir)  # fine-tune the model pretrained by prepare_demo
+    runs_dir = str(Path(runs_dir) / demo)  # each demo's runs apart: the notebooks name runs alike
+    d.update({"name": name, "runs_dir": runs_dir, **overrides})
+    for key in ("warmup_iters", "memory_start"):  # the recipe's, shortened to fit fewer iterations
+        if key not in overrides:
+            d[key] = min(d[key], d["iterations"])
+    return ExperimentConfig.from_dict(d)
+
+
+def prepare_demo(demo: str = DEFAULT_DEMO, runs_dir: str = "runs", pretrain: dict | None = None,
+                 **overrides: Any) -> ExperimentConfig:
+    """:func:`demo_config`, after pretraining the demo's model when it has a pretraining step
+    (:data:`PRETRAIN`): that run is trained once and reused while its config is unchanged (the
+    usual run reuse). ``pretrain``: config fields over the pretraining run's (e.g. fewer iterations
+    for a smoke run); ``overrides`` reach it only for :data:`PRETRAIN_SHARED` fields."""
+    shared = {k: v for k, v in overrides.items() if k in PRETRAIN_SHARED}
+    pre = pretrain_config(demo, runs_dir, **{**shared, **(pretrain or {})})
+    if pre is not None:
+        from nbsrc.experiment import run_experiment  # torch: only when a run is made (the CLI's --help stays fast)
+
+        run_experiment(pre)
+        overrides = {"weights": str(pre.run_dir), **overrides}
+    return demo_config(demo, runs_dir, **overrides)
+
+
+def recipe_study(runs_dir: str = "runs", pretrain: dict | None = None, iterations: int = 300,
+                 lrs=(1e-4, 3e-4, 1e-3), memory_starts=(0, 150), memory_size: int = 1024,
+                 **overrides: Any) -> dict[str, ExperimentConfig]:
+    """The search that chose :data:`RECIPE` (notebooks/11_recipe_study.ipynb): IRT_L (λ = 0) on the glyphs'
+    ``train_fit`` classes, evaluated on ``train_val`` (100 training classes held out, all their images;
+    never the test classes). ``{label: config}``:
+
+    * off the shelf, random init and pretrained (:data:`PRETRAIN`);
+    * fine-tuned from random init at lr 3e-4, without memory;
+    * fine-tuned from the pretrained model at each lr of ``lrs``, without memory;
+    * at lr 3e-4 with a ``memory_size`` cross-batch memory from each iteration of ``memory_starts``.
+
+    Runs go to ``<runs_dir>/glyphs/study_*``; the pretraining run is the demo's (trained by
+    :func:`prepare_demo` if needed)."""
+    study = dict(name="study", train_classes="train_fit", test_classes="train_val", eval_per_class=None, lam=0.0,
+                 memory_size=0, memory_start=0, iterations=iterations, warmup_iters=min(30, iterations))
+    base = prepare_demo("glyphs", runs_dir, pretrain, **{**study, **overrides})
+    pre = base.weights
+
+    def tag(x: float) -> str:
+        return f"{x:.0e}".replace("e-0", "e-")  # 3e-4
+
+    off = base.replace(iterations=0, warmup_iters=0)
+    out = {"random init, off the shelf": off.replace(name="study_o_random", weights="none"),
+           "pretrained, off the shelf": off.replace(name="study_o_pre"),
+           "random init, lr 3e-4": base.replace(name="study_random_lr3e-4", weights="none", lr=3e-4)}
+    for lr in lrs:
+        out[f"pretrained, lr {tag(lr)}"] = base.replace(name=f"study_pre_lr{tag(lr)}", weights=pre, lr=lr)
+    for start in memory_starts:
+        start = min(int(start), iterations)
+        out[f"pretrained, lr 3e-4, XBM {memory_size} from it. {start}"] = base.replace(
+            name=f"study_pre_lr3e-4_xbm{memory_size}_from{start}", lr=3e-4, memory_size=memory_size, memory_start=start)
+    return out
+
+
 # Tiny parameters for the smoke run (CI): each notebook finishes in well under a minute.
 QUICK = {
     "runs_dir": "runs/quick", "figures_dir": "runs/quick/figures", "iterations": 4, "eval_per_class": 20,
-    "batch_size": 32, "m_per_class": 8, "memory_size": 64, "warmup_iters": 0, "seeds": [0, 1],
+    "batch_size": 32, "m_per_class": 8, "memory_size": 64, "memory_start": 0, "warmup_iters": 0, "seeds": [0, 1],
+    "pretrain": {"iterations": 4, "warmup_iters": 0, "eval_per_class": 5, "batch_size": 32, "m_per_class": 4},
 }
 
 
@@ -24,19 +165,33 @@ def notebooks() -> list[Path]:
     return sorted(p for p in NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
 
 
-def run_demo(quick: bool = False, notebooks_to_run: list[str] | None = None, out_dir: str | Path = "runs/notebooks") -> None:
+# Not part of `make demo`: the search that chose RECIPE (run it by name: `nbsrc demo --only 11_recipe_study.ipynb`).
+STUDIES = ("11_recipe_study.ipynb",)
+
+
+def run_demo(quick: bool = False, notebooks_to_run: list[str] | None = None, out_dir: str | Path = "runs/notebooks",
+             demo: str = DEFAULT_DEMO) -> None:
+    """Run the demo notebooks (01-10; 11 only when named in ``notebooks_to_run``) on ``demo`` and print
+    the table. Figures of a demo other than the default go to ``figures/<demo>/``."""
     from nbsrc.notebook import notebook_parameters
 
+    _check_demo(demo)
+    figures = Path("figures") if demo == DEFAULT_DEMO else Path("figures") / demo
     t0 = time.perf_counter()
     for nb in notebooks():
-        if notebooks_to_run and nb.name not in notebooks_to_run:
+        if (notebooks_to_run and nb.name not in notebooks_to_run) or (not notebooks_to_run and nb.name in STUDIES):
             continue
         declared = notebook_parameters(nb)
-        params = {k: v for k, v in QUICK.items() if k in declared} if quick else {}
+        takes = set(declared) | (set(ExperimentConfig.__dataclass_fields__) if "overrides" in declared else set())
+        params = {k: v for k, v in QUICK.items() if k in takes} if quick else {}
+        if "demo" in declared:
+            params["demo"] = demo
+        if "figures_dir" in declared and not quick:
+            params["figures_dir"] = str(figures)
         t = time.perf_counter()
         print(f"== {nb.name}: started at {time.strftime('%H:%M:%S')}", flush=True)
         out = run_notebook(nb, params, Path(out_dir) / ("quick" if quick else "") / nb.name, show_progress=True)
         print(f"== {nb.name}: done in {time.perf_counter() - t:.0f} s -> {out}", flush=True)
-    table = Path(QUICK["figures_dir"]) / TABLE.name if quick else TABLE
+    table = (Path(QUICK["figures_dir"]) if quick else figures) / TABLE.name
     print(f"\nDemo finished in {(time.perf_counter() - t0) / 60:.1f} min. Recall@K (%) on the unseen classes:\n")
     print(table.read_text() if table.exists() else f"(no table: {table} was not written)")

@@ -71,17 +71,51 @@ def _expected(default) -> tuple[str, typing.Callable[[object], bool]] | None:
     return None
 
 
+def _config_fields() -> dict[str, typing.Any]:
+    """``{name: type hint}`` of the :class:`~nbsrc.config.ExperimentConfig` fields."""
+    from nbsrc.config import ExperimentConfig
+
+    hints = typing.get_type_hints(ExperimentConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(ExperimentConfig)}
+
+
+def fold_overrides(path: str | Path, params: dict) -> dict:
+    """A notebook that declares ``overrides = {}`` (the demo notebooks: their shared settings come
+    from :func:`nbsrc.demo.demo_config`) takes any config field as a parameter: ``-p lr 1e-4``
+    becomes ``overrides={"lr": 1e-4}`` (merged into an ``overrides`` given too). A name the
+    notebook declares itself stays its own parameter; other names are left for
+    :func:`check_parameters` to reject."""
+    declared = notebook_parameters(path)
+    if "overrides" not in declared:
+        return dict(params)
+    fields = _config_fields()
+    out = {k: v for k, v in params.items() if k in declared or k not in fields}
+    extra = {k: v for k, v in params.items() if k not in declared and k in fields}
+    if extra:
+        given = params.get("overrides") or {}
+        if not isinstance(given, dict):
+            raise ConfigError(f"parameter overrides={given!r} of {Path(path).name} is invalid: expected a dict "
+                              "of config fields such as {\"lr\": 1e-4}")
+        out["overrides"] = {**given, **extra}
+    return out
+
+
 def check_parameters(path: str | Path, params: dict) -> None:
     """Every parameter is declared by the notebook and has the type of its default (None is also
-    accepted where the default is None or the name is an optional config field)."""
+    accepted where the default is None or the name is an optional config field). Config fields
+    given to a notebook with ``overrides`` are folded into it first (:func:`fold_overrides`)."""
     declared = notebook_parameters(path)
+    params = fold_overrides(path, params)
     optional = None
     for k, v in params.items():
         if k not in declared:
-            close = difflib.get_close_matches(k, list(declared), n=1)
+            takes_fields = "overrides" in declared
+            names = list(declared) + (list(_config_fields()) if takes_fields else [])
+            close = difflib.get_close_matches(k, names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
+            also = " and any config field (ExperimentConfig)" if takes_fields else ""
             raise ConfigError(
-                f"unknown parameter {k!r} for {Path(path).name}{hint}; it declares: {', '.join(declared)}"
+                f"unknown parameter {k!r} for {Path(path).name}{hint}; it declares: {', '.join(declared)}{also}"
             )
         expected = _expected(_default(declared, k))
         if expected is None:
@@ -103,9 +137,12 @@ def parse_parameters(path: str | Path, pairs) -> dict:
     else a Python literal (``None``, ``{'a': 1}``), else ``none``/``null`` for None, else the text.
     For a parameter whose default is a string the text is taken as it is (``-p weights none``)."""
     declared = notebook_parameters(path) if Path(path).exists() else {}
+    fields = _config_fields() if "overrides" in declared else {}
     out = {}
     for name, text in pairs:
-        if name in declared and isinstance(_default(declared, name), str):
+        hint = fields.get(name) if name not in declared else None  # a config field going to overrides
+        as_text = hint is str or (hint == str | None and text.lower() not in ("none", "null"))
+        if as_text or (name in declared and isinstance(_default(declared, name), str)):
             out[name] = text
             continue
         try:
@@ -140,7 +177,7 @@ def run_notebook(path: str | Path, params: dict | None = None, out: str | Path |
     path = Path(path)
     if not path.exists():
         raise NbsrcError(f"notebook {path} does not exist; see {NOTEBOOKS_DIR} for the notebooks")
-    params = dict(params or {})
+    params = fold_overrides(path, dict(params or {}))
     check_parameters(path, params)
     out = Path(out) if out is not None else Path("runs") / "notebooks" / path.name
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,125 @@
+"""The demo's settings live in one place (nbsrc.demo); the notebooks' parameters cells hold only what
+each notebook varies, and any config field reaches a notebook through ``overrides``."""
+
+import json
+
+import pytest
+
+from nbsrc.config import ExperimentConfig
+from nbsrc.demo import DEMO_DATA, DEMOS, RECIPE, demo_config, notebooks, pretrain_config
+from nbsrc.errors import ConfigError
+from nbsrc.notebook import NOTEBOOKS_DIR, check_parameters, fold_overrides, notebook_parameters, parse_parameters
+
+NB02 = NOTEBOOKS_DIR / "02_train.ipynb"
+
+
+def test_demo_config_is_data_plus_recipe_plus_overrides():
+    for demo in DEMOS:
+        cfg = demo_config(demo, "somewhere")
+        d = cfg.to_dict()
+        pre = pretrain_config(demo, "somewhere")
+        expected = {**DEMO_DATA[demo], **RECIPE, **({"weights": str(pre.run_dir)} if pre else {})}
+        assert all(d[k] == (list(v) if isinstance(v, tuple) else v) for k, v in expected.items())
+        assert cfg.runs_dir == f"somewhere/{demo}"  # each demo's runs apart
+    # the glyph demo fine-tunes its pretraining run, named after that run's config
+    pre = pretrain_config("glyphs", "r")
+    assert pre.train_classes == "pretrain" and pre.name.startswith("pretrain_") and pre.run_dir.parent.name == "glyphs"
+    assert pretrain_config("glyphs", "r", device="cpu").name == pre.name  # execution fields do not count
+    assert pretrain_config("glyphs", "r", iterations=50).name != pre.name
+    assert demo_config("glyphs", "r", patch_size=4).weights == str(pretrain_config("glyphs", "r", patch_size=4).run_dir)
+    assert pretrain_config("fashion_mnist") is None
+    cfg = demo_config("fashion_mnist", lr=1e-4, iterations=7)
+    assert (cfg.lr, cfg.iterations, cfg.lam) == (1e-4, 7, RECIPE["lam"])
+    assert cfg.warmup_iters == min(RECIPE["warmup_iters"], 7)  # the recipe's warm-up shortened to fit
+    with pytest.raises(ConfigError, match="warmup_iters=20 is invalid"):  # but never one given explicitly
+        demo_config("fashion_mnist", iterations=7, warmup_iters=20)
+    with pytest.raises(ConfigError, match="demo='mnist' is invalid: expected one of"):
+        demo_config("mnist")
+    with pytest.raises(ConfigError, match="did you mean 'iterations'"):
+        demo_config("fashion_mnist", iteration=3)
+
+
+def test_demo_notebooks_do_not_repeat_the_recipe():
+    """Notebooks 01-07 declare no training value of the recipe: it comes from demo_config only."""
+    for nb in notebooks():
+        if not nb.name[:2] in {f"0{i}" for i in range(1, 8)}:
+            continue
+        declared = notebook_parameters(nb)
+        assert {"demo", "overrides", "pretrain", "runs_dir", "figures_dir"} <= set(declared), nb.name
+        repeated = set(declared) & (set(RECIPE) | set(DEMO_DATA["fashion_mnist"]))
+        assert not repeated, (nb.name, repeated)
+        src = "".join("".join(c["source"]) for c in json.loads(nb.read_text())["cells"])
+        assert "prepare_demo(demo, runs_dir, pretrain" in src and "ExperimentConfig(" not in src, nb.name
+
+
+def test_config_fields_become_overrides():
+    params = parse_parameters(NB02, [("lr", "1e-4"), ("weights", "none"), ("data_root", "null"), ("seeds", "[0, 1]")])
+    assert params == {"lr": 1e-4, "weights": "none", "data_root": None, "seeds": [0, 1]}
+    folded = fold_overrides(NB02, params)
+    assert folded == {"seeds": [0, 1], "overrides": {"lr": 1e-4, "weights": "none", "data_root": None}}
+    # merged into an overrides dict given too; the notebook's own parameters stay its own
+    assert fold_overrides(NB02, {"overrides": {"lam": 0.3}, "iterations": 5}) == {"overrides": {"lam": 0.3, "iterations": 5}}
+    check_parameters(NB02, {"lr": 1e-4, "seeds": [0, 1]})
+    ExperimentConfig.from_dict({**demo_config().to_dict(), **folded["overrides"]})  # the fields are valid
+
+
+def test_unknown_name_still_fails_with_a_suggestion():
+    with pytest.raises(ConfigError, match="unknown parameter 'lerning_rate'.*any config field"):
+        check_parameters(NB02, {"lerning_rate": 1e-4})
+    with pytest.raises(ConfigError, match="did you mean 'iterations'"):
+        check_parameters(NB02, {"iteration": 3})
+    with pytest.raises(ConfigError, match="overrides=.*expected a dict"):
+        fold_overrides(NB02, {"overrides": [1], "lr": 1e-4})
+
+
+# ----------------------------------------------------------------- the glyph demo, headless, on a small set
+@pytest.fixture(scope="module")
+def small_glyphs(tmp_path_factory):
+    """A 24-class glyph set drawn by matplotlib's own fonts (no CJK package needed): parts of 8 classes."""
+    from pathlib import Path
+
+    import matplotlib
+
+    from nbsrc.data.glyphs import FontFace, build_glyphs
+
+    ttf = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    fonts = tuple(FontFace("(matplotlib)", str(ttf / n)) for n in (
+        "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf",
+        "DejaVuSerif-Italic.ttf", "DejaVuSansMono.ttf", "STIXGeneral.ttf", "STIXGeneralBol.ttf", "cmr10.ttf"))
+    g = build_glyphs(fonts, parts=(("pretrain", 8), ("train", 8), ("test", 8)), chars=list("ABCDEFGHJKLMNPQRSTUVWXYZ"),
+                     cache_dir=tmp_path_factory.mktemp("glyphs"), val_classes=3, progress=False)
+    return str(g.path)
+
+
+@pytest.mark.slow
+def test_glyph_demo_pretrains_once_and_the_study_runs_headless(small_glyphs, tmp_path):
+    """Notebook 02 on the glyph demo pretrains (once), fine-tunes from that run, and notebook 11 (the recipe
+    study, on the validation classes) reuses the same pretraining run."""
+    import nbformat
+
+    from nbsrc.experiment import load_run
+    from nbsrc.notebook import run_notebook
+
+    runs, figs = tmp_path / "runs", tmp_path / "figs"
+    tiny = {"data_root": small_glyphs, "batch_size": 16, "m_per_class": 4, "warmup_iters": 0}
+    pretrain = {"iterations": 2, "warmup_iters": 0, "batch_size": 16, "m_per_class": 4}
+    run_notebook(NOTEBOOKS_DIR / "02_train.ipynb", {
+        "demo": "glyphs", "runs_dir": str(runs), "figures_dir": str(figs), "pretrain": pretrain,
+        "overrides": {**tiny, "iterations": 2, "memory_size": 32, "eval_per_class": None}}, tmp_path / "02.ipynb")
+    pre = sorted((runs / "glyphs").glob("pretrain_*"))
+    assert len(pre) == 1 and (pre[0] / "model.pt").exists()
+    irt_l = load_run(runs / "glyphs" / "irt_l")
+    assert irt_l.config.weights == str(pre[0]) and irt_l.config.test_classes == "test"
+    assert "IRT_R" in (figs / "table3_irt.md").read_text()
+
+    out = run_notebook(NOTEBOOKS_DIR / "11_recipe_study.ipynb", {
+        "runs_dir": str(runs), "figures_dir": str(figs), "iterations": 2, "lrs": [3e-4],
+        "memory_starts": [1], "memory_size": 32, "overrides": tiny, "pretrain": pretrain}, tmp_path / "11.ipynb")
+    assert sorted((runs / "glyphs").glob("pretrain_*")) == pre  # reused, not trained again
+    study = load_run(runs / "glyphs" / "study_pre_lr3e-4_xbm32_from1")
+    assert (study.config.train_classes, study.config.test_classes, study.config.memory_start) == ("train_fit", "train_val", 1)
+    table = (figs / "recipe_study.md").read_text()
+    assert "random init, off the shelf" in table and "XBM 32 from it. 1" in table
+    text = "".join(o.get("text", "") for c in nbformat.read(out, as_version=4).cells if c.cell_type == "code"
+                   for o in c.get("outputs", []))
+    assert "chosen: " in text
