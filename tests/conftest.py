@@ -1,10 +1,17 @@
 import os
 
-import numpy as np
-import pytest
-import torch
-
+# Idle OpenMP threads sleep instead of spinning. On a 2-core machine shared with another process (a
+# notebook kernel, a forked CLI case, a second test run, someone's training) torch's two spinning
+# threads otherwise fight for the cores: a tiny 2-iteration training took 20-60 s instead of 3-5 s.
+# libgomp reads this once, when torch loads it, so it is set before torch is imported; subprocesses
+# (notebook kernels, `python -m nbsrc`) inherit it. It changes scheduling only, never a number.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
 torch.set_num_threads(2)
 
 

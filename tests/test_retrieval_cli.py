@@ -84,8 +84,11 @@ def folder(tmp_path_factory):
     return base, root, queries
 
 
-@pytest.mark.slow  # end to end: one Python process per command, one of them killed
-def test_embed_kill_resume_search_grid(folder, tmp_path):
+@pytest.mark.slow  # end to end: a build killed with SIGKILL, resumed by the same command in a new process
+def test_embed_kill_resume_search_grid(folder, tmp_path, capsys):
+    """The build that is killed, the one that resumes it and the uninterrupted one it is compared
+    with bit for bit are real processes (the same thread count for all three); the commands that
+    only read the index run in this process (:func:`run_main`, the same ``main``)."""
     base, root, queries = folder
     out = tmp_path / "index"
     killed = nbsrc("embed", *MODEL, root, "--out", out, "--batch-size", "2", "--workers", "0", "--no-progress",
@@ -93,7 +96,7 @@ def test_embed_kill_resume_search_grid(folder, tmp_path):
     assert killed.returncode == -9, killed.stdout + killed.stderr
     side = json.loads((out / "embeddings.npy.progress.json").read_text())
     assert side["rows_done"] == 2 and not (out / "manifest.json").exists()
-    _one_line_error(nbsrc("search", out, queries["china"]), "did not finish", "run the same nbsrc embed command again")
+    _one_line_error(run_main(capsys, "search", out, queries["china"]), "did not finish", "run the same nbsrc embed command again")
 
     r = nbsrc("embed", *MODEL, root, "--out", out, "--batch-size", "2", "--workers", "0", "--no-progress", check=0)
     assert "resuming the index build" in r.stdout and "2 of 11 images already embedded" in r.stdout
@@ -110,11 +113,13 @@ def test_embed_kill_resume_search_grid(folder, tmp_path):
 
     # run again when finished: nothing to do, nothing changed
     stamp = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    again = nbsrc("embed", *MODEL, root, "--out", out, "--batch-size", "2", "--workers", "0", "--no-progress", check=0)
+    again = run_main(capsys, "embed", *MODEL, root, "--out", out, "--batch-size", "2", "--workers", "0", "--no-progress")
+    assert again.returncode == 0, again.stdout + again.stderr
     assert "nothing to do" in again.stdout and {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamp
 
     grid = tmp_path / "figs" / "hits.png"
-    s = nbsrc("search", out, queries["hopper"], root / "flower" / "1.jpg", "-k", "3", "--grid", grid, check=0)
+    s = run_main(capsys, "search", out, queries["hopper"], root / "flower" / "1.jpg", "-k", "3", "--grid", grid)
+    assert s.returncode == 0, s.stdout + s.stderr
     lines = s.stdout.splitlines()
     assert lines[0] == f"query {queries['hopper']}" and len(lines) == 8
     assert all("[hopper]" in line for line in lines[1:4])  # an ImageNet convnet finds the same photograph

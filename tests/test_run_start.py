@@ -127,8 +127,84 @@ def _cli(tmp_path, *extra):
     return [sys.executable, "-m", "nbsrc", "train", "--name", "k", "--runs-dir", str(tmp_path / "runs"), *TINY, *extra]
 
 
-def _kill_before_first_checkpoint(tmp_path) -> Path:
-    """Start a long run without intermediate checkpoints and SIGKILL it once it has begun training."""
+def _train_rows(run_dir: Path) -> list[str]:
+    return [r for r in (run_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in r]
+
+
+def _same_name_starts_again(tmp_path, capsys, how: str) -> None:
+    """The command of the killed start, run again under the same name (``how``: ``new`` or
+    ``--resume``), replaces the leftover and trains from iteration 0."""
+    capsys.readouterr()
+    rc = main(["train", "--name", "k", "--runs-dir", str(tmp_path / "runs"), *TINY, *(["--resume"] if how == "resume" else [])])
+    out = capsys.readouterr()
+    assert rc == 0, out.err[-2000:]
+    run_dir = tmp_path / "runs" / "k"
+    assert "replacing" in out.out and (run_dir / "results.json").exists()
+    assert len(_train_rows(run_dir)) == 2  # iterations 1 and 2 of the new run, nothing of the killed one
+    assert not any(p.name.startswith(".") for p in run_dir.parent.iterdir())  # no temporary left
+
+
+# What a start killed before its first checkpoint can leave, each piece built explicitly (a real kill
+# lands wherever it lands): the config is written first (atomically), then each logged iteration
+# appends a metrics line and, with tensorboard installed, its copy under tb/; a kill in the middle of
+# an append leaves a partial last line; a kill in a checkpoint save leaves its temporary file.
+LEFTOVERS = {
+    "config only": (),
+    "metrics": ("metrics",),
+    "partial metrics line": ("metrics", "partial"),
+    "tensorboard": ("metrics", "tb"),
+    "metrics rewrite temporary": ("metrics", "metrics.tmp"),
+    "checkpoint temporary": ("metrics", "tb", "checkpoint.tmp"),
+    "all of it": ("metrics", "partial", "tb", "metrics.tmp", "checkpoint.tmp"),
+}
+
+
+def _leftover(tmp_path, pieces) -> Path:
+    from nbsrc.__main__ import build_parser, config_from_args
+    from nbsrc.train.checkpoint import LATEST
+
+    cfg = config_from_args(build_parser().parse_args(["train", "--name", "k", "--runs-dir", str(tmp_path / "runs"), *TINY]))
+    run_dir = tmp_path / "runs" / "k"
+    run_dir.mkdir(parents=True)
+    cfg.save(run_dir / "config.json")
+    row = '{"kind": "train", "iteration": 1, "contrastive": 0.5, "koleo": 0.0, "total": 0.5, "lr": 0.001}\n'
+    if "metrics" in pieces:
+        (run_dir / "metrics.jsonl").write_text(row + ("{\"kind\": \"train\", \"iter" if "partial" in pieces else ""))
+    if "metrics.tmp" in pieces:
+        (run_dir / "metrics.jsonl.tmp").write_text(row)
+    if "tb" in pieces:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(log_dir=str(run_dir / "tb")) as w:
+            w.add_scalar("train/total", 0.5, global_step=1)
+    if "checkpoint.tmp" in pieces:
+        (run_dir / f".{LATEST}.tmp-999999").write_bytes(b"PK\x03\x04 half a checkpoint")
+    return run_dir
+
+
+@pytest.mark.parametrize("what", list(LEFTOVERS))
+def test_every_leftover_of_a_killed_start_is_not_a_run(tmp_path, what):
+    from nbsrc.train.rundir import is_leftover
+
+    run_dir = _leftover(tmp_path, LEFTOVERS[what])
+    assert is_leftover(run_dir)
+    (run_dir / "notes.txt").write_text("the user's own file")  # anything else: it is not ours to replace
+    assert not is_leftover(run_dir)
+    (run_dir / "notes.txt").unlink()
+    (run_dir / "checkpoint.pt").write_bytes(b"")  # a checkpoint: a run, to be resumed, never replaced
+    assert not is_leftover(run_dir)
+
+
+@pytest.mark.parametrize("what,how", [("config only", "new"), ("partial metrics line", "resume"),
+                                      ("tensorboard", "new"), ("all of it", "new"), ("all of it", "resume")])
+def test_the_same_name_starts_again_over_a_leftover(tmp_path, capsys, what, how):
+    _leftover(tmp_path, LEFTOVERS[what])
+    _same_name_starts_again(tmp_path, capsys, how)
+
+
+def test_sigkill_before_the_first_checkpoint_then_the_same_name_starts_again(tmp_path, capsys):
+    """A real ``python -m nbsrc train`` SIGKILLed once it has logged its first iteration, before any
+    checkpoint; whatever it left (the pieces above), the same command with ``--resume`` starts again."""
     run_dir = tmp_path / "runs" / "k"
     proc = subprocess.Popen(_cli(tmp_path, "--iterations", "100000"), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
@@ -140,19 +216,7 @@ def _kill_before_first_checkpoint(tmp_path) -> Path:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert not (run_dir / "checkpoint.pt").exists()
-    return run_dir
-
-
-@pytest.mark.parametrize("how", ["new", "resume"])
-def test_sigkill_before_the_first_checkpoint_then_the_same_name_starts_again(tmp_path, how):
-    run_dir = _kill_before_first_checkpoint(tmp_path)
-    flags = ["--resume"] if how == "resume" else []
-    proc = subprocess.run(_cli(tmp_path, *flags), cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "replacing" in proc.stdout and (run_dir / "results.json").exists()
-    rows = [r for r in (run_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in r]
-    assert len(rows) == 2  # iterations 1 and 2 of the new run, nothing of the killed one
+    _same_name_starts_again(tmp_path, capsys, "resume")
 
 
 # ----------------------------------------------------------------------------- 16.2
