@@ -158,6 +158,9 @@ QUICK = {
     "runs_dir": "runs/quick", "figures_dir": "runs/quick/figures", "iterations": 4, "eval_per_class": 20,
     "batch_size": 32, "m_per_class": 8, "memory_size": 64, "memory_start": 0, "warmup_iters": 0, "seeds": [0, 1],
     "pretrain": {"iterations": 4, "warmup_iters": 0, "eval_per_class": 5, "batch_size": 32, "m_per_class": 4},
+    # the grids at their smallest that still draw every figure and table (two values where a figure needs a line)
+    "poolings": ["cls", "gem"], "betas": [0.3, 0.5], "lams": [0.0, 0.7], "grid_lams": [0.0, 0.7],
+    "objectives": ["contrastive", "snca"], "pe_values": ["none", "dpe"],
 }
 
 
