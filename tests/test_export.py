@@ -159,8 +159,12 @@ def test_dtop_backbone_is_not_offered_to_timm(tmp_path):
                       elm=False, head_dim=16)
     em = EmbeddingModel(net.eval(), Preprocessing(32), {"source": "run", "spec": "runs/dtop", "config": {
         "backbone": "vit_tiny_patch16_224", "model_options": {"dtop": True}}})
-    with pytest.raises(ConfigError, match="torchscript or onnx"):
+    with pytest.raises(ConfigError, match="DToPModel.*torchscript or onnx"):
         export_model(em, "safetensors", tmp_path / "d.safetensors", log=None)
+    hybrid = build_model("effnet_lite0_vit", pooling="cls", img_size=32, patch_size=None, weights="none")
+    with pytest.raises(ConfigError, match="not a plain timm backbone"):  # a timm ViT, but with a CNN stem
+        export_model(EmbeddingModel(hybrid.eval(), Preprocessing(32), {"source": "timm", "spec": "hybrid"}),
+                     "safetensors", tmp_path / "h.safetensors", log=None)
     assert not list(tmp_path.iterdir())
     done = export_model(em, "torchscript", tmp_path / "d.pt", log=None)  # the descriptor exports
     x = torch.randn(2, 3, 32, 32)

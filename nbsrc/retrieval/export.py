@@ -138,7 +138,9 @@ def export_model(model: EmbeddingModel | str | Path, fmt: str, out: str | Path |
 
 # ----------------------------------------------------------------------------- the JSON
 def describe(em: EmbeddingModel) -> dict:
-    """What a user needs to feed the exported file (module docstring), without the format's part."""
+    """What a user needs to feed the exported file (module docstring), without the format's part. Read
+    from the model's reference, else from the network itself (timm's ``pretrained_cfg``, the pooling
+    module)."""
     import nbsrc
 
     net = em.model
@@ -148,11 +150,11 @@ def describe(em: EmbeddingModel) -> dict:
     embed = getattr(getattr(net, "backbone", None), "patch_embed", None)
     patch = getattr(embed, "patch_size", None)
     pp = em.preprocessing
-    pooling = getattr(getattr(net, "pool", None), "kind", None) or cfg.get("pooling") or build.get("pooling")
+    pooling = cfg.get("pooling") or build.get("pooling") or getattr(getattr(net, "pool", None), "kind", None)
     return {
-        "model": cfg.get("backbone") or build.get("backbone"),
+        "model": cfg.get("backbone") or build.get("backbone") or _architecture(net),
         "source": {"kind": ref["source"], "spec": ref["spec"]},
-        "dtop": bool((cfg.get("model_options") or {}).get("dtop")),
+        "dtop": type(net).__name__ == "DToPModel",
         "img_size": pp.img_size,
         "patch_size": int(tuple(patch)[0]) if patch is not None else None,
         "mean": list(pp.mean), "std": list(pp.std),
@@ -169,6 +171,11 @@ def describe(em: EmbeddingModel) -> dict:
     }
 
 
+def _architecture(net: nn.Module) -> str | None:
+    """The timm model name of ``net``'s backbone (timm's ``pretrained_cfg["architecture"]``), or None."""
+    return (getattr(getattr(net, "backbone", None), "pretrained_cfg", None) or {}).get("architecture")
+
+
 def config_fingerprint(config: dict) -> str:
     """sha256 of what a run computes: its config without the execution-only fields
     (:meth:`~nbsrc.config.ExperimentConfig.fingerprint`) and without its name."""
@@ -179,21 +186,32 @@ def config_fingerprint(config: dict) -> str:
 
 
 def timm_backbone(em: EmbeddingModel) -> tuple[str, dict]:
-    """``(timm name, create_model kwargs)`` that rebuild the backbone of ``em`` in plain timm; a model
-    whose backbone is not a plain timm model (DToP, the EfficientNet-ViT hybrid) is a one-line error."""
+    """``(timm name, create_model kwargs)`` that rebuild the backbone of ``em`` in plain timm, checked by
+    building that model (random weights) and comparing every weight's name and shape; a backbone plain
+    timm cannot hold (DToP, the EfficientNet-ViT hybrid) is a one-line error, raised before anything is
+    written."""
     import timm
 
-    ref = em.reference
-    cfg = ref.get("config") or {}
-    name = cfg.get("backbone") or (ref.get("build_model") or {}).get("backbone")
-    if (cfg.get("model_options") or {}).get("dtop") or not name or not timm.is_model(name):
-        raise ConfigError(f"{ref['spec']} is not a plain timm backbone ({name}{', DToP' if cfg.get('model_options') else ''}), "
-                          "so timm cannot load it from safetensors; export --format torchscript or onnx instead")
+    from nbsrc.models import RetrievalModel
+
+    net = em.model
+    name = _architecture(net) if isinstance(net, RetrievalModel) else None
+    refuse = (f"{em.reference['spec']} is not a plain timm backbone ({type(net).__name__}{' of ' + name if name else ''}),"
+              " so timm cannot load it from safetensors; export --format torchscript or onnx instead")
+    if not name or not timm.is_model(name):
+        raise ConfigError(refuse)
     kwargs: dict = {"num_classes": 0}
-    embed = getattr(em.model.backbone, "patch_embed", None)
+    embed = getattr(net.backbone, "patch_embed", None)
     if embed is not None and getattr(embed, "img_size", None) is not None:
         kwargs["img_size"] = int(tuple(embed.img_size)[0])
         kwargs["patch_size"] = int(tuple(embed.patch_size)[0])
+    try:
+        plain = timm.create_model(name, pretrained=False, **kwargs)
+    except (TypeError, AssertionError, RuntimeError):
+        raise ConfigError(refuse) from None
+    shapes = {k: tuple(v.shape) for k, v in plain.state_dict().items()}
+    if shapes != {k: tuple(v.shape) for k, v in net.backbone.state_dict().items()}:
+        raise ConfigError(refuse)
     return name, kwargs
 
 
