@@ -24,7 +24,8 @@ the nbsrc version, the fingerprint of the run's config and of the weights, and t
 
 Nothing is overwritten: an existing output (the file or its JSON) is a one-line
 :class:`~nbsrc.errors.RunDirError`; ``overwrite=True`` moves both aside to ``<stem>.old-<time><suffix>``
-first, as ``--overwrite`` does for runs. Files are written to a temporary name and renamed into place.
+first, as ``--overwrite`` does for runs. Files are written into a temporary folder beside the output,
+checked there, and renamed into place.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import datetime
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,9 +110,11 @@ def export_model(model: EmbeddingModel | str | Path, fmt: str, out: str | Path |
     net = em.model.eval().cpu()
     if fmt == "safetensors":
         timm_name, create_kwargs = timm_backbone(em)  # checks that the backbone is plain timm before writing
-    _make_room(out, meta_path, overwrite, log)
+    data_path = out.with_name(out.name + ".data")  # an ONNX model above 2 GB keeps its weights there
+    _make_room([out, meta_path] + ([data_path] if fmt == "onnx" else []), overwrite, log)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = work / out.name  # the final name, so that an ONNX file's reference to its .data file holds
     meta = describe(em)
     try:
         if fmt == "safetensors":
@@ -128,9 +133,12 @@ def export_model(model: EmbeddingModel | str | Path, fmt: str, out: str | Path |
                         output={"name": OUTPUT, "shape": ["N", meta["dim"]], "dtype": "float32",
                                 "l2_normalised": True},
                         check=_check_descriptor(fmt, net, tmp, example))
+        if (work / data_path.name).exists():
+            os.replace(work / data_path.name, data_path)
+            meta["external_data"] = data_path.name
         os.replace(tmp, out)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
     meta.update(format=fmt, file=out.name)
     _write_json(meta_path, meta)
     return Export(out, meta_path, meta)
@@ -222,8 +230,8 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- never overwrite
-def _make_room(out: Path, meta_path: Path, overwrite: bool, log) -> None:
-    existing = [p for p in (out, meta_path) if p.exists() or p.is_symlink()]
+def _make_room(paths: list[Path], overwrite: bool, log) -> None:
+    existing = [p for p in paths if p.exists() or p.is_symlink()]
     if not existing:
         return
     if not overwrite:
