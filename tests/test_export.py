@@ -76,6 +76,7 @@ def test_torchscript_gives_what_embed_computes(run, images, tmp_path, capsys):
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow  # torch's torch.export-based ONNX exporter: ~25 CPU-seconds for this tiny ViT
 def test_onnx_gives_what_embed_computes(run, images, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
