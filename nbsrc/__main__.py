@@ -1,4 +1,4 @@
-"""Command line: ``python -m nbsrc {train,eval,runs,compare,notebook,demo,presets,embed,search} ...``.
+"""Command line: ``python -m nbsrc {train,eval,runs,compare,notebook,demo,presets,embed,search,export} ...``.
 
 Every field of :class:`~nbsrc.config.ExperimentConfig` is a flag (``--lr 1e-4``, ``--pooling gem``,
 ``--dim 128``, ``--ks 1 2 4 8``, ``--no-amp``); ``--preset NAME`` starts from a paper row

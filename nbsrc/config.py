@@ -54,7 +54,8 @@ class ExperimentConfig:
     dataset: str = "fashion_mnist"  # fashion_mnist | digits | folder | cub | sop | inshop | sfm120k
     data_root: str | None = None  # None: $NBSRC_DATA, then the Debian package, then a download
     train_classes: str = "0-4"  # class-disjoint split: train on these classes ...
-    test_classes: str = "5-9"  # ... query and gallery on these unseen ones
+    test_classes: str = "5-9"  # ... query and gallery on these unseen ones ("all": every class the other omits)
+    split: float | None = None  # fraction split: the first round(split·n) sorted classes train, the rest test
     eval_per_class: int | None = None  # cap on evaluation images per class (None: all)
     img_size: int = 28  # square input side after resize and crop (paper: 224)
     sampler: str = "m_per_class"  # m_per_class | group_size (DToP Table A12: batches of one image size)
@@ -244,6 +245,14 @@ class ExperimentConfig:
             bad("gem_p", self.gem_p, "a positive GeM exponent (paper: 3)")
         if not self.ks or any(int(k) < 1 for k in self.ks):
             bad("ks", self.ks, "positive Recall@K cut-offs such as (1, 2, 4, 8)")
+        if self.split is not None and not 0.0 < self.split < 1.0:
+            bad("split", self.split, "the fraction of the classes to train on, in (0, 1), e.g. 0.5; or None")
+        defaults = tuple(type(self).__dataclass_fields__[k].default for k in ("train_classes", "test_classes"))
+        if self.split is not None and (self.train_classes, self.test_classes) != defaults:
+            given = ", ".join(f"{k}={v!r}" for k, v, d in (("train_classes", self.train_classes, defaults[0]),
+                                                            ("test_classes", self.test_classes, defaults[1])) if v != d)
+            raise ConfigError(f"split={self.split} chooses the training and test classes itself; drop {given}, "
+                              "or drop split")
         if self.eval_per_class is not None and self.eval_per_class < 2:
             bad("eval_per_class", self.eval_per_class, "at least 2 images per class, or None")
         for name in ("log_every", "ckpt_every", "eval_every", "num_workers", "threads"):

@@ -39,3 +39,28 @@ def make_photo_folder(root: Path, per_class: int = 4, seed: int = 0) -> dict[str
         queries[name] = root.parent / f"query_{name}.jpg"
         _crop(im, rng).save(queries[name], quality=90)
     return queries
+
+
+def make_drawn_folder(root: Path, n_classes: int = 20, per_class: int = 4, size: int = 48, seed: int = 0,
+                      singles: tuple[int, ...] = ()) -> list[str]:
+    """``root/<class>/<i>.png``: class ``c`` is one drawn shape (3 to 7 corners) in one of four colours on
+    one of two backgrounds, so every class differs from the others; each image moves, scales and turns it
+    (seeded). Classes in ``singles`` get one image. Returns the class names (``c00``, ``c01``, ...)."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    colours = [(220, 40, 40), (40, 170, 60), (40, 80, 220), (230, 200, 30)]
+    names = []
+    for c in range(n_classes):
+        name = f"c{c:02d}"
+        names.append(name)
+        (root / name).mkdir(parents=True)
+        corners, colour, background = 3 + c % 5, colours[(c // 5) % 4], (0, 0, 0) if c < 10 else (255, 255, 255)
+        for i in range(1 if c in singles else per_class):
+            im = Image.new("RGB", (size, size), background)
+            cx, cy = rng.uniform(0.4, 0.6, 2) * size
+            r, turn = rng.uniform(0.25, 0.4) * size, rng.uniform(0, 2 * np.pi)
+            angles = turn + np.arange(corners) * 2 * np.pi / corners
+            ImageDraw.Draw(im).polygon([(cx + r * np.cos(a), cy + r * np.sin(a)) for a in angles], fill=colour)
+            im.save(root / name / f"{i}.png")
+    return names

@@ -242,13 +242,19 @@ def test_compare_shows_the_settings_that_differ_and_the_results(finished, tmp_pa
     assert "ghost does not exist" in capsys.readouterr().err
 
 
-def readme_cli_commands() -> list[list[str]]:
-    """The commands of README's "Command line" block, as argument lists after ``-m nbsrc``."""
+def readme_block(section: str, language: str = "bash", nth: int = 0) -> str:
+    """The ``nth`` fenced ``language`` block of README's section whose heading starts with ``section``."""
+    text = (ROOT / "README.md").read_text()
+    body = text.split("\n" + section, 1)[1].split("\n## ", 1)[0]
+    return body.split(f"```{language}\n")[nth + 1].split("```", 1)[0]
+
+
+def readme_cli_commands(section: str = "## Command line") -> list[list[str]]:
+    """The commands of the first bash block of a README section (default: "Command line"), as argument
+    lists after ``-m nbsrc``."""
     import shlex
 
-    text = (ROOT / "README.md").read_text()
-    block = text.split("## Command line", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
-    return [shlex.split(line.split("#")[0])[3:] for line in block.splitlines() if "-m nbsrc" in line]
+    return [shlex.split(line.split("#")[0])[3:] for line in readme_block(section).splitlines() if "-m nbsrc" in line]
 
 
 def test_readme_cli_examples_run_as_written(tmp_path, monkeypatch, capsys):
@@ -271,3 +277,58 @@ def test_readme_cli_examples_run_as_written(tmp_path, monkeypatch, capsys):
         ran += 1
     assert ran >= 6
     assert (tmp_path / "runs" / "my_irt_r" / "results.json").exists()
+
+
+WALK_THROUGH = "## Your images: from a folder of photos"
+# appended to the walk-through's train command: what makes it run in seconds on a CPU (the flags given
+# later win); everything else, and every other command, runs as README writes it
+WALK_THROUGH_TINY = ["--img-size", "32", "--batch-size", "8", "--m-per-class", "2", "--iterations", "2",
+                     "--device", "cpu", "--no-progress"]
+
+
+def test_readme_your_images_walk_through_runs_as_written(tmp_path, monkeypatch, capsys):
+    """README's "Your images" example, start to finish, on a generated 20-class folder (a drawn shape per
+    class) in a fresh directory: train on half of the classes and evaluate on the rest, index the folder,
+    search it with a new image and save the grid, export; then its two Python snippets load the run and
+    the exported file."""
+    from fixtures_photos import make_drawn_folder
+
+    monkeypatch.chdir(tmp_path)
+    commands = readme_cli_commands(WALK_THROUGH)
+    assert [c[0] for c in commands] == ["train", "eval", "embed", "search", "export"]
+    names = make_drawn_folder(tmp_path / "photos", n_classes=20, per_class=4)
+    make_drawn_folder(tmp_path / "new", n_classes=20, per_class=1, seed=7)  # other draws of the same shapes
+    from PIL import Image
+
+    Image.open(tmp_path / "new" / names[15] / "0.png").save(tmp_path / "query.jpg")  # a new image of class c15
+    for args in commands:
+        extra = WALK_THROUGH_TINY if args[0] == "train" else []
+        rc = main([*args, *extra])
+        out, err = capsys.readouterr()
+        assert rc == 0, (args, err)
+        assert "warning" not in err, err  # --split 0.5 uses every class
+        if args[0] == "eval":
+            assert re.search(r"R@1=\d", out) and "folder classes" in out
+        if args[0] == "search":
+            hits = [line for line in out.splitlines() if re.match(r"\s+\d+\. ", line)]
+            assert len(hits) == 8 and all(re.search(r"\[c\d\d\]$", h) for h in hits)  # each hit with its class
+    cfg = json.loads((tmp_path / "runs" / "my_photos" / "config.json").read_text())
+    assert cfg["split"] == 0.5 and cfg["backbone"] == "tf_efficientnet_lite0"
+    assert (tmp_path / "hits.png").stat().st_size > 0
+    assert json.loads((tmp_path / "photos_index" / "manifest.json").read_text())["n_images"] == 80
+    meta = json.loads((tmp_path / "my_photos.onnx.json").read_text())
+    assert meta["check"]["max_abs_diff"] <= 1e-5 and meta["img_size"] == 32
+
+    import numpy as np
+
+    scope = {}
+    exec(readme_block(WALK_THROUGH, "python", 0), scope)  # noqa: S102 - README's own two lines
+    model = scope["model"]
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    scope["x"] = x
+    exec(readme_block(WALK_THROUGH, "python", 1), scope)  # noqa: S102
+    import torch
+
+    with torch.no_grad():
+        want = model.model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(scope["embeddings"], want, atol=1e-5, rtol=0)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from fixtures_photos import make_photo_folder
 from nbsrc.data.images import load_image
-from nbsrc.errors import ConfigError, DatasetError, RunDirError
+from nbsrc.errors import ConfigError, DatasetError, RunDirError, WeightsError
 from nbsrc.retrieval import Index, load_embedding_model, search_image
 
 IMG = 64  # EfficientNet-Lite0 (a convnet) takes any size; 64 px keeps the tests quick on a CPU
@@ -235,6 +235,23 @@ def test_load_errors(tmp_path, built):
     (broken / "index.faiss").unlink()
     with pytest.raises(RunDirError, match="incomplete .*index.faiss"):
         Index.load(broken)
+
+
+def test_an_index_with_another_models_weights_is_detected(tmp_path, built, photos):
+    """model.pt replaced by other weights (of the same or another network) after the build: searching
+    is a one-line error, never a search of the old embeddings with a new model."""
+    _, queries = photos
+    swapped = tmp_path / "swapped"
+    shutil.copytree(built.path, swapped)
+    state = torch.load(swapped / "model.pt", weights_only=True)
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = state[name] + 1.0
+    torch.save(state, swapped / "model.pt")
+    with pytest.raises(RunDirError, match="is not the model the index was built with"):
+        Index.load(swapped).search(queries["china"])
+    torch.save({"weight": torch.zeros(3)}, swapped / "model.pt")
+    with pytest.raises(WeightsError, match="does not fit its model reference.*rebuild the index"):
+        Index.load(swapped).search(queries["china"])
 
 
 def test_folder_without_classes_and_list_of_paths(tmp_path, lite0, photos):

@@ -125,9 +125,9 @@ def test_image_folder_split_and_errors(tmp_path):
     data = build_data(cfg)
     assert len(data.train) == 3 and len(data.query) == 6
     assert data.query[0][0].shape == (3, 8, 8)
-    _image_folder(tmp_path / "bad", {"a": 3, "b": 1})
-    with pytest.raises(DatasetError, match="1 image.*at least 2"):
-        build_data(cfg.replace(data_root=str(tmp_path / "bad")))
+    _image_folder(tmp_path / "bad", {"a": 3, "b": 1})  # the one test class has a single image: no query at all
+    with pytest.raises(DatasetError, match="every test class has a single image"):
+        build_data(cfg.replace(data_root=str(tmp_path / "bad"), test_classes="1"))
     corrupt = tmp_path / "ok" / "a" / "0.png"
     corrupt.write_bytes(b"not a png")
     with pytest.raises(DatasetError, match="cannot decode image .*0.png"):

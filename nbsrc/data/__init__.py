@@ -13,9 +13,11 @@ from nbsrc.data.fashion_mnist import find_fashion_mnist, load_fashion_mnist, rea
 from nbsrc.data.folder import image_folder_dataset, scan_image_folder
 from nbsrc.data.images import check_dataset_images, check_images, list_images, scan_images
 from nbsrc.data.samplers import MPerClassBatchSampler
-from nbsrc.data.splits import cap_per_class, check_min_per_class, class_disjoint_split
+from nbsrc.data.splits import (
+    cap_per_class, check_eval_split, check_min_per_class, class_disjoint_split, warn_unused_classes,
+)
 from nbsrc.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RetrievalTransform
-from nbsrc.errors import ConfigError
+from nbsrc.errors import ConfigError, DatasetError
 
 __all__ = [
     "RetrievalData", "RetrievalDataset", "RetrievalTransform", "MPerClassBatchSampler", "build_data",
@@ -33,12 +35,24 @@ def load_digits_images() -> tuple[np.ndarray, np.ndarray]:
     return (d.images * (255.0 / 16.0)).round().astype(np.uint8), d.target.astype(np.int64)
 
 
-def _split(images, labels, cfg: ExperimentConfig, train_tf, eval_tf, names=None, classes=None) -> RetrievalData:
-    tr, te = class_disjoint_split(labels, *(classes or (cfg.train_classes, cfg.test_classes)))
+def _split(images, labels, cfg: ExperimentConfig, train_tf, eval_tf, names=None, classes=None,
+           warn_unused: str | None = None) -> RetrievalData:
+    """Train / query (= gallery) by class (:func:`~nbsrc.data.splits.class_disjoint_split`, with
+    ``cfg.split`` when set). ``warn_unused``: the dataset's name, to say which classes neither set uses
+    (image folders, where that is easy to miss). A training class needs 2 images (a positive pair); a
+    test class with one stays in the gallery but is no query (:func:`~nbsrc.data.splits.check_eval_split`)."""
+    tr, te = class_disjoint_split(labels, *(classes or (cfg.train_classes, cfg.test_classes)), split=cfg.split)
+    if warn_unused is not None:
+        warn_unused_classes(labels, tr, te, names, warn_unused)
+    ids, counts = np.unique(np.asarray(labels)[tr], return_counts=True)
+    if (counts < 2).any():
+        c = int(ids[counts < 2][0])
+        raise DatasetError(f"training class {names[c] if names is not None else c!r} has a single image, but a training "
+                           "class needs at least 2 (a positive pair); add images, or make it a test class")
     te = cap_per_class(te, labels, cfg.eval_per_class, seed=cfg.seed)
     full = RetrievalDataset(images, labels, None, names)
     query = full.subset(te, eval_tf)
-    check_min_per_class(query.labels, 2, "evaluation split")
+    check_eval_split(query.labels, names)
     return RetrievalData(train=full.subset(tr, train_tf), query=query)
 
 
@@ -71,8 +85,9 @@ def _build_data(cfg: ExperimentConfig, mean, std) -> RetrievalData:
     if cfg.dataset == "folder":
         if cfg.data_root is None:
             raise ConfigError("dataset='folder' needs data_root=<folder with one sub-folder per class>")
-        paths, labels, names = scan_image_folder(cfg.data_root)
-        return _split(np.asarray(paths, dtype=object), labels, cfg, train_tf, eval_tf, names)
+        paths, labels, names = scan_image_folder(cfg.data_root, min_per_class=1)  # a 1-image test class: no query
+        return _split(np.asarray(paths, dtype=object), labels, cfg, train_tf, eval_tf, names,
+                      warn_unused=f"image folder {cfg.data_root}")
     from nbsrc.data import benchmarks  # CUB-200-2011, SOP, In-Shop: official split files (imported when used)
 
     return benchmarks.build_benchmark(cfg.dataset, cfg.data_root, train_tf, eval_tf, cfg.eval_per_class, cfg.seed)

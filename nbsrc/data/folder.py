@@ -35,11 +35,14 @@ def folder_classes(root: str | Path, paths) -> tuple[np.ndarray, list[str]]:
     return labels, names
 
 
-def scan_image_folder(root: str | Path, check: bool = True) -> tuple[list[Path], np.ndarray, list[str]]:
+def scan_image_folder(root: str | Path, check: bool = True,
+                      min_per_class: int = 2) -> tuple[list[Path], np.ndarray, list[str]]:
     """Paths, integer labels (classes in sorted folder order) and class names of an image folder.
 
     ``check``: decode every image first and stop with one :class:`~nbsrc.errors.DatasetError`
-    naming the unreadable ones (:func:`nbsrc.data.images.check_images`)."""
+    naming the unreadable ones (:func:`nbsrc.data.images.check_images`). ``min_per_class``: fewer
+    images in a class folder is such an error (2: every image has a positive; the training/test
+    split, :func:`nbsrc.data.build_data`, passes 1 and decides per side)."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist; expected the layout {LAYOUT}")
@@ -52,12 +55,12 @@ def scan_image_folder(root: str | Path, check: bool = True) -> tuple[list[Path],
     paths = [p for p, k in zip(paths, keep) if k]
     labels = labels[keep]
     counts = np.bincount(labels, minlength=len(names))
-    for c in np.flatnonzero(counts < 2):
+    for c in np.flatnonzero(counts < min_per_class):
         raise DatasetError(
-            f"class folder {root / names[c]} has {counts[c]} image(s) but retrieval needs at least 2 per "
-            "class; add images or remove the folder"
+            f"class folder {root / names[c]} has {counts[c]} image(s) but retrieval needs at least {min_per_class} "
+            "per class; add images or remove the folder"
         )
-    check_min_per_class(labels, 2, str(root))
+    check_min_per_class(labels, min_per_class, str(root))
     if check:
         check_images(paths, f"image folder {root}")
     return paths, labels, names

@@ -9,7 +9,10 @@
 - :func:`load_retrieval`, :func:`retrieval_for_query` (:mod:`nbsrc.retrieval.runs`): the top-k and
   the worst queries of a finished run's evaluation split (the retrieval browser's logic).
 
-The command line is ``python -m nbsrc embed`` / ``python -m nbsrc search`` (:mod:`nbsrc.retrieval.cli`).
+- :func:`~nbsrc.retrieval.export.export_model` (:mod:`nbsrc.retrieval.export`): a run's final descriptor as
+  TorchScript or ONNX, or its backbone as safetensors for plain timm, with a JSON of the preprocessing.
+
+The command line is ``python -m nbsrc embed`` / ``search`` / ``export`` (:mod:`nbsrc.retrieval.cli`).
 """
 
 from nbsrc.retrieval.index import Index, Listing, SearchResults, search_image, thumbnail_of

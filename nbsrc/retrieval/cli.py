@@ -1,4 +1,5 @@
-"""``python -m nbsrc embed`` and ``python -m nbsrc search``: your own images, indexed and searched.
+"""``python -m nbsrc embed``, ``search`` and ``export``: your own images, indexed and searched; a model
+as a file that runs without nbsrc.
 
 ::
 
@@ -6,8 +7,10 @@
     python -m nbsrc embed efficientnet_lite0 photos/ --out photos_index  # offline ImageNet convnet
     python -m nbsrc embed vit_small_patch16_224 photos/ --out idx --weights timm
     python -m nbsrc search photos_index query.jpg -k 10 --grid hits.png
+    python -m nbsrc export runs/irt_r --format onnx --out irt_r.onnx
 
-Both call :class:`nbsrc.retrieval.Index`; :func:`add_subcommands` registers them on the main parser.
+``embed`` and ``search`` call :class:`nbsrc.retrieval.Index`, ``export``
+:func:`nbsrc.retrieval.export.export_model`; :func:`add_subcommands` registers them on the main parser.
 """
 
 from __future__ import annotations
@@ -71,6 +74,26 @@ def add_subcommands(sub) -> None:
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     s.set_defaults(func=cmd_search)
 
+    from nbsrc.retrieval.export import FORMATS
+
+    x = sub.add_parser(
+        "export", formatter_class=_Formatter,
+        help="write a trained model as TorchScript, ONNX or safetensors, with a JSON of its preprocessing",
+        description="TorchScript and ONNX hold the final descriptor (backbone, pooling, PCA, l2: what nbsrc embed "
+                    "computes), checked against the PyTorch model before they are kept; safetensors holds the "
+                    "backbone's weights for timm.create_model(name, pretrained=True, "
+                    "pretrained_cfg_overlay=dict(file=...)). OUT.json beside the file gives the model name, image "
+                    "size, mean/std and the other settings needed to feed it.")
+    x.add_argument("model", metavar="RUN",
+                   help="a finished run directory (runs/irt_r); a preset or timm model name also works")
+    x.add_argument("--format", required=True, choices=FORMATS, help="torchscript (.pt), onnx (.onnx) or "
+                   "safetensors (.safetensors, the backbone only) (required)")
+    x.add_argument("--out", default=None, metavar="PATH",
+                   help="output file (default: <run name>.pt / .onnx / .safetensors in the current directory)")
+    x.add_argument("--overwrite", action="store_true",
+                   help="move an existing output (and its JSON) aside to <name>.old-<time>.<ext> first")
+    x.set_defaults(func=cmd_export)
+
 
 def _positive(value, flag: str) -> None:
     from nbsrc.errors import ConfigError
@@ -129,3 +152,16 @@ def cmd_search(ns) -> None:
         fig.savefig(tmp, dpi=200)
         tmp.replace(out)
         print(f"grid saved to {out}", file=sys.stderr)
+
+
+def cmd_export(ns) -> None:
+    from nbsrc.retrieval.export import export_model
+
+    done = export_model(ns.model, ns.format, ns.out, overwrite=ns.overwrite,
+                        log=lambda line: print(line, file=sys.stderr))
+    check = done.meta["check"]
+    checked = (f"checked against the PyTorch model: max |difference| {check['max_abs_diff']:.1e} on "
+               f"{check['images']} random images" if "max_abs_diff" in check else f"not checked: {check['skipped']}")
+    what = "the backbone" if ns.format == "safetensors" else f"the {done.meta['dim']}-d descriptor"
+    print(f"exported {what} of {ns.model} as {ns.format} to {done.path} (input {done.meta['img_size']} px); "
+          f"{checked}; preprocessing in {done.meta_path}")
