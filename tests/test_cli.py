@@ -269,8 +269,8 @@ def test_readme_cli_examples_run_as_written(tmp_path, monkeypatch, capsys):
     for args in commands:
         if args[0] == "notebook" or "--preset" in args:
             continue
-        if args[0] == "compare":  # runs/irt_r is notebook 02's run: compare the README's run with itself
-            args = [a if a != "runs/irt_r" else "runs/my_irt_r" for a in args]
+        if args[0] == "compare":  # runs/fashion_mnist/irt_r is notebook 02's run: compare the README's run with itself
+            args = [a if a != "runs/fashion_mnist/irt_r" else "runs/my_irt_r" for a in args]
         extra = [f for f in TINY if args[0] == "train"] if "--resume" not in args else []
         rc = main([*args, *extra])
         assert rc == 0, (args, capsys.readouterr().err)
