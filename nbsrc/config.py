@@ -18,7 +18,6 @@ from typing import Any
 
 from nbsrc.errors import ConfigError
 
-POOLINGS = ("cls", "dist", "avg", "max", "gem")
 DATASETS = ("fashion_mnist", "digits", "glyphs", "folder", "cub", "sop", "inshop", "sfm120k")
 SAMPLERS = ("m_per_class", "group_size")
 SCHEDULERS = ("cosine", "constant")
@@ -73,7 +72,7 @@ class ExperimentConfig:
     backbone: str = "vit_tiny_patch16_224"  # any timm model name (paper: deit_small_patch16_224)
     patch_size: int | None = 7  # override the ViT patch size (None: the backbone's own)
     weights: str = "none"  # none | timm | efficientnet_lite0 | /path/to/checkpoint.pt
-    pooling: str = "cls"  # cls | dist | avg | max | gem
+    pooling: str = "cls"  # a name of nbsrc.models.POOLINGS (cls | dist | avg | max | gem | rmac); checked when built
     gem_p: float = 3.0
     gem_learnable: bool = False
     dim: int | None = None  # PCA reduction fitted on training embeddings (paper: 128); None: off
@@ -192,8 +191,8 @@ class ExperimentConfig:
             bad("name", self.name, "a non-empty run name without '/'")
         if self.dataset not in DATASETS:
             bad("dataset", self.dataset, f"one of {', '.join(DATASETS)}")
-        if self.pooling not in POOLINGS:
-            bad("pooling", self.pooling, f"one of {', '.join(POOLINGS)}")
+        if not isinstance(self.pooling, str) or not self.pooling:
+            bad("pooling", self.pooling, "the name of a pooling of nbsrc.models.POOLINGS")
         if not isinstance(self.loss, str) or not self.loss:
             bad("loss", self.loss, "the name of a loss of nbsrc.losses.PAIR_LOSSES")
         if self.optimizer not in OPTIMIZERS:
