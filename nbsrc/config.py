@@ -58,6 +58,9 @@ class ExperimentConfig:
     img_size: int = 28  # square input side after resize and crop (paper: 224)
     sampler: str = "m_per_class"  # m_per_class | group_size (DToP Table A12: batches of one image size)
     size_variant: str | None = None  # None | "mixed": every image stretched to one of 5 aspect ratios (A12)
+    # DToP §A.1 "random cropping, illumination and scaling augmentation" in training (ranges our reading:
+    # nbsrc.data.transforms.DTOP_AUGMENTATION); on in the DToP presets, off elsewhere
+    dtop_augmentation: bool = False
     # how SfM-120k trains: "tuples" (IRT §4.2: tuples with mined hard negatives, contrastive loss) or
     # "classes" (DToP: each image labelled by its 3D model, the ordinary loop with any loss, e.g. ArcFace)
     sfm_training: str = "tuples"
@@ -191,6 +194,8 @@ class ExperimentConfig:
             bad("name", self.name, "a non-empty run name without '/'")
         if self.dataset not in DATASETS:
             bad("dataset", self.dataset, f"one of {', '.join(DATASETS)}")
+        if not isinstance(self.dtop_augmentation, bool):
+            bad("dtop_augmentation", self.dtop_augmentation, "true or false")
         if not isinstance(self.pooling, str) or not self.pooling:
             bad("pooling", self.pooling, "the name of a pooling of nbsrc.models.POOLINGS")
         if not isinstance(self.loss, str) or not self.loss:

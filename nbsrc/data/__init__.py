@@ -14,7 +14,7 @@ from nbsrc.data.folder import image_folder_dataset, scan_image_folder
 from nbsrc.data.images import check_dataset_images, check_images, list_images, scan_images
 from nbsrc.data.samplers import MPerClassBatchSampler
 from nbsrc.data.splits import cap_per_class, check_min_per_class, class_disjoint_split
-from nbsrc.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RetrievalTransform
+from nbsrc.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RetrievalTransform, training_transform
 from nbsrc.errors import ConfigError
 
 __all__ = [
@@ -54,7 +54,7 @@ def build_data(cfg: ExperimentConfig, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> R
 
 
 def _build_data(cfg: ExperimentConfig, mean, std) -> RetrievalData:
-    train_tf = RetrievalTransform(cfg.img_size, train=True, mean=mean, std=std)
+    train_tf = training_transform(cfg.img_size, mean, std, cfg.dtop_augmentation)
     eval_tf = RetrievalTransform(cfg.img_size, train=False, mean=mean, std=std)
     if cfg.dataset == "fashion_mnist":
         images, labels = load_fashion_mnist(cfg.data_root)
