@@ -85,6 +85,8 @@ PAPER = {
     "dtop_a5_vitb16_cls_sfm": dtop("vit_base_patch16_384"), "dtop_a5_vitb16_patch_sfm": dtop("vit_base_patch16_384"),
     "dtop_a5_r50vitb16_cls_sfm": dtop("vit_base_r50_s16_384"),
     "dtop_a5_r50vitb16_patch_sfm": dtop("vit_base_r50_s16_384"),
+    "dtop_a5_deitb_cls_sfm": dtop("deit_base_distilled_patch16_384"),
+    "dtop_a5_deitb_dist_sfm": dtop("deit_base_distilled_patch16_384"),
 }
 
 
@@ -152,6 +154,16 @@ def test_grids_change_only_what_their_table_varies():
     assert len(t5) == 25 and t5["β = 0.9, λ = 1"]["paper"] == {"sop": {"R@1": 41.5}}
     assert t5["β = 0.9, λ = 1"]["config"].beta == 0.9 and t5["β = 0.9, λ = 1"]["config"].lam == 1.0
     assert preset_grid("irt_l_sop_r50", "5")["β = 0.5, λ = 0"]["paper"]["sop"]["R@1"] == 79.8  # Table 4's R50 row
+
+
+def test_dtop_a5_deit_b_rows_as_papers_readme_reads_them():
+    """papers/README.md: DeiT-B CLS 82.3 / 84.1 / 59.6 / 67.6 / 29.1 / 46.5, DIST 84.2 / 85.5 / 62.4 / 71.2 /
+    32.6 / 49.7 (Oxf5k, Par6k, ROxf M, RPar M, ROxf H, RPar H); the DIST row takes the distillation token."""
+    for name, pooling, (o, p, om, pm, oh, ph) in [("dtop_a5_deitb_cls_sfm", "cls", (82.3, 84.1, 59.6, 67.6, 29.1, 46.5)),
+                                                   ("dtop_a5_deitb_dist_sfm", "dist", (84.2, 85.5, 62.4, 71.2, 32.6, 49.7))]:
+        assert results(name) == {"oxford5k": {"mAP": o}, "paris6k": {"mAP": p}, "roxford5k": {"mAP M": om, "mAP H": oh},
+                                 "rparis6k": {"mAP M": pm, "mAP H": ph}}
+        assert load_preset(name).pooling == pooling
 
 
 def test_grid_errors():
