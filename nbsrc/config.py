@@ -18,7 +18,6 @@ from typing import Any
 
 from nbsrc.errors import ConfigError
 
-POOLINGS = ("cls", "dist", "avg", "max", "gem")
 DATASETS = ("fashion_mnist", "digits", "glyphs", "folder", "cub", "sop", "inshop", "sfm120k")
 SAMPLERS = ("m_per_class", "group_size")
 SCHEDULERS = ("cosine", "constant")
@@ -60,6 +59,9 @@ class ExperimentConfig:
     img_size: int = 28  # square input side after resize and crop (paper: 224)
     sampler: str = "m_per_class"  # m_per_class | group_size (DToP Table A12: batches of one image size)
     size_variant: str | None = None  # None | "mixed": every image stretched to one of 5 aspect ratios (A12)
+    # DToP §A.1 "random cropping, illumination and scaling augmentation" in training (ranges our reading:
+    # nbsrc.data.transforms.DTOP_AUGMENTATION); on in the DToP presets, off elsewhere
+    dtop_augmentation: bool = False
     # how SfM-120k trains: "tuples" (IRT §4.2: tuples with mined hard negatives, contrastive loss) or
     # "classes" (DToP: each image labelled by its 3D model, the ordinary loop with any loss, e.g. ArcFace)
     sfm_training: str = "tuples"
@@ -74,7 +76,7 @@ class ExperimentConfig:
     backbone: str = "vit_tiny_patch16_224"  # any timm model name (paper: deit_small_patch16_224)
     patch_size: int | None = 7  # override the ViT patch size (None: the backbone's own)
     weights: str = "none"  # none | timm | efficientnet_lite0 | /path/to/checkpoint.pt
-    pooling: str = "cls"  # cls | dist | avg | max | gem
+    pooling: str = "cls"  # a name of nbsrc.models.POOLINGS (cls | dist | avg | max | gem | rmac); checked when built
     gem_p: float = 3.0
     gem_learnable: bool = False
     dim: int | None = None  # PCA reduction fitted on training embeddings (paper: 128); None: off
@@ -193,8 +195,10 @@ class ExperimentConfig:
             bad("name", self.name, "a non-empty run name without '/'")
         if self.dataset not in DATASETS:
             bad("dataset", self.dataset, f"one of {', '.join(DATASETS)}")
-        if self.pooling not in POOLINGS:
-            bad("pooling", self.pooling, f"one of {', '.join(POOLINGS)}")
+        if not isinstance(self.dtop_augmentation, bool):
+            bad("dtop_augmentation", self.dtop_augmentation, "true or false")
+        if not isinstance(self.pooling, str) or not self.pooling:
+            bad("pooling", self.pooling, "the name of a pooling of nbsrc.models.POOLINGS")
         if not isinstance(self.loss, str) or not self.loss:
             bad("loss", self.loss, "the name of a loss of nbsrc.losses.PAIR_LOSSES")
         if self.optimizer not in OPTIMIZERS:

@@ -37,7 +37,7 @@ from nbsrc.data import RetrievalData, RetrievalDataset, build_data, cap_per_clas
 from nbsrc.data.group_sampler import training_sampler
 from nbsrc.data.sfm import SfMSplit, load_sfm120k_db
 from nbsrc.data.images import check_dataset_images, check_images
-from nbsrc.data.transforms import RetrievalTransform, particular_object_transform
+from nbsrc.data.transforms import particular_object_transform, training_transform
 from nbsrc.errors import ConfigError, DatasetError, RunDirError
 from nbsrc.eval import evaluate, extract_embeddings
 from nbsrc.eval.particular import SINGLE_SCALE, evaluate_revisited_data, learn_sfm_whitening
@@ -254,7 +254,7 @@ def sfm_setup(cfg: ExperimentConfig, norm: dict, device, roxford_root=None, rpar
     check_images(db.paths, "SfM-120k", decode=False)  # a missing or unreadable file, before anything is written
     eval_tf = particular_object_transform(cfg.img_size, norm["mean"], norm["std"])  # IRT §4.2: squashed square
     if cfg.sfm_training == "classes":
-        train_tf = RetrievalTransform(cfg.img_size, train=True, mean=norm["mean"], std=norm["std"])
+        train_tf = training_transform(cfg.img_size, norm["mean"], norm["std"], cfg.dtop_augmentation)
         task: TrainingTask = PairTask(cfg, class_dataset(db, train_tf))
     else:
         task = TupleTask(cfg, db)

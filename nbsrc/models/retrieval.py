@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nbsrc.errors import ConfigError
-from nbsrc.models.pooling import TokenPooling
+from nbsrc.models.pooling import build_pooling
 
 
 class PCAReduction(nn.Module):
@@ -46,8 +46,10 @@ class RetrievalModel(nn.Module):
     """images -> l2-normalised embeddings.
 
     ``forward_tokens`` returns the backbone's token sequence ``[B, T, C]`` (prefix tokens first);
-    ``forward_features`` returns the pooled, not yet normalised descriptor; ``forward`` the final
-    embedding (pooled -> l2 -> [PCA -> l2]).
+    ``forward_features`` returns the pooled, not yet normalised descriptor (a ``spatial`` pooling such
+    as R-MAC gets the convnet's map ``[B, C, H, W]`` instead of tokens); ``forward`` the final
+    embedding (pooled -> l2 -> [PCA -> l2]). ``pooling`` is a name of
+    :data:`nbsrc.models.pooling.POOLINGS`.
     """
 
     def __init__(self, backbone: nn.Module, pooling: str, num_prefix: int, has_dist: bool,
@@ -56,7 +58,7 @@ class RetrievalModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.num_prefix = num_prefix
-        self.pool = TokenPooling(pooling, num_prefix, has_dist, gem_p, gem_learnable)
+        self.pool = build_pooling(pooling, num_prefix, has_dist, gem_p, gem_learnable)
         self.head = head if head is not None else nn.Identity()
         self.feature_dim = backbone.num_features
         self.pca = PCAReduction(self.feature_dim, dim) if dim else None
@@ -72,6 +74,8 @@ class RetrievalModel(nn.Module):
         return feats
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self.pool, "spatial", False):  # R-MAC: regions of the convnet's map
+            return self.head(self.pool(self.backbone.forward_features(x)))
         return self.head(self.pool(self.forward_tokens(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

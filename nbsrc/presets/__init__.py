@@ -209,7 +209,8 @@ def _paper_value(preset: str | None, bench: str, metric: str):
 
 
 def evaluate_benchmarks(preset: str | None, roots: dict[str, str | None], run_dir: str | Path | None = None,
-                        overrides: dict | None = None, eval_per_class: int | None = None, runs_dir: str | Path = "runs"):
+                        overrides: dict | None = None, eval_per_class: int | None = None, runs_dir: str | Path = "runs",
+                        sfm_root: str | Path | None = None):
     """Evaluate a model on each benchmark of ``roots`` (``{"cub"|"sop"|"inshop"|"roxford5k"|"rparis6k":
     folder or None}``; None entries are skipped) and put the paper's number beside ours.
 
@@ -218,7 +219,13 @@ def evaluate_benchmarks(preset: str | None, roots: dict[str, str | None], run_di
     (off-the-shelf, IRT_O) model of ``load_preset(preset, **overrides)``, whose descriptor is the
     full embedding (no PCA: fitting one needs training data). Category-level benchmarks use the
     official evaluation split and Recall@``RECALL_KS[benchmark]`` (IRT Table 2); the revisited ones
-    the mAP of the Medium and Hard setups (IRT Tables 7-8). The paper column holds ``preset``'s
+    the mAP of the Medium and Hard setups (IRT Tables 7-8), evaluated as the SfM-120k run evaluates
+    (:func:`nbsrc.experiment.revisited_evaluation`): at the config's ``eval_scales`` on both sides, and,
+    where the config has ``whitening="learned"`` (the DToP presets; DToP Table A7 "Using supervised
+    whitening"), with the whitening learned from the matching pairs of SfM-120k's training split under
+    ``sfm_root`` — a one-line error names ``sfm_root`` when it is missing (or evaluate a preset without
+    whitening, ``overrides={"whitening": None}``, knowing that the paper's row used it). ``table.attrs
+    ["revisited"]`` says how the revisited rows were evaluated. The paper column holds ``preset``'s
     reported number for that benchmark (None where the preset's row has none, e.g. a benchmark it was
     not trained for). ``eval_per_class`` caps the evaluation images per class (None: the full
     protocol). Returns a DataFrame indexed by ``(benchmark, metric)`` with columns ``ours, paper,
@@ -230,7 +237,8 @@ def evaluate_benchmarks(preset: str | None, roots: dict[str, str | None], run_di
     from nbsrc.data.transforms import RetrievalTransform, particular_object_transform
     from nbsrc.eval import evaluate
     from nbsrc.experiment import load_run
-    from nbsrc.experiment import evaluate_revisited
+    from nbsrc.data.sfm import load_sfm120k_db
+    from nbsrc.experiment import revisited_evaluation
     from nbsrc.models import data_config, model_from_config
     from nbsrc.train import resolve_device
 
@@ -259,16 +267,30 @@ def evaluate_benchmarks(preset: str | None, roots: dict[str, str | None], run_di
     model.to(device).eval()
     norm = data_config(model)
     eval_tf = RetrievalTransform(cfg.img_size, train=False, mean=norm["mean"], std=norm["std"])
+    revisited = {b: Path(r) for b, r in roots.items() if b not in CATEGORY_BENCHMARKS}
+    db = None
+    if revisited and cfg.whitening == "learned":
+        if sfm_root is None:
+            raise ConfigError(
+                f"{cfg.name} evaluates Revisited Oxford/Paris with whitening learned on SfM-120k (whitening='learned', "
+                "DToP Table A7); pass sfm_root= (the SfM-120k folder, notebook 09's sfm_root), or for a preset "
+                "overrides={'whitening': None} to evaluate without it")
+        db = load_sfm120k_db(sfm_root, "train")
     rows = []
     for bench, root in roots.items():
         if bench in CATEGORY_BENCHMARKS:
             data = build_benchmark(bench, root, eval_tf, eval_tf, eval_per_class, cfg.seed)
             ours = evaluate(model, data, RECALL_KS[bench], cfg.eval_batch_size, device, progress=False)
             rows += [(bench, m, v, _paper_value(preset, bench, m)) for m, v in ours.items()]
-        else:
-            square = particular_object_transform(cfg.img_size, norm["mean"], norm["std"])  # IRT §4.2
-            _, res, _ = evaluate_revisited(model, root, square, cfg, device, bench)
-            rows += [(bench, m, res[s]["mAP"], _paper_value(preset, bench, m)) for m, s in REVISITED_METRICS.items()]
+    if revisited:  # the SfM-120k run's own evaluation: eval_scales, whitening learned once from SfM-120k
+        square = particular_object_transform(cfg.img_size, norm["mean"], norm["std"])  # IRT §4.2
+        results, _ = revisited_evaluation(model, revisited, square, cfg, device, db)
+        for bench in revisited:
+            rows += [(bench, m, results[bench][s]["mAP"], _paper_value(preset, bench, m))
+                     for m, s in REVISITED_METRICS.items()]
     table = pd.DataFrame(rows, columns=["benchmark", "metric", "ours", "paper"]).set_index(["benchmark", "metric"])
     table["difference"] = table["ours"] - table["paper"].astype(float)  # ours − paper, in points
+    scales = ", ".join(f"{s:.3g}" for s in (cfg.eval_scales or [1.0]))
+    table.attrs["revisited"] = (f"scales {scales} on both sides; whitening " +
+                                (f"learned from {len(db.qidxs)} SfM-120k training pairs" if db is not None else "none"))
     return table

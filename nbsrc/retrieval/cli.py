@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-POOLINGS = ("cls", "dist", "avg", "max", "gem")
 _SHOWN_SKIPS = 5
 
 
@@ -50,7 +49,9 @@ def add_subcommands(sub) -> None:
     e.add_argument("--weights", default=None,
                    help="for a preset or timm name: none | timm (hub, needs the internet) | efficientnet_lite0 | "
                         "checkpoint path (default for a timm name: timm; for a preset: its own)")
-    e.add_argument("--pooling", default=None, choices=POOLINGS,
+    from nbsrc.models.pooling import POOLINGS
+
+    e.add_argument("--pooling", default=None, choices=tuple(POOLINGS),
                    help="for a timm name (default: cls for transformers, gem for convnets)")
     e.add_argument("--img-size", type=int, default=None,
                    help="input side in pixels, for a preset or timm name (default: the model's own)")
