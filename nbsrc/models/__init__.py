@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import timm
 import torch
 
+from nbsrc.config import DToPConfig
 from nbsrc.errors import ConfigError
 from nbsrc.models.backbones import WEIGHT_SOURCES, check_backbone, create_backbone, resolve_weights
 from nbsrc.models.dtop import build_dtop_model, build_effnet_lite0_vit_model
@@ -42,6 +44,9 @@ def build_model(
         img_size, patch_size: ViT input size and patch size overrides.
         options: DToP options (``dtop=True`` and its switches; see :mod:`nbsrc.models.dtop`).
     """
+    if isinstance(options.get("dtop"), DToPConfig) or options.get("dtop") is None:  # the config's model.dtop
+        dtop = options.pop("dtop", None)
+        options.update({"dtop": True, **dataclasses.asdict(dtop)} if dtop is not None else {})
     if backbone == "effnet_lite0_vit":  # EfficientNet-Lite0 stem + ViT encoder, see nbsrc.models.dtop
         return build_effnet_lite0_vit_model(pooling, dim, weights, img_size, patch_size, gem_p, gem_learnable, **options)
     check_backbone(backbone)
@@ -68,9 +73,9 @@ def build_model(
 
 def model_from_config(cfg) -> torch.nn.Module:
     """``build_model`` with the fields of an :class:`~nbsrc.config.ExperimentConfig`."""
-    img_size = cfg.img_size if is_transformer(cfg.backbone) else None
-    return build_model(cfg.backbone, cfg.pooling, cfg.dim, cfg.weights, img_size, cfg.patch_size,
-                       cfg.gem_p, cfg.gem_learnable, **cfg.model_options)
+    img_size = cfg.data.img_size if is_transformer(cfg.model.backbone) else None
+    return build_model(cfg.model.backbone, cfg.model.pooling, cfg.model.dim, cfg.model.weights, img_size, cfg.model.patch_size,
+                       cfg.model.gem_p, cfg.model.gem_learnable, dtop=cfg.model.dtop)
 
 
 def is_transformer(name: str) -> bool:
