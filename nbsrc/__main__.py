@@ -218,7 +218,7 @@ def resume_config(ns: argparse.Namespace) -> ExperimentConfig:
         if k in ("name", "runs_dir") or k in EXECUTION_FIELDS:
             continue
         old = saved.to_dict()[k]
-        if (list(v) if isinstance(v, tuple) else v) != old:
+        if saved.replace(**{k: v}).to_dict()[k] != old:  # in the flat form (model_options without its defaults)
             flag = "--" + k.replace("_", "-")
             raise ConfigError(f"{flag} {v!r} cannot change a resumed run (it was made with {k}={old!r}): only "
                               f"execution settings ({', '.join(sorted(EXECUTION_FIELDS - {'runs_dir'}))}) may; "
