@@ -9,7 +9,6 @@ flags override both.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import errno
 import json
 import re
@@ -17,7 +16,7 @@ import sys
 import typing
 from pathlib import Path
 
-from nbsrc.config import FIELD_HELP, ExperimentConfig
+from nbsrc.config import FIELD_HELP, FLAT_FIELDS, ExperimentConfig, RunConfig
 from nbsrc.errors import ConfigError, NbsrcError
 
 # OSErrors that are the user's environment, not a bug: reported in one line naming the file.
@@ -74,26 +73,29 @@ _UNCOMMENTED_HELP = {
 
 
 def field_comments() -> dict[str, str]:
-    """Each config field's comment in ``nbsrc/config.py`` (the one on its line, else the comment lines
-    just above it), with :data:`~nbsrc.config.FIELD_HELP` taking precedence: the help of ``train``'s flags."""
+    """Each config field's comment in its section of ``nbsrc/config.py`` (the one on its line, else the
+    comment lines just above it), keyed by flat name, with :data:`~nbsrc.config.FIELD_HELP` taking precedence: the help of ``train``'s flags."""
     import inspect
 
     from nbsrc import config
 
     out: dict[str, str] = {}
-    above: list[str] = []
-    for line in inspect.getsource(config.ExperimentConfig).splitlines():
-        stripped = line.strip()
-        m = re.match(r"(\w+): [^=]+=[^#]*(?:#\s*(.*))?$", stripped)
-        if stripped.startswith("#") and not stripped.startswith("# ---"):
-            above.append(stripped.lstrip("# "))
-        elif m:
-            text = m.group(2) or " ".join(above)
-            if text:
-                out[m.group(1)] = text
-            above = []
-        else:
-            above = []
+    flat_of = {path: flat for flat, path in config.FLAT_FIELDS.items()}
+    for section, cls in config.SECTIONS.items():
+        above: list[str] = []
+        for line in inspect.getsource(cls).splitlines():
+            stripped = line.strip()
+            m = re.match(r"(\w+): [^=]+=[^#]*(?:#\s*(.*))?$", stripped)
+            if stripped.startswith("#"):
+                above.append(stripped.lstrip("# "))
+            elif m:
+                text = m.group(2) or " ".join(above)
+                flat = flat_of.get(f"{section}.{m.group(1)}")
+                if text and flat is not None:
+                    out[flat] = text
+                above = []
+            else:
+                above = []
     return {**_UNCOMMENTED_HELP, **out, **FIELD_HELP}
 
 
@@ -102,14 +104,17 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     given leaves the field to the preset / config file / default (``argparse.SUPPRESS``: absent from the
     namespace); ``none`` or ``null`` sets an optional field to None (``--dim none``), while a plain string
     field keeps the word (``--weights none``)."""
-    hints = typing.get_type_hints(ExperimentConfig)
-    comments, choices, defaults = field_comments(), field_choices(), ExperimentConfig().to_dict()
-    for f in dataclasses.fields(ExperimentConfig):
-        t, flag = hints[f.name], "--" + f.name.replace("_", "-")
+    from nbsrc.config import SECTIONS, flat_fields
+
+    comments, choices = field_comments(), field_choices()
+    groups = {s: p.add_argument_group(f"{s} (cfg.{s}.*)", SECTIONS[s].__doc__.split("\n\n")[0].split(": ", 1)[-1])
+              for s in SECTIONS}
+    for f in flat_fields():
+        t, flag, g = f.type, "--" + f.name.replace("_", "-"), groups[f.section]
         args = typing.get_args(t)
         optional = bool(args) and type(None) in args
         base = next((a for a in args if a is not type(None)), t) if optional else t
-        shown = defaults[f.name]
+        shown = f.default
         shown = "none" if shown is None else " ".join(map(str, shown)) if isinstance(shown, list) else shown
         if f.name == "name":
             shown = "cli_<dataset>_<loss>_lam<lam>_<hash of the settings>, a name no notebook uses"
@@ -121,18 +126,18 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         help_ = (help_ + f" (default: {shown})").replace("%", "%%")
         unset = argparse.SUPPRESS
         if base is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=unset, help=help_)
+            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=unset, help=help_)
         elif f.name == "ks":
-            p.add_argument(flag, dest=f.name, type=int, nargs="+", default=unset, help=help_)
+            g.add_argument(flag, dest=f.name, type=int, nargs="+", default=unset, help=help_)
         elif f.name == "model_options":
-            p.add_argument(flag, dest=f.name, type=json.loads, default=unset, help="a JSON dict; " + help_)
+            g.add_argument(flag, dest=f.name, type=json.loads, default=unset, help="a JSON dict; " + help_)
         elif f.name == "eval_scales":
-            p.add_argument(flag, dest=f.name, type=float, nargs="+", default=unset, help=help_)
+            g.add_argument(flag, dest=f.name, type=float, nargs="+", default=unset, help=help_)
         else:
             conv = base if base in (int, float, str) else str
             metavar = "{" + ",".join("none" if v is None else str(v) for v in choices[f.name]) + "}" \
                 if f.name in choices and f.name != "device" else None
-            p.add_argument(flag, dest=f.name, type=_optional(conv) if optional else conv, default=unset,
+            g.add_argument(flag, dest=f.name, type=_optional(conv) if optional else conv, default=unset,
                            help=help_, metavar=metavar)
 
 
@@ -161,7 +166,7 @@ def _config_from_flags(ns: argparse.Namespace) -> ExperimentConfig:
         from nbsrc.presets import preset_dict
 
         base.update(preset_dict(ns.preset))
-    names = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    names = set(FLAT_FIELDS)
     if getattr(ns, "config", None):
         base.update(read_config_file(ns.config, names))
     base.update({k: v for k, v in vars(ns).items() if k in names})  # only the flags given are in ns
@@ -181,7 +186,7 @@ def default_run_name(cfg: ExperimentConfig) -> str:
 
     fp = {k: v for k, v in cfg.fingerprint().items() if k != "name"}
     digest = hashlib.sha1(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:6]
-    return f"cli_{cfg.dataset}_{cfg.loss}_lam{cfg.lam:g}_{digest}"
+    return f"cli_{cfg.data.dataset}_{cfg.loss.name}_lam{cfg.loss.lam:g}_{digest}"
 
 
 def resume_config(ns: argparse.Namespace) -> ExperimentConfig:
@@ -198,11 +203,11 @@ def resume_config(ns: argparse.Namespace) -> ExperimentConfig:
         if getattr(ns, opt, None):
             raise ConfigError(f"--{opt} cannot be combined with --resume: a resumed run keeps its saved "
                               f"config.json; drop --{opt}")
-    names = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    names = set(FLAT_FIELDS)
     given = {k: v for k, v in vars(ns).items() if k in names}
     if "name" not in given:
         given["name"] = default_run_name(ExperimentConfig.from_dict(given))
-    runs_dir = Path(given.get("runs_dir", ExperimentConfig.runs_dir))
+    runs_dir = Path(given.get("runs_dir", RunConfig.runs_dir))
     path = runs_dir / given["name"] / CONFIG
     if not path.exists():
         raise ConfigError(f"--resume: there is no run {runs_dir / given['name']} (no {CONFIG}); pass the "
@@ -214,7 +219,7 @@ def resume_config(ns: argparse.Namespace) -> ExperimentConfig:
         if k in ("name", "runs_dir") or k in EXECUTION_FIELDS:
             continue
         old = saved.to_dict()[k]
-        if (list(v) if isinstance(v, tuple) else v) != old:
+        if saved.replace(**{k: v}).to_dict()[k] != old:  # in the flat form (model_options without its defaults)
             flag = "--" + k.replace("_", "-")
             raise ConfigError(f"{flag} {v!r} cannot change a resumed run (it was made with {k}={old!r}): only "
                               f"execution settings ({', '.join(sorted(EXECUTION_FIELDS - {'runs_dir'}))}) may; "
@@ -273,16 +278,16 @@ def describe_evaluation(cfg: ExperimentConfig, results: dict) -> str:
     """Two lines: ``name: R@1=..  R@2=..`` (or mAP) and how that was evaluated."""
     scores = {k: v for k, v in results.items() if k.startswith(("R@", "mAP", "roxford", "rparis"))
               and isinstance(v, (int, float))}
-    first = f"{cfg.name}: " + "  ".join(f"{k}={v:.2f}" for k, v in scores.items())
-    per_class = "all images" if cfg.eval_per_class is None else f"at most {cfg.eval_per_class} images"
-    where = (f"Revisited Oxford/Paris" if cfg.dataset == "sfm120k" else
-             f"{cfg.dataset} classes {cfg.test_classes} ({per_class} per class, each query against the rest)")
-    how = [f"  evaluated on {where}", f"{'PCA to ' + str(cfg.dim) if cfg.dim else 'no PCA'}",
-           f"after {cfg.iterations} iterations" if cfg.iterations else "off-the-shelf (no training)"]
-    if cfg.eval_scales:
-        how.append(f"scales {cfg.eval_scales}")
-    if cfg.whitening:
-        how.append(f"{cfg.whitening} whitening")
+    first = f"{cfg.run.name}: " + "  ".join(f"{k}={v:.2f}" for k, v in scores.items())
+    per_class = "all images" if cfg.data.eval_per_class is None else f"at most {cfg.data.eval_per_class} images"
+    where = (f"Revisited Oxford/Paris" if cfg.data.dataset == "sfm120k" else
+             f"{cfg.data.dataset} classes {cfg.data.test_classes} ({per_class} per class, each query against the rest)")
+    how = [f"  evaluated on {where}", f"{'PCA to ' + str(cfg.model.dim) if cfg.model.dim else 'no PCA'}",
+           f"after {cfg.optim.iterations} iterations" if cfg.optim.iterations else "off-the-shelf (no training)"]
+    if cfg.eval.eval_scales:
+        how.append(f"scales {cfg.eval.eval_scales}")
+    if cfg.eval.whitening:
+        how.append(f"{cfg.eval.whitening} whitening")
     if "device" in results:
         how.append(f"on {results['device']}")
     versions = results.get("versions")

@@ -1,9 +1,32 @@
-"""One source of truth for an experiment.
+"""One source of truth for an experiment, in sections.
 
 :class:`ExperimentConfig` is shared by the CLI (``python -m nbsrc train``), the notebooks'
-``parameters`` cells and the saved run (``runs/<name>/config.json``). Every field has the paper's
-default unless the comment says otherwise; ``validate()`` turns a nonsense value into a one-line
-:class:`~nbsrc.errors.ConfigError` that names the field and the fix.
+``parameters`` cells and the saved run (``runs/<name>/config.json``). Like nanoGPT's ``GPTConfig``
+it is made of small dataclasses, one per part of an experiment, and a reader learns one way to read
+it, ``cfg.<section>.<field>``:
+
+=========  ==========================================================================================
+``run``    name, seed and how the run is executed and logged (:class:`RunConfig`)
+``data``   dataset, class split, image size, sampler (:class:`DataConfig`)
+``model``  backbone, weights, pooling, PCA, and ``model.dtop``: the DToP model or None
+           (:class:`ModelConfig`, :class:`DToPConfig`)
+``loss``   the loss (``loss.name``), its margin β, KoLeo λ, the cross-batch memory (:class:`LossConfig`)
+``optim``  optimizer, learning rate and schedule, batch, iterations, precision (:class:`OptimConfig`)
+``eval``   what is measured at the end and how: Recall@K cut-offs, scales, whitening (:class:`EvalConfig`)
+``tuples`` SfM-120k tuple training (:class:`TupleConfig`), None unless ``data.dataset='sfm120k'``
+           with ``data.sfm_training='tuples'``
+=========  ==========================================================================================
+
+Every field has the paper's default unless its comment says otherwise; :meth:`ExperimentConfig.validate`
+turns a nonsense value into a one-line :class:`~nbsrc.errors.ConfigError` that names the field and the fix.
+
+**Flat names.** Every field also has a flat name, the one used before the config had sections and still
+used by the CLI flags (``--lr``), presets, papermill parameters, ``cfg.replace(lr=...)`` and the saved
+``config.json``: :data:`FLAT_FIELDS` maps each flat name to its place (``"lr": "optim.lr"``). A field's
+name in its section is its flat name except ``loss`` (``loss.name``); the untyped ``model_options``
+dict of old configs maps to the typed ``model.dtop`` (:func:`dtop_from_options`). ``config.json`` and
+:meth:`ExperimentConfig.fingerprint` keep the flat form, so run directories saved before the sections
+load and are reused (``tests/test_config_sections.py`` checks it on configs saved by the flat version).
 """
 
 from __future__ import annotations
@@ -12,7 +35,7 @@ import dataclasses
 import difflib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +47,20 @@ SCHEDULERS = ("cosine", "constant")
 OPTIMIZERS = ("adamw", "sgd", "adam")
 WHITENINGS = (None, "learned")
 
-# --help of the fields whose name alone does not say what they are (the CLI shows it)
+# --help of the fields whose name alone does not say what they are (the CLI shows it); keyed by flat name
 FIELD_HELP = {
     "beta": "margin on negatives (pytorch-metric-learning: neg_margin), in [0, 1]; IRT eq. 1's beta",
     "lam": "KoLeo weight lambda (IRT eq. 5); 0 gives IRT_L, > 0 IRT_R",
     "dim": "PCA output dimension fitted after training (IRT: 128); none keeps the embedding",
     "memory_size": "cross-batch memory (XBM) size in embeddings; 0: off",
     "memory_start": "iteration from which the cross-batch memory is read and filled (XBM warm-up); 0: from the start",
+    "model_options": "the DToP model (model.dtop) as a JSON dict of nbsrc.config.DToPConfig fields under "
+                     "\"dtop\": true, e.g. '{\"dtop\": true, \"k\": 6}'; {}: no DToP",
 }
 
-# Fields that change how a run is executed or logged but not what it computes: two configs that
-# differ only here describe the same experiment (used to decide whether a saved run can be reused).
+# Fields (flat names) that change how a run is executed or logged but not what it computes: two configs
+# that differ only here describe the same experiment (used to decide whether a saved run can be reused,
+# and the only fields `train --resume` may change). All are in `run`, except eval.eval_batch_size.
 EXECUTION_FIELDS = frozenset(
     {"runs_dir", "device", "num_workers", "log_every", "ckpt_every", "progress", "eval_batch_size",
      "compile", "pin_memory", "fused_optimizer", "cpu_compile", "threads"}
@@ -42,14 +68,44 @@ EXECUTION_FIELDS = frozenset(
 # Not here: ``amp`` and ``cpu_bf16``, which change the numbers a run computes (bf16 rounds every matmul).
 
 
+def invalid(name: str, value: Any, expected: str) -> None:
+    """Raise the one-line error of a bad field: ``name=value is invalid: expected ...``."""
+    raise ConfigError(f"{name}={value!r} is invalid: expected {expected}")
+
+
+# ----------------------------------------------------------------------------- the sections
 @dataclass
-class ExperimentConfig:
-    # --- run ---
+class RunConfig:
+    """Section ``run``: the run's name, its seed, and how it is executed and logged."""
+
     name: str = "irt_r"
     runs_dir: str = "runs"
     seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_workers: int = 0
+    log_every: int = 10
+    ckpt_every: int = 100
+    progress: bool = True
+    record_grad_noise: bool = False  # log gamma = ||Cov(grad directions)||_* (IRT Fig. 4)
+    compile: bool = False  # torch.compile the model (CUDA; measured in `python -m nbsrc.bench train`)
+    pin_memory: bool = True  # pinned host memory + non-blocking copies when training on CUDA
+    fused_optimizer: bool = True  # fused AdamW/Adam/SGD kernels on CUDA
+    # CPU execution (issue 15; measured in `python -m nbsrc.bench train`); each is a no-op on CUDA
+    cpu_compile: bool = False  # torch.compile (inductor) the model when training on CPU
+    threads: int = 0  # torch.set_num_threads for training (0: torch's own count)
 
-    # --- data ---
+    def validate(self, bad) -> None:
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            bad("name", self.name, "a non-empty run name without '/'")
+        for name in ("log_every", "ckpt_every", "num_workers", "threads"):
+            if getattr(self, name) < 0:
+                bad(name, getattr(self, name), "a non-negative integer")
+
+
+@dataclass
+class DataConfig:
+    """Section ``data``: which images train, which evaluate, and how batches are drawn."""
+
     dataset: str = "fashion_mnist"  # fashion_mnist | digits | folder | cub | sop | inshop | sfm120k
     data_root: str | None = None  # None: $NBSRC_DATA, then the Debian package, then a download
     train_classes: str = "0-4"  # class-disjoint split: train on these classes ...
@@ -65,14 +121,93 @@ class ExperimentConfig:
     # how SfM-120k trains: "tuples" (IRT §4.2: tuples with mined hard negatives, contrastive loss) or
     # "classes" (DToP: each image labelled by its 3D model, the ordinary loop with any loss, e.g. ArcFace)
     sfm_training: str = "tuples"
-    # SfM-120k tuple training (IRT §4.2, Radenović et al.): per epoch, pairs_per_epoch (query, positive)
-    # pairs and a negative_pool of images; negatives_per_tuple hard negatives mined with the current model
-    tuples_per_batch: int = 5
-    negatives_per_tuple: int = 5
-    pairs_per_epoch: int = 2000
-    negative_pool: int = 22000
 
-    # --- model ---
+    @property
+    def uses_tuples(self) -> bool:
+        """SfM-120k trained on mined tuples (the ``tuples`` section applies)."""
+        return self.dataset == "sfm120k" and self.sfm_training == "tuples"
+
+    def validate(self, bad) -> None:
+        if self.dataset not in DATASETS:
+            bad("dataset", self.dataset, f"one of {', '.join(DATASETS)}")
+        if self.img_size < 8:
+            bad("img_size", self.img_size, "an image side of at least 8 pixels")
+        if self.eval_per_class is not None and self.eval_per_class < 2:
+            bad("eval_per_class", self.eval_per_class, "at least 2 images per class, or None")
+        if self.size_variant not in (None, "mixed"):
+            bad("size_variant", self.size_variant, "None or 'mixed' (the mixed-size variant of DToP Table A12)")
+        if self.sampler not in SAMPLERS:
+            bad("sampler", self.sampler, f"one of {', '.join(SAMPLERS)}")
+        if not isinstance(self.dtop_augmentation, bool):
+            bad("dtop_augmentation", self.dtop_augmentation, "true or false")
+        if self.split is not None and not 0.0 < self.split < 1.0:
+            bad("split", self.split, "the fraction of the classes to train on, in (0, 1), e.g. 0.5; or None")
+        defaults = tuple(type(self).__dataclass_fields__[k].default for k in ("train_classes", "test_classes"))
+        if self.split is not None and (self.train_classes, self.test_classes) != defaults:
+            given = ", ".join(f"{k}={v!r}" for k, v, d in (("train_classes", self.train_classes, defaults[0]),
+                                                            ("test_classes", self.test_classes, defaults[1])) if v != d)
+            raise ConfigError(f"split={self.split} chooses the training and test classes itself; drop {given}, "
+                              "or drop split")
+        if self.sfm_training not in ("tuples", "classes"):
+            bad("sfm_training", self.sfm_training,
+                "'tuples' (IRT: mined hard-negative tuples) or 'classes' (DToP: 3D models as classes, e.g. ArcFace)")
+
+
+@dataclass
+class DToPConfig:
+    """Section ``model.dtop``: the DToP model (Song et al., WACV 2023; :mod:`nbsrc.models.dtop`).
+
+    Each default is the full model of the supplementary's Tables A7–A13. The names the model checks
+    when it is built (``pos_embed``, ``pe_interp``, ``fusion``, ``branch``) are checked there."""
+
+    # last encoder layers collected (eqs. 5–6); A8: "The optimal number of layers is k = 6"
+    k: int = 6
+    # position encoding (eq. 2, A9): 'dpe' (dynamic position embedding) | 'none' | 'cpe'
+    pos_embed: str = "dpe"
+    # DPE interpolation (A9): 'bilinear' | 'bicubic'; "Bi-linear interpolation is best"
+    pe_interp: str = "bilinear"
+    elm: bool = True  # enhanced locality module (eqs. 9–11, A10); the full model has it
+    elm_irb: bool = True  # ELM's inverted residual block (A10: "all components contribute")
+    elm_aspp: bool = True  # ELM's à trous spatial pyramid pooling (A10)
+    elm_wave: bool = True  # ELM's WaveBlock (A10)
+    # fusion of the ELM's input and output (A13): none | sum | hadamard | concat | fast_norm | orthogonal;
+    # None: 'orthogonal' with the ELM ("We choose orthogonal fusion as default"), 'none' without
+    fusion: str | None = None
+    # output dimension N of the FC layer (eq. 12); A7: "the best performance is obtained by N = 1,536"
+    head_dim: int = 1536
+    # 'both' (eq. 12) | 'global' ([CLS] only, eq. 7) | 'local' (patches only, eq. 10): A5 uses one branch
+    branch: str = "both"
+
+    def validate(self, bad) -> None:
+        for name in ("k", "head_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                bad(name, value, f"an integer >= 1 (paper: {getattr(DToPConfig, name)})")
+        for name in ("elm", "elm_irb", "elm_aspp", "elm_wave"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, getattr(self, name), "True or False")
+        for name in ("pos_embed", "pe_interp", "branch"):
+            if not isinstance(getattr(self, name), str):
+                bad(name, getattr(self, name), "a name (see nbsrc.models.dtop)")
+        if self.fusion is not None and not isinstance(self.fusion, str):
+            bad("fusion", self.fusion, "a fusion name (see nbsrc.models.locality.FUSIONS), or None")
+
+    @property
+    def effective_fusion(self) -> str:
+        """``fusion`` with None resolved: 'orthogonal' with the ELM, 'none' without (A13)."""
+        return self.fusion if self.fusion is not None else ("orthogonal" if self.elm else "none")
+
+    def options(self) -> dict[str, Any]:
+        """The fields that differ from the paper's defaults (the flat form ``model_options`` keeps)."""
+        default = DToPConfig()
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(default, f.name)}
+
+
+@dataclass
+class ModelConfig:
+    """Section ``model``: what :func:`nbsrc.models.build_model` builds."""
+
     backbone: str = "vit_tiny_patch16_224"  # any timm model name (paper: deit_small_patch16_224)
     patch_size: int | None = 7  # override the ViT patch size (None: the backbone's own)
     weights: str = "none"  # none | timm | efficientnet_lite0 | /path/to/checkpoint.pt
@@ -80,11 +215,28 @@ class ExperimentConfig:
     gem_p: float = 3.0
     gem_learnable: bool = False
     dim: int | None = None  # PCA reduction fitted on training embeddings (paper: 128); None: off
-    model_options: dict[str, Any] = field(default_factory=dict)  # extra build_model options (DToP)
+    dtop: DToPConfig | None = None  # the DToP model (DToPConfig()), or None: backbone + pooling
 
-    # --- loss (IRT eq. 1 and 5) ---
-    loss: str = "contrastive"  # a name of nbsrc.losses.PAIR_LOSSES (contrastive | nsoftmax | snca | arcface);
-    # checked when the run is built, before anything is written (SfM-120k tuples: contrastive, see tuple_loss)
+    def validate(self, bad) -> None:
+        if not isinstance(self.pooling, str) or not self.pooling:
+            bad("pooling", self.pooling, "the name of a pooling of nbsrc.models.POOLINGS")
+        if self.dim is not None and self.dim < 1:
+            bad("dim", self.dim, "a positive PCA dimension, or None to keep the full embedding")
+        if self.gem_p <= 0:
+            bad("gem_p", self.gem_p, "a positive GeM exponent (paper: 3)")
+        if self.dtop is not None:
+            if not isinstance(self.dtop, DToPConfig):
+                bad("dtop", self.dtop, "a DToPConfig, or None")
+            self.dtop.validate(bad)
+
+
+@dataclass
+class LossConfig:
+    """Section ``loss`` (IRT eqs. 1 and 5): the loss, its margin, KoLeo and the cross-batch memory."""
+
+    # a name of nbsrc.losses.PAIR_LOSSES (contrastive | nsoftmax | snca | arcface); checked when the run is
+    # built, before anything is written (SfM-120k tuples: contrastive, see tuple_loss). Flat name: ``loss``
+    name: str = "contrastive"
     beta: float = 0.5  # margin on negatives (pytorch-metric-learning: neg_margin), in [0, 1]
     lam: float = 0.7  # KoLeo weight lambda; 0 gives IRT_L, > 0 gives IRT_R
     memory_size: int = 0  # cross-batch memory (XBM) size in embeddings; 0: off
@@ -95,8 +247,35 @@ class ExperimentConfig:
     arcface_margin: float = 0.15
     arcface_scale: float = 30.0
     temperature: float = 0.05  # Normalized Softmax and Scalable NCA temperature
+    # SfM-120k tuple loss: "distance" (cirtorch's ½d² / ½max(0, β − d)², summed over tuples; IRT §4.2
+    # builds on that code) or "eq1" (IRT eq. 1 with β as a cosine threshold); nbsrc.losses.tuples
+    tuple_loss: str = "distance"
 
-    # --- optimisation ---
+    def validate(self, bad) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            bad("loss", self.name, "the name of a loss of nbsrc.losses.PAIR_LOSSES")
+        if not 0.0 <= self.beta <= 1.0:
+            bad("beta", self.beta, "a margin in [0, 1] (cosine similarity of negatives; paper: 0.5)")
+        if self.lam < 0:
+            bad("lam", self.lam, "a KoLeo weight >= 0 (0 turns KoLeo off; paper: 0.7)")
+        if self.memory_size < 0:
+            bad("memory_size", self.memory_size, "a memory size >= 0 (0 turns the memory off)")
+        if self.memory_start < 0:
+            bad("memory_start", self.memory_start, "an iteration >= 0 from which the memory is used (0: from the start)")
+        if self.momentum is not None and not 0.0 <= self.momentum < 1.0:
+            bad("momentum", self.momentum, "a momentum in [0, 1) (paper: 0.999), or None")
+        if self.momentum is not None and self.memory_size == 0:
+            bad("momentum", self.momentum, "None unless memory_size > 0 (it encodes the memory)")
+        if self.arcface_scale <= 0 or self.temperature <= 0:
+            bad("arcface_scale/temperature", (self.arcface_scale, self.temperature), "positive")
+        if not isinstance(self.tuple_loss, str) or not self.tuple_loss:  # a name of TUPLE_LOSSES, checked at build
+            bad("tuple_loss", self.tuple_loss, "a form of nbsrc.losses.TUPLE_LOSSES ('distance' or 'eq1')")
+
+
+@dataclass
+class OptimConfig:
+    """Section ``optim``: the optimizer, the schedule, the batches, and the precision of the numbers."""
+
     optimizer: str = "adamw"
     lr: float = 3e-5
     weight_decay: float = 5e-4
@@ -107,132 +286,23 @@ class ExperimentConfig:
     scheduler: str = "cosine"
     min_lr_factor: float = 1e-2  # cosine decays to lr * min_lr_factor
     grad_clip: float | None = 1.0  # max global grad norm; None: off
-    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler)
-    compile: bool = False  # torch.compile the model (CUDA; measured in `python -m nbsrc.bench train`)
-    pin_memory: bool = True  # pinned host memory + non-blocking copies when training on CUDA
-    fused_optimizer: bool = True  # fused AdamW/Adam/SGD kernels on CUDA
-    # CPU execution (issue 15; measured in `python -m nbsrc.bench train`); each is a no-op on CUDA
-    cpu_bf16: bool = False  # bf16 autocast when training on CPU (changes the numbers: not an execution field)
-    cpu_compile: bool = False  # torch.compile (inductor) the model when training on CPU
-    threads: int = 0  # torch.set_num_threads for training (0: torch's own count)
-
-    # --- bookkeeping ---
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    num_workers: int = 0
-    log_every: int = 10
-    eval_every: int = 0  # 0: evaluate only at the end
-    ckpt_every: int = 100
-    record_grad_noise: bool = False  # log gamma = ||Cov(grad directions)||_* (IRT Fig. 4)
-    ks: tuple[int, ...] = (1, 2, 4, 8)
-    eval_batch_size: int = 256
-    progress: bool = True
-
-    # --- the papers' protocols (issue 11; docs/fidelity.md). Defaults leave the demo unchanged. ---
-    # SfM-120k tuple loss: "distance" (cirtorch's ½d² / ½max(0, β − d)², summed over tuples; IRT §4.2
-    # builds on that code) or "eq1" (IRT eq. 1 with β as a cosine threshold); nbsrc.losses.tuples
-    tuple_loss: str = "distance"
     lr_decay_per_epoch: float = 0.0  # SfM tuple training: lr × exp(−decay · epoch) (cirtorch: 0.01); 0: off
     freeze_batchnorm: bool = False  # BatchNorm layers kept in eval mode while training (cirtorch); ViTs have none
-    eval_scales: list[float] | None = None  # Revisited evaluation scales (DToP: 1, 1/√2, 1/2); None: single scale
-    whitening: str | None = None  # None | "learned": supervised whitening from SfM-120k pairs (DToP, Radenović)
+    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler)
+    cpu_bf16: bool = False  # bf16 autocast when training on CPU (changes the numbers: not an execution field)
 
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ExperimentConfig:
-        """Build from a dict, rejecting unknown keys with a suggestion."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = [k for k in d if k not in names]
-        if unknown:
-            k = unknown[0]
-            close = difflib.get_close_matches(k, sorted(names), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(
-                f"unknown parameter {k!r}{hint}; valid parameters are the fields of ExperimentConfig"
-            )
-        d = dict(d)
-        if "ks" in d and d["ks"] is not None:
-            d["ks"] = tuple(int(k) for k in d["ks"])
-        if d.get("eval_scales") is not None:
-            d["eval_scales"] = [float(v) for v in d["eval_scales"]]
-        cfg = cls(**d)
-        cfg.validate()
-        return cfg
-
-    @classmethod
-    def load(cls, path: str | Path) -> ExperimentConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
-    def replace(self, **changes: Any) -> ExperimentConfig:
-        return type(self).from_dict({**self.to_dict(), **changes})
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["ks"] = list(self.ks)
-        return d
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The fields that define what the run computes (execution-only fields removed)."""
-        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.runs_dir) / self.name
-
-    # ------------------------------------------------------------------ validation
-    def validate(self) -> None:
-        def bad(name: str, value: Any, expected: str) -> None:
-            raise ConfigError(f"{name}={value!r} is invalid: expected {expected}")
-
-        for f in dataclasses.fields(self):  # NaN and inf pass every comparison below: refuse them first
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                bad(f.name, value, "a finite number (not NaN or inf)")
-
-        if not self.name or "/" in self.name or self.name in (".", ".."):
-            bad("name", self.name, "a non-empty run name without '/'")
-        if self.dataset not in DATASETS:
-            bad("dataset", self.dataset, f"one of {', '.join(DATASETS)}")
-        if not isinstance(self.dtop_augmentation, bool):
-            bad("dtop_augmentation", self.dtop_augmentation, "true or false")
-        if not isinstance(self.pooling, str) or not self.pooling:
-            bad("pooling", self.pooling, "the name of a pooling of nbsrc.models.POOLINGS")
-        if not isinstance(self.loss, str) or not self.loss:
-            bad("loss", self.loss, "the name of a loss of nbsrc.losses.PAIR_LOSSES")
+    def validate(self, bad) -> None:
         if self.optimizer not in OPTIMIZERS:
             bad("optimizer", self.optimizer, f"one of {', '.join(OPTIMIZERS)}")
         if self.scheduler not in SCHEDULERS:
             bad("scheduler", self.scheduler, f"one of {', '.join(SCHEDULERS)}")
-        if not 0.0 <= self.beta <= 1.0:
-            bad("beta", self.beta, "a margin in [0, 1] (cosine similarity of negatives; paper: 0.5)")
-        if self.lam < 0:
-            bad("lam", self.lam, "a KoLeo weight >= 0 (0 turns KoLeo off; paper: 0.7)")
-        if self.img_size < 8:
-            bad("img_size", self.img_size, "an image side of at least 8 pixels")
-        if self.patch_size is not None and (self.patch_size < 1 or self.img_size % self.patch_size):
-            bad("patch_size", self.patch_size, f"a divisor of img_size={self.img_size}, or None")
-        if self.dim is not None and self.dim < 1:
-            bad("dim", self.dim, "a positive PCA dimension, or None to keep the full embedding")
         if self.m_per_class < 2:
             bad("m_per_class", self.m_per_class, "at least 2, so that every batch holds positives")
         if self.batch_size < 2 or self.batch_size % self.m_per_class:
-            bad(
-                "batch_size",
-                self.batch_size,
-                f"a multiple of m_per_class={self.m_per_class} (a batch holds m samples per class)",
-            )
+            bad("batch_size", self.batch_size,
+                f"a multiple of m_per_class={self.m_per_class} (a batch holds m samples per class)")
         if self.batch_size // self.m_per_class < 2:
             bad("batch_size", self.batch_size, "room for at least 2 classes of m_per_class samples")
-        if self.memory_size < 0:
-            bad("memory_size", self.memory_size, "a memory size >= 0 (0 turns the memory off)")
-        if self.memory_start < 0:
-            bad("memory_start", self.memory_start, "an iteration >= 0 from which the memory is used (0: from the start)")
-        if self.momentum is not None and not 0.0 <= self.momentum < 1.0:
-            bad("momentum", self.momentum, "a momentum in [0, 1) (paper: 0.999), or None")
-        if self.momentum is not None and self.memory_size == 0:
-            bad("momentum", self.momentum, "None unless memory_size > 0 (it encodes the memory)")
         if self.lr <= 0:
             bad("lr", self.lr, "a positive learning rate")
         if self.weight_decay < 0:
@@ -245,49 +315,355 @@ class ExperimentConfig:
             bad("min_lr_factor", self.min_lr_factor, "a factor in (0, 1]")
         if self.grad_clip is not None and self.grad_clip <= 0:
             bad("grad_clip", self.grad_clip, "a positive max norm, or None")
-        if self.gem_p <= 0:
-            bad("gem_p", self.gem_p, "a positive GeM exponent (paper: 3)")
+        if not 0.0 <= self.lr_decay_per_epoch < 1.0:
+            bad("lr_decay_per_epoch", self.lr_decay_per_epoch,
+                "a rate in [0, 1): lr × exp(−rate · epoch) (cirtorch: 0.01)")
+
+
+@dataclass
+class EvalConfig:
+    """Section ``eval``: what is measured (during and after training) and how the test images are embedded."""
+
+    ks: tuple[int, ...] = (1, 2, 4, 8)
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_batch_size: int = 256
+    eval_scales: list[float] | None = None  # Revisited evaluation scales (DToP: 1, 1/√2, 1/2); None: single scale
+    whitening: str | None = None  # None | "learned": supervised whitening from SfM-120k pairs (DToP, Radenović)
+
+    def validate(self, bad) -> None:
         if not self.ks or any(int(k) < 1 for k in self.ks):
             bad("ks", self.ks, "positive Recall@K cut-offs such as (1, 2, 4, 8)")
-        if self.split is not None and not 0.0 < self.split < 1.0:
-            bad("split", self.split, "the fraction of the classes to train on, in (0, 1), e.g. 0.5; or None")
-        defaults = tuple(type(self).__dataclass_fields__[k].default for k in ("train_classes", "test_classes"))
-        if self.split is not None and (self.train_classes, self.test_classes) != defaults:
-            given = ", ".join(f"{k}={v!r}" for k, v, d in (("train_classes", self.train_classes, defaults[0]),
-                                                            ("test_classes", self.test_classes, defaults[1])) if v != d)
-            raise ConfigError(f"split={self.split} chooses the training and test classes itself; drop {given}, "
-                              "or drop split")
-        if self.eval_per_class is not None and self.eval_per_class < 2:
-            bad("eval_per_class", self.eval_per_class, "at least 2 images per class, or None")
-        for name in ("log_every", "ckpt_every", "eval_every", "num_workers", "threads"):
-            if getattr(self, name) < 0:
-                bad(name, getattr(self, name), "a non-negative integer")
-        if self.size_variant not in (None, "mixed"):
-            bad("size_variant", self.size_variant, "None or 'mixed' (the mixed-size variant of DToP Table A12)")
-        if self.sampler not in SAMPLERS:
-            bad("sampler", self.sampler, f"one of {', '.join(SAMPLERS)}")
-        if self.sfm_training not in ("tuples", "classes"):
-            bad("sfm_training", self.sfm_training,
-                "'tuples' (IRT: mined hard-negative tuples) or 'classes' (DToP: 3D models as classes, e.g. ArcFace)")
-        for name in ("tuples_per_batch", "negatives_per_tuple", "pairs_per_epoch", "negative_pool"):
-            if getattr(self, name) < 1:
-                bad(name, getattr(self, name), "a positive integer")
-        if self.arcface_scale <= 0 or self.temperature <= 0:
-            bad("arcface_scale/temperature", (self.arcface_scale, self.temperature), "positive")
-        if not isinstance(self.model_options, dict):
-            bad("model_options", self.model_options, "a dict of extra build_model options")
-        self._validate_protocol(bad)
-
-    def _validate_protocol(self, bad) -> None:
-        """The papers' protocol fields (the block at the end of the dataclass)."""
-        if not isinstance(self.tuple_loss, str) or not self.tuple_loss:  # a name of nbsrc.losses.TUPLE_LOSSES,
-            bad("tuple_loss", self.tuple_loss, "a form of nbsrc.losses.TUPLE_LOSSES ('distance' or 'eq1')")  # checked at build
-        if not 0.0 <= self.lr_decay_per_epoch < 1.0:
-            bad("lr_decay_per_epoch", self.lr_decay_per_epoch, "a rate in [0, 1): lr × exp(−rate · epoch) (cirtorch: 0.01)")
-        if self.eval_scales is not None and (not self.eval_scales or any(not (math.isfinite(float(v)) and float(v) > 0) for v in self.eval_scales)):
+        if self.eval_every < 0:
+            bad("eval_every", self.eval_every, "a non-negative integer")
+        if self.eval_scales is not None and (not self.eval_scales or any(
+                not (math.isfinite(float(v)) and float(v) > 0) for v in self.eval_scales)):
             bad("eval_scales", self.eval_scales, "None or a non-empty list of positive scales, e.g. [1, 0.7071, 0.5]")
         if self.whitening not in WHITENINGS:
             bad("whitening", self.whitening, "None or 'learned' (supervised whitening from SfM-120k pairs)")
+
+
+@dataclass
+class TupleConfig:
+    """Section ``tuples``: SfM-120k tuple training (IRT §4.2, Radenović et al.). Per epoch,
+    ``pairs_per_epoch`` (query, positive) pairs and a ``negative_pool`` of images;
+    ``negatives_per_tuple`` hard negatives mined with the current model for each pair."""
+
+    tuples_per_batch: int = 5  # tuples in a batch (IRT §4.2: 5)
+    negatives_per_tuple: int = 5  # SfM-120k: hard negatives mined per (query, positive) tuple
+    pairs_per_epoch: int = 2000  # SfM-120k: (query, positive) pairs drawn per epoch
+    negative_pool: int = 22000  # SfM-120k: images from which the hard negatives are mined each epoch
+
+    def validate(self, bad) -> None:
+        for name in ("tuples_per_batch", "negatives_per_tuple", "pairs_per_epoch", "negative_pool"):
+            if getattr(self, name) < 1:
+                bad(name, getattr(self, name), "a positive integer")
+
+
+SECTIONS: dict[str, type] = {"run": RunConfig, "data": DataConfig, "model": ModelConfig, "loss": LossConfig,
+                             "optim": OptimConfig, "eval": EvalConfig, "tuples": TupleConfig}
+
+# ----------------------------------------------------------------------------- flat name -> section path
+# Every flat name (CLI flag, preset key, papermill parameter, config.json key, cfg.replace keyword) and
+# where it lives: ``cfg.lr`` of the flat config is ``cfg.optim.lr``. The input compatibility code maps
+# with this table; tests/test_config_sections.py checks that it names every section field exactly once.
+FLAT_FIELDS: dict[str, str] = {
+    # run
+    "name": "run.name", "runs_dir": "run.runs_dir", "seed": "run.seed", "device": "run.device",
+    "num_workers": "run.num_workers", "log_every": "run.log_every", "ckpt_every": "run.ckpt_every",
+    "progress": "run.progress", "record_grad_noise": "run.record_grad_noise", "compile": "run.compile",
+    "pin_memory": "run.pin_memory", "fused_optimizer": "run.fused_optimizer", "cpu_compile": "run.cpu_compile",
+    "threads": "run.threads",
+    # data
+    "dataset": "data.dataset", "data_root": "data.data_root", "train_classes": "data.train_classes",
+    "test_classes": "data.test_classes", "split": "data.split", "eval_per_class": "data.eval_per_class",
+    "img_size": "data.img_size", "sampler": "data.sampler", "size_variant": "data.size_variant",
+    "dtop_augmentation": "data.dtop_augmentation", "sfm_training": "data.sfm_training",
+    # model ("model_options", the untyped DToP dict of old configs, is model.dtop: see dtop_from_options)
+    "backbone": "model.backbone", "patch_size": "model.patch_size", "weights": "model.weights",
+    "pooling": "model.pooling", "gem_p": "model.gem_p", "gem_learnable": "model.gem_learnable",
+    "dim": "model.dim", "model_options": "model.dtop",
+    # loss
+    "loss": "loss.name", "beta": "loss.beta", "lam": "loss.lam", "memory_size": "loss.memory_size",
+    "memory_start": "loss.memory_start", "momentum": "loss.momentum", "arcface_margin": "loss.arcface_margin",
+    "arcface_scale": "loss.arcface_scale", "temperature": "loss.temperature", "tuple_loss": "loss.tuple_loss",
+    # optim
+    "optimizer": "optim.optimizer", "lr": "optim.lr", "weight_decay": "optim.weight_decay",
+    "batch_size": "optim.batch_size", "m_per_class": "optim.m_per_class", "iterations": "optim.iterations",
+    "warmup_iters": "optim.warmup_iters", "scheduler": "optim.scheduler", "min_lr_factor": "optim.min_lr_factor",
+    "grad_clip": "optim.grad_clip", "lr_decay_per_epoch": "optim.lr_decay_per_epoch",
+    "freeze_batchnorm": "optim.freeze_batchnorm", "amp": "optim.amp", "cpu_bf16": "optim.cpu_bf16",
+    # eval
+    "ks": "eval.ks", "eval_every": "eval.eval_every", "eval_batch_size": "eval.eval_batch_size",
+    "eval_scales": "eval.eval_scales", "whitening": "eval.whitening",
+    # tuples (None unless SfM-120k trains on tuples; the flat form then holds TupleConfig's defaults)
+    "tuples_per_batch": "tuples.tuples_per_batch", "negatives_per_tuple": "tuples.negatives_per_tuple",
+    "pairs_per_epoch": "tuples.pairs_per_epoch", "negative_pool": "tuples.negative_pool",
+}
+SECTION_OF = {flat: path.split(".")[0] for flat, path in FLAT_FIELDS.items()}
+_FLAT_OF = {path: flat for flat, path in FLAT_FIELDS.items()}  # "optim.lr" -> "lr"
+
+
+@dataclass(frozen=True)
+class FlatField:
+    """One flat name with its section field: what the CLI needs to make a flag of it."""
+
+    name: str  # the flat name (``lr``; ``loss`` for loss.name; ``model_options`` for model.dtop)
+    section: str  # ``optim``
+    field: str  # the field in the section (``lr``; ``name``; ``dtop``)
+    type: Any  # the section field's type hint, resolved
+    default: Any  # the flat form of the default (model_options: {})
+
+
+def flat_fields() -> list[FlatField]:
+    """Every flat name, in :data:`FLAT_FIELDS` order, with its type and default (CLI flags, notebook checks)."""
+    import typing
+
+    out, default = [], ExperimentConfig().to_dict()
+    for flat, path in FLAT_FIELDS.items():
+        section, name = path.split(".")
+        hint = typing.get_type_hints(SECTIONS[section])[name]
+        out.append(FlatField(flat, section, name, dict[str, Any] if flat == "model_options" else hint, default[flat]))
+    return out
+
+
+def dtop_from_options(options: Any, where: str = "model_options") -> DToPConfig | None:
+    """The typed ``model.dtop`` of an old config's ``model_options`` dict (``{"dtop": True, "k": 6, ...}``):
+    None without ``dtop=True``; an option that is no :class:`DToPConfig` field is a one-line error naming it."""
+    if options is None or isinstance(options, DToPConfig):
+        return options
+    if not isinstance(options, dict):
+        raise ConfigError(f"model_options={options!r} is invalid: expected a dict of DToP options such as "
+                          "{'dtop': True, 'k': 6}")
+    options = dict(options)
+    on = options.pop("dtop", False)
+    names = [f.name for f in dataclasses.fields(DToPConfig)]
+    unknown = [k for k in options if k not in names]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown DToP option {unknown[0]!r} in {where}{hint}; valid options are dtop, "
+                          f"{', '.join(names)}")
+    if not on:
+        if options:
+            raise ConfigError(f"model_options={options!r} needs 'dtop': True (its options are DToP's); add it, "
+                              "or drop the options")
+        return None
+    return DToPConfig(**options)
+
+
+def _as_dtop(value: Any) -> DToPConfig | None:
+    """``model.dtop`` given as a DToPConfig, None, True/False, or a dict of its fields."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return DToPConfig()
+    if isinstance(value, dict):
+        return dtop_from_options({"dtop": True, **{k: v for k, v in value.items() if k != "dtop"}})
+    if isinstance(value, DToPConfig):
+        return value
+    raise ConfigError(f"dtop={value!r} is invalid: expected a DToPConfig, a dict of its fields, True or None")
+
+
+def _unknown(key: Any, names: list[str], where: str = "") -> ConfigError:
+    close = difflib.get_close_matches(str(key), sorted(names), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown parameter {f'{where}{key}'!r}{hint}; valid parameters are the fields of "
+                       "ExperimentConfig (flat names such as 'lr', or sections such as 'optim')")
+
+
+def _section_values(section: str, value: Any) -> dict[str, Any]:
+    """A whole section given as its dataclass or a dict of its fields -> {field: value}."""
+    cls = SECTIONS[section]
+    if isinstance(value, cls):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(cls)}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{section}={value!r} is invalid: expected a {cls.__name__} or a dict of its fields")
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in value:
+        if k not in names:
+            raise _unknown(k, names, f"{section}.")
+    return dict(value)
+
+
+def _coerce(section: str, name: str, value: Any) -> Any:
+    """JSON gives lists: ``ks`` is a tuple of ints, ``eval_scales`` a list of floats, ``weights`` a string."""
+    if (section, name) == ("eval", "ks") and value is not None:
+        return tuple(int(k) for k in value)
+    if (section, name) == ("eval", "eval_scales") and value is not None:
+        return [float(v) for v in value]
+    if (section, name) == ("model", "weights") and isinstance(value, Path):
+        return str(value)
+    if (section, name) == ("model", "dtop"):
+        return _as_dtop(value)
+    return value
+
+
+def _sections(given: dict[str, Any]) -> dict[str, Any]:
+    """Map an input dict (flat names, whole sections, or both) to the sections of :class:`ExperimentConfig`.
+
+    A key is a flat name (:data:`FLAT_FIELDS`), ``model_options`` (old configs' DToP dict), ``dtop``
+    (``model.dtop``), or a section name with its dataclass or a dict of its fields (``tuples`` may be None).
+    ``loss`` is the flat name when its value is a string, the section otherwise. A field given twice
+    (flat and in its section) is an error; an unknown key is an error with the closest name."""
+    parts: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    tuples_given, tuples_none = False, False
+
+    def put(section: str, name: str, value: Any, key: str) -> None:
+        if name in parts[section]:
+            raise ConfigError(f"{key} is given twice (as a flat name and in section {section!r}); give it once")
+        parts[section][name] = _coerce(section, name, value)
+
+    for key, value in given.items():
+        if key in SECTIONS and not (key == "loss" and isinstance(value, str)):
+            if key == "tuples":
+                tuples_given = True
+                if value is None:
+                    tuples_none = True
+                    continue
+            for name, v in _section_values(key, value).items():
+                put(key, name, v, f"{key}.{name}")
+        elif key == "model_options":
+            put("model", "dtop", dtop_from_options(value), key)
+        elif key == "dtop":
+            put("model", "dtop", value, key)
+        elif key in FLAT_FIELDS:
+            section, name = FLAT_FIELDS[key].split(".")
+            put(section, name, value, key)
+        else:
+            raise _unknown(key, [*FLAT_FIELDS, *SECTIONS])
+
+    out = {s: SECTIONS[s](**parts[s]) for s in SECTIONS if s != "tuples"}
+    if tuples_none:
+        if parts["tuples"]:
+            raise ConfigError(f"{next(iter(parts['tuples']))} is given with tuples=None; drop one of them")
+        out["tuples"] = None
+    elif tuples_given or out["data"].uses_tuples:
+        out["tuples"] = TupleConfig(**parts["tuples"])
+    else:  # the flat form always holds the tuple fields; only their defaults may stand for "no tuples"
+        default = TupleConfig()
+        for name, value in parts["tuples"].items():
+            if value != getattr(default, name):
+                raise ConfigError(
+                    f"{name}={value!r} applies only to SfM-120k tuple training (dataset='sfm120k', "
+                    f"sfm_training='tuples'), not to dataset={out['data'].dataset!r}; drop it")
+        out["tuples"] = None
+    return out
+
+
+# ----------------------------------------------------------------------------- the config
+@dataclass(init=False)
+class ExperimentConfig:
+    """An experiment: ``run``, ``data``, ``model`` (with ``model.dtop``), ``loss``, ``optim``, ``eval``
+    and ``tuples`` (None unless SfM-120k trains on tuples).
+
+    ``ExperimentConfig(lr=1e-3, dataset="cub")`` (flat names), ``ExperimentConfig(optim=OptimConfig(lr=1e-3))``
+    (sections) and a mix are the same thing; construction maps and does not validate, :meth:`from_dict`
+    (and so :meth:`replace` and :meth:`load`) validates."""
+
+    run: RunConfig
+    data: DataConfig
+    model: ModelConfig
+    loss: LossConfig
+    optim: OptimConfig
+    eval: EvalConfig
+    tuples: TupleConfig | None
+
+    def __init__(self, **fields: Any):
+        for section, value in _sections(fields).items():
+            setattr(self, section, value)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExperimentConfig:
+        """Build from a dict of flat names (old ``config.json``, presets, papermill parameters, CLI flags),
+        of sections (``dataclasses.asdict(cfg)``), or both; validated. An unknown key is a one-line error
+        with the closest name."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a dict of its fields, got a {type(d).__name__}")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExperimentConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def replace(self, **changes: Any) -> ExperimentConfig:
+        """A validated copy with ``changes`` (flat names, ``dtop=``, or whole sections) applied."""
+        base = self.to_dict()
+        for key in changes:  # a whole section replaces its flat fields
+            if key in SECTIONS and not (key == "loss" and isinstance(changes[key], str)):
+                base = {k: v for k, v in base.items() if SECTION_OF[k] != key}
+            elif key == "dtop":
+                base.pop("model_options")
+        return type(self).from_dict({**base, **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat form: every flat name of :data:`FLAT_FIELDS` with its value (``ks`` a list,
+        ``model_options`` the DToP fields that differ from the paper's, under ``"dtop": True``; the tuple
+        fields TupleConfig's defaults when ``tuples`` is None). It is ``config.json``'s saved form, and
+        what :meth:`fingerprint` is made of, as before the sections, so old runs stay reusable."""
+        out: dict[str, Any] = {}
+        tuples = self.tuples if self.tuples is not None else TupleConfig()
+        for flat, path in FLAT_FIELDS.items():
+            section, name = path.split(".")
+            value = getattr(tuples if section == "tuples" else getattr(self, section), name)
+            if flat == "model_options":
+                value = {} if value is None else {"dtop": True, **value.options()}
+            elif flat == "ks":
+                value = list(value)
+            elif isinstance(value, list):
+                value = list(value)
+            out[flat] = value
+        return out
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The fields that define what the run computes (the flat form, execution-only fields removed)."""
+        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.runs_dir) / self.run.name
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Each section's checks, then those that span sections; the first problem is a one-line
+        :class:`~nbsrc.errors.ConfigError` naming the field (its flat name) and what was expected."""
+
+        bad = invalid
+        for section in SECTIONS:
+            if not isinstance(getattr(self, section), (SECTIONS[section], type(None))):
+                bad(section, getattr(self, section), f"a {SECTIONS[section].__name__}")
+        flat = self.to_dict()
+        for name in FLAT_FIELDS:  # NaN and inf pass every comparison below: refuse them first
+            value = flat[name]
+            if isinstance(value, float) and not math.isfinite(value):
+                bad(name, value, "a finite number (not NaN or inf)")
+        if self.model.dtop is not None:
+            for name, value in dataclasses.asdict(self.model.dtop).items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    bad(name, value, "a finite number (not NaN or inf)")
+
+        self.run.validate(bad)
+        self.data.validate(bad)
+        self.model.validate(bad)
+        self.loss.validate(bad)
+        self.optim.validate(bad)
+        self.eval.validate(bad)
+        # across sections
+        patch, img = self.model.patch_size, self.data.img_size
+        if patch is not None and (patch < 1 or img % patch):
+            bad("patch_size", patch, f"a divisor of img_size={img}, or None")
+        if self.data.uses_tuples and self.tuples is None:
+            bad("tuples", None, "a TupleConfig for dataset='sfm120k' with sfm_training='tuples' (TupleConfig() "
+                "has IRT's settings)")
+        if self.tuples is not None:
+            if not self.data.uses_tuples:
+                bad("tuples", self.tuples, "None unless dataset='sfm120k' with sfm_training='tuples'")
+            self.tuples.validate(bad)
 
 
 def parse_classes(spec: str | list[int] | tuple[int, ...]) -> list[int]:

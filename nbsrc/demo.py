@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nbsrc.config import EXECUTION_FIELDS, ExperimentConfig
+from nbsrc.config import EXECUTION_FIELDS, FLAT_FIELDS, ExperimentConfig
 from nbsrc.errors import ConfigError
 from nbsrc.notebook import NOTEBOOKS_DIR, run_notebook
 
@@ -142,7 +142,7 @@ def recipe_study(runs_dir: str = "runs", pretrain: dict | None = None, iteration
     study = dict(name="study", train_classes="train_fit", test_classes="train_val", eval_per_class=None, lam=0.0,
                  memory_size=0, memory_start=0, iterations=iterations, warmup_iters=min(30, iterations))
     base = prepare_demo("glyphs", runs_dir, pretrain, **{**study, **overrides})
-    pre = base.weights
+    pre = base.model.weights
 
     def tag(x: float) -> str:
         return f"{x:.0e}".replace("e-0", "e-")  # 3e-4
@@ -192,7 +192,7 @@ def run_demo(quick: bool = False, notebooks_to_run: list[str] | None = None, out
         if (notebooks_to_run and nb.name not in notebooks_to_run) or (not notebooks_to_run and nb.name in STUDIES):
             continue
         declared = notebook_parameters(nb)
-        takes = set(declared) | (set(ExperimentConfig.__dataclass_fields__) if "overrides" in declared else set())
+        takes = set(declared) | (set(FLAT_FIELDS) if "overrides" in declared else set())
         params = {k: v for k, v in QUICK.items() if k in takes} if quick else {}
         if "demo" in declared:
             params["demo"] = demo

@@ -11,7 +11,7 @@ goes through the same steps; what differs is a :class:`Setup` (:func:`build_setu
   (``sfm_training="tuples"``, IRT) or a PairTask on the images labelled by their 3D model
   (``"classes"``, DToP: any pair loss, ArcFace for DToP), the PCA fitted on SfM-120k training
   images, and the mAP / mP@k of Revisited Oxford and Paris in the Easy, Medium and Hard setups
-  (:mod:`nbsrc.eval.revisited`), found beside ``cfg.data_root`` (:func:`find_revisited_root`).
+  (:mod:`nbsrc.eval.revisited`), found beside ``cfg.data.data_root`` (:func:`find_revisited_root`).
 
 **Nothing is written until the run can start.** The config, the device, the model and its
 weights, the data and its splits, the first training batch and a forward pass through the model
@@ -23,6 +23,7 @@ notebooks' default) a finished run with the same config is loaded instead of ret
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,8 +106,8 @@ def fit_pca(model: torch.nn.Module, images: RetrievalDataset, keep: np.ndarray, 
             device) -> None:
     """Fit the model's PCA (IRT ▷dim) on the embeddings of ``images[keep]`` (training images,
     evaluation transform; a fixed subset of at most ``PCA_FIT_SAMPLES``, see :class:`Setup`)."""
-    z, _, _ = extract_embeddings(model, images.subset(keep), cfg.eval_batch_size, device, cfg.num_workers,
-                                 progress=cfg.progress)
+    z, _, _ = extract_embeddings(model, images.subset(keep), cfg.eval.eval_batch_size, device, cfg.run.num_workers,
+                                 progress=cfg.run.progress)
     model.pca.fit(z)
 
 
@@ -118,9 +119,9 @@ def prepare_run_on_rank0(cfg: ExperimentConfig, mode: str) -> tuple[Path, str]:
 
 
 def seeded_model(cfg: ExperimentConfig) -> tuple[torch.nn.Module, dict]:
-    """The config's model with its initial weights drawn from ``cfg.seed`` (part of the experiment),
+    """The config's model with its initial weights drawn from ``cfg.run.seed`` (part of the experiment),
     and its input normalisation (:func:`nbsrc.models.data_config`)."""
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.run.seed)
     model = model_from_config(cfg)
     return model, data_config(model)
 
@@ -133,15 +134,15 @@ def recall_evaluation(model: torch.nn.Module, data: RetrievalData, cfg: Experime
                       query_raw: np.ndarray | None = None) -> Evaluation:
     """Recall@K (%) of the test classes (:func:`nbsrc.eval.evaluate`), and the query (and gallery)
     embeddings with their labels and indices; ``query_raw``: the queries before the PCA."""
-    results = evaluate(model, data, cfg.ks, cfg.eval_batch_size, device, progress=cfg.progress)
-    q, ql, qi = extract_embeddings(model, data.query, cfg.eval_batch_size, device, cfg.num_workers, False)
+    results = evaluate(model, data, cfg.eval.ks, cfg.eval.eval_batch_size, device, progress=cfg.run.progress)
+    q, ql, qi = extract_embeddings(model, data.query, cfg.eval.eval_batch_size, device, cfg.run.num_workers, False)
     arrays = {"query": q, "query_labels": ql, "query_indices": qi}
     if query_raw is not None:
         arrays["query_raw"] = query_raw
     if data.gallery is not None:
-        g, gl, gi = extract_embeddings(model, data.gallery, cfg.eval_batch_size, device, cfg.num_workers, False)
+        g, gl, gi = extract_embeddings(model, data.gallery, cfg.eval.eval_batch_size, device, cfg.run.num_workers, False)
         arrays.update(gallery=g, gallery_labels=gl, gallery_indices=gi)
-    print(f"{cfg.name}: " + "  ".join(f"{k}={v:.2f}" for k, v in results.items() if k.startswith("R@")))
+    print(f"{cfg.run.name}: " + "  ".join(f"{k}={v:.2f}" for k, v in results.items() if k.startswith("R@")))
     return {**results, "n_query": int(len(q))}, arrays
 
 
@@ -149,28 +150,28 @@ def evaluate_revisited(model: torch.nn.Module, root, eval_tf, cfg: ExperimentCon
                        name: str | None = None, whitening=None) -> tuple[str, dict, dict[str, np.ndarray]]:
     """``(name, {"easy"|"medium"|"hard": {"mAP", "mP@1", "mP@5", "mP@10"}}, embeddings)`` of the
     revisited dataset under ``root`` (percent): the query, cropped to its box, ranks the database by
-    decreasing ``<f(q), f(x)>``, at ``cfg.eval_scales`` with ``whitening`` (DToP;
+    decreasing ``<f(q), f(x)>``, at ``cfg.eval.eval_scales`` with ``whitening`` (DToP;
     :func:`nbsrc.eval.particular.evaluate_revisited_data`)."""
     data = build_revisited(root, name, eval_tf)
-    res, emb = evaluate_revisited_data(model, data, cfg.eval_scales or SINGLE_SCALE, whitening=whitening,
-                                       batch_size=cfg.eval_batch_size, device=device, kappas=KAPPAS,
-                                       num_workers=cfg.num_workers)
+    res, emb = evaluate_revisited_data(model, data, cfg.eval.eval_scales or SINGLE_SCALE, whitening=whitening,
+                                       batch_size=cfg.eval.eval_batch_size, device=device, kappas=KAPPAS,
+                                       num_workers=cfg.run.num_workers)
     return data.name, res, emb
 
 
 def revisited_evaluation(model: torch.nn.Module, roots: dict[str, Path], eval_tf, cfg: ExperimentConfig,
                          device, db: SfMSplit | None = None) -> Evaluation:
     """:func:`evaluate_revisited` on each dataset of ``roots``: ``{name: {setup: {metric: %}}}``. With
-    ``cfg.whitening == "learned"`` the whitening is first learned from the matching pairs of ``db``
+    ``cfg.eval.whitening == "learned"`` the whitening is first learned from the matching pairs of ``db``
     (SfM-120k training; DToP §A.1, Radenović et al.), after the PCA."""
-    whiten = (learn_sfm_whitening(model, db, eval_tf, cfg.eval_scales or SINGLE_SCALE, cfg.eval_batch_size, device)
-              if cfg.whitening == "learned" else None)
+    whiten = (learn_sfm_whitening(model, db, eval_tf, cfg.eval.eval_scales or SINGLE_SCALE, cfg.eval.eval_batch_size, device)
+              if cfg.eval.whitening == "learned" else None)
     results, arrays = {}, {}
     for name, root in roots.items():
         name, res, emb = evaluate_revisited(model, root, eval_tf, cfg, device, name, whiten)
         results[name] = res
         arrays.update({f"{name}_{k}": v for k, v in emb.items()})
-        print(f"{cfg.name} {name}: mAP M {res['medium']['mAP']:.2f}  H {res['hard']['mAP']:.2f}")
+        print(f"{cfg.run.name} {name}: mAP M {res['medium']['mAP']:.2f}  H {res['hard']['mAP']:.2f}")
     return results, arrays
 
 
@@ -179,7 +180,7 @@ def revisited_evaluation(model: torch.nn.Module, roots: dict[str, Path], eval_tf
 class Setup:
     """What :func:`run_experiment` needs of a dataset: the training task, the images the PCA is
     fitted on (``pca_images[pca_keep]``), the final evaluation, an optional evaluation during
-    training (``cfg.eval_every``) and what goes into ``results.json`` besides the evaluation."""
+    training (``cfg.eval.eval_every``) and what goes into ``results.json`` besides the evaluation."""
 
     task: TrainingTask
     pca_images: RetrievalDataset
@@ -192,17 +193,17 @@ class Setup:
 
 def class_setup(cfg: ExperimentConfig, norm: dict, device, data: RetrievalData | None = None) -> Setup:
     """Datasets of classes: train on ``data.train`` (PairTask), PCA on up to ``PCA_FIT_SAMPLES``
-    training images (an equal share per class, drawn from ``cfg.seed``), Recall@K on the test classes."""
+    training images (an equal share per class, drawn from ``cfg.run.seed``), Recall@K on the test classes."""
     data = data if data is not None else build_data(cfg, norm["mean"], norm["std"])
     for part, what in ((data.train, "training set"), (data.query, "query set"), (data.gallery, "gallery")):
         if part is not None:
             check_dataset_images(part, what, decode=False)  # every file is an image (folders decode all when built)
     train_eval = data.train.subset(np.arange(len(data.train)), transform=data.query.transform)
     per_class = max(1, PCA_FIT_SAMPLES // max(1, len(np.unique(train_eval.labels))))
-    keep = cap_per_class(np.arange(len(train_eval)), train_eval.labels, per_class, seed=cfg.seed)
+    keep = cap_per_class(np.arange(len(train_eval)), train_eval.labels, per_class, seed=cfg.run.seed)
 
     def during(m):
-        return evaluate(m, data, cfg.ks, cfg.eval_batch_size, device, progress=False)
+        return evaluate(m, data, cfg.eval.ks, cfg.eval.eval_batch_size, device, progress=False)
 
     return Setup(PairTask(cfg, data.train), train_eval, keep,
                  lambda m, dev, q_raw: recall_evaluation(m, data, cfg, dev, q_raw), during,
@@ -237,29 +238,29 @@ def class_dataset(db: SfMSplit, transform) -> RetrievalDataset:
 
 def sfm_setup(cfg: ExperimentConfig, norm: dict, device, roxford_root=None, rparis_root=None) -> Setup:
     """SfM-120k: tuples (IRT) or 3D models as classes (DToP), PCA on up to ``PCA_FIT_SAMPLES``
-    SfM-120k training images (a subset drawn from ``cfg.seed``), Revisited Oxford / Paris.
+    SfM-120k training images (a subset drawn from ``cfg.run.seed``), Revisited Oxford / Paris.
 
     ``roxford_root`` / ``rparis_root``: the folders holding ``gnd_roxford5k.pkl`` /
-    ``gnd_rparis6k.pkl`` and ``jpg/``; None looks beside ``cfg.data_root`` and skips a dataset that
+    ``gnd_rparis6k.pkl`` and ``jpg/``; None looks beside ``cfg.data.data_root`` and skips a dataset that
     is not there; at least one must be found."""
-    db = load_sfm120k_db(cfg.data_root, "train")  # first: a wrong data_root is named as such
+    db = load_sfm120k_db(cfg.data.data_root, "train")  # first: a wrong data_root is named as such
     roots = {"roxford5k": roxford_root, "rparis6k": rparis_root}
-    roots = {n: Path(r) if r is not None else find_revisited_root(cfg.data_root, n) for n, r in roots.items()}
+    roots = {n: Path(r) if r is not None else find_revisited_root(cfg.data.data_root, n) for n, r in roots.items()}
     roots = {n: r for n, r in roots.items() if r is not None}
     if not roots:
         raise DatasetError(
             f"no Revisited dataset to evaluate on: pass roxford_root= and/or rparis_root=, or put "
-            f"{' / '.join(REVISITED_NAMES)} beside data_root={cfg.data_root!r}; {REVISITED_LAYOUT}"
+            f"{' / '.join(REVISITED_NAMES)} beside data_root={cfg.data.data_root!r}; {REVISITED_LAYOUT}"
         )
     check_images(db.paths, "SfM-120k", decode=False)  # a missing or unreadable file, before anything is written
-    eval_tf = particular_object_transform(cfg.img_size, norm["mean"], norm["std"])  # IRT §4.2: squashed square
-    if cfg.sfm_training == "classes":
-        train_tf = training_transform(cfg.img_size, norm["mean"], norm["std"], cfg.dtop_augmentation)
+    eval_tf = particular_object_transform(cfg.data.img_size, norm["mean"], norm["std"])  # IRT §4.2: squashed square
+    if cfg.data.sfm_training == "classes":
+        train_tf = training_transform(cfg.data.img_size, norm["mean"], norm["std"], cfg.data.dtop_augmentation)
         task: TrainingTask = PairTask(cfg, class_dataset(db, train_tf))
     else:
         task = TupleTask(cfg, db)
     n = min(PCA_FIT_SAMPLES, len(db))
-    keep = np.sort(np.random.default_rng([cfg.seed, 128]).permutation(len(db))[:n])
+    keep = np.sort(np.random.default_rng([cfg.run.seed, 128]).permutation(len(db))[:n])
     return Setup(task, db.images(eval_tf), keep,
                  lambda m, dev, q_raw: revisited_evaluation(m, roots, eval_tf, cfg, dev, db),
                  summary={"n_train_images": len(db)})
@@ -267,8 +268,8 @@ def sfm_setup(cfg: ExperimentConfig, norm: dict, device, roxford_root=None, rpar
 
 def build_setup(cfg: ExperimentConfig, norm: dict, device, data: RetrievalData | None = None,
                 roxford_root=None, rparis_root=None) -> Setup:
-    """The :class:`Setup` of ``cfg.dataset``."""
-    if cfg.dataset == "sfm120k":
+    """The :class:`Setup` of ``cfg.data.dataset``."""
+    if cfg.data.dataset == "sfm120k":
         return sfm_setup(cfg, norm, device, roxford_root, rparis_root)
     return class_setup(cfg, norm, device, data)
 
@@ -278,11 +279,11 @@ def check_can_start(cfg: ExperimentConfig, model: torch.nn.Module, setup: Setup)
     PCA, the first training batch loads (its images decode) and passes through the model (eval
     mode: no RNG drawn, no statistics updated). (A ``dim`` larger than the embedding already failed
     when the model was built.)"""
-    if cfg.dim and len(setup.pca_keep) < cfg.dim:
-        raise ConfigError(f"dim={cfg.dim} is invalid: the PCA is fitted on {len(setup.pca_keep)} training images; "
+    if cfg.model.dim and len(setup.pca_keep) < cfg.model.dim:
+        raise ConfigError(f"dim={cfg.model.dim} is invalid: the PCA is fitted on {len(setup.pca_keep)} training images; "
                           f"choose dim <= {len(setup.pca_keep)} or None")
     train_ds = getattr(setup.task, "train_ds", None)  # a PairTask's; tuples are mined by the model itself
-    if cfg.iterations == 0 or train_ds is None:
+    if cfg.optim.iterations == 0 or train_ds is None:
         return
     sampler, ds, collate = training_sampler(cfg, train_ds, 0)
     keys = next(iter(sampler))
@@ -300,7 +301,7 @@ def check_can_start(cfg: ExperimentConfig, model: torch.nn.Module, setup: Setup)
 
 def run_experiment(cfg: ExperimentConfig, mode: str = "reuse", data: RetrievalData | None = None,
                    stop_after: int | None = None, roxford_root=None, rparis_root=None) -> RunResult:
-    """Train (unless ``cfg.iterations == 0``: the off-the-shelf model), fit the PCA, evaluate, and
+    """Train (unless ``cfg.optim.iterations == 0``: the off-the-shelf model), fit the PCA, evaluate, and
     write the run directory.
 
     ``mode``: ``reuse`` (default), ``new``, ``resume`` or ``overwrite``; see
@@ -314,7 +315,7 @@ def run_experiment(cfg: ExperimentConfig, mode: str = "reuse", data: RetrievalDa
         run_dir, _ = prepare_run_on_rank0(cfg, mode)  # checks that the saved config is the same
         print(f"reusing finished run {run_dir} (same config); nothing retrained")
         return load_run(run_dir)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.run.device)
     t0 = time.perf_counter()
     model, norm = seeded_model(cfg)
     setup = build_setup(cfg, norm, device, data, roxford_root, rparis_root)
@@ -323,19 +324,19 @@ def run_experiment(cfg: ExperimentConfig, mode: str = "reuse", data: RetrievalDa
     if action == "reuse":
         print(f"reusing finished run {run_dir} (same config); nothing retrained")
         return load_run(run_dir)
-    if cfg.iterations > 0:
+    if cfg.optim.iterations > 0:
         fit(cfg, model, setup.task, run_dir, resume=action == "resume", evaluate=setup.evaluate_during,
             stop_after=stop_after)
-        if stop_after is not None and stop_after < cfg.iterations:
+        if stop_after is not None and stop_after < cfg.optim.iterations:
             return RunResult(cfg, run_dir, {}, model=model)
     if not dinfo.is_main:  # PCA, evaluation and the run's files are rank 0's
         distributed.barrier()
         return RunResult(cfg, run_dir, {}, model=model)
     model.to(device).eval()
     q_raw = None
-    if cfg.dim:
+    if cfg.model.dim:
         if setup.query_raw is not None:
-            q_raw, _, _ = extract_embeddings(model, setup.query_raw, cfg.eval_batch_size, device, cfg.num_workers,
+            q_raw, _, _ = extract_embeddings(model, setup.query_raw, cfg.eval.eval_batch_size, device, cfg.run.num_workers,
                                              False)
         fit_pca(model, setup.pca_images, setup.pca_keep, cfg, device)
     results, arrays = setup.evaluate(model, device, q_raw)
@@ -344,7 +345,7 @@ def run_experiment(cfg: ExperimentConfig, mode: str = "reuse", data: RetrievalDa
     results = {**results, **setup.summary, "seconds": round(time.perf_counter() - t0, 1), "device": str(device),
                **provenance()}  # versions of torch, timm, faiss, numpy, nbsrc; git_commit; machine (CPU, GPU)
     write_json_atomic(run_dir / RESULTS, results)
-    log_tensorboard(run_dir, {**results, "kind": "results", "iteration": cfg.iterations})  # its numbers
+    log_tensorboard(run_dir, {**results, "kind": "results", "iteration": cfg.optim.iterations})  # its numbers
     close_tensorboard(run_dir)
     distributed.barrier()
     return RunResult(cfg, run_dir, results, model=model)
@@ -352,7 +353,7 @@ def run_experiment(cfg: ExperimentConfig, mode: str = "reuse", data: RetrievalDa
 
 def irt_variants(base: ExperimentConfig, prefix: str = "") -> dict[str, ExperimentConfig]:
     """The three methods of IRT Table 3 from one base config: IRT_O (off-the-shelf, no training),
-    IRT_L (contrastive + memory, λ = 0) and IRT_R (IRT_L + λ·KoLeo, λ = ``base.lam``)."""
+    IRT_L (contrastive + memory, λ = 0) and IRT_R (IRT_L + λ·KoLeo, λ = ``base.loss.lam``)."""
     p = f"{prefix}_" if prefix else ""
     return {
         "IRT_O": base.replace(name=f"{p}irt_o", iterations=0, warmup_iters=0, lam=0.0, memory_size=0, momentum=None),
@@ -368,22 +369,22 @@ def seed_variants(cfgs: dict[str, ExperimentConfig], seeds) -> dict[tuple[str, i
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds={seeds}: give one or more distinct seeds, e.g. [0, 1, 2]")
-    return {(label, s): cfg if s == cfg.seed else cfg.replace(name=f"{cfg.name}_seed{s}", seed=s)
+    return {(label, s): cfg if s == cfg.run.seed else cfg.replace(name=f"{cfg.run.name}_seed{s}", seed=s)
             for label, cfg in cfgs.items() for s in seeds}
 
 
 def lambda_sweep(base: ExperimentConfig, lams, prefix: str = "") -> dict[str, ExperimentConfig]:
-    """IRT_L/IRT_R configs over λ (IRT Fig. 2, Table 6); λ = 0 and λ = ``base.lam`` share their run
+    """IRT_L/IRT_R configs over λ (IRT Fig. 2, Table 6); λ = 0 and λ = ``base.loss.lam`` share their run
     names with :func:`irt_variants`, so runs of notebook 02 are reused."""
     v = irt_variants(base, prefix)
     out = {}
     for lam in lams:
         if lam == 0:
             out[f"λ = {lam:g}"] = v["IRT_L"]
-        elif lam == base.lam:
+        elif lam == base.loss.lam:
             out[f"λ = {lam:g}"] = v["IRT_R"]
         else:
-            out[f"λ = {lam:g}"] = v["IRT_R"].replace(name=f"{v['IRT_R'].name}_lam{lam:g}", lam=lam)
+            out[f"λ = {lam:g}"] = v["IRT_R"].replace(name=f"{v['IRT_R'].run.name}_lam{lam:g}", lam=lam)
     return out
 
 
@@ -410,7 +411,7 @@ def _distinct(values, what: str) -> list:
 def beta_lambda_grid(base: ExperimentConfig, betas, lams) -> dict[str, ExperimentConfig]:
     """IRT Table 5 and Fig. 4: one config per (β, λ) of ``betas`` × ``lams`` (β outer), ``base`` with
     only ``beta`` (margin of eq. 1) and ``lam`` (KoLeo weight of eq. 5) changed. Labels are
-    ``"β = 0.3, λ = 0"``; run names ``<base.name>_b<β>_lam<λ>`` (``%g`` numbers), the same whatever
+    ``"β = 0.3, λ = 0"``; run names ``<base.run.name>_b<β>_lam<λ>`` (``%g`` numbers), the same whatever
     the base's own β and λ."""
     betas, lams = _distinct(betas, "betas"), _distinct(lams, "lams")
     return {f"β = {b:g}, λ = {lam:g}": beta_lambda_cell(base, b, lam) for b in betas for lam in lams}
@@ -418,27 +419,27 @@ def beta_lambda_grid(base: ExperimentConfig, betas, lams) -> dict[str, Experimen
 
 def beta_lambda_cell(base: ExperimentConfig, beta: float, lam: float) -> ExperimentConfig:
     """The (β, λ) cell of :func:`beta_lambda_grid`: ``base`` with ``beta``, ``lam`` and the name
-    ``<base.name>_b<β>_lam<λ>``; the starting point of the pooling and objective ablations, so
+    ``<base.run.name>_b<β>_lam<λ>``; the starting point of the pooling and objective ablations, so
     their base run is the grid's."""
-    return base.replace(name=f"{base.name}_b{beta:g}_lam{lam:g}", beta=float(beta), lam=float(lam))
+    return base.replace(name=f"{base.run.name}_b{beta:g}_lam{lam:g}", beta=float(beta), lam=float(lam))
 
 
 def pooling_variants(base: ExperimentConfig, poolings=("cls", "avg", "max", "gem")) -> dict[str, ExperimentConfig]:
     """IRT Table 9 (pooling after training): one config per pooling (``cls``, ``avg``, ``max``,
-    ``gem``, ``dist``), each trained. The base's own pooling keeps ``base.name`` (that run is shared
-    with the grid it came from); the others are ``<base.name>_pool_<pooling>``."""
+    ``gem``, ``dist``), each trained. The base's own pooling keeps ``base.run.name`` (that run is shared
+    with the grid it came from); the others are ``<base.run.name>_pool_<pooling>``."""
     poolings = _distinct(poolings, "poolings")
-    return {p: base if p == base.pooling else base.replace(name=f"{base.name}_pool_{p}", pooling=p)
+    return {p: base if p == base.model.pooling else base.replace(name=f"{base.run.name}_pool_{p}", pooling=p)
             for p in poolings}
 
 
 def objective_variants(base: ExperimentConfig, losses=("contrastive", "nsoftmax", "snca")) -> dict[str, ExperimentConfig]:
     """IRT Table 4: the same model and data trained with each objective of ``losses`` (contrastive
     eq. 1, Normalized Softmax, Scalable NCA; ArcFace also accepted), every other field, λ included,
-    as in ``base``. Labels are the objectives' names; the base's own loss keeps ``base.name``, the
-    others are ``<base.name>_<loss>``."""
+    as in ``base``. Labels are the objectives' names; the base's own loss keeps ``base.run.name``, the
+    others are ``<base.run.name>_<loss>``."""
     losses = _distinct(losses, "losses")
-    return {OBJECTIVE_LABELS.get(loss, loss): base if loss == base.loss else base.replace(name=f"{base.name}_{loss}", loss=loss)
+    return {OBJECTIVE_LABELS.get(loss, loss): base if loss == base.loss.name else base.replace(name=f"{base.run.name}_{loss}", loss=loss)
             for loss in losses}
 
 
@@ -455,11 +456,11 @@ def ablation_base(base: ExperimentConfig, iterations: int, name: str = "ablation
     gradient noise γ, so the β × λ cells of Fig. 4 and Table 5 are one set of runs, trained once.
     The length is in the name, so runs of another length sit beside them instead of clashing."""
     return base.replace(name=f"{name}_it{iterations}", iterations=iterations,
-                        warmup_iters=min(base.warmup_iters, iterations), record_grad_noise=True)
+                        warmup_iters=min(base.optim.warmup_iters, iterations), record_grad_noise=True)
 
 
 # ----------------------------------------------------------------------------- DToP ablations
-# The options each DToP ablation table varies (model_options keys, or config fields for A12).
+# The options each DToP ablation table varies (model.dtop fields, or config fields for A12).
 DTOP_TABLES = {
     "A8": ("k",),  # last k encoder layers (eqs. 5-6)
     "A9": ("pos_embed",),  # position encoding: none | dpe | cpe (eq. 2)
@@ -476,33 +477,31 @@ def dtop_ablation_grid(base: ExperimentConfig, table: str, values) -> dict[str, 
 
     Each config is ``base`` with only the options of ``DTOP_TABLES[table]`` changed: A8 ``k``; A9
     ``pos_embed``; A10 a tuple of ELM parts from ``('irb', 'aspp', 'wave')`` (``()``: ELM off, fused
-    'none'); A12 ``sampler``; A13 ``fusion``. Names are ``<base.name>_<option>`` and stable; a value
-    equal to the base's effective one (DToP defaults filled in) keeps ``base.name``, so that run is
+    'none'); A12 ``sampler``; A13 ``fusion``. Names are ``<base.run.name>_<option>`` and stable; a value
+    equal to the base's effective one (DToP defaults filled in) keeps ``base.run.name``, so that run is
     trained once and reused by every table. A12 runs train on the mixed-size variant of the data
     (``size_variant="mixed"``), so they always get their own names.
     """
     from nbsrc.errors import ConfigError
-    from nbsrc.models.dtop import DTOP_DEFAULTS
 
     if table not in DTOP_TABLES:
         raise ConfigError(f"table={table!r} is not a DToP training ablation; use one of {', '.join(DTOP_TABLES)} "
                           "(A11 is evaluation-only: dtop_multiscale_table)")
-    if not base.model_options.get("dtop"):
-        raise ConfigError("base.model_options must contain dtop=True for a DToP ablation grid")
+    dtop = base.model.dtop
+    if dtop is None:
+        raise ConfigError("base.model.dtop is None: a DToP ablation grid needs a DToP model (dtop=DToPConfig())")
     values = list(values)
     if not values:
         raise ConfigError(f"values for table {table} is empty; give at least one value")
-    eff = {**DTOP_DEFAULTS, **base.model_options}
-    eff_fusion = eff["fusion"] or ("orthogonal" if eff["elm"] else "none")
-    eff_parts = tuple(p for p in ELM_PARTS if eff["elm"] and eff[f"elm_{p}"])
+    eff_parts = tuple(p for p in ELM_PARTS if dtop.elm and getattr(dtop, f"elm_{p}"))
     out = {}
     for v in values:
-        opts, fields = dict(base.model_options), {}
+        opts, fields = {}, {}
         if table == "A8":
-            label, slug, same = f"k = {v}", f"k{v}", v == eff["k"]
+            label, slug, same = f"k = {v}", f"k{v}", v == dtop.k
             opts["k"] = v
         elif table == "A9":
-            label, slug, same = f"PE = {v}", f"pe_{v}", v == eff["pos_embed"]
+            label, slug, same = f"PE = {v}", f"pe_{v}", v == dtop.pos_embed
             opts["pos_embed"] = v
         elif table == "A10":
             parts = tuple(v)
@@ -518,9 +517,10 @@ def dtop_ablation_grid(base: ExperimentConfig, table: str, values) -> dict[str, 
             label, slug, same = f"sampling = {v}", f"mixed_{v}", False
             fields.update(sampler=v, size_variant="mixed")
         else:
-            label, slug, same = f"fusion = {v}", f"fusion_{v}", v == eff_fusion
+            label, slug, same = f"fusion = {v}", f"fusion_{v}", v == dtop.effective_fusion
             opts["fusion"] = v
-        out[label] = base if same else base.replace(name=f"{base.name}_{slug}", model_options=opts, **fields)
+        out[label] = base if same else base.replace(name=f"{base.run.name}_{slug}",
+                                                    dtop=dataclasses.replace(dtop, **opts), **fields)
     return out
 
 
@@ -534,12 +534,12 @@ def dtop_multiscale_table(run: RunResult, scale_pairs: dict, data: RetrievalData
 
     cfg = run.config
     model = run.model if run.model is not None else load_run(run.run_dir, with_model=True).model
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.run.device)
     model.to(device).eval()
     if data is None:
         norm = data_config(model)
         data = build_data(cfg, norm["mean"], norm["std"])
-    rows = {label: evaluate_multiscale(model, data, qs, ds, cfg.ks, cfg.eval_batch_size, device, progress=False)
+    rows = {label: evaluate_multiscale(model, data, qs, ds, cfg.eval.ks, cfg.eval.eval_batch_size, device, progress=False)
             for label, (qs, ds) in scale_pairs.items()}
     df = pd.DataFrame.from_dict({k: {m: round(v, 2) for m, v in r.items()} for k, r in rows.items()}, orient="index")
     df.index.name = "query / database scales"

@@ -10,7 +10,6 @@ executed notebook keeps the whole traceback).
 from __future__ import annotations
 
 import ast
-import dataclasses
 import difflib
 import typing
 import json
@@ -46,10 +45,9 @@ def _default(declared: dict, name: str):
 def _optional_config_fields() -> set[str]:
     """Config fields that may be None (``patch_size``, ``dim``, ...): a notebook parameter of that
     name may be set to None even where its default is a number."""
-    from nbsrc.config import ExperimentConfig
+    from nbsrc.config import flat_fields
 
-    hints = typing.get_type_hints(ExperimentConfig)
-    return {f.name for f in dataclasses.fields(ExperimentConfig) if type(None) in typing.get_args(hints[f.name])}
+    return {f.name for f in flat_fields() if type(None) in typing.get_args(f.type)}
 
 
 def _expected(default) -> tuple[str, typing.Callable[[object], bool]] | None:
@@ -72,11 +70,10 @@ def _expected(default) -> tuple[str, typing.Callable[[object], bool]] | None:
 
 
 def _config_fields() -> dict[str, typing.Any]:
-    """``{name: type hint}`` of the :class:`~nbsrc.config.ExperimentConfig` fields."""
-    from nbsrc.config import ExperimentConfig
+    """``{flat name: type hint}`` of the config's fields (:func:`nbsrc.config.flat_fields`)."""
+    from nbsrc.config import flat_fields
 
-    hints = typing.get_type_hints(ExperimentConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(ExperimentConfig)}
+    return {f.name: f.type for f in flat_fields()}
 
 
 def fold_overrides(path: str | Path, params: dict) -> dict:

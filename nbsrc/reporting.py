@@ -53,12 +53,12 @@ def save_table(df: pd.DataFrame, name: str, out_dir: str | Path = "figures") -> 
 
 
 def config_table(runs: dict, fields, ks=None) -> pd.DataFrame:
-    """One row per run (``{label: RunResult}``): the config ``fields`` that the ablation varies
-    (e.g. ``("beta", "lam")`` for IRT Table 5, ``("pooling",)`` for Table 9), then each Recall@K
+    """One row per run (``{label: RunResult}``): the config ``fields`` (flat names, :data:`nbsrc.config.FLAT_FIELDS`)
+    that the ablation varies (e.g. ``("beta", "lam")`` for IRT Table 5, ``("pooling",)`` for Table 9), then each Recall@K
     in percent. Pivot a two-field table into a grid with ``df.pivot(index=..., columns=..., values="R@1")``."""
     fields = [fields] if isinstance(fields, str) else list(fields)
     recall = recall_table(runs, ks)
-    cols = {f: [getattr(run.config, f) for run in runs.values()] for f in fields}
+    cols = {f: [run.config.to_dict()[f] for run in runs.values()] for f in fields}  # flat names: 'lam', 'loss'
     df = pd.concat([pd.DataFrame(cols, index=recall.index), recall], axis=1)
     df.index.name = "method"
     return df

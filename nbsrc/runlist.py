@@ -45,12 +45,12 @@ def run_row(run_dir: Path) -> dict:
     except RunDirError:
         done = "?"
     if state == "finished":
-        done = cfg.iterations
+        done = cfg.optim.iterations
     score = scores(results)
     shown = f"R@1 {score['R@1']:.2f}" if "R@1" in score else "  ".join(
         f"{k.split('/')[0]} {k.split('/')[1][0].upper()} mAP {v:.2f}" for k, v in score.items())
     newest = max((p.stat().st_mtime for p in run_dir.iterdir()), default=run_dir.stat().st_mtime)
-    return {"name": run_dir.name, "state": state, "iterations": f"{done}/{cfg.iterations}", "score": shown or "-",
+    return {"name": run_dir.name, "state": state, "iterations": f"{done}/{cfg.optim.iterations}", "score": shown or "-",
             "date": datetime.datetime.fromtimestamp(newest).strftime("%Y-%m-%d %H:%M")}
 
 

@@ -84,7 +84,7 @@ def list_finished_runs(runs_dir: str | Path = "runs") -> list[RunSummary]:
             warnings.warn(f"skipping run {run_dir}: {e}", stacklevel=2)
             continue
         cfg, r1 = run.config, run.results.get("R@1")
-        found.append(RunSummary(run_dir.name, run_dir, cfg.dataset, cfg.loss, cfg.lam, cfg.beta, cfg.iterations,
+        found.append(RunSummary(run_dir.name, run_dir, cfg.data.dataset, cfg.loss.name, cfg.loss.lam, cfg.loss.beta, cfg.optim.iterations,
                                 None if r1 is None else float(r1)))
     if not found:
         missing = "" if runs_dir.is_dir() else " (the folder does not exist)"
@@ -103,7 +103,7 @@ def spectrum_data(runs, max_negatives: int | None = 200_000, seed: int = 0):
     curves, sims = {}, {}
     for r in runs:
         run = as_run(r)
-        label = f"{run.run_dir.name} (λ={run.config.lam:g}, β={run.config.beta:g})"
+        label = f"{run.run_dir.name} (λ={run.config.loss.lam:g}, β={run.config.loss.beta:g})"
         e = run.embeddings()
         curves[label] = cumulative_energy(e["query"])
         pos, neg, _ = pair_similarities(e["query"], e["query_labels"], max_negatives=max_negatives, seed=seed)

@@ -30,7 +30,7 @@ def trees(tmp_path_factory):
 
 def test_dtop_preset_is_evaluated_with_learned_whitening_at_its_scales(trees):
     cfg = load_preset(PRESET, **TINY)
-    assert cfg.whitening == "learned" and len(cfg.eval_scales) == 3
+    assert cfg.eval.whitening == "learned" and len(cfg.eval.eval_scales) == 3
     torch.manual_seed(0)
     table = evaluate_benchmarks(PRESET, {"roxford5k": trees["rev"]}, overrides=TINY, sfm_root=trees["sfm"])
     torch.manual_seed(0)
@@ -38,8 +38,8 @@ def test_dtop_preset_is_evaluated_with_learned_whitening_at_its_scales(trees):
     norm = data_config(model)
     square = particular_object_transform(32, norm["mean"], norm["std"])
     db = load_sfm120k_db(trees["sfm"], "train")
-    m, p = learn_sfm_whitening(model, db, square, cfg.eval_scales)
-    res, _ = evaluate_revisited_data(model, build_revisited(trees["rev"], "roxford5k", square), cfg.eval_scales,
+    m, p = learn_sfm_whitening(model, db, square, cfg.eval.eval_scales)
+    res, _ = evaluate_revisited_data(model, build_revisited(trees["rev"], "roxford5k", square), cfg.eval.eval_scales,
                                      whitening=(m, p))
     assert table.loc[("roxford5k", "mAP M"), "ours"] == pytest.approx(res["medium"]["mAP"], abs=1e-9)
     assert table.loc[("roxford5k", "mAP H"), "ours"] == pytest.approx(res["hard"]["mAP"], abs=1e-9)

@@ -90,15 +90,14 @@ def test_train_without_name_uses_the_default_name(tmp_path, capsys):
 
 
 def test_train_help_shows_every_flag_with_help_default_and_choices(capsys):
-    import dataclasses
-
+    from nbsrc import config
     from nbsrc.losses import PAIR_LOSSES
     from nbsrc.models.pooling import POOLINGS
 
     parser = build_parser()
     train = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "train")[1]
     helps = {a.dest: a.help for a in train._actions}
-    for f in dataclasses.fields(ExperimentConfig):
+    for f in config.flat_fields():
         m = re.fullmatch(r"(.+) \(default: (.+)\)", helps[f.name] or "", re.S)
         assert m and m.group(1).strip(), f"--{f.name} has no help text with a default: {helps[f.name]!r}"
     with pytest.raises(SystemExit):

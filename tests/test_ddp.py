@@ -74,7 +74,7 @@ def _train_here(cfg, out: Path, tag: str, rank: int = 0, resume: bool = False, s
         evaluated_by.append(rank)
         return {"R@1": 0.0}
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.run.seed)
     model = model_from_config(cfg)
     norm = data_config(model)
     data = build_data(cfg, norm["mean"], norm["std"])
@@ -151,7 +151,7 @@ def test_one_ddp_step_equals_one_process_on_the_global_batch(runs):
             assert a[key] == pytest.approx(b[key], **tol), (a["iteration"], key)
     assert ddp_rows[0]["koleo"] != 0 and ddp_rows[1]["contrastive"] > 0
 
-    torch.manual_seed(runs["cfg"]["ddp"].seed)
+    torch.manual_seed(runs["cfg"]["ddp"].run.seed)
     init = model_from_config(runs["cfg"]["ddp"]).state_dict()
     after_ddp, after_one = runs["ddp"][0]["snapshots"][1], runs["single"]["snapshots"][1]
     biggest = 0.0

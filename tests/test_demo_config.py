@@ -20,17 +20,17 @@ def test_demo_config_is_data_plus_recipe_plus_overrides():
         pre = pretrain_config(demo, "somewhere")
         expected = {**DEMO_DATA[demo], **RECIPE, **({"weights": str(pre.run_dir)} if pre else {})}
         assert all(d[k] == (list(v) if isinstance(v, tuple) else v) for k, v in expected.items())
-        assert cfg.runs_dir == f"somewhere/{demo}"  # each demo's runs apart
+        assert cfg.run.runs_dir == f"somewhere/{demo}"  # each demo's runs apart
     # the glyph demo fine-tunes its pretraining run, named after that run's config
     pre = pretrain_config("glyphs", "r")
-    assert pre.train_classes == "pretrain" and pre.name.startswith("pretrain_") and pre.run_dir.parent.name == "glyphs"
-    assert pretrain_config("glyphs", "r", device="cpu").name == pre.name  # execution fields do not count
-    assert pretrain_config("glyphs", "r", iterations=50).name != pre.name
-    assert demo_config("glyphs", "r", patch_size=4).weights == str(pretrain_config("glyphs", "r", patch_size=4).run_dir)
+    assert pre.data.train_classes == "pretrain" and pre.run.name.startswith("pretrain_") and pre.run_dir.parent.name == "glyphs"
+    assert pretrain_config("glyphs", "r", device="cpu").run.name == pre.run.name  # execution fields do not count
+    assert pretrain_config("glyphs", "r", iterations=50).run.name != pre.run.name
+    assert demo_config("glyphs", "r", patch_size=4).model.weights == str(pretrain_config("glyphs", "r", patch_size=4).run_dir)
     assert pretrain_config("fashion_mnist") is None
     cfg = demo_config("fashion_mnist", lr=1e-4, iterations=7)
-    assert (cfg.lr, cfg.iterations, cfg.lam) == (1e-4, 7, RECIPE["lam"])
-    assert cfg.warmup_iters == min(RECIPE["warmup_iters"], 7)  # the recipe's warm-up shortened to fit
+    assert (cfg.optim.lr, cfg.optim.iterations, cfg.loss.lam) == (1e-4, 7, RECIPE["lam"])
+    assert cfg.optim.warmup_iters == min(RECIPE["warmup_iters"], 7)  # the recipe's warm-up shortened to fit
     with pytest.raises(ConfigError, match="warmup_iters=20 is invalid"):  # but never one given explicitly
         demo_config("fashion_mnist", iterations=7, warmup_iters=20)
     with pytest.raises(ConfigError, match="demo='mnist' is invalid: expected one of"):
@@ -109,7 +109,7 @@ def test_glyph_demo_pretrains_once_and_the_study_runs_headless(small_glyphs, tmp
     pre = sorted((runs / "glyphs").glob("pretrain_*"))
     assert len(pre) == 1 and (pre[0] / "model.pt").exists()
     irt_l = load_run(runs / "glyphs" / "irt_l")
-    assert irt_l.config.weights == str(pre[0]) and irt_l.config.test_classes == "test"
+    assert irt_l.config.model.weights == str(pre[0]) and irt_l.config.data.test_classes == "test"
     assert "IRT_R" in (figs / "table3_irt.md").read_text()
 
     out = run_notebook(NOTEBOOKS_DIR / "11_recipe_study.ipynb", {
@@ -117,7 +117,7 @@ def test_glyph_demo_pretrains_once_and_the_study_runs_headless(small_glyphs, tmp
         "memory_starts": [1], "memory_size": 32, "overrides": tiny, "pretrain": pretrain}, tmp_path / "11.ipynb")
     assert sorted((runs / "glyphs").glob("pretrain_*")) == pre  # reused, not trained again
     study = load_run(runs / "glyphs" / "study_pre_lr3e-4_xbm32_from1")
-    assert (study.config.train_classes, study.config.test_classes, study.config.memory_start) == ("train_fit", "train_val", 1)
+    assert (study.config.data.train_classes, study.config.data.test_classes, study.config.loss.memory_start) == ("train_fit", "train_val", 1)
     table = (figs / "recipe_study.md").read_text()
     assert "random init, off the shelf" in table and "XBM 32 from it. 1" in table
     text = "".join(o.get("text", "") for c in nbformat.read(out, as_version=4).cells if c.cell_type == "code"

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from timm.layers import HybridEmbed
 from timm.models.vision_transformer import VisionTransformer
 
+from nbsrc.config import DToPConfig
 from nbsrc.errors import ConfigError, WeightsError
 from nbsrc.models import PCAReduction, RetrievalModel, build_model
 from nbsrc.models.dtop import (
-    DTOP_DEFAULTS, DToPModel, build_dtop_model, build_effnet_lite0_vit_model, create_effnet_lite0_vit,
+    DToPModel, create_effnet_lite0_vit,
 )
 from nbsrc.models.locality import (
     ASPP, FUSIONS, EnhancedLocality, Fusion, InvertedResidual, WaveBlock, orthogonal_fusion,
@@ -66,7 +67,7 @@ def test_output_shape_norm_and_interface():
 
 def test_defaults_are_the_papers():
     m = dtop()
-    assert DTOP_DEFAULTS["k"] == 6 and DTOP_DEFAULTS["head_dim"] == 1536
+    assert DToPConfig().k == 6 and DToPConfig().head_dim == 1536
     assert m.k == 6 and m.pos_embed_kind == "dpe" and m.pe_interp == "bilinear"
     assert m.fusion.kind == "orthogonal"
     assert all(p is not None for p in (m.elm.irb, m.elm.aspp, m.elm.wave))
@@ -391,9 +392,9 @@ def test_pooling_picks_the_local_pooling():
 
 def test_non_vit_backbone_is_refused():
     with pytest.raises(ConfigError, match="VisionTransformer"):
-        build_dtop_model("resnet18", img_size=32)
+        build_model("resnet18", img_size=32, dtop=True)
     with pytest.raises(ConfigError, match="efficientnet_lite0"):
-        build_dtop_model("vit_tiny_patch16_224", weights="efficientnet_lite0", **TINY)
+        build_model("vit_tiny_patch16_224", weights="efficientnet_lite0", dtop=True, **TINY)
     fixed_size = timm.create_model("vit_tiny_patch16_224", num_classes=0, **TINY)
     with pytest.raises(ConfigError, match="dynamic_img_size"):
         DToPModel(fixed_size)
@@ -447,7 +448,7 @@ def test_timm_hybrid_builds_and_takes_any_size():
 
 def test_effnet_lite0_vit_loads_the_real_stem_weights():
     torch.manual_seed(0)
-    m = build_dtop_model("effnet_lite0_vit", weights="efficientnet_lite0", img_size=64, k=2, head_dim=32).eval()
+    m = build_model("effnet_lite0_vit", weights="efficientnet_lite0", img_size=64, dtop=True, k=2, head_dim=32).eval()
     embed = m.backbone.patch_embed
     assert isinstance(embed, HybridEmbed) and embed.feature_dim == 112 and embed.feature_ratio == (16, 16)
     from nbsrc.models.weights import load_efficientnet_lite0
@@ -464,23 +465,23 @@ def test_effnet_lite0_vit_loads_the_real_stem_weights():
     with pytest.raises(ConfigError, match="efficientnet_lite0"):
         create_effnet_lite0_vit(img_size=64, weights="timm")
     with pytest.raises(ConfigError, match="patch_size"):
-        build_dtop_model("effnet_lite0_vit", img_size=64, patch_size=7)
+        build_model("effnet_lite0_vit", img_size=64, patch_size=7, dtop=True)
 
 
 def test_effnet_lite0_vit_without_dtop_is_a_retrieval_model(tmp_path):
     """What build_model('effnet_lite0_vit', ...) dispatches to."""
     torch.manual_seed(0)
-    m = build_effnet_lite0_vit_model(pooling="cls", weights="efficientnet_lite0", img_size=64).eval()
+    m = build_model("effnet_lite0_vit", pooling="cls", weights="efficientnet_lite0", img_size=64).eval()
     assert isinstance(m, RetrievalModel) and isinstance(m.backbone.patch_embed, HybridEmbed)
     with torch.no_grad():
         assert m(images(h=64, w=64)).shape == (2, D)
     torch.save(m.backbone.state_dict(), tmp_path / "hybrid.pt")
-    again = build_effnet_lite0_vit_model(pooling="cls", weights=tmp_path / "hybrid.pt", img_size=64).eval()
+    again = build_model("effnet_lite0_vit", pooling="cls", weights=tmp_path / "hybrid.pt", img_size=64).eval()
     with torch.no_grad():
         assert torch.equal(again(images(h=64, w=64)), m(images(h=64, w=64)))
-    assert isinstance(build_effnet_lite0_vit_model(img_size=64, dtop=True, k=1, head_dim=8), DToPModel)
+    assert isinstance(build_model("effnet_lite0_vit", img_size=64, dtop=True, k=1, head_dim=8), DToPModel)
     with pytest.raises(ConfigError, match="need dtop=True"):
-        build_effnet_lite0_vit_model(img_size=64, k=2)
+        build_model("effnet_lite0_vit", img_size=64, k=2)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

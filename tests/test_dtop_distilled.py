@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 
+from nbsrc.config import DToPConfig
 from nbsrc.errors import ConfigError
 from nbsrc.models import build_model
 from nbsrc.models.position import dynamic_position_embedding
@@ -82,10 +83,10 @@ def test_dist_needs_a_distilled_backbone():
 def test_table_a5_deit_presets_build(name, pooling):
     """The presets' model, at a tiny size with random weights: one branch (global), no ELM, N = 768."""
     cfg = load_preset(name)
-    assert cfg.backbone == "deit_base_distilled_patch16_384" and cfg.pooling == pooling
-    assert cfg.model_options == {"dtop": True, "k": 6, "elm": False, "fusion": "none", "head_dim": 768, "branch": "global"}
+    assert cfg.model.backbone == "deit_base_distilled_patch16_384" and cfg.model.pooling == pooling
+    assert cfg.model.dtop == DToPConfig(k=6, elm=False, fusion="none", head_dim=768, branch="global")
     torch.manual_seed(0)
-    m = build_model(DEIT_T, pooling=cfg.pooling, img_size=32, patch_size=8, **cfg.model_options).eval()
+    m = build_model(DEIT_T, pooling=cfg.model.pooling, img_size=32, patch_size=8, dtop=cfg.model.dtop).eval()
     with torch.no_grad():
         assert m(images(40, 32)).shape == (2, 768)
     assert m.global_index == (1 if pooling == "dist" else 0)

@@ -1,6 +1,8 @@
 """DToP trains through the ordinary loop with group-size batches at mixed sizes (Table A12), and the
 ablation grids of notebook 08 change only the option they name."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -33,7 +35,7 @@ def cfg_for(tmp_path, **kw):
 
 def dtop_model(cfg):
     torch.manual_seed(0)
-    return build_model(cfg.backbone, img_size=cfg.img_size, patch_size=cfg.patch_size, **cfg.model_options)
+    return build_model(cfg.model.backbone, img_size=cfg.data.img_size, patch_size=cfg.model.patch_size, dtop=cfg.model.dtop)
 
 
 @pytest.mark.parametrize("loss,optimizer", [("arcface", "sgd"), ("contrastive", "adamw")])
@@ -46,7 +48,7 @@ def test_dtop_with_dpe_trains_on_group_size_batches_of_mixed_sizes(tmp_path, los
     model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape[-2:])))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train(cfg, model, ds, cfg.run_dir)
-    assert len(shapes) == cfg.iterations
+    assert len(shapes) == cfg.optim.iterations
     assert set(shapes) <= set(image_sizes(ds)) and len(set(shapes)) > 1  # own sizes, several of them
     rows = read_metrics(cfg.run_dir, "train")
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["total"]) for r in rows)
@@ -79,16 +81,16 @@ def test_ablation_grid_changes_only_the_named_option():
         grid = dtop_ablation_grid(base, table, values)
         assert len(grid) == len(values)
         again = dtop_ablation_grid(base, table, values)
-        assert {k: c.name for k, c in grid.items()} == {k: c.name for k, c in again.items()}  # stable names
+        assert {k: c.run.name for k, c in grid.items()} == {k: c.run.name for k, c in again.items()}  # stable names
         for cfg in grid.values():
             d, b = cfg.to_dict(), base.to_dict()
             changed = {k for k in d if d[k] != b[k]} - {"name", "model_options"}
-            opts = {k for k in set(d["model_options"]) | set(b["model_options"])
-                    if d["model_options"].get(k) != b["model_options"].get(k)}
+            dd, bd = dataclasses.asdict(cfg.model.dtop), dataclasses.asdict(base.model.dtop)
+            opts = {k for k in dd if dd[k] != bd[k]}
             assert changed | opts <= set(DTOP_TABLES[table]), (table, changed, opts)
-        names |= {c.name for c in grid.values()}
+        names |= {c.run.name for c in grid.values()}
     # the base point of every table is the base run itself (reused), every other point has its own name
-    assert dtop_ablation_grid(base, "A8", [6])["k = 6"].name == "dtop"
+    assert dtop_ablation_grid(base, "A8", [6])["k = 6"].run.name == "dtop"
     assert len(names) == 1 + 2 + 2 + 2 + 2 + 2
 
 
@@ -105,8 +107,8 @@ def test_ablation_grid_values_reach_the_model():
     assert m.elm.irb is not None and m.elm.aspp is None and m.elm.wave is None
     none = next(iter(dtop_ablation_grid(base, "A10", [()]).values()))
     assert dtop_model(none).elm is None
-    assert next(iter(dtop_ablation_grid(base, "A13", ["sum"]).values())).model_options["fusion"] == "sum"
-    assert next(iter(dtop_ablation_grid(base, "A12", ["group_size"]).values())).sampler == "group_size"
+    assert next(iter(dtop_ablation_grid(base, "A13", ["sum"]).values())).model.dtop.fusion == "sum"
+    assert next(iter(dtop_ablation_grid(base, "A12", ["group_size"]).values())).data.sampler == "group_size"
 
 
 def test_ablation_grid_bad_input():
@@ -138,6 +140,6 @@ def test_size_variant_mixed_is_recorded_in_the_config_and_applied_by_build_data(
     assert np.array_equal(square.train.labels, mixed.train.labels)
     assert image_sizes(build_data(cfg.replace(size_variant="mixed")).train) == sizes  # deterministic
     for c in dtop_ablation_grid(cfg.replace(model_options={"dtop": True}), "A12", ["m_per_class", "group_size"]).values():
-        assert c.size_variant == "mixed" and ExperimentConfig.from_dict(c.to_dict()) == c
+        assert c.data.size_variant == "mixed" and ExperimentConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ConfigError, match="size_variant"):
         cfg.replace(size_variant="wide")

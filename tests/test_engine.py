@@ -30,7 +30,7 @@ def test_no_memory_term_before_memory_start(cfg):
     assert rows["warm"][4:] != rows["off"][4:]  # from step 4 on the memory adds batch x memory pairs
     assert rows["on"][1] != rows["off"][1]  # memory_start=0: the memory is used from the second step
     memory = _weights(with_memory.run_dir)["memory"]
-    assert memory["filled"] == 3 * cfg.batch_size  # filled at steps 3, 4 and 5 only
+    assert memory["filled"] == 3 * cfg.optim.batch_size  # filled at steps 3, 4 and 5 only
 
 
 def test_resume_across_memory_start_equals_an_uninterrupted_run(cfg):

@@ -26,23 +26,23 @@ BASE = ExperimentConfig(name="g", beta=0.5, lam=0.7, pooling="cls")
 def test_beta_lambda_grid_covers_the_product_with_unique_stable_names():
     grid = beta_lambda_grid(BASE, (0.3, 0.5), (0, 0.7, 1))
     assert len(grid) == 6
-    assert {(c.beta, c.lam) for c in grid.values()} == {(b, lam) for b in (0.3, 0.5) for lam in (0, 0.7, 1)}
-    names = [c.name for c in grid.values()]
+    assert {(c.loss.beta, c.loss.lam) for c in grid.values()} == {(b, lam) for b in (0.3, 0.5) for lam in (0, 0.7, 1)}
+    names = [c.run.name for c in grid.values()]
     assert len(set(names)) == 6
-    assert names == [c.name for c in beta_lambda_grid(BASE, (0.3, 0.5), (0, 0.7, 1)).values()]  # stable
-    assert grid["β = 0.3, λ = 0"].name == "g_b0.3_lam0"
+    assert names == [c.run.name for c in beta_lambda_grid(BASE, (0.3, 0.5), (0, 0.7, 1)).values()]  # stable
+    assert grid["β = 0.3, λ = 0"].run.name == "g_b0.3_lam0"
 
 
 def test_beta_lambda_grid_changes_only_beta_lam_and_name():
     for cfg in beta_lambda_grid(BASE, (0.3, 0.5), (0, 0.7)).values():
         assert _differences(BASE, cfg) <= {"name", "beta", "lam"}
-        assert cfg.name != BASE.name  # even the base's own (β, λ) cell gets the derived name
+        assert cfg.run.name != BASE.run.name  # even the base's own (β, λ) cell gets the derived name
 
 
 def test_beta_lambda_grid_names_do_not_depend_on_the_base_beta_lam():
     other = BASE.replace(beta=0.3, lam=0.0)
-    a = {c.name for c in beta_lambda_grid(BASE, (0.3, 0.5), (0, 0.7)).values()}
-    b = {c.name for c in beta_lambda_grid(other, (0.3, 0.5), (0, 0.7)).values()}
+    a = {c.run.name for c in beta_lambda_grid(BASE, (0.3, 0.5), (0, 0.7)).values()}
+    b = {c.run.name for c in beta_lambda_grid(other, (0.3, 0.5), (0, 0.7)).values()}
     assert a == b
 
 
@@ -58,9 +58,9 @@ def test_beta_lambda_cell_is_the_grid_cell_and_ablation_base_is_shared():
     full = BASE.replace(iterations=300, warmup_iters=20)
     short = ablation_base(full, 100)
     assert _differences(full, short) == {"name", "iterations", "record_grad_noise"}
-    assert short.record_grad_noise and short.iterations == 100 and short.warmup_iters == 20
-    assert short.name == "ablation_it100" and ablation_base(full, 50).name == "ablation_it50"  # lengths never clash
-    assert ablation_base(full, 4).warmup_iters == 4  # warm-up clipped to fit a tiny run
+    assert short.run.record_grad_noise and short.optim.iterations == 100 and short.optim.warmup_iters == 20
+    assert short.run.name == "ablation_it100" and ablation_base(full, 50).run.name == "ablation_it50"  # lengths never clash
+    assert ablation_base(full, 4).optim.warmup_iters == 4  # warm-up clipped to fit a tiny run
     # notebook 04 builds its base at the short length directly; both give the same runs
     assert ablation_base(full.replace(iterations=100), 100) == short
 
@@ -70,9 +70,9 @@ def test_pooling_variants_change_only_pooling_and_keep_the_base_run():
     v = pooling_variants(BASE, ("cls", "avg", "max", "gem"))
     assert list(v) == ["cls", "avg", "max", "gem"]
     assert v["cls"] is BASE
-    assert len({c.name for c in v.values()}) == 4
+    assert len({c.run.name for c in v.values()}) == 4
     for p in ("avg", "max", "gem"):
-        assert v[p].pooling == p and v[p].name == f"g_pool_{p}"
+        assert v[p].model.pooling == p and v[p].run.name == f"g_pool_{p}"
         assert _differences(BASE, v[p]) == {"name", "pooling"}
     with pytest.raises(ConfigError, match="pooling='mean'"):
         pooling_variants(BASE, ("cls", "mean"))
@@ -81,8 +81,8 @@ def test_pooling_variants_change_only_pooling_and_keep_the_base_run():
 def test_objective_variants_change_only_the_loss():
     v = objective_variants(BASE.replace(lam=0.0))
     assert list(v) == ["Contrastive", "Normalized Softmax", "Scalable NCA"]
-    assert v["Contrastive"].name == "g"
-    assert [c.loss for c in v.values()] == ["contrastive", "nsoftmax", "snca"]
+    assert v["Contrastive"].run.name == "g"
+    assert [c.loss.name for c in v.values()] == ["contrastive", "nsoftmax", "snca"]
     for label in ("Normalized Softmax", "Scalable NCA"):
         assert _differences(v["Contrastive"], v[label]) == {"name", "loss"}
     with pytest.raises(ConfigError, match="repeated"):
@@ -145,7 +145,7 @@ def test_run_all_trains_once_then_reuses(tiny_cfg, monkeypatch):
     assert list(first) == list(grid)
     assert not any(r.reused for r in first.values())
     for label, r in first.items():
-        assert r.run_dir.name == grid[label].name and (r.run_dir / "results.json").exists()
+        assert r.run_dir.name == grid[label].run.name and (r.run_dir / "results.json").exists()
         gamma = mean_grad_noise(r.metrics("train"))
         assert 0.0 <= gamma <= 1.0  # γ = 1 − ‖ḡ‖² for unit directions
 
@@ -211,9 +211,9 @@ def test_seed_variants_keep_the_own_seed_run_and_name_the_others():
     v = seed_variants(cfgs, [0, 1, 2])
     assert list(v) == [(m, s) for m in cfgs for s in (0, 1, 2)]
     assert v[("IRT_L", 0)] is cfgs["IRT_L"]  # the existing run (notebooks 03-07 reuse it) is reused
-    assert v[("IRT_R", 2)].name == "irt_r_seed2" and v[("IRT_R", 2)].seed == 2
+    assert v[("IRT_R", 2)].run.name == "irt_r_seed2" and v[("IRT_R", 2)].run.seed == 2
     assert _differences(v[("IRT_R", 2)], cfgs["IRT_R"]) == {"name", "seed"}
-    assert len({c.name for c in v.values()}) == len(v)
+    assert len({c.run.name for c in v.values()}) == len(v)
     for bad in ([], [1, 1]):
         with pytest.raises(ConfigError, match="distinct seeds"):
             seed_variants(cfgs, bad)

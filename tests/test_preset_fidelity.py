@@ -97,11 +97,11 @@ def test_every_preset_is_in_the_table():
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_preset_settings_are_the_papers(name):
     cfg, want = load_preset(name), PAPER[name]
-    margin = cfg.arcface_margin if cfg.loss == "arcface" else cfg.beta
-    got = {"dataset": cfg.dataset, "backbone": cfg.backbone, "img_size": cfg.img_size, "dim": cfg.dim, "loss": cfg.loss,
-           "margin": margin, "lam": cfg.lam, "optimizer": cfg.optimizer, "lr": cfg.lr,
-           "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "iterations": cfg.iterations,
-           "memory_size": cfg.memory_size, "momentum": cfg.momentum, "pooling": cfg.pooling}
+    margin = cfg.loss.arcface_margin if cfg.loss.name == "arcface" else cfg.loss.beta
+    got = {"dataset": cfg.data.dataset, "backbone": cfg.model.backbone, "img_size": cfg.data.img_size, "dim": cfg.model.dim, "loss": cfg.loss.name,
+           "margin": margin, "lam": cfg.loss.lam, "optimizer": cfg.optim.optimizer, "lr": cfg.optim.lr,
+           "weight_decay": cfg.optim.weight_decay, "batch_size": cfg.optim.batch_size, "iterations": cfg.optim.iterations,
+           "memory_size": cfg.loss.memory_size, "momentum": cfg.loss.momentum}
     assert {k: got[k] for k in want} == want
 
 
@@ -115,7 +115,7 @@ def test_irt_tables_agree_where_they_share_a_row():
     lam = preset_grid("irt_r_sfm_deits", "6")
     assert lam["λ = 0"]["paper"] == results("irt_l_sfm_deits")  # Table 3's IRT_L = Table 6's λ = 0
     assert lam["λ = 4"]["paper"] == results("irt_r_sfm_deits")  # Table 3's IRT_R = Table 6's λ = 4.0
-    assert lam["λ = 4"]["config"].lam == 4.0 == load_preset("irt_r_sfm_deits").lam
+    assert lam["λ = 4"]["config"].loss.lam == 4.0 == load_preset("irt_r_sfm_deits").loss.lam
     pool = preset_grid("irt_l_sfm_deits", "9")
     assert pool["cls"]["paper"] == results("irt_l_sfm_deits")  # Table 9 is IRT_L
     assert results("irt_l_sfm_deitb_dist384") == {"roxford5k": {"mAP M": 50.5, "mAP H": 22.7},
@@ -137,7 +137,7 @@ def test_dtop_full_row_is_in_every_ablation_table():
         grid = preset_grid("dtop_full_r50vitb16_sfm", table)
         same = [label for label, row in grid.items() if row["paper"] == full]
         assert len(same) == 1, (table, same)
-        assert grid[same[0]]["config"].name == "dtop_full_r50vitb16_sfm"  # the full model's own run, trained once
+        assert grid[same[0]]["config"].run.name == "dtop_full_r50vitb16_sfm"  # the full model's own run, trained once
 
 
 def test_grids_change_only_what_their_table_varies():
@@ -147,12 +147,12 @@ def test_grids_change_only_what_their_table_varies():
             diff = {k for k, v in row["config"].to_dict().items() if v != base[k]}
             assert diff <= {"name", "model_options", "sampler"}, (table, label, diff)
     a12 = preset_grid("dtop_full_r50vitb16_sfm", "A12")
-    assert a12["fixed-size (384x384)"]["config"].sampler == "m_per_class"
+    assert a12["fixed-size (384x384)"]["config"].data.sampler == "m_per_class"
     a11 = preset_grid("dtop_full_r50vitb16_sfm", "A11")
     assert a11["query multi, database single"]["database_scales"] == [1.0]
     t5 = preset_grid("irt_r_sop_deits", "5")
     assert len(t5) == 25 and t5["β = 0.9, λ = 1"]["paper"] == {"sop": {"R@1": 41.5}}
-    assert t5["β = 0.9, λ = 1"]["config"].beta == 0.9 and t5["β = 0.9, λ = 1"]["config"].lam == 1.0
+    assert t5["β = 0.9, λ = 1"]["config"].loss.beta == 0.9 and t5["β = 0.9, λ = 1"]["config"].loss.lam == 1.0
     assert preset_grid("irt_l_sop_r50", "5")["β = 0.5, λ = 0"]["paper"]["sop"]["R@1"] == 79.8  # Table 4's R50 row
 
 

@@ -56,7 +56,8 @@ _MODELS: dict = {}
 
 def built(cfg: ExperimentConfig) -> torch.nn.Module:
     """The preset's model with random weights, built once per architecture (building DeiT-S takes ~1 s)."""
-    key = json.dumps({k: getattr(cfg, k) for k in ("backbone", "pooling", "dim", "img_size", "patch_size",
+    flat = cfg.to_dict()
+    key = json.dumps({k: flat[k] for k in ("backbone", "pooling", "dim", "img_size", "patch_size",
                                                   "gem_p", "model_options")}, sort_keys=True)
     if key not in _MODELS:
         torch.manual_seed(0)
@@ -80,19 +81,19 @@ def test_there_are_presets_for_the_tables():
 def test_preset_loads_and_builds_its_model(name):
     raw = json.loads((PRESETS_DIR / f"{name}.json").read_text())
     cfg = load_preset(name, weights="none")
-    assert cfg.name == name and cfg.weights == "none"
+    assert cfg.run.name == name and cfg.model.weights == "none"
     assert raw["weights"] == "timm" and raw["patch_size"] is None  # the pretrained backbone at its own patch size
     model = built(cfg)
     net = model.backbone
-    width = 2048 if cfg.backbone.startswith("resnet") else 768 if "base" in cfg.backbone else 384
-    if not cfg.backbone.startswith("resnet"):
-        assert type(net).__name__ == "VisionTransformer" or "distilled" in cfg.backbone
-        assert net.patch_embed.img_size == (cfg.img_size, cfg.img_size)
+    width = 2048 if cfg.model.backbone.startswith("resnet") else 768 if "base" in cfg.model.backbone else 384
+    if not cfg.model.backbone.startswith("resnet"):
+        assert type(net).__name__ == "VisionTransformer" or "distilled" in cfg.model.backbone
+        assert net.patch_embed.img_size == (cfg.data.img_size, cfg.data.img_size)
         assert net.patch_embed.patch_size == (16, 16)  # DeiT-S/16, DeiT-B/16
         assert net.embed_dim == width and len(net.blocks) == 12  # DeiT-S: width 384, DeiT-B: 768; depth 12
-        assert (getattr(net, "dist_token", None) is not None) == ("distilled" in cfg.backbone)
+        assert (getattr(net, "dist_token", None) is not None) == ("distilled" in cfg.model.backbone)
     with torch.no_grad():
-        z = model(torch.randn(1, 3, cfg.img_size, cfg.img_size))
+        z = model(torch.randn(1, 3, cfg.data.img_size, cfg.data.img_size))
     assert z.shape == (1, width)  # the full descriptor until the PCA is fitted
     assert torch.allclose(z.norm(dim=1), torch.ones(1), atol=1e-5)
 
@@ -106,7 +107,7 @@ def test_dtop_preset_builds_its_dtop_model(name):
     cfg = load_preset(name, weights="none")
     model = built(cfg)
     assert isinstance(model, DToPModel) and model.k == 6
-    hybrid = "_r" in cfg.backbone.split("_", 1)[1]  # vit_<size>_r<depth>_s<stride>_384
+    hybrid = "_r" in cfg.model.backbone.split("_", 1)[1]  # vit_<size>_r<depth>_s<stride>_384
     assert (type(model.backbone.patch_embed).__name__ == "HybridEmbed") == hybrid
     full = name.startswith("dtop_full_")
     if full:  # the full model: both branches, ELM + orthogonal fusion, N = 1536
@@ -123,10 +124,10 @@ def test_dtop_preset_builds_its_dtop_model(name):
 def test_preset_optimizer(name):
     cfg = load_preset(name, weights="none")
     opt = build_optimizer(cfg, built(cfg).parameters())
-    expected = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[cfg.optimizer]
+    expected = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[cfg.optim.optimizer]
     assert type(opt) is expected
     group = opt.param_groups[0]
-    assert group["lr"] == cfg.lr and group["weight_decay"] == cfg.weight_decay
+    assert group["lr"] == cfg.optim.lr and group["weight_decay"] == cfg.optim.weight_decay
     n_trainable = sum(p.numel() for p in built(cfg).parameters() if p.requires_grad)
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == n_trainable
 
@@ -134,36 +135,36 @@ def test_preset_optimizer(name):
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_data_pipeline_on_fixture_tree(name, trees):
     cfg = load_preset(name, weights="none", data_root=str(trees[preset_dict(name)["dataset"]]))
-    size = cfg.img_size
-    if cfg.dataset == "sfm120k":
+    size = cfg.data.img_size
+    if cfg.data.dataset == "sfm120k":
         from nbsrc.data.sfm import load_sfm120k_db
         from nbsrc.eval.revisited import build_revisited
 
-        db = load_sfm120k_db(cfg.data_root, "train")
+        db = load_sfm120k_db(cfg.data.data_root, "train")
         img, label, _ = db.images(RetrievalTransform(size, train=False))[0]
         assert img.shape == (3, size, size) and label == db.cluster[0]
-        if cfg.sfm_training == "classes":  # DToP: the ordinary loop's sampler over the 3D models
+        if cfg.data.sfm_training == "classes":  # DToP: the ordinary loop's sampler over the 3D models
             from nbsrc.data.group_sampler import training_sampler
             from nbsrc.experiment import class_dataset
 
             train_ds = class_dataset(db, RetrievalTransform(size, train=True))
-            small = cfg.replace(iterations=2, warmup_iters=0, batch_size=4 * cfg.m_per_class)  # 8 fixture clusters
+            small = cfg.replace(iterations=2, warmup_iters=0, batch_size=4 * cfg.optim.m_per_class)  # 8 fixture clusters
             sampler, ds, collate = training_sampler(small, train_ds)
             batch = next(iter(sampler))
-            assert len(batch) == small.batch_size
+            assert len(batch) == small.optim.batch_size
             if collate is None:  # fixed-size batches: every image an img_size square
                 x, y, _ = ds[batch[0]]
                 assert x.shape == (3, size, size) and y == ds.labels[batch[0][0]]
             else:  # group-size batches (DToP Table A12): one size per batch, longer side img_size
                 x, y, _ = collate([ds[key] for key in batch])
-                assert x.shape[0] == small.batch_size and max(x.shape[-2:]) == size
+                assert x.shape[0] == small.optim.batch_size and max(x.shape[-2:]) == size
                 assert y[0] == ds.labels[batch[0][0]]
         for bench in ("roxford5k", "rparis6k"):
             rev = build_revisited(trees[bench], bench, RetrievalTransform(size, train=False))
             assert rev.query[0][0].shape == (3, size, size)
         return
     data = build_data(cfg)
-    assert (data.gallery is not None) == (cfg.dataset == "inshop")
+    assert (data.gallery is not None) == (cfg.data.dataset == "inshop")
     train_img = data.train[(0, 1)][0]  # an augmented training view
     assert train_img.shape == (3, size, size) and torch.isfinite(train_img).all()
     assert data.query[0][0].shape == (3, size, size)
@@ -180,50 +181,50 @@ def test_method_in_the_name_matches_the_settings(name):
     m = method(name)
     assert m in ("o", "l", "r")
     if m == "o":  # IRT_O: off the shelf, nothing trained
-        assert cfg.iterations == 0
+        assert cfg.optim.iterations == 0
     else:
-        assert cfg.iterations > 0
-        assert (cfg.lam == 0) == (m == "l")  # IRT_L: no KoLeo; IRT_R: KoLeo
-    assert cfg.dataset in name.replace("sfm", "sfm120k")
-    assert ("distilled" in cfg.backbone) == ("_dist" in name)
-    assert ("_128" in name) == (cfg.dim == 128)
+        assert cfg.optim.iterations > 0
+        assert (cfg.loss.lam == 0) == (m == "l")  # IRT_L: no KoLeo; IRT_R: KoLeo
+    assert cfg.data.dataset in name.replace("sfm", "sfm120k")
+    assert ("distilled" in cfg.model.backbone) == ("_dist" in name)
+    assert ("_128" in name) == (cfg.model.dim == 128)
 
 
 @pytest.mark.parametrize("name", CATEGORY)
 def test_category_level_presets_follow_irt(name):
     cfg = load_preset(name)
-    assert cfg.ks == RECALL_KS[cfg.dataset]  # each dataset's own Recall@K
-    assert cfg.img_size == 224 and cfg.dim in (None, 128)  # Table 2: the [CLS] descriptor at 224 px, or ▷128
-    assert cfg.beta == 0.5
-    assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.batch_size) == ("adamw", 3e-5, 5e-4, 64)
-    assert (cfg.scheduler, cfg.warmup_iters, cfg.grad_clip) == ("constant", 0, None)  # nothing the paper does not say
+    assert cfg.eval.ks == RECALL_KS[cfg.data.dataset]  # each dataset's own Recall@K
+    assert cfg.data.img_size == 224 and cfg.model.dim in (None, 128)  # Table 2: the [CLS] descriptor at 224 px, or ▷128
+    assert cfg.loss.beta == 0.5
+    assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.batch_size) == ("adamw", 3e-5, 5e-4, 64)
+    assert (cfg.optim.scheduler, cfg.optim.warmup_iters, cfg.optim.grad_clip) == ("constant", 0, None)  # nothing the paper does not say
     if method(name) == "r":
-        assert cfg.lam == 0.7
+        assert cfg.loss.lam == 0.7
 
 
 @pytest.mark.parametrize("name", SFM)
 def test_sfm_presets_follow_irt_section_4_2(name):
     cfg = load_preset(name)
-    assert cfg.loss == "contrastive" and cfg.tuple_loss == "distance"  # cirtorch's loss (IRT builds on its code)
-    assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.beta) == ("adam", 5e-7, 1e-6, 0.85)
-    assert (cfg.tuples_per_batch, cfg.negatives_per_tuple, cfg.pairs_per_epoch, cfg.negative_pool) == (5, 5, 2000, 22000)
-    assert (cfg.scheduler, cfg.lr_decay_per_epoch, cfg.freeze_batchnorm, cfg.grad_clip) == ("constant", 0.01, True, None)
-    if cfg.iterations:  # 100 epochs of ceil(2000 / 5) steps
-        assert cfg.iterations == 100 * math.ceil(cfg.pairs_per_epoch / cfg.tuples_per_batch)
+    assert cfg.loss.name == "contrastive" and cfg.loss.tuple_loss == "distance"  # cirtorch's loss (IRT builds on its code)
+    assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.weight_decay, cfg.loss.beta) == ("adam", 5e-7, 1e-6, 0.85)
+    assert (cfg.tuples.tuples_per_batch, cfg.tuples.negatives_per_tuple, cfg.tuples.pairs_per_epoch, cfg.tuples.negative_pool) == (5, 5, 2000, 22000)
+    assert (cfg.optim.scheduler, cfg.optim.lr_decay_per_epoch, cfg.optim.freeze_batchnorm, cfg.optim.grad_clip) == ("constant", 0.01, True, None)
+    if cfg.optim.iterations:  # 100 epochs of ceil(2000 / 5) steps
+        assert cfg.optim.iterations == 100 * math.ceil(cfg.tuples.pairs_per_epoch / cfg.tuples.tuples_per_batch)
 
 
 @pytest.mark.parametrize("name", DTOP)
 def test_dtop_presets_follow_dtop_a1(name):
     cfg = load_preset(name)
-    assert cfg.dataset == "sfm120k" and cfg.sfm_training == "classes"  # 3D models as classes, the ordinary loop
-    assert (cfg.loss, cfg.arcface_margin, cfg.lam, cfg.memory_size) == ("arcface", 0.15, 0.0, 0)
-    assert (cfg.optimizer, cfg.lr, cfg.scheduler, cfg.min_lr_factor, cfg.batch_size) == ("sgd", 1e-3, "cosine", 1e-4, 64)
-    assert cfg.sampler == "group_size" and cfg.whitening == "learned"  # Tables A12, A7
-    assert cfg.eval_scales == pytest.approx([1.0, 2 ** -0.5, 0.5])  # Table A11: 3 scales on both sides
+    assert cfg.data.dataset == "sfm120k" and cfg.data.sfm_training == "classes"  # 3D models as classes, the ordinary loop
+    assert (cfg.loss.name, cfg.loss.arcface_margin, cfg.loss.lam, cfg.loss.memory_size) == ("arcface", 0.15, 0.0, 0)
+    assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.scheduler, cfg.optim.min_lr_factor, cfg.optim.batch_size) == ("sgd", 1e-3, "cosine", 1e-4, 64)
+    assert cfg.data.sampler == "group_size" and cfg.eval.whitening == "learned"  # Tables A12, A7
+    assert cfg.eval.eval_scales == pytest.approx([1.0, 2 ** -0.5, 0.5])  # Table A11: 3 scales on both sides
     # warm-up of 3 epochs on SfM-120k (§A.1), none for the Table A5 benchmark ("except without warm-up")
-    assert cfg.warmup_iters == (0 if name.startswith("dtop_a5_") else 3 * math.ceil(91642 / 64))
-    assert cfg.model_options["dtop"] and cfg.model_options["k"] == 6 and cfg.dim is None  # the head is the descriptor
-    assert cfg.backbone.endswith("_384")  # timm's 384 px ViTs; DPE resamples the grid to img_size
+    assert cfg.optim.warmup_iters == (0 if name.startswith("dtop_a5_") else 3 * math.ceil(91642 / 64))
+    assert cfg.model.dtop is not None and cfg.model.dtop.k == 6 and cfg.model.dim is None  # the head is the descriptor
+    assert cfg.model.backbone.endswith("_384")  # timm's 384 px ViTs; DPE resamples the grid to img_size
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -231,7 +232,7 @@ def test_paper_block(name):
     p = preset_paper(name)
     assert p["paper"] == ("IRT" if name.startswith("irt_") else "DToP") and p["row"] and p["notes"]
     cfg = load_preset(name)
-    expected = ({cfg.dataset: {f"R@{k}" for k in cfg.ks}} if cfg.dataset != "sfm120k"
+    expected = ({cfg.data.dataset: {f"R@{k}" for k in cfg.eval.ks}} if cfg.data.dataset != "sfm120k"
                 else {b: {"mAP M", "mAP H"} for b in ("roxford5k", "rparis6k")})
     if p["paper"] == "DToP":  # DToP's tables also print the old Oxford 5k / Paris 6k mAP
         expected.update({"oxford5k": {"mAP"}, "paris6k": {"mAP"}})
@@ -239,7 +240,7 @@ def test_paper_block(name):
     for metrics in p["results"].values():
         vals = [v for v in metrics.values() if v is not None]
         assert all(0 < v <= 100 for v in vals)
-        if cfg.dataset != "sfm120k":
+        if cfg.data.dataset != "sfm120k":
             assert vals == sorted(vals)  # Recall@K cannot fall as K grows
         elif len(vals) == 2:
             assert metrics["mAP M"] >= metrics["mAP H"]  # Hard's positives are a subset of Medium's
@@ -269,8 +270,8 @@ def test_unknown_override_is_rejected():
 
 def test_overrides_apply_on_top():
     cfg = load_preset("irt_r_sop_deits", lr=1e-4, name="mine", data_root="/data/sop")
-    assert (cfg.lr, cfg.name, cfg.data_root) == (1e-4, "mine", "/data/sop")
-    assert cfg.memory_size == preset_dict("irt_r_sop_deits")["memory_size"]
+    assert (cfg.optim.lr, cfg.run.name, cfg.data.data_root) == (1e-4, "mine", "/data/sop")
+    assert cfg.loss.memory_size == preset_dict("irt_r_sop_deits")["memory_size"]
 
 
 # ----------------------------------------------------------------------------- table and CLI
@@ -302,9 +303,9 @@ def test_cli_preset_then_config_then_flags(tmp_path):
                                     "--lr", "1e-4", "--weights", "none"])
     cfg = config_from_args(ns)
     base = preset_dict("irt_r_cub_deits")
-    assert cfg.name == "irt_r_cub_deits" and cfg.beta == base["beta"] and cfg.ks == tuple(base["ks"])
-    assert cfg.iterations == 7  # the config file over the preset
-    assert cfg.lr == 1e-4 and cfg.weights == "none"  # flags over both
+    assert cfg.run.name == "irt_r_cub_deits" and cfg.loss.beta == base["beta"] and cfg.eval.ks == tuple(base["ks"])
+    assert cfg.optim.iterations == 7  # the config file over the preset
+    assert cfg.optim.lr == 1e-4 and cfg.model.weights == "none"  # flags over both
     assert config_from_args(build_parser().parse_args(["train", "--preset", "irt_l_sop_deits"])) == \
         load_preset("irt_l_sop_deits")
 
@@ -317,9 +318,9 @@ def test_cli_flags_can_reset_preset_values():
     ns = build_parser().parse_args(["train", "--preset", "irt_r_sfm_deits", "--weights", "none", "--dim", "none",
                                     "--no-amp", "--ks", "1", "5"])
     cfg = config_from_args(ns)
-    assert (cfg.weights, cfg.dim, cfg.amp, cfg.ks) == ("none", None, False, (1, 5))
+    assert (cfg.model.weights, cfg.model.dim, cfg.optim.amp, cfg.eval.ks) == ("none", None, False, (1, 5))
     bare = config_from_args(build_parser().parse_args(["train"]))  # no flag: the defaults, under the CLI's own name
-    assert bare.name.startswith("cli_") and bare.replace(name=ExperimentConfig().name) == ExperimentConfig()
+    assert bare.run.name.startswith("cli_") and bare.replace(name=ExperimentConfig().run.name) == ExperimentConfig()
 
 
 def test_cli_unknown_preset_and_presets_command(capsys):
@@ -345,8 +346,8 @@ def tiny_run(trees, tmp_path_factory):
 def test_evaluate_benchmarks_reproduces_a_runs_own_evaluation(trees, tiny_run):
     """A finished run, loaded again and evaluated on its benchmark, gives the Recall@K it saved."""
     run = tiny_run
-    table = evaluate_benchmarks("irt_o_cub_deits", {"cub": trees["cub"], "sop": None}, run_dir=run.config.name,
-                                runs_dir=run.config.runs_dir)
+    table = evaluate_benchmarks("irt_o_cub_deits", {"cub": trees["cub"], "sop": None}, run_dir=run.config.run.name,
+                                runs_dir=run.config.run.runs_dir)
     assert list(table.index) == [("cub", f"R@{k}") for k in RECALL_KS["cub"]]
     for (_, metric), ours in table["ours"].items():
         assert ours == pytest.approx(run.results[metric], abs=1e-9)
@@ -422,8 +423,8 @@ def test_lambda_sweep_of_a_preset_gives_the_table_6_rows():
 
     base = load_preset("irt_r_sop_deits")
     rows = lambda_sweep(base, [0, 0.3, 0.7, 1.0], prefix="sop")
-    assert [c.name for c in rows.values()] == ["sop_irt_l", "sop_irt_r_lam0.3", "sop_irt_r", "sop_irt_r_lam1"]
-    assert [c.lam for c in rows.values()] == [0.0, 0.3, 0.7, 1.0]
+    assert [c.run.name for c in rows.values()] == ["sop_irt_l", "sop_irt_r_lam0.3", "sop_irt_r", "sop_irt_r_lam1"]
+    assert [c.loss.lam for c in rows.values()] == [0.0, 0.3, 0.7, 1.0]
     for cfg in rows.values():
         diff = {k for k, v in cfg.to_dict().items() if v != base.to_dict()[k]}
         assert diff <= {"name", "lam"}, diff

@@ -58,7 +58,7 @@ def test_tuple_loss_forms_and_default():
     assert torch.equal(tuple_loss(z, 7, 0.85, "eq1"), tuple_contrastive_loss(z, 7, 0.85))
     idx = torch.arange(14)
     assert torch.equal(tuple_loss_terms(z, idx, 7, 0.85, 0.0)["contrastive"], distance_contrastive_loss(z, 7, 0.85))
-    assert ExperimentConfig().tuple_loss == "distance"
+    assert ExperimentConfig().loss.tuple_loss == "distance"
     with pytest.raises(ConfigError, match="tuple_loss='cosine' is invalid"):
         tuple_loss(z, 7, 0.85, "cosine")
     with pytest.raises(ConfigError, match="whole tuples of 7"):
@@ -97,9 +97,9 @@ def test_frozen_batchnorm_keeps_its_running_statistics():
 
 def test_protocol_config_fields():
     cfg = ExperimentConfig()
-    assert (cfg.lr_decay_per_epoch, cfg.freeze_batchnorm, cfg.eval_scales, cfg.whitening) == (0.0, False, None, None)
+    assert (cfg.optim.lr_decay_per_epoch, cfg.optim.freeze_batchnorm, cfg.eval.eval_scales, cfg.eval.whitening) == (0.0, False, None, None)
     c = ExperimentConfig.from_dict({"eval_scales": [1, 0.5], "whitening": "learned", "lr_decay_per_epoch": 0.01})
-    assert c.eval_scales == [1.0, 0.5] and ExperimentConfig.from_dict(c.to_dict()) == c
+    assert c.eval.eval_scales == [1.0, 0.5] and ExperimentConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ConfigError, match="tuple_loss='cos' is invalid"):  # the registry's check, at build
         check_tuple_config(ExperimentConfig(tuple_loss="cos"))
     for bad, match in [({"lr_decay_per_epoch": -1}, "lr_decay_per_epoch=-1 is invalid"),

@@ -124,7 +124,7 @@ def tuple_cfg(runs_dir, name="t", **kw):
 
 
 def fresh_model(cfg):
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.run.seed)
     return model_from_config(cfg)
 
 
@@ -149,7 +149,7 @@ def test_resume_equals_uninterrupted_and_epochs_train_on_their_own_mining(data, 
     norm = data_config(m1)
     eval_tf = particular_object_transform(32, norm["mean"], norm["std"])  # IRT §4.2: what train_tuples mines with
     z, _, _ = extract_embeddings(m1, db.images(eval_tf), progress=False)  # all images, independently
-    sampler = TupleSampler(db, cfg.pairs_per_epoch, cfg.negative_pool, cfg.negatives_per_tuple, cfg.seed)
+    sampler = TupleSampler(db, cfg.tuples.pairs_per_epoch, cfg.tuples.negative_pool, cfg.tuples.negatives_per_tuple, cfg.run.seed)
     pairs, pool = sampler.draw(1)
     tuples = inside["tuples"]
     # the uninterrupted run did the same: its epoch-0-end checkpoint and its epoch-1 tuples
@@ -165,14 +165,14 @@ def test_resume_equals_uninterrupted_and_epochs_train_on_their_own_mining(data, 
         best = {c: pool[np.flatnonzero(pool_c == c)[np.argmax(sims[pool_c == c])]] for c in set(pool_c.tolist())}
         best.pop(int(db.cluster[t[0]]), None)
         ranked = sorted(best.values(), key=lambda i: -float(z[i] @ z[t[0]]))
-        assert t[2:].tolist() == ranked[: cfg.negatives_per_tuple]
+        assert t[2:].tolist() == ranked[: cfg.tuples.negatives_per_tuple]
     np.testing.assert_array_equal(tuples, mine_epoch(m1, sampler, 1, eval_tf, cfg, "cpu"))
     # ... and its first step's loss is that of the epoch's first batch of those tuples under m1
     ds = TupleDataset(db, eval_tf, tuples)  # training without augmentation (IRT §4.2)
     x, _, idx = collate_tuples([ds[key] for key in epoch_batches(cfg, 1, len(tuples))[0]])
     m1.train()
     with torch.no_grad():
-        expected = tuple_loss_terms(m1(x), idx, 4, cfg.beta, cfg.lam, cfg.tuple_loss)["total"]
+        expected = tuple_loss_terms(m1(x), idx, 4, cfg.loss.beta, cfg.loss.lam, cfg.loss.tuple_loss)["total"]
     logged = [r for r in read_metrics(cut_dir, "train") if r["iteration"] == 3]
     assert len(logged) == 1 and logged[0]["total"] == pytest.approx(float(expected), rel=1e-5)
 
@@ -192,7 +192,7 @@ def test_non_finite_loss_and_bad_settings(data, tmp_path, monkeypatch):
         train_tuples(cfg.replace(memory_size=8), fresh_model(cfg), data["db"], tmp_path)
     from nbsrc.losses import TUPLE_LOSSES
 
-    monkeypatch.setitem(TUPLE_LOSSES, cfg.tuple_loss, lambda z, *a, **k: z.sum() * float("nan"))
+    monkeypatch.setitem(TUPLE_LOSSES, cfg.loss.tuple_loss, lambda z, *a, **k: z.sum() * float("nan"))
     with pytest.raises(NonFiniteLossError, match="iteration 0"):
         train_tuples(cfg, fresh_model(cfg), data["db"], tmp_path)
 

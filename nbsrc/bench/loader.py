@@ -34,7 +34,7 @@ def _loader(cfg: ExperimentConfig, ds, n_batches: int, workers: int, pin: bool) 
 
     sampler, ds, collate = training_sampler(cfg.replace(iterations=n_batches, warmup_iters=0), ds)
     return DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=workers, pin_memory=pin,
-                      persistent_workers=False, generator=torch.Generator().manual_seed(cfg.seed))
+                      persistent_workers=False, generator=torch.Generator().manual_seed(cfg.run.seed))
 
 
 def loader_img_per_s(cfg: ExperimentConfig, ds, workers: int, batches: int, warmup: int, pin: bool) -> float:
@@ -62,8 +62,8 @@ def bench_loader(cfg: ExperimentConfig, workers=(0, 1, 2), batches: int = 40, wa
         raise ConfigError(f"workers={workers}, batches={batches}, warmup={warmup}, steps={steps}: need worker counts "
                           ">= 0, batches >= 1, warmup >= 0 and steps >= 1")
     cfg.validate()
-    device = resolve_device(cfg.device)
-    pin = cfg.pin_memory and device.type == "cuda"
+    device = resolve_device(cfg.run.device)
+    pin = cfg.run.pin_memory and device.type == "cuda"
     ds = build_data(cfg).train
     rates = {w: loader_img_per_s(cfg, ds, w, batches, warmup, pin) for w in workers}
 
@@ -76,10 +76,10 @@ def bench_loader(cfg: ExperimentConfig, workers=(0, 1, 2), batches: int = 40, wa
         sync(device)
         if i >= 2:
             step_times.append(time.perf_counter() - t0)
-    step_rate = cfg.batch_size / statistics.median(step_times)
+    step_rate = cfg.optim.batch_size / statistics.median(step_times)
     enough = next((w for w in workers if rates[w] >= step_rate), None)
-    return {"dataset": cfg.dataset, "backbone": cfg.backbone, "img_size": cfg.img_size, "batch": cfg.batch_size,
-            "sampler": cfg.sampler, "device": str(device), "pin_memory": pin, "torch_threads": torch.get_num_threads(),
+    return {"dataset": cfg.data.dataset, "backbone": cfg.model.backbone, "img_size": cfg.data.img_size, "batch": cfg.optim.batch_size,
+            "sampler": cfg.data.sampler, "device": str(device), "pin_memory": pin, "torch_threads": torch.get_num_threads(),
             "batches": batches, "warmup": warmup, "steps": steps, "step_img_per_s": step_rate,
             "loader_img_per_s": {str(w): r for w, r in rates.items()},
             "loader_over_step": {str(w): r / step_rate for w, r in rates.items()},

@@ -72,7 +72,7 @@ class SyntheticImages(Dataset):
 
 def make_batches(cfg: ExperimentConfig, ds: SyntheticImages, n: int) -> list[tuple[torch.Tensor, ...]]:
     """``n`` batches ``(x, y, idx)`` of the m-per-class sampler, drawn once and shared by every method."""
-    sampler = MPerClassBatchSampler(ds.labels, cfg.batch_size, cfg.m_per_class, n, cfg.seed)
+    sampler = MPerClassBatchSampler(ds.labels, cfg.optim.batch_size, cfg.optim.m_per_class, n, cfg.run.seed)
     return [tuple(b) for b in DataLoader(ds, batch_sampler=sampler)]
 
 
@@ -90,7 +90,7 @@ class NbsrcStep:
     aside), on parts built as :func:`~nbsrc.train.loop.fit` builds them, for a pair task."""
 
     def __init__(self, cfg: ExperimentConfig, device: torch.device, n_train: int):
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.run.seed)
         self.cfg, self.it = cfg, 0
         self.task = PairTask(cfg, None, list(range(n_train)))
         self.parts = build_step_parts(cfg, model_from_config(cfg), self.task, device)
@@ -113,16 +113,16 @@ class NbsrcStep:
 def _timm_backbone(cfg: ExperimentConfig, device: torch.device) -> torch.nn.Module:
     import timm
 
-    torch.manual_seed(cfg.seed)
-    kw = {"img_size": cfg.img_size} if cfg.patch_size is not None or "vit" in cfg.backbone else {}
-    if cfg.patch_size is not None:
-        kw["patch_size"] = cfg.patch_size
-    return timm.create_model(cfg.backbone, num_classes=0, **kw).to(device).train()
+    torch.manual_seed(cfg.run.seed)
+    kw = {"img_size": cfg.data.img_size} if cfg.model.patch_size is not None or "vit" in cfg.model.backbone else {}
+    if cfg.model.patch_size is not None:
+        kw["patch_size"] = cfg.model.patch_size
+    return timm.create_model(cfg.model.backbone, num_classes=0, **kw).to(device).train()
 
 
 def _direct_adamw(cfg: ExperimentConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    fused = cfg.fused_optimizer and next(model.parameters()).is_cuda
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+    fused = cfg.run.fused_optimizer and next(model.parameters()).is_cuda
+    return torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=fused or None)
 
 
 def inline_koleo(z: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -146,13 +146,13 @@ class ReferenceStep:
 
         self.cfg, self.device = cfg, device
         self.model = _timm_backbone(cfg, device)
-        self.net = torch.compile(self.model) if cfg.compile and device.type == "cuda" else self.model
+        self.net = torch.compile(self.model) if cfg.run.compile and device.type == "cuda" else self.model
         dim = dim or self.model.num_features
-        loss = ContrastiveLoss(pos_margin=1, neg_margin=cfg.beta, distance=CosineSimilarity())
-        self.loss = PMLCrossBatchMemory(loss, embedding_size=dim, memory_size=max(cfg.memory_size, cfg.batch_size))
+        loss = ContrastiveLoss(pos_margin=1, neg_margin=cfg.loss.beta, distance=CosineSimilarity())
+        self.loss = PMLCrossBatchMemory(loss, embedding_size=dim, memory_size=max(cfg.loss.memory_size, cfg.optim.batch_size))
         self.optimizer = _direct_adamw(cfg, self.model)
         self.amp_on, self.amp_dtype = amp_settings(cfg, device)
-        self.pin = cfg.pin_memory and device.type == "cuda"
+        self.pin = cfg.run.pin_memory and device.type == "cuda"
 
     def prefill(self, gen: torch.Generator, n_classes: int, first_index: int) -> None:
         m, dim = self.loss.memory_size, self.loss.embedding_size
@@ -163,11 +163,11 @@ class ReferenceStep:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_on):
             z = self.net(x)
         z = F.normalize(z.float(), dim=-1)
-        loss = self.loss(z, y) + self.cfg.lam * inline_koleo(z)
+        loss = self.loss(z, y) + self.cfg.loss.lam * inline_koleo(z)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        if self.cfg.optim.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
 
 
@@ -177,10 +177,10 @@ class BareStep:
     def __init__(self, cfg: ExperimentConfig, device: torch.device):
         self.device = device
         self.model = _timm_backbone(cfg, device)
-        self.net = torch.compile(self.model) if cfg.compile and device.type == "cuda" else self.model
+        self.net = torch.compile(self.model) if cfg.run.compile and device.type == "cuda" else self.model
         self.optimizer = _direct_adamw(cfg, self.model)
         self.amp_on, self.amp_dtype = amp_settings(cfg, device)
-        self.pin = cfg.pin_memory and device.type == "cuda"
+        self.pin = cfg.run.pin_memory and device.type == "cuda"
 
     def prefill(self, gen, n_classes, first_index) -> None:
         pass
@@ -230,7 +230,7 @@ def _setup(kind: str, cfg: ExperimentConfig, device: torch.device, n_classes: in
     step = {"nbsrc": lambda: NbsrcStep(cfg, device, n_classes),
             "reference": lambda: ReferenceStep(cfg, device),
             "bare": lambda: BareStep(cfg, device)}[kind]()
-    step.prefill(torch.Generator().manual_seed(cfg.seed + 1), n_classes, first_index)
+    step.prefill(torch.Generator().manual_seed(cfg.run.seed + 1), n_classes, first_index)
     return step
 
 
@@ -243,7 +243,7 @@ def _switch_variants(cfg: ExperimentConfig) -> dict:
         "bf16 autocast": base.replace(amp=False),
         "fused AdamW": base.replace(fused_optimizer=False),
         "pinned memory + non_blocking": base.replace(pin_memory=False),
-        "torch.compile": base.replace(compile=not base.compile),
+        "torch.compile": base.replace(compile=not base.run.compile),
     }
 
 
@@ -279,13 +279,13 @@ def bench_cpu_variants(cfg: ExperimentConfig, device: torch.device, batches, n_c
     for name in names:
         row = {"over_reference": paired_ratio(step_s["reference"], step_s[name]),
                "over_nbsrc_fp32": paired_ratio(step_s["nbsrc fp32"], step_s[name]),
-               "img_per_s": cfg.batch_size / med[name], "compile_s": None, "payoff_steps": None}
+               "img_per_s": cfg.optim.batch_size / med[name], "compile_s": None, "payoff_steps": None}
         if CPU_VARIANTS[name].get("cpu_compile"):
             row["compile_s"] = first[name] - med[name]
             saved = med["nbsrc fp32"] - med[name]
             row["payoff_steps"] = row["compile_s"] / saved if saved > 0 else None
         out["variants"][name] = row
-    out["reference_img_per_s"] = cfg.batch_size / med["reference"]
+    out["reference_img_per_s"] = cfg.optim.batch_size / med["reference"]
     return out
 
 
@@ -318,19 +318,19 @@ def verdict(value: float, ci95: tuple[float, float], target: float, higher_is_be
 
 def bench_loss(cfg: ExperimentConfig, device: torch.device, n: int = 50, seed: int = 0) -> dict[str, float]:
     """Median ms of the loss alone, forward + backward, on one batch of random unit embeddings
-    against a full memory of ``cfg.memory_size``: nbsrc's criterion (IRT eq. 1 + λ·KoLeo over
+    against a full memory of ``cfg.loss.memory_size``: nbsrc's criterion (IRT eq. 1 + λ·KoLeo over
     batch × batch and batch × memory) against pytorch-metric-learning's ContrastiveLoss in its
     CrossBatchMemory + inline KoLeo; interleaved, ``n`` timed calls each after 3 untimed ones."""
     gen = torch.Generator().manual_seed(seed)
-    dim, n_classes = 192, max(2 * cfg.batch_size // cfg.m_per_class, 8)
+    dim, n_classes = 192, max(2 * cfg.optim.batch_size // cfg.optim.m_per_class, 8)
     mine, ref = NbsrcStep(cfg, device, n_classes), ReferenceStep(cfg, device, dim=dim)
     mine.prefill(gen, n_classes, 10**9)
     ref.prefill(gen, n_classes, 10**9)
     memory = mine.task.memory
     mem = memory.get() if memory is not None and len(memory) else (None, None, None)
-    z0 = _unit(cfg.batch_size, dim, gen).to(device)
-    y = (torch.arange(cfg.batch_size) // cfg.m_per_class % n_classes).to(device)
-    idx = torch.arange(cfg.batch_size).to(device)
+    z0 = _unit(cfg.optim.batch_size, dim, gen).to(device)
+    y = (torch.arange(cfg.optim.batch_size) // cfg.optim.m_per_class % n_classes).to(device)
+    idx = torch.arange(cfg.optim.batch_size).to(device)
 
     def nbsrc_loss():
         z = z0.clone().requires_grad_()
@@ -338,7 +338,7 @@ def bench_loss(cfg: ExperimentConfig, device: torch.device, n: int = 50, seed: i
 
     def reference_loss():
         z = z0.clone().requires_grad_()
-        (ref.loss(z, y) + cfg.lam * inline_koleo(z)).backward()
+        (ref.loss(z, y) + cfg.loss.lam * inline_koleo(z)).backward()
 
     fns = {"nbsrc": nbsrc_loss, "reference": reference_loss}
     times = {k: [] for k in fns}
@@ -399,7 +399,7 @@ def bench_train(
     pinned = _pinned(plain) if on_cuda else None  # what a pin_memory DataLoader hands over
 
     def batches_for(c: ExperimentConfig):
-        return pinned if c.pin_memory and on_cuda else plain
+        return pinned if c.run.pin_memory and on_cuda else plain
 
     runners = {kind: (_setup(kind, cfg, dev, n_classes, len(ds)), batches_for(cfg)) for kind in METHODS}
     step_s = interleave(runners, dev, warmup, n)

@@ -38,10 +38,10 @@ def load_digits_images() -> tuple[np.ndarray, np.ndarray]:
 def _split(images, labels, cfg: ExperimentConfig, train_tf, eval_tf, names=None, classes=None,
            warn_unused: str | None = None) -> RetrievalData:
     """Train / query (= gallery) by class (:func:`~nbsrc.data.splits.class_disjoint_split`, with
-    ``cfg.split`` when set). ``warn_unused``: the dataset's name, to say which classes neither set uses
+    ``cfg.data.split`` when set). ``warn_unused``: the dataset's name, to say which classes neither set uses
     (image folders, where that is easy to miss). A training class needs 2 images (a positive pair); a
     test class with one stays in the gallery but is no query (:func:`~nbsrc.data.splits.check_eval_split`)."""
-    tr, te = class_disjoint_split(labels, *(classes or (cfg.train_classes, cfg.test_classes)), split=cfg.split)
+    tr, te = class_disjoint_split(labels, *(classes or (cfg.data.train_classes, cfg.data.test_classes)), split=cfg.data.split)
     if warn_unused is not None:
         warn_unused_classes(labels, tr, te, names, warn_unused)
     ids, counts = np.unique(np.asarray(labels)[tr], return_counts=True)
@@ -49,7 +49,7 @@ def _split(images, labels, cfg: ExperimentConfig, train_tf, eval_tf, names=None,
         c = int(ids[counts < 2][0])
         raise DatasetError(f"training class {names[c] if names is not None else c!r} has a single image, but a training "
                            "class needs at least 2 (a positive pair); add images, or make it a test class")
-    te = cap_per_class(te, labels, cfg.eval_per_class, seed=cfg.seed)
+    te = cap_per_class(te, labels, cfg.data.eval_per_class, seed=cfg.run.seed)
     full = RetrievalDataset(images, labels, None, names)
     query = full.subset(te, eval_tf)
     check_eval_split(query.labels, names)
@@ -57,37 +57,37 @@ def _split(images, labels, cfg: ExperimentConfig, train_tf, eval_tf, names=None,
 
 
 def build_data(cfg: ExperimentConfig, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> RetrievalData:
-    """The datasets named by ``cfg.dataset``, with the paper's train and evaluation transforms;
-    with ``cfg.size_variant == "mixed"``, their deterministic mixed-size variant (DToP Table A12)."""
+    """The datasets named by ``cfg.data.dataset``, with the paper's train and evaluation transforms;
+    with ``cfg.data.size_variant == "mixed"``, their deterministic mixed-size variant (DToP Table A12)."""
     data = _build_data(cfg, mean, std)
-    if cfg.size_variant == "mixed":
+    if cfg.data.size_variant == "mixed":
         from nbsrc.data.group_sampler import mixed_size_data
 
-        data = mixed_size_data(data, long_side=cfg.img_size, multiple=cfg.patch_size or 16, seed=cfg.seed)
+        data = mixed_size_data(data, long_side=cfg.data.img_size, multiple=cfg.model.patch_size or 16, seed=cfg.run.seed)
     return data
 
 
 def _build_data(cfg: ExperimentConfig, mean, std) -> RetrievalData:
-    train_tf = training_transform(cfg.img_size, mean, std, cfg.dtop_augmentation)
-    eval_tf = RetrievalTransform(cfg.img_size, train=False, mean=mean, std=std)
-    if cfg.dataset == "fashion_mnist":
-        images, labels = load_fashion_mnist(cfg.data_root)
+    train_tf = training_transform(cfg.data.img_size, mean, std, cfg.data.dtop_augmentation)
+    eval_tf = RetrievalTransform(cfg.data.img_size, train=False, mean=mean, std=std)
+    if cfg.data.dataset == "fashion_mnist":
+        images, labels = load_fashion_mnist(cfg.data.data_root)
         return _split(images, labels, cfg, train_tf, eval_tf, FASHION_MNIST_CLASSES)
-    if cfg.dataset == "digits":
+    if cfg.data.dataset == "digits":
         images, labels = load_digits_images()
         return _split(images, labels, cfg, train_tf, eval_tf, [str(i) for i in range(10)])
-    if cfg.dataset == "glyphs":  # CJK glyphs; train/test_classes may name parts ("pretrain", "train_val", ...)
+    if cfg.data.dataset == "glyphs":  # CJK glyphs; train/test_classes may name parts ("pretrain", "train_val", ...)
         from nbsrc.data import glyphs
 
-        g = glyphs.load_glyphs(cfg.data_root, progress=cfg.progress)
-        classes = [glyphs.resolve_classes(s, g.parts) for s in (cfg.train_classes, cfg.test_classes)]
+        g = glyphs.load_glyphs(cfg.data.data_root, progress=cfg.run.progress)
+        classes = [glyphs.resolve_classes(s, g.parts) for s in (cfg.data.train_classes, cfg.data.test_classes)]
         return _split(g.images, g.labels, cfg, train_tf, eval_tf, g.class_names, classes)
-    if cfg.dataset == "folder":
-        if cfg.data_root is None:
+    if cfg.data.dataset == "folder":
+        if cfg.data.data_root is None:
             raise ConfigError("dataset='folder' needs data_root=<folder with one sub-folder per class>")
-        paths, labels, names = scan_image_folder(cfg.data_root, min_per_class=1)  # a 1-image test class: no query
+        paths, labels, names = scan_image_folder(cfg.data.data_root, min_per_class=1)  # a 1-image test class: no query
         return _split(np.asarray(paths, dtype=object), labels, cfg, train_tf, eval_tf, names,
-                      warn_unused=f"image folder {cfg.data_root}")
+                      warn_unused=f"image folder {cfg.data.data_root}")
     from nbsrc.data import benchmarks  # CUB-200-2011, SOP, In-Shop: official split files (imported when used)
 
-    return benchmarks.build_benchmark(cfg.dataset, cfg.data_root, train_tf, eval_tf, cfg.eval_per_class, cfg.seed)
+    return benchmarks.build_benchmark(cfg.data.dataset, cfg.data.data_root, train_tf, eval_tf, cfg.data.eval_per_class, cfg.run.seed)

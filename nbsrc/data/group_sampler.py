@@ -13,7 +13,7 @@ so images keep (roughly) their own aspect ratio instead of being squashed to one
 The fixed-size alternative of Table A12 is the ordinary square resize and crop of
 :class:`~nbsrc.data.transforms.RetrievalTransform`.
 
-Training (``cfg.sampler == 'group_size'``) goes through :func:`training_sampler`, which the loop
+Training (``cfg.data.sampler == 'group_size'``) goes through :func:`training_sampler`, which the loop
 calls: :class:`GroupSizeMPerClassSampler` is the iteration-based, resumable form of the grouping
 (batch ``t`` a pure function of ``(seed, t)``, fixed batch size for DDP slicing) that also keeps
 ``m`` samples per class together, so the pair-based losses always see positives. Since the
@@ -251,7 +251,7 @@ def image_sizes(ds: RetrievalDataset) -> list[tuple[int, int]]:
 
 
 def training_sampler(cfg: ExperimentConfig, train_ds: RetrievalDataset, start: int = 0):
-    """``(batch_sampler, dataset, collate_fn)`` for the training loop, following ``cfg.sampler``.
+    """``(batch_sampler, dataset, collate_fn)`` for the training loop, following ``cfg.data.sampler``.
 
     ``m_per_class``: :class:`~nbsrc.data.samplers.MPerClassBatchSampler` on ``train_ds`` as it is
     (square ``img_size`` crops), default collate. ``group_size`` (DToP Table A12): target sizes
@@ -260,16 +260,16 @@ def training_sampler(cfg: ExperimentConfig, train_ds: RetrievalDataset, start: i
     with ``resize=False`` (flip only, so the image keeps its aspect ratio) and
     :class:`GroupResizeCollate` to the target size.
     """
-    if cfg.sampler == "m_per_class":
-        sampler = MPerClassBatchSampler(train_ds.labels, cfg.batch_size, cfg.m_per_class, cfg.iterations, cfg.seed,
+    if cfg.data.sampler == "m_per_class":
+        sampler = MPerClassBatchSampler(train_ds.labels, cfg.optim.batch_size, cfg.optim.m_per_class, cfg.optim.iterations, cfg.run.seed,
                                         start)
         return sampler, train_ds, None
-    if cfg.sampler != "group_size":
-        raise ConfigError(f"sampler={cfg.sampler!r} is invalid: expected m_per_class or group_size")
-    multiple = cfg.patch_size or 16
-    targets = aspect_ratio_buckets(image_sizes(train_ds), long_side=cfg.img_size, multiple=multiple)
-    sampler = GroupSizeMPerClassSampler(train_ds.labels, targets, cfg.batch_size, cfg.m_per_class, cfg.iterations,
-                                        cfg.seed, start)
+    if cfg.data.sampler != "group_size":
+        raise ConfigError(f"sampler={cfg.data.sampler!r} is invalid: expected m_per_class or group_size")
+    multiple = cfg.model.patch_size or 16
+    targets = aspect_ratio_buckets(image_sizes(train_ds), long_side=cfg.data.img_size, multiple=multiple)
+    sampler = GroupSizeMPerClassSampler(train_ds.labels, targets, cfg.optim.batch_size, cfg.optim.m_per_class, cfg.optim.iterations,
+                                        cfg.run.seed, start)
     tf = train_ds.transform
     if isinstance(tf, RetrievalTransform):
         tf = dataclasses.replace(tf, resize=False)

@@ -134,7 +134,7 @@ def training_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                        dtop_augmentation: bool = False) -> RetrievalTransform:
     """The training transform of :class:`RetrievalTransform` (random crop + flip), plus DToP's
     scaling, random cropping and illumination augmentation (:data:`DTOP_AUGMENTATION`) when
-    ``dtop_augmentation`` (``cfg.dtop_augmentation``; on in the DToP presets)."""
+    ``dtop_augmentation`` (``cfg.data.dtop_augmentation``; on in the DToP presets)."""
     extra = DTOP_AUGMENTATION if dtop_augmentation else {}
     return RetrievalTransform(size, train=True, mean=mean, std=std, **extra)
 

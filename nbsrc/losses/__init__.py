@@ -2,8 +2,8 @@
 memory plugs in without special cases.
 
 Registries: :data:`PAIR_LOSSES` (batch × batch and batch × memory: contrastive, SNCA, Normalized
-Softmax, ArcFace; ``cfg.loss`` names one) and :data:`TUPLE_LOSSES` (the forms of the contrastive loss
-on SfM-120k tuples; ``cfg.tuple_loss`` names one). A new loss is
+Softmax, ArcFace; ``cfg.loss.name`` names one) and :data:`TUPLE_LOSSES` (the forms of the contrastive loss
+on SfM-120k tuples; ``cfg.loss.tuple_loss`` names one). A new loss is
 one function and one registry line. :class:`RetrievalLoss` adds λ · KoLeo (IRT eq. 5).
 """
 
@@ -44,23 +44,23 @@ class ProxyTerm(nn.Module):
 
 
 def _contrastive(cfg, embedding_dim: int, classes):
-    return partial(contrastive_loss, beta=cfg.beta)
+    return partial(contrastive_loss, beta=cfg.loss.beta)
 
 
 def _snca(cfg, embedding_dim: int, classes):
-    return partial(snca_loss, temperature=cfg.temperature)
+    return partial(snca_loss, temperature=cfg.loss.temperature)
 
 
 def _nsoftmax(cfg, embedding_dim: int, classes):
-    return ProxyTerm(NormalizedSoftmaxLoss(len(classes), embedding_dim, cfg.temperature), classes)
+    return ProxyTerm(NormalizedSoftmaxLoss(len(classes), embedding_dim, cfg.loss.temperature), classes)
 
 
 def _arcface(cfg, embedding_dim: int, classes):
-    return ProxyTerm(ArcFaceLoss(len(classes), embedding_dim, cfg.arcface_margin, cfg.arcface_scale), classes)
+    return ProxyTerm(ArcFaceLoss(len(classes), embedding_dim, cfg.loss.arcface_margin, cfg.loss.arcface_scale), classes)
 
 
 # name -> builder(cfg, embedding_dim, train_classes) -> term(z, labels, ref_emb, ref_labels, indices,
-# ref_indices) -> scalar (a function, or a module when it has parameters); ``cfg.loss`` picks one.
+# ref_indices) -> scalar (a function, or a module when it has parameters); ``cfg.loss.name`` picks one.
 PAIR_LOSSES: dict[str, Callable] = {
     "contrastive": _contrastive,  # IRT eq. (1), margin beta on negatives
     "snca": _snca,  # Scalable NCA, temperature
@@ -95,5 +95,5 @@ def pair_loss(name: str) -> Callable:
 
 
 def build_loss(cfg, embedding_dim: int, train_classes) -> RetrievalLoss:
-    """The pair loss named by ``cfg.loss`` (:data:`PAIR_LOSSES`) plus ``cfg.lam`` · KoLeo."""
-    return RetrievalLoss(cfg.loss, pair_loss(cfg.loss)(cfg, embedding_dim, sorted(train_classes)), cfg.lam)
+    """The pair loss named by ``cfg.loss.name`` (:data:`PAIR_LOSSES`) plus ``cfg.loss.lam`` · KoLeo."""
+    return RetrievalLoss(cfg.loss.name, pair_loss(cfg.loss.name)(cfg, embedding_dim, sorted(train_classes)), cfg.loss.lam)

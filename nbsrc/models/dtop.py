@@ -1,5 +1,6 @@
 """DToP: deep token pooling on a timm ViT (Song et al., "Boosting vision transformers for image
-retrieval", WACV 2023). Reached through ``build_model(..., dtop=True, **options)``.
+retrieval", WACV 2023). Reached through ``build_model(..., dtop=DToPConfig(...))`` (or ``dtop=True,
+<option>=...``), i.e. a config whose ``model.dtop`` is set.
 
 For an image, the ViT's last ``k`` encoder blocks (collected with forward hooks, each output passed
 through the ViT's final LayerNorm) give, per layer ``l``, the [CLS] token ``c^l ∈ R^D`` and the
@@ -19,7 +20,8 @@ encodings (DPE, eq. 2; none; CPE) in :mod:`nbsrc.models.position`. The ViT is bu
 ``dynamic_img_size`` and ``dynamic_img_pad``, so an input of any size and aspect ratio works (sides
 that are not a multiple of the patch size are zero-padded at the bottom and right).
 
-Options (``build_model(..., dtop=True, <option>=...)``, paper table in brackets):
+Options (the fields of :class:`nbsrc.config.DToPConfig`, each defaulting to the paper's full model;
+paper table in brackets):
 
     k           6             last encoder layers collected, 1..depth             (eqs. 5–6, A8)
     pos_embed   'dpe'         'dpe' | 'none' | 'cpe'                              (eq. 2, A9)
@@ -51,8 +53,8 @@ weights offline; the encoder starts random).
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
-from pathlib import Path
 
 import timm
 import torch
@@ -61,29 +63,18 @@ from timm.layers import HybridEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from nbsrc.config import DToPConfig, ModelConfig, invalid
 from nbsrc.errors import ConfigError
-from nbsrc.models.backbones import check_backbone, create_backbone, resolve_weights
-from nbsrc.models.locality import FUSIONS, EnhancedLocality, Fusion
+from nbsrc.models.backbones import check_backbone, create_backbone
+from nbsrc.models.locality import EnhancedLocality, Fusion
 from nbsrc.models.pooling import TokenPooling
 from nbsrc.models.position import PE_INTERPOLATIONS, PE_KINDS, PositionGenerator, dynamic_position_embedding
-from nbsrc.models.retrieval import PCAReduction, RetrievalModel
-from nbsrc.models.weights import load_efficientnet_lite0, load_start_weights
+from nbsrc.models.retrieval import PCAReduction
+from nbsrc.models.weights import load_efficientnet_lite0
 
 EFFNET_LITE0_VIT = "effnet_lite0_vit"
 EFFNET_LITE0_STAGES = 5  # conv_stem + blocks[:5] of tf_efficientnet_lite0: stride 16, 112 channels
 
-DTOP_DEFAULTS = {
-    "k": 6,
-    "pos_embed": "dpe",
-    "pe_interp": "bilinear",
-    "elm": True,
-    "elm_irb": True,
-    "elm_aspp": True,
-    "elm_wave": True,
-    "fusion": None,  # None: 'orthogonal' with the ELM, 'none' without
-    "head_dim": 1536,
-    "branch": "both",  # 'both' (eq. 12) | 'global' | 'local': one branch alone (Table A5's benchmark)
-}
 BRANCHES = ("both", "global", "local")
 LOCAL_POOLINGS = {"cls": "gem", "dist": "gem", "gem": "gem", "avg": "avg", "max": "max"}
 GLOBAL_TOKENS = ("cls", "dist")  # the prefix token of the global branch: [CLS] (eq. 5) or DIST (Table A5)
@@ -303,24 +294,6 @@ class DToPModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------- builder
-def _check_options(options: dict) -> dict:
-    options = dict(options)
-    options.pop("dtop", None)
-    unknown = sorted(set(options) - set(DTOP_DEFAULTS))
-    if unknown:
-        raise ConfigError(
-            f"unknown DToP option(s) {', '.join(map(repr, unknown))}; valid options are dtop, "
-            f"{', '.join(DTOP_DEFAULTS)}"
-        )
-    opts = {**DTOP_DEFAULTS, **options}
-    for name in ("elm", "elm_irb", "elm_aspp", "elm_wave"):
-        if not isinstance(opts[name], bool):
-            raise ConfigError(f"{name}={opts[name]!r} must be True or False")
-    if opts["fusion"] is not None and opts["fusion"] not in FUSIONS:
-        raise ConfigError(f"fusion={opts['fusion']!r} is unknown; use one of {', '.join(FUSIONS)}")
-    return opts
-
-
 def _create_vit(backbone: str, weights: str, img_size: int | None, patch_size: int | None) -> nn.Module:
     if backbone == EFFNET_LITE0_VIT:
         return create_effnet_lite0_vit(img_size, weights, patch_size=patch_size, dynamic_img_size=True,
@@ -340,59 +313,20 @@ def _create_vit(backbone: str, weights: str, img_size: int | None, patch_size: i
         raise
 
 
-def build_dtop_model(
-    backbone: str = "vit_tiny_patch16_224",
-    pooling: str = "cls",
-    dim: int | None = None,
-    weights: str | Path = "none",
-    img_size: int | None = None,
-    patch_size: int | None = None,
-    gem_p: float = 3.0,
-    gem_learnable: bool = False,
-    **options,
-) -> DToPModel:
-    """The DToP model of ``backbone`` with the options of the module docstring.
-
-    ``weights``: 'none', 'timm' (timm's hub), 'efficientnet_lite0' (only for ``effnet_lite0_vit``)
-    or a path: a run directory, its ``model.pt`` or ``checkpoint.pt``, or a backbone state dict
-    (:func:`nbsrc.models.weights.load_start_weights` says what is taken).
-    """
-    opts = _check_options(options)
-    if pooling not in LOCAL_POOLINGS:
+def build_dtop_model(model: ModelConfig, weights: str, img_size: int | None) -> DToPModel:
+    """The DToP model of the config's ``model`` section (:data:`nbsrc.models.MODEL_KINDS`' ``dtop``):
+    ``model.dtop``'s options (:class:`~nbsrc.config.DToPConfig`, the paper's full model by default) on
+    ``model.backbone``; ``model.pooling`` picks the local branch's pooling. ``weights`` is resolved by
+    :func:`nbsrc.models.build_from_section`: 'none', 'timm' (timm's hub) or 'efficientnet_lite0' (only
+    for ``effnet_lite0_vit``); a path is loaded there after the build."""
+    dtop = model.dtop if model.dtop is not None else DToPConfig()
+    dtop.validate(invalid)
+    if model.pooling not in LOCAL_POOLINGS:
         raise ConfigError(
-            f"pooling={pooling!r} does not apply to DToP: its local branch pools with gem (default), avg or max; "
+            f"pooling={model.pooling!r} does not apply to DToP: its local branch pools with gem (default), avg or max; "
             "'dist' takes a distilled DeiT's distillation tokens for the global branch"
         )
-    weights, is_path = resolve_weights(weights)
-    net = _create_vit(backbone, "none" if is_path else weights, img_size, patch_size)
-    model = DToPModel(net, local_pool=LOCAL_POOLINGS[pooling], dim=dim, gem_p=gem_p, gem_learnable=gem_learnable,
-                      global_token="dist" if pooling == "dist" else "cls", **opts)
-    if is_path:
-        load_start_weights(model, weights)
-    return model
-
-
-def build_effnet_lite0_vit_model(
-    pooling: str = "cls",
-    dim: int | None = None,
-    weights: str | Path = "none",
-    img_size: int | None = None,
-    patch_size: int | None = None,
-    gem_p: float = 3.0,
-    gem_learnable: bool = False,
-    **options,
-) -> nn.Module:
-    """``build_model('effnet_lite0_vit', ...)``: the DToP model when ``dtop=True``, otherwise a
-    :class:`~nbsrc.models.RetrievalModel` of the hybrid (fixed input size) with the usual pooling."""
-    if options.get("dtop"):
-        return build_dtop_model(EFFNET_LITE0_VIT, pooling, dim, weights, img_size, patch_size, gem_p, gem_learnable,
-                                **options)
-    options = {k: v for k, v in options.items() if k != "dtop"}
-    if options:
-        raise ConfigError(f"unknown build_model option(s) {sorted(options)}; DToP options need dtop=True")
-    weights, is_path = resolve_weights(weights)
-    net = create_effnet_lite0_vit(img_size, "none" if is_path else weights, patch_size=patch_size)
-    model = RetrievalModel(net, pooling, int(net.num_prefix_tokens), False, dim, gem_p, gem_learnable)
-    if is_path:
-        load_start_weights(model, weights)
-    return model
+    net = _create_vit(model.backbone, weights, img_size, model.patch_size)
+    return DToPModel(net, local_pool=LOCAL_POOLINGS[model.pooling], dim=model.dim, gem_p=model.gem_p,
+                     gem_learnable=model.gem_learnable, global_token="dist" if model.pooling == "dist" else "cls",
+                     **dataclasses.asdict(dtop))

@@ -14,7 +14,7 @@ takes the convnet's map ``[B, C, H, W]`` itself, since its regions need the grid
 * ``rmac``: regional maximum activations of convolutions (Tolias et al. 2016; IRT Table 7's "R-MAC"
   rows of R50 and R101), :class:`RMAC`.
 
-:data:`POOLINGS` maps each name to its builder; ``cfg.pooling`` and ``build_model(pooling=...)`` pick
+:data:`POOLINGS` maps each name to its builder; ``cfg.model.pooling`` and ``build_model(pooling=...)`` pick
 one, so a new pooling is one function and one line there.
 """
 

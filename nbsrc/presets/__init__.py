@@ -23,6 +23,7 @@ none is.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import re
@@ -103,11 +104,11 @@ def preset_grid(name: str, table: str, /, **overrides: Any) -> dict[str, dict[st
         configs = {}
         for label, fields in args["overrides"].items():
             fields = dict(fields)
-            if "model_options" in fields:
-                fields["model_options"] = {**base.model_options, **fields["model_options"]}
-            changed = {k: v for k, v in fields.items() if _effective(k, getattr(base, k)) != _effective(k, v)}
+            if "model_options" in fields:  # the row's DToP options over the preset's
+                fields["dtop"] = dataclasses.replace(base.model.dtop, **fields.pop("model_options"))
+            row = base.replace(**fields)
             slug = re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
-            configs[label] = base.replace(name=f"{base.name}_{slug}", **changed) if changed else base
+            configs[label] = base if _effective(row) == _effective(base) else row.replace(name=f"{base.run.name}_{slug}")
     elif helper == "evaluation":
         return {label: {"config": base, "paper": g["results"][label], **sc} for label, sc in args["scales"].items()}
     elif helper == "dtop_ablation_grid":
@@ -115,7 +116,7 @@ def preset_grid(name: str, table: str, /, **overrides: Any) -> dict[str, dict[st
     elif helper == "beta_lambda_grid":
         configs = ex.beta_lambda_grid(base, args["betas"], args["lams"])
     elif helper == "lambda_sweep":
-        configs = ex.lambda_sweep(base, args["lams"], prefix=base.name)
+        configs = ex.lambda_sweep(base, args["lams"], prefix=base.run.name)
     elif helper == "pooling_variants":
         configs = ex.pooling_variants(base, args["poolings"])
     else:
@@ -127,16 +128,14 @@ def preset_grid(name: str, table: str, /, **overrides: Any) -> dict[str, dict[st
     return {label: {"config": configs[label], "paper": g["results"][label]} for label in g["results"]}
 
 
-def _effective(field: str, value):
-    """DToP's model_options with its defaults filled in (fusion None: orthogonal with the ELM), so that
-    a row that restates the defaults is the preset itself (its run trained once)."""
-    if field != "model_options" or not value.get("dtop"):
-        return value
-    from nbsrc.models.dtop import DTOP_DEFAULTS
-
-    eff = {**DTOP_DEFAULTS, **value}
-    eff["fusion"] = eff["fusion"] or ("orthogonal" if eff["elm"] else "none")
-    return eff
+def _effective(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The flat form without the name, DToP's options in full with ``fusion`` resolved (None: orthogonal
+    with the ELM), so that a row that restates the defaults is the preset itself (its run trained once)."""
+    d = cfg.to_dict()
+    d.pop("name")
+    if cfg.model.dtop is not None:
+        d["model_options"] = {**dataclasses.asdict(cfg.model.dtop), "fusion": cfg.model.dtop.effective_fusion}
+    return d
 
 
 # ----------------------------------------------------------------------------- the README table
@@ -263,34 +262,34 @@ def evaluate_benchmarks(preset: str | None, roots: dict[str, str | None], run_di
             raise ConfigError("pass a preset (the off-the-shelf model to evaluate) or a run_dir")
         cfg = load_preset(preset, **(overrides or {}))
         model = model_from_config(cfg)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.run.device)
     model.to(device).eval()
     norm = data_config(model)
-    eval_tf = RetrievalTransform(cfg.img_size, train=False, mean=norm["mean"], std=norm["std"])
+    eval_tf = RetrievalTransform(cfg.data.img_size, train=False, mean=norm["mean"], std=norm["std"])
     revisited = {b: Path(r) for b, r in roots.items() if b not in CATEGORY_BENCHMARKS}
     db = None
-    if revisited and cfg.whitening == "learned":
+    if revisited and cfg.eval.whitening == "learned":
         if sfm_root is None:
             raise ConfigError(
-                f"{cfg.name} evaluates Revisited Oxford/Paris with whitening learned on SfM-120k (whitening='learned', "
+                f"{cfg.run.name} evaluates Revisited Oxford/Paris with whitening learned on SfM-120k (whitening='learned', "
                 "DToP Table A7); pass sfm_root= (the SfM-120k folder, notebook 09's sfm_root), or for a preset "
                 "overrides={'whitening': None} to evaluate without it")
         db = load_sfm120k_db(sfm_root, "train")
     rows = []
     for bench, root in roots.items():
         if bench in CATEGORY_BENCHMARKS:
-            data = build_benchmark(bench, root, eval_tf, eval_tf, eval_per_class, cfg.seed)
-            ours = evaluate(model, data, RECALL_KS[bench], cfg.eval_batch_size, device, progress=False)
+            data = build_benchmark(bench, root, eval_tf, eval_tf, eval_per_class, cfg.run.seed)
+            ours = evaluate(model, data, RECALL_KS[bench], cfg.eval.eval_batch_size, device, progress=False)
             rows += [(bench, m, v, _paper_value(preset, bench, m)) for m, v in ours.items()]
     if revisited:  # the SfM-120k run's own evaluation: eval_scales, whitening learned once from SfM-120k
-        square = particular_object_transform(cfg.img_size, norm["mean"], norm["std"])  # IRT §4.2
+        square = particular_object_transform(cfg.data.img_size, norm["mean"], norm["std"])  # IRT §4.2
         results, _ = revisited_evaluation(model, revisited, square, cfg, device, db)
         for bench in revisited:
             rows += [(bench, m, results[bench][s]["mAP"], _paper_value(preset, bench, m))
                      for m, s in REVISITED_METRICS.items()]
     table = pd.DataFrame(rows, columns=["benchmark", "metric", "ours", "paper"]).set_index(["benchmark", "metric"])
     table["difference"] = table["ours"] - table["paper"].astype(float)  # ours − paper, in points
-    scales = ", ".join(f"{s:.3g}" for s in (cfg.eval_scales or [1.0]))
+    scales = ", ".join(f"{s:.3g}" for s in (cfg.eval.eval_scales or [1.0]))
     table.attrs["revisited"] = (f"scales {scales} on both sides; whitening " +
                                 (f"learned from {len(db.qidxs)} SfM-120k training pairs" if db is not None else "none"))
     return table

@@ -114,8 +114,8 @@ def load_embedding_model(spec: str | Path, weights: str | None = None, pooling: 
         cfg = load_preset(spec, **changes)
         model = model_from_config(cfg)
         mean, std = _norm(model)
-        return EmbeddingModel(model.eval(), Preprocessing(cfg.img_size, mean, std),
-                              {"source": "preset", "spec": spec, "weights": cfg.weights, "config": cfg.to_dict()})
+        return EmbeddingModel(model.eval(), Preprocessing(cfg.data.img_size, mean, std),
+                              {"source": "preset", "spec": spec, "weights": cfg.model.weights, "config": cfg.to_dict()})
     backbone, default_weights = SHORTCUTS.get(spec, (spec, "timm"))
     if not timm.is_model(backbone):
         looks_like_path = any(c in spec for c in "/\\") or bool(path.suffix)
@@ -149,7 +149,7 @@ def _from_run(run_dir: Path) -> EmbeddingModel:
         raise RunDirError(f"run {run_dir} has no {MODEL}: it has not finished; finish it (nbsrc train --resume) first")
     run = load_run(run_dir, with_model=True)
     mean, std = _norm(run.model)
-    return EmbeddingModel(run.model.eval(), Preprocessing(run.config.img_size, mean, std),
+    return EmbeddingModel(run.model.eval(), Preprocessing(run.config.data.img_size, mean, std),
                           {"source": "run", "spec": str(run_dir.resolve()), "weights": str(run_dir / MODEL),
                            "config": run.config.to_dict()})
 

@@ -71,16 +71,16 @@ def cpu_has_native_bf16() -> bool:
 
 
 def amp_settings(cfg: ExperimentConfig, device: torch.device) -> tuple[bool, torch.dtype]:
-    """(enabled, dtype). On CUDA ``cfg.amp``: bf16 on GPUs that support it, fp16 otherwise. On CPU
-    ``cfg.cpu_bf16``: bf16 autocast (with a notice where the CPU has no native bf16, since it then runs
+    """(enabled, dtype). On CUDA ``cfg.optim.amp``: bf16 on GPUs that support it, fp16 otherwise. On CPU
+    ``cfg.optim.cpu_bf16``: bf16 autocast (with a notice where the CPU has no native bf16, since it then runs
     emulated and is likely slower than fp32). Each field is a no-op, with a notice, on the other device."""
     if device.type == "cuda":
-        if cfg.cpu_bf16:
+        if cfg.optim.cpu_bf16:
             notice("cpu_bf16 acts on CPU training only; on CUDA mixed precision is `amp`")
-        if not cfg.amp:
+        if not cfg.optim.amp:
             return False, torch.float32
         return True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cfg.cpu_bf16:
+    if device.type == "cpu" and cfg.optim.cpu_bf16:
         if not cpu_has_native_bf16():
             notice("cpu_bf16: this CPU has no native bf16 (AVX-512 BF16 / AMX); autocast runs emulated, likely slower")
         return True, torch.bfloat16
@@ -88,13 +88,13 @@ def amp_settings(cfg: ExperimentConfig, device: torch.device) -> tuple[bool, tor
 
 
 def compile_wanted(cfg: ExperimentConfig, device: torch.device) -> bool:
-    """Whether to ``torch.compile`` the network: ``cfg.compile`` on CUDA, ``cfg.cpu_compile`` on CPU
+    """Whether to ``torch.compile`` the network: ``cfg.run.compile`` on CUDA, ``cfg.run.cpu_compile`` on CPU
     (a no-op, with a notice, where torch.compile is unavailable or on the other device)."""
     if device.type == "cuda":
-        if cfg.cpu_compile:
+        if cfg.run.cpu_compile:
             notice("cpu_compile acts on CPU training only; on CUDA it is `compile`")
-        return cfg.compile
-    if device.type != "cpu" or not cfg.cpu_compile:
+        return cfg.run.compile
+    if device.type != "cpu" or not cfg.run.cpu_compile:
         return False
     if not hasattr(torch, "compile") or shutil.which("g++") is None and shutil.which("c++") is None:
         notice("cpu_compile: torch.compile needs a C++ compiler (g++) for inductor on CPU; running eager")
@@ -103,31 +103,31 @@ def compile_wanted(cfg: ExperimentConfig, device: torch.device) -> bool:
 
 
 def apply_threads(cfg: ExperimentConfig) -> None:
-    """``torch.set_num_threads(cfg.threads)`` for the process when ``cfg.threads`` > 0 (0: leave it)."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    """``torch.set_num_threads(cfg.run.threads)`` for the process when ``cfg.run.threads`` > 0 (0: leave it)."""
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
 
 
 def lr_factor(cfg: ExperimentConfig, it: int) -> float:
     """Linear warm-up over ``warmup_iters``, then cosine decay to ``min_lr_factor`` (or constant)."""
-    if it < cfg.warmup_iters:
-        return (it + 1) / cfg.warmup_iters
-    if cfg.scheduler == "constant":
+    if it < cfg.optim.warmup_iters:
+        return (it + 1) / cfg.optim.warmup_iters
+    if cfg.optim.scheduler == "constant":
         return 1.0
-    t = (it - cfg.warmup_iters) / max(1, cfg.iterations - cfg.warmup_iters)
-    return cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    t = (it - cfg.optim.warmup_iters) / max(1, cfg.optim.iterations - cfg.optim.warmup_iters)
+    return cfg.optim.min_lr_factor + (1 - cfg.optim.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
 def build_optimizer(cfg: ExperimentConfig, params) -> torch.optim.Optimizer:
-    """AdamW, Adam or SGD (momentum 0.9) over the trainable ``params``; with ``cfg.fused_optimizer``
+    """AdamW, Adam or SGD (momentum 0.9) over the trainable ``params``; with ``cfg.run.fused_optimizer``
     the fused CUDA kernels when the parameters live on a GPU (ignored on CPU)."""
     params = [p for p in params if p.requires_grad]
-    fused = {"fused": True} if cfg.fused_optimizer and params and all(p.is_cuda for p in params) else {}
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, **fused)
+    fused = {"fused": True} if cfg.run.fused_optimizer and params and all(p.is_cuda for p in params) else {}
+    if cfg.optim.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, **fused)
+    if cfg.optim.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, **fused)
+    return torch.optim.SGD(params, lr=cfg.optim.lr, momentum=0.9, weight_decay=cfg.optim.weight_decay, **fused)
 
 
 class TrainingTask:
@@ -201,9 +201,9 @@ def build_step_parts(cfg: ExperimentConfig, model: torch.nn.Module, task: Traini
     scaler, and the network the step runs (DDP-wrapped when a process group is up, after ``load``
     (a checkpoint) is restored; ``torch.compile``-d on CUDA if asked; checkpoints keep the plain
     model's keys)."""
-    train_mode(model.to(device), cfg.freeze_batchnorm)
+    train_mode(model.to(device), cfg.optim.freeze_batchnorm)
     amp_on, amp_dtype = amp_settings(cfg, device)
-    pin = cfg.pin_memory and device.type == "cuda"  # pinned batches + non-blocking copies (CUDA only)
+    pin = cfg.run.pin_memory and device.type == "cuda"  # pinned batches + non-blocking copies (CUDA only)
     parts = StepParts(cfg, model, model, task, None, None, None, device, amp_on, amp_dtype, pin)
     extra = task.setup(parts)
     params = list(model.parameters()) + [p for m in extra for p in m.parameters()]
@@ -255,9 +255,9 @@ def train_step(cfg: ExperimentConfig, parts: StepParts, batch, *, it: int = 0, g
     optimizer, scaler = parts.optimizer, parts.scaler
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
-    if cfg.grad_clip is not None:
+    if cfg.optim.grad_clip is not None:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(parts.model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(parts.model.parameters(), cfg.optim.grad_clip)
     scaler.step(optimizer)
     scaler.update()
     parts.scheduler.step()
@@ -274,21 +274,21 @@ def fit(
     evaluate: Callable[[torch.nn.Module], dict] | None = None,
     stop_after: int | None = None,
 ) -> torch.nn.Module:
-    """Train ``model`` in place on ``task`` for ``cfg.iterations`` steps; returns the plain model.
+    """Train ``model`` in place on ``task`` for ``cfg.optim.iterations`` steps; returns the plain model.
 
-    ``evaluate(model) -> dict`` is called every ``cfg.eval_every`` iterations (rank 0) and its
+    ``evaluate(model) -> dict`` is called every ``cfg.eval.eval_every`` iterations (rank 0) and its
     result logged. ``stop_after`` ends the loop early at that iteration, checkpointing first (to
     test that killing and resuming gives the same weights). Checkpoints are written every
-    ``cfg.ckpt_every`` steps, when the task asks (``checkpoint_due``) and at the end; rank 0 alone
+    ``cfg.run.ckpt_every`` steps, when the task asks (``checkpoint_due``) and at the end; rank 0 alone
     writes checkpoints and metrics.
     """
     run_dir = Path(run_dir)
     dinfo = distributed.current()
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.run.device)
     if dinfo.enabled and device.type == "cuda":
         device = torch.device("cuda", dinfo.local_rank)
     apply_threads(cfg)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.run.seed)
     state = load_checkpoint(run_dir) if resume else None
     parts = build_step_parts(cfg, model, task, device, load=state)
     start, last_checkpoint = 0, None
@@ -313,23 +313,23 @@ def fit(
         if dinfo.is_main:
             append_metrics(run_dir, row)
 
-    end = cfg.iterations if stop_after is None else min(cfg.iterations, stop_after)
-    bar = progress(end, f"train {cfg.name}{'' if task.name == 'train' else f' ({task.name})'}",
-                   cfg.progress and dinfo.is_main, initial=start)
+    end = cfg.optim.iterations if stop_after is None else min(cfg.optim.iterations, stop_after)
+    bar = progress(end, f"train {cfg.run.name}{'' if task.name == 'train' else f' ({task.name})'}",
+                   cfg.run.progress and dinfo.is_main, initial=start)
     batches = task.batches(parts, start, log)
     it, t_last, seen = start, time.perf_counter(), 0
     while it < end:
         batch = next(batches, None)
         if batch is None:
             break
-        want_noise = cfg.record_grad_noise and ((it + 1) % max(cfg.log_every, 1) == 0 or it + 1 == end)
+        want_noise = cfg.run.record_grad_noise and ((it + 1) % max(cfg.run.log_every, 1) == 0 or it + 1 == end)
         terms, extra = train_step(cfg, parts, batch, it=it, grad_noise=want_noise, run_dir=run_dir,
                                   last_checkpoint=last_checkpoint)
         fields = task.log_fields(it)
         it += 1
         seen += len(batch[0]) * dinfo.world_size  # the global batch
         bar.update(1)
-        if dinfo.is_main and (it % max(cfg.log_every, 1) == 0 or it == end):
+        if dinfo.is_main and (it % max(cfg.run.log_every, 1) == 0 or it == end):
             now = time.perf_counter()
             row = {"kind": "train", "iteration": it, **fields, "lr": parts.scheduler.get_last_lr()[0],
                    "img_per_s": seen / max(now - t_last, 1e-9)}
@@ -338,12 +338,12 @@ def fit(
             append_metrics(run_dir, row)
             bar.set_postfix({k: round(float(v.detach()), 4) for k, v in terms.items()})
             t_last, seen = now, 0
-        if it < end and ((cfg.ckpt_every and it % cfg.ckpt_every == 0) or task.checkpoint_due(it)):
+        if it < end and ((cfg.run.ckpt_every and it % cfg.run.ckpt_every == 0) or task.checkpoint_due(it)):
             checkpoint(it)
-        if evaluate is not None and cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iterations:
+        if evaluate is not None and cfg.eval.eval_every and it % cfg.eval.eval_every == 0 and it < cfg.optim.iterations:
             if dinfo.is_main:
                 append_metrics(run_dir, {"kind": "eval", "iteration": it, **evaluate(model)})
-                train_mode(model, cfg.freeze_batchnorm)
+                train_mode(model, cfg.optim.freeze_batchnorm)
             distributed.barrier()
     bar.close()
     checkpoint(it)

@@ -3,12 +3,12 @@ classes, and for DToP's class training on SfM-120k.
 
 Per iteration: forward the batch (m samples of each of ``batch_size / m`` classes, or a group-size
 batch of one image size, DToP Table A12), l2-normalise, gather the global batch (DDP), compute the
-pair loss of ``cfg.loss`` (:data:`nbsrc.losses.PAIR_LOSSES`) over batch × batch and batch × memory
+pair loss of ``cfg.loss.name`` (:data:`nbsrc.losses.PAIR_LOSSES`) over batch × batch and batch × memory
 plus λ · KoLeo, and, after the optimizer step, enqueue the batch into the cross-batch memory (XBM;
-Wang et al., 2020): the momentum encoder's keys when ``cfg.momentum`` is set, else the batch's own
+Wang et al., 2020): the momentum encoder's keys when ``cfg.loss.momentum`` is set, else the batch's own
 embeddings.
 
-**Memory warm-up** (``cfg.memory_start``). XBM rests on the "slow drift" of the features: "the
+**Memory warm-up** (``cfg.loss.memory_start``). XBM rests on the "slow drift" of the features: "the
 features of the same instance computed at different iterations are close" only once the model has
 stabilised, so Wang et al. start the memory after a warm-up of 1k iterations (their §4). Before
 iteration ``memory_start`` the memory is neither read nor filled (batch × batch only); from it on,
@@ -50,12 +50,12 @@ class PairTask(TrainingTask):
     split, ``train_classes`` its classes (they index the proxies of a proxy loss)."""
 
     def __init__(self, cfg: ExperimentConfig, train_ds: RetrievalDataset, train_classes: list | None = None):
-        pair_loss(cfg.loss)  # an unknown loss is an error before anything is built
+        pair_loss(cfg.loss.name)  # an unknown loss is an error before anything is built
         self.cfg, self.train_ds = cfg, train_ds
         self.train_classes = (train_classes if train_classes is not None
                               else np.unique(train_ds.labels).tolist())
         self.criterion: RetrievalLoss | None = None
-        self.memory: CrossBatchMemory | None = None  # XBM; None when ``cfg.memory_size == 0``
+        self.memory: CrossBatchMemory | None = None  # XBM; None when ``cfg.loss.memory_size == 0``
         self.ema: torch.nn.Module | None = None  # momentum encoder of the memory keys
         self.it = 0  # the iteration of the next step (memory warm-up)
         self._step = None
@@ -63,27 +63,27 @@ class PairTask(TrainingTask):
     def setup(self, parts: StepParts) -> list[torch.nn.Module]:
         cfg, model, device = self.cfg, parts.model, parts.device
         world = distributed.current().world_size
-        if cfg.batch_size % world:
-            raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {world} processes")
+        if cfg.optim.batch_size % world:
+            raise ConfigError(f"batch_size={cfg.optim.batch_size} must be divisible by the {world} processes")
         self.criterion = build_loss(cfg, model.feature_dim, self.train_classes).to(device)
-        self.memory = CrossBatchMemory(cfg.memory_size, model.feature_dim, device) if cfg.memory_size else None
-        self.ema = copy.deepcopy(model).requires_grad_(False) if cfg.momentum is not None else None
+        self.memory = CrossBatchMemory(cfg.loss.memory_size, model.feature_dim, device) if cfg.loss.memory_size else None
+        self.ema = copy.deepcopy(model).requires_grad_(False) if cfg.loss.momentum is not None else None
         return [self.criterion]
 
     def batches(self, parts: StepParts, start: int, log: Callable[[dict], None]) -> Iterator:
-        # Every rank draws the same global batch and takes its own slice of it. cfg.sampler picks
+        # Every rank draws the same global batch and takes its own slice of it. cfg.data.sampler picks
         # m-per-class square crops or group-size batches of one image size (DToP Table A12).
         cfg = self.cfg
         self.it = start
         sampler, ds, collate = training_sampler(cfg, self.train_ds, start)
         loader = DataLoader(ds, batch_sampler=distributed.RankSlice(sampler), collate_fn=collate,
-                            num_workers=cfg.num_workers, pin_memory=parts.pin,
-                            generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=False)
+                            num_workers=cfg.run.num_workers, pin_memory=parts.pin,
+                            generator=torch.Generator().manual_seed(cfg.run.seed), persistent_workers=False)
         return iter(loader)
 
     def memory_on(self) -> bool:
-        """Whether this step reads and fills the memory (from ``cfg.memory_start`` on)."""
-        return self.memory is not None and self.it >= self.cfg.memory_start
+        """Whether this step reads and fills the memory (from ``cfg.loss.memory_start`` on)."""
+        return self.memory is not None and self.it >= self.cfg.loss.memory_start
 
     def loss(self, parts: StepParts, batch) -> dict[str, torch.Tensor]:
         x, y, idx = batch
@@ -109,7 +109,7 @@ class PairTask(TrainingTask):
         x, z, y_all, idx_all = self._step
         self._step = None
         if self.ema is not None:  # the encoder follows the model from the start, memory or not
-            momentum_update(self.ema, parts.model, self.cfg.momentum)
+            momentum_update(self.ema, parts.model, self.cfg.loss.momentum)
         if self.memory_on():
             if self.ema is not None:
                 with torch.no_grad(), torch.autocast(parts.device.type, dtype=parts.amp_dtype, enabled=parts.amp_on):

@@ -2,25 +2,25 @@
 
 The task that :func:`nbsrc.train.loop.fit` runs for ``sfm_training="tuples"``. A tuple is
 ``(q, p, n_1, ..., n_K)``: a query, a positive (another view of the same 3D model) and
-``K = cfg.negatives_per_tuple`` (5) hard negatives mined with the current model (see
+``K = cfg.tuples.negatives_per_tuple`` (5) hard negatives mined with the current model (see
 :mod:`nbsrc.data.sfm`). The loss is IRT's contrastive loss, eq. (1), on the anchor-positive and
 anchor-negative pairs of each tuple only (no positive-negative or cross-tuple pairs), with margin
-β = ``cfg.beta`` (paper: 0.85)::
+β = ``cfg.loss.beta`` (paper: 0.85)::
 
     ℓ_t = (1 − s(q_t, p_t)) + Σ_k [s(q_t, n_tk) − β]_+ ,      s(a, b) = aᵀb (l2-normalised)
     L   = 1/B Σ_t ℓ_t  +  λ · L_KoLeo                           (eq. 1 and eq. 5)
 
-B = ``cfg.tuples_per_batch`` (5) tuples per step; KoLeo (λ = ``cfg.lam``) runs over the distinct
+B = ``cfg.tuples.tuples_per_batch`` (5) tuples per step; KoLeo (λ = ``cfg.loss.lam``) runs over the distinct
 images of the batch (an image may be a negative of several tuples; its copies are not its nearest
 neighbour). Adam, lr 5e-7, weight decay 1e-6, 100 epochs in the paper.
 
-**Epochs and iterations.** ``cfg.iterations`` counts optimizer steps, as everywhere in nbsrc. An
-epoch is ``ceil(n_pairs / tuples_per_batch)`` steps, ``n_pairs = min(cfg.pairs_per_epoch, pairs in
+**Epochs and iterations.** ``cfg.optim.iterations`` counts optimizer steps, as everywhere in nbsrc. An
+epoch is ``ceil(n_pairs / tuples_per_batch)`` steps, ``n_pairs = min(cfg.tuples.pairs_per_epoch, pairs in
 the split)`` (400 at the paper's 2,000 / 5), so the paper's 100 epochs are ``iterations=40_000``;
 when ``iterations`` is not a multiple of an epoch, the last epoch stops early. At the start of every
 epoch the tuples are mined anew with the model as it is then (``model.eval()``, evaluation
 transform), and the epoch trains on exactly those tuples, in an order and with augmentations that
-depend only on ``(cfg.seed, epoch)``. Training, mining and evaluation see the same transform, an
+depend only on ``(cfg.run.seed, epoch)``. Training, mining and evaluation see the same transform, an
 ``img_size`` square resize without augmentation (IRT §4.2; cirtorch's default). The lr schedule
 (warm-up + cosine or constant) runs over iterations (:func:`~nbsrc.train.loop.fit`), times the
 per-epoch decay (:meth:`TupleTask.lr_scale`).
@@ -29,7 +29,7 @@ per-epoch decay (:meth:`TupleTask.lr_scale`).
 epoch's tuples, so a run resumed from any checkpoint ends with the same weights as an uninterrupted
 one: at an epoch boundary the tuples are mined again (mining is deterministic given the weights),
 inside an epoch the saved ones are used and the batches already trained on are skipped.
-Checkpoints are written every ``cfg.ckpt_every`` steps, at every epoch end and at the end.
+Checkpoints are written every ``cfg.run.ckpt_every`` steps, at every epoch end and at the end.
 
 **Data-parallel (torchrun).** ``tuples_per_batch`` is the global batch: each rank trains its share
 of every batch's tuples, the loss and KoLeo see the gathered global batch
@@ -65,21 +65,21 @@ from nbsrc.train.protocol import epoch_lr_decay, train_mode
 # ----------------------------------------------------------------------------- epochs
 def batches_per_epoch(cfg: ExperimentConfig, db: SfMSplit) -> int:
     """Steps in one epoch: ``ceil(min(pairs_per_epoch, pairs in db) / tuples_per_batch)``."""
-    return math.ceil(min(cfg.pairs_per_epoch, len(db.qidxs)) / cfg.tuples_per_batch)
+    return math.ceil(min(cfg.tuples.pairs_per_epoch, len(db.qidxs)) / cfg.tuples.tuples_per_batch)
 
 
 def mine_epoch(model: torch.nn.Module, sampler: TupleSampler, epoch: int, eval_tf, cfg: ExperimentConfig,
                device) -> np.ndarray:
     """The tuples ``[n_pairs, 2 + K]`` of ``epoch``, mined with ``model`` as it is now (eval mode,
-    evaluation transform, :func:`~nbsrc.models.embed.extract_embeddings` with ``cfg.amp``):
+    evaluation transform, :func:`~nbsrc.models.embed.extract_embeddings` with ``cfg.optim.amp``):
     :meth:`~nbsrc.data.sfm.TupleSampler.epoch_tuples`."""
     images = sampler.db.images(eval_tf)
     dinfo = distributed.current()
 
     def embed(idx: np.ndarray) -> np.ndarray:  # each rank a contiguous share, gathered in rank order
         share = np.array_split(np.asarray(idx), dinfo.world_size)[dinfo.rank]
-        local = (extract_embeddings(model, images.subset(share), cfg.eval_batch_size, device, cfg.num_workers,
-                                    progress=False, amp=cfg.amp)[0] if len(share) else None)
+        local = (extract_embeddings(model, images.subset(share), cfg.eval.eval_batch_size, device, cfg.run.num_workers,
+                                    progress=False, amp=cfg.optim.amp)[0] if len(share) else None)
         return np.concatenate([e for e in distributed.gather_objects(local) if e is not None])
 
     return distributed.broadcast_object(sampler.epoch_tuples(epoch, embed))  # rank 0's tuples everywhere
@@ -88,31 +88,31 @@ def mine_epoch(model: torch.nn.Module, sampler: TupleSampler, epoch: int, eval_t
 def epoch_batches(cfg: ExperimentConfig, epoch: int, n_tuples: int) -> list[list[tuple[int, int]]]:
     """The epoch's batches of dataset keys ``(tuple, augmentation seed)``: a permutation of the tuples
     cut into ``tuples_per_batch`` (the last batch may be smaller), both drawn from ``(seed, epoch)``."""
-    rng = np.random.default_rng([cfg.seed, int(epoch), 7])
+    rng = np.random.default_rng([cfg.run.seed, int(epoch), 7])
     order = rng.permutation(n_tuples)
     seeds = rng.integers(0, 2**62, n_tuples)
     keys = [(int(t), int(seeds[t])) for t in order]
-    return [keys[s : s + cfg.tuples_per_batch] for s in range(0, n_tuples, cfg.tuples_per_batch)]
+    return [keys[s : s + cfg.tuples.tuples_per_batch] for s in range(0, n_tuples, cfg.tuples.tuples_per_batch)]
 
 
 def check_tuple_config(cfg: ExperimentConfig) -> None:
     """Settings the tuple task cannot honour are errors, not silently ignored."""
-    if cfg.loss != "contrastive":
+    if cfg.loss.name != "contrastive":
         raise ConfigError(
-            f"loss={cfg.loss!r}: SfM-120k tuple training uses the contrastive loss (its form: tuple_loss); set "
+            f"loss={cfg.loss.name!r}: SfM-120k tuple training uses the contrastive loss (its form: tuple_loss); set "
             "loss='contrastive', or sfm_training='classes' to train on the 3D models as classes"
         )
-    tuple_loss_fn(cfg.tuple_loss)
-    if cfg.memory_size:
-        raise ConfigError(f"memory_size={cfg.memory_size}: tuple training has no cross-batch memory; set memory_size=0")
+    tuple_loss_fn(cfg.loss.tuple_loss)
+    if cfg.loss.memory_size:
+        raise ConfigError(f"memory_size={cfg.loss.memory_size}: tuple training has no cross-batch memory; set memory_size=0")
 
 
 def check_world_size(cfg: ExperimentConfig, db: SfMSplit, world: int) -> None:
     """Every batch of tuples, the epoch's last one included, must split evenly among ``world`` ranks."""
-    last = min(cfg.pairs_per_epoch, len(db.qidxs)) % cfg.tuples_per_batch
-    if world > 1 and (cfg.tuples_per_batch % world or last % world):
+    last = min(cfg.tuples.pairs_per_epoch, len(db.qidxs)) % cfg.tuples.tuples_per_batch
+    if world > 1 and (cfg.tuples.tuples_per_batch % world or last % world):
         raise ConfigError(
-            f"tuples_per_batch={cfg.tuples_per_batch} (global) and the epoch's last batch of {last} tuples must "
+            f"tuples_per_batch={cfg.tuples.tuples_per_batch} (global) and the epoch's last batch of {last} tuples must "
             f"divide among the {world} processes: choose tuples_per_batch and pairs_per_epoch as multiples of {world}"
         )
 
@@ -128,15 +128,15 @@ class TupleTask(TrainingTask):
         check_world_size(cfg, db, distributed.current().world_size)
         self.cfg, self.db = cfg, db
         self.per_epoch = batches_per_epoch(cfg, db)
-        self.tuple_size = 2 + cfg.negatives_per_tuple
+        self.tuple_size = 2 + cfg.tuples.negatives_per_tuple
         self.tuples: np.ndarray | None = None  # the current epoch's tuples (in the checkpoint)
 
     def batches(self, parts: StepParts, start: int, log: Callable[[dict], None]) -> Iterator:
         cfg, model, device = self.cfg, parts.model, parts.device
         norm = data_config(model)
-        eval_tf = particular_object_transform(cfg.img_size, norm["mean"], norm["std"])  # IRT §4.2: squashed
+        eval_tf = particular_object_transform(cfg.data.img_size, norm["mean"], norm["std"])  # IRT §4.2: squashed
         train_tf = eval_tf  # no augmentation (cirtorch's default)
-        sampler = TupleSampler(self.db, cfg.pairs_per_epoch, cfg.negative_pool, cfg.negatives_per_tuple, cfg.seed)
+        sampler = TupleSampler(self.db, cfg.tuples.pairs_per_epoch, cfg.tuples.negative_pool, cfg.tuples.negatives_per_tuple, cfg.run.seed)
         dataset = TupleDataset(self.db, train_tf)
         it = start
         while True:
@@ -144,13 +144,13 @@ class TupleTask(TrainingTask):
             if offset == 0 or self.tuples is None:  # a new epoch: mine with the model as it is now
                 t0 = time.perf_counter()
                 self.tuples = mine_epoch(model, sampler, epoch, eval_tf, cfg, device)
-                train_mode(model, cfg.freeze_batchnorm)
+                train_mode(model, cfg.optim.freeze_batchnorm)
                 log({"kind": "mine", "iteration": it, "epoch": epoch, "n_tuples": len(self.tuples),
                      "seconds": round(time.perf_counter() - t0, 3)})
             dataset.set_tuples(self.tuples)
             batches = distributed.RankSlice(epoch_batches(cfg, epoch, len(self.tuples))[offset:])
             for batch in DataLoader(dataset, batch_sampler=batches, collate_fn=collate_tuples,
-                                    num_workers=cfg.num_workers, pin_memory=parts.pin):
+                                    num_workers=cfg.run.num_workers, pin_memory=parts.pin):
                 yield batch
                 it += 1
 
@@ -159,7 +159,7 @@ class TupleTask(TrainingTask):
         z = parts.net(x.to(parts.device, non_blocking=True)).float()
         if distributed.current().enabled:  # the loss and KoLeo of the global batch, tuples in rank order
             z, idx = distributed.gather_with_grad(z), distributed.gather(idx.to(parts.device)).cpu()
-        return tuple_loss_terms(z, idx, self.tuple_size, self.cfg.beta, self.cfg.lam, self.cfg.tuple_loss)
+        return tuple_loss_terms(z, idx, self.tuple_size, self.cfg.loss.beta, self.cfg.loss.lam, self.cfg.loss.tuple_loss)
 
     def state(self, it: int) -> dict:
         return {"epoch": it // self.per_epoch, "tuples": self.tuples}
@@ -171,8 +171,8 @@ class TupleTask(TrainingTask):
         return {"epoch": it // self.per_epoch}
 
     def lr_scale(self, it: int) -> float:
-        """cirtorch's per-epoch decay ``exp(−cfg.lr_decay_per_epoch · epoch)`` (IRT §4.2: 0.01)."""
-        return epoch_lr_decay(it, self.per_epoch, self.cfg.lr_decay_per_epoch)
+        """cirtorch's per-epoch decay ``exp(−cfg.optim.lr_decay_per_epoch · epoch)`` (IRT §4.2: 0.01)."""
+        return epoch_lr_decay(it, self.per_epoch, self.cfg.optim.lr_decay_per_epoch)
 
     def checkpoint_due(self, it: int) -> bool:
         return it % self.per_epoch == 0  # every epoch end: a resume mines the next epoch afresh
@@ -182,7 +182,7 @@ def train_tuples(cfg: ExperimentConfig, model: torch.nn.Module, db_train: SfMSpl
                  resume: bool = False, progress: bool = True, stop_after: int | None = None) -> torch.nn.Module:
     """:func:`~nbsrc.train.loop.fit` of a :class:`TupleTask` on ``db_train``; returns the model.
     ``progress=False`` hides the progress bar. Metrics: a ``mine`` row per epoch and ``train`` rows
-    every ``cfg.log_every`` steps."""
+    every ``cfg.run.log_every`` steps."""
     if not progress:
         cfg = cfg.replace(progress=False)
     return fit(cfg, model, TupleTask(cfg, db_train), run_dir, resume, stop_after=stop_after)
