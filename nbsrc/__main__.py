@@ -181,10 +181,12 @@ def default_run_name(cfg: ExperimentConfig) -> str:
     hash is of the config's fingerprint (what the run computes), so the same command names the same
     run (and ``--resume`` without ``--name`` finds it), a different one another run; the ``cli_``
     prefix is one no notebook uses (they name runs ``irt_r``, ``dtop``, ``effnet_...``), so
-    ``make demo`` and the README's commands never collide."""
+    ``make demo`` and the README's commands never collide. Only the fields that differ from their
+    defaults are hashed, so a field added to the config later (with its default) keeps every name."""
     import hashlib
 
-    fp = {k: v for k, v in cfg.fingerprint().items() if k != "name"}
+    defaults = ExperimentConfig().fingerprint()
+    fp = {k: v for k, v in cfg.fingerprint().items() if k != "name" and v != defaults.get(k)}
     digest = hashlib.sha1(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:6]
     return f"cli_{cfg.data.dataset}_{cfg.loss.name}_lam{cfg.loss.lam:g}_{digest}"
 

@@ -85,6 +85,6 @@ def test_bad_ranges_are_refused(bad):
 
 def test_on_in_the_dtop_presets_only():
     for name in list_presets():
-        assert load_preset(name).dtop_augmentation == name.startswith("dtop_"), name
+        assert load_preset(name).data.dtop_augmentation == name.startswith("dtop_"), name
     with pytest.raises(ConfigError, match="dtop_augmentation"):
         ExperimentConfig(dtop_augmentation="yes").validate()

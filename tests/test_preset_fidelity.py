@@ -101,7 +101,7 @@ def test_preset_settings_are_the_papers(name):
     got = {"dataset": cfg.data.dataset, "backbone": cfg.model.backbone, "img_size": cfg.data.img_size, "dim": cfg.model.dim, "loss": cfg.loss.name,
            "margin": margin, "lam": cfg.loss.lam, "optimizer": cfg.optim.optimizer, "lr": cfg.optim.lr,
            "weight_decay": cfg.optim.weight_decay, "batch_size": cfg.optim.batch_size, "iterations": cfg.optim.iterations,
-           "memory_size": cfg.loss.memory_size, "momentum": cfg.loss.momentum}
+           "memory_size": cfg.loss.memory_size, "momentum": cfg.loss.momentum, "pooling": cfg.model.pooling}
     assert {k: got[k] for k in want} == want
 
 
@@ -163,7 +163,7 @@ def test_dtop_a5_deit_b_rows_as_papers_readme_reads_them():
                                                    ("dtop_a5_deitb_dist_sfm", "dist", (84.2, 85.5, 62.4, 71.2, 32.6, 49.7))]:
         assert results(name) == {"oxford5k": {"mAP": o}, "paris6k": {"mAP": p}, "roxford5k": {"mAP M": om, "mAP H": oh},
                                  "rparis6k": {"mAP M": pm, "mAP H": ph}}
-        assert load_preset(name).pooling == pooling
+        assert load_preset(name).model.pooling == pooling
 
 
 def test_grid_errors():
