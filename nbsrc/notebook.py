@@ -22,9 +22,10 @@ from pathlib import Path
 from nbsrc.errors import ConfigError, NbsrcError
 
 KERNEL = "nbsrc"
-# The kernel's own log on stderr: errors only (not ipykernel's warning, on every start, that its
-# local TCP sockets are unencrypted), so that a failed notebook ends in one line.
-KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
+# The kernel's own log on stderr: critical only (not ipykernel's warning, on every start, that its
+# local TCP sockets are unencrypted, nor its "KeyboardInterrupt caught in kernel" when papermill stops
+# it after a failed cell), so that a failed notebook ends in one line; a dead kernel is papermill's error.
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=CRITICAL"]
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
 
@@ -126,6 +127,29 @@ def check_parameters(path: str | Path, params: dict) -> None:
             raise ConfigError(
                 f"parameter {k}={v!r} of {Path(path).name} is invalid: expected {words}, like its default "
                 f"{declared[k]['default']}"
+            )
+    if isinstance(params.get("overrides"), dict):
+        _check_config_values(path, params["overrides"])
+
+
+def _check_config_values(path: str | Path, overrides: dict) -> None:
+    """Each config field of ``overrides`` has the type of the config's default (None where the field
+    may be None): ``-p iterations abc`` is a one-line error before the kernel starts."""
+    from nbsrc.config import flat_fields
+
+    fields = {f.name: f for f in flat_fields()}
+    for k, v in overrides.items():
+        if k not in fields:
+            continue  # an unknown field: the config says so, with a suggestion, when the notebook builds it
+        f = fields[k]
+        expected = _expected(f.default)
+        if expected is None or (v is None and type(None) in typing.get_args(f.type)):
+            continue
+        words, accepts = expected
+        if not accepts(v):
+            raise ConfigError(
+                f"parameter {k}={v!r} of {Path(path).name} is invalid: expected {words}, like the config's "
+                f"default {f.default!r}"
             )
 
 

@@ -74,8 +74,11 @@ def test_pooling_variants_change_only_pooling_and_keep_the_base_run():
     for p in ("avg", "max", "gem"):
         assert v[p].model.pooling == p and v[p].run.name == f"g_pool_{p}"
         assert _differences(BASE, v[p]) == {"name", "pooling"}
+    # a pooling name is checked against the registry when the model is built (before a run writes anything)
+    from nbsrc.models import model_from_config
+
     with pytest.raises(ConfigError, match="pooling='mean'"):
-        pooling_variants(BASE, ("cls", "mean"))
+        model_from_config(pooling_variants(BASE, ("cls", "mean"))["mean"])
 
 
 def test_objective_variants_change_only_the_loss():

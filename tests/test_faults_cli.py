@@ -33,12 +33,12 @@ def test_parameters_of_the_declared_type_pass(params):
 
 
 @pytest.mark.parametrize("params, says", [
-    ({"iterations": "abc"}, "parameter iterations='abc' of 02_train.ipynb is invalid: expected an integer, like its "
-                            "default 300"),
+    ({"iterations": "abc"}, "parameter iterations='abc' of 02_train.ipynb is invalid: expected an integer, like the "
+                            "config's default 1000"),
     ({"iterations": 1.5}, "iterations=1.5 .* expected an integer"),
     ({"iterations": True}, "iterations=True .* expected an integer"),
     ({"iterations": None}, "iterations=None .* expected an integer"),
-    ({"lr": float("nan")}, "lr=nan .* expected a finite number, like its default 1e-3"),
+    ({"lr": float("nan")}, "lr=nan .* expected a finite number, like the config's default 3e-05"),
     ({"lr": "inf"}, "lr='inf' .* expected a finite number"),
     ({"weights": 5}, "weights=5 .* expected a string"),
     ({"lams": [0.3]}, "unknown parameter 'lams' for 02_train.ipynb \\(did you mean 'lam'\\?\\)"),

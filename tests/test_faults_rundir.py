@@ -95,7 +95,7 @@ def test_two_overwrites_in_the_same_second_get_distinct_backups(tiny_cfg, monkey
         run.rmdir()
     base = run.with_name("tiny.old-20261129-120000")
     backups = {p.name: json.loads((p / "results.json").read_text())["generation"] for p in run.parent.iterdir()}
-    assert backups == {base.run.name: "first", f"{base.run.name}-2": "second", f"{base.run.name}-3": "third"}
+    assert backups == {base.name: "first", f"{base.name}-2": "second", f"{base.name}-3": "third"}
     assert capsys.readouterr().out.splitlines()[1] == f"moved the existing {run} to {base}-2"
 
 

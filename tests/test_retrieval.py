@@ -347,7 +347,7 @@ def test_notebook_10_query_widget_runs_headless(tmp_path):
     run_experiment(ExperimentConfig(name="tiny0", runs_dir=str(runs), dataset="digits", img_size=8, patch_size=4,
                                     iterations=0, lam=0.0, batch_size=16, m_per_class=4, eval_per_class=6,
                                     progress=False))
-    params = {"runs_dir": str(runs), "demo": None, "figures_dir": str(tmp_path / "figs"), "k": 4}
+    params = {"runs_dir": str(runs), "demo": "", "figures_dir": str(tmp_path / "figs"), "k": 4}
     for attempt in range(2):
         out = run_notebook(NOTEBOOKS_DIR / "10_explore.ipynb", params, tmp_path / f"10_{attempt}.ipynb", cwd=tmp_path)
         cells = nbformat.read(out, as_version=4).cells

@@ -130,7 +130,9 @@ def test_embed_kill_resume_search_grid(folder, tmp_path, capsys):
 
 def test_help_shows_defaults_and_choices(capsys):
     e = run_main(capsys, "embed", "--help").stdout
-    assert "{cls,dist,avg,max,gem}" in e and "(default: auto)" in e and "efficientnet_lite0" in e
+    from nbsrc.models.pooling import POOLINGS
+
+    assert "{" + ",".join(POOLINGS) + "}" in e and "(default: auto)" in e and "efficientnet_lite0" in e
     assert "resumes" in e and "skipped.tsv" in e
     s = run_main(capsys, "search", "--help").stdout
     assert "(default: 10)" in s and "--grid" in s

@@ -17,12 +17,21 @@ from nbsrc.errors import ConfigError, DatasetError, NonFiniteLossError, RunDirEr
 # ----------------------------------------------------------------- config
 @pytest.mark.parametrize("field,value,needle", [
     ("beta", 1.5, "beta=1.5"), ("beta", -0.1, "beta=-0.1"), ("lam", -1.0, "lam=-1.0"),
-    ("batch_size", 30, "multiple of m_per_class"), ("pooling", "mean", "pooling='mean'"),
+    ("batch_size", 30, "multiple of m_per_class"), ("pooling", "", "pooling=''"),
     ("patch_size", 5, "divisor of img_size"), ("momentum", 0.999, "memory_size > 0"),
 ])
 def test_config_rejects_nonsense(field, value, needle):
     with pytest.raises(ConfigError, match=needle) as e:
         ExperimentConfig.from_dict({field: value})
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_pooling_is_named_when_the_model_is_built():
+    """A pooling name is checked against the registry (nbsrc.models.pooling.POOLINGS) when the model is built."""
+    from nbsrc.models import model_from_config
+
+    with pytest.raises(ConfigError, match="pooling='mean' is invalid: expected one of cls, ") as e:
+        model_from_config(ExperimentConfig.from_dict({"pooling": "mean", "img_size": 8, "patch_size": 4}))
     assert "\n" not in str(e.value)
 
 

@@ -93,7 +93,7 @@ def test_tuple_loss_errors():
 def test_epochs_and_batches():
     many = SfMSplit(paths=["x"] * 10, cluster=np.zeros(10, dtype=np.int64),
                     qidxs=np.zeros(3000, dtype=np.int64), pidxs=np.zeros(3000, dtype=np.int64))
-    paper = ExperimentConfig()
+    paper = ExperimentConfig(dataset="sfm120k")  # IRT's tuple settings (TupleConfig's defaults)
     assert batches_per_epoch(paper, many) == 2000 // 5  # so 100 epochs are 40,000 iterations
     few = SfMSplit(paths=["x"] * 10, cluster=np.zeros(10, dtype=np.int64),
                    qidxs=np.zeros(24, dtype=np.int64), pidxs=np.zeros(24, dtype=np.int64))
@@ -120,6 +120,9 @@ def tuple_cfg(runs_dir, name="t", **kw):
                 negative_pool=16, iterations=4, optimizer="adam", lr=1e-4, weight_decay=1e-6, beta=0.85, lam=0.1,
                 memory_size=0, log_every=1, ckpt_every=0, progress=False, batch_size=4, m_per_class=2,
                 eval_batch_size=64, device="cpu")
+    if kw.get("sfm_training") == "classes":  # the tuple fields apply only to tuple training
+        base = {k: v for k, v in base.items() if k not in ("pairs_per_epoch", "tuples_per_batch", "negatives_per_tuple",
+                                                          "negative_pool")}
     return ExperimentConfig(**{**base, **kw})
 
 

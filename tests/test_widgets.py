@@ -51,8 +51,8 @@ def test_list_finished_runs(runs_dir):
     runs = list_finished_runs(runs_dir)
     assert [r.name for r in runs] == ["tiny", "tiny0"]  # unfinished and stray folders left out
     tiny, tiny0 = runs
-    assert (tiny.loss.lam, tiny.loss.beta, tiny.optim.iterations, tiny.data.dataset) == (0.5, 0.5, 2, "digits")
-    assert (tiny0.loss.lam, tiny0.loss.beta, tiny0.optim.iterations) == (0.0, 0.3, 0)
+    assert (tiny.lam, tiny.beta, tiny.iterations, tiny.dataset) == (0.5, 0.5, 2, "digits")
+    assert (tiny0.lam, tiny0.beta, tiny0.iterations) == (0.0, 0.3, 0)
     assert "λ=0.5" in tiny.label and "β=0.5" in tiny.label and "R@1" in tiny.label
     assert tiny0.short_label == "tiny0 (λ=0, β=0.3)"
 
