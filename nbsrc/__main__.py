@@ -185,9 +185,7 @@ def default_run_name(cfg: ExperimentConfig) -> str:
     defaults are hashed, so a field added to the config later (with its default) keeps every name."""
     import hashlib
 
-    defaults = ExperimentConfig().fingerprint()
-    fp = {k: v for k, v in cfg.fingerprint().items() if k != "name" and v != defaults.get(k)}
-    digest = hashlib.sha1(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    digest = hashlib.sha1(json.dumps(cfg.changed_fingerprint(), sort_keys=True, default=str).encode()).hexdigest()[:6]
     return f"cli_{cfg.data.dataset}_{cfg.loss.name}_lam{cfg.loss.lam:g}_{digest}"
 
 

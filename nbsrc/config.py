@@ -624,6 +624,12 @@ class ExperimentConfig:
         """The fields that define what the run computes (the flat form, execution-only fields removed)."""
         return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
 
+    def changed_fingerprint(self) -> dict[str, Any]:
+        """The fingerprint's fields that differ from the defaults (``name`` left out): what a run's
+        name is hashed from, so that a field added later with its default renames no run."""
+        defaults = type(self)().fingerprint()
+        return {k: v for k, v in self.fingerprint().items() if k != "name" and v != defaults.get(k)}
+
     @property
     def run_dir(self) -> Path:
         return Path(self.run.runs_dir) / self.run.name

@@ -85,10 +85,7 @@ def pretrain_config(demo: str, runs_dir: str = "runs", **overrides: Any) -> Expe
     d = {**DEMO_DATA[demo], **{k: RECIPE[k] for k in ("backbone", "pooling")}, **PRETRAIN[demo],
          "runs_dir": str(Path(runs_dir) / demo), **overrides}
     cfg = ExperimentConfig.from_dict({**d, "name": "pretrain"})
-    # the hash of the fields that differ from the defaults: a field added later (with its default) keeps the name
-    defaults = ExperimentConfig().fingerprint()
-    key = {k: v for k, v in cfg.fingerprint().items() if k != "name" and v != defaults.get(k)}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    digest = hashlib.sha256(json.dumps(cfg.changed_fingerprint(), sort_keys=True).encode()).hexdigest()[:8]
     return cfg.replace(name=f"pretrain_{digest}")
 
 
