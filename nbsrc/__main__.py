@@ -329,7 +329,7 @@ def cmd_presets(ns) -> None:
 def cmd_demo(ns) -> None:
     from nbsrc.demo import run_demo
 
-    run_demo(quick=ns.quick, notebooks_to_run=ns.only, demo=ns.demo)
+    run_demo(quick=ns.quick, notebooks_to_run=ns.only, demo=ns.demo, seeds=ns.seeds)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -361,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"which demo (nbsrc.demo.DEMO_DATA; default: {DEFAULT_DEMO}); glyphs needs `make glyphs`")
     d.add_argument("--quick", action="store_true", help="tiny parameters (smoke test)")
     d.add_argument("--only", nargs="+", help="notebook file names to run")
+    d.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
+                   help="the seeds of every run a claim needs (default: the notebooks' own, 0 1 2); the verdicts "
+                        "need at least 3, e.g. --seeds 0 1 2 3 4")
     sub.add_parser("presets", help="print the table of presets (the paper's rows)")
     from nbsrc.retrieval.cli import add_subcommands as add_retrieval_commands
 

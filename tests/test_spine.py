@@ -386,7 +386,13 @@ def test_demo_notebooks_run_headless(tmp_path, monkeypatch):
     table = (tmp_path / QUICK["figures_dir"] / "table3_irt.md").read_text()
     assert all(m in table for m in ("IRT_O", "IRT_L", "IRT_R"))
     seeds = pd.read_csv(tmp_path / QUICK["figures_dir"] / "table3_irt_seeds.csv", index_col=0)
-    assert list(seeds.index) == ["IRT_O", "IRT_L", "IRT_R"] and set(seeds["n"]) == {2}
+    assert list(seeds.index) == ["IRT_O", "IRT_L", "IRT_R"] and set(seeds["n"]) == {1}
+    # every claim measured and judged (one seed: inconclusive by the rule), each in its file and in verdicts.md
+    verdicts = (tmp_path / QUICK["figures_dir"] / "verdicts.md").read_text()
+    assert "not measured yet" not in verdicts and verdicts.count("**inconclusive** over 1 seed") == 7, verdicts
+    for cid in ("C1", "C2", "C3", "C4", "C5", "C6", "C7"):
+        saved = json.loads((tmp_path / QUICK["figures_dir"] / "claims" / f"{cid}.json").read_text())
+        assert saved["verdict"] == "inconclusive" and all(c["n"] == 1 for c in saved["comparisons"]), cid
     for fig in ("training_curves", "pca_cumulative_energy", "fig3_vit_vs_convnet", "fig4_gradient_noise",
                 "similarity_histograms", "tsne", "table5_beta_lambda", "dtop_ablations"):
         for ext in ("png", "pdf"):
