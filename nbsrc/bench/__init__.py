@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m nbsrc.bench {train,eval,dtop,loader,revisited,embed}``.
+"""Benchmarks: ``python -m nbsrc.bench {train,eval,dtop,loader,revisited,embed,demo}``.
 
 Each bench compares methods *within one run* (their steps alternate, so they share the machine's
 load) and reports ratios, which survive a busy machine better than absolute times. Each writes its
@@ -26,7 +26,7 @@ def sync(device) -> None:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-_HEADER = "# Benchmark results\n\nWritten by `python -m nbsrc.bench {train,eval,dtop,loader,revisited,embed}`; each command rewrites only its own section.\n"
+_HEADER = "# Benchmark results\n\nWritten by `python -m nbsrc.bench {train,eval,dtop,loader,revisited,embed,demo}`; each command rewrites only its own section.\n"
 
 
 def machine_info() -> dict:
