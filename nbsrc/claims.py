@@ -306,17 +306,23 @@ def fine_tuning_claims(runs: Mapping, cfg) -> list[ClaimResult]:
     return [c1, c2]
 
 
-def spectrum_claim(runs: Mapping, cfg) -> ClaimResult:
+def spectrum_claim(runs: Mapping, cfg, model: str = "") -> ClaimResult:
     """C3 from the effective rank of the query embeddings of ``{(method, seed): run}`` (methods ``IRT_O``,
-    ``IRT_L``, ``IRT_R``)."""
+    ``IRT_L``, ``IRT_R``) of one model (``model``: its name in the labels; ``cfg``: its config). IRT's
+    Fig. 2 is drawn for an ImageNet-pretrained ResNet-50; with a randomly initialised model the note
+    says that the premise is not met."""
     from nbsrc.analysis import effective_rank
 
     er = per_seed(runs, lambda r: effective_rank(r.embeddings()["query"]))
-    note = ("IRT_O is a randomly initialised ViT, not a pretrained one: the paper's premise (collapse of a "
-            "pretrained, wide spectrum) is not met" if _random_init(cfg) else "")
-    return judge_claim("C3", [compare("effective rank: IRT_L − IRT_O", er["IRT_O"], er["IRT_L"], "lower", ("IRT_O", "IRT_L")),
-                              compare(f"effective rank: IRT_R (λ = {cfg.loss.lam:g}) − IRT_L", er["IRT_L"], er["IRT_R"],
-                                      "higher", ("IRT_L", "IRT_R"))],
+    on = f" ({model})" if model else ""
+    note = ("IRT_O is a randomly initialised model, not a pretrained one: the paper's premise (collapse of a "
+            "pretrained, wide spectrum) is not met" if _random_init(cfg) else
+            f"on {model or cfg.model.backbone} with its pretrained weights ({cfg.model.weights}), as the paper's Fig. 2 "
+            "(an ImageNet-pretrained ResNet-50)")
+    return judge_claim("C3", [compare(f"effective rank{on}: IRT_L − IRT_O", er["IRT_O"], er["IRT_L"], "lower",
+                                      ("IRT_O", "IRT_L")),
+                              compare(f"effective rank{on}: IRT_R (λ = {cfg.loss.lam:g}) − IRT_L", er["IRT_L"],
+                                      er["IRT_R"], "higher", ("IRT_L", "IRT_R"))],
                        note=note, context=context_of(cfg))
 
 
