@@ -217,14 +217,14 @@ class ClaimResult:
                          "baseline": f"{p.baseline_name} {_pm(s['baseline_mean'], s['baseline_sd'])}",
                          "treated": f"{p.treated_name} {_pm(s['treated_mean'], s['treated_sd'])}",
                          "difference": _pm(s["diff_mean"], s["diff_sd"], signed=True),
-                         "min–max": f"{s['diff_min']:+#.3g} – {s['diff_max']:+#.3g}",
+                         "min–max": f"{_fmt(s['diff_min'], 3, True)} – {_fmt(s['diff_max'], 3, True)}",
                          "se": _num(s["diff_se"]), "n": s["n"], "verdict": s["verdict"]})
         return pd.DataFrame(rows).set_index("comparison")
 
     def line(self) -> str:
         """The claim on one line: id, name, paper, verdict, and each comparison's difference."""
         parts = "; ".join(f"{p.label}: {_pm(p.stats()['diff_mean'], p.stats()['diff_sd'], signed=True)} "
-                          f"(min–max {p.stats()['diff_min']:+#.3g} – {p.stats()['diff_max']:+#.3g})" for p in self.parts)
+                          f"(min–max {_fmt(p.stats()['diff_min'], 3, True)} – {_fmt(p.stats()['diff_max'], 3, True)})" for p in self.parts)
         note = f" — {self.note}" if self.note else ""
         return (f"**{self.claim.id} {self.claim.name}** ({self.claim.paper}): **{self.verdict}** over "
                 f"{self.n_seeds} seed{'s' if self.n_seeds != 1 else ''} — {parts}{note}")
@@ -413,10 +413,22 @@ def write_verdicts(figures_dir: str | Path = "figures") -> Path:
     return path
 
 
+def _fmt(x: float, digits: int = 3, signed: bool = False) -> str:
+    """``x`` to ``digits`` significant digits in fixed notation, trailing zeros kept (74.9, 5.00, 0.00567,
+    682); scientific below 1e-3."""
+    sign = "+" if signed else ""
+    if x == 0 or not math.isfinite(x):
+        return f"{x:{sign}.{digits - 1}f}" if x == 0 else f"{x}"
+    if abs(x) < 1e-3:
+        return f"{x:{sign}.{digits - 1}e}"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(x))))
+    return f"{x:{sign}.{decimals}f}"
+
+
 def _pm(mean: float, sd: float, signed: bool = False) -> str:
-    """``mean ± sd`` with 3 and 2 significant digits, trailing zeros kept (``+5.00 ± 2.2``)."""
-    m = f"{mean:+#.3g}" if signed else f"{mean:#.3g}"
-    return m if sd is None or (isinstance(sd, float) and math.isnan(sd)) else f"{m} ± {sd:#.2g}"
+    """``mean ± sd`` with 3 and 2 significant digits (``+5.00 ± 2.2``, ``682 ± 7.6``)."""
+    m = _fmt(mean, 3, signed)
+    return m if sd is None or (isinstance(sd, float) and math.isnan(sd)) else f"{m} ± {_fmt(sd, 2)}"
 
 
 def _num(x: float) -> str:

@@ -131,13 +131,21 @@ def test_save_load_and_the_verdicts_file(tmp_path):
     assert [d["id"] for d in load_claims(tmp_path)] == ["C1"]
     text = (tmp_path / "verdicts.md").read_text()
     assert "**C1 fine-tuning ≫ off-the-shelf** (IRT Table 3, §5): **reproduced** over 3 seeds" in text
-    assert "+3.00 ± 0.0 (min–max +3.00 – +3.00)" in text and "random init" in text
+    assert "+3.00 ± 0.0 (min–max +3.00 – +3.00)" in text, text and "random init" in text
     assert "C7 CLS pooling ≥ the others after training** (IRT Table 9, §5): not measured yet" in text
     one = judge_claim("C2", [compare("R@1", {0: 1.0}, {0: 2.0})])
     assert one.verdict == "inconclusive" and "over 1 seed " in one.line()
     assert one.table().loc["R@1", "se"] == "–"
     write_verdicts(tmp_path / "empty")  # a fresh folder: every claim "not measured yet"
     assert (tmp_path / "empty" / "verdicts.md").read_text().count("not measured yet") == 7
+
+
+def test_numbers_keep_three_significant_digits():
+    from nbsrc.claims import _fmt, _pm
+
+    assert [_fmt(x) for x in (74.87, 5.0, 682.3, 0.00567, 0.0, 1234.5)] == ["74.9", "5.00", "682", "0.00567", "0.00", "1234"]
+    assert _fmt(2.51, signed=True) == "+2.51" and _fmt(-0.486, signed=True) == "-0.486" and _fmt(1e-5) == "1.00e-05"
+    assert _pm(5.0, 2.2, signed=True) == "+5.00 ± 2.2" and _pm(682.3, 7.61) == "682 ± 7.6" and _pm(1.0, float("nan")) == "1.00"
 
 
 def test_per_seed():
