@@ -12,7 +12,7 @@ it, ``cfg.<section>.<field>``:
            (:class:`ModelConfig`, :class:`DToPConfig`)
 ``loss``   the loss (``loss.name``), its margin β, KoLeo λ, the cross-batch memory (:class:`LossConfig`)
 ``optim``  optimizer, learning rate and schedule, batch, iterations, precision (:class:`OptimConfig`)
-``eval``   what is measured at the end and how: Recall@K cut-offs, scales, whitening (:class:`EvalConfig`)
+``eval``   what is measured and how: the evaluator, Recall@K cut-offs, scales, whitening (:class:`EvalConfig`)
 ``tuples`` SfM-120k tuple training (:class:`TupleConfig`), None unless ``data.dataset='sfm120k'``
            with ``data.sfm_training='tuples'``
 =========  ==========================================================================================
@@ -329,8 +329,14 @@ class EvalConfig:
     eval_batch_size: int = 256
     eval_scales: list[float] | None = None  # Revisited evaluation scales (DToP: 1, 1/√2, 1/2); None: single scale
     whitening: str | None = None  # None | "learned": supervised whitening from SfM-120k pairs (DToP, Radenović)
+    # a name of nbsrc.experiment.EVALUATORS ("recall": Recall@K on the test classes; "revisited": mAP and mP@k
+    # of Revisited Oxford and Paris), checked when the run is built; None: the dataset's own (revisited for
+    # sfm120k, recall otherwise)
+    evaluator: str | None = None
 
     def validate(self, bad) -> None:
+        if self.evaluator is not None and (not isinstance(self.evaluator, str) or not self.evaluator):
+            bad("evaluator", self.evaluator, "the name of an evaluator of nbsrc.experiment.EVALUATORS, or None")
         if not self.ks or any(int(k) < 1 for k in self.ks):
             bad("ks", self.ks, "positive Recall@K cut-offs such as (1, 2, 4, 8)")
         if self.eval_every < 0:
@@ -395,6 +401,7 @@ FLAT_FIELDS: dict[str, str] = {
     # eval
     "ks": "eval.ks", "eval_every": "eval.eval_every", "eval_batch_size": "eval.eval_batch_size",
     "eval_scales": "eval.eval_scales", "whitening": "eval.whitening",
+    "evaluator": "eval.evaluator",
     # tuples (None unless SfM-120k trains on tuples; the flat form then holds TupleConfig's defaults)
     "tuples_per_batch": "tuples.tuples_per_batch", "negatives_per_tuple": "tuples.negatives_per_tuple",
     "pairs_per_epoch": "tuples.pairs_per_epoch", "negative_pool": "tuples.negative_pool",
