@@ -43,23 +43,23 @@ class ProxyTerm(nn.Module):
         return self.proxy(z, torch.searchsorted(self.classes, labels))
 
 
-def _contrastive(cfg, embedding_dim: int, classes):
+def _contrastive(cfg, feature_dim: int, classes):
     return partial(contrastive_loss, beta=cfg.loss.beta)
 
 
-def _snca(cfg, embedding_dim: int, classes):
+def _snca(cfg, feature_dim: int, classes):
     return partial(snca_loss, temperature=cfg.loss.temperature)
 
 
-def _nsoftmax(cfg, embedding_dim: int, classes):
-    return ProxyTerm(NormalizedSoftmaxLoss(len(classes), embedding_dim, cfg.loss.temperature), classes)
+def _nsoftmax(cfg, feature_dim: int, classes):
+    return ProxyTerm(NormalizedSoftmaxLoss(len(classes), feature_dim, cfg.loss.temperature), classes)
 
 
-def _arcface(cfg, embedding_dim: int, classes):
-    return ProxyTerm(ArcFaceLoss(len(classes), embedding_dim, cfg.loss.arcface_margin, cfg.loss.arcface_scale), classes)
+def _arcface(cfg, feature_dim: int, classes):
+    return ProxyTerm(ArcFaceLoss(len(classes), feature_dim, cfg.loss.arcface_margin, cfg.loss.arcface_scale), classes)
 
 
-# name -> builder(cfg, embedding_dim, train_classes) -> term(z, labels, ref_emb, ref_labels, indices,
+# name -> builder(cfg, feature_dim, train_classes) -> term(z, labels, ref_emb, ref_labels, indices,
 # ref_indices) -> scalar (a function, or a module when it has parameters); ``cfg.loss.name`` picks one.
 PAIR_LOSSES: dict[str, Callable] = {
     "contrastive": _contrastive,  # IRT eq. (1), margin beta on negatives
@@ -94,6 +94,6 @@ def pair_loss(name: str) -> Callable:
     return PAIR_LOSSES[name]
 
 
-def build_loss(cfg, embedding_dim: int, train_classes) -> RetrievalLoss:
+def build_loss(cfg, feature_dim: int, train_classes) -> RetrievalLoss:
     """The pair loss named by ``cfg.loss.name`` (:data:`PAIR_LOSSES`) plus ``cfg.loss.lam`` · KoLeo."""
-    return RetrievalLoss(cfg.loss.name, pair_loss(cfg.loss.name)(cfg, embedding_dim, sorted(train_classes)), cfg.loss.lam)
+    return RetrievalLoss(cfg.loss.name, pair_loss(cfg.loss.name)(cfg, feature_dim, sorted(train_classes)), cfg.loss.lam)
