@@ -34,14 +34,13 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from nbsrc.bench import sync
+from nbsrc.bench import rotation, timed, timed_rounds
 from nbsrc.config import ExperimentConfig
 from nbsrc.data import MPerClassBatchSampler
 from nbsrc.errors import ConfigError
@@ -205,24 +204,15 @@ def interleave(runners: dict, device: torch.device, warmup: int, n: int,
     if given, receives each runner's first warm-up step in seconds (where torch.compile compiles)."""
     for name, (step, batches) in runners.items():
         for i in range(warmup):
-            sync(device)
-            t0 = time.perf_counter()
-            step(*batches[i])
-            sync(device)
+            _, seconds = timed(lambda: step(*batches[i]), device)
             if i == 0 and first is not None:
-                first[name] = time.perf_counter() - t0
-    sync(device)
+                first[name] = seconds
     names = list(runners)
     out = {name: [] for name in names}
     for i in range(warmup, warmup + n):
-        r = (i - warmup) % len(names)
-        for name in names[r:] + names[:r]:
+        for name in rotation(names, i - warmup):
             step, batches = runners[name]
-            sync(device)
-            t0 = time.perf_counter()
-            step(*batches[i])
-            sync(device)
-            out[name].append(time.perf_counter() - t0)
+            out[name].append(timed(lambda: step(*batches[i]), device)[1])
     return out
 
 
@@ -340,16 +330,8 @@ def bench_loss(cfg: ExperimentConfig, device: torch.device, n: int = 50, seed: i
         z = z0.clone().requires_grad_()
         (ref.loss(z, y) + cfg.loss.lam * inline_koleo(z)).backward()
 
-    fns = {"nbsrc": nbsrc_loss, "reference": reference_loss}
-    times = {k: [] for k in fns}
-    for i in range(3 + n):
-        for name in (list(fns) if i % 2 else list(fns)[::-1]):
-            sync(device)
-            t0 = time.perf_counter()
-            fns[name]()
-            sync(device)
-            if i >= 3:
-                times[name].append(time.perf_counter() - t0)
+    times, _ = timed_rounds({"nbsrc": lambda r: nbsrc_loss(), "reference": lambda r: reference_loss()}, n, device,
+                            warmup=3)
     return {k: 1000 * statistics.median(v) for k, v in times.items()}
 
 
