@@ -34,15 +34,17 @@ class OneLineParser(argparse.ArgumentParser):
 
 def field_choices() -> dict[str, tuple]:
     """The values a config field can take, from the tuples of :mod:`nbsrc.config` and the registries of
-    :mod:`nbsrc.losses` and :mod:`nbsrc.models.pooling` (shown by ``--help``; ``validate()`` and the registries still check them)."""
+    :mod:`nbsrc.losses`, :mod:`nbsrc.models.pooling` and :mod:`nbsrc.experiment` (evaluators) (shown by ``--help``;
+    ``validate()`` and the registries still check them)."""
     from nbsrc import config as c
+    from nbsrc.experiment import EVALUATORS
     from nbsrc.losses import PAIR_LOSSES, TUPLE_LOSSES
     from nbsrc.models.pooling import POOLINGS
 
     return {"dataset": c.DATASETS, "pooling": tuple(POOLINGS), "sampler": c.SAMPLERS, "scheduler": c.SCHEDULERS,
             "optimizer": c.OPTIMIZERS, "whitening": c.WHITENINGS, "loss": tuple(PAIR_LOSSES),
             "tuple_loss": tuple(TUPLE_LOSSES), "sfm_training": ("tuples", "classes"), "size_variant": (None, "mixed"),
-            "device": ("auto", "cpu", "cuda", "cuda:N")}
+            "device": ("auto", "cpu", "cuda", "cuda:N"), "evaluator": (None, *EVALUATORS)}
 
 
 # --help of the fields that have no comment of their own in nbsrc/config.py

@@ -12,7 +12,7 @@ it, ``cfg.<section>.<field>``:
            (:class:`ModelConfig`, :class:`DToPConfig`)
 ``loss``   the loss (``loss.name``), its margin β, KoLeo λ, the cross-batch memory (:class:`LossConfig`)
 ``optim``  optimizer, learning rate and schedule, batch, iterations, precision (:class:`OptimConfig`)
-``eval``   what is measured at the end and how: Recall@K cut-offs, scales, whitening (:class:`EvalConfig`)
+``eval``   what is measured and how: the evaluator, Recall@K cut-offs, scales, whitening (:class:`EvalConfig`)
 ``tuples`` SfM-120k tuple training (:class:`TupleConfig`), None unless ``data.dataset='sfm120k'``
            with ``data.sfm_training='tuples'``
 =========  ==========================================================================================
@@ -27,6 +27,32 @@ name in its section is its flat name except ``loss`` (``loss.name``); the untype
 dict of old configs maps to the typed ``model.dtop`` (:func:`dtop_from_options`). ``config.json`` and
 :meth:`ExperimentConfig.fingerprint` keep the flat form, so run directories saved before the sections
 load and are reused (``tests/test_config_sections.py`` checks it on configs saved by the flat version).
+
+**Sizes: one name per concept.** Along the model, from the image to the embedding, a size has one name
+in the package (config fields, function parameters and model attributes alike):
+
+=================  ==================================================================================
+``width``          the backbone's token width D (a ViT) or channel count (a convnet); set by
+                   ``model.backbone``, read from timm, which calls it ``embed_dim`` (ViTs) and
+                   ``num_features`` (any model); DToP's eqs. 5–12 call it D
+``global_dim``,    DToP's two branches before its head: k·D ([CLS] of the last k layers, eq. 7) and
+``local_dim``      the fused ELM output (eqs. 10, A14–A20)
+``head_dim``       DToP's head output N (eq. 12, Table A7: 1,536): config ``model.dtop.head_dim``; not
+                   timm's per-attention-head size of the same name
+``feature_dim``    the descriptor the model is trained with: the pooling's output (= ``width``) or DToP's
+                   head output (= ``head_dim``); what the loss, its class proxies and the cross-batch
+                   memory hold (``model.feature_dim``, ``build_loss(cfg, feature_dim, ...)``)
+``dim``            the PCA's output (IRT's ▷dim, e.g. ▷128, Table 7), fitted after training: config
+                   ``model.dim`` (None: no PCA), ``PCAReduction(feature_dim, dim)``
+``output_dim``     the size of the embedding the model returns: ``dim`` once the PCA is fitted, else
+                   ``feature_dim`` (``model.output_dim``; an export's ``"dim"``)
+``whitening_dim``  the rows a learned whitening keeps (:func:`nbsrc.eval.particular.evaluate_revisited_data`)
+=================  ==================================================================================
+
+The config's names (``dim``, ``head_dim``) are those of saved ``config.json`` files, presets, CLI flags,
+the CLI's run-name hashes and the notebooks' parameters, and stay as they are; the internal names follow
+the table (``model.output_dim`` was ``embed_dim``, which timm uses for the width; the losses' and the
+memory's ``embedding_dim`` / ``dim`` are ``feature_dim``).
 """
 
 from __future__ import annotations
@@ -51,7 +77,8 @@ WHITENINGS = (None, "learned")
 FIELD_HELP = {
     "beta": "margin on negatives (pytorch-metric-learning: neg_margin), in [0, 1]; IRT eq. 1's beta",
     "lam": "KoLeo weight lambda (IRT eq. 5); 0 gives IRT_L, > 0 IRT_R",
-    "dim": "PCA output dimension fitted after training (IRT: 128); none keeps the embedding",
+    "dim": "PCA output dimension (IRT's ▷dim, e.g. 128), fitted on training embeddings after training; the size "
+           "of the returned embedding; none: no PCA, the embedding keeps feature_dim (the pooling's or DToP head's size)",
     "memory_size": "cross-batch memory (XBM) size in embeddings; 0: off",
     "memory_start": "iteration from which the cross-batch memory is read and filled (XBM warm-up); 0: from the start",
     "model_options": "the DToP model (model.dtop) as a JSON dict of nbsrc.config.DToPConfig fields under "
@@ -173,7 +200,8 @@ class DToPConfig:
     # fusion of the ELM's input and output (A13): none | sum | hadamard | concat | fast_norm | orthogonal;
     # None: 'orthogonal' with the ELM ("We choose orthogonal fusion as default"), 'none' without
     fusion: str | None = None
-    # output dimension N of the FC layer (eq. 12); A7: "the best performance is obtained by N = 1,536"
+    # output dimension N of the FC layer (eq. 12), the model's feature_dim (not timm's attention head size);
+    # A7: "the best performance is obtained by N = 1,536"
     head_dim: int = 1536
     # 'both' (eq. 12) | 'global' ([CLS] only, eq. 7) | 'local' (patches only, eq. 10): A5 uses one branch
     branch: str = "both"
@@ -214,7 +242,7 @@ class ModelConfig:
     pooling: str = "cls"  # a name of nbsrc.models.POOLINGS (cls | dist | avg | max | gem | rmac); checked when built
     gem_p: float = 3.0
     gem_learnable: bool = False
-    dim: int | None = None  # PCA reduction fitted on training embeddings (paper: 128); None: off
+    dim: int | None = None  # PCA output dimension (IRT ▷dim; paper: 128), fitted after training; None: off
     dtop: DToPConfig | None = None  # the DToP model (DToPConfig()), or None: backbone + pooling
 
     def validate(self, bad) -> None:
@@ -329,8 +357,14 @@ class EvalConfig:
     eval_batch_size: int = 256
     eval_scales: list[float] | None = None  # Revisited evaluation scales (DToP: 1, 1/√2, 1/2); None: single scale
     whitening: str | None = None  # None | "learned": supervised whitening from SfM-120k pairs (DToP, Radenović)
+    # a name of nbsrc.experiment.EVALUATORS ("recall": Recall@K on the test classes; "revisited": mAP and mP@k
+    # of Revisited Oxford and Paris), checked when the run is built; None: the dataset's own (revisited for
+    # sfm120k, recall otherwise)
+    evaluator: str | None = None
 
     def validate(self, bad) -> None:
+        if self.evaluator is not None and (not isinstance(self.evaluator, str) or not self.evaluator):
+            bad("evaluator", self.evaluator, "the name of an evaluator of nbsrc.experiment.EVALUATORS, or None")
         if not self.ks or any(int(k) < 1 for k in self.ks):
             bad("ks", self.ks, "positive Recall@K cut-offs such as (1, 2, 4, 8)")
         if self.eval_every < 0:
@@ -395,6 +429,7 @@ FLAT_FIELDS: dict[str, str] = {
     # eval
     "ks": "eval.ks", "eval_every": "eval.eval_every", "eval_batch_size": "eval.eval_batch_size",
     "eval_scales": "eval.eval_scales", "whitening": "eval.whitening",
+    "evaluator": "eval.evaluator",
     # tuples (None unless SfM-120k trains on tuples; the flat form then holds TupleConfig's defaults)
     "tuples_per_batch": "tuples.tuples_per_batch", "negatives_per_tuple": "tuples.negatives_per_tuple",
     "pairs_per_epoch": "tuples.pairs_per_epoch", "negative_pool": "tuples.negative_pool",

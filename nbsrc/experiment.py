@@ -2,16 +2,22 @@
 
 The CLI (``python -m nbsrc train``) and the notebooks both call :func:`run_experiment`, so a
 notebook figure and a command-line run of the same config are the same computation. Every dataset
-goes through the same steps; what differs is a :class:`Setup` (:func:`build_setup`):
+goes through the same steps; what differs per dataset is a :class:`Setup` (:func:`build_setup`):
 
 - datasets of classes (Fashion-MNIST, digits, image folders, CUB, SOP, In-Shop): a
   :class:`~nbsrc.train.pairs.PairTask` on the training classes, the PCA fitted on (a fixed subset
-  of) them, Recall@K on the test classes (:func:`nbsrc.eval.evaluate`);
+  of) them;
 - SfM-120k (IRT §4.2; DToP Table A5): a :class:`~nbsrc.train.tuples.TupleTask`
   (``sfm_training="tuples"``, IRT) or a PairTask on the images labelled by their 3D model
   (``"classes"``, DToP: any pair loss, ArcFace for DToP), the PCA fitted on SfM-120k training
-  images, and the mAP / mP@k of Revisited Oxford and Paris in the Easy, Medium and Hard setups
-  (:mod:`nbsrc.eval.revisited`), found beside ``cfg.data.data_root`` (:func:`find_revisited_root`).
+  images.
+
+**Evaluators.** What is measured at the end is the evaluator named by ``cfg.eval.evaluator``, a key of
+:data:`EVALUATORS` (a builder ``(cfg, EvalInputs) -> Evaluator``, like the loss and pooling registries);
+None picks the dataset's own: ``"recall"``, Recall@K on the test classes (:func:`nbsrc.eval.evaluate`),
+for datasets of classes, and ``"revisited"``, the mAP / mP@k of Revisited Oxford and Paris in the Easy,
+Medium and Hard setups (:mod:`nbsrc.eval.revisited`, found beside ``cfg.data.data_root``:
+:func:`find_revisited_root`), for SfM-120k.
 
 **Nothing is written until the run can start.** The config, the device, the model and its
 weights, the data and its splits, the first training batch and a forward pass through the model
@@ -175,25 +181,102 @@ def revisited_evaluation(model: torch.nn.Module, roots: dict[str, Path], eval_tf
     return results, arrays
 
 
+# ----------------------------------------------------------------------------- the evaluator registry
+@dataclass
+class EvalInputs:
+    """What an evaluator is built from: the model's input normalisation, the device, and what the
+    dataset provides (a builder takes what it needs and says, in one line, what is missing)."""
+
+    norm: dict  # the model's input mean and std (nbsrc.models.data_config)
+    device: torch.device
+    data: RetrievalData | None = None  # datasets of classes: train, query and gallery splits
+    sfm: SfMSplit | None = None  # SfM-120k's training split (the learned whitening's pairs)
+    roots: dict[str, Path | None] = field(default_factory=dict)  # Revisited folders given to run_experiment
+
+
+@dataclass
+class Evaluator:
+    """The final evaluation of a run (``evaluate(model, device, query_raw) -> (results, embeddings)``)
+    and, optionally, the one logged during training every ``cfg.eval.eval_every`` steps."""
+
+    evaluate: Callable[[torch.nn.Module, torch.device, np.ndarray | None], Evaluation]
+    during: Callable[[torch.nn.Module], dict] | None = None
+
+
+def recall_evaluator(cfg: ExperimentConfig, inputs: EvalInputs) -> Evaluator:
+    """Recall@K (%) of the test classes (:func:`recall_evaluation`), also during training."""
+    data = inputs.data
+    if data is None:
+        raise ConfigError(f"evaluator='recall' needs a dataset of classes (query and gallery of the test classes); "
+                          f"dataset={cfg.data.dataset!r} has none: use evaluator='revisited' or None")
+
+    def during(m):
+        return evaluate(m, data, cfg.eval.ks, cfg.eval.eval_batch_size, inputs.device, progress=False)
+
+    return Evaluator(lambda m, dev, q_raw: recall_evaluation(m, data, cfg, dev, q_raw), during)
+
+
+def revisited_evaluator(cfg: ExperimentConfig, inputs: EvalInputs) -> Evaluator:
+    """mAP and mP@k of Revisited Oxford and Paris (:func:`revisited_evaluation`) on the images squashed
+    to a square (IRT §4.2). The datasets are the folders given (``roxford_root`` / ``rparis_root``),
+    else those found beside ``cfg.data.data_root`` (:func:`find_revisited_root`); at least one must be
+    found."""
+    given = {n: inputs.roots.get(n) for n in REVISITED_NAMES}
+    roots = {n: Path(r) if r is not None else find_revisited_root(cfg.data.data_root, n) for n, r in given.items()}
+    roots = {n: r for n, r in roots.items() if r is not None}
+    if not roots:
+        raise DatasetError(
+            f"no Revisited dataset to evaluate on: pass roxford_root= and/or rparis_root=, or put "
+            f"{' / '.join(REVISITED_NAMES)} beside data_root={cfg.data.data_root!r}; {REVISITED_LAYOUT}"
+        )
+    if cfg.eval.whitening == "learned" and inputs.sfm is None:
+        raise ConfigError(f"whitening='learned' is learned from SfM-120k's training pairs, which "
+                          f"dataset={cfg.data.dataset!r} has not: train on sfm120k, or set whitening=None")
+    eval_tf = particular_object_transform(cfg.data.img_size, inputs.norm["mean"], inputs.norm["std"])
+    return Evaluator(lambda m, dev, q_raw: revisited_evaluation(m, roots, eval_tf, cfg, dev, inputs.sfm))
+
+
+# name -> builder(cfg, EvalInputs) -> Evaluator; ``cfg.eval.evaluator`` picks one (None: the dataset's own,
+# DATASET_EVALUATORS, else "recall"). A new evaluator is one function and one line here.
+EVALUATORS: dict[str, Callable[[ExperimentConfig, EvalInputs], Evaluator]] = {
+    "recall": recall_evaluator,  # Recall@K of the test classes (IRT Tables 2, 3; DToP Tables A8-A13)
+    "revisited": revisited_evaluator,  # Revisited Oxford / Paris mAP, mP@k (IRT Table 7, DToP Table A5)
+}
+DATASET_EVALUATORS = {"sfm120k": "revisited"}  # the evaluator of a dataset not evaluated by Recall@K
+
+
+def evaluator_name(cfg: ExperimentConfig) -> str:
+    """``cfg.eval.evaluator``, or the dataset's own when it is None."""
+    return cfg.eval.evaluator or DATASET_EVALUATORS.get(cfg.data.dataset, "recall")
+
+
+def evaluator_builder(name: str) -> Callable[[ExperimentConfig, EvalInputs], Evaluator]:
+    """The builder registered as ``name`` in :data:`EVALUATORS`; an unknown name is a one-line error."""
+    if name not in EVALUATORS:
+        raise ConfigError(f"evaluator={name!r} is invalid: expected one of {', '.join(EVALUATORS)} "
+                          "(nbsrc.experiment.EVALUATORS), or None for the dataset's own")
+    return EVALUATORS[name]
+
+
 # ----------------------------------------------------------------------------- what differs per dataset
 @dataclass
 class Setup:
     """What :func:`run_experiment` needs of a dataset: the training task, the images the PCA is
-    fitted on (``pca_images[pca_keep]``), the final evaluation, an optional evaluation during
-    training (``cfg.eval.eval_every``) and what goes into ``results.json`` besides the evaluation."""
+    fitted on (``pca_images[pca_keep]``), what the evaluator is built from (``inputs``), the evaluator
+    (:func:`build_setup` adds it) and what goes into ``results.json`` besides the evaluation."""
 
     task: TrainingTask
     pca_images: RetrievalDataset
     pca_keep: np.ndarray
-    evaluate: Callable[[torch.nn.Module, torch.device, np.ndarray | None], Evaluation]
-    evaluate_during: Callable[[torch.nn.Module], dict] | None = None
+    inputs: EvalInputs
+    evaluator: Evaluator | None = None
     summary: dict = field(default_factory=dict)
     query_raw: RetrievalDataset | None = None  # embedded before the PCA, saved as query_raw
 
 
 def class_setup(cfg: ExperimentConfig, norm: dict, device, data: RetrievalData | None = None) -> Setup:
     """Datasets of classes: train on ``data.train`` (PairTask), PCA on up to ``PCA_FIT_SAMPLES``
-    training images (an equal share per class, drawn from ``cfg.run.seed``), Recall@K on the test classes."""
+    training images (an equal share per class, drawn from ``cfg.run.seed``)."""
     data = data if data is not None else build_data(cfg, norm["mean"], norm["std"])
     for part, what in ((data.train, "training set"), (data.query, "query set"), (data.gallery, "gallery")):
         if part is not None:
@@ -201,12 +284,7 @@ def class_setup(cfg: ExperimentConfig, norm: dict, device, data: RetrievalData |
     train_eval = data.train.subset(np.arange(len(data.train)), transform=data.query.transform)
     per_class = max(1, PCA_FIT_SAMPLES // max(1, len(np.unique(train_eval.labels))))
     keep = cap_per_class(np.arange(len(train_eval)), train_eval.labels, per_class, seed=cfg.run.seed)
-
-    def during(m):
-        return evaluate(m, data, cfg.eval.ks, cfg.eval.eval_batch_size, device, progress=False)
-
-    return Setup(PairTask(cfg, data.train), train_eval, keep,
-                 lambda m, dev, q_raw: recall_evaluation(m, data, cfg, dev, q_raw), during,
+    return Setup(PairTask(cfg, data.train), train_eval, keep, EvalInputs(norm, device, data=data),
                  query_raw=data.query)
 
 
@@ -238,20 +316,10 @@ def class_dataset(db: SfMSplit, transform) -> RetrievalDataset:
 
 def sfm_setup(cfg: ExperimentConfig, norm: dict, device, roxford_root=None, rparis_root=None) -> Setup:
     """SfM-120k: tuples (IRT) or 3D models as classes (DToP), PCA on up to ``PCA_FIT_SAMPLES``
-    SfM-120k training images (a subset drawn from ``cfg.run.seed``), Revisited Oxford / Paris.
-
-    ``roxford_root`` / ``rparis_root``: the folders holding ``gnd_roxford5k.pkl`` /
-    ``gnd_rparis6k.pkl`` and ``jpg/``; None looks beside ``cfg.data.data_root`` and skips a dataset that
-    is not there; at least one must be found."""
+    SfM-120k training images (a subset drawn from ``cfg.run.seed``, squashed to a square as in the
+    evaluation). ``roxford_root`` / ``rparis_root``: the Revisited folders for the evaluator
+    (:func:`revisited_evaluator`; None: looked for beside ``cfg.data.data_root``)."""
     db = load_sfm120k_db(cfg.data.data_root, "train")  # first: a wrong data_root is named as such
-    roots = {"roxford5k": roxford_root, "rparis6k": rparis_root}
-    roots = {n: Path(r) if r is not None else find_revisited_root(cfg.data.data_root, n) for n, r in roots.items()}
-    roots = {n: r for n, r in roots.items() if r is not None}
-    if not roots:
-        raise DatasetError(
-            f"no Revisited dataset to evaluate on: pass roxford_root= and/or rparis_root=, or put "
-            f"{' / '.join(REVISITED_NAMES)} beside data_root={cfg.data.data_root!r}; {REVISITED_LAYOUT}"
-        )
     check_images(db.paths, "SfM-120k", decode=False)  # a missing or unreadable file, before anything is written
     eval_tf = particular_object_transform(cfg.data.img_size, norm["mean"], norm["std"])  # IRT §4.2: squashed square
     if cfg.data.sfm_training == "classes":
@@ -261,17 +329,22 @@ def sfm_setup(cfg: ExperimentConfig, norm: dict, device, roxford_root=None, rpar
         task = TupleTask(cfg, db)
     n = min(PCA_FIT_SAMPLES, len(db))
     keep = np.sort(np.random.default_rng([cfg.run.seed, 128]).permutation(len(db))[:n])
-    return Setup(task, db.images(eval_tf), keep,
-                 lambda m, dev, q_raw: revisited_evaluation(m, roots, eval_tf, cfg, dev, db),
-                 summary={"n_train_images": len(db)})
+    inputs = EvalInputs(norm, device, sfm=db, roots={"roxford5k": roxford_root, "rparis6k": rparis_root})
+    return Setup(task, db.images(eval_tf), keep, inputs, summary={"n_train_images": len(db)})
 
 
 def build_setup(cfg: ExperimentConfig, norm: dict, device, data: RetrievalData | None = None,
                 roxford_root=None, rparis_root=None) -> Setup:
-    """The :class:`Setup` of ``cfg.data.dataset``."""
+    """The :class:`Setup` of ``cfg.data.dataset`` with the evaluator of ``cfg.eval.evaluator``
+    (:data:`EVALUATORS`; its name is checked before the data is read)."""
+    builder = evaluator_builder(evaluator_name(cfg))
     if cfg.data.dataset == "sfm120k":
-        return sfm_setup(cfg, norm, device, roxford_root, rparis_root)
-    return class_setup(cfg, norm, device, data)
+        setup = sfm_setup(cfg, norm, device, roxford_root, rparis_root)
+    else:
+        setup = class_setup(cfg, norm, device, data)
+        setup.inputs.roots = {"roxford5k": roxford_root, "rparis6k": rparis_root}
+    setup.evaluator = builder(cfg, setup.inputs)
+    return setup
 
 
 def check_can_start(cfg: ExperimentConfig, model: torch.nn.Module, setup: Setup) -> None:
@@ -325,7 +398,7 @@ def run_experiment(cfg: ExperimentConfig, mode: str = "reuse", data: RetrievalDa
         print(f"reusing finished run {run_dir} (same config); nothing retrained")
         return load_run(run_dir)
     if cfg.optim.iterations > 0:
-        fit(cfg, model, setup.task, run_dir, resume=action == "resume", evaluate=setup.evaluate_during,
+        fit(cfg, model, setup.task, run_dir, resume=action == "resume", evaluate=setup.evaluator.during,
             stop_after=stop_after)
         if stop_after is not None and stop_after < cfg.optim.iterations:
             return RunResult(cfg, run_dir, {}, model=model)
@@ -339,7 +412,7 @@ def run_experiment(cfg: ExperimentConfig, mode: str = "reuse", data: RetrievalDa
             q_raw, _, _ = extract_embeddings(model, setup.query_raw, cfg.eval.eval_batch_size, device, cfg.run.num_workers,
                                              False)
         fit_pca(model, setup.pca_images, setup.pca_keep, cfg, device)
-    results, arrays = setup.evaluate(model, device, q_raw)
+    results, arrays = setup.evaluator.evaluate(model, device, q_raw)
     np.savez(run_dir / EMBEDDINGS, **arrays)
     torch.save(model.state_dict(), run_dir / MODEL)
     results = {**results, **setup.summary, "seconds": round(time.perf_counter() - t0, 1), "device": str(device),

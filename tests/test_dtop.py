@@ -58,7 +58,7 @@ def test_output_shape_norm_and_interface():
     z = m(images())
     assert z.shape == (2, 1536) and torch.allclose(z.norm(dim=1), torch.ones(2), atol=1e-5)
     assert isinstance(m.backbone, VisionTransformer)
-    assert m.pca is None and m.feature_dim == m.embed_dim == 1536
+    assert m.pca is None and m.feature_dim == m.output_dim == 1536
     # any size and aspect ratio (dynamic position embedding)
     assert m(images(h=40, w=64)).shape == (2, 1536)
     assert m.branches(images(h=40, w=64))["Y"].shape == (2, D, 5, 8)
@@ -77,11 +77,11 @@ def test_defaults_are_the_papers():
 def test_pca_reduction_like_retrieval_model():
     m = dtop(head_dim=32).eval()
     m2 = build_model("vit_tiny_patch16_224", dim=8, dtop=True, head_dim=32, **TINY).eval()
-    assert m.pca is None and isinstance(m2.pca, PCAReduction) and m2.embed_dim == 32
+    assert m.pca is None and isinstance(m2.pca, PCAReduction) and m2.output_dim == 32
     with torch.no_grad():
         m2.pca.fit(m2(images(b=12)).numpy())
         z = m2(images())
-    assert m2.embed_dim == 8 and z.shape == (2, 8)
+    assert m2.output_dim == 8 and z.shape == (2, 8)
     assert torch.allclose(z.norm(dim=1), torch.ones(2), atol=1e-5)
 
 

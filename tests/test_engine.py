@@ -58,7 +58,7 @@ def test_a_new_loss_is_one_function_and_one_registry_line(tiny_cfg, monkeypatch)
     whole runner, by name, with nothing else changed."""
     from nbsrc import losses
 
-    def toy_loss(cfg, embedding_dim, classes):
+    def toy_loss(cfg, feature_dim, classes):
         def term(z, labels, ref_emb=None, ref_labels=None, indices=None, ref_indices=None):
             d = torch.cdist(z, z) ** 2
             same = labels[:, None] == labels[None, :]

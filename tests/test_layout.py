@@ -93,7 +93,7 @@ def test_no_private_name_imported_across_modules():
     assert not bad, bad
 
 
-LAYERS = ["errors", "progress", "config", "data", "models", "losses", "train", "eval", "experiment"]
+LAYERS = ["errors", "progress", "config", "data", "models", "losses", "train", "eval", "experiment", "analysis", "plots"]
 
 
 def test_layers_import_only_downwards():

@@ -3,7 +3,9 @@
 Each bench compares methods *within one run* (their steps alternate, so they share the machine's
 load) and reports ratios, which survive a busy machine better than absolute times. Each writes its
 own section of ``bench/RESULTS.md`` (machine, library versions, date, the ratios and a one-line
-reading), leaving the other sections as they are.
+reading), leaving the other sections as they are. Every bench times through the helpers below:
+:func:`timed` (one call, the device synchronised around it), :func:`rotation` (the order of a round)
+and :func:`timed_rounds` (methods interleaved round by round).
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import datetime
 import os
 import platform
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from nbsrc.provenance import cpu_model
 
@@ -26,6 +31,38 @@ def sync(device) -> None:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device="cpu") -> tuple[Any, float]:
+    """``(fn(), seconds)``: one call timed on its own, the device synchronised before and after, so
+    that the time is that of the call's work and not of work queued before it."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+def rotation(names: list[str], r: int) -> list[str]:
+    """The order of round ``r``: ``names`` rotated by ``r`` (A B C, B C A, C A B, ...), so that no method
+    always runs first or right after the same other one (two methods alternate)."""
+    r %= len(names)
+    return names[r:] + names[:r]
+
+
+def timed_rounds(fns: dict[str, Callable[[int], Any]], rounds: int, device="cpu",
+                 warmup: int = 0) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """``({name: [seconds of each timed round]}, {name: what its last call returned})``: every
+    ``fns[name](r)`` once per round ``r`` of ``warmup + rounds``, in the order of :func:`rotation`, each
+    call :func:`timed`; the first ``warmup`` rounds are not timed."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    last: dict[str, Any] = {}
+    for r in range(warmup + rounds):
+        for name in rotation(list(fns), r):
+            last[name], seconds = timed(lambda: fns[name](r), device)
+            if r >= warmup:
+                times[name].append(seconds)
+    return times, last
 _HEADER = "# Benchmark results\n\nWritten by `python -m nbsrc.bench {train,eval,dtop,loader,revisited,embed,demo}`; each command rewrites only its own section.\n"
 
 

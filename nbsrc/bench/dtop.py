@@ -15,26 +15,20 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
+from nbsrc.bench import timed_rounds
 from nbsrc.bench.train import paired_ratio, verdict
 from nbsrc.losses.arcface import ArcFaceLoss
 from nbsrc.models import build_model
 
 
-def _train_step(model, loss_fn, opt, x, y, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
+def _train_step(model, loss_fn, opt, x, y) -> None:
     opt.zero_grad(set_to_none=True)
     loss = loss_fn(model(x), y)
     loss.backward()
     opt.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
 
 
 def bench_dtop_vs_vit(
@@ -65,16 +59,13 @@ def bench_dtop_vs_vit(
         loss_fn = ArcFaceLoss(num_classes, model.feature_dim).to(dev)
         opt = torch.optim.SGD(list(model.parameters()) + list(loss_fn.parameters()), lr=1e-3, momentum=0.9)
         setups[name] = (model, loss_fn, opt)
-    times = {name: [] for name in setups}
     gen = torch.Generator().manual_seed(seed)
-    for step in range(warmup + steps):
-        x = torch.randn(batch, 3, img_size, img_size, generator=gen).to(dev)
-        y = torch.randint(0, num_classes, (batch,), generator=gen).to(dev)
-        order = ("dtop", "vit") if step % 2 == 0 else ("vit", "dtop")
-        for name in order:
-            t = _train_step(*setups[name], x, y, dev)
-            if step >= warmup:
-                times[name].append(t)
+    batches = []
+    for _ in range(warmup + steps):  # one batch per round, the same for both models
+        x = torch.randn(batch, 3, img_size, img_size, generator=gen)
+        batches.append((x.to(dev), torch.randint(0, num_classes, (batch,), generator=gen).to(dev)))
+    times, _ = timed_rounds({name: (lambda r, s=setups[name]: _train_step(*s, *batches[r])) for name in setups},
+                            steps, dev, warmup)
     dtop_s, vit_s = statistics.median(times["dtop"]), statistics.median(times["vit"])
     paired = paired_ratio(times["dtop"], times["vit"])  # per step: DToP seconds / ViT seconds
     return {

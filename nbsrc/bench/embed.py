@@ -26,13 +26,13 @@ import os
 import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nbsrc.bench import timed_rounds
 from nbsrc.errors import ConfigError
 
 
@@ -87,9 +87,6 @@ def bench_embed(n_images: int = 64, width: int = 320, height: int = 240, rounds:
     try:
         folder = make_jpegs(work / "photos", n_images, width, height, seed=seed)
         paths = sorted(list_images(folder))
-        times: dict[str, list[float]] = {"nbsrc": [], "direct": []}
-        result = {}
-
         def nbsrc_round(r: int):
             idx = Index.build(em, folder, work / f"index{r}", device="cpu", progress=False, log=None)
             return idx
@@ -98,12 +95,7 @@ def bench_embed(n_images: int = 64, width: int = 320, height: int = 240, rounds:
             return direct_embed(em.model, paths, pre.img_size, pre.resize, pre.mean, pre.std, direct_batch,
                                 work / f"direct{r}.npy")
 
-        for r in range(rounds):
-            order = ("nbsrc", "direct") if r % 2 == 0 else ("direct", "nbsrc")
-            for name in order:
-                t0 = time.perf_counter()
-                result[name] = nbsrc_round(r) if name == "nbsrc" else direct_round(r)
-                times[name].append(time.perf_counter() - t0)
+        times, result = timed_rounds({"nbsrc": nbsrc_round, "direct": direct_round}, rounds)
         idx, z_direct = result["nbsrc"], result["direct"]
         z_nbsrc = np.load(idx.path / "embeddings.npy").astype(np.float32)  # listing order, stored as float16
         order = {Path(p).resolve(): i for i, p in enumerate(paths)}

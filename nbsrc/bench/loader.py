@@ -52,7 +52,7 @@ def loader_img_per_s(cfg: ExperimentConfig, ds, workers: int, batches: int, warm
 def bench_loader(cfg: ExperimentConfig, workers=(0, 1, 2), batches: int = 40, warmup: int = 3,
                  steps: int = 10) -> dict:
     """Loader img/s per worker count beside the training step's img/s (median of ``steps`` steps)."""
-    from nbsrc.bench import sync
+    from nbsrc.bench import timed
     from nbsrc.bench.train import NbsrcStep
     from nbsrc.data import build_data
     from nbsrc.train.loop import resolve_device
@@ -70,12 +70,9 @@ def bench_loader(cfg: ExperimentConfig, workers=(0, 1, 2), batches: int = 40, wa
     step = NbsrcStep(cfg, device, len(set(ds.labels.tolist())))
     step_times = []
     for i, (x, y, idx) in enumerate(_loader(cfg, ds, 2 + steps, 0, pin)):
-        sync(device)
-        t0 = time.perf_counter()
-        step(x, y, idx)
-        sync(device)
+        _, seconds = timed(lambda: step(x, y, idx), device)
         if i >= 2:
-            step_times.append(time.perf_counter() - t0)
+            step_times.append(seconds)
     step_rate = cfg.optim.batch_size / statistics.median(step_times)
     enough = next((w for w in workers if rates[w] >= step_rate), None)
     return {"dataset": cfg.data.dataset, "backbone": cfg.model.backbone, "img_size": cfg.data.img_size, "batch": cfg.optim.batch_size,

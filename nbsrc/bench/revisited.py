@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
 
+from nbsrc.bench import timed_rounds
 from nbsrc.errors import ConfigError
 
 
@@ -44,12 +44,7 @@ def bench_revisited(n_queries: int = 70, n_db: int = 5000, rounds: int = 7, seed
     gnd = random_gnd(n_queries, n_db, rng)
     ranks = np.argsort(rng.random((n_queries, n_db)), axis=1)
     funcs = {"vectorised": revisited_map, "reference": revisited_map_reference}
-    times, results = {name: [] for name in funcs}, {}
-    for r in range(rounds):
-        for name in (("vectorised", "reference") if r % 2 == 0 else ("reference", "vectorised")):
-            t0 = time.perf_counter()
-            results[name] = funcs[name](ranks, gnd)
-            times[name].append(time.perf_counter() - t0)
+    times, results = timed_rounds({name: (lambda r, f=f: f(ranks, gnd)) for name, f in funcs.items()}, rounds)
     fast, slow = results["vectorised"], results["reference"]
     diff = max(abs(fast[s][m] - slow[s][m]) for s in fast for m in fast[s])
     paired = paired_ratio(times["reference"], times["vectorised"])

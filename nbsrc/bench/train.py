@@ -34,14 +34,13 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from nbsrc.bench import sync
+from nbsrc.bench import rotation, timed, timed_rounds
 from nbsrc.config import ExperimentConfig
 from nbsrc.data import MPerClassBatchSampler
 from nbsrc.errors import ConfigError
@@ -101,7 +100,7 @@ class NbsrcStep:
         memory, device = self.task.memory, self.parts.device
         if memory is not None:
             m = memory.size
-            memory.enqueue(_unit(m, memory.dim, gen).to(device),
+            memory.enqueue(_unit(m, memory.feature_dim, gen).to(device),
                            torch.randint(0, n_classes, (m,), generator=gen).to(device),
                            torch.arange(first_index, first_index + m).to(device))
 
@@ -139,7 +138,7 @@ class ReferenceStep:
     """The direct loop: timm backbone, pytorch-metric-learning contrastive loss inside its
     CrossBatchMemory, inline KoLeo, AdamW, gradient clipping."""
 
-    def __init__(self, cfg: ExperimentConfig, device: torch.device, dim: int | None = None):
+    def __init__(self, cfg: ExperimentConfig, device: torch.device, feature_dim: int | None = None):
         from pytorch_metric_learning.distances import CosineSimilarity
         from pytorch_metric_learning.losses import ContrastiveLoss
         from pytorch_metric_learning.losses import CrossBatchMemory as PMLCrossBatchMemory
@@ -147,9 +146,9 @@ class ReferenceStep:
         self.cfg, self.device = cfg, device
         self.model = _timm_backbone(cfg, device)
         self.net = torch.compile(self.model) if cfg.run.compile and device.type == "cuda" else self.model
-        dim = dim or self.model.num_features
+        feature_dim = feature_dim or self.model.num_features
         loss = ContrastiveLoss(pos_margin=1, neg_margin=cfg.loss.beta, distance=CosineSimilarity())
-        self.loss = PMLCrossBatchMemory(loss, embedding_size=dim, memory_size=max(cfg.loss.memory_size, cfg.optim.batch_size))
+        self.loss = PMLCrossBatchMemory(loss, embedding_size=feature_dim, memory_size=max(cfg.loss.memory_size, cfg.optim.batch_size))
         self.optimizer = _direct_adamw(cfg, self.model)
         self.amp_on, self.amp_dtype = amp_settings(cfg, device)
         self.pin = cfg.run.pin_memory and device.type == "cuda"
@@ -205,24 +204,15 @@ def interleave(runners: dict, device: torch.device, warmup: int, n: int,
     if given, receives each runner's first warm-up step in seconds (where torch.compile compiles)."""
     for name, (step, batches) in runners.items():
         for i in range(warmup):
-            sync(device)
-            t0 = time.perf_counter()
-            step(*batches[i])
-            sync(device)
+            _, seconds = timed(lambda: step(*batches[i]), device)
             if i == 0 and first is not None:
-                first[name] = time.perf_counter() - t0
-    sync(device)
+                first[name] = seconds
     names = list(runners)
     out = {name: [] for name in names}
     for i in range(warmup, warmup + n):
-        r = (i - warmup) % len(names)
-        for name in names[r:] + names[:r]:
+        for name in rotation(names, i - warmup):
             step, batches = runners[name]
-            sync(device)
-            t0 = time.perf_counter()
-            step(*batches[i])
-            sync(device)
-            out[name].append(time.perf_counter() - t0)
+            out[name].append(timed(lambda: step(*batches[i]), device)[1])
     return out
 
 
@@ -322,13 +312,13 @@ def bench_loss(cfg: ExperimentConfig, device: torch.device, n: int = 50, seed: i
     batch × batch and batch × memory) against pytorch-metric-learning's ContrastiveLoss in its
     CrossBatchMemory + inline KoLeo; interleaved, ``n`` timed calls each after 3 untimed ones."""
     gen = torch.Generator().manual_seed(seed)
-    dim, n_classes = 192, max(2 * cfg.optim.batch_size // cfg.optim.m_per_class, 8)
-    mine, ref = NbsrcStep(cfg, device, n_classes), ReferenceStep(cfg, device, dim=dim)
+    feature_dim, n_classes = 192, max(2 * cfg.optim.batch_size // cfg.optim.m_per_class, 8)
+    mine, ref = NbsrcStep(cfg, device, n_classes), ReferenceStep(cfg, device, feature_dim=feature_dim)
     mine.prefill(gen, n_classes, 10**9)
     ref.prefill(gen, n_classes, 10**9)
     memory = mine.task.memory
     mem = memory.get() if memory is not None and len(memory) else (None, None, None)
-    z0 = _unit(cfg.optim.batch_size, dim, gen).to(device)
+    z0 = _unit(cfg.optim.batch_size, feature_dim, gen).to(device)
     y = (torch.arange(cfg.optim.batch_size) // cfg.optim.m_per_class % n_classes).to(device)
     idx = torch.arange(cfg.optim.batch_size).to(device)
 
@@ -340,16 +330,8 @@ def bench_loss(cfg: ExperimentConfig, device: torch.device, n: int = 50, seed: i
         z = z0.clone().requires_grad_()
         (ref.loss(z, y) + cfg.loss.lam * inline_koleo(z)).backward()
 
-    fns = {"nbsrc": nbsrc_loss, "reference": reference_loss}
-    times = {k: [] for k in fns}
-    for i in range(3 + n):
-        for name in (list(fns) if i % 2 else list(fns)[::-1]):
-            sync(device)
-            t0 = time.perf_counter()
-            fns[name]()
-            sync(device)
-            if i >= 3:
-                times[name].append(time.perf_counter() - t0)
+    times, _ = timed_rounds({"nbsrc": lambda r: nbsrc_loss(), "reference": lambda r: reference_loss()}, n, device,
+                            warmup=3)
     return {k: 1000 * statistics.median(v) for k, v in times.items()}
 
 

@@ -15,7 +15,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from nbsrc.errors import ConfigError
+from nbsrc.errors import ConfigError, RunDirError
 from nbsrc.losses.arcface import ArcFaceLoss
 from nbsrc.losses.contrastive import contrastive_loss, contrastive_pair_terms, pair_mask
 from nbsrc.losses.koleo import koleo_loss, nearest_neighbor_distance
@@ -43,23 +43,23 @@ class ProxyTerm(nn.Module):
         return self.proxy(z, torch.searchsorted(self.classes, labels))
 
 
-def _contrastive(cfg, embedding_dim: int, classes):
+def _contrastive(cfg, feature_dim: int, classes):
     return partial(contrastive_loss, beta=cfg.loss.beta)
 
 
-def _snca(cfg, embedding_dim: int, classes):
+def _snca(cfg, feature_dim: int, classes):
     return partial(snca_loss, temperature=cfg.loss.temperature)
 
 
-def _nsoftmax(cfg, embedding_dim: int, classes):
-    return ProxyTerm(NormalizedSoftmaxLoss(len(classes), embedding_dim, cfg.loss.temperature), classes)
+def _nsoftmax(cfg, feature_dim: int, classes):
+    return ProxyTerm(NormalizedSoftmaxLoss(len(classes), feature_dim, cfg.loss.temperature), classes)
 
 
-def _arcface(cfg, embedding_dim: int, classes):
-    return ProxyTerm(ArcFaceLoss(len(classes), embedding_dim, cfg.loss.arcface_margin, cfg.loss.arcface_scale), classes)
+def _arcface(cfg, feature_dim: int, classes):
+    return ProxyTerm(ArcFaceLoss(len(classes), feature_dim, cfg.loss.arcface_margin, cfg.loss.arcface_scale), classes)
 
 
-# name -> builder(cfg, embedding_dim, train_classes) -> term(z, labels, ref_emb, ref_labels, indices,
+# name -> builder(cfg, feature_dim, train_classes) -> term(z, labels, ref_emb, ref_labels, indices,
 # ref_indices) -> scalar (a function, or a module when it has parameters); ``cfg.loss.name`` picks one.
 PAIR_LOSSES: dict[str, Callable] = {
     "contrastive": _contrastive,  # IRT eq. (1), margin beta on negatives
@@ -86,6 +86,53 @@ class RetrievalLoss(nn.Module):
         koleo = koleo_loss(z) if self.lam > 0 else main.new_zeros(())
         return {self.loss: main, "koleo": koleo, "total": main + self.lam * koleo}
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, also for a checkpoint written before the loss registry
+        (:func:`current_criterion_state` maps its keys); a state of another loss is a one-line
+        :class:`~nbsrc.errors.RunDirError` naming the keys that do not fit."""
+        own = self.state_dict()
+        state = current_criterion_state(state_dict, own)
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if strict and (missing or unexpected):
+            raise RunDirError(
+                f"the checkpoint's loss state does not fit loss {self.loss!r} (missing: {', '.join(missing) or 'none'}; "
+                f"unexpected: {', '.join(unexpected) or 'none'}): it was written for another loss or by another "
+                "version of nbsrc; restart the run with --overwrite (mode='overwrite')")
+        for key, value in state.items():
+            if key in own and tuple(value.shape) != tuple(own[key].shape):
+                raise RunDirError(
+                    f"the checkpoint's loss state {key} has shape {tuple(value.shape)}, loss {self.loss!r} "
+                    f"expects {tuple(own[key].shape)} (another number of training classes or embedding size); "
+                    "restart the run with --overwrite (mode='overwrite')")
+        return super().load_state_dict(state, strict, assign)
+
+
+# The criterion's state-dict keys before the loss registry (nbsrc up to 240d580^): RetrievalLoss held the
+# sorted training classes itself as "classes" (for every loss, used only by the proxy losses) and a proxy
+# loss (Normalized Softmax, ArcFace) as "proxy_loss"; since then a proxy loss's ProxyTerm holds both
+# ("term.classes", "term.proxy.*") and a loss without parameters (contrastive, SNCA) has no state.
+LEGACY_CRITERION_PREFIXES = {"proxy_loss.": "term.proxy."}
+
+
+def current_criterion_state(state: dict, current: dict) -> dict:
+    """``state`` (a criterion's saved state dict) in today's keys, given ``current``, the state dict of
+    the criterion it is loaded into: an old checkpoint's ``proxy_loss.*`` become ``term.proxy.*`` and its
+    ``classes`` become ``term.classes``, or are dropped when the loss keeps no classes (contrastive,
+    SNCA: the old buffer was unused). A state already in today's keys is returned as it is."""
+    if "classes" not in state and not any(k.startswith(tuple(LEGACY_CRITERION_PREFIXES)) for k in state):
+        return state
+    out = {}
+    for key, value in state.items():
+        old = next((p for p in LEGACY_CRITERION_PREFIXES if key.startswith(p)), None)
+        if old is not None:
+            out[LEGACY_CRITERION_PREFIXES[old] + key[len(old):]] = value
+        elif key == "classes":
+            if "term.classes" in current:
+                out["term.classes"] = value
+        else:
+            out[key] = value
+    return out
+
 
 def pair_loss(name: str) -> Callable:
     """The builder registered as ``name`` in :data:`PAIR_LOSSES`; an unknown name is a one-line error."""
@@ -94,6 +141,6 @@ def pair_loss(name: str) -> Callable:
     return PAIR_LOSSES[name]
 
 
-def build_loss(cfg, embedding_dim: int, train_classes) -> RetrievalLoss:
+def build_loss(cfg, feature_dim: int, train_classes) -> RetrievalLoss:
     """The pair loss named by ``cfg.loss.name`` (:data:`PAIR_LOSSES`) plus ``cfg.loss.lam`` · KoLeo."""
-    return RetrievalLoss(cfg.loss.name, pair_loss(cfg.loss.name)(cfg, embedding_dim, sorted(train_classes)), cfg.loss.lam)
+    return RetrievalLoss(cfg.loss.name, pair_loss(cfg.loss.name)(cfg, feature_dim, sorted(train_classes)), cfg.loss.lam)

@@ -35,7 +35,7 @@ def arcface_logits(cosine: torch.Tensor, labels: torch.Tensor, margin: float, sc
 
 
 class ArcFaceLoss(nn.Module):
-    def __init__(self, num_classes: int, embedding_dim: int, margin: float = 0.15, scale: float = 30.0):
+    def __init__(self, num_classes: int, feature_dim: int, margin: float = 0.15, scale: float = 30.0):
         super().__init__()
         if num_classes < 2:
             raise ConfigError(f"ArcFace needs at least 2 training classes, got num_classes={num_classes}")
@@ -44,7 +44,7 @@ class ArcFaceLoss(nn.Module):
         if scale <= 0:
             raise ConfigError(f"arcface scale={scale} must be positive (e.g. 30)")
         self.margin, self.scale = float(margin), float(scale)
-        self.weight = nn.Parameter(torch.randn(num_classes, embedding_dim) / embedding_dim**0.5)
+        self.weight = nn.Parameter(torch.randn(num_classes, feature_dim) / feature_dim**0.5)
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None) -> torch.Tensor:
         """Mean ArcFace loss of the batch; ``ref_emb``/``ref_labels`` are accepted and ignored (the

@@ -11,9 +11,9 @@ import torch
 
 
 class CrossBatchMemory:
-    def __init__(self, size: int, dim: int, device: torch.device | str = "cpu"):
-        self.size, self.dim = size, dim
-        self.embeddings = torch.zeros(size, dim, device=device)
+    def __init__(self, size: int, feature_dim: int, device: torch.device | str = "cpu"):
+        self.size, self.feature_dim = size, feature_dim
+        self.embeddings = torch.zeros(size, feature_dim, device=device)
         self.labels = torch.zeros(size, dtype=torch.long, device=device)
         self.indices = torch.full((size,), -1, dtype=torch.long, device=device)
         self.ptr = 0  # next slot to write
@@ -54,5 +54,5 @@ class CrossBatchMemory:
         self.embeddings = state["embeddings"].to(dev)
         self.labels = state["labels"].to(dev)
         self.indices = state["indices"].to(dev)
-        self.size, self.dim = self.embeddings.shape
+        self.size, self.feature_dim = self.embeddings.shape
         self.ptr, self.filled = int(state["ptr"]), int(state["filled"])

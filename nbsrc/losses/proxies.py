@@ -22,10 +22,10 @@ from torch import nn
 
 
 class NormalizedSoftmaxLoss(nn.Module):
-    def __init__(self, num_classes: int, embedding_dim: int, temperature: float = 0.05):
+    def __init__(self, num_classes: int, feature_dim: int, temperature: float = 0.05):
         super().__init__()
         self.temperature = temperature
-        self.weight = nn.Parameter(torch.randn(num_classes, embedding_dim) / embedding_dim**0.5)
+        self.weight = nn.Parameter(torch.randn(num_classes, feature_dim) / feature_dim**0.5)
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
         """``labels`` are class rows 0..C-1 (see :class:`~nbsrc.losses.RetrievalLoss`)."""

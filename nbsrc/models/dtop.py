@@ -118,7 +118,7 @@ class DToPModel(nn.Module):
     """images -> l2-normalised DToP embeddings [B, head_dim] (or [B, dim] once ``pca`` is fitted).
 
     Same interface as :class:`~nbsrc.models.RetrievalModel`: ``backbone`` (the timm ViT),
-    ``feature_dim``, ``embed_dim``, ``pca``, ``forward_tokens``, ``forward_features``, ``forward``;
+    ``feature_dim`` (= ``head_dim``), ``output_dim``, ``pca``, ``forward_tokens``, ``forward_features``, ``forward``;
     :meth:`branches` returns the intermediate quantities of eqs. (5)–(12) for analysis.
     """
 
@@ -148,7 +148,7 @@ class DToPModel(nn.Module):
             )
         if backbone.cls_token is None:
             raise ConfigError("DToP's global branch needs a [CLS] token; this ViT has none (class_token=False)")
-        depth, d = len(backbone.blocks), backbone.embed_dim
+        depth, d = len(backbone.blocks), backbone.embed_dim  # d: the ViT's width D
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= depth:
             raise ConfigError(
                 f"k={k!r} is out of range: this backbone has {depth} encoder blocks, use 1 <= k <= {depth}"
@@ -244,7 +244,8 @@ class DToPModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     @property
-    def embed_dim(self) -> int:
+    def output_dim(self) -> int:
+        """The size of the embedding :meth:`forward` returns: the PCA's ``dim`` once fitted, else ``head_dim``."""
         return self.pca.dim if self.pca is not None and bool(self.pca.fitted) else self.feature_dim
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,15 +13,15 @@ from nbsrc.models.pooling import build_pooling
 
 class PCAReduction(nn.Module):
     """z -> normalize(W (z - μ)), with μ and the top-``dim`` principal directions W fitted on
-    training embeddings (IRT ▷128). Identity until :meth:`fit` is called."""
+    training embeddings (IRT ▷128): ``feature_dim`` -> ``dim``. Identity until :meth:`fit` is called."""
 
-    def __init__(self, in_dim: int, dim: int):
+    def __init__(self, feature_dim: int, dim: int):
         super().__init__()
-        if dim > in_dim:
-            raise ConfigError(f"dim={dim} is larger than the embedding size {in_dim}; choose dim <= {in_dim}")
+        if dim > feature_dim:
+            raise ConfigError(f"dim={dim} is larger than the embedding size {feature_dim}; choose dim <= {feature_dim}")
         self.dim = dim
-        self.register_buffer("mean", torch.zeros(in_dim))
-        self.register_buffer("components", torch.zeros(dim, in_dim))
+        self.register_buffer("mean", torch.zeros(feature_dim))
+        self.register_buffer("components", torch.zeros(dim, feature_dim))
         self.register_buffer("fitted", torch.tensor(False))
 
     @torch.no_grad()
@@ -49,7 +49,9 @@ class RetrievalModel(nn.Module):
     ``forward_features`` returns the pooled, not yet normalised descriptor (a ``spatial`` pooling such
     as R-MAC gets the convnet's map ``[B, C, H, W]`` instead of tokens); ``forward`` the final
     embedding (pooled -> l2 -> [PCA -> l2]). ``pooling`` is a name of
-    :data:`nbsrc.models.pooling.POOLINGS`.
+    :data:`nbsrc.models.pooling.POOLINGS`. Sizes (one name each, see :mod:`nbsrc.config`):
+    ``feature_dim`` of the pooled descriptor (the backbone's width), ``dim`` of the PCA, ``output_dim``
+    of what ``forward`` returns.
     """
 
     def __init__(self, backbone: nn.Module, pooling: str, num_prefix: int, has_dist: bool,
@@ -60,11 +62,12 @@ class RetrievalModel(nn.Module):
         self.num_prefix = num_prefix
         self.pool = build_pooling(pooling, num_prefix, has_dist, gem_p, gem_learnable)
         self.head = head if head is not None else nn.Identity()
-        self.feature_dim = backbone.num_features
+        self.feature_dim = backbone.num_features  # timm's width: a ViT's embed_dim, a convnet's channels
         self.pca = PCAReduction(self.feature_dim, dim) if dim else None
 
     @property
-    def embed_dim(self) -> int:
+    def output_dim(self) -> int:
+        """The size of the embedding :meth:`forward` returns: the PCA's ``dim`` once fitted, else ``feature_dim``."""
         return self.pca.dim if self.pca is not None and bool(self.pca.fitted) else self.feature_dim
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:

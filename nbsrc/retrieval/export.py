@@ -170,7 +170,7 @@ def describe(em: EmbeddingModel) -> dict:
                           f"centre crop {pp.img_size} x {pp.img_size}; subtract mean, divide by std (per channel)"),
         "resize": pp.resize,
         "pooling": pooling,
-        "dim": int(net.embed_dim),
+        "dim": int(net.output_dim),
         "pca": bool(getattr(net, "pca", None) is not None and bool(net.pca.fitted)),
         "nbsrc_version": getattr(nbsrc, "__version__", None),
         "run_fingerprint": config_fingerprint(cfg) if cfg else None,
