@@ -415,11 +415,11 @@ def write_verdicts(figures_dir: str | Path = "figures") -> Path:
 
 def _fmt(x: float, digits: int = 3, signed: bool = False) -> str:
     """``x`` to ``digits`` significant digits in fixed notation, trailing zeros kept (74.9, 5.00, 0.00567,
-    682); scientific below 1e-3."""
+    682, 0.000547); scientific below 1e-5."""
     sign = "+" if signed else ""
     if x == 0 or not math.isfinite(x):
         return f"{x:{sign}.{digits - 1}f}" if x == 0 else f"{x}"
-    if abs(x) < 1e-3:
+    if abs(x) < 1e-5:
         return f"{x:{sign}.{digits - 1}e}"
     decimals = max(0, digits - 1 - math.floor(math.log10(abs(x))))
     return f"{x:{sign}.{decimals}f}"
