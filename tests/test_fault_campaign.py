@@ -42,7 +42,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"dataset": "digits", "img-size": 8, "patch-size": 4, "iterations": 2, "batch-size": 16, "m-per-class": 4,
+# test_vit: timm's 0.3 M-parameter ViT (ViT-Tiny's checkpoints are 18x larger, and several cases train)
+TINY = {"backbone": "test_vit", "dataset": "digits", "img-size": 8, "patch-size": 4, "iterations": 2, "batch-size": 16, "m-per-class": 4,
         "lr": 1e-3, "log-every": 1, "ckpt-every": 1, "eval-per-class": 10, "lam": 0.5, "memory-size": 0,
         "device": "cpu"}
 FINISHED = "done"  # the one tiny finished run that the cases copy
@@ -302,7 +303,7 @@ CASES: dict[str, Case] = {
     # --- model, weights and device (after validation; the run must not start)
     "unknown backbone": Case(["train", *tiny_flags(backbone="vit_nope_patch16")], "vit_nope_patch16"),
     "patch size none at 28 px": Case(["train", *tiny_flags(**{"img-size": 28, "patch-size": "none"})],
-                                     "patch_size=None (vit_tiny_patch16_224's own 16-px patches) does not tile img_size=28"),
+                                     "patch_size=None (test_vit's own 16-px patches) does not tile img_size=28"),
     "PCA larger than the embedding": Case(["train", *tiny_flags(dim=500)], "dim=500"),
     "DToP option out of range": Case(["train", *tiny_flags(), "--model-options", '{"dtop": true, "k": 99}'], "k=99"),
     "weights file missing": Case(["train", *tiny_flags(weights="missing.pt")], "missing.pt"),
