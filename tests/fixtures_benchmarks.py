@@ -174,3 +174,18 @@ def make_sfm120k(tmp: Path, n_clusters: int = 8, per_cluster: int = 4, n_val_clu
     with open(root / "retrieval-SfM-120k.pkl", "wb") as f:
         pickle.dump(db, f)
     return root
+
+
+def assert_notebook_09_without_data(executed: Path, figures_dir: Path) -> None:
+    """Notebook 09 run without any benchmark root (``executed``: the executed notebook) printed where to
+    download each benchmark's files and evaluated nothing: no ``benchmarks_*`` table in ``figures_dir``.
+    Checked by tests/test_presets.py and by the demo's smoke run (tests/test_spine.py), which runs 09 so."""
+    import nbformat
+
+    nb = nbformat.read(executed, as_version=4)
+    text = "\n".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
+                     for c in nb.cells for o in c.get("outputs", []))
+    for needle in ("images.txt", "Ebay_train.txt", "list_eval_partition.txt", "gnd_roxford5k.pkl", "gnd_rparis6k.pkl",
+                   "no benchmark evaluated"):
+        assert needle in text, needle
+    assert not list(Path(figures_dir).glob("benchmarks_*")), sorted(Path(figures_dir).glob("benchmarks_*"))

@@ -43,6 +43,12 @@ def test_part_names_resolve_to_ranges_and_typos_are_named():
     assert glyphs.resolve_classes("1000-1099", ranges) == "1000-1099"
     with pytest.raises(ConfigError, match="'pretrian' is not one of the glyph parts"):
         glyphs.resolve_classes("pretrian", ranges)
+    assert glyphs.resolve_classes("all", ranges) == glyphs.resolve_classes(" ALL ", ranges) == "all"
+    with pytest.raises(ConfigError) as err:  # the message lists every accepted name, 'all' included
+        glyphs.resolve_classes("everything", ranges)
+    msg = str(err.value)
+    assert "\n" not in msg and "'all'" in msg and all(n in msg for n in ranges)
+    assert {"pretrain", "train", "test", "train_fit", "train_val"} <= set(ranges)
 
 
 def test_rendering_is_deterministic_bytes(tmp_path):
@@ -153,6 +159,27 @@ def test_build_data_selects_parts_by_name(tmp_path, monkeypatch):
     assert data.train[0][0].shape == (3, 32, 32)
     val = build_data(cfg.replace(train_classes="train_fit", test_classes="train_val"))
     assert set(val.train.labels.tolist()) == {4, 5, 6} and set(val.query.labels.tolist()) == {7}
+
+
+def test_all_means_every_class_the_other_set_leaves_out_as_for_folders(tmp_path, monkeypatch):
+    """``all`` on the glyph set means what it means for image folders (nbsrc.data.splits): every class
+    the other set does not name, on either side; both ``all`` is the folders' one-line error."""
+    from nbsrc.config import ExperimentConfig
+    from nbsrc.data import build_data
+
+    g = small(tmp_path)
+    monkeypatch.setattr(glyphs, "load_glyphs", lambda cache_dir=None, progress=True: g)
+    cfg = ExperimentConfig(dataset="glyphs", img_size=32, patch_size=8, progress=False)
+    cases = [(("pretrain", "all"), ({0, 1, 2, 3}, set(range(4, 12)))),
+             (("all", "test"), (set(range(8)), {8, 9, 10, 11})),
+             (("all", "train_val"), ({0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11}, {7}))]
+    for (tr, te), (want_tr, want_te) in cases:
+        data = build_data(cfg.replace(train_classes=tr, test_classes=te))
+        assert (set(data.train.labels.tolist()), set(data.query.labels.tolist())) == (want_tr, want_te)
+    with pytest.raises(ConfigError, match="both 'all'"):
+        build_data(cfg.replace(train_classes="all", test_classes="all"))
+    with pytest.raises(ConfigError, match="'tset' is not one of the glyph parts"):
+        build_data(cfg.replace(train_classes="pretrain", test_classes="tset"))
 
 
 def test_a_built_set_loads_by_its_file_with_its_own_parts(tmp_path):

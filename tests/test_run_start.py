@@ -23,7 +23,7 @@ from nbsrc.config import flat_fields, ExperimentConfig
 from nbsrc.errors import ConfigError, NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--dataset", "digits", "--img-size", "8", "--patch-size", "4", "--batch-size", "16", "--m-per-class", "4",
+TINY = ["--backbone", "test_vit", "--dataset", "digits", "--img-size", "8", "--patch-size", "4", "--batch-size", "16", "--m-per-class", "4",
         "--iterations", "2", "--eval-per-class", "20", "--log-every", "1", "--ckpt-every", "0", "--memory-size", "0",
         "--no-progress", "--device", "cpu", "--lam", "0"]
 

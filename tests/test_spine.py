@@ -406,6 +406,10 @@ def test_demo_notebooks_run_headless(tmp_path, monkeypatch):
         cells = nbformat.read(tmp_path / "runs/notebooks/quick" / f"{nb}.ipynb", as_version=4).cells
         outputs = [o for c in cells if c.cell_type == "code" for o in c.get("outputs", [])]
         assert any("image/png" in o.get("data", {}) for o in outputs), nb
+    # Notebook 09 without benchmark data (test_presets.py's check, made here on the same run)
+    from fixtures_benchmarks import assert_notebook_09_without_data
+
+    assert_notebook_09_without_data(tmp_path / "runs/notebooks/quick/09_benchmarks.ipynb", tmp_path / QUICK["figures_dir"])
 
 
 def test_notebook_kernel_is_this_interpreter(tmp_path, monkeypatch):

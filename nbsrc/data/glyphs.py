@@ -13,7 +13,7 @@ retrieval set, evaluate on its unseen test classes)::
 plus ``train_fit`` / ``train_val``, the training part split by class (the last 100 training classes
 are the validation classes on which a recipe is chosen, never the test classes). A config selects a
 part by name: ``train_classes="pretrain"``, ``test_classes="train_val"``; id ranges such as
-``"1000-1399"`` work as for any dataset. A config's ``data_root`` is the cache folder (None: the
+``"1000-1399"`` and ``"all"`` (every class the other set does not name) work as for any dataset. A config's ``data_root`` is the cache folder (None: the
 default below).
 
 How it is built (:func:`build_glyphs`, deterministic, cached):
@@ -64,6 +64,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nbsrc.data.splits import ALL
 from nbsrc.errors import ConfigError, DatasetError
 
 FORMAT_VERSION = 1  # bump when the rendering procedure changes what bytes a spec gives
@@ -324,11 +325,16 @@ def part_ranges(parts=PARTS, val_classes: int = VAL_CLASSES) -> dict[str, tuple[
 
 def resolve_classes(spec, ranges: dict[str, tuple[int, int]]):
     """A part name (``"pretrain"``, ``"train"``, ``"train_fit"``, ``"train_val"``, ``"test"``) becomes its
-    id range ``"a-b"``; ids and ranges (``"0-4"``, a list) are returned unchanged."""
+    id range ``"a-b"``; ``"all"`` (any case) is returned as ``"all"``, every class the other set does not
+    name, as for any dataset (:func:`nbsrc.data.splits.resolve_class_sets`); ids and ranges (``"0-4"``, a
+    list) are returned unchanged."""
     if isinstance(spec, str) and re.fullmatch(r"\s*[A-Za-z_]+\s*", spec):
+        if spec.strip().lower() == ALL:
+            return ALL
         if spec.strip() not in ranges:
-            raise ConfigError(f"class part {spec!r} is not one of the glyph parts {', '.join(ranges)}; "
-                              "name a part or give class ids such as '1000-1399'")
+            raise ConfigError(f"class part {spec!r} is not one of the glyph parts {', '.join(ranges)} or {ALL!r}; "
+                              "name a part, 'all' (every class the other set does not name) or class ids such as "
+                              "'1000-1399'")
         a, b = ranges[spec.strip()]
         return f"{a}-{b}"
     return spec
