@@ -75,6 +75,23 @@ def test_fashion_mnist_reader_explicit_root(tmp_path):
     assert labels.tolist() == (list(np.arange(40) % 10) * 2)
 
 
+def test_fashion_mnist_is_decompressed_once_while_its_files_are_unchanged(tmp_path):
+    import os
+
+    from nbsrc.data import load_fashion_mnist
+
+    _fake_fmnist(tmp_path)
+    first = load_fashion_mnist(tmp_path)
+    assert load_fashion_mnist(tmp_path)[0] is first[0]  # reused, not read again
+    with pytest.raises(ValueError, match="read-only"):
+        first[0][0, 0, 0] = 1  # shared arrays: nobody can change them for the next caller
+    _fake_fmnist(tmp_path, n=30)  # new files (other sizes): read again
+    later = os.stat(tmp_path / "train-images-idx3-ubyte.gz").st_mtime_ns + 10**9
+    os.utime(tmp_path / "train-images-idx3-ubyte.gz", ns=(later, later))
+    again = load_fashion_mnist(tmp_path)
+    assert again[0] is not first[0] and again[0].shape == (60, 28, 28)
+
+
 def test_fashion_mnist_env_var(tmp_path, monkeypatch):
     from nbsrc.data import find_fashion_mnist
 

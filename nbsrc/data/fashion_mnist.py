@@ -113,12 +113,17 @@ def find_fashion_mnist(root: str | Path | None = None, download: bool = True) ->
 
 
 def load_fashion_mnist(root: str | Path | None = None, download: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """All 70,000 images (uint8, N x 28 x 28) and labels (int64): the train file, then t10k.
+    """All 70,000 images (uint8, N x 28 x 28) and labels (int64): the train file, then t10k, read-only.
+    Decompressed once per process and reused while the files are unchanged (same sizes and times).
 
     The retrieval split is by class (see :func:`nbsrc.data.splits.class_disjoint_split`), so the
     official train/test file boundary is not used.
     """
     folder = find_fashion_mnist(root, download)
+    key = (str(folder.resolve()), tuple((st.st_size, st.st_mtime_ns) for st in
+                                        (os.stat(folder / FILES[k]) for k in sorted(FILES))))
+    if key in _LOADED:  # decompressed once per process (a notebook's runs, a test session): the files are unchanged
+        return _LOADED[key]
     images = np.concatenate([read_idx(folder / FILES["train_images"]), read_idx(folder / FILES["test_images"])])
     labels = np.concatenate([read_idx(folder / FILES["train_labels"]), read_idx(folder / FILES["test_labels"])])
     if images.ndim != 3 or len(images) != len(labels):
@@ -126,4 +131,12 @@ def load_fashion_mnist(root: str | Path | None = None, download: bool = True) ->
             f"Fashion-MNIST files in {folder} disagree: {images.shape} images for {labels.shape} labels; "
             "get a fresh copy"
         )
-    return images, labels.astype(np.int64)
+    labels = labels.astype(np.int64)
+    images.flags.writeable = labels.flags.writeable = False  # shared by every caller: read-only
+    _LOADED.clear()  # one copy (55 MB) at most
+    _LOADED[key] = (images, labels)
+    return images, labels
+
+
+# The last arrays loaded, keyed by the folder and its files' sizes and modification times.
+_LOADED: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
