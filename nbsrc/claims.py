@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -49,6 +48,7 @@ import numpy as np
 import pandas as pd
 
 from nbsrc.errors import ConfigError
+from nbsrc.reporting import write_text_atomic
 
 Z = 2.0  # a difference counts when it exceeds Z standard errors of the mean paired difference
 MIN_SEEDS = 3  # fewer seeds: inconclusive, whatever the numbers
@@ -244,10 +244,9 @@ class ClaimResult:
         """Write ``<figures_dir>/claims/<id>.json`` (everything, per-seed values included) and ``.md``
         (the line and the table), then rewrite ``<figures_dir>/verdicts.md``; returns the JSON path."""
         out = Path(figures_dir) / "claims"
-        out.mkdir(parents=True, exist_ok=True)
         path = out / f"{self.claim.id}.json"
-        _write_atomic(path, json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n")
-        _write_atomic(out / f"{self.claim.id}.md", self.line() + "\n\n" + self.table().to_markdown() + "\n")
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n")
+        write_text_atomic(out / f"{self.claim.id}.md", self.line() + "\n\n" + self.table().to_markdown() + "\n")
         write_verdicts(figures_dir)
         return path
 
@@ -340,16 +339,26 @@ def backbone_collapse_claim(runs: Mapping, vit: str, convnet: str, cfg, before: 
                                       ratio[vit], "higher", (convnet, vit))], note=note, context=context_of(cfg))
 
 
+def gradient_noise_untestable(betas, lams) -> str:
+    """Why C5 cannot be tested on this grid ("" when it can): it needs three margins (two ends and a
+    middle) and λ = 0 beside a λ > 0."""
+    betas, lams = sorted(float(b) for b in betas), sorted(float(x) for x in lams)
+    if len(betas) < 3 or not lams or lams[0] != 0 or len(lams) < 2:
+        return (f"the gradient-noise claim C5 needs at least three margins and λ = 0 plus one λ > 0; got "
+                f"betas={betas}, lams={lams}")
+    return ""
+
+
 def gradient_noise_claim(runs: Mapping, betas, lams, cfg) -> ClaimResult:
     """C5 from the β × λ grid ``{(label, seed): run}`` (:func:`nbsrc.experiment.beta_lambda_grid` labels),
     each run trained with ``record_grad_noise``: γ at each end of the β grid against its middle (at
     λ = 0), and γ at the largest λ against λ = 0, averaged over the β grid."""
     from nbsrc.reporting import mean_grad_noise
 
+    why = gradient_noise_untestable(betas, lams)
+    if why:
+        raise ConfigError(why)
     betas, lams = sorted(float(b) for b in betas), sorted(float(x) for x in lams)
-    if len(betas) < 3 or lams[0] != 0 or len(lams) < 2:
-        raise ConfigError(f"the gradient-noise claim needs at least 3 margins and λ = 0 plus one λ > 0; got betas={betas}, "
-                          f"lams={lams}")
     g = per_seed(runs, lambda r: mean_grad_noise(r.metrics("train")))
     cell = lambda b, lam: g[f"β = {b:g}, λ = {lam:g}"]  # noqa: E731
     lo, mid, hi, top = betas[0], betas[len(betas) // 2], betas[-1], lams[-1]
@@ -407,10 +416,7 @@ def write_verdicts(figures_dir: str | Path = "figures") -> Path:
     for cid, claim in CLAIMS.items():
         lines.append(f"- {saved[cid]['line']}" if cid in saved
                      else f"- **{cid} {claim.name}** ({claim.paper}): not measured yet (notebook {claim.notebook})")
-    path = Path(figures_dir) / "verdicts.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, "\n".join(lines) + "\n")
-    return path
+    return write_text_atomic(Path(figures_dir) / "verdicts.md", "\n".join(lines) + "\n")
 
 
 def _fmt(x: float, digits: int = 3, signed: bool = False) -> str:
@@ -433,9 +439,3 @@ def _pm(mean: float, sd: float, signed: bool = False) -> str:
 
 def _num(x: float) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2g}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -185,6 +185,8 @@ def run_demo(quick: bool = False, notebooks_to_run: list[str] | None = None, out
     from nbsrc.notebook import notebook_parameters
 
     _check_demo(demo)
+    if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
+        raise ConfigError(f"seeds={list(seeds)}: give one or more distinct seeds, e.g. --seeds 0 1 2")
     figures = Path("figures") if demo == DEFAULT_DEMO else Path("figures") / demo
     t0 = time.perf_counter()
     for nb in notebooks():

@@ -44,12 +44,19 @@ def save_table(df: pd.DataFrame, name: str, out_dir: str | Path = "figures") -> 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for suffix, text in ((".csv", df.to_csv()), (".md", df.to_markdown() + "\n")):
-        path = out_dir / f"{name}{suffix}"
-        tmp = out_dir / f".{name}{suffix}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, path)
-        paths.append(path)
+        paths.append(write_text_atomic(out_dir / f"{name}{suffix}", text))
     return paths
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a hidden temporary file beside it and a rename, so a reader
+    never sees half a file and an interrupted write leaves the old one; the folder is created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
 
 
 def config_table(runs: dict, fields, ks=None) -> pd.DataFrame:

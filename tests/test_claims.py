@@ -209,3 +209,24 @@ def test_separation_auc_against_the_double_sum_and_sklearn():
         separation_auc([], [0.1])
     with pytest.raises(DatasetError, match="NaN"):
         separation_auc([np.nan], [0.1])
+
+
+def test_gradient_noise_claim_says_when_its_grid_cannot_test_it():
+    from nbsrc.claims import gradient_noise_claim, gradient_noise_untestable
+
+    assert gradient_noise_untestable([0.3, 0.5, 0.7], [0, 0.7]) == ""
+    for betas, lams in (([0.3, 0.5], [0, 0.7]), ([0.3, 0.5, 0.7], [0.3, 0.7]), ([0.3, 0.5, 0.7], [0])):
+        why = gradient_noise_untestable(betas, lams)
+        assert "three margins" in why and "\n" not in why
+        with pytest.raises(ConfigError, match="three margins"):
+            gradient_noise_claim({}, betas, lams, None)
+
+
+def test_demo_with_repeated_seeds_stops_before_any_notebook(tmp_path, monkeypatch, capsys):
+    from nbsrc.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--seeds", "0", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "distinct seeds" in err and "\n" not in err
+    assert list(tmp_path.iterdir()) == []  # nothing started, nothing written
