@@ -47,6 +47,7 @@ from nbsrc.data.images import check_dataset_images, check_images
 from nbsrc.data.transforms import particular_object_transform, training_transform
 from nbsrc.errors import ConfigError, DatasetError, RunDirError
 from nbsrc.eval import evaluate, extract_embeddings
+from nbsrc.eval.embed import recall_percent
 from nbsrc.eval.particular import SINGLE_SCALE, evaluate_revisited_data, learn_sfm_whitening
 from nbsrc.eval.revisited import REVISITED_LAYOUT, REVISITED_NAMES, build_revisited
 from nbsrc.models import data_config, model_from_config
@@ -140,14 +141,16 @@ def recall_evaluation(model: torch.nn.Module, data: RetrievalData, cfg: Experime
                       query_raw: np.ndarray | None = None) -> Evaluation:
     """Recall@K (%) of the test classes (:func:`nbsrc.eval.evaluate`), and the query (and gallery)
     embeddings with their labels and indices; ``query_raw``: the queries before the PCA."""
-    results = evaluate(model, data, cfg.eval.ks, cfg.eval.eval_batch_size, device, progress=cfg.run.progress)
-    q, ql, qi = extract_embeddings(model, data.query, cfg.eval.eval_batch_size, device, cfg.run.num_workers, False)
+    bs, workers, progress = cfg.eval.eval_batch_size, cfg.run.num_workers, cfg.run.progress
+    q, ql, qi = extract_embeddings(model, data.query, bs, device, workers, progress)  # once: scored and saved
     arrays = {"query": q, "query_labels": ql, "query_indices": qi}
     if query_raw is not None:
         arrays["query_raw"] = query_raw
+    g = gl = None
     if data.gallery is not None:
-        g, gl, gi = extract_embeddings(model, data.gallery, cfg.eval.eval_batch_size, device, cfg.run.num_workers, False)
+        g, gl, gi = extract_embeddings(model, data.gallery, bs, device, workers, progress)
         arrays.update(gallery=g, gallery_labels=gl, gallery_indices=gi)
+    results = recall_percent(q, ql, cfg.eval.ks, g, gl)
     print(f"{cfg.run.name}: " + "  ".join(f"{k}={v:.2f}" for k, v in results.items() if k.startswith("R@")))
     return {**results, "n_query": int(len(q))}, arrays
 

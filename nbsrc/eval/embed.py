@@ -13,7 +13,7 @@ from nbsrc.data import RetrievalData
 from nbsrc.eval.recall import recall_at_k
 from nbsrc.models.embed import extract_embeddings
 
-__all__ = ["evaluate", "extract_embeddings"]
+__all__ = ["evaluate", "extract_embeddings", "recall_percent"]
 
 
 def evaluate(
@@ -36,7 +36,14 @@ def evaluate(
     g = gl = None
     if data.gallery is not None:
         g, gl, _ = extract_embeddings(model, data.gallery, batch_size, device, num_workers, progress)
+    return recall_percent(q, ql, ks, g, gl)
+
+
+def recall_percent(query, query_labels, ks: Sequence[int] = (1, 2, 4, 8), gallery=None,
+                   gallery_labels=None) -> dict[str, float]:
+    """Recall@K in percent (``{"R@1": 71.3, ...}``) of embeddings already computed
+    (:func:`~nbsrc.eval.recall.recall_at_k`); ``gallery is None``: the queries search each other."""
     with warnings.catch_warnings():  # queries without a positive: said once, when the split was built
         warnings.filterwarnings("ignore", message="recall_at_k: .* no positive", category=UserWarning)
-        recall = recall_at_k(q, ql, ks, gallery_emb=g, gallery_labels=gl)
+        recall = recall_at_k(query, query_labels, ks, gallery_emb=gallery, gallery_labels=gallery_labels)
     return {f"R@{k}": 100.0 * v for k, v in recall.items()}
