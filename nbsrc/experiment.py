@@ -57,6 +57,7 @@ from nbsrc.train.loop import TrainingTask, fit
 from nbsrc.train.pairs import PairTask
 from nbsrc.train.rundir import RESULTS, close_tensorboard, load_run_config, log_tensorboard, write_json_atomic
 from nbsrc.train.tuples import TupleTask
+from nbsrc.workers import auto_jobs, check_jobs, map_jobs
 
 EMBEDDINGS, MODEL = "embeddings.npz", "model.pt"
 PCA_FIT_SAMPLES = 5_000
@@ -519,11 +520,36 @@ def objective_variants(base: ExperimentConfig, losses=("contrastive", "nsoftmax"
             for loss in losses}
 
 
-def run_all(configs: dict[str, ExperimentConfig], mode: str = "reuse", data: RetrievalData | None = None) -> dict[str, RunResult]:
-    """:func:`run_experiment` on each config in order; ``{label: RunResult}`` with the same labels.
+def run_all(configs: dict[str, ExperimentConfig], mode: str = "reuse", data: RetrievalData | None = None,
+            jobs: int | str = 1) -> dict[str, RunResult]:
+    """:func:`run_experiment` on each config; ``{label: RunResult}`` with the same labels, in order.
     In ``reuse`` mode finished runs are loaded, not retrained, so a grid can be rerun or extended
-    cell by cell. ``data`` is passed through (it must suit every config)."""
+    cell by cell. ``data`` is passed through (it must suit every config).
+
+    ``jobs``: how many runs to train at once, each in its own process with ``cores // jobs`` threads
+    (:func:`nbsrc.workers.map_jobs`; ``"auto"``: :func:`nbsrc.workers.auto_jobs`, 2 on a CPU with two
+    or more cores, 1 on a GPU). Only the runs still to train go to the workers, and only when there are
+    two or more of them; finished runs, off-the-shelf runs, a given ``data`` and torchrun stay in this
+    process. A run's weights depend on its thread count in the last bits (see :mod:`nbsrc.workers`)."""
+    jobs = check_jobs(jobs)
+    configs = dict(configs)
+    if jobs == "auto":
+        jobs = auto_jobs(next(iter(configs.values())).run.device) if configs else 1
+    to_train = [label for label, cfg in configs.items()
+                if cfg.optim.iterations > 0 and not (mode == "reuse" and run_state(cfg.run_dir) == "done")]
+    if jobs > 1 and len(to_train) > 1 and data is None and not distributed.current().enabled:
+        for cfg in {configs[label].run_dir: configs[label] for label in to_train}.values():
+            cfg.validate()  # a bad config is a one-line error here, before any worker starts
+        map_jobs(_train_run, [(configs[label].to_dict(), mode) for label in to_train],
+                 [configs[label].run.name for label in to_train], jobs)
+        mode = "reuse"  # trained by the workers: loaded below
     return {label: run_experiment(cfg, mode, data=data) for label, cfg in configs.items()}
+
+
+def _train_run(item: tuple[dict, str]) -> None:
+    """A worker's job for :func:`run_all`: one run, from its config as a dict."""
+    cfg_dict, mode = item
+    run_experiment(ExperimentConfig.from_dict(cfg_dict), mode)
 
 
 def ablation_base(base: ExperimentConfig, iterations: int, name: str = "ablation") -> ExperimentConfig:

@@ -262,3 +262,20 @@ def test_loader_bench_compares_worker_counts_with_the_step(tmp_path):
     assert "| 0 |" in loader_md(r, info) and "DataLoader workers" in loader_md(r, info)
     with pytest.raises(ConfigError, match="worker counts >= 0"):
         bench_loader(cfg, workers=(-1,))
+
+
+def test_jobs_bench_trains_the_same_runs_in_turn_and_at_once(tmp_path):
+    from nbsrc.bench import write_section
+    from nbsrc.bench.jobs import bench_jobs, results_markdown
+
+    r = bench_jobs(runs=2, jobs=2, iterations=2, rounds=1, dataset="digits", train_classes="0-4", test_classes="5-9",
+                   backbone="test_vit", img_size=16, patch_size=4, batch_size=16, m_per_class=4, eval_per_class=None)
+    assert len(r["seconds"]["in turn"]) == len(r["seconds"]["at once"]) == 1
+    assert r["ratio"] == pytest.approx(r["seconds"]["in turn"][0] / r["seconds"]["at once"][0])
+    assert set(r["recall_at_1"]["in turn"]) == set(r["recall_at_1"]["at once"]) == {0, 1}
+    path = write_section("jobs", results_markdown(r, {"cpu": "x", "cores": 2, "ram_gb": 1, "gpu": "none", "torch": "t",
+                                                       "timm": "t", "faiss": "f", "pytorch_metric_learning": "p",
+                                                       "numpy": "n", "python": "3", "date": "d"}), tmp_path / "R.md")
+    assert "in turn / at once" in path.read_text()
+    with pytest.raises(ConfigError, match="need runs >= 2"):
+        bench_jobs(runs=1)

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m nbsrc.bench {train,eval,dtop,loader,revisited,embed,demo}``.
+"""Benchmarks: ``python -m nbsrc.bench {train,eval,dtop,loader,revisited,embed,demo,jobs}``.
 
 Each bench compares methods *within one run* (their steps alternate, so they share the machine's
 load) and reports ratios, which survive a busy machine better than absolute times. Each writes its
@@ -63,7 +63,7 @@ def timed_rounds(fns: dict[str, Callable[[int], Any]], rounds: int, device="cpu"
             if r >= warmup:
                 times[name].append(seconds)
     return times, last
-_HEADER = "# Benchmark results\n\nWritten by `python -m nbsrc.bench {train,eval,dtop,loader,revisited,embed,demo}`; each command rewrites only its own section.\n"
+_HEADER = "# Benchmark results\n\nWritten by `python -m nbsrc.bench {train,eval,dtop,loader,revisited,embed,demo,jobs}`; each command rewrites only its own section.\n"
 
 
 def machine_info() -> dict:

@@ -1,4 +1,4 @@
-"""``python -m nbsrc.bench {train,eval,dtop,loader,revisited,embed,demo} [options]``: run one benchmark, print its JSON and
+"""``python -m nbsrc.bench {train,eval,dtop,loader,revisited,embed,demo,jobs} [options]``: run one benchmark, print its JSON and
 rewrite its section of bench/RESULTS.md (``--results PATH`` to write elsewhere, ``--note TEXT`` to
 record the conditions, e.g. a busy shared machine)."""
 
@@ -11,7 +11,7 @@ from nbsrc.errors import NbsrcError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nbsrc.bench import demo, dtop, embed, eval as eval_bench, loader, revisited, train
+    from nbsrc.bench import demo, dtop, embed, eval as eval_bench, jobs, loader, revisited, train
 
     p = argparse.ArgumentParser(prog="python -m nbsrc.bench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 ("loader", loader, "DataLoader workers needed to keep the training step fed"),
                                 ("embed", embed, "embedding an image folder: Index.build vs a direct PIL + timm loop"),
                                 ("revisited", revisited, "Revisited mAP: vectorised protocol vs the slow loop"),
-                                ("demo", demo, "where `make demo` spends its time, from its log and runs")):
+                                ("demo", demo, "where `make demo` spends its time, from its log and runs"),
+                                ("jobs", jobs, "runs trained at once (run_all jobs=N) against runs trained in turn")):
         s = sub.add_parser(name, help=help_, description=module.__doc__.split("\n\n")[0])
         module.add_arguments(s)
         s.add_argument("--results", default=None, help="markdown file to update (default bench/RESULTS.md)")
