@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-glyphs test test-fast lab install data glyphs browser kernel clean-runs
+.PHONY: demo demo-full demo-glyphs test test-fast lab install data glyphs browser kernel clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ browser:
 
 demo: install
 	$(PY) -m nbsrc demo
+
+# The demo and its grids (notebooks 04, 07, 08: claims C5 and C7 over three seeds, DToP's ablations).
+demo-full: install
+	$(PY) -m nbsrc demo --full
 
 # The second demo: pretraining on 1,000 glyph classes, fine-tuning on 500 others, evaluation on 500 unseen ones.
 demo-glyphs: install glyphs

@@ -331,7 +331,7 @@ def cmd_presets(ns) -> None:
 def cmd_demo(ns) -> None:
     from nbsrc.demo import run_demo
 
-    run_demo(quick=ns.quick, notebooks_to_run=ns.only, demo=ns.demo, seeds=ns.seeds)
+    run_demo(quick=ns.quick, notebooks_to_run=ns.only, demo=ns.demo, seeds=ns.seeds, full=ns.full)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -362,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--demo", default=DEFAULT_DEMO, choices=DEMOS,
                    help=f"which demo (nbsrc.demo.DEMO_DATA; default: {DEFAULT_DEMO}); glyphs needs `make glyphs`")
     d.add_argument("--quick", action="store_true", help="tiny parameters (smoke test)")
+    d.add_argument("--full", action="store_true",
+                   help="also the grids (notebooks 04, 07 and 08: claims C5 and C7, DToP's ablations); about 3x longer")
     d.add_argument("--only", nargs="+", help="notebook file names to run")
     d.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
                    help="the seeds of every run a claim needs (default: the notebooks' own, 0 1 2); the verdicts "

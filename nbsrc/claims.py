@@ -38,6 +38,7 @@ collects every saved claim (:func:`write_verdicts`), and ``make demo`` prints it
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 from dataclasses import dataclass, field
@@ -241,11 +242,13 @@ class ClaimResult:
                                     for k, v in p.stats().items()}} for p in self.parts]}
 
     def save(self, figures_dir: str | Path = "figures") -> Path:
-        """Write ``<figures_dir>/claims/<id>.json`` (everything, per-seed values included) and ``.md``
+        """Write ``<figures_dir>/claims/<id>.json`` (everything, per-seed values included, and the UTC time
+        it was judged, ``measured``) and ``.md``
         (the line and the table), then rewrite ``<figures_dir>/verdicts.md``; returns the JSON path."""
         out = Path(figures_dir) / "claims"
         path = out / f"{self.claim.id}.json"
-        write_text_atomic(path, json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n")
+        measured = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")  # when it was judged
+        write_text_atomic(path, json.dumps({**self.to_dict(), "measured": measured}, indent=1, ensure_ascii=False) + "\n")
         write_text_atomic(out / f"{self.claim.id}.md", self.line() + "\n\n" + self.table().to_markdown() + "\n")
         write_verdicts(figures_dir)
         return path

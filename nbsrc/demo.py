@@ -14,6 +14,7 @@ in between its cells' outputs, training progress included, are printed as plain 
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import time
@@ -166,6 +167,7 @@ QUICK = {
     # three margins for the gradient-noise claim C5); one seed: the claims' cells run, their verdicts are inconclusive
     "poolings": ["cls", "gem"], "betas": [0.3, 0.5, 0.7], "lams": [0.0, 0.7], "grid_lams": [0.0, 0.7],
     "objectives": ["contrastive", "snca"], "pe_values": ["none", "dpe"],
+    "jobs": 1,  # runs of 4 iterations: starting worker processes would cost more than they save
 }
 
 
@@ -175,23 +177,41 @@ def notebooks() -> list[Path]:
 
 # Not part of `make demo`: the search that chose RECIPE (run it by name: `nbsrc demo --only 11_recipe_study.ipynb`).
 STUDIES = ("11_recipe_study.ipynb",)
+# Part of `make demo-full` (`nbsrc demo --full`) only: the grids, each many short runs over the seeds (04: C5's
+# beta x lambda cells, 18 runs; 07: C7's poolings and Tables 4-6, 11 runs) and DToP's ablations (08). `make demo`
+# runs the notebooks the main table and claims C1-C4 and C6 need; C5's and C7's verdicts stay those of the last
+# full run (figures/claims/), and the demo says so when it prints them.
+FULL_ONLY = ("04_gradient_noise.ipynb", "07_ablations.ipynb", "08_dtop.ipynb")
+
+
+def demo_notebooks(full: bool = False, quick: bool = False, only: list[str] | None = None) -> list[Path]:
+    """The notebooks a demo runs, in order: ``only`` (file names) when given, else 01-10 without
+    :data:`FULL_ONLY` unless ``full`` or ``quick`` (the smoke run runs them all), never :data:`STUDIES`."""
+    if only:
+        return [nb for nb in notebooks() if nb.name in only]
+    return [nb for nb in notebooks() if nb.name not in STUDIES and (full or quick or nb.name not in FULL_ONLY)]
 
 
 def run_demo(quick: bool = False, notebooks_to_run: list[str] | None = None, out_dir: str | Path = "runs/notebooks",
-             demo: str = DEFAULT_DEMO, seeds: list[int] | None = None) -> None:
-    """Run the demo notebooks (01-10; 11 only when named in ``notebooks_to_run``) on ``demo`` and print
-    the table and the claims' verdicts (:mod:`nbsrc.claims`). Figures of a demo other than the default go
-    to ``figures/<demo>/``. ``seeds``: the notebooks' ``seeds`` parameter (default: their own)."""
+             demo: str = DEFAULT_DEMO, seeds: list[int] | None = None, full: bool = False) -> None:
+    """Run the demo notebooks (:func:`demo_notebooks`: 01-10 without the grids of :data:`FULL_ONLY` unless
+    ``full``; 11 only when named in ``notebooks_to_run``) on ``demo`` and print the table and the claims'
+    verdicts (:mod:`nbsrc.claims`), each marked when it comes from an earlier run. Figures of a demo other
+    than the default go to ``figures/<demo>/``. ``seeds``: the notebooks' ``seeds`` parameter (default:
+    their own)."""
     from nbsrc.notebook import notebook_parameters
 
     _check_demo(demo)
     if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
         raise ConfigError(f"seeds={list(seeds)}: give one or more distinct seeds, e.g. --seeds 0 1 2")
     figures = Path("figures") if demo == DEFAULT_DEMO else Path("figures") / demo
-    t0 = time.perf_counter()
-    for nb in notebooks():
-        if (notebooks_to_run and nb.name not in notebooks_to_run) or (not notebooks_to_run and nb.name in STUDIES):
-            continue
+    if notebooks_to_run:
+        unknown = sorted(set(notebooks_to_run) - {nb.name for nb in notebooks()})
+        if unknown:
+            raise ConfigError(f"--only {' '.join(unknown)}: no such notebook; expected file names such as "
+                              f"{', '.join(nb.name for nb in notebooks()[:3])}, ...")
+    t0, started = time.perf_counter(), time.time()
+    for nb in demo_notebooks(full, quick, notebooks_to_run):
         declared = notebook_parameters(nb)
         takes = set(declared) | (set(FLAT_FIELDS) if "overrides" in declared else set())
         params = {k: v for k, v in QUICK.items() if k in takes} if quick else {}
@@ -209,6 +229,25 @@ def run_demo(quick: bool = False, notebooks_to_run: list[str] | None = None, out
     table = fig_dir / TABLE.name
     print(f"\nDemo finished in {(time.perf_counter() - t0) / 60:.1f} min. Recall@K (%) on the unseen classes:\n")
     print(table.read_text() if table.exists() else f"(no table: {table} was not written)")
-    verdicts = fig_dir / "verdicts.md"
-    if verdicts.exists():
-        print(f"\n{verdicts.read_text()}")
+    print_verdicts(fig_dir, started)
+
+
+def print_verdicts(fig_dir: Path, started: float) -> None:
+    """The claims' verdicts saved under ``fig_dir`` (:func:`nbsrc.claims.load_claims`), one line each; a
+    claim judged before ``started`` (a time.time()) is marked as coming from an earlier run."""
+    from nbsrc.claims import CLAIMS, RULE
+
+    claims_dir = fig_dir / "claims"
+    print(f"\nThe papers' claims (rule: {RULE})\n")
+    for cid, claim in CLAIMS.items():
+        path = claims_dir / f"{cid}.json"
+        if not path.exists():
+            print(f"- **{cid} {claim.name}** ({claim.paper}): not measured yet (notebook {claim.notebook})")
+            continue
+        saved = json.loads(path.read_text())
+        measured = saved.get("measured")  # UTC, ISO 8601 (claims saved before it was recorded have none)
+        line = saved["line"]
+        if measured is None or datetime.datetime.fromisoformat(measured).timestamp() < int(started):  # to the second
+            line += (f" [from an earlier run ({measured[:10] if measured else 'date not recorded'}), not judged by this "
+                     f"one: notebook {claim.notebook}, `make demo-full`]")
+        print(f"- {line}")

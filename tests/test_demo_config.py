@@ -123,3 +123,47 @@ def test_glyph_demo_pretrains_once_and_the_study_runs_headless(small_glyphs, tmp
     text = "".join(o.get("text", "") for c in nbformat.read(out, as_version=4).cells if c.cell_type == "code"
                    for o in c.get("outputs", []))
     assert "chosen: " in text
+
+
+def test_make_demo_leaves_the_grids_to_demo_full():
+    from nbsrc.demo import FULL_ONLY, STUDIES, demo_notebooks
+
+    names = lambda nbs: [nb.name for nb in nbs]  # noqa: E731
+    every = [nb.name for nb in notebooks() if nb.name not in STUDIES]
+    assert set(FULL_ONLY) <= set(every)
+    assert names(demo_notebooks()) == [n for n in every if n not in FULL_ONLY]
+    assert names(demo_notebooks(full=True)) == every == names(demo_notebooks(quick=True))  # the smoke run: all
+    assert names(demo_notebooks(only=["11_recipe_study.ipynb", "02_train.ipynb"])) == ["02_train.ipynb",
+                                                                                         "11_recipe_study.ipynb"]
+
+
+def test_an_unknown_notebook_name_is_a_one_line_error_before_anything_runs(tmp_path, monkeypatch):
+    from nbsrc.demo import run_demo
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"--only 02_trian.ipynb: no such notebook"):
+        run_demo(notebooks_to_run=["02_trian.ipynb"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_printed_verdicts_say_which_claims_an_earlier_run_judged(tmp_path, capsys):
+    import datetime
+    import time
+
+    from nbsrc.claims import Comparison, judge_claim
+    from nbsrc.demo import print_verdicts
+
+    started = time.time()
+    judge_claim("C1", [Comparison("R@1", "IRT_O", "IRT_L", {0: 1.0, 1: 2.0, 2: 3.0},
+                                  {0: 5.0, 1: 6.0, 2: 7.0})]).save(tmp_path)  # judged now
+    old = json.loads((tmp_path / "claims" / "C1.json").read_text())
+    for cid, measured in (("C5", "2026-11-29T23:10:00+00:00"), ("C7", None)):  # an earlier run; one without a date
+        saved = {**old, "id": cid, "line": f"**{cid}** earlier", "measured": measured}
+        (tmp_path / "claims" / f"{cid}.json").write_text(json.dumps({k: v for k, v in saved.items() if v is not None}))
+    print_verdicts(tmp_path, started)
+    lines = {line[4:6]: line for line in capsys.readouterr().out.splitlines() if line.startswith("- **C")}
+    assert "earlier run" not in lines["C1"] and "**reproduced**" in lines["C1"]
+    assert "[from an earlier run (2026-11-29), not judged by this one: notebook 04_gradient_noise" in lines["C5"]
+    assert "(date not recorded)" in lines["C7"] and "`make demo-full`" in lines["C7"]
+    assert lines["C2"].endswith("not measured yet (notebook 02_train)")
+    assert datetime.datetime.fromisoformat(json.loads((tmp_path / "claims" / "C1.json").read_text())["measured"])
