@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import queue
 import subprocess
 import sys
 import tempfile
@@ -45,7 +46,10 @@ def auto_jobs(device: str = "auto") -> int:
 
 
 def check_jobs(jobs: int | str) -> int | str:
-    """``jobs`` as given (``"auto"`` or a positive int), or a one-line error."""
+    """``jobs`` as ``"auto"`` or a positive int (a string of digits, as a command line gives it, becomes
+    its int), or a one-line error."""
+    if isinstance(jobs, str) and jobs.strip().isdigit():
+        jobs = int(jobs)
     if jobs == "auto" or (isinstance(jobs, int) and not isinstance(jobs, bool) and jobs >= 1):
         return jobs
     raise ConfigError(f"jobs={jobs!r} is invalid: give a number of runs to train at once (1, 2, ...) or 'auto'")
@@ -55,7 +59,7 @@ class _Job:
     """One job in its own ``python -m nbsrc.workers`` process: the pickled ``(fn, item, threads)`` on
     its stdin, its result (or exception) pickled to a file, its output relayed line by line."""
 
-    def __init__(self, fn: Callable, item, tag: str, threads: int, result_path: Path, lock: threading.Lock):
+    def __init__(self, fn: Callable, item, tag: str, threads: int, result_path: Path, lines: queue.SimpleQueue):
         self.tag, self.result_path = tag, result_path
         self.result_path.touch()
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
@@ -64,15 +68,14 @@ class _Job:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         self.proc.stdin.write(pickle.dumps((fn, item, threads)))
         self.proc.stdin.close()
-        self.reader = threading.Thread(target=self._relay, args=(lock,), daemon=True)
+        self.reader = threading.Thread(target=self._relay, args=(lines,), daemon=True)
         self.reader.start()
 
-    def _relay(self, lock: threading.Lock) -> None:
+    def _relay(self, lines: queue.SimpleQueue) -> None:  # a reader thread: the caller's thread prints
         for raw in iter(self.proc.stdout.readline, b""):
             for line in raw.decode(errors="replace").replace("\r", "\n").split("\n"):
                 if line.strip():
-                    with lock:
-                        print(f"[{self.tag}] {line}", flush=True)
+                    lines.put(f"[{self.tag}] {line}")
 
     def outcome(self):
         """``(ok, value)`` once the process has ended."""
@@ -82,6 +85,11 @@ class _Job:
             return False, RuntimeError(f"job {self.tag} ended with exit code {self.proc.returncode} and no result "
                                        f"(killed, or out of memory?); its output is above")
         return pickle.loads(data)
+
+
+def _print_lines(lines: queue.SimpleQueue) -> None:
+    while not lines.empty():
+        print(lines.get(), flush=True)
 
 
 def map_jobs(fn: Callable, items: Sequence, tags: Sequence[str], jobs: int) -> list:
@@ -94,19 +102,21 @@ def map_jobs(fn: Callable, items: Sequence, tags: Sequence[str], jobs: int) -> l
         raise ConfigError(f"map_jobs: {len(items)} items but {len(tags)} tags")
     jobs = max(1, min(int(jobs), len(items)))
     threads = max(1, cpu_cores() // jobs)
-    lock = threading.Lock()
+    lines: queue.SimpleQueue = queue.SimpleQueue()  # printed by this thread (a notebook shows it in the cell)
     todo, running, done = list(enumerate(items)), {}, {}
     with tempfile.TemporaryDirectory(prefix="nbsrc-jobs-") as tmp:
         try:
             while todo or running:
                 while todo and len(running) < jobs:
                     i, item = todo.pop(0)
-                    running[i] = _Job(fn, item, tags[i], threads, Path(tmp) / f"{i}.pkl", lock)
+                    running[i] = _Job(fn, item, tags[i], threads, Path(tmp) / f"{i}.pkl", lines)
                 for i, job in list(running.items()):
                     if job.proc.poll() is not None:
                         done[i] = job.outcome()
                         del running[i]
+                _print_lines(lines)
                 time.sleep(0.1)
+            _print_lines(lines)
         except BaseException:
             for job in running.values():  # interrupted: no orphan keeps training
                 job.proc.terminate()

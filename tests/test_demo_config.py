@@ -167,3 +167,16 @@ def test_printed_verdicts_say_which_claims_an_earlier_run_judged(tmp_path, capsy
     assert "(date not recorded)" in lines["C7"] and "`make demo-full`" in lines["C7"]
     assert lines["C2"].endswith("not measured yet (notebook 02_train)")
     assert datetime.datetime.fromisoformat(json.loads((tmp_path / "claims" / "C1.json").read_text())["measured"])
+
+
+def test_every_name_a_parameters_cell_assigns_is_a_declared_parameter():
+    """papermill reads a parameters cell line by line and drops a line it cannot parse (an '=' in the
+    comment did), so that `-p NAME` became an unknown parameter and the smoke run's value never arrived."""
+    import ast
+
+    import nbformat
+
+    for path in notebooks():
+        cell = next(c for c in nbformat.read(path, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+        assigned = [t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets]
+        assert list(notebook_parameters(path)) == assigned, path.name

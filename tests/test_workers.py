@@ -56,12 +56,18 @@ def test_a_job_that_dies_without_a_result_is_named():
         map_jobs(os._exit, [3], ["dies"], jobs=1)
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5, "two", True])
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "two", True, "-1"])
 def test_bad_jobs_is_a_one_line_error(bad):
     with pytest.raises(ConfigError, match="give a number of runs to train at once"):
         check_jobs(bad)
     with pytest.raises(ConfigError, match="jobs="):
         run_all({}, jobs=bad)
+
+
+def test_jobs_from_a_command_line_is_read_as_a_number():
+    assert check_jobs("2") == 2 and check_jobs(" 1 ") == 1 and check_jobs("auto") == "auto"
+    with pytest.raises(ConfigError, match="jobs='0' is invalid"):
+        check_jobs("0")
 
 
 def test_auto_jobs_is_one_on_a_gpu_and_at_most_two():
