@@ -1,4 +1,7 @@
-"""``nbsrc runs`` and ``nbsrc compare``: what is under a runs directory, and how runs differ.
+"""What is under a runs directory, and how runs differ: ``nbsrc runs`` (:func:`list_runs`, every run
+with its state) and ``nbsrc compare`` (:func:`compare_runs`); the finished runs that the notebooks and
+widgets pick from (:func:`list_finished_runs`, a :class:`RunSummary` each); and :func:`as_run`, a
+finished run loaded from however it is named.
 
 A run directory is one that holds a ``config.json`` (:mod:`nbsrc.train.rundir`). Its state is
 ``finished`` (``results.json`` written), ``resumable`` (a checkpoint: ``train --resume`` continues it)
@@ -10,12 +13,20 @@ from __future__ import annotations
 import csv
 import datetime
 import json
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
-from nbsrc.errors import RunDirError
+from nbsrc.errors import NbsrcError, RunDirError
+from nbsrc.experiment import EMBEDDINGS, RunResult, load_run
 from nbsrc.train.rundir import CONFIG, RESULTS, load_run_config, read_json, read_metrics, run_state
 
 STATES = {"done": "finished", "partial": "resumable"}
+
+
+def run_directories(runs_dir: Path) -> list[Path]:
+    """The run directories directly under the folder ``runs_dir`` (those with a ``config.json``), by name."""
+    return sorted(p for p in runs_dir.iterdir() if (p / CONFIG).is_file())
 
 
 def flat_numbers(d: dict, prefix: str = "") -> dict[str, float]:
@@ -61,7 +72,7 @@ def list_runs(runs_dir: str | Path = "runs") -> list[dict]:
     if not runs_dir.is_dir():
         raise RunDirError(f"{runs_dir} is not a directory of runs; pass the --runs-dir used to train")
     rows = []
-    for d in sorted(p for p in runs_dir.iterdir() if (p / CONFIG).is_file()):
+    for d in run_directories(runs_dir):
         try:
             rows.append(run_row(d))
         except RunDirError as e:
@@ -97,3 +108,67 @@ def compare_runs(run_dirs: list[str | Path]) -> list[dict]:
     score_keys = list(dict.fromkeys(k for _, _, s in loaded for k in s))
     return [{"run": name, **{k: cfg.get(k) for k in keys},
              **{k: f"{s[k]:.2f}" if k in s else "-" for k in score_keys}} for name, cfg, s in loaded]
+
+
+# ----------------------------------------------------------------------------- finished runs
+@dataclass(frozen=True)
+class RunSummary:
+    """A finished run of ``runs_dir`` (it has ``config.json`` and ``embeddings.npz``)."""
+
+    name: str
+    run_dir: Path
+    dataset: str
+    loss: str
+    lam: float
+    beta: float
+    iterations: int
+    recall_at_1: float | None  # as stored in results.json (percent), None if missing
+
+    @classmethod
+    def of(cls, run: RunResult) -> RunSummary:
+        """The summary of a loaded run (:func:`nbsrc.experiment.load_run`)."""
+        cfg, r1 = run.config, run.results.get("R@1")
+        return cls(run.run_dir.name, run.run_dir, cfg.data.dataset, cfg.loss.name, cfg.loss.lam, cfg.loss.beta,
+                   cfg.optim.iterations, None if r1 is None else float(r1))
+
+    @property
+    def label(self) -> str:
+        """``"irt_r · λ=0.7 β=0.5 · R@1 54.0"``: what the widgets' run pickers show."""
+        r1 = f" · R@1 {self.recall_at_1:.1f}" if self.recall_at_1 is not None else ""
+        return f"{self.name} · λ={self.lam:g} β={self.beta:g}{r1}"
+
+    @property
+    def short_label(self) -> str:
+        """``"irt_r (λ=0.7, β=0.5)"``: the legend entry of a run in the overlaid figures."""
+        return f"{self.name} (λ={self.lam:g}, β={self.beta:g})"
+
+
+def list_finished_runs(runs_dir: str | Path = "runs") -> list[RunSummary]:
+    """The finished runs directly under ``runs_dir`` (``runs_dir/<name>/`` with ``config.json``
+    and ``embeddings.npz``), sorted by name. A run whose config no longer loads is skipped with a
+    warning. Raises :class:`~nbsrc.errors.RunDirError` when there is none."""
+    runs_dir = Path(runs_dir)
+    found = []
+    for run_dir in run_directories(runs_dir) if runs_dir.is_dir() else []:
+        if not (run_dir / EMBEDDINGS).is_file():
+            continue
+        try:
+            found.append(RunSummary.of(load_run(run_dir)))
+        except NbsrcError as e:
+            warnings.warn(f"skipping run {run_dir}: {e}", stacklevel=2)
+    if not found:
+        missing = "" if runs_dir.is_dir() else " (the folder does not exist)"
+        raise RunDirError(f"no finished runs in {runs_dir}/{missing}: run notebook 02 first "
+                          f"(a finished run is a folder with config.json and {EMBEDDINGS})")
+    return found
+
+
+def as_run(run) -> RunResult:
+    """A finished run, loaded (:func:`nbsrc.experiment.load_run`), from a
+    :class:`~nbsrc.experiment.RunResult` (returned as it is), a :class:`RunSummary` (anything with a
+    ``run_dir``) or a run directory."""
+    if isinstance(run, RunResult):
+        return run
+    if hasattr(run, "run_dir"):
+        return load_run(run.run_dir)
+    return load_run(run)

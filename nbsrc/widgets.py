@@ -1,18 +1,16 @@
-"""Interactive exploration of finished runs in JupyterLab (ipywidgets), on top of the pure helpers
-that compute what the widgets show, so that everything a widget draws can be reproduced (and
-tested) without a browser:
+"""Interactive exploration of finished runs in JupyterLab (ipywidgets). This module only builds the
+widgets; what they show is computed elsewhere, so that everything a widget draws can be reproduced
+(and tested) without a browser:
 
-- :func:`list_finished_runs`: the runs of a ``runs_dir`` that have embeddings, with a summary of
-  their config (λ, β, loss, Recall@1) for labels;
-- :func:`load_retrieval` and :func:`retrieval_for_query`: a query of a run, its top-k neighbours
-  (images, labels, similarities) and which of them are hits (same label as the query);
-- :func:`spectrum_data`: cumulative PCA energy (IRT Fig. 2) and pair similarities (IRT Fig. 5) of
-  several runs;
-- :func:`retrieval_browser` and :func:`spectrum_explorer`: the widgets;
+- :func:`retrieval_browser`: a run's queries and their top-k neighbours, hits framed green, worst
+  queries first on request (:func:`nbsrc.retrieval.load_retrieval`, :func:`nbsrc.retrieval.retrieval_for_query`);
+- :func:`spectrum_explorer`: cumulative PCA energy (IRT Fig. 2) and pair similarities (IRT Fig. 5)
+  of several runs overlaid (:func:`nbsrc.analysis.runs.spectrum_data`);
 - :func:`query_browser`: upload your own image and see its neighbours in an index built by
-  ``nbsrc embed`` (:class:`nbsrc.retrieval.Index`).
+  ``nbsrc embed`` (:class:`nbsrc.retrieval.Index`, :func:`nbsrc.retrieval.search_image`).
 
-Nothing is recomputed from the model: the widgets read each run's ``embeddings.npz`` (written by
+The runs offered are those of :func:`nbsrc.runlist.list_finished_runs`. Nothing is recomputed from the
+model: the widgets read each run's ``embeddings.npz`` (written by
 :func:`nbsrc.experiment.run_experiment`) and rebuild the run's evaluation images with
 :func:`nbsrc.data.build_data` from its saved config, so the runs must have finished (notebook 02).
 
@@ -24,91 +22,17 @@ from __future__ import annotations
 
 import base64
 import io
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from nbsrc.analysis import cumulative_energy, pair_similarities
-from nbsrc.errors import ConfigError, NbsrcError, RunDirError
-from nbsrc.experiment import EMBEDDINGS, load_run
+from nbsrc.analysis.runs import spectrum_data
+from nbsrc.errors import ConfigError, NbsrcError
 from nbsrc.plots import plot_cumulative_energy, plot_similarity_histograms
-from nbsrc.retrieval.runs import (  # the logic lives in nbsrc.retrieval; re-exported here
-    QueryRetrieval, RunRetrieval, as_run, display_image, load_retrieval, retrieval_for_query,
-)
+from nbsrc.retrieval.runs import QueryRetrieval, RunRetrieval, load_retrieval, retrieval_for_query
+from nbsrc.runlist import list_finished_runs
 
-__all__ = ["RunSummary", "list_finished_runs", "spectrum_data", "retrieval_browser", "spectrum_explorer",
-           "query_browser", "widget_frontend_connected", "QueryRetrieval", "RunRetrieval", "display_image",
-           "load_retrieval", "retrieval_for_query"]
-
-# ----------------------------------------------------------------------------- finished runs
-@dataclass(frozen=True)
-class RunSummary:
-    """A finished run of ``runs_dir`` (it has ``config.json`` and ``embeddings.npz``)."""
-
-    name: str
-    run_dir: Path
-    dataset: str
-    loss: str
-    lam: float
-    beta: float
-    iterations: int
-    recall_at_1: float | None  # as stored in results.json (percent), None if missing
-
-    @property
-    def label(self) -> str:
-        """``"irt_r · λ=0.7 β=0.5 · R@1 54.0"``: what the widgets' run pickers show."""
-        r1 = f" · R@1 {self.recall_at_1:.1f}" if self.recall_at_1 is not None else ""
-        return f"{self.name} · λ={self.lam:g} β={self.beta:g}{r1}"
-
-    @property
-    def short_label(self) -> str:
-        """``"irt_r (λ=0.7, β=0.5)"``: the legend entry of a run in the overlaid figures."""
-        return f"{self.name} (λ={self.lam:g}, β={self.beta:g})"
-
-
-def list_finished_runs(runs_dir: str | Path = "runs") -> list[RunSummary]:
-    """The finished runs directly under ``runs_dir`` (``runs_dir/<name>/`` with ``config.json``
-    and ``embeddings.npz``), sorted by name. A run whose config no longer loads is skipped with a
-    warning. Raises :class:`~nbsrc.errors.RunDirError` when there is none."""
-    runs_dir = Path(runs_dir)
-    found = []
-    candidates = sorted(p.parent for p in runs_dir.glob(f"*/{EMBEDDINGS}")) if runs_dir.is_dir() else []
-    for run_dir in candidates:
-        if not (run_dir / "config.json").exists():
-            continue
-        try:
-            run = load_run(run_dir)
-        except NbsrcError as e:
-            warnings.warn(f"skipping run {run_dir}: {e}", stacklevel=2)
-            continue
-        cfg, r1 = run.config, run.results.get("R@1")
-        found.append(RunSummary(run_dir.name, run_dir, cfg.data.dataset, cfg.loss.name, cfg.loss.lam, cfg.loss.beta, cfg.optim.iterations,
-                                None if r1 is None else float(r1)))
-    if not found:
-        missing = "" if runs_dir.is_dir() else " (the folder does not exist)"
-        raise RunDirError(f"no finished runs in {runs_dir}/{missing}: run notebook 02 first "
-                          f"(a finished run is a folder with config.json and {EMBEDDINGS})")
-    return found
-
-
-# ----------------------------------------------------------------------------- spectra of several runs
-def spectrum_data(runs, max_negatives: int | None = 200_000, seed: int = 0):
-    """For each run (:class:`RunSummary`, :class:`~nbsrc.experiment.RunResult` or run directory):
-    the cumulative PCA energy of its query embeddings (IRT Fig. 2) and its positive / negative pair
-    similarities (IRT Fig. 5). Returns ``(curves {label: E}, sims {label: (pos, neg)})`` keyed by
-    :attr:`RunSummary.short_label`, ready for :func:`nbsrc.plots.plot_cumulative_energy` and
-    :func:`nbsrc.plots.plot_similarity_histograms`."""
-    curves, sims = {}, {}
-    for r in runs:
-        run = as_run(r)
-        label = f"{run.run_dir.name} (λ={run.config.loss.lam:g}, β={run.config.loss.beta:g})"
-        e = run.embeddings()
-        curves[label] = cumulative_energy(e["query"])
-        pos, neg, _ = pair_similarities(e["query"], e["query_labels"], max_negatives=max_negatives, seed=seed)
-        sims[label] = (pos, neg)
-    return curves, sims
+__all__ = ["retrieval_browser", "spectrum_explorer", "query_browser", "widget_frontend_connected"]
 
 
 # ----------------------------------------------------------------------------- widgets
@@ -243,9 +167,9 @@ def retrieval_browser(runs_dir: str | Path = "runs", k: int = 8, static: bool | 
     """A widget to browse the retrievals of the finished runs of ``runs_dir``: a run picker
     (``run_picker``), a query slider (``slider``) and a "worst queries first" toggle (``worst``,
     slider = rank by average precision, lowest first); the output shows the query and its top
-    ``k`` neighbours framed green (same label) or red (:func:`retrieval_for_query`).
+    ``k`` neighbours framed green (same label) or red (:func:`nbsrc.retrieval.retrieval_for_query`).
 
-    The returned ``ipywidgets.VBox`` also holds ``current`` (the :class:`QueryRetrieval` shown)
+    The returned ``ipywidgets.VBox`` also holds ``current`` (the :class:`~nbsrc.retrieval.QueryRetrieval` shown)
     and ``figures`` (the figure shown). ``static``: also display the default view as a plain
     figure; ``None`` does so only when no widget frontend is connected (papermill)."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -307,7 +231,7 @@ def spectrum_explorer(runs_dir: str | Path = "runs", max_negatives: int | None =
     """A widget to compare finished runs of ``runs_dir``: a multiple-choice run picker (``picker``,
     labels give λ and β; the first ``default`` runs selected) and, for the selection, the
     cumulative PCA energy curves (IRT Fig. 2) and positive / negative similarity histograms
-    (IRT Fig. 5) overlaid (:func:`spectrum_data`). The returned ``ipywidgets.VBox`` holds the
+    (IRT Fig. 5) overlaid (:func:`nbsrc.analysis.runs.spectrum_data`). The returned ``ipywidgets.VBox`` holds the
     figures shown in ``figures``; ``static`` as in :func:`retrieval_browser`."""
     if isinstance(default, bool) or not isinstance(default, int) or default < 1:
         raise ConfigError(f"default={default!r} is invalid: expected how many runs to select at first, an integer >= 1")

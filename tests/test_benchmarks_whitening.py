@@ -14,7 +14,8 @@ from nbsrc.errors import ConfigError
 from nbsrc.eval.particular import evaluate_revisited_data, learn_sfm_whitening
 from nbsrc.eval.revisited import build_revisited
 from nbsrc.models import data_config, model_from_config
-from nbsrc.presets import evaluate_benchmarks, load_preset
+from nbsrc.presets import load_preset
+from nbsrc.reproduce import evaluate_benchmarks
 
 PRESET = "dtop_a5_vitb16_cls_sfm"
 TINY = {"backbone": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "weights": "none", "device": "cpu",

@@ -1,7 +1,9 @@
 """The package's shape: every module imports on its own, no import cycle (module-level or inside a
 function), no private name imported across modules, and the layering the README states
-(config → data → models → losses → train → eval → experiment → analysis → plots) is the one the
-imports follow."""
+(config → presets → data → models → losses → train → eval → experiment → reproduce → runlist →
+analysis → plots → retrieval → widgets) is the one the imports follow: the presets only describe
+(they import the config, nothing that runs, and no torch), and the widgets only build widgets on top
+of everything else."""
 
 import ast
 import subprocess
@@ -93,7 +95,8 @@ def test_no_private_name_imported_across_modules():
     assert not bad, bad
 
 
-LAYERS = ["errors", "progress", "config", "data", "models", "losses", "train", "eval", "experiment", "analysis", "plots"]
+LAYERS = ["errors", "progress", "config", "presets", "data", "models", "losses", "train", "eval", "experiment",
+          "reproduce", "runlist", "analysis", "plots", "retrieval", "widgets"]
 
 
 def test_layers_import_only_downwards():
@@ -107,6 +110,30 @@ def test_layers_import_only_downwards():
     bad = [f"{m} -> {t}" for m, targets in edges().items() for t in targets
            if layer(m) is not None and layer(t) is not None and layer(t) > layer(m)]
     assert not bad, bad
+
+
+def test_presets_import_only_the_config_and_no_torch():
+    """``nbsrc.presets`` loads, lists and describes presets: it imports the config layer and nothing
+    else of nbsrc (running a preset is :mod:`nbsrc.reproduce`'s), and importing it loads no torch."""
+    assert edges()["nbsrc.presets"] <= {"nbsrc.config", "nbsrc.errors"}, edges()["nbsrc.presets"]
+    script = ("import sys, nbsrc.presets\n"
+              "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('nbsrc.')))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "['nbsrc.config', 'nbsrc.errors', 'nbsrc.presets']", proc.stdout
+
+
+def test_widgets_are_the_top_and_define_only_what_they_export():
+    """No nbsrc module imports :mod:`nbsrc.widgets`, and every name it exports is defined there (the
+    logic it shows lives in nbsrc.runlist, nbsrc.retrieval and nbsrc.analysis, imported from there)."""
+    importers = sorted(m for m, targets in edges().items() if "nbsrc.widgets" in targets)
+    assert not importers, importers
+    tree = ast.parse(MODULES["nbsrc.widgets"].read_text())
+    defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    exported = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                    and any(isinstance(t, ast.Name) and t.id == "__all__" for t in n.targets))
+    assert set(exported) <= defined, sorted(set(exported) - defined)
 
 
 def test_every_module_imports_on_its_own():

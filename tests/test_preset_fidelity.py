@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from nbsrc.presets import list_presets, load_preset, preset_grid, preset_grid_tables, preset_paper
+from nbsrc.presets import list_presets, load_preset, preset_grid_tables, preset_paper
+from nbsrc.reproduce import preset_grid
 
 # IRT §4.2, category level: "AdamW ... learning rate 3·10⁻⁵, weight decay 5·10⁻⁴ and batch size of 64 ...
 # β = 0.5 ... λ = 0.7"; "SOP and In-Shop models were trained for 35k iterations and the CUB-200-2011 model

@@ -20,10 +20,8 @@ from nbsrc.data import RetrievalTransform, build_data
 from nbsrc.data.benchmarks import RECALL_KS
 from nbsrc.errors import ConfigError
 from nbsrc.models import model_from_config
-from nbsrc.presets import (
-    BENCHMARKS, PRESETS_DIR, evaluate_benchmarks, list_presets, load_preset, preset_dict, preset_grid_tables,
-    preset_paper, preset_table,
-)
+from nbsrc.presets import PRESETS_DIR, list_presets, load_preset, preset_dict, preset_grid_tables, preset_paper, preset_table
+from nbsrc.reproduce import BENCHMARKS, evaluate_benchmarks
 from nbsrc.train.loop import build_optimizer
 
 PRESETS = list_presets()

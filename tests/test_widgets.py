@@ -1,6 +1,7 @@
-"""nbsrc.widgets: the pure helpers behind the explorers (run listing, one query's neighbours and
-hits, spectra) checked against brute force on a tiny finished run, the errors, and the widgets
-themselves driven from Python (set a control, the Output's content changes accordingly)."""
+"""nbsrc.widgets and the pure helpers behind the explorers (the run listing of nbsrc.runlist, one
+query's neighbours and hits from nbsrc.retrieval, spectra from nbsrc.analysis.runs) checked against
+brute force on a tiny finished run, the errors, and the widgets themselves driven from Python (set a
+control, the Output's content changes accordingly)."""
 
 import base64
 import shutil
@@ -14,10 +15,10 @@ from nbsrc.config import ExperimentConfig
 from nbsrc.data import build_data
 from nbsrc.errors import ConfigError, RunDirError
 from nbsrc.experiment import load_embeddings, run_experiment
-from nbsrc.widgets import (
-    display_image, list_finished_runs, load_retrieval, retrieval_browser, retrieval_for_query, spectrum_data,
-    spectrum_explorer,
-)
+from nbsrc.analysis.runs import spectrum_data
+from nbsrc.retrieval import display_image, load_retrieval, retrieval_for_query
+from nbsrc.runlist import list_finished_runs
+from nbsrc.widgets import retrieval_browser, spectrum_explorer
 
 K = 5
 

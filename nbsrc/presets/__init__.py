@@ -9,35 +9,29 @@ A file holds the :class:`~nbsrc.config.ExperimentConfig` fields of the row (ever
 paper states is the paper's; docs/fidelity.md lists each one) and a ``"paper"`` block that is not a
 config field: the paper, table, row label, the reported numbers exactly as printed (``null`` where
 the table prints none), optional ``grids`` (the paper's ablation tables around this row, with their
-numbers: :func:`preset_grid`) and notes that say which settings are our reading::
+numbers: :func:`preset_grid_tables`) and notes that say which settings are our reading::
 
     cfg = load_preset("irt_r_cub_deits", data_root="/data/CUB_200_2011")
     python -m nbsrc train --preset irt_r_cub_deits --data-root /data/CUB_200_2011
     python -m nbsrc presets                       # the table in README.md
 
-The run is named after the preset unless ``name=`` overrides it. :func:`evaluate_benchmarks` (notebook
-09) evaluates a finished run, or the preset's untrained model, on the benchmarks whose data is
-given and puts the paper's row beside it; :func:`download_instructions` says what to download when
-none is.
+The run is named after the preset unless ``name=`` overrides it. This package only loads, lists
+and describes the presets (it imports the config and nothing that runs); running them is the
+runner layer's: :func:`nbsrc.reproduce.preset_grid` turns a recorded grid into configs, and
+:func:`nbsrc.reproduce.evaluate_benchmarks` (notebook 09) puts a model's numbers beside the paper's.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import json
-import re
 from pathlib import Path
 from typing import Any
 
-from nbsrc.config import EXECUTION_FIELDS, ExperimentConfig
+from nbsrc.config import ExperimentConfig
 from nbsrc.errors import ConfigError
 
 PRESETS_DIR = Path(__file__).resolve().parent
-CATEGORY_BENCHMARKS = ("cub", "sop", "inshop")  # Recall@K, nbsrc.data.benchmarks
-REVISITED_BENCHMARKS = ("roxford5k", "rparis6k")  # mAP Medium / Hard, nbsrc.eval.revisited
-BENCHMARKS = CATEGORY_BENCHMARKS + REVISITED_BENCHMARKS
-REVISITED_METRICS = {"mAP M": "medium", "mAP H": "hard"}  # paper column -> revisited_map setup
 
 
 # ----------------------------------------------------------------------------- loading
@@ -81,63 +75,6 @@ def preset_grid_tables(name: str) -> list[str]:
     return [g["table"] for g in preset_paper(name).get("grids", [])]
 
 
-def preset_grid(name: str, table: str, /, **overrides: Any) -> dict[str, dict[str, Any]]:
-    """The paper's ablation ``table`` around preset ``name``: ``{label: {"config": ExperimentConfig,
-    "paper": {benchmark: {metric: value}}, ...}}``, one entry per row or cell the paper prints.
-
-    The configs come from the grid helpers of :mod:`nbsrc.experiment` applied to
-    ``load_preset(name, **overrides)`` (``beta_lambda_grid`` for IRT Table 5, ``lambda_sweep`` for
-    Table 6, ``pooling_variants`` for Table 9, ``dtop_ablation_grid`` for DToP A8 and A10), or are
-    the preset with the row's fields changed (``"overrides"``: A7, A9, A12, A13; run names
-    ``<preset>_<slug of the label>``); an evaluation-only grid (A11) gives the preset itself with the
-    entry's ``query_scales`` and ``database_scales``.
-    """
-    from nbsrc import experiment as ex
-
-    grids = {g["table"]: g for g in preset_paper(name).get("grids", [])}
-    if table not in grids:
-        raise ConfigError(f"preset {name!r} records no grid for table {table!r}; it records "
-                          f"{', '.join(grids) or 'none'}")
-    g, base = grids[table], load_preset(name, **overrides)
-    helper, args = g["helper"], g.get("args", {})
-    if helper == "overrides":
-        configs = {}
-        for label, fields in args["overrides"].items():
-            fields = dict(fields)
-            if "model_options" in fields:  # the row's DToP options over the preset's
-                fields["dtop"] = dataclasses.replace(base.model.dtop, **fields.pop("model_options"))
-            row = base.replace(**fields)
-            slug = re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
-            configs[label] = base if _effective(row) == _effective(base) else row.replace(name=f"{base.run.name}_{slug}")
-    elif helper == "evaluation":
-        return {label: {"config": base, "paper": g["results"][label], **sc} for label, sc in args["scales"].items()}
-    elif helper == "dtop_ablation_grid":
-        configs = ex.dtop_ablation_grid(base, table, args["values"])
-    elif helper == "beta_lambda_grid":
-        configs = ex.beta_lambda_grid(base, args["betas"], args["lams"])
-    elif helper == "lambda_sweep":
-        configs = ex.lambda_sweep(base, args["lams"], prefix=base.run.name)
-    elif helper == "pooling_variants":
-        configs = ex.pooling_variants(base, args["poolings"])
-    else:
-        raise ConfigError(f"preset {name!r}, table {table}: unknown grid helper {helper!r}")
-    missing = sorted(set(g["results"]) - set(configs))
-    if missing:
-        raise ConfigError(f"preset {name!r}, table {table}: the paper's rows {missing} have no config; "
-                          f"the helper gave {sorted(configs)}")
-    return {label: {"config": configs[label], "paper": g["results"][label]} for label in g["results"]}
-
-
-def _effective(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The flat form without the name, DToP's options in full with ``fusion`` resolved (None: orthogonal
-    with the ELM), so that a row that restates the defaults is the preset itself (its run trained once)."""
-    d = cfg.to_dict()
-    d.pop("name")
-    if cfg.model.dtop is not None:
-        d["model_options"] = {**dataclasses.asdict(cfg.model.dtop), "fusion": cfg.model.dtop.effective_fusion}
-    return d
-
-
 # ----------------------------------------------------------------------------- the README table
 def _fmt(v) -> str:
     return "–" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
@@ -174,122 +111,3 @@ def preset_table() -> str:
             f"{_fmt(c['dim'])} | {_paper_numbers(p['results'])} | {', '.join(preset_grid_tables(name)) or '–'} |"
         )
     return "\n".join(lines) + "\n"
-
-
-# ----------------------------------------------------------------------------- notebook 09
-def download_instructions(benchmarks=BENCHMARKS) -> str:
-    """What to download for each benchmark and the directory tree its loader expects (the same text
-    as the loaders' errors)."""
-    from nbsrc.data import benchmarks as b
-    from nbsrc.data.sfm import SFM_LAYOUT, SFM_URL
-    from nbsrc.data.revisited import REVISITED_LAYOUT, REVISITED_URL
-
-    text = {
-        "cub": ("cub_root", b.CUB_URL, b.CUB_LAYOUT),
-        "sop": ("sop_root", b.SOP_URL, b.SOP_LAYOUT),
-        "inshop": ("inshop_root", b.INSHOP_URL, b.INSHOP_LAYOUT),
-        "roxford5k": ("roxford_root", REVISITED_URL.replace("<name>", "roxford5k"),
-                      REVISITED_LAYOUT.replace("<name>", "roxford5k")),
-        "rparis6k": ("rparis_root", REVISITED_URL.replace("<name>", "rparis6k"),
-                     REVISITED_LAYOUT.replace("<name>", "rparis6k")),
-        "sfm120k": ("data_root (training only)", SFM_URL, SFM_LAYOUT),
-    }
-    out = []
-    for bench in benchmarks:
-        param, url, layout = text[bench]
-        out.append(f"{bench} ({param}):\n    {url}\n    {layout}")
-    return "\n".join(out)
-
-
-def _paper_value(preset: str | None, bench: str, metric: str):
-    if preset is None:
-        return None
-    return preset_paper(preset)["results"].get(bench, {}).get(metric)
-
-
-def evaluate_benchmarks(preset: str | None, roots: dict[str, str | None], run_dir: str | Path | None = None,
-                        overrides: dict | None = None, eval_per_class: int | None = None, runs_dir: str | Path = "runs",
-                        sfm_root: str | Path | None = None):
-    """Evaluate a model on each benchmark of ``roots`` (``{"cub"|"sop"|"inshop"|"roxford5k"|"rparis6k":
-    folder or None}``; None entries are skipped) and put the paper's number beside ours.
-
-    The model is the finished run in ``run_dir`` (a folder, or a run name under ``runs_dir``; its
-    config and PCA; ``overrides`` may then change only execution settings such as ``device``), or else the untrained
-    (off-the-shelf, IRT_O) model of ``load_preset(preset, **overrides)``, whose descriptor is the
-    full embedding (no PCA: fitting one needs training data). Category-level benchmarks use the
-    official evaluation split and Recall@``RECALL_KS[benchmark]`` (IRT Table 2); the revisited ones
-    the mAP of the Medium and Hard setups (IRT Tables 7-8), evaluated as the SfM-120k run evaluates
-    (:func:`nbsrc.experiment.revisited_evaluation`): at the config's ``eval_scales`` on both sides, and,
-    where the config has ``whitening="learned"`` (the DToP presets; DToP Table A7 "Using supervised
-    whitening"), with the whitening learned from the matching pairs of SfM-120k's training split under
-    ``sfm_root`` — a one-line error names ``sfm_root`` when it is missing (or evaluate a preset without
-    whitening, ``overrides={"whitening": None}``, knowing that the paper's row used it). ``table.attrs
-    ["revisited"]`` says how the revisited rows were evaluated. The paper column holds ``preset``'s
-    reported number for that benchmark (None where the preset's row has none, e.g. a benchmark it was
-    not trained for). ``eval_per_class`` caps the evaluation images per class (None: the full
-    protocol). Returns a DataFrame indexed by ``(benchmark, metric)`` with columns ``ours, paper,
-    difference`` (ours − paper in points; NaN where the paper prints no number).
-    """
-    import pandas as pd
-
-    from nbsrc.data.benchmarks import RECALL_KS, build_benchmark
-    from nbsrc.data.transforms import RetrievalTransform, particular_object_transform
-    from nbsrc.eval import evaluate
-    from nbsrc.experiment import load_run
-    from nbsrc.data.sfm import load_sfm120k_db
-    from nbsrc.experiment import revisited_evaluation
-    from nbsrc.models import data_config, model_from_config
-    from nbsrc.train import resolve_device
-
-    unknown = [k for k in roots if k not in BENCHMARKS]
-    if unknown:
-        raise ConfigError(f"unknown benchmark {unknown[0]!r} in roots; expected keys among {', '.join(BENCHMARKS)}")
-    roots = {k: v for k, v in roots.items() if v is not None}
-    if not roots:
-        raise ConfigError("no benchmark root given; pass at least one of " + ", ".join(BENCHMARKS))
-    if run_dir is not None:
-        if not Path(run_dir).is_dir() and (Path(runs_dir) / run_dir).is_dir():
-            run_dir = Path(runs_dir) / run_dir
-        run = load_run(run_dir, with_model=True)
-        cfg, model = run.config, run.model
-        changed = sorted(set(overrides or {}) - EXECUTION_FIELDS)
-        if changed:
-            raise ConfigError(f"overrides {changed} would change what the run in {run_dir} computes; with a run_dir "
-                              f"only execution settings apply ({', '.join(sorted(EXECUTION_FIELDS))})")
-        cfg = cfg.replace(**(overrides or {}))
-    else:
-        if preset is None:
-            raise ConfigError("pass a preset (the off-the-shelf model to evaluate) or a run_dir")
-        cfg = load_preset(preset, **(overrides or {}))
-        model = model_from_config(cfg)
-    device = resolve_device(cfg.run.device)
-    model.to(device).eval()
-    norm = data_config(model)
-    eval_tf = RetrievalTransform(cfg.data.img_size, train=False, mean=norm["mean"], std=norm["std"])
-    revisited = {b: Path(r) for b, r in roots.items() if b not in CATEGORY_BENCHMARKS}
-    db = None
-    if revisited and cfg.eval.whitening == "learned":
-        if sfm_root is None:
-            raise ConfigError(
-                f"{cfg.run.name} evaluates Revisited Oxford/Paris with whitening learned on SfM-120k (whitening='learned', "
-                "DToP Table A7); pass sfm_root= (the SfM-120k folder, notebook 09's sfm_root), or for a preset "
-                "overrides={'whitening': None} to evaluate without it")
-        db = load_sfm120k_db(sfm_root, "train")
-    rows = []
-    for bench, root in roots.items():
-        if bench in CATEGORY_BENCHMARKS:
-            data = build_benchmark(bench, root, eval_tf, eval_tf, eval_per_class, cfg.run.seed)
-            ours = evaluate(model, data, RECALL_KS[bench], cfg.eval.eval_batch_size, device, progress=False)
-            rows += [(bench, m, v, _paper_value(preset, bench, m)) for m, v in ours.items()]
-    if revisited:  # the SfM-120k run's own evaluation: eval_scales, whitening learned once from SfM-120k
-        square = particular_object_transform(cfg.data.img_size, norm["mean"], norm["std"])  # IRT §4.2
-        results, _ = revisited_evaluation(model, revisited, square, cfg, device, db)
-        for bench in revisited:
-            rows += [(bench, m, results[bench][s]["mAP"], _paper_value(preset, bench, m))
-                     for m, s in REVISITED_METRICS.items()]
-    table = pd.DataFrame(rows, columns=["benchmark", "metric", "ours", "paper"]).set_index(["benchmark", "metric"])
-    table["difference"] = table["ours"] - table["paper"].astype(float)  # ours − paper, in points
-    scales = ", ".join(f"{s:.3g}" for s in (cfg.eval.eval_scales or [1.0]))
-    table.attrs["revisited"] = (f"scales {scales} on both sides; whitening " +
-                                (f"learned from {len(db.qidxs)} SfM-120k training pairs" if db is not None else "none"))
-    return table

@@ -19,21 +19,12 @@ from nbsrc.analysis import average_precision_per_query, worst_queries
 from nbsrc.data import RetrievalDataset, build_data
 from nbsrc.errors import ConfigError, RunDirError
 from nbsrc.eval.recall import RetrievalResults, retrieve
-from nbsrc.experiment import EMBEDDINGS, RunResult, load_run
+from nbsrc.experiment import EMBEDDINGS, RunResult
 from nbsrc.plots import plot_retrieval_grid
+from nbsrc.runlist import as_run
 
 __all__ = ["RunRetrieval", "QueryRetrieval", "load_retrieval", "retrieval_for_query", "display_image",
-           "as_run", "export_split_images", "index_of_run"]
-
-
-def as_run(run) -> RunResult:
-    """A :class:`~nbsrc.experiment.RunResult` from a RunResult, anything with a ``run_dir``
-    (e.g. :class:`nbsrc.widgets.RunSummary`) or a run directory."""
-    if isinstance(run, RunResult):
-        return run
-    if hasattr(run, "run_dir"):
-        return load_run(run.run_dir)
-    return load_run(run)
+           "export_split_images", "index_of_run"]
 
 
 def display_image(img) -> np.ndarray:
@@ -92,7 +83,7 @@ def _check_images(labels_emb: np.ndarray, ds: RetrievalDataset, indices: np.ndar
 
 def load_retrieval(run, k: int = 8) -> RunRetrieval:
     """Load a finished run (a :class:`~nbsrc.experiment.RunResult`, a
-    :class:`~nbsrc.widgets.RunSummary` or a run directory), rebuild its evaluation images from its config and retrieve the top ``k`` of every
+    :class:`~nbsrc.runlist.RunSummary` or a run directory), rebuild its evaluation images from its config and retrieve the top ``k`` of every
     query (:func:`nbsrc.eval.retrieve`: inner product, ties by gallery index)."""
     run = as_run(run)
     e = run.embeddings()
