@@ -95,7 +95,7 @@ def test_no_private_name_imported_across_modules():
     assert not bad, bad
 
 
-LAYERS = ["errors", "progress", "config", "presets", "data", "models", "losses", "train", "eval", "experiment",
+LAYERS = ["errors", "progress", "workers", "config", "presets", "data", "models", "losses", "train", "eval", "experiment",
           "reproduce", "runlist", "analysis", "plots", "retrieval", "widgets"]
 
 

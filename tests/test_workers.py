@@ -66,7 +66,7 @@ def test_bad_jobs_is_a_one_line_error(bad):
 
 def test_jobs_from_a_command_line_is_read_as_a_number():
     assert check_jobs("2") == 2 and check_jobs(" 1 ") == 1 and check_jobs("auto") == "auto"
-    with pytest.raises(ConfigError, match="jobs='0' is invalid"):
+    with pytest.raises(ConfigError, match="jobs=0 is invalid"):
         check_jobs("0")
 
 
