@@ -535,13 +535,13 @@ def run_all(configs: dict[str, ExperimentConfig], mode: str = "reuse", data: Ret
     configs = dict(configs)
     if jobs == "auto":
         jobs = auto_jobs(next(iter(configs.values())).run.device) if configs else 1
-    to_train = [label for label, cfg in configs.items()
-                if cfg.optim.iterations > 0 and not (mode == "reuse" and run_state(cfg.run_dir) == "done")]
+    to_train = {cfg.run_dir: cfg for cfg in configs.values()  # one job per run, however many labels name it
+                if cfg.optim.iterations > 0 and not (mode == "reuse" and run_state(cfg.run_dir) == "done")}
     if jobs > 1 and len(to_train) > 1 and data is None and not distributed.current().enabled:
-        for cfg in {configs[label].run_dir: configs[label] for label in to_train}.values():
+        for cfg in to_train.values():
             cfg.validate()  # a bad config is a one-line error here, before any worker starts
-        map_jobs(_train_run, [(configs[label].to_dict(), mode) for label in to_train],
-                 [configs[label].run.name for label in to_train], jobs)
+        map_jobs(_train_run, [(cfg.to_dict(), mode) for cfg in to_train.values()],
+                 [cfg.run.name for cfg in to_train.values()], jobs)
         mode = "reuse"  # trained by the workers: loaded below
     return {label: run_experiment(cfg, mode, data=data) for label, cfg in configs.items()}
 

@@ -40,6 +40,13 @@ def test_runs_trained_by_two_workers_equal_the_same_runs_trained_in_turn(tmp_pat
     assert all(r.reused for r in again.values())
 
 
+def test_a_run_named_by_two_labels_is_trained_once(tmp_path, capsys):
+    cfgs = seed_configs(tmp_path)
+    runs = run_all({"a": cfgs[0], "b": cfgs[1], "a again": cfgs[0]}, jobs=2)
+    assert runs["a"].run_dir == runs["a again"].run_dir
+    assert capsys.readouterr().out.count("[r0] r0: R@1=") == 1
+
+
 def test_map_jobs_keeps_the_order_and_relays_output(capsys):
     assert map_jobs(math.sqrt, [4.0, 9.0, 16.0], ["a", "b", "c"], jobs=2) == [2.0, 3.0, 4.0]
     map_jobs(print, ["hello from a worker"], ["w"], jobs=2)
