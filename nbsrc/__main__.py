@@ -344,18 +344,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue runs/<name> from its checkpoint")
     g.add_argument("--overwrite", action="store_true", help="move an existing runs/<name> aside and start again")
     _add_config_flags(t)
+    t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval", help="print the saved results of finished runs and how they were evaluated")
     e.add_argument("runs", nargs="+", help="run directories, e.g. runs/irt_r")
+    e.set_defaults(func=cmd_eval)
     r = sub.add_parser("runs", help="list the runs under a directory: state, iterations, R@1 or mAP, date")
     r.add_argument("runs_dir", nargs="?", default="runs", metavar="DIR", help="runs directory (default: runs)")
     r.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
+    r.set_defaults(func=cmd_runs)
     c = sub.add_parser("compare", help="the settings that differ between runs, and their results")
     c.add_argument("runs", nargs="+", metavar="RUN", help="run directories, e.g. runs/my_irt_r runs/my_irt_l")
+    c.set_defaults(func=cmd_compare)
     n = sub.add_parser("notebook", help="run one notebook headless with papermill")
     n.add_argument("path")
     n.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"))
     n.add_argument("--out")
     n.add_argument("--log-output", action="store_true")
+    n.set_defaults(func=cmd_notebook)
     d = sub.add_parser("demo", help="run the notebooks in order on a demo's data and print the table")
     from nbsrc.demo import DEFAULT_DEMO, DEMOS
 
@@ -368,32 +373,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
                    help="the seeds of every run a claim needs (default: the notebooks' own, 0 1 2); the verdicts "
                         "need at least 3, e.g. --seeds 0 1 2 3 4")
-    sub.add_parser("presets", help="print the table of presets (the paper's rows)")
+    d.set_defaults(func=cmd_demo)
+    sub.add_parser("presets", help="print the table of presets (the paper's rows)").set_defaults(func=cmd_presets)
     from nbsrc.retrieval.cli import add_subcommands as add_retrieval_commands
 
-    add_retrieval_commands(sub)  # embed, search
+    add_retrieval_commands(sub)  # embed, search, export
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
-        if ns.cmd == "train":
-            cmd_train(ns)
-        elif ns.cmd == "eval":
-            cmd_eval(ns)
-        elif ns.cmd == "notebook":
-            cmd_notebook(ns)
-        elif ns.cmd == "demo":
-            cmd_demo(ns)
-        elif ns.cmd == "presets":
-            cmd_presets(ns)
-        elif ns.cmd == "runs":
-            cmd_runs(ns)
-        elif ns.cmd == "compare":
-            cmd_compare(ns)
-        elif hasattr(ns, "func"):
-            ns.func(ns)
+        ns.func(ns)  # each subcommand's parser names its function (set_defaults)
     except NbsrcError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
