@@ -53,11 +53,15 @@ demo-full: install
 demo-glyphs: install glyphs
 	$(PY) -m nbsrc demo --demo glyphs
 
+# pytest-xdist: TEST_WORKERS processes share the tests (tests/conftest.py keeps the tests of a module with a
+# shared fixture on one worker and gives each worker one torch thread); TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+
 test: install browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 lab: install
 	JUPYTER_PATH=$(CURDIR)/$(VENV)/share/jupyter $(VENV)/bin/jupyter lab notebooks/
