@@ -49,8 +49,22 @@ def test_time_split_per_notebook(tmp_path):
     assert train_seconds(tmp_path / "irt_l" / "metrics.jsonl", 10) == pytest.approx(6.0)
     split = demo_time_split(LOG, dt.datetime(2026, 11, 30, 0, 4, 5), tmp_path)
     assert split[0] == {"notebook": "01_off_the_shelf.ipynb", "seconds": 60, "runs": 1, "train_s": 0,
-                        "pca_eval_s": 20, "rest_s": 40, "run_names": ["irt_o"]}
+                        "pca_eval_s": 20, "runs_summed_s": 20, "rest_s": 40, "run_names": ["irt_o"]}
     assert split[1]["run_names"] == ["irt_l"] and (split[1]["train_s"], split[1]["pca_eval_s"], split[1]["rest_s"]) == (6, 44, 250)
+
+
+def test_runs_trained_at_once_count_once(tmp_path):
+    """Two runs of 50 s each that overlap by 30 s cover 70 s of the notebook, not 100 s."""
+    from nbsrc.bench.demo import covered_seconds
+
+    assert covered_seconds([(0, 10), (5, 20), (30, 40), (32, 35)]) == 30
+    assert covered_seconds([]) == 0
+    rows = [{"kind": "train", "iteration": 20, "img_per_s": 10.0}]  # 200 images at 10 img/s: 20 s of training
+    _run(tmp_path, "a", dt.datetime(2026, 11, 30, 0, 1), 50.0, 20, 10, rows)
+    _run(tmp_path, "b", dt.datetime(2026, 11, 30, 0, 1, 20), 50.0, 20, 10, rows)
+    row = demo_time_split(LOG, dt.datetime(2026, 11, 30, 0, 4, 5), tmp_path)[1]
+    assert row["run_names"] == ["a", "b"] and row["runs_summed_s"] == 100
+    assert (row["train_s"], row["pca_eval_s"], row["rest_s"]) == (28, 42, 300 - 70)  # 70 s covered, 40 % training
 
 
 def test_cli_writes_its_section(tmp_path):
