@@ -66,8 +66,9 @@ def results_markdown(r: dict, info: dict, note: str = "") -> str:
     for i, (a, b) in enumerate(zip(r["seconds"]["in turn"], r["seconds"]["at once"])):
         s += f"| {i + 1} | {a:.1f} | {b:.1f} | {a / b:.2f} |\n"
     s += (f"\nReading: training {r['runs']} runs at once is {r['ratio']:.2f}x as fast as in turn (median over rounds). "
-          "A run's Recall@K differs in the last digits between the two (its thread count changes the order of "
-          f"floating-point sums): R@1 in turn {r['recall_at_1']['in turn']}, at once {r['recall_at_1']['at once']}.\n")
+          "A run's Recall@K can differ between the two (its thread count changes the order of floating-point "
+          "sums): R@1 in turn " + ", ".join(f"{v:.2f}" for v in r["recall_at_1"]["in turn"].values())
+          + "; at once " + ", ".join(f"{v:.2f}" for v in r["recall_at_1"]["at once"].values()) + ".\n")
     return s
 
 
