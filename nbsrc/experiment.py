@@ -542,8 +542,11 @@ def run_all(configs: dict[str, ExperimentConfig], mode: str = "reuse", data: Ret
             cfg.validate()  # a bad config is a one-line error here, before any worker starts
         map_jobs(_train_run, [(cfg.to_dict(), mode) for cfg in to_train.values()],
                  [cfg.run.name for cfg in to_train.values()], jobs)
-        mode = "reuse"  # trained by the workers: loaded below
-    return {label: run_experiment(cfg, mode, data=data) for label, cfg in configs.items()}
+    else:
+        to_train = {}
+    # the runs the workers trained are loaded; every other run is made here in the caller's mode
+    return {label: run_experiment(cfg, "reuse" if cfg.run_dir in to_train else mode, data=data)
+            for label, cfg in configs.items()}
 
 
 def _train_run(item: tuple[dict, str]) -> None:

@@ -47,6 +47,19 @@ def test_a_run_named_by_two_labels_is_trained_once(tmp_path, capsys):
     assert capsys.readouterr().out.count("[r0] r0: R@1=") == 1
 
 
+def test_the_callers_mode_still_holds_for_the_runs_it_makes_itself(tmp_path):
+    """mode='new' forbids reusing a run: the off-the-shelf run (made by the caller, not a worker) that
+    exists already is an error, while the two new runs were trained by the workers."""
+    from nbsrc.errors import RunDirError
+
+    cfgs = seed_configs(tmp_path)
+    off = cfgs[0].replace(name="off", iterations=0)
+    run_all({"off": off}, mode="new")
+    with pytest.raises(RunDirError, match="off"):
+        run_all({"off": off, "a": cfgs[0], "b": cfgs[1]}, mode="new", jobs=2)
+    assert all((tmp_path / n / "results.json").exists() for n in ("r0", "r1"))
+
+
 def test_map_jobs_keeps_the_order_and_relays_output(capsys):
     assert map_jobs(math.sqrt, [4.0, 9.0, 16.0], ["a", "b", "c"], jobs=2) == [2.0, 3.0, 4.0]
     map_jobs(print, ["hello from a worker"], ["w"], jobs=2)
