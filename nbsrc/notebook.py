@@ -61,6 +61,10 @@ def _expected(default) -> tuple[str, typing.Callable[[object], bool]] | None:
         return "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)
     if isinstance(default, float):
         return "a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if default == "auto":  # "auto" or a count (jobs = "auto")
+        return "'auto' or a positive integer", lambda v: v == "auto" or (
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1) or (
+            isinstance(v, str) and v.strip().isdigit() and int(v) >= 1)
     if isinstance(default, str):
         return "a string", lambda v: isinstance(v, str)
     if isinstance(default, (list, tuple)):

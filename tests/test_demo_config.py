@@ -169,6 +169,15 @@ def test_printed_verdicts_say_which_claims_an_earlier_run_judged(tmp_path, capsy
     assert datetime.datetime.fromisoformat(json.loads((tmp_path / "claims" / "C1.json").read_text())["measured"])
 
 
+def test_jobs_takes_auto_or_a_count():
+    """The smoke run gives jobs=1 to notebooks whose default is "auto" (a count is not a string)."""
+    for ok in ("auto", 1, 2, "2"):
+        check_parameters(NB02, {"jobs": ok})
+    for bad in (0, "0", "two", 1.5, True):
+        with pytest.raises(ConfigError, match=r"parameter jobs=.* expected 'auto' or a positive integer"):
+            check_parameters(NB02, {"jobs": bad})
+
+
 def test_every_name_a_parameters_cell_assigns_is_a_declared_parameter():
     """papermill reads a parameters cell line by line and drops a line it cannot parse (an '=' in the
     comment did), so that `-p NAME` became an unknown parameter and the smoke run's value never arrived."""
