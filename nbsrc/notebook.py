@@ -61,10 +61,6 @@ def _expected(default) -> tuple[str, typing.Callable[[object], bool]] | None:
         return "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)
     if isinstance(default, float):
         return "a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    if default == "auto":  # "auto" or a count (jobs = "auto")
-        return "'auto' or a positive integer", lambda v: v == "auto" or (
-            isinstance(v, int) and not isinstance(v, bool) and v >= 1) or (
-            isinstance(v, str) and v.strip().isdigit() and int(v) >= 1)
     if isinstance(default, str):
         return "a string", lambda v: isinstance(v, str)
     if isinstance(default, (list, tuple)):
@@ -72,6 +68,20 @@ def _expected(default) -> tuple[str, typing.Callable[[object], bool]] | None:
     if isinstance(default, dict):
         return "a dict such as {\"key\": 1}", lambda v: isinstance(v, dict)
     return None
+
+
+def _is_jobs(v) -> bool:
+    from nbsrc.workers import check_jobs
+
+    try:
+        check_jobs(v)
+    except ConfigError:
+        return False
+    return True
+
+
+# The notebooks' ``jobs`` (runs trained at once, run_all): "auto" or a count, as nbsrc.workers.check_jobs reads it.
+_JOBS = ("'auto' or a positive integer", _is_jobs)
 
 
 def _config_fields() -> dict[str, typing.Any]:
@@ -119,7 +129,7 @@ def check_parameters(path: str | Path, params: dict) -> None:
             raise ConfigError(
                 f"unknown parameter {k!r} for {Path(path).name}{hint}; it declares: {', '.join(declared)}{also}"
             )
-        expected = _expected(_default(declared, k))
+        expected = _JOBS if k == "jobs" else _expected(_default(declared, k))
         if expected is None:
             continue
         words, accepts = expected

@@ -189,3 +189,7 @@ def test_every_name_a_parameters_cell_assigns_is_a_declared_parameter():
         cell = next(c for c in nbformat.read(path, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
         assigned = [t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets]
         assert list(notebook_parameters(path)) == assigned, path.name
+
+
+def test_a_config_field_whose_default_is_auto_still_takes_any_string():
+    check_parameters(NB02, {"device": "cpu"})  # the config's device: "auto", "cpu", "cuda:1" ...
