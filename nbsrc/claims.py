@@ -411,14 +411,30 @@ def load_claims(figures_dir: str | Path = "figures") -> list[dict]:
     return sorted(found, key=lambda d: int(d["id"][1:]) if d["id"][1:].isdigit() else 10**6)
 
 
-def write_verdicts(figures_dir: str | Path = "figures") -> Path:
-    """``<figures_dir>/verdicts.md``: the rule, then one line per saved claim (:func:`load_claims`),
-    and the claims not measured yet."""
+def verdict_lines(figures_dir: str | Path = "figures", judged_since: float | None = None) -> list[str]:
+    """One markdown line per claim of :data:`CLAIMS`: its saved line (:func:`load_claims`), or "not
+    measured yet". With ``judged_since`` (a ``time.time()``), a claim judged before it (by its UTC
+    ``measured`` time, to the second; claims saved without one count as earlier) is marked as coming
+    from an earlier run."""
     saved = {d["id"]: d for d in load_claims(figures_dir)}
-    lines = ["# The papers' claims: verdicts over seeds", "", f"Rule (fixed before the numbers): {RULE}", ""]
+    lines = []
     for cid, claim in CLAIMS.items():
-        lines.append(f"- {saved[cid]['line']}" if cid in saved
-                     else f"- **{cid} {claim.name}** ({claim.paper}): not measured yet (notebook {claim.notebook})")
+        if cid not in saved:
+            lines.append(f"- **{cid} {claim.name}** ({claim.paper}): not measured yet (notebook {claim.notebook})")
+            continue
+        line, measured = saved[cid]["line"], saved[cid].get("measured")
+        if judged_since is not None and (
+                measured is None or datetime.datetime.fromisoformat(measured).timestamp() < int(judged_since)):
+            line += (f" [from an earlier run ({measured[:10] if measured else 'date not recorded'}), not judged by this "
+                     f"one: notebook {claim.notebook}, `make demo-full`]")
+        lines.append(f"- {line}")
+    return lines
+
+
+def write_verdicts(figures_dir: str | Path = "figures") -> Path:
+    """``<figures_dir>/verdicts.md``: the rule, then :func:`verdict_lines`."""
+    lines = ["# The papers' claims: verdicts over seeds", "", f"Rule (fixed before the numbers): {RULE}", "",
+             *verdict_lines(figures_dir)]
     return write_text_atomic(Path(figures_dir) / "verdicts.md", "\n".join(lines) + "\n")
 
 

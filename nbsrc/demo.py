@@ -14,7 +14,6 @@ in between its cells' outputs, training progress included, are printed as plain 
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import time
@@ -233,21 +232,9 @@ def run_demo(quick: bool = False, notebooks_to_run: list[str] | None = None, out
 
 
 def print_verdicts(fig_dir: Path, started: float) -> None:
-    """The claims' verdicts saved under ``fig_dir`` (:func:`nbsrc.claims.load_claims`), one line each; a
-    claim judged before ``started`` (a time.time()) is marked as coming from an earlier run."""
-    from nbsrc.claims import CLAIMS, RULE
+    """The claims' verdicts saved under ``fig_dir``, one line each, those judged before ``started`` (a
+    time.time()) marked as coming from an earlier run (:func:`nbsrc.claims.verdict_lines`)."""
+    from nbsrc.claims import RULE, verdict_lines
 
-    claims_dir = fig_dir / "claims"
     print(f"\nThe papers' claims (rule: {RULE})\n")
-    for cid, claim in CLAIMS.items():
-        path = claims_dir / f"{cid}.json"
-        if not path.exists():
-            print(f"- **{cid} {claim.name}** ({claim.paper}): not measured yet (notebook {claim.notebook})")
-            continue
-        saved = json.loads(path.read_text())
-        measured = saved.get("measured")  # UTC, ISO 8601 (claims saved before it was recorded have none)
-        line = saved["line"]
-        if measured is None or datetime.datetime.fromisoformat(measured).timestamp() < int(started):  # to the second
-            line += (f" [from an earlier run ({measured[:10] if measured else 'date not recorded'}), not judged by this "
-                     f"one: notebook {claim.notebook}, `make demo-full`]")
-        print(f"- {line}")
+    print("\n".join(verdict_lines(fig_dir, judged_since=started)))
