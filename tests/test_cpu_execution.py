@@ -90,3 +90,35 @@ def test_negative_threads_is_a_config_error(cfg):
 
     with pytest.raises(ConfigError, match="threads"):
         cfg.replace(threads=-1).validate()
+
+
+def test_a_convnet_runs_channels_last_with_the_same_numbers_and_a_vit_does_not():
+    """Convnet backbones run in channels-last memory format (weights and input): the embeddings equal
+    those of the same weights in the default format up to float rounding, gradients too, and the
+    weights load from and save to the same state dict. A ViT keeps its default format."""
+    from nbsrc.models import build_model
+
+    torch.manual_seed(0)
+    cnn = build_model("resnet18", "gem", weights="none", img_size=32)
+    plain = build_model("resnet18", "gem", weights="none", img_size=32)
+    plain.channels_last = False
+    plain.backbone.to(memory_format=torch.contiguous_format)
+    plain.load_state_dict(cnn.state_dict())
+    assert cnn.channels_last and not plain.channels_last
+    conv = next(m for m in cnn.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    x = torch.randn(4, 3, 32, 32)
+    for net in (cnn, plain):
+        net.train()
+        net.zero_grad()
+        net(x).sum().backward()
+    torch.testing.assert_close(cnn(x), plain(x), rtol=1e-4, atol=1e-5)
+    g_cnn, g_plain = (next(p.grad for n, p in net.named_parameters() if n.endswith("conv1.weight")) for net in (cnn, plain))
+    assert (g_cnn - g_plain).abs().max() <= 1e-3 * g_plain.abs().max()  # float rounding, not another gradient
+    again = build_model("resnet18", "gem", weights="none", img_size=32)
+    again.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(again.eval()(x), plain.eval()(x), rtol=1e-4, atol=1e-5)
+    vit = build_model("vit_tiny_patch16_224", "cls", weights="none", img_size=32, patch_size=8)
+    assert not vit.channels_last
+    assert vit.backbone.patch_embed.proj.weight.is_contiguous()

@@ -52,13 +52,22 @@ class RetrievalModel(nn.Module):
     :data:`nbsrc.models.pooling.POOLINGS`. Sizes (one name each, see :mod:`nbsrc.config`):
     ``feature_dim`` of the pooled descriptor (the backbone's width), ``dim`` of the PCA, ``output_dim``
     of what ``forward`` returns.
+
+    A convnet backbone (more than one 2-d convolution: a CNN, or a hybrid's CNN stem) runs in
+    channels-last memory format, its weights and its input (``channels_last``, default: on for those):
+    the same numbers up to float rounding, and faster on CPU (EfficientNet-Lite0 at 64 px: 1.2-1.4x
+    for a training step, 1.4x for inference; ``python -m nbsrc.bench embed``). A ViT's single patch
+    convolution is left as it is.
     """
 
     def __init__(self, backbone: nn.Module, pooling: str, num_prefix: int, has_dist: bool,
                  dim: int | None = None, gem_p: float = 3.0, gem_learnable: bool = False,
-                 head: nn.Module | None = None):
+                 head: nn.Module | None = None, channels_last: bool | None = None):
         super().__init__()
-        self.backbone = backbone
+        if channels_last is None:
+            channels_last = sum(isinstance(m, nn.Conv2d) for m in backbone.modules()) > 1
+        self.channels_last = bool(channels_last)
+        self.backbone = backbone.to(memory_format=torch.channels_last) if self.channels_last else backbone
         self.num_prefix = num_prefix
         self.pool = build_pooling(pooling, num_prefix, has_dist, gem_p, gem_learnable)
         self.head = head if head is not None else nn.Identity()
@@ -70,15 +79,18 @@ class RetrievalModel(nn.Module):
         """The size of the embedding :meth:`forward` returns: the PCA's ``dim`` once fitted, else ``feature_dim``."""
         return self.pca.dim if self.pca is not None and bool(self.pca.fitted) else self.feature_dim
 
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
+
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.backbone.forward_features(x)
+        feats = self.backbone.forward_features(self._input(x))
         if feats.ndim == 4:  # convnet map [B, C, H, W] -> tokens [B, HW, C]
             feats = feats.flatten(2).transpose(1, 2)
         return feats
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if getattr(self.pool, "spatial", False):  # R-MAC: regions of the convnet's map
-            return self.head(self.pool(self.backbone.forward_features(x)))
+            return self.head(self.pool(self.backbone.forward_features(self._input(x))))
         return self.head(self.pool(self.forward_tokens(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
