@@ -403,6 +403,19 @@ def test_tsne_subsample_returns_indices(rng):
     assert len(np.unique(res.indices)) == 12 and res.perplexity == 2
 
 
+def test_tsne_max_classes_embeds_the_first_classes_and_indexes_the_whole_set(rng):
+    y = np.array([5, 3, 9, 3, 5, 7, 9, 7, 3, 5] * 3)
+    Z = rng.normal(size=(30, 4))
+    res = tsne(Z, labels=y, max_classes=2, max_iter=500, perplexity=3)
+    assert sorted(res.indices.tolist()) == np.flatnonzero(np.isin(y, [3, 5])).tolist()  # classes 3 and 5: all of them
+    sub = tsne(Z, labels=y, max_classes=2, max_samples=6, max_iter=500, perplexity=1)
+    assert set(y[sub.indices]) == {3, 5} and np.bincount(y[sub.indices]).tolist()[3:6] == [3, 0, 3]
+    with pytest.raises(ConfigError, match="needs the labels"):
+        tsne(Z, max_classes=2)
+    with pytest.raises(ConfigError, match="max_classes"):
+        tsne(Z, labels=y, max_classes=0)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(Z=np.ones((1, 3))), "at least 2"),
     (dict(Z=np.array([[np.inf, 0], [0, 1], [1, 1]])), "NaN"),

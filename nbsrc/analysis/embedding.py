@@ -48,20 +48,30 @@ def stratified_subsample(labels, max_samples: int, seed: int = 0) -> np.ndarray:
 
 
 def tsne(Z, labels=None, seed: int = 0, perplexity: float = 30.0, max_samples: int | None = None,
-         max_iter: int = 1000) -> TSNEResult:
+         max_iter: int = 1000, max_classes: int | None = None) -> TSNEResult:
     """t-SNE of the embeddings ``Z`` [N, D] (scikit-learn ``TSNE(init="pca", random_state=seed)``).
 
     ``perplexity`` is clipped to (n − 1) / 3 for small sets (n the number of points embedded; it
     must be below n). With ``max_samples`` only that many samples are embedded: a fixed-seed
     subsample, stratified by ``labels`` when they are given (see :func:`stratified_subsample`),
     uniform otherwise. Returns a :class:`TSNEResult` ``(points, indices, perplexity)``; index the
-    labels with ``indices`` to colour the points.
+    labels with ``indices`` to colour the points. ``max_classes`` (needs ``labels``): only the samples
+    of the first ``max_classes`` classes (in label order) are embedded, so that a set of hundreds of
+    classes gives a plot whose colours can be told apart (DToP Fig. A6 shows a few classes).
     """
     Z = as_embeddings(Z)
     if labels is not None:
         labels = as_labels(labels, len(Z), "labels")
     if not perplexity > 0:
         raise ConfigError(f"perplexity={perplexity!r} is invalid: expected a positive number (typically 5 to 50)")
+    keep = np.arange(len(Z))
+    if max_classes is not None:
+        if isinstance(max_classes, bool) or not isinstance(max_classes, (int, np.integer)) or max_classes < 1:
+            raise ConfigError(f"max_classes={max_classes!r} is invalid: expected a positive integer, or None for all")
+        if labels is None:
+            raise ConfigError("max_classes needs the labels: pass labels=... or max_classes=None")
+        keep = np.flatnonzero(np.isin(labels, np.unique(labels)[: int(max_classes)]))
+        Z, labels = Z[keep], labels[keep]
     if max_samples is not None:
         if isinstance(max_samples, bool) or not isinstance(max_samples, (int, np.integer)) or max_samples < 2:
             raise ConfigError(f"max_samples={max_samples!r} is invalid: expected an integer >= 2, or None for all")
@@ -78,4 +88,4 @@ def tsne(Z, labels=None, seed: int = 0, perplexity: float = 30.0, max_samples: i
     used = float(min(perplexity, (len(X) - 1) / 3))
     init = "pca" if X.shape[1] >= 2 else "random"  # a 2-D PCA needs 2 input dimensions
     points = TSNE(n_components=2, perplexity=used, init=init, random_state=seed, max_iter=max_iter).fit_transform(X)
-    return TSNEResult(points.astype(np.float64), indices.astype(np.int64), used)
+    return TSNEResult(points.astype(np.float64), keep[indices].astype(np.int64), used)
