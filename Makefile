@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-full demo-glyphs test test-fast lab install data glyphs browser kernel clean-runs
+.PHONY: demo demo-full demo-fashion test test-fast lab install data glyphs browser kernel clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,16 +42,17 @@ browser:
 		|| echo "warning: could not install chromium/chromium-driver with apt-get; the browser test will be skipped"; \
 	fi
 
-demo: install
+# The demo on the CJK glyphs: pretraining on 1,000 classes, fine-tuning on 500 others, evaluation on 500 unseen ones.
+demo: install glyphs
 	$(PY) -m nbsrc demo
 
 # The demo and its grids (notebooks 04, 07, 08: claims C5 and C7 over three seeds, DToP's ablations).
-demo-full: install
+demo-full: install glyphs
 	$(PY) -m nbsrc demo --full
 
-# The second demo: pretraining on 1,000 glyph classes, fine-tuning on 500 others, evaluation on 500 unseen ones.
-demo-glyphs: install glyphs
-	$(PY) -m nbsrc demo --demo glyphs
+# The second demo: Fashion-MNIST (train on classes 0-4, evaluate on the unseen 5-9), from random init.
+demo-fashion: install
+	$(PY) -m nbsrc demo --demo fashion_mnist
 
 # pytest-xdist: TEST_WORKERS processes share the tests (tests/conftest.py keeps the tests of a module with a
 # shared fixture on one worker and gives each worker one torch thread); TEST_WORKERS=0 runs them in this process.

@@ -337,7 +337,9 @@ def backbone_collapse_claim(runs: Mapping, vit: str, convnet: str, cfg, before: 
     er = per_seed(runs, lambda r: effective_rank(r.embeddings()["query"]))
     ratio = {m: {s: er[(m, after)][s] / er[(m, before)][s] for s in er[(m, after)]} for m in (vit, convnet)}
     note = ("a randomly initialised ViT against an ImageNet-pretrained convnet: architecture and pretraining are "
-            "confounded" if _random_init(cfg) else "")
+            "confounded" if _random_init(cfg) else
+            "the ViT pretrained here, on classes disjoint from the test classes, against an ImageNet-pretrained "
+            "convnet: the two were pretrained on different data")
     return judge_claim("C4", [compare("effective-rank ratio after/before training: ViT − convnet", ratio[convnet],
                                       ratio[vit], "higher", (convnet, vit))], note=note, context=context_of(cfg))
 

@@ -393,13 +393,24 @@ def test_notebooks_have_parameters_and_no_outputs():
 
 @pytest.mark.slow
 def test_demo_notebooks_run_headless(tmp_path, monkeypatch):
-    """Every notebook runs under papermill with tiny parameters (the CI smoke run)."""
-    from nbsrc.demo import QUICK, run_demo
+    """Every notebook runs under papermill with tiny parameters (the CI smoke run): on the default demo
+    (the glyphs: here a small set of Latin capitals drawn by matplotlib's fonts, so that no CJK font
+    package is needed), pretraining included; then notebook 02 on the second demo, Fashion-MNIST."""
+    from fixtures_glyphs import tiny_glyph_set
 
+    from nbsrc.demo import DEFAULT_DEMO, QUICK, run_demo
+
+    assert DEFAULT_DEMO == "glyphs"
     if not __import__("nbsrc.data.fashion_mnist", fromlist=["x"]).DEBIAN_ROOT.exists():
         pytest.skip("needs Fashion-MNIST (make install puts it in place)")
+    (tmp_path / "fashion").mkdir()
+    monkeypatch.chdir(tmp_path / "fashion")
+    run_demo(quick=True, demo="fashion_mnist", notebooks_to_run=["02_train.ipynb"])
+    assert "IRT_R" in (tmp_path / "fashion" / QUICK["figures_dir"] / "table3_irt.md").read_text()
+    assert (tmp_path / "fashion/runs/quick/fashion_mnist/irt_l/results.json").is_file()
     monkeypatch.chdir(tmp_path)
-    run_demo(quick=True)
+    run_demo(quick=True, fields={"data_root": str(tiny_glyph_set(tmp_path / "glyph_cache"))})
+    assert [p.name for p in (tmp_path / "runs/quick/glyphs").glob("pretrain_*")], "the glyph demo pretrains first"
     table = (tmp_path / QUICK["figures_dir"] / "table3_irt.md").read_text()
     assert all(m in table for m in ("IRT_O", "IRT_L", "IRT_R"))
     seeds = pd.read_csv(tmp_path / QUICK["figures_dir"] / "table3_irt_seeds.csv", index_col=0)

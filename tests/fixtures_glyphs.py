@@ -1,0 +1,26 @@
+"""A small glyph set for tests and the notebooks' smoke run: Latin capitals drawn by the fonts matplotlib
+ships (DejaVu, STIX, Computer Modern), in the CJK set's three class-disjoint parts, so that no CJK font
+package is needed. It is a real glyph set (nbsrc.data.glyphs.build_glyphs): a config names it with
+``data_root=<its .npz>``."""
+
+from pathlib import Path
+
+import matplotlib
+
+from nbsrc.data.glyphs import FontFace, build_glyphs
+
+TTF = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+FACES = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
+         "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf",
+         "DejaVuSansMono-BoldOblique.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf",
+         "DejaVuSerif-BoldItalic.ttf", "STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf",
+         "STIXGeneralBolIta.ttf", "cmr10.ttf", "cmb10.ttf", "cmss10.ttf", "cmti10.ttf", "cmtt10.ttf")
+CHARS = "ABCDEFGHIJKLMNOPQRSTUVWX"  # 24 classes: pretrain A-H, train I-P (validation: O, P), test Q-X
+PARTS = (("pretrain", 8), ("train", 8), ("test", 8))
+
+
+def tiny_glyph_set(cache_dir: Path) -> Path:
+    """Build (or find in ``cache_dir``) the small set; the path of its .npz."""
+    fonts = tuple(FontFace("(matplotlib)", str(TTF / name)) for name in FACES)
+    return build_glyphs(fonts, parts=PARTS, chars=list(CHARS), cache_dir=cache_dir, val_classes=2,
+                        progress=False).path
