@@ -66,6 +66,7 @@ import numpy as np
 
 from nbsrc.data.splits import ALL
 from nbsrc.errors import ConfigError, DatasetError
+from nbsrc.progress import progress as progress_bar
 
 FORMAT_VERSION = 1  # bump when the rendering procedure changes what bytes a spec gives
 CJK_BLOCK = (0x4E00, 0x9FFF)  # CJK Unified Ideographs
@@ -281,6 +282,7 @@ def render_classes(fonts: tuple[FontFace, ...], chars: list[str], size: int = SI
     :func:`remove_duplicates` plus ``rendered`` and ``blank``."""
     drawings: list[list[tuple[int, np.ndarray]]] = [[] for _ in chars]
     blank = rendered = 0
+    bar = progress_bar(len(fonts), "glyphs: font faces drawn", enabled=progress)  # a bar, or a line per 10 %
     for fi, face in enumerate(fonts):
         font = load_face(face, font_size)
         for c, ch in enumerate(chars):
@@ -290,10 +292,8 @@ def render_classes(fonts: tuple[FontFace, ...], chars: list[str], size: int = SI
                 blank += 1
             else:
                 drawings[c].append((fi, img))
-        if progress:
-            print(f"\rglyphs: drew face {fi + 1}/{len(fonts)}", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+        bar.update()
+    bar.close()
     kept, counts = remove_duplicates(drawings)
     images = [im for items in kept for _, im in items]
     images = np.stack(images) if images else np.zeros((0, size, size), np.uint8)
