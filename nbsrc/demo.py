@@ -131,7 +131,8 @@ def prepare_demo(demo: str = DEFAULT_DEMO, runs_dir: str = "runs", pretrain: dic
 
 
 def recipe_study(runs_dir: str = "runs", pretrain: dict | None = None, iterations: int = RECIPE["iterations"],
-                 lrs=(1e-4, 3e-4, 1e-3), memory_starts=None, memory_size: int = 1024, memory_lr: float = 3e-4,
+                 lrs=(3e-5, 1e-4, 3e-4, 1e-3), memory_starts=None, memory_size: int = 1024,
+                 memory_lr: float = RECIPE["lr"],
                  **overrides: Any) -> dict[str, ExperimentConfig]:
     """The search that chose :data:`RECIPE` (notebooks/11_recipe_study.ipynb): IRT_L (λ = 0) on the glyphs'
     ``train_fit`` classes, evaluated on ``train_val`` (100 training classes held out, all their images;
