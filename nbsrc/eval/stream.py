@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from nbsrc.errors import ConfigError, DatasetError
+from nbsrc.models.fold import inference_model
 from nbsrc.progress import progress as progress_bar
 
 
@@ -71,13 +72,16 @@ def embed_to_memmap(
     progress: bool = True,
     num_workers: int = 0,
     on_batch: Callable[[int, object], None] | None = None,
+    fold: bool = True,
 ) -> np.memmap:
     """Embed ``dataset`` (items ``(image, ...)``, in order) with ``model`` into the ``.npy`` file
     ``path`` of shape ``[len(dataset), D]`` and ``dtype``; returns it memory-mapped read-only.
 
     Rows are written batch by batch; a rerun resumes after the last recorded batch and does not
     recompute finished rows. The model must already be on ``device``; on CUDA the forward runs
-    under bf16 autocast. The model's train/eval modes are restored afterwards.
+    under bf16 autocast. The model's train/eval modes are restored afterwards. ``fold``: embed with a
+    copy of the model whose BatchNorms are folded into its convolutions (:mod:`nbsrc.models.fold`);
+    the resume fingerprint is the model's own.
 
     ``on_batch(first_row, batch)``, if given, is called with each batch as the loader returned it
     after its rows are on disk and before the sidecar records them (so whatever it saves about rows
@@ -112,12 +116,16 @@ def embed_to_memmap(
     loader = DataLoader(rest, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=cuda)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
+    net = None
     try:
         with progress_bar(-(-n // batch_size), "embed to disk", enabled=progress, initial=done // batch_size) as bar:
             for batch in loader:
                 images = batch[0] if isinstance(batch, (list, tuple)) else batch
+                images = images.to(device, non_blocking=True)
+                if net is None:  # the first batch is the probe that checks the folded copy
+                    net = inference_model(model, images[:2]) if fold else model
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                    z = model(images.to(device, non_blocking=True))
+                    z = net(images)
                 if z.ndim != 2 or len(z) != len(images):
                     raise ConfigError(f"the model returned shape {tuple(z.shape)} for {len(images)} images; "
                                       "an embedding model must return [batch, dim]")

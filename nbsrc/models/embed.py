@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from nbsrc.data import RetrievalDataset
 from nbsrc.errors import ConfigError, DatasetError
+from nbsrc.models.fold import inference_model
 from nbsrc.progress import progress as progress_bar
 
 
@@ -25,13 +26,17 @@ def extract_embeddings(
     num_workers: int = 0,
     progress: bool = True,
     amp: bool = True,
+    fold: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run ``model`` (images -> embeddings [B, D]) over ``dataset`` in order, in eval mode.
 
     Returns ``(embeddings float32 [N, D], labels int64 [N], indices int64 [N])``; row ``n`` is
     ``dataset[n]``. The model must already be on ``device``; on CUDA the forward pass runs under
     bf16 autocast (``amp=False``: float32) and the outputs are cast back to float32. The
-    train/eval mode of every submodule is restored afterwards.
+    train/eval mode of every submodule is restored afterwards. ``fold``: run a copy of the model
+    with its BatchNorms folded into the convolutions before them (:mod:`nbsrc.models.fold`: the same
+    embeddings up to float rounding, faster for a convnet; a no-op for a ViT); ``model`` itself is
+    not changed.
     """
     if len(dataset) == 0:
         raise DatasetError("cannot extract embeddings of an empty dataset; check the split (classes, eval_per_class)")
@@ -44,11 +49,15 @@ def extract_embeddings(
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     embs, labels, indices = [], [], []
+    net = None
     try:
         with progress_bar(len(loader), "embed", enabled=progress) as bar:
             for images, y, idx in loader:
+                images = images.to(device, non_blocking=True)
+                if net is None:  # the first batch is the probe that checks the folded copy
+                    net = inference_model(model, images[:2]) if fold else model
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and amp):
-                    z = model(images.to(device, non_blocking=True))
+                    z = net(images)
                 if z.ndim != 2 or len(z) != len(images):
                     raise ConfigError(
                         f"the model returned shape {tuple(z.shape)} for a batch of {len(images)} images; "
