@@ -57,7 +57,8 @@ def add_subcommands(sub) -> None:
                    help="input side in pixels, for a preset or timm name (default: the model's own)")
     e.add_argument("--batch-size", type=int, default=None, help="images per batch (default: 256 on a GPU, 32 on the CPU)")
     e.add_argument("--workers", type=int, default=None,
-                   help="DataLoader processes decoding images (default: CPU cores - 1, at most 8)")
+                   help="DataLoader processes decoding images (default: CPU cores - 1, at most 8; "
+                        "none on a CPU of 2 cores or fewer)")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     e.set_defaults(func=cmd_embed)
