@@ -5,8 +5,8 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from nbsrc.data.transforms import (RetrievalTransform, category_transforms, particular_object_transform,
-                                   resize_side)
+from nbsrc.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, RetrievalTransform, category_transforms,
+                                   particular_object_transform, resize_side)
 from nbsrc.errors import ConfigError
 
 UNIT = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # output = pixel / 255
@@ -98,3 +98,31 @@ def test_category_train_transform_crops_and_flips_deterministically():
 def test_bad_size_is_an_error():
     with pytest.raises(ConfigError, match="size=0 must be a positive"):
         RetrievalTransform(0, train=False)
+
+
+def _torchvision_transform(img, size, crop, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """The evaluation transform through torchvision's functional API, as nbsrc computed it before its
+    own resize / crop / normalise (the reference for bit-for-bit equality)."""
+    if img.ndim == 2:
+        img = img.unsqueeze(0)
+    if img.shape[0] == 1:
+        img = img.expand(3, -1, -1)
+    x = img.float().div_(255.0)
+    if crop:
+        side = resize_side(size)
+        x = TF.center_crop(TF.resize(x, [side, side], antialias=True), [size, size])
+    else:
+        x = TF.resize(x, [size, size], antialias=True)
+    return TF.normalize(x, list(mean), list(std))
+
+
+def test_evaluation_transform_equals_torchvisions_bit_for_bit():
+    """Up- and down-sizing, non-square inputs, grayscale, odd crops, and the no-op resize."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 240, 320), (3, 28, 28), (1, 28, 28), (28, 28), (3, 37, 19), (3, 500, 90), (3, 32, 32), (3, 224, 224)]
+    for shape in shapes:
+        img = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+        for size in (28, 32, 29, 224):
+            for crop in (True, False):
+                got = RetrievalTransform(size, train=False, crop=crop)(img)
+                assert torch.equal(got, _torchvision_transform(img, size, crop)), (shape, size, crop)

@@ -40,7 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torchvision.transforms.v2.functional as TF
+import torch.nn.functional as F
 
 from nbsrc.errors import ConfigError
 
@@ -49,6 +49,24 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # DToP §A.1 "random cropping, illumination and scaling augmentation": the ranges are our reading
 DTOP_AUGMENTATION = {"scale": (0.8, 1.0), "brightness": 0.4}
 RESIZE_RATIO = 256 / 224  # IRT §4.2: 256×256 resize before the 224×224 crop
+
+
+def resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear, antialiased resize of a float ``C × H × W`` image: the same numbers as torchvision's
+    ``v2.functional.resize(x, [height, width], antialias=True)`` (a no-op at the same size), at about
+    half its cost per call (tests/test_transforms.py checks it bit for bit)."""
+    if tuple(x.shape[-2:]) == (height, width):
+        return x
+    return F.interpolate(x.unsqueeze(0), size=[height, width], mode="bilinear", align_corners=False,
+                         antialias=True).squeeze(0)
+
+
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The centre ``size × size`` window of an image at least that large: torchvision's ``center_crop``
+    offsets (``round((H − size) / 2)``)."""
+    h, w = x.shape[-2:]
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return x[..., top : top + size, left : left + size]
 
 
 def resize_side(size: int) -> int:
@@ -101,23 +119,25 @@ class RetrievalTransform:
         if self.train and tuple(self.scale) != (1.0, 1.0):  # DToP: scaling + random cropping
             x = self._random_window(x, generator)
         if self.resize and not self.crop:
-            x = TF.resize(x, [self.size, self.size], antialias=True)
+            x = resize(x, self.size, self.size)
         elif self.resize:
             side = resize_side(self.size)
-            x = TF.resize(x, [side, side], antialias=True)
+            x = resize(x, side, side)
             if self.train:
                 g = generator
                 top = int(torch.randint(0, side - self.size + 1, (1,), generator=g))
                 left = int(torch.randint(0, side - self.size + 1, (1,), generator=g))
                 x = x[..., top : top + self.size, left : left + self.size]
             else:
-                x = TF.center_crop(x, [self.size, self.size])
+                x = center_crop(x, self.size)
         if self.train and bool(torch.rand((), generator=generator) < 0.5):
             x = x.flip(-1)
         if self.train and self.brightness > 0:  # DToP: illumination
             b = 1 - self.brightness + 2 * self.brightness * float(torch.rand((), generator=generator))
             x = (x * b).clamp_(0.0, 1.0)
-        return TF.normalize(x, list(self.mean), list(self.std))
+        mean = torch.tensor(self.mean, dtype=x.dtype).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype).view(-1, 1, 1)
+        return (x - mean) / std  # torchvision's normalize, without its checks
 
     def _random_window(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """A window of relative side ``s ~ U[scale]`` (both sides, at least 1 pixel) at a uniformly random place."""
