@@ -279,3 +279,22 @@ def test_jobs_bench_trains_the_same_runs_in_turn_and_at_once(tmp_path):
     assert "in turn / at once" in path.read_text()
     with pytest.raises(ConfigError, match="need runs >= 2"):
         bench_jobs(runs=1)
+
+
+def test_embed_cli_on_a_runs_own_images(tmp_path):
+    """``--source run``: the run's query images as PNG files, embedded by nbsrc and the direct loop
+    with the run's own network; the section is ``embed-run``, apart from the generated photos'."""
+    from nbsrc.config import ExperimentConfig
+    from nbsrc.experiment import run_experiment
+
+    cfg = ExperimentConfig(name="tiny", runs_dir=str(tmp_path / "runs"), dataset="digits", img_size=8, patch_size=4,
+                           iterations=1, batch_size=16, m_per_class=4, log_every=1, eval_per_class=6, progress=False)
+    run = run_experiment(cfg)
+    path = tmp_path / "R.md"
+    assert bench_main(["embed", "--source", "run", "--model", str(run.run_dir), "--per-class", "3", "--rounds", "1",
+                       "--results", str(path)]) == 0
+    text = path.read_text()
+    assert "<!-- bench:embed-run -->" in text and "<!-- bench:embed -->" not in text
+    assert "15 query images of the run's dataset (digits)" in text  # 5 test classes x 3
+    assert float(re.search(r"lowest cosine .*? is ([0-9.]+)", text).group(1)) > 0.9
+    assert bench_main(["embed", "--source", "run", "--model", "efficientnet_lite0", "--results", str(path)]) == 2

@@ -12,12 +12,18 @@ ImageNet weights by default), in rounds that alternate which goes first; each ro
   geometry), batches of ``--direct-batch`` images, the model under ``torch.inference_mode``,
   ``F.normalize``, ``np.save``.
 
+The images are ``--images`` generated JPEGs (``--source generated``, the default) or, with
+``--source run`` and a run directory as ``--model``, that run's query images (the demo's glyphs or
+Fashion-MNIST for a demo run; at most ``--per-class`` of each class), written as PNG files in class
+folders by :func:`nbsrc.retrieval.export_split_images`.
+
 Reported: per method the median seconds per round and img/s, and ``direct / nbsrc`` (speed of nbsrc
 relative to the direct loop; target >= 0.95) as the median over rounds of the per-round ratio with
 a 95% bootstrap interval over rounds; and how far the two embeddings are apart (they differ by the
 resize kernels: PIL on uint8 against torchvision on float tensors).
 
     python -m nbsrc.bench embed --images 64 --rounds 3
+    python -m nbsrc.bench embed --source run --model runs/glyphs/pretrain_b61eec08 --per-class 4
 """
 
 from __future__ import annotations
@@ -69,7 +75,8 @@ def direct_embed(model: torch.nn.Module, paths: list[Path], img_size: int, resiz
 
 
 def bench_embed(n_images: int = 64, width: int = 320, height: int = 240, rounds: int = 3, model: str = "efficientnet_lite0",
-                direct_batch: int = 32, threads: int | None = None, seed: int = 0) -> dict:
+                direct_batch: int = 32, threads: int | None = None, seed: int = 0, source: str = "generated",
+                per_class: int | None = None) -> dict:
     """Median seconds per round of nbsrc's ``Index.build`` and the direct loop over the same
     ``n_images`` generated JPEGs, their paired speed ratio and the embeddings' distance."""
     from nbsrc.bench.train import paired_ratio, verdict
@@ -79,14 +86,24 @@ def bench_embed(n_images: int = 64, width: int = 320, height: int = 240, rounds:
 
     if n_images < 2 or rounds < 1 or direct_batch < 1:
         raise ConfigError(f"images={n_images}, rounds={rounds}, direct_batch={direct_batch}: need >= 2, >= 1, >= 1")
+    if source not in ("generated", "run"):
+        raise ConfigError(f"source={source!r} is invalid: expected 'generated' (JPEGs) or 'run' (the run's query images)")
+    if source == "run" and not (Path(model) / "config.json").exists():
+        raise ConfigError(f"source='run' takes its images from a run: --model must be a run directory, not {model!r}")
     if threads:
         torch.set_num_threads(threads)
     em = load_embedding_model(model)
     pre = em.preprocessing
     work = Path(tempfile.mkdtemp(prefix="nbsrc_bench_embed_"))
     try:
-        folder = make_jpegs(work / "photos", n_images, width, height, seed=seed)
+        if source == "run":
+            from nbsrc.retrieval import export_split_images
+
+            folder = export_split_images(model, work / "photos", per_class=per_class)
+        else:
+            folder = make_jpegs(work / "photos", n_images, width, height, seed=seed)
         paths = sorted(list_images(folder))
+        n_images = len(paths)
         def nbsrc_round(r: int):
             idx = Index.build(em, folder, work / f"index{r}", device="cpu", progress=False, log=None)
             return idx
@@ -105,7 +122,9 @@ def bench_embed(n_images: int = 64, width: int = 320, height: int = 240, rounds:
         shutil.rmtree(work, ignore_errors=True)
     ratio = paired_ratio(times["direct"], times["nbsrc"])
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"model": model, "images": n_images, "photo": f"{width}x{height}", "img_size": pre.img_size,
+    what = (f"query images of the run's dataset ({em.reference['config']['dataset']}) as PNG" if source == "run"
+            else f"generated JPEGs of {width}x{height}")
+    return {"model": model, "images": n_images, "photo": what, "img_size": pre.img_size,
             "rounds": rounds, "direct_batch": direct_batch, "threads": torch.get_num_threads(),
             "round_s": times, "median_s": med, "img_per_s": {k: n_images / v for k, v in med.items()},
             "nbsrc_over_direct": ratio["median"], "ci95": ratio["ci95"], "of_medians": ratio["of_medians"],
@@ -119,7 +138,7 @@ def results_markdown(r: dict, info: dict, note: str = "") -> str:
 
     lo, hi = r["ci95"]
     s = (machine_lines(info, note)
-         + f"- setup: {r['model']} at {r['img_size']} px, {r['images']} generated JPEGs of {r['photo']} in class folders, "
+         + f"- setup: {r['model']} at {r['img_size']} px, {r['images']} {r['photo']} in class folders, "
          f"torch threads {r['threads']}, {r['rounds']} rounds alternating which method goes first, each round timed whole; "
          f"direct loop in batches of {r['direct_batch']}\n"
          f"- load average (1, 5, 15 min) at the end: {', '.join(f'{x:.2f}' for x in r['loadavg'])}\n"
@@ -139,6 +158,9 @@ def results_markdown(r: dict, info: dict, note: str = "") -> str:
 
 def add_arguments(p) -> None:
     p.add_argument("--images", type=int, default=64, help="generated JPEGs")
+    p.add_argument("--source", choices=("generated", "run"), default="generated",
+                   help="generated JPEGs, or the query images of the run given as --model")
+    p.add_argument("--per-class", type=int, default=None, help="--source run: at most this many images of each class")
     p.add_argument("--width", type=int, default=320)
     p.add_argument("--height", type=int, default=240)
     p.add_argument("--rounds", type=int, default=3)
@@ -152,7 +174,10 @@ def run(a, results_path=None, note: str = "") -> dict:
 
     from nbsrc.bench import RESULTS_PATH, machine_info, write_section
 
-    r = bench_embed(a.images, a.width, a.height, a.rounds, a.model, a.direct_batch, a.threads or None)
+    r = bench_embed(a.images, a.width, a.height, a.rounds, a.model, a.direct_batch, a.threads or None, source=a.source,
+                    per_class=a.per_class)
     print(json.dumps(r, indent=2))
-    write_section("embed", results_markdown(r, machine_info(), note), results_path or RESULTS_PATH)
+    # one section per source: the generated photos and a run's own images are two different workloads
+    section = "embed" if a.source == "generated" else "embed-run"
+    write_section(section, results_markdown(r, machine_info(), note), results_path or RESULTS_PATH)
     return r
