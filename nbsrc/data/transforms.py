@@ -51,7 +51,7 @@ DTOP_AUGMENTATION = {"scale": (0.8, 1.0), "brightness": 0.4}
 RESIZE_RATIO = 256 / 224  # IRT §4.2: 256×256 resize before the 224×224 crop
 
 
-def resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def resize_bilinear(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Bilinear, antialiased resize of a float ``C × H × W`` image: the same numbers as torchvision's
     ``v2.functional.resize(x, [height, width], antialias=True)`` (a no-op at the same size), at about
     half its cost per call (tests/test_transforms.py checks it bit for bit)."""
@@ -119,10 +119,10 @@ class RetrievalTransform:
         if self.train and tuple(self.scale) != (1.0, 1.0):  # DToP: scaling + random cropping
             x = self._random_window(x, generator)
         if self.resize and not self.crop:
-            x = resize(x, self.size, self.size)
+            x = resize_bilinear(x, self.size, self.size)
         elif self.resize:
             side = resize_side(self.size)
-            x = resize(x, side, side)
+            x = resize_bilinear(x, side, side)
             if self.train:
                 g = generator
                 top = int(torch.randint(0, side - self.size + 1, (1,), generator=g))
