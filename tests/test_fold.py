@@ -125,3 +125,24 @@ def test_folding_inside_inference_mode():
         folded, n = fold_batchnorm(model, x)
         torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
     assert n == 1
+
+
+def test_an_index_embeds_queries_as_it_embedded_its_images(tmp_path):
+    """Index.build embeds with the folded network and Index.embed (queries) folds the same way: a
+    query that is an indexed image gets its stored embedding back (to float16 storage rounding)."""
+    from nbsrc.bench.embed import make_jpegs
+    from nbsrc.data.images import list_images
+    from nbsrc.retrieval import Index
+    from nbsrc.retrieval.models import load_embedding_model
+
+    torch.manual_seed(0)
+    em = load_embedding_model("resnet18", weights="none", img_size=64)
+    _randomise_norms(em.model)
+    folder = make_jpegs(tmp_path / "photos", 6, 80, 60)
+    idx = Index.build(em, folder, tmp_path / "idx", num_workers=0, progress=False, log=None)
+    again = Index.load(tmp_path / "idx")
+    paths = [again.listing.path(i) for i in range(len(again.listing.paths))]
+    z = again.embed(paths)
+    assert again._net is not again.model and not any(isinstance(m, nn.BatchNorm2d) for m in again._net.modules())
+    np.testing.assert_allclose(z, np.load(idx.path / "embeddings.npy").astype(np.float32), atol=2e-3)
+    assert all(again.search(p, k=1).rows[0][0] == i for i, p in enumerate(paths))

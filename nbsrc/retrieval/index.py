@@ -43,6 +43,7 @@ import torch
 from nbsrc.data.images import describe_bad_images, image_problem, list_images, load_image
 from nbsrc.errors import ConfigError, DatasetError, RunDirError
 from nbsrc.eval.stream import embed_to_memmap, model_fingerprint, sidecar_path
+from nbsrc.models.fold import inference_model
 from nbsrc.retrieval.models import EmbeddingModel, Preprocessing, load_embedding_model, rebuild_model
 from nbsrc.provenance import provenance
 
@@ -250,6 +251,7 @@ class Index:
         self.preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
         self.device = _device(device)
         self._model: torch.nn.Module | None = None
+        self._net: torch.nn.Module | None = None  # the model as queries are embedded: BatchNorm folded, as the build
 
     # ------------------------------------------------------------------ properties
     def __len__(self) -> int:
@@ -441,15 +443,17 @@ class Index:
     @torch.inference_mode()
     def embed(self, images, batch_size: int = 32) -> np.ndarray:
         """float32 ``[n, dim]`` embeddings of ``images`` (paths, PIL images, uint8 arrays/tensors
-        ``H x W x 3`` or ``3 x H x W``, or encoded bytes) with the index's model and preprocessing."""
+        ``H x W x 3`` or ``3 x H x W``, or encoded bytes) with the index's model and preprocessing,
+        its BatchNorms folded as when the index was built (:mod:`nbsrc.models.fold`)."""
         tf = self.preprocessing.transform()
         tensors = [tf(_as_tensor(x)) for x in images]
-        model = self.model
         out = []
         for s in range(0, len(tensors), batch_size):
             x = torch.stack(tensors[s : s + batch_size]).to(self.device)
+            if self._net is None:  # folded once, on the first query batch
+                self._net = inference_model(self.model.eval(), x[:2])
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                out.append(model(x).float().cpu())
+                out.append(self._net(x).float().cpu())
         return torch.cat(out).numpy()
 
     def search(self, images, k: int = 10, model: torch.nn.Module | None = None) -> SearchResults:
