@@ -146,3 +146,18 @@ def test_an_index_embeds_queries_as_it_embedded_its_images(tmp_path):
     assert again._net is not again.model and not any(isinstance(m, nn.BatchNorm2d) for m in again._net.modules())
     np.testing.assert_allclose(z, np.load(idx.path / "embeddings.npy").astype(np.float32), atol=2e-3)
     assert all(again.search(p, k=1).rows[0][0] == i for i, p in enumerate(paths))
+
+
+def test_convolutions_that_do_not_fold_linearly_are_left_alone():
+    """A weight-standardised convolution (timm StdConv2d) undoes a scaled weight, and a weight-normed
+    one (a parametrization) cannot be written: both keep their BatchNorm, with the same output."""
+    from timm.layers import StdConv2d
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    std = _randomise_norms(nn.Sequential(StdConv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    assert fold_batchnorm(std, x) == (std, 0)
+    wn = _randomise_norms(nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3)), nn.BatchNorm2d(4)))
+    folded, n = fold_batchnorm(wn, x)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), wn(x), rtol=1e-5, atol=1e-5)

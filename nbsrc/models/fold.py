@@ -125,10 +125,13 @@ def _fold_checked(model: nn.Module, probe: torch.Tensor) -> tuple[nn.Module, int
     except Exception:  # a model holding something that cannot be copied: embed with it as it is
         return model, 0
     modules = list(folded.modules())
-    for conv, norm in pairs:
-        c, n = modules[index[id(conv)]], modules[index[id(norm)]]
-        _fold_pair(c, n)
-        _replace(folded, n, nn.Sequential(n.drop, n.act) if hasattr(n, "act") else nn.Identity())
+    try:
+        for conv, norm in pairs:
+            c, n = modules[index[id(conv)]], modules[index[id(norm)]]
+            _fold_pair(c, n)
+            _replace(folded, n, nn.Sequential(n.drop, n.act) if hasattr(n, "act") else nn.Identity())
+    except Exception:  # a weight that cannot be written (a parametrized convolution): embed as it is
+        return model, 0
     training = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
