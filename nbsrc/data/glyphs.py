@@ -282,18 +282,17 @@ def render_classes(fonts: tuple[FontFace, ...], chars: list[str], size: int = SI
     :func:`remove_duplicates` plus ``rendered`` and ``blank``."""
     drawings: list[list[tuple[int, np.ndarray]]] = [[] for _ in chars]
     blank = rendered = 0
-    bar = progress_bar(len(fonts), "glyphs: font faces drawn", enabled=progress)  # a bar, or a line per 10 %
-    for fi, face in enumerate(fonts):
-        font = load_face(face, font_size)
-        for c, ch in enumerate(chars):
-            img = render_glyph(font, ch, size, ink)
-            rendered += 1
-            if img is None:
-                blank += 1
-            else:
-                drawings[c].append((fi, img))
-        bar.update()
-    bar.close()
+    with progress_bar(len(fonts), "glyphs: font faces drawn", enabled=progress) as bar:  # a bar, or a line per 10 %
+        for fi, face in enumerate(fonts):
+            font = load_face(face, font_size)
+            for c, ch in enumerate(chars):
+                img = render_glyph(font, ch, size, ink)
+                rendered += 1
+                if img is None:
+                    blank += 1
+                else:
+                    drawings[c].append((fi, img))
+            bar.update()
     kept, counts = remove_duplicates(drawings)
     images = [im for items in kept for _, im in items]
     images = np.stack(images) if images else np.zeros((0, size, size), np.uint8)

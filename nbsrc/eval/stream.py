@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from nbsrc.errors import ConfigError, DatasetError
-from nbsrc.models.fold import inference_model
+from nbsrc.models.fold import eval_mode, inference_model
 from nbsrc.progress import progress as progress_bar
 
 
@@ -114,33 +114,28 @@ def embed_to_memmap(
     cuda = device.type == "cuda"
     rest = Subset(dataset, range(done, n)) if done else dataset
     loader = DataLoader(rest, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=cuda)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     net = None
-    try:
-        with progress_bar(-(-n // batch_size), "embed to disk", enabled=progress, initial=done // batch_size) as bar:
-            for batch in loader:
-                images = batch[0] if isinstance(batch, (list, tuple)) else batch
-                images = images.to(device, non_blocking=True)
-                if net is None:  # the first batch is the probe that checks the folded copy
-                    net = inference_model(model, images[:2]) if fold else model
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                    z = net(images)
-                if z.ndim != 2 or len(z) != len(images):
-                    raise ConfigError(f"the model returned shape {tuple(z.shape)} for {len(images)} images; "
-                                      "an embedding model must return [batch, dim]")
-                if out is None:  # the first batch gives the embedding dimension
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n, z.shape[1]))
-                out[done : done + len(z)] = z.float().cpu().numpy().astype(dtype)
-                out.flush()  # rows on disk before the sidecar says so
-                if on_batch is not None:
-                    on_batch(done, batch)
-                done += len(z)
-                _write_progress(side, {**expected, "rows_done": done, "shape": list(out.shape)})
-                bar.update(1)
-    finally:
-        for m, training in modes:
-            m.training = training
+    bar = progress_bar(-(-n // batch_size), "embed to disk", enabled=progress, initial=done // batch_size)
+    with eval_mode(model), bar:
+        for batch in loader:
+            images = batch[0] if isinstance(batch, (list, tuple)) else batch
+            images = images.to(device, non_blocking=True)
+            if net is None:  # the first batch is the probe that checks the folded copy
+                net = inference_model(model, images[:2]) if fold else model
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                z = net(images)
+            if z.ndim != 2 or len(z) != len(images):
+                raise ConfigError(f"the model returned shape {tuple(z.shape)} for {len(images)} images; "
+                                  "an embedding model must return [batch, dim]")
+            if out is None:  # the first batch gives the embedding dimension
+                path.parent.mkdir(parents=True, exist_ok=True)
+                out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n, z.shape[1]))
+            out[done : done + len(z)] = z.float().cpu().numpy().astype(dtype)
+            out.flush()  # rows on disk before the sidecar says so
+            if on_batch is not None:
+                on_batch(done, batch)
+            done += len(z)
+            _write_progress(side, {**expected, "rows_done": done, "shape": list(out.shape)})
+            bar.update(1)
     del out
     return np.load(path, mmap_mode="r")

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from nbsrc.data import RetrievalDataset
 from nbsrc.errors import ConfigError, DatasetError
-from nbsrc.models.fold import inference_model
+from nbsrc.models.fold import eval_mode, inference_model
 from nbsrc.progress import progress as progress_bar
 
 
@@ -46,29 +46,23 @@ def extract_embeddings(
     cuda = device.type == "cuda"
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False,
                         num_workers=num_workers, pin_memory=cuda)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     embs, labels, indices = [], [], []
     net = None
-    try:
-        with progress_bar(len(loader), "embed", enabled=progress) as bar:
-            for images, y, idx in loader:
-                images = images.to(device, non_blocking=True)
-                if net is None:  # the first batch is the probe that checks the folded copy
-                    net = inference_model(model, images[:2]) if fold else model
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and amp):
-                    z = net(images)
-                if z.ndim != 2 or len(z) != len(images):
-                    raise ConfigError(
-                        f"the model returned shape {tuple(z.shape)} for a batch of {len(images)} images; "
-                        "an embedding model must return [batch, dim]"
-                    )
-                embs.append(z.float().cpu())
-                labels.append(y)
-                indices.append(idx)
-                bar.update(1)
-    finally:
-        for m, training in modes:
-            m.training = training
+    with eval_mode(model), progress_bar(len(loader), "embed", enabled=progress) as bar:
+        for images, y, idx in loader:
+            images = images.to(device, non_blocking=True)
+            if net is None:  # the first batch is the probe that checks the folded copy
+                net = inference_model(model, images[:2]) if fold else model
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and amp):
+                z = net(images)
+            if z.ndim != 2 or len(z) != len(images):
+                raise ConfigError(
+                    f"the model returned shape {tuple(z.shape)} for a batch of {len(images)} images; "
+                    "an embedding model must return [batch, dim]"
+                )
+            embs.append(z.float().cpu())
+            labels.append(y)
+            indices.append(idx)
+            bar.update(1)
     return (torch.cat(embs).numpy(), torch.cat(labels).numpy().astype(np.int64),
             torch.cat(indices).numpy().astype(np.int64))

@@ -22,6 +22,8 @@ model is never modified: folding works on a copy.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -29,6 +31,18 @@ from torch import nn
 # Largest difference allowed between the folded and the original model's output on the probe,
 # relative to the output's largest magnitude (folding changes only float rounding: ~1e-6 measured).
 FOLD_RTOL = 1e-4
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block; every submodule's own train/eval mode restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _foldable_norm(m: nn.Module) -> bool:
@@ -63,16 +77,12 @@ def conv_norm_pairs(model: nn.Module, probe: torch.Tensor) -> list[tuple[nn.Conv
 
     hooks = [m.register_forward_hook(conv_hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
     hooks += [m.register_forward_hook(norm_hook) for m in model.modules() if _foldable_norm(m)]
-    modes = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(probe)
     finally:
         for h in hooks:
             h.remove()
-        for m, training in modes:
-            m.training = training
     partners: dict[int, set[int]] = {}  # a module called twice (shared weights) must pair alike each time
     for conv, norm in pairs:
         partners.setdefault(id(conv), set()).add(id(norm))
@@ -132,13 +142,8 @@ def _fold_checked(model: nn.Module, probe: torch.Tensor) -> tuple[nn.Module, int
             _replace(folded, n, nn.Sequential(n.drop, n.act) if hasattr(n, "act") else nn.Identity())
     except Exception:  # a weight that cannot be written (a parametrized convolution): embed as it is
         return model, 0
-    training = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
+    with eval_mode(model):
         ref, out = model(probe), folded(probe)
-    finally:
-        for m, t in training:
-            m.training = t
     if not isinstance(ref, torch.Tensor) or ref.shape != out.shape:
         return model, 0
     tol = FOLD_RTOL * max(float(ref.float().abs().max()), 1e-6)
