@@ -298,3 +298,5 @@ def test_embed_cli_on_a_runs_own_images(tmp_path):
     assert "15 query images of the run's dataset (digits)" in text  # 5 test classes x 3
     assert float(re.search(r"lowest cosine .*? is ([0-9.]+)", text).group(1)) > 0.9
     assert bench_main(["embed", "--source", "run", "--model", "efficientnet_lite0", "--results", str(path)]) == 2
+    assert bench_main(["embed", "--source", "run", "--model", str(run.run_dir), "--per-class", "0",
+                       "--results", str(path)]) == 2

@@ -88,6 +88,9 @@ def bench_embed(n_images: int = 64, width: int = 320, height: int = 240, rounds:
         raise ConfigError(f"images={n_images}, rounds={rounds}, direct_batch={direct_batch}: need >= 2, >= 1, >= 1")
     if source not in ("generated", "run"):
         raise ConfigError(f"source={source!r} is invalid: expected 'generated' (JPEGs) or 'run' (the run's query images)")
+    if per_class is not None and per_class < 1:
+        raise ConfigError(f"per_class={per_class} is invalid: expected a positive number of images per class, "
+                          "or None for all")
     if source == "run" and not (Path(model) / "config.json").exists():
         raise ConfigError(f"source='run' takes its images from a run: --model must be a run directory, not {model!r}")
     if threads:
@@ -104,6 +107,8 @@ def bench_embed(n_images: int = 64, width: int = 320, height: int = 240, rounds:
             folder = make_jpegs(work / "photos", n_images, width, height, seed=seed)
         paths = sorted(list_images(folder))
         n_images = len(paths)
+        if n_images < 2:
+            raise ConfigError(f"the run {model} has {n_images} query image(s): the benchmark needs at least 2")
         def nbsrc_round(r: int):
             idx = Index.build(em, folder, work / f"index{r}", device="cpu", progress=False, log=None)
             return idx
