@@ -122,6 +122,26 @@ def test_train_cli_writes_its_section_with_the_ratio(tmp_path):
     assert float(row.split("|")[1].split()[0]) > 0
 
 
+def test_train_cli_section_keeps_the_default_runs_section(tmp_path):
+    """--section writes a run at another setting (IRT's SOP-size memory) beside the default one,
+    --patch-size native keeps the model's own patch, and the loss alone runs at the backbone's width
+    (384 for a ViT-S: a 192-wide loss would not fit its memory)."""
+    path = tmp_path / "R.md"
+    common = ["--img-size", "16", "--batch", "8", "--m-per-class", "2", "--steps", "1", "--repeats", "1",
+              "--warmup", "0", "--results", str(path), "--cpu-variants", "none"]
+    assert bench_main(["train", "--patch-size", "8", "--memory-size", "16", "--note", "default run", *common]) == 0
+    assert bench_main(["train", "--backbone", "vit_small_patch16_224", "--patch-size", "native",
+                       "--memory-size", "40", "--section", "train-xbm", "--note", "paper memory", *common]) == 0
+    text = path.read_text()
+    default = text[text.index("<!-- bench:train -->"):text.index("<!-- /bench:train -->")]
+    xbm = text[text.index("<!-- bench:train-xbm -->"):text.index("<!-- /bench:train-xbm -->")]
+    assert "default run" in default and "XBM memory 16" in default and "patch 8" in default
+    assert "paper memory" in xbm and "XBM memory 40" in xbm and "patch native" in xbm and "vit_small" in xbm
+    assert re.search(r"nbsrc's loss is [0-9.]+% of the bare step's median time", xbm)
+    assert bench_main(["train", "--section", "xbm; rm", *common]) == 2
+    assert "xbm; rm" not in path.read_text()
+
+
 def test_train_cpu_variants_are_paired_with_the_fp32_reference(tmp_path):
     from nbsrc.bench.train import results_markdown
 

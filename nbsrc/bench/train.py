@@ -33,6 +33,7 @@ off from the baseline and the nbsrc step's speed-up ``on / off`` is reported the
 from __future__ import annotations
 
 import os
+import re
 import statistics
 
 import numpy as np
@@ -312,8 +313,9 @@ def bench_loss(cfg: ExperimentConfig, device: torch.device, n: int = 50, seed: i
     batch × batch and batch × memory) against pytorch-metric-learning's ContrastiveLoss in its
     CrossBatchMemory + inline KoLeo; interleaved, ``n`` timed calls each after 3 untimed ones."""
     gen = torch.Generator().manual_seed(seed)
-    feature_dim, n_classes = 192, max(2 * cfg.optim.batch_size // cfg.optim.m_per_class, 8)
-    mine, ref = NbsrcStep(cfg, device, n_classes), ReferenceStep(cfg, device, feature_dim=feature_dim)
+    n_classes = max(2 * cfg.optim.batch_size // cfg.optim.m_per_class, 8)
+    mine, ref = NbsrcStep(cfg, device, n_classes), ReferenceStep(cfg, device)
+    feature_dim = ref.loss.embedding_size  # the backbone's width: 192 for ViT-Tiny, 384 for DeiT-S
     mine.prefill(gen, n_classes, 10**9)
     ref.prefill(gen, n_classes, 10**9)
     memory = mine.task.memory
@@ -426,7 +428,7 @@ def results_markdown(r: dict, info: dict, note: str = "") -> str:
     ratio, over = r["ratio_nbsrc_over_reference"], r["overhead_vs_bare"]
     (rlo, rhi), (olo, ohi) = r["ratio_ci95"], r["overhead_ci95"]
     s = (machine_lines(info, note)
-         + f"- setup: {r['model']}, img {r['img_size']}, patch {r['patch_size']}, batch {r['batch']}, "
+         + f"- setup: {r['model']}, img {r['img_size']}, patch {r['patch_size'] or 'native'}, batch {r['batch']}, "
          f"XBM memory {r['memory_size']}, KoLeo λ={r['lam']}, β={r['beta']}, device {r['device']}, "
          f"amp {r['amp']}, compile {r['compile']}, torch threads {r.get('threads', torch.get_num_threads())}; "
          f"{r['repeats'] * r['steps']} rounds, each one step of every method in rotating order, timed one by one "
@@ -444,7 +446,9 @@ def results_markdown(r: dict, info: dict, note: str = "") -> str:
         lm = r["loss_ms"]
         s += (f"Loss alone (forward + backward on one batch against a full memory of {r['memory_size']}): "
               f"nbsrc {lm['nbsrc']:.2f} ms, pytorch-metric-learning + inline KoLeo {lm['reference']:.2f} ms "
-              f"({lm['reference'] / lm['nbsrc']:.2f}x).\n\n")
+              f"({lm['reference'] / lm['nbsrc']:.2f}x); nbsrc's loss is "
+              f"{100 * lm['nbsrc'] / (1000 * statistics.median(r['step_s']['bare'])):.1f}% of the bare step's "
+              "median time.\n\n")
     s += (f"Reading: nbsrc's step runs at {ratio:.3f}x the speed of the direct pytorch-metric-learning loop "
           f"(target >= 1.0: {r['ratio_verdict']}) and spends {100 * over:.1f}% of a step beyond the bare backbone "
           f"forward/backward/update (target <= 5%: {r['overhead_verdict']}).\n")
@@ -468,12 +472,17 @@ def results_markdown(r: dict, info: dict, note: str = "") -> str:
     return s
 
 
+def _patch_size(text: str) -> int | None:
+    return None if text == "native" else int(text)
+
+
 def add_arguments(p) -> None:
     import argparse
 
     p.add_argument("--backbone", default="vit_tiny_patch16_224")
     p.add_argument("--img-size", type=int, default=28)
-    p.add_argument("--patch-size", type=int, default=7)
+    p.add_argument("--patch-size", type=_patch_size, default=7,
+                   help="ViT patch size (default %(default)s; 'native' keeps the model's own, e.g. 16 for DeiT-S/224)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--m-per-class", type=int, default=4)
     p.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
@@ -493,6 +502,9 @@ def add_arguments(p) -> None:
                         f"{', '.join(CPU_VARIANTS)} (default on CPU: all; 'none' to skip)")
     p.add_argument("--switches", action=argparse.BooleanOptionalAction, default=None,
                    help="measure each CUDA execution switch on/off (default: on CUDA)")
+    p.add_argument("--section", default="train",
+                   help="the section of the results file to write (default %(default)s; e.g. train-xbm for a "
+                        "run at a paper's memory size, so the default run's section stays)")
 
 
 def _parse_variants(text: str | None) -> tuple[str, ...]:
@@ -510,11 +522,14 @@ def run(a, results_path=None, note: str = "") -> dict:
 
     if a.threads < 1:
         raise ConfigError(f"--threads {a.threads}: need at least 1 thread")
+    section = getattr(a, "section", "train")
+    if not re.fullmatch(r"train(-[a-z0-9]+)*", section):
+        raise ConfigError(f"--section {section!r}: give 'train' or 'train-' and a lowercase word, e.g. train-xbm")
     torch.set_num_threads(a.threads)
     r = bench_train(a.backbone, a.img_size, a.patch_size, a.batch, a.m_per_class, a.steps, a.repeats, a.warmup,
                     a.memory_size, a.lam, a.beta, a.device, a.amp, a.compile, switches=a.switches,
                     cpu_variants=_parse_variants(a.cpu_variants))
     r["threads"] = torch.get_num_threads()
     print(json.dumps(r, indent=2))
-    write_section("train", results_markdown(r, machine_info(), note), results_path or RESULTS_PATH)
+    write_section(section, results_markdown(r, machine_info(), note), results_path or RESULTS_PATH)
     return r
