@@ -202,6 +202,44 @@ def test_interrupted_build_resumes_and_matches_a_fresh_one(tmp_path, photos, lit
     np.testing.assert_array_equal(a.rows, b.rows)
 
 
+def test_resumed_build_keeps_the_batch_size_it_started_with(tmp_path, photos, lite0, built, monkeypatch):
+    """Resumed without batch_size, a build takes the one in its progress file (the default may differ,
+    e.g. after an upgrade); given another one explicitly, it is refused in one line. A crash before
+    the first batch is recorded leaves a build that resumes (from row 0), not a refused file."""
+    import nbsrc.retrieval.index as index_module
+
+    root, _ = photos
+    real = index_module.embed_to_memmap
+    seen = []
+
+    def crash_after_one_batch(*args, on_batch=None, **kw):
+        def hook(first, batch):
+            on_batch(first, batch)
+            seen.append((first, kw["batch_size"]))
+            if len(seen) == 1:
+                raise Crash("killed")
+        return real(*args, on_batch=hook, **kw)
+
+    monkeypatch.setattr(index_module, "embed_to_memmap", crash_after_one_batch)
+    out = tmp_path / "idx"
+    with pytest.raises(Crash):
+        Index.build(lite0, root, out, batch_size=4, num_workers=0, progress=False, log=None)
+    with pytest.raises(ConfigError, match="different batch size"):
+        Index.build(lite0, root, out, batch_size=6, num_workers=0, progress=False, log=None)
+    idx = Index.build(lite0, root, out, num_workers=0, progress=False, log=None)
+    assert seen == [(0, 4), (0, 4), (4, 4), (8, 4)] and len(idx) == 12
+    np.testing.assert_array_equal(np.load(out / "embeddings.npy"), np.load(built.path / "embeddings.npy"))
+
+
+def test_default_batch_size_follows_the_image_size():
+    from nbsrc.retrieval.index import default_batch_size
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [default_batch_size(cpu, s) for s in (28, 32, 112, 113, 158, 159, 224, 384)] == [128, 128, 128, 64, 64,
+                                                                                              32, 32, 32]
+    assert default_batch_size(cpu) == 32 and default_batch_size(cuda, 32) == 256
+
+
 def test_nothing_is_overwritten(tmp_path, photos, lite0, built):
     root, _ = photos
     notes = []

@@ -109,6 +109,15 @@ def test_resume_with_another_dtype_or_batch_size_is_refused(tmp_path):
         embed_to_memmap(tiny_model(), TinyImages(), tmp_path / "g.npy", 4, progress=False)
 
 
+def test_unreadable_progress_file_is_a_one_line_error(tmp_path):
+    _interrupted(tmp_path, tiny_model(), TinyImages())
+    side = tmp_path / "g.npy.progress.json"
+    for text in ('{"rows_done": 5', '[1, 2]'):
+        side.write_text(text)
+        with pytest.raises(ConfigError, match="not a readable progress file .* delete it and .*g.npy to start again"):
+            embed_to_memmap(tiny_model(), TinyImages(), tmp_path / "g.npy", 5, progress=False)
+
+
 def test_existing_file_without_sidecar_is_refused(tmp_path):
     np.save(tmp_path / "g.npy", np.zeros((23, 8), np.float16))
     with pytest.raises(ConfigError, match="without its progress file"):

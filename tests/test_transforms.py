@@ -126,3 +126,30 @@ def test_evaluation_transform_equals_torchvisions_bit_for_bit():
             for crop in (True, False):
                 got = RetrievalTransform(size, train=False, crop=crop)(img)
                 assert torch.equal(got, _torchvision_transform(img, size, crop)), (shape, size, crop)
+
+
+def test_grayscale_kept_as_one_channel_gives_the_numbers_of_its_rgb_form(tmp_path):
+    """Index.build reads an 8-bit grayscale file as 1 x H x W (load_image keep_gray) and the
+    transform repeats it to 3 channels after resizing: bit for bit what the RGB form gives, for the
+    evaluation geometries and for a seeded training draw with DToP's scaling and illumination."""
+    import numpy as np
+    from PIL import Image
+
+    from nbsrc.data.images import load_image
+
+    g = torch.Generator().manual_seed(1)
+    for shape in [(1, 28, 28), (1, 37, 19), (1, 240, 320)]:
+        gray = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+        rgb = gray.expand(3, -1, -1).contiguous()
+        for size in (28, 29, 224):
+            for crop in (True, False):
+                tf = RetrievalTransform(size, train=False, crop=crop)
+                assert torch.equal(tf(gray), tf(rgb)), (shape, size, crop)
+            tf = RetrievalTransform(size, train=True, scale=(0.8, 1.0), brightness=0.4)
+            a = tf(gray, torch.Generator().manual_seed(7))
+            assert torch.equal(a, tf(rgb, torch.Generator().manual_seed(7))) and a.shape == (3, size, size)
+    Image.fromarray(np.arange(12 * 10, dtype=np.uint8).reshape(12, 10), "L").save(tmp_path / "g.png")
+    Image.fromarray(np.zeros((12, 10, 3), np.uint8), "RGB").save(tmp_path / "c.png")
+    kept, full = load_image(tmp_path / "g.png", keep_gray=True), load_image(tmp_path / "g.png")
+    assert kept.shape == (1, 12, 10) and full.shape == (3, 12, 10) and torch.equal(kept.expand(3, -1, -1), full)
+    assert load_image(tmp_path / "c.png", keep_gray=True).shape == (3, 12, 10)  # colour stays colour

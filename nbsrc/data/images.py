@@ -111,12 +111,14 @@ def _open(path: str | Path) -> Image.Image:
     return im
 
 
-def _decode(path) -> Image.Image:
+def _decode(path, keep_gray: bool = False) -> Image.Image:
     try:
         with _open(path) as im:
             im.load()
             if im.getexif().get(0x0112, 1) != 1:  # transposing makes a copy: only when needed
                 im = ImageOps.exif_transpose(im)
+            if keep_gray and im.mode == "L":
+                return im
             return to_rgb(im)
     except _DECODE_ERRORS as e:
         raise _Unreadable(_reason(path, e)) from None
@@ -155,12 +157,13 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def decode_image(path: str | Path | BinaryIO, name: str | None = None) -> Image.Image:
+def decode_image(path: str | Path | BinaryIO, name: str | None = None, keep_gray: bool = False) -> Image.Image:
     """The image at ``path`` (or in an open binary file) as an upright RGB ``PIL.Image`` (see the
     module docstring), or a one-line :class:`~nbsrc.errors.DatasetError` naming the file (or
-    ``name``, e.g. "the uploaded image")."""
+    ``name``, e.g. "the uploaded image"). ``keep_gray``: an 8-bit grayscale image (mode ``L``)
+    stays ``L`` (its RGB form repeats it in three channels)."""
     try:
-        return _decode(path)
+        return _decode(path, keep_gray)
     except _Unreadable as e:
         raise DatasetError(f"cannot decode image {name or path} ({e}); remove or replace the file") from None
 
@@ -174,10 +177,17 @@ def _is_empty(path) -> bool:
         return False
 
 
-def load_image(path: str | Path | BinaryIO, name: str | None = None) -> torch.Tensor:
-    """Read an image file as a uint8 RGB tensor ``3 x H x W`` (:func:`decode_image`)."""
-    im = decode_image(path, name)
-    return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+def load_image(path: str | Path | BinaryIO, name: str | None = None, keep_gray: bool = False) -> torch.Tensor:
+    """Read an image file as a uint8 RGB tensor ``3 x H x W`` (:func:`decode_image`).
+
+    ``keep_gray``: an 8-bit grayscale file gives ``1 x H x W`` instead, the one channel its RGB form
+    repeats; :class:`~nbsrc.data.transforms.RetrievalTransform` repeats it after resizing, with the
+    same numbers, at a third of the resizing work (``Index.build`` reads folders this way)."""
+    im = decode_image(path, name, keep_gray)
+    a = np.array(im, dtype=np.uint8)
+    if a.ndim == 2:
+        return torch.from_numpy(a).unsqueeze(0)
+    return torch.from_numpy(a).permute(2, 0, 1).contiguous()
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

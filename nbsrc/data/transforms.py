@@ -111,10 +111,11 @@ class RetrievalTransform:
     def __call__(self, img: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if img.ndim == 2:
             img = img.unsqueeze(0)
-        if img.shape[0] == 1 and self.channels == 3:
-            img = img.expand(3, -1, -1)
-        elif img.shape[0] == 4:
+        if img.shape[0] == 4:
             img = img[:3]
+        # A grayscale image is repeated to 3 channels at the end, before the per-channel
+        # normalisation: every step before it acts on each channel alike, so the numbers are those
+        # of repeating first, for a third of the work.
         x = img.float().div_(255.0)
         if self.train and tuple(self.scale) != (1.0, 1.0):  # DToP: scaling + random cropping
             x = self._random_window(x, generator)
@@ -135,9 +136,21 @@ class RetrievalTransform:
         if self.train and self.brightness > 0:  # DToP: illumination
             b = 1 - self.brightness + 2 * self.brightness * float(torch.rand((), generator=generator))
             x = (x * b).clamp_(0.0, 1.0)
-        mean = torch.tensor(self.mean, dtype=x.dtype).view(-1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype).view(-1, 1, 1)
+        if x.shape[0] == 1 and self.channels == 3:
+            x = x.expand(3, -1, -1)
+        mean, std = self._mean_std
         return (x - mean) / std  # torchvision's normalize, without its checks
+
+    @property
+    def _mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mean`` and ``std`` as ``C x 1 x 1`` float tensors, made once per transform."""
+        key = (tuple(self.mean), tuple(self.std))
+        cached = self.__dict__.get("_norm")
+        if cached is None or cached[0] != key:
+            cached = (key, (torch.tensor(key[0], dtype=torch.float32).view(-1, 1, 1),
+                            torch.tensor(key[1], dtype=torch.float32).view(-1, 1, 1)))
+            self.__dict__["_norm"] = cached
+        return cached[1]
 
     def _random_window(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """A window of relative side ``s ~ U[scale]`` (both sides, at least 1 pixel) at a uniformly random place."""

@@ -98,7 +98,13 @@ def embed_to_memmap(
     expected = {"fingerprint": model_fingerprint(model), "rows": n, "dtype": dtype.str, "batch_size": batch_size}
     done, out = 0, None
     if side.exists():
-        state = json.loads(side.read_text())
+        try:
+            state = json.loads(side.read_text())
+            if not isinstance(state, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{side} is not a readable progress file ({type(e).__name__}: {e}); delete it and "
+                              f"{path} to start again") from None
         _check_resume(state, expected, path, side)
         done = int(state["rows_done"])
         if done and not path.exists():
@@ -129,6 +135,9 @@ def embed_to_memmap(
                                   "an embedding model must return [batch, dim]")
             if out is None:  # the first batch gives the embedding dimension
                 path.parent.mkdir(parents=True, exist_ok=True)
+                # the progress file first (0 rows): a crash before the first batch is recorded then
+                # leaves a file this function resumes, not one it must refuse as someone else's
+                _write_progress(side, {**expected, "rows_done": done, "shape": None})
                 out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n, z.shape[1]))
             out[done : done + len(z)] = z.float().cpu().numpy().astype(dtype)
             out.flush()  # rows on disk before the sidecar says so
