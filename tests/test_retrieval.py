@@ -231,15 +231,6 @@ def test_resumed_build_keeps_the_batch_size_it_started_with(tmp_path, photos, li
     np.testing.assert_array_equal(np.load(out / "embeddings.npy"), np.load(built.path / "embeddings.npy"))
 
 
-def test_default_batch_size_follows_the_image_size():
-    from nbsrc.retrieval.index import default_batch_size
-
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert [default_batch_size(cpu, s) for s in (28, 32, 112, 113, 158, 159, 224, 384)] == [128, 128, 128, 64, 64,
-                                                                                              32, 32, 32]
-    assert default_batch_size(cpu) == 32 and default_batch_size(cuda, 32) == 256
-
-
 def test_nothing_is_overwritten(tmp_path, photos, lite0, built):
     root, _ = photos
     notes = []

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,16 +86,11 @@ def _device(device) -> torch.device:
     return dev
 
 
-def default_batch_size(device: torch.device, img_size: int = 224) -> int:
-    """256 images a batch on a GPU (inference, bf16). On the CPU, about 32 images of 224 px worth of
-    pixels, as a power of two between 32 and 128: 32 from 159 px (at 224 px larger batches did not
-    run faster and delay the first progress line), 64 from 113 px, 128 up to 112 px, where a batch
-    of 32 leaves the matrix products too small (the demo's ViT-Tiny at 32 px: 1.09x the images per second
-    at 128 than at 32, median of 12 interleaved rounds on the project's 2-core CPU)."""
-    if device.type == "cuda":
-        return 256
-    budget = 32 * 224 * 224 / max(1, img_size) ** 2
-    return int(min(128, max(32, 2 ** math.floor(math.log2(budget)))))
+def default_batch_size(device: torch.device) -> int:
+    """256 images a batch on a GPU (inference, bf16), 32 on the CPU: larger batches did not run faster
+    there (EfficientNet-Lite0 at 224 px; the demo's ViT-Tiny at 32 px, 296 against 298 img/s at 32
+    and 128 a batch, medians of 10 interleaved rounds) and delay the first progress line."""
+    return 256 if device.type == "cuda" else 32
 
 
 def default_workers(device: torch.device | None = None) -> int:
@@ -331,7 +325,7 @@ class Index:
                 batch_size = int(json.loads(side.read_text()).get("batch_size") or 0) or None
             except (OSError, ValueError, TypeError, AttributeError):
                 batch_size = None  # embed_to_memmap reports an unreadable progress file in one line
-        batch_size = batch_size or default_batch_size(dev, model.preprocessing.img_size)
+        batch_size = batch_size or default_batch_size(dev)
         num_workers = default_workers(dev) if num_workers is None else num_workers
         fingerprint = model_fingerprint(model.model)
         plan = {"listing": listing.to_dict(), "model_fingerprint": fingerprint,
