@@ -71,6 +71,25 @@ def test_embeddings_equal_the_model_on_each_image(built, photos, lite0):
             assert abs(np.linalg.norm(ref) - 1) < 1e-5
 
 
+def test_a_batch_of_mixed_image_modes_embeds_each_as_its_rgb_form(tmp_path, lite0):
+    """Grayscale (read as one channel), 16-bit grayscale, RGBA and RGB files in one batch: each row
+    equals the model on the file's RGB form, embedded on its own."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.fromarray(rng.integers(0, 256, (50, 70), dtype=np.uint8), "L").save(folder / "a_gray.png")
+    Image.fromarray(rng.integers(0, 65536, (40, 40), dtype=np.uint16)).save(folder / "b_gray16.png")
+    Image.fromarray(rng.integers(0, 256, (60, 45, 4), dtype=np.uint8), "RGBA").save(folder / "c_rgba.png")
+    Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), "RGB").save(folder / "d_rgb.jpg")
+    idx = Index.build(lite0, folder, tmp_path / "idx", batch_size=4, num_workers=0, progress=False, log=None)
+    emb = np.load(idx.path / "embeddings.npy").astype(np.float32)
+    tf = lite0.preprocessing.transform()
+    with torch.no_grad():
+        for row, name in enumerate(idx.listing.paths):
+            ref = lite0.model(tf(load_image(folder / name))[None]).numpy()[0]  # the RGB form
+            np.testing.assert_allclose(emb[row], ref, atol=2e-3, err_msg=name)  # stored as float16
+
+
 def test_search_equals_brute_force(built, photos):
     root, queries = photos
     res = built.search(list(queries.values()), k=5)
