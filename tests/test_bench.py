@@ -142,6 +142,13 @@ def test_train_cli_section_keeps_the_default_runs_section(tmp_path):
     assert "xbm; rm" not in path.read_text()
 
 
+def test_train_cli_patch_size_is_a_positive_number_or_native(capsys):
+    for bad in ("abc", "0"):
+        with pytest.raises(SystemExit):
+            bench_main(["train", "--patch-size", bad])
+        assert "give a positive number of pixels, or 'native'" in capsys.readouterr().err
+
+
 def test_train_cpu_variants_are_paired_with_the_fp32_reference(tmp_path):
     from nbsrc.bench.train import results_markdown
 

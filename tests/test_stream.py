@@ -110,12 +110,18 @@ def test_resume_with_another_dtype_or_batch_size_is_refused(tmp_path):
 
 
 def test_unreadable_progress_file_is_a_one_line_error(tmp_path):
+    from nbsrc.eval.stream import recorded_batch_size
+
+    assert recorded_batch_size(tmp_path / "g.npy") is None  # nothing started there
     _interrupted(tmp_path, tiny_model(), TinyImages())
+    assert recorded_batch_size(tmp_path / "g.npy") == 5  # what a resume must keep
     side = tmp_path / "g.npy.progress.json"
     for text in ('{"rows_done": 5', '[1, 2]'):
         side.write_text(text)
         with pytest.raises(ConfigError, match="not a readable progress file .* delete it and .*g.npy to start again"):
             embed_to_memmap(tiny_model(), TinyImages(), tmp_path / "g.npy", 5, progress=False)
+        with pytest.raises(ConfigError, match="not a readable progress file"):
+            recorded_batch_size(tmp_path / "g.npy")
 
 
 def test_existing_file_without_sidecar_is_refused(tmp_path):

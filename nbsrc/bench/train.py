@@ -473,7 +473,17 @@ def results_markdown(r: dict, info: dict, note: str = "") -> str:
 
 
 def _patch_size(text: str) -> int | None:
-    return None if text == "native" else int(text)
+    import argparse
+
+    if text == "native":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of pixels, or 'native' for the model's own")
+    return value
 
 
 def add_arguments(p) -> None:
@@ -522,14 +532,13 @@ def run(a, results_path=None, note: str = "") -> dict:
 
     if a.threads < 1:
         raise ConfigError(f"--threads {a.threads}: need at least 1 thread")
-    section = getattr(a, "section", "train")
-    if not re.fullmatch(r"train(-[a-z0-9]+)*", section):
-        raise ConfigError(f"--section {section!r}: give 'train' or 'train-' and a lowercase word, e.g. train-xbm")
+    if not re.fullmatch(r"train(-[a-z0-9]+)*", a.section):
+        raise ConfigError(f"--section {a.section!r}: give 'train' or 'train-' and a lowercase word, e.g. train-xbm")
     torch.set_num_threads(a.threads)
     r = bench_train(a.backbone, a.img_size, a.patch_size, a.batch, a.m_per_class, a.steps, a.repeats, a.warmup,
                     a.memory_size, a.lam, a.beta, a.device, a.amp, a.compile, switches=a.switches,
                     cpu_variants=_parse_variants(a.cpu_variants))
     r["threads"] = torch.get_num_threads()
     print(json.dumps(r, indent=2))
-    write_section(section, results_markdown(r, machine_info(), note), results_path or RESULTS_PATH)
+    write_section(a.section, results_markdown(r, machine_info(), note), results_path or RESULTS_PATH)
     return r

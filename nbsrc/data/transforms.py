@@ -107,6 +107,9 @@ class RetrievalTransform:
             raise ConfigError(f"scale={tuple(self.scale)} is invalid: expected 0 < low <= high <= 1 (relative window side)")
         if not 0 <= self.brightness < 1:
             raise ConfigError(f"brightness={self.brightness} is invalid: expected 0 <= brightness < 1")
+        # mean and std as C x 1 x 1 tensors, made once (not a field: dataclasses.replace rebuilds them)
+        self._mean_t = torch.tensor(tuple(self.mean), dtype=torch.float32).view(-1, 1, 1)
+        self._std_t = torch.tensor(tuple(self.std), dtype=torch.float32).view(-1, 1, 1)
 
     def __call__(self, img: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if img.ndim == 2:
@@ -138,19 +141,7 @@ class RetrievalTransform:
             x = (x * b).clamp_(0.0, 1.0)
         if x.shape[0] == 1 and self.channels == 3:
             x = x.expand(3, -1, -1)
-        mean, std = self._mean_std
-        return (x - mean) / std  # torchvision's normalize, without its checks
-
-    @property
-    def _mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``mean`` and ``std`` as ``C x 1 x 1`` float tensors, made once per transform."""
-        key = (tuple(self.mean), tuple(self.std))
-        cached = self.__dict__.get("_norm")
-        if cached is None or cached[0] != key:
-            cached = (key, (torch.tensor(key[0], dtype=torch.float32).view(-1, 1, 1),
-                            torch.tensor(key[1], dtype=torch.float32).view(-1, 1, 1)))
-            self.__dict__["_norm"] = cached
-        return cached[1]
+        return (x - self._mean_t) / self._std_t  # torchvision's normalize, without its checks
 
     def _random_window(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """A window of relative side ``s ~ U[scale]`` (both sides, at least 1 pixel) at a uniformly random place."""

@@ -51,6 +51,29 @@ def _write_progress(side: Path, state: dict) -> None:
     os.replace(tmp, side)
 
 
+def _read_progress(side: Path, path: Path) -> dict:
+    """The progress file ``side`` of ``path`` as a dict, or a one-line error when it cannot be read."""
+    try:
+        state = json.loads(side.read_text())
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{side} is not a readable progress file ({type(e).__name__}: {e}); delete it and "
+                          f"{path} to start again") from None
+    return state
+
+
+def recorded_batch_size(path: str | Path) -> int | None:
+    """The batch size an unfinished :func:`embed_to_memmap` into ``path`` started with (a resume must
+    keep it), or None when nothing was started there."""
+    path = Path(path)
+    side = sidecar_path(path)
+    if not side.exists():
+        return None
+    size = _read_progress(side, path).get("batch_size")
+    return size if isinstance(size, int) and not isinstance(size, bool) and size >= 1 else None
+
+
 def _check_resume(state: dict, expected: dict, path: Path, side: Path) -> None:
     for key, what in (("fingerprint", "model weights"), ("rows", "number of rows (dataset length)"),
                       ("dtype", "dtype"), ("batch_size", "batch size")):
@@ -98,13 +121,7 @@ def embed_to_memmap(
     expected = {"fingerprint": model_fingerprint(model), "rows": n, "dtype": dtype.str, "batch_size": batch_size}
     done, out = 0, None
     if side.exists():
-        try:
-            state = json.loads(side.read_text())
-            if not isinstance(state, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{side} is not a readable progress file ({type(e).__name__}: {e}); delete it and "
-                              f"{path} to start again") from None
+        state = _read_progress(side, path)
         _check_resume(state, expected, path, side)
         done = int(state["rows_done"])
         if done and not path.exists():

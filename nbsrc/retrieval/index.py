@@ -42,7 +42,7 @@ import torch
 
 from nbsrc.data.images import describe_bad_images, image_problem, list_images, load_image
 from nbsrc.errors import ConfigError, DatasetError, RunDirError
-from nbsrc.eval.stream import embed_to_memmap, model_fingerprint, sidecar_path
+from nbsrc.eval.stream import embed_to_memmap, model_fingerprint, recorded_batch_size, sidecar_path
 from nbsrc.models.fold import inference_model
 from nbsrc.retrieval.models import EmbeddingModel, Preprocessing, load_embedding_model, rebuild_model
 from nbsrc.provenance import provenance
@@ -319,13 +319,8 @@ class Index:
             raise ConfigError("weights= applies to a model given by name; this EmbeddingModel has its own")
         listing = Listing.of(images)
         dev = _device(device)
-        side = sidecar_path(out / EMBEDDINGS)
-        if batch_size is None and side.exists():  # resuming: the batch size the build started with
-            try:
-                batch_size = int(json.loads(side.read_text()).get("batch_size") or 0) or None
-            except (OSError, ValueError, TypeError, AttributeError):
-                batch_size = None  # embed_to_memmap reports an unreadable progress file in one line
-        batch_size = batch_size or default_batch_size(dev)
+        if batch_size is None:  # a resumed build keeps the batch size it started with
+            batch_size = recorded_batch_size(out / EMBEDDINGS) or default_batch_size(dev)
         num_workers = default_workers(dev) if num_workers is None else num_workers
         fingerprint = model_fingerprint(model.model)
         plan = {"listing": listing.to_dict(), "model_fingerprint": fingerprint,
