@@ -104,15 +104,17 @@ def test_dtop_preset_builds_its_dtop_model(name):
     assert raw["weights"] == "timm" and raw["patch_size"] is None
     cfg = load_preset(name, weights="none")
     model = built(cfg)
-    assert isinstance(model, DToPModel) and model.k == 6
+    pit = cfg.model.backbone.startswith("pit_")  # PiT-B: k within its last stage of 4 blocks (our reading)
+    assert isinstance(model, DToPModel) and model.k == (4 if pit else 6)
     hybrid = "_r" in cfg.model.backbone.split("_", 1)[1]  # vit_<size>_r<depth>_s<stride>_384
     assert (type(model.backbone.patch_embed).__name__ == "HybridEmbed") == hybrid
+    width = 1024 if pit else 768  # PiT-B's last stage; ViT-B, DeiT-B, R50+ViT-B
     full = name.startswith("dtop_full_")
     if full:  # the full model: both branches, ELM + orthogonal fusion, N = 1536
         assert model.elm is not None and model.fusion.kind == "orthogonal" and model.branch == "both"
     else:  # Table A5: one branch, no ELM, N = 768
         assert model.elm is None and model.branch == ("local" if "_patch_" in name else "global")  # _cls_, _dist_: global
-        assert model.head.in_features == (6 * 768 if model.branch == "global" else 768)
+        assert model.head.in_features == (model.k * width if model.branch == "global" else width)
     with torch.no_grad():
         z = model(torch.randn(1, 3, 64, 48))  # DPE: any size
     assert z.shape == (1, 1536 if full else 768) and torch.allclose(z.norm(dim=1), torch.ones(1), atol=1e-5)
@@ -221,8 +223,10 @@ def test_dtop_presets_follow_dtop_a1(name):
     assert cfg.eval.eval_scales == pytest.approx([1.0, 2 ** -0.5, 0.5])  # Table A11: 3 scales on both sides
     # warm-up of 3 epochs on SfM-120k (§A.1), none for the Table A5 benchmark ("except without warm-up")
     assert cfg.optim.warmup_iters == (0 if name.startswith("dtop_a5_") else 3 * math.ceil(91642 / 64))
-    assert cfg.model.dtop is not None and cfg.model.dtop.k == 6 and cfg.model.dim is None  # the head is the descriptor
-    assert cfg.model.backbone.endswith("_384")  # timm's 384 px ViTs; DPE resamples the grid to img_size
+    pit = cfg.model.backbone.startswith("pit_")  # timm's PiT-B exists at 224 px only; k within its last stage of 4
+    assert cfg.model.dtop is not None and cfg.model.dtop.k == (4 if pit else 6) and cfg.model.dim is None  # head = descriptor
+    assert cfg.model.backbone.endswith("_224" if pit else "_384")  # DPE resamples the position grid to any input
+    assert cfg.data.img_size == 384  # the longer side of the group-size batches
 
 
 @pytest.mark.parametrize("name", PRESETS)

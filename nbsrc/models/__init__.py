@@ -26,6 +26,7 @@ from nbsrc.config import ModelConfig, dtop_from_options
 from nbsrc.errors import ConfigError
 from nbsrc.models.backbones import WEIGHT_SOURCES, check_backbone, create_backbone, resolve_weights
 from nbsrc.models.dtop import EFFNET_LITE0_VIT, build_dtop_model, create_effnet_lite0_vit
+from nbsrc.models.pit import create_pit, is_pit
 from nbsrc.models.pooling import POOLINGS, RMAC, TokenPooling, build_pooling
 from nbsrc.models.retrieval import PCAReduction, RetrievalModel
 from nbsrc.models.weights import load_efficientnet_lite0, load_start_weights
@@ -40,7 +41,10 @@ def build_plain_model(model: ModelConfig, weights: str, img_size: int | None) ->
     check_backbone(model.backbone)
     if weights == "efficientnet_lite0" and model.backbone != "tf_efficientnet_lite0":
         raise ConfigError("weights='efficientnet_lite0' loads only into backbone='tf_efficientnet_lite0'")
-    net = create_backbone(model.backbone, weights == "timm", img_size, model.patch_size)
+    if is_pit(model.backbone):  # its last stage's tokens, as a ViT's (nbsrc.models.pit)
+        net = create_pit(model.backbone, weights == "timm", model.patch_size)
+    else:
+        net = create_backbone(model.backbone, weights == "timm", img_size, model.patch_size)
     if weights == "efficientnet_lite0":
         load_efficientnet_lite0(net)
     num_prefix = int(getattr(net, "num_prefix_tokens", 0))  # 0 for convnets
@@ -127,7 +131,7 @@ def model_from_config(cfg) -> torch.nn.Module:
 
 def is_transformer(name: str) -> bool:
     module = timm.models.get_arch_name(name) if hasattr(timm.models, "get_arch_name") else name
-    return any(s in str(module) for s in ("vit", "deit", "beit", "eva", "swin", "cait", "xcit"))
+    return any(s in str(module) for s in ("vit", "deit", "beit", "eva", "swin", "cait", "xcit", "pit"))
 
 
 def data_config(model: torch.nn.Module) -> dict:

@@ -48,7 +48,10 @@ Backbones: any timm ``VisionTransformer`` with a [CLS] token, including timm's h
 ``effnet_lite0_vit``: the ImageNet-pretrained EfficientNet-Lite0 stem and first five stages of
 timm's ``tf_efficientnet_lite0`` (stride 16, 112 channels) feeding a ViT-Ti encoder through timm's
 ``HybridEmbed`` with 1×1 patches (``weights='efficientnet_lite0'`` loads the CNN part's real
-weights offline; the encoder starts random).
+weights offline; the encoder starts random); and timm's PiT (``pit_b_224``,
+``pit_b_distilled_224``, ...) through :class:`nbsrc.models.pit.PiTTokens`, which takes the
+multi-layer features within PiT's last stage (so k is at most that stage's depth, 4 for PiT-B: our
+reading) and applies DPE to its stem's position map.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ from nbsrc.config import DToPConfig, ModelConfig, invalid
 from nbsrc.errors import ConfigError
 from nbsrc.models.backbones import check_backbone, create_backbone
 from nbsrc.models.locality import EnhancedLocality, Fusion
+from nbsrc.models.pit import PiTTokens, create_pit, is_pit
 from nbsrc.models.pooling import TokenPooling
 from nbsrc.models.position import PE_INTERPOLATIONS, PE_KINDS, PositionGenerator, dynamic_position_embedding
 from nbsrc.models.retrieval import PCAReduction
@@ -142,16 +146,18 @@ class DToPModel(nn.Module):
         global_token: str = "cls",
     ):
         super().__init__()
-        if not isinstance(backbone, VisionTransformer):
+        if not isinstance(backbone, (VisionTransformer, PiTTokens)):
             raise ConfigError(
-                f"DToP needs a timm VisionTransformer (vit_*, deit_*, hybrid vit_*_r*), got {type(backbone).__name__}"
+                f"DToP needs a timm VisionTransformer (vit_*, deit_*, hybrid vit_*_r*) or PiT (pit_*), "
+                f"got {type(backbone).__name__}"
             )
         if backbone.cls_token is None:
             raise ConfigError("DToP's global branch needs a [CLS] token; this ViT has none (class_token=False)")
-        depth, d = len(backbone.blocks), backbone.embed_dim  # d: the ViT's width D
+        depth, d = len(backbone.blocks), backbone.num_features  # d: the width D (timm: a ViT's embed_dim)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= depth:
             raise ConfigError(
-                f"k={k!r} is out of range: this backbone has {depth} encoder blocks, use 1 <= k <= {depth}"
+                f"k={k!r} is out of range: this backbone has {depth} encoder blocks"
+                f"{getattr(backbone, 'blocks_note', '')}, use 1 <= k <= {depth}"
             )
         if pos_embed not in PE_KINDS:
             raise ConfigError(f"pos_embed={pos_embed!r} is unknown; use one of {', '.join(PE_KINDS)}")
@@ -175,6 +181,7 @@ class DToPModel(nn.Module):
         fusion = fusion if fusion is not None else ("orthogonal" if elm else "none")
 
         self.backbone = backbone
+        self.pit_backbone = isinstance(backbone, PiTTokens)  # PiT adds its own position map, reports its grid
         self.num_prefix = int(backbone.num_prefix_tokens)  # [CLS], DIST (distilled DeiT), registers
         self.global_index = GLOBAL_TOKENS.index(global_token)  # [CLS] is token 0, DIST token 1
         self.k, self.pos_embed_kind, self.pe_interp = k, pos_embed, pe_interp
@@ -197,11 +204,14 @@ class DToPModel(nn.Module):
         self.feature_dim = head_dim
         self.pca = PCAReduction(head_dim, dim) if dim else None
 
-        # Position encoding (eq. 2, Table A9): timm's _pos_embed is replaced on this instance.
+        # Position encoding (eq. 2, Table A9): timm's _pos_embed is replaced on this instance (a ViT).
+        if self.pit_backbone:
+            backbone.set_position(pos_embed, pe_interp)  # DPE on the stem's map, or none; no CPE
         self.peg = PositionGenerator(d) if pos_embed == "cpe" else None
         if pos_embed != "dpe" and backbone.pos_embed is not None:
             backbone.pos_embed.requires_grad_(False)  # kept for weight compatibility, never added
-        backbone._pos_embed = self._pos_embed
+        if not self.pit_backbone:
+            backbone._pos_embed = self._pos_embed
         # Multi-layer features (eqs. 5–6): forward hooks on the last k blocks.
         self._grid: tuple[int, int] | None = None
         self._layers: dict[nn.Module, torch.Tensor] | None = None  # a dict only while branches() runs
@@ -266,7 +276,7 @@ class DToPModel(nn.Module):
             layers = [self.backbone.norm(self._layers[self.backbone.blocks[i]]) for i in self.layer_ids]
         finally:
             self._layers = None
-        h, w = self._grid
+        h, w = self.backbone.grid if self.pit_backbone else self._grid
         cls = torch.stack([t[:, self.global_index] for t in layers], dim=1)  # [CLS] or DIST
         patches = torch.stack([t[:, self.num_prefix :] for t in layers], dim=1)
         b, k, n, d = patches.shape
@@ -305,6 +315,8 @@ def _create_vit(backbone: str, weights: str, img_size: int | None, patch_size: i
             f"weights='efficientnet_lite0' loads only into backbone={EFFNET_LITE0_VIT!r} (DToP) or "
             "'tf_efficientnet_lite0'"
         )
+    if is_pit(backbone):  # built at its checkpoint's size; DPE (eq. 2) resamples its position map to any input
+        return create_pit(backbone, weights == "timm", patch_size)
     try:
         return create_backbone(backbone, weights == "timm", img_size, patch_size, dynamic_img_size=True,
                                dynamic_img_pad=True)
