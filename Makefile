@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-full demo-fashion test test-fast lab install data glyphs browser kernel clean-runs
+.PHONY: demo demo-full demo-fashion test test-fast gpu-wheels gpu-check lab install data glyphs browser kernel clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,21 @@ test: install browser
 
 test-fast: install
 	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
+
+# The GPU checks (bench/gpu_check.sh: tests/test_cuda.py and the train benchmark on CUDA), for a machine with
+# a GPU whose python3 already has torch but nothing can be fetched: `make gpu-wheels` here (pip reaches PyPI)
+# puts the wheels it lacks, for Python $(GPU_PYTHON), in .whl/; then, there, `make gpu-check` (or
+# `bash bench/gpu_check.sh`) installs them into /tmp/site and runs the checks with that python3.
+GPU_PYTHON ?= 3.12
+GPU_WHEELS := faiss-cpu==1.15.1 pytorch-metric-learning==2.9.0 timm==1.0.31
+
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+
+gpu-check:
+	bash bench/gpu_check.sh
 
 lab: install
 	JUPYTER_PATH=$(CURDIR)/$(VENV)/share/jupyter $(VENV)/bin/jupyter lab notebooks/
