@@ -164,3 +164,24 @@ def test_irts_poolings_take_the_same_tokens(pooling, index):
         avg.backbone.load_state_dict(net.state_dict())
         tokens = PiTTokens(net).forward_features(x)
         assert torch.allclose(avg(x), F.normalize(tokens[:, 2:].mean(1), dim=-1), atol=1e-6)
+
+
+def test_export_takes_torchscript_and_refuses_safetensors_in_one_line(tmp_path):
+    """A PiT model (DToP or plain) exports as TorchScript with the same embeddings; timm's PiT cannot give
+    the tokens nbsrc pools, so safetensors is a one-line refusal before anything is written."""
+    from nbsrc.retrieval.export import export_model
+    from nbsrc.retrieval.models import EmbeddingModel, Preprocessing
+
+    x = torch.randn(2, 3, 64, 48)
+    for i, kw in enumerate([dict(dtop=True, k=2, head_dim=16), {}]):
+        torch.manual_seed(0)
+        net = build_model("pit_ti_224", pooling="cls", weights="none", **kw).eval()
+        em = EmbeddingModel(net, Preprocessing(64), {"source": "run", "spec": "runs/pit", "config": {
+            "backbone": "pit_ti_224", "model_options": {"dtop": bool(kw)}}})
+        with pytest.raises(ConfigError, match="torchscript or onnx"):
+            export_model(em, "safetensors", tmp_path / f"m{i}.safetensors", log=None)
+        assert not (tmp_path / f"m{i}.safetensors").exists()
+        done = export_model(em, "torchscript", tmp_path / f"m{i}.pt", log=None)
+        assert done.meta["check"]["max_abs_diff"] <= 1e-5
+        with torch.no_grad():
+            torch.testing.assert_close(torch.jit.load(str(tmp_path / f"m{i}.pt"))(x), net(x), atol=1e-5, rtol=0)
