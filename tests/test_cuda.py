@@ -69,13 +69,10 @@ def test_fp32_training_and_evaluation_match_the_cpu(tmp_path):
     np.testing.assert_allclose(losses(gpu), losses(cpu), rtol=1e-4, atol=1e-6)
     e_gpu, e_cpu = gpu.embeddings(), cpu.embeddings()
     np.testing.assert_allclose(e_gpu["query"], e_cpu["query"], atol=1e-4)
-    assert gpu.recall == pytest.approx(cpu.recall, abs=1e-9) or _ties_only(e_cpu["query"])
-
-
-def _ties_only(z: np.ndarray) -> bool:
-    """A Recall@K can differ only through exact ties in the neighbour order, which fp32 rounding may flip."""
-    sims = np.sort(z @ z.T, axis=1)
-    return bool((np.diff(sims, axis=1) < 1e-5).any())
+    one_query = 100 / len(e_cpu["query"])  # fp32 rounding may flip a near-tie in one or two neighbour lists
+    assert set(gpu.recall) == set(cpu.recall)
+    for k, r in cpu.recall.items():
+        assert abs(gpu.recall[k] - r) <= 2 * one_query, (k, gpu.recall[k], r)
 
 
 def test_amp_fused_optimizer_and_pinned_batches(tmp_path):
@@ -122,7 +119,7 @@ def test_irt_loss_against_an_sop_size_memory():
         return loss.item(), z.grad.cpu()
 
     (l_dev, g_dev), (l_cpu, g_cpu) = loss_and_grad(DEVICE), loss_and_grad("cpu")
-    assert l_dev == pytest.approx(l_cpu, rel=1e-5)
+    assert l_dev == pytest.approx(l_cpu, rel=1e-4)  # sums of 64 × 59,551 terms, in another order
     torch.testing.assert_close(g_dev, g_cpu, atol=1e-6, rtol=1e-4)
 
 
