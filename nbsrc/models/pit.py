@@ -45,7 +45,8 @@ PIT_POSITIONS = ("dpe", "none")
 
 class PiTTokens(nn.Module):
     """A timm PiT as the token backbone of DToP (module docstring): images [B, 3, H, W] of any size
-    (at least the stem's 14-px kernel) -> the last stage's normalised tokens [B, prefix + h*w, D]."""
+    (at least the stem's kernel: 14 px for PiT-B, 16 for PiT-Ti) -> the last stage's normalised tokens
+    [B, prefix + h*w, D]."""
 
     dynamic_img_size = True  # any input size, through DPE
     reg_token = None
