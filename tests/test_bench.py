@@ -237,7 +237,7 @@ def test_eval_subprocess_measures_its_own_peak_rss(tmp_path):
 def test_rss_meter_counts_the_work_not_an_earlier_higher_peak():
     """A 400 MB allocation before the meter starts must not hide a 200 MB one after it (ru_maxrss
     alone would report 0 beyond the baseline here)."""
-    from nbsrc.bench.eval import rss_meter
+    from nbsrc.bench.eval import _proc_status_kib, rss_meter
 
     before = np.ones(400 * 2**20 // 8)
     del before
@@ -245,9 +245,12 @@ def test_rss_meter_counts_the_work_not_an_earlier_higher_peak():
     if "VmHWM" not in how:
         pytest.skip("this kernel has no resettable peak-RSS mark")
     work = np.ones(200 * 2**20 // 8)
+    resident = (_proc_status_kib("VmRSS") * 1024 - base) / 2**20  # what the kernel shows resident now
     grown = (peak() - base) / 2**20
     del work
-    assert 190 < grown < 260, grown
+    if resident < 190:  # seen once in CI, in a busy test worker: the array's pages not yet counted as resident
+        pytest.skip(f"the kernel counts {resident:.0f} of the array's 200 MB as resident; the meter cannot see more")
+    assert 190 < grown < 260, (grown, resident)
 
 
 def test_bad_size_is_a_config_error():
