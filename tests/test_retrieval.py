@@ -182,40 +182,36 @@ class Crash(Exception):
     pass
 
 
+def watched(real, seen: list, crash_at: int | None = None):
+    """``embed_to_memmap`` that appends ``(first row, batch size)`` of each batch it writes to ``seen`` and
+    raises :class:`Crash` once ``seen`` holds ``crash_at`` of them (None: never)."""
+    def embed(*args, on_batch=None, **kw):
+        def hook(first, batch):
+            on_batch(first, batch)
+            seen.append((first, kw["batch_size"]))
+            if len(seen) == crash_at:
+                raise Crash("killed")
+        return real(*args, on_batch=hook, **kw)
+    return embed
+
+
 def test_interrupted_build_resumes_and_matches_a_fresh_one(tmp_path, photos, lite0, built, monkeypatch):
     import nbsrc.retrieval.index as index_module
 
     root, queries = photos
     real = index_module.embed_to_memmap
-    seen_rows = []
-
-    def crash_after_two_batches(*args, on_batch=None, **kw):
-        def hook(first, batch):
-            on_batch(first, batch)
-            seen_rows.append(first)
-            if len(seen_rows) == 2:
-                raise Crash("killed")
-        return real(*args, on_batch=hook, **kw)
-
+    seen = []
     out = tmp_path / "idx"
-    monkeypatch.setattr(index_module, "embed_to_memmap", crash_after_two_batches)
+    monkeypatch.setattr(index_module, "embed_to_memmap", watched(real, seen, crash_at=2))
     with pytest.raises(Crash):
         Index.build(lite0, root, out, batch_size=4, num_workers=0, progress=False, log=None)
     with pytest.raises(RunDirError, match="did not finish .* run the same nbsrc embed command again"):
         Index.load(out)
-    monkeypatch.setattr(index_module, "embed_to_memmap", real)
-    seen_rows.clear()
-
-    def counting(*args, on_batch=None, **kw):
-        def hook(first, batch):
-            on_batch(first, batch)
-            seen_rows.append(first)
-        return real(*args, on_batch=hook, **kw)
-
-    monkeypatch.setattr(index_module, "embed_to_memmap", counting)
+    seen.clear()
+    monkeypatch.setattr(index_module, "embed_to_memmap", watched(real, seen))
     notes = []
     idx = Index.build(lite0, root, out, batch_size=4, num_workers=0, progress=False, log=notes.append)
-    assert seen_rows == [4, 8] and "resuming" in notes[0] and "4 of 12" in notes[0]  # batch 0 not recomputed
+    assert [first for first, _ in seen] == [4, 8] and "resuming" in notes[0] and "4 of 12" in notes[0]  # batch 0 not recomputed
     np.testing.assert_array_equal(np.load(out / "embeddings.npy"), np.load(built.path / "embeddings.npy"))
     a, b = idx.search(list(queries.values()), 4), built.search(list(queries.values()), 4)
     np.testing.assert_array_equal(a.rows, b.rows)
@@ -228,18 +224,8 @@ def test_resumed_build_keeps_the_batch_size_it_started_with(tmp_path, photos, li
     import nbsrc.retrieval.index as index_module
 
     root, _ = photos
-    real = index_module.embed_to_memmap
     seen = []
-
-    def crash_after_one_batch(*args, on_batch=None, **kw):
-        def hook(first, batch):
-            on_batch(first, batch)
-            seen.append((first, kw["batch_size"]))
-            if len(seen) == 1:
-                raise Crash("killed")
-        return real(*args, on_batch=hook, **kw)
-
-    monkeypatch.setattr(index_module, "embed_to_memmap", crash_after_one_batch)
+    monkeypatch.setattr(index_module, "embed_to_memmap", watched(index_module.embed_to_memmap, seen, crash_at=1))
     out = tmp_path / "idx"
     with pytest.raises(Crash):
         Index.build(lite0, root, out, batch_size=4, num_workers=0, progress=False, log=None)

@@ -208,11 +208,10 @@ def timm_backbone(em: EmbeddingModel) -> tuple[str, dict]:
               " so timm cannot load it from safetensors; export --format torchscript or onnx instead")
     if not name or not timm.is_model(name):
         raise ConfigError(refuse)
-    from nbsrc.models.pit import PiTTokens
-
-    if isinstance(net.backbone, PiTTokens):  # timm's PiT returns only its normalised [CLS]/DIST, at 224 px only
-        raise ConfigError(f"{em.reference['spec']} is a PiT ({name}): nbsrc pools its last stage's tokens at any "
-                          "input size, which timm's PiT does not return; export --format torchscript or onnx instead")
+    wrapper = type(net.backbone)
+    if not wrapper.__module__.startswith("timm."):  # nbsrc's own module around timm's weights (PiTTokens)
+        raise ConfigError(f"{em.reference['spec']}'s backbone is nbsrc's {wrapper.__name__} around timm's {name}, whose "
+                          "features timm alone does not compute; export --format torchscript or onnx instead")
     kwargs: dict = {"num_classes": 0}
     embed = getattr(net.backbone, "patch_embed", None)
     if embed is not None and getattr(embed, "img_size", None) is not None:
