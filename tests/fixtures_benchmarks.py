@@ -143,6 +143,25 @@ def make_revisited(tmp: Path, name: str = "roxford5k", n_db: int = 12, n_queries
     return root
 
 
+def make_original(tmp: Path, name: str = "oxford5k", n_db: int = 12, n_queries: int = 3,
+                  size: tuple[int, int] = (20, 16)) -> Path:
+    """``<tmp>/<name>/{gnd_<name>.pkl, jpg/<image>.jpg}`` as cirtorch distributes the original Oxford 5k /
+    Paris 6k ground truth: ``imlist``, ``qimlist`` and per query ``bbx`` with the lists ``ok`` (the
+    original good ∪ ok) and ``junk`` (disjoint). Returns the ``<tmp>/<name>`` folder."""
+    root = Path(tmp) / name
+    rng = np.random.default_rng(2)
+    imlist = [f"{name}_{i:03d}" for i in range(n_db)]
+    for i, im in enumerate(imlist):
+        write_image(root / "jpg" / f"{im}.jpg", 40_000 + i, size)
+    gnd = []
+    for q in range(n_queries):
+        perm = rng.permutation(n_db).tolist()
+        gnd.append({"bbx": [1.4 + q, 2.0, size[0] - 3.6, size[1] - 1.0 - q], "ok": perm[:4], "junk": perm[4:6]})
+    with open(root / f"gnd_{name}.pkl", "wb") as f:
+        pickle.dump({"imlist": imlist, "qimlist": imlist[:n_queries], "gnd": gnd}, f)
+    return root
+
+
 # ----------------------------------------------------------------------------- SfM-120k
 def sfm_cid(i: int) -> str:
     """A cid like the real ones (a 32-hex-digit hash), unique per image."""

@@ -7,12 +7,13 @@ import re
 import numpy as np
 import pytest
 import torch
-from fixtures_benchmarks import make_revisited
+from fixtures_benchmarks import make_original, make_revisited
 
 from nbsrc.bench.revisited import random_gnd
-from nbsrc.data.revisited import build_distractors, build_revisited, crop_query, load_revisited_gnd
+from nbsrc.data.revisited import build_distractors, build_revisited, crop_query, load_original_gnd, load_revisited_gnd
 from nbsrc.errors import ConfigError, DatasetError
-from nbsrc.eval.revisited import ap_and_precision, rank_chunked, revisited_map, revisited_map_reference
+from nbsrc.eval.revisited import (ap_and_precision, original_map, rank_chunked, revisited_map,
+                                  revisited_map_reference)
 
 
 def q(easy=(), hard=(), junk=()):
@@ -25,6 +26,50 @@ def assert_same(a: dict, b: dict, tol=1e-9):
         assert a[s].keys() == b[s].keys()
         for m in a[s]:
             np.testing.assert_allclose(a[s][m], b[s][m], rtol=0, atol=tol, equal_nan=True)
+
+
+def revisitop_compute_map(ranks, gnd, kappas=()):
+    """revisitop's ``compute_map`` (python/evaluate.py), step by step: ``ranks`` is its
+    ``[n_db, n_queries]`` layout, ``gnd[i]`` has ``ok`` and ``junk``. Returns ``(map, aps, pr, prs)``
+    as fractions; a query without positives is NaN and left out of the means."""
+    nq = len(gnd)
+    aps, prs = np.zeros(nq), np.zeros((nq, len(kappas)))
+    total_ap, total_pr, n_empty = 0.0, np.zeros(len(kappas)), 0
+    for i in range(nq):
+        ok = np.asarray(gnd[i]["ok"])
+        if len(ok) == 0:
+            aps[i], prs[i] = np.nan, np.nan
+            n_empty += 1
+            continue
+        junk = np.asarray(gnd[i].get("junk", []))
+        pos = np.arange(ranks.shape[0])[np.isin(ranks[:, i], ok)]  # sorted 0-based positions
+        junk_pos = np.arange(ranks.shape[0])[np.isin(ranks[:, i], junk)]
+        shift, j = 0, 0
+        for p in range(len(pos)):  # each positive moves up by the junk ranked before it
+            while j < len(junk_pos) and pos[p] > junk_pos[j]:
+                shift, j = shift + 1, j + 1
+            pos[p] -= shift
+        ap = 0.0
+        for n, rank in enumerate(pos):  # trapezoids of the precision-recall curve
+            precision_0 = 1.0 if rank == 0 else n / rank
+            precision_1 = (n + 1) / (rank + 1)
+            ap += (precision_0 + precision_1) / (2 * len(ok))
+        aps[i] = ap
+        total_ap += ap
+        pos = pos + 1
+        for c, kappa in enumerate(kappas):
+            kq = min(pos.max(), kappa)
+            prs[i, c] = (pos <= kq).sum() / kq
+        total_pr += prs[i]
+    return total_ap / (nq - n_empty), aps, total_pr / (nq - n_empty), prs
+
+
+def as_protocol(gnd, setup):
+    """revisitop's example: the setup's positives as ``ok``, its ignored images as ``junk``."""
+    ok_keys, junk_keys = {"easy": (("easy",), ("junk", "hard")), "medium": (("easy", "hard"), ("junk",)),
+                          "hard": (("hard",), ("junk", "easy"))}[setup]
+    return [{"ok": np.concatenate([g[k] for k in ok_keys]), "junk": np.concatenate([g[k] for k in junk_keys])}
+            for g in gnd]
 
 
 # ----------------------------------------------------------------------------- hand-computed cases
@@ -113,6 +158,33 @@ def test_vectorised_equals_reference_on_random_rankings(seed):
     assert_same(revisited_map(scores, gnd), revisited_map_reference(scores, gnd))
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_revisited_and_original_map_equal_revisitops_compute_map(seed):
+    rng = np.random.default_rng(100 + seed)
+    n_db, nq, kappas = 200, 10, (1, 5, 10)
+    gnd = random_gnd(nq, n_db, rng, max_sizes=(12, 15, 20))
+    gnd[3]["hard"] = np.empty(0, dtype=np.int64)  # a query the Hard setup skips
+    ranks = np.argsort(rng.random((nq, n_db)), axis=1)
+    for qi in (0, 4):  # junk ranked first
+        first = np.concatenate([gnd[qi]["junk"], gnd[qi]["hard"]])
+        ranks[qi] = np.concatenate([first, rng.permutation(np.setdiff1d(np.arange(n_db), first))])
+    ours = revisited_map(ranks, gnd, kappas, reduce=False)
+    for setup in ("easy", "medium", "hard"):
+        m, aps, pr, prs = revisitop_compute_map(ranks.T, as_protocol(gnd, setup), kappas)
+        np.testing.assert_allclose(ours[setup]["AP"], 100 * aps, atol=1e-9)
+        mean = revisited_map(ranks, gnd, kappas)[setup]
+        assert mean["mAP"] == pytest.approx(100 * m, abs=1e-9)
+        assert [mean[f"mP@{k}"] for k in kappas] == pytest.approx(100 * pr, abs=1e-9)
+    original = [{"bbx": g["bbx"], "ok": np.concatenate([g["easy"], g["hard"]]), "junk": g["junk"]} for g in gnd]
+    m, aps, pr, prs = revisitop_compute_map(ranks.T, original, kappas)
+    got = original_map(ranks, original, kappas)
+    assert got["mAP"] == pytest.approx(100 * m, abs=1e-9)
+    assert [got[f"mP@{k}"] for k in kappas] == pytest.approx(100 * pr, abs=1e-9)
+    np.testing.assert_allclose(original_map(ranks, original, kappas, reduce=False)["P@5"], 100 * prs[:, 1], atol=1e-9)
+    with pytest.raises(ConfigError, match="original protocol's gnd"):
+        original_map(ranks, gnd)
+
+
 def test_overlapping_lists_follow_the_official_semantics():
     rng = np.random.default_rng(7)
     gnd = [{"bbx": [0, 0, 1, 1], "easy": rng.choice(50, 10, replace=False), "hard": rng.choice(50, 10, replace=False),
@@ -172,6 +244,23 @@ def test_build_revisited_reads_gnd_and_crops_queries(tmp_path):
     with open(root / "gnd_roxford5k.pkl", "rb") as f:
         raw = pickle.load(f)
     assert [g["easy"] for g in raw["gnd"]] == [g["easy"].tolist() for g in data.gnd]
+
+
+def test_build_revisited_reads_the_original_oxford_and_paris_gnd(tmp_path):
+    root = make_original(tmp_path, "paris6k", n_db=10, n_queries=2)
+    data = build_revisited(root)  # found by its file name
+    assert data.name == "paris6k" and len(data.database) == 10 and len(data.query) == 2
+    with open(root / "gnd_paris6k.pkl", "rb") as f:
+        raw = pickle.load(f)
+    assert [g["ok"] for g in raw["gnd"]] == [g["ok"].tolist() for g in data.gnd]
+    assert [g["junk"] for g in raw["gnd"]] == [g["junk"].tolist() for g in data.gnd]
+    assert data.query.sizes() == [tuple(data.query.raw(i).shape[-2:]) for i in range(2)]
+    with open(root / "gnd_paris6k.pkl", "wb") as f:  # a revisited entry where the original one belongs
+        pickle.dump({"imlist": raw["imlist"], "qimlist": raw["qimlist"][:1], "gnd": [q(easy=[1])]}, f)
+    with pytest.raises(DatasetError, match="query 0 has no 'ok'"):
+        load_original_gnd(root / "gnd_paris6k.pkl")
+    with pytest.raises(DatasetError, match=r"expected .*gnd_oxford5k\.pkl.*cnnimageretrieval/data/test/oxford5k"):
+        build_revisited(tmp_path / "paris6k", "oxford5k")
 
 
 def test_crop_query_rounds_and_clips():

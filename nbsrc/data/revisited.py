@@ -5,6 +5,11 @@
 database indices ``easy``, ``hard`` and ``junk``. Images are ``<root>/jpg/<name>.jpg``. Each query
 image is cropped to its box before it is embedded, as the protocol requires. The metric (mAP,
 mP@k) is :mod:`nbsrc.eval.revisited`.
+
+The original protocol (Philbin et al. 2007/2008; the Oxf5k and Par6k columns of DToP's tables) is read
+from ``gnd_oxford5k.pkl`` / ``gnd_paris6k.pkl`` as cirtorch distributes them: the same ``imlist``,
+``qimlist`` and images, and per query ``bbx`` with the database indices ``ok`` (the original
+protocol's *good* ∪ *ok*, the positives) and ``junk`` (its *junk*, ignored).
 """
 
 from __future__ import annotations
@@ -21,6 +26,13 @@ from nbsrc.data.files import read_pickle
 from nbsrc.errors import ConfigError, DatasetError
 
 REVISITED_NAMES = ("roxford5k", "rparis6k")
+ORIGINAL_NAMES = ("oxford5k", "paris6k")  # the original protocol: positives ok (= good ∪ ok), junk
+TWIN = {"oxford5k": "roxford5k", "paris6k": "rparis6k"}  # the same images under the revisited name
+ORIGINAL_LAYOUT = "original layout: root/{gnd_<name>.pkl,jpg/<image>.jpg} with name oxford5k or paris6k"
+ORIGINAL_URL = (
+    "download gnd_<name>.pkl from http://cmp.felk.cvut.cz/cnnimageretrieval/data/test/<name>/ into the folder "
+    "that holds the images (jpg/; the revisited dataset's folder will do: the images are the same)"
+)
 REVISITED_LAYOUT = "Revisited layout: root/{gnd_<name>.pkl,jpg/<image>.jpg} with name roxford5k or rparis6k"
 REVISITED_URL = (
     "download gnd_<name>.pkl from http://cmp.felk.cvut.cz/revisitop/data/datasets/<name>/ and the images from "
@@ -42,24 +54,44 @@ def load_revisited_gnd(path: str | Path) -> dict:
     cfg = read_pickle(path, REVISITED_LAYOUT, REVISITED_URL)
     if not isinstance(cfg, dict) or not {"imlist", "qimlist", "gnd"} <= set(cfg):
         raise DatasetError(f"{path} is not a revisited ground-truth file: expected a dict with imlist, qimlist and gnd")
+    return {**cfg, "gnd": _checked_gnd(path, cfg, ("easy", "hard", "junk"))}
+
+
+def load_original_gnd(path: str | Path) -> dict:
+    """Read ``gnd_oxford5k.pkl`` / ``gnd_paris6k.pkl`` (cirtorch's files) and check their structure.
+
+    Returns the pickle's dict: ``imlist``, ``qimlist`` and ``gnd`` (one dict per query with ``bbx``
+    and the ``ok`` and ``junk`` index lists, as int64 arrays here).
+    """
+    path = Path(path)
+    name = path.stem.removeprefix("gnd_")
+    cfg = read_pickle(path, ORIGINAL_LAYOUT.replace("<name>", name), ORIGINAL_URL.replace("<name>", name))
+    if not isinstance(cfg, dict) or not {"imlist", "qimlist", "gnd"} <= set(cfg):
+        raise DatasetError(f"{path} is not an Oxford/Paris ground-truth file: expected a dict with imlist, qimlist "
+                           "and gnd")
+    return {**cfg, "gnd": _checked_gnd(path, cfg, ("ok", "junk"))}
+
+
+def _checked_gnd(path: Path, cfg: dict, lists: tuple[str, ...]) -> list[dict]:
+    """``cfg["gnd"]`` with ``bbx`` as 4 floats and each of ``lists`` as int64 indices into ``imlist``."""
     n_db, n_q = len(cfg["imlist"]), len(cfg["qimlist"])
     if len(cfg["gnd"]) != n_q:
         raise DatasetError(f"{path}: {len(cfg['gnd'])} gnd entries for {n_q} queries; the file is corrupt")
     gnd = []
     for q, g in enumerate(cfg["gnd"]):
-        missing = {"bbx", "easy", "hard", "junk"} - set(g)
+        missing = {"bbx", *lists} - set(g)
         if missing:
-            raise DatasetError(f"{path}: query {q} has no {sorted(missing)[0]!r}; expected bbx, easy, hard and junk")
+            raise DatasetError(f"{path}: query {q} has no {sorted(missing)[0]!r}; expected bbx, {', '.join(lists)}")
         entry = {"bbx": np.asarray(g["bbx"], dtype=np.float64).reshape(-1)}
         if entry["bbx"].shape != (4,):
             raise DatasetError(f"{path}: query {q} bbx has {entry['bbx'].size} values; expected [x1, y1, x2, y2]")
-        for key in ("easy", "hard", "junk"):
+        for key in lists:
             idx = np.asarray(g[key], dtype=np.int64).reshape(-1)
             if len(idx) and (idx.min() < 0 or idx.max() >= n_db):
                 raise DatasetError(f"{path}: query {q} {key} index out of range 0..{n_db - 1}; the file is corrupt")
             entry[key] = idx
         gnd.append(entry)
-    return {**cfg, "gnd": gnd}
+    return gnd
 
 
 def crop_query(img: torch.Tensor, bbx: Sequence[float]) -> torch.Tensor:
@@ -90,10 +122,27 @@ class RevisitedQueries(RetrievalDataset):
     def raw(self, i: int) -> torch.Tensor:
         return crop_query(load_image(self.images[i]), self.bbxs[i])
 
+    def subset(self, indices: np.ndarray, transform: Callable | None = None) -> RevisitedQueries:
+        indices = np.asarray(indices, dtype=np.int64)
+        return RevisitedQueries([self.images[i] for i in indices], [self.bbxs[i] for i in indices],
+                                transform or self.transform)
+
+    def sizes(self) -> list[tuple[int, int]]:
+        """``(h, w)`` of each query's crop (what :meth:`raw` returns), from the file headers."""
+        from nbsrc.data.images import image_size
+
+        out = []
+        for path, bbx in zip(self.images, self.bbxs):
+            h, w = image_size(path)
+            x1, y1, x2, y2 = (int(round(float(v))) for v in bbx)
+            out.append((min(h, y2) - max(0, y1), min(w, x2) - max(0, x1)))
+        return out
+
 
 @dataclass
 class RevisitedData:
-    """Queries (cropped), database images and ground truth of one revisited dataset."""
+    """Queries (cropped), database images and ground truth of one revisited dataset (``easy``, ``hard``,
+    ``junk`` per query) or of one original one (``oxford5k`` / ``paris6k``: ``ok``, ``junk``)."""
 
     name: str
     query: RevisitedQueries
@@ -109,8 +158,9 @@ def _check_files(paths: Sequence[str], layout: str, url: str) -> None:
 
 def build_revisited(root, name: str | None = None, transform: Callable | None = None,
                     query_transform: Callable | None = None) -> RevisitedData:
-    """Queries and database of ``roxford5k`` or ``rparis6k`` under ``root`` (``name=None``: the one
-    whose ``gnd_<name>.pkl`` is in ``root``). Database labels are image indices."""
+    """Queries and database of ``roxford5k``, ``rparis6k`` (revisited protocol), ``oxford5k`` or ``paris6k``
+    (original protocol) under ``root`` (``name=None``: the one whose ``gnd_<name>.pkl`` is in ``root``).
+    Database labels are image indices."""
     if root is None:
         raise DatasetError(
             f"the revisited benchmarks need data_root=<folder with gnd_<name>.pkl>; {REVISITED_LAYOUT}; {REVISITED_URL}"
@@ -119,19 +169,21 @@ def build_revisited(root, name: str | None = None, transform: Callable | None = 
     if not root.is_dir():
         raise DatasetError(f"data_root does not exist: expected the folder {root}; {REVISITED_LAYOUT}; {REVISITED_URL}")
     if name is None:
-        found = [n for n in REVISITED_NAMES if (root / f"gnd_{n}.pkl").is_file()]
+        found = [n for n in REVISITED_NAMES + ORIGINAL_NAMES if (root / f"gnd_{n}.pkl").is_file()]
         if len(found) != 1:
-            raise DatasetError(
-                f"expected exactly one of {root}/gnd_roxford5k.pkl, {root}/gnd_rparis6k.pkl (found {len(found)}); "
-                f"pass name=...; {REVISITED_LAYOUT}; {REVISITED_URL}"
-            )
+            names = ", ".join(f"{root}/gnd_{n}.pkl" for n in REVISITED_NAMES + ORIGINAL_NAMES)
+            raise DatasetError(f"expected exactly one of {names} (found {len(found)}); pass name=...; "
+                               f"{REVISITED_LAYOUT}; {REVISITED_URL}")
         name = found[0]
-    if name not in REVISITED_NAMES:
-        raise ConfigError(f"unknown revisited dataset {name!r}; expected one of {', '.join(REVISITED_NAMES)}")
-    cfg = load_revisited_gnd(root / f"gnd_{name}.pkl")
+    if name not in REVISITED_NAMES + ORIGINAL_NAMES:
+        raise ConfigError(f"unknown revisited dataset {name!r}; expected one of "
+                          f"{', '.join(REVISITED_NAMES + ORIGINAL_NAMES)}")
+    load = load_original_gnd if name in ORIGINAL_NAMES else load_revisited_gnd
+    cfg = load(root / f"gnd_{name}.pkl")
     db_paths = [str(root / "jpg" / f"{im}.jpg") for im in cfg["imlist"]]
     q_paths = [str(root / "jpg" / f"{im}.jpg") for im in cfg["qimlist"]]
-    _check_files(q_paths + db_paths, REVISITED_LAYOUT, REVISITED_URL)
+    _check_files(q_paths + db_paths, *((ORIGINAL_LAYOUT, ORIGINAL_URL) if name in ORIGINAL_NAMES
+                                       else (REVISITED_LAYOUT, REVISITED_URL)))
     query = RevisitedQueries(q_paths, [g["bbx"] for g in cfg["gnd"]], query_transform or transform)
     database = RetrievalDataset(np.asarray(db_paths, dtype=object), np.arange(len(db_paths)), transform)
     return RevisitedData(name=name, query=query, database=database, gnd=cfg["gnd"])

@@ -28,7 +28,7 @@ from nbsrc.data.revisited import RevisitedData
 from nbsrc.errors import ConfigError
 from nbsrc.eval.embed import extract_embeddings
 from nbsrc.eval.multiscale import DEFAULT_SCALES, MultiScaleModel
-from nbsrc.eval.revisited import revisited_map
+from nbsrc.eval.revisited import protocol_map
 from nbsrc.eval.whitening import apply_whitening, learn_whitening
 
 SINGLE_SCALE = (1.0,)
@@ -72,7 +72,8 @@ def evaluate_revisited_data(model: torch.nn.Module, data: RevisitedData, scales:
                             batch_size: int = 256, device: str | torch.device = "cpu", kappas=(1, 5, 10),
                             num_workers: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
     """``({"easy"|"medium"|"hard": {"mAP", "mP@1", ...}}, {"query": q, "database": x})`` on a
-    :class:`~nbsrc.data.revisited.RevisitedData`, in percent.
+    :class:`~nbsrc.data.revisited.RevisitedData`, in percent; for ``oxford5k`` / ``paris6k`` (the
+    original protocol) the results are ``{"mAP", "mP@1", ...}`` (:func:`~nbsrc.eval.revisited.protocol_map`).
 
     ``scales``: the database's (and, unless ``query_scales`` is given, the queries') scales (DToP:
     ``DEFAULT_SCALES`` on both sides, Table A11). ``whitening``: ``(m, P)`` of
@@ -85,4 +86,4 @@ def evaluate_revisited_data(model: torch.nn.Module, data: RevisitedData, scales:
         m, p = whitening
         q, x = apply_whitening(q, m, p, whitening_dim), apply_whitening(x, m, p, whitening_dim)
     scores = q.astype(np.float64) @ x.astype(np.float64).T
-    return revisited_map(scores, data.gnd, kappas), {"query": q, "database": x}
+    return protocol_map(data.name, scores, data.gnd, kappas), {"query": q, "database": x}

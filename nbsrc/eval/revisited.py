@@ -21,6 +21,9 @@ strictly before it), and ``n = |P|`` (positives that are never retrieved count i
 
 A query with ``n = 0`` is skipped (its AP is NaN and it is left out of the mean).
 
+**Original protocol** (Oxford 5k, Paris 6k; :func:`original_map`): one setup, P = ``ok`` (the
+original *good* ∪ *ok*) and J = ``junk``, with the same AP and mP@k.
+
 **mP@k** (the protocol's precision at k). With the 1-based positions ``p_i = r_i + 1`` and
 ``k_q = min(k, max_i p_i)``: ``P@k = |{i : p_i ≤ k_q}| / k_q``. (The protocol divides by the rank
 of the last positive when it is smaller than k, so a query with 3 positives all ranked first
@@ -47,8 +50,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from nbsrc.data.revisited import (  # noqa: F401 (the readers, re-exported for existing imports)
-    DISTRACTORS_LAYOUT, DISTRACTORS_URL, REVISITED_LAYOUT, REVISITED_NAMES, REVISITED_URL, RevisitedData,
-    RevisitedQueries, build_distractors, build_revisited, crop_query, load_revisited_gnd,
+    DISTRACTORS_LAYOUT, DISTRACTORS_URL, ORIGINAL_NAMES, REVISITED_LAYOUT, REVISITED_NAMES, REVISITED_URL,
+    RevisitedData, RevisitedQueries, build_distractors, build_revisited, crop_query, load_original_gnd,
+    load_revisited_gnd,
 )
 from nbsrc.errors import ConfigError
 
@@ -216,6 +220,34 @@ def revisited_map(ranks_or_scores, gnd, kappas: Sequence[int] = (1, 5, 10), redu
     inv = inverse_rankings(ranks, _n_db(ranks, gnd))
     per_setup = {s: _ap_and_precision(inv, ranks.shape[1], *_setup_lists(gnd, s), kappas) for s in SETUPS}
     return _report(per_setup, kappas, reduce)
+
+
+def original_map(ranks_or_scores, gnd, kappas: Sequence[int] = (1, 5, 10), reduce: bool = True) -> dict:
+    """mAP and mP@k (percent) of the original Oxford 5k / Paris 6k protocol: positives ``ok``, junk
+    ``junk`` (the lists of :func:`load_original_gnd`), AP and P@k as in the module docstring.
+
+    Returns ``{"mAP": ..., "mP@1": ..., ...}`` (means over the queries that have positives), or with
+    ``reduce=False`` the per-query ``{"AP": [nq], "P@1": [nq], ...}``.
+    """
+    gnd = gnd_list(gnd)
+    kappas = _as_kappas(kappas)
+    ranks = as_rankings(ranks_or_scores, len(gnd))
+    missing = [q for q, g in enumerate(gnd) if not {"ok", "junk"} <= set(g)]
+    if missing:
+        raise ConfigError(f"query {missing[0]} of gnd has no 'ok'/'junk' lists: original_map takes the original "
+                          "protocol's gnd (load_original_gnd); the revisited one goes to revisited_map")
+    ok = [np.asarray(g["ok"], dtype=np.int64).reshape(-1) for g in gnd]
+    junk = [np.asarray(g["junk"], dtype=np.int64).reshape(-1) for g in gnd]
+    n_db = max([int(ranks.max(initial=-1))] + [int(x.max(initial=-1)) for x in ok + junk]) + 1
+    per = _ap_and_precision(inverse_rankings(ranks, n_db), ranks.shape[1], ok, junk, kappas)
+    return _report({"all": per}, kappas, reduce)["all"]
+
+
+def protocol_map(name: str, ranks_or_scores, gnd, kappas: Sequence[int] = (1, 5, 10)) -> dict:
+    """The metric of dataset ``name``: :func:`original_map` for ``oxford5k`` / ``paris6k``, else
+    :func:`revisited_map` (``{"easy"|"medium"|"hard": {...}}``)."""
+    metric = original_map if name in ORIGINAL_NAMES else revisited_map
+    return metric(ranks_or_scores, gnd, kappas)
 
 
 # ----------------------------------------------------------------------------- slow reference
