@@ -17,7 +17,8 @@ goes through the same steps; what differs per dataset is a :class:`Setup` (:func
 None picks the dataset's own: ``"recall"``, Recall@K on the test classes (:func:`nbsrc.eval.evaluate`),
 for datasets of classes, and ``"revisited"``, the mAP / mP@k of Revisited Oxford and Paris in the Easy,
 Medium and Hard setups (:mod:`nbsrc.eval.revisited`, found beside ``cfg.data.data_root``:
-:func:`find_revisited_root`), for SfM-120k.
+:func:`find_revisited_root`), and of the original Oxford 5k and Paris 6k protocol where its ground truth is
+found (the Oxf5k and Par6k columns of DToP's tables), for SfM-120k.
 
 **Nothing is written until the run can start.** The config, the device, the model and its
 weights, the data and its splits, the first training batch and a forward pass through the model
@@ -44,11 +45,13 @@ from nbsrc.data import RetrievalData, RetrievalDataset, build_data, cap_per_clas
 from nbsrc.data.group_sampler import training_sampler
 from nbsrc.data.sfm import SfMSplit, load_sfm120k_db
 from nbsrc.data.images import check_dataset_images, check_images
-from nbsrc.data.transforms import particular_object_transform, training_transform
+from nbsrc.data.transforms import (RetrievalTransform, aspect_kept_transform, particular_object_transform,
+                                   training_transform)
 from nbsrc.errors import ConfigError, DatasetError, RunDirError
 from nbsrc.eval import evaluate, extract_embeddings
 from nbsrc.eval.embed import recall_percent
-from nbsrc.eval.particular import SINGLE_SCALE, evaluate_revisited_data, learn_sfm_whitening
+from nbsrc.eval.particular import SINGLE_SCALE, embed_at_scales, evaluate_revisited_data, learn_sfm_whitening
+from nbsrc.data.revisited import ORIGINAL_GND_URL, ORIGINAL_NAMES, TWIN
 from nbsrc.eval.revisited import REVISITED_LAYOUT, REVISITED_NAMES, build_revisited
 from nbsrc.models import data_config, model_from_config
 from nbsrc.provenance import provenance
@@ -114,8 +117,8 @@ def fit_pca(model: torch.nn.Module, images: RetrievalDataset, keep: np.ndarray, 
             device) -> None:
     """Fit the model's PCA (IRT ▷dim) on the embeddings of ``images[keep]`` (training images,
     evaluation transform; a fixed subset of at most ``PCA_FIT_SAMPLES``, see :class:`Setup`)."""
-    z, _, _ = extract_embeddings(model, images.subset(keep), cfg.eval.eval_batch_size, device, cfg.run.num_workers,
-                                 progress=cfg.run.progress)
+    z = embed_at_scales(model, images.subset(keep), SINGLE_SCALE, cfg.eval.eval_batch_size, device, cfg.run.num_workers,
+                        progress=cfg.run.progress)
     model.pca.fit(z)
 
 
@@ -135,6 +138,16 @@ def seeded_model(cfg: ExperimentConfig) -> tuple[torch.nn.Module, dict]:
 
 
 # ----------------------------------------------------------------------------- evaluators
+def particular_eval_transform(cfg: ExperimentConfig, norm: dict) -> RetrievalTransform:
+    """The test geometry of a particular-object (SfM-120k) run, for Revisited Oxford / Paris, the learned
+    whitening and the PCA: IRT's square of side ``img_size`` (IRT §4.2,
+    :func:`~nbsrc.data.transforms.particular_object_transform`); for a DToP run (``cfg.model.dtop``) the
+    longer side ``img_size`` with the aspect ratio kept (our reading, as group-size sampling trains and
+    [52] tests; :func:`~nbsrc.data.transforms.aspect_kept_transform`, docs/fidelity.md)."""
+    make = aspect_kept_transform if cfg.model.dtop is not None else particular_object_transform
+    return make(cfg.data.img_size, norm["mean"], norm["std"])
+
+
 Evaluation = tuple[dict, dict[str, np.ndarray]]  # (results, embeddings to save)
 
 
@@ -157,31 +170,42 @@ def recall_evaluation(model: torch.nn.Module, data: RetrievalData, cfg: Experime
 
 
 def evaluate_revisited(model: torch.nn.Module, root, eval_tf, cfg: ExperimentConfig, device,
-                       name: str | None = None, whitening=None) -> tuple[str, dict, dict[str, np.ndarray]]:
+                       name: str | None = None, whitening=None, scales=None,
+                       query_scales=None) -> tuple[str, dict, dict[str, np.ndarray]]:
     """``(name, {"easy"|"medium"|"hard": {"mAP", "mP@1", "mP@5", "mP@10"}}, embeddings)`` of the
-    revisited dataset under ``root`` (percent): the query, cropped to its box, ranks the database by
-    decreasing ``<f(q), f(x)>``, at ``cfg.eval.eval_scales`` with ``whitening`` (DToP;
-    :func:`nbsrc.eval.particular.evaluate_revisited_data`)."""
+    revisited dataset under ``root`` (percent; ``{"mAP", ...}`` for the original ``oxford5k`` /
+    ``paris6k``): the query, cropped to its box, ranks the database by decreasing ``<f(q), f(x)>``, the
+    database at ``scales`` and the queries at ``query_scales`` (None: ``cfg.eval.eval_scales``, and the
+    database's; DToP Table A11) with ``whitening`` (DToP; :func:`nbsrc.eval.particular.evaluate_revisited_data`)."""
     data = build_revisited(root, name, eval_tf)
-    res, emb = evaluate_revisited_data(model, data, cfg.eval.eval_scales or SINGLE_SCALE, whitening=whitening,
+    scales = scales or cfg.eval.eval_scales or SINGLE_SCALE
+    res, emb = evaluate_revisited_data(model, data, scales, query_scales=query_scales, whitening=whitening,
                                        batch_size=cfg.eval.eval_batch_size, device=device, kappas=KAPPAS,
                                        num_workers=cfg.run.num_workers)
     return data.name, res, emb
 
 
 def revisited_evaluation(model: torch.nn.Module, roots: dict[str, Path], eval_tf, cfg: ExperimentConfig,
-                         device, db: SfMSplit | None = None) -> Evaluation:
-    """:func:`evaluate_revisited` on each dataset of ``roots``: ``{name: {setup: {metric: %}}}``. With
-    ``cfg.eval.whitening == "learned"`` the whitening is first learned from the matching pairs of ``db``
-    (SfM-120k training; DToP §A.1, Radenović et al.), after the PCA."""
-    whiten = (learn_sfm_whitening(model, db, eval_tf, cfg.eval.eval_scales or SINGLE_SCALE, cfg.eval.eval_batch_size, device)
-              if cfg.eval.whitening == "learned" else None)
+                         device, db: SfMSplit | None = None, scales=None, query_scales=None,
+                         whitening=None) -> Evaluation:
+    """:func:`evaluate_revisited` on each dataset of ``roots``: ``{name: {setup: {metric: %}}}`` (the
+    original protocol's ``{name: {metric: %}}``), the database at ``scales`` and the queries at
+    ``query_scales`` (None: ``cfg.eval.eval_scales``). With ``cfg.eval.whitening == "learned"`` the
+    whitening is first learned from the matching pairs of ``db`` (SfM-120k training; DToP §A.1,
+    Radenović et al.), after the PCA, at ``cfg.eval.eval_scales`` (the multi-scale features) and with
+    ``eval_tf``; ``whitening``: one learned before (``(m, P)``), used instead."""
+    if whitening is None and cfg.eval.whitening == "learned":
+        whitening = learn_sfm_whitening(model, db, eval_tf, cfg.eval.eval_scales or SINGLE_SCALE,
+                                        cfg.eval.eval_batch_size, device)
     results, arrays = {}, {}
     for name, root in roots.items():
-        name, res, emb = evaluate_revisited(model, root, eval_tf, cfg, device, name, whiten)
+        name, res, emb = evaluate_revisited(model, root, eval_tf, cfg, device, name, whitening, scales, query_scales)
         results[name] = res
         arrays.update({f"{name}_{k}": v for k, v in emb.items()})
-        print(f"{cfg.run.name} {name}: mAP M {res['medium']['mAP']:.2f}  H {res['hard']['mAP']:.2f}")
+        if name in ORIGINAL_NAMES:
+            print(f"{cfg.run.name} {name}: mAP {res['mAP']:.2f}")
+        else:
+            print(f"{cfg.run.name} {name}: mAP M {res['medium']['mAP']:.2f}  H {res['hard']['mAP']:.2f}")
     return results, arrays
 
 
@@ -220,31 +244,49 @@ def recall_evaluator(cfg: ExperimentConfig, inputs: EvalInputs) -> Evaluator:
     return Evaluator(lambda m, dev, q_raw: recall_evaluation(m, data, cfg, dev, q_raw), during)
 
 
-def revisited_evaluator(cfg: ExperimentConfig, inputs: EvalInputs) -> Evaluator:
-    """mAP and mP@k of Revisited Oxford and Paris (:func:`revisited_evaluation`) on the images squashed
-    to a square (IRT §4.2). The datasets are the folders given (``roxford_root`` / ``rparis_root``),
-    else those found beside ``cfg.data.data_root`` (:func:`find_revisited_root`); at least one must be
-    found."""
-    given = {n: inputs.roots.get(n) for n in REVISITED_NAMES}
+def revisited_roots(cfg: ExperimentConfig, given: dict) -> dict[str, Path]:
+    """The folders of the datasets a particular-object run is evaluated on (see :func:`revisited_evaluator`):
+    ``given`` (``{name: folder or None}``), else found beside ``cfg.data.data_root``."""
+    given = {n: given.get(n) for n in REVISITED_NAMES + ORIGINAL_NAMES}
     roots = {n: Path(r) if r is not None else find_revisited_root(cfg.data.data_root, n) for n, r in given.items()}
+    for name, twin in TWIN.items():
+        if roots[name] is None and roots[twin] is not None and (roots[twin] / f"gnd_{name}.pkl").is_file():
+            roots[name] = roots[twin]
+    absent = [n for n in ORIGINAL_NAMES if roots[n] is None]
     roots = {n: r for n, r in roots.items() if r is not None}
+    if absent and cfg.model.dtop is not None and any(n in roots for n in REVISITED_NAMES):
+        print(f"{cfg.run.name}: no {', '.join(absent)} column (DToP's Oxf5k / Par6k): download "
+              + "; ".join(f"{ORIGINAL_GND_URL.replace('<name>', n)} into {roots.get(TWIN[n], f'the {TWIN[n]} folder')}"
+                          for n in absent))
     if not roots:
         raise DatasetError(
-            f"no Revisited dataset to evaluate on: pass roxford_root= and/or rparis_root=, or put "
-            f"{' / '.join(REVISITED_NAMES)} beside data_root={cfg.data.data_root!r}; {REVISITED_LAYOUT}"
+            f"no Revisited dataset to evaluate on: pass roxford_root= and/or rparis_root= (oxford_root=, paris_root=), "
+            f"or put {' / '.join(REVISITED_NAMES)} beside data_root={cfg.data.data_root!r}; {REVISITED_LAYOUT}"
         )
+    return roots
+
+
+def revisited_evaluator(cfg: ExperimentConfig, inputs: EvalInputs) -> Evaluator:
+    """mAP and mP@k of Revisited Oxford and Paris, and of the original Oxford 5k and Paris 6k protocol
+    (:func:`revisited_evaluation`). The datasets are the
+    folders given (``roxford_root`` / ``rparis_root`` / ``oxford_root`` / ``paris_root``), else those found
+    beside ``cfg.data.data_root`` (:func:`find_revisited_root`); ``gnd_oxford5k.pkl`` / ``gnd_paris6k.pkl``
+    are also looked for in the revisited twin's folder (the same images). At least one dataset
+    must be found; a DToP run without the original ground truth says in one line what to download. The
+    images are prepared by :func:`particular_eval_transform` (IRT: squashed square; DToP: aspect kept)."""
+    roots = revisited_roots(cfg, inputs.roots)
     if cfg.eval.whitening == "learned" and inputs.sfm is None:
         raise ConfigError(f"whitening='learned' is learned from SfM-120k's training pairs, which "
                           f"dataset={cfg.data.dataset!r} has not: train on sfm120k, or set whitening=None")
-    eval_tf = particular_object_transform(cfg.data.img_size, inputs.norm["mean"], inputs.norm["std"])
+    eval_tf = particular_eval_transform(cfg, inputs.norm)
     return Evaluator(lambda m, dev, q_raw: revisited_evaluation(m, roots, eval_tf, cfg, dev, inputs.sfm))
 
 
 # name -> builder(cfg, EvalInputs) -> Evaluator; ``cfg.eval.evaluator`` picks one (None: the dataset's own,
 # DATASET_EVALUATORS, else "recall"). A new evaluator is one function and one line here.
 EVALUATORS: dict[str, Callable[[ExperimentConfig, EvalInputs], Evaluator]] = {
-    "recall": recall_evaluator,  # Recall@K of the test classes (IRT Tables 2, 3; DToP Tables A8-A13)
-    "revisited": revisited_evaluator,  # Revisited Oxford / Paris mAP, mP@k (IRT Table 7, DToP Table A5)
+    "recall": recall_evaluator,  # Recall@K of the test classes (IRT Tables 2-4, 9)
+    "revisited": revisited_evaluator,  # (Revisited) Oxford / Paris mAP, mP@k (IRT Tables 7-8; DToP A5, A7-A13)
 }
 DATASET_EVALUATORS = {"sfm120k": "revisited"}  # the evaluator of a dataset not evaluated by Recall@K
 
@@ -318,14 +360,16 @@ def class_dataset(db: SfMSplit, transform) -> RetrievalDataset:
     return db.images(transform).subset(keep)
 
 
-def sfm_setup(cfg: ExperimentConfig, norm: dict, device, roxford_root=None, rparis_root=None) -> Setup:
+def sfm_setup(cfg: ExperimentConfig, norm: dict, device, roxford_root=None, rparis_root=None, oxford_root=None,
+              paris_root=None) -> Setup:
     """SfM-120k: tuples (IRT) or 3D models as classes (DToP), PCA on up to ``PCA_FIT_SAMPLES``
-    SfM-120k training images (a subset drawn from ``cfg.run.seed``, squashed to a square as in the
-    evaluation). ``roxford_root`` / ``rparis_root``: the Revisited folders for the evaluator
-    (:func:`revisited_evaluator`; None: looked for beside ``cfg.data.data_root``)."""
+    SfM-120k training images (a subset drawn from ``cfg.run.seed``, prepared as in the evaluation,
+    :func:`particular_eval_transform`). ``roxford_root`` / ``rparis_root`` (``oxford_root`` / ``paris_root``): the Revisited
+    (original Oxford 5k / Paris 6k) folders for the evaluator (:func:`revisited_evaluator`; None: looked
+    for beside ``cfg.data.data_root``)."""
     db = load_sfm120k_db(cfg.data.data_root, "train")  # first: a wrong data_root is named as such
     check_images(db.paths, "SfM-120k", decode=False)  # a missing or unreadable file, before anything is written
-    eval_tf = particular_object_transform(cfg.data.img_size, norm["mean"], norm["std"])  # IRT §4.2: squashed square
+    eval_tf = particular_eval_transform(cfg, norm)  # IRT §4.2: squashed square; DToP: aspect kept (our reading)
     if cfg.data.sfm_training == "classes":
         train_tf = training_transform(cfg.data.img_size, norm["mean"], norm["std"], cfg.data.dtop_augmentation)
         task: TrainingTask = PairTask(cfg, class_dataset(db, train_tf))
@@ -333,20 +377,22 @@ def sfm_setup(cfg: ExperimentConfig, norm: dict, device, roxford_root=None, rpar
         task = TupleTask(cfg, db)
     n = min(PCA_FIT_SAMPLES, len(db))
     keep = np.sort(np.random.default_rng([cfg.run.seed, 128]).permutation(len(db))[:n])
-    inputs = EvalInputs(norm, device, sfm=db, roots={"roxford5k": roxford_root, "rparis6k": rparis_root})
+    inputs = EvalInputs(norm, device, sfm=db, roots={"roxford5k": roxford_root, "rparis6k": rparis_root,
+                                                     "oxford5k": oxford_root, "paris6k": paris_root})
     return Setup(task, db.images(eval_tf), keep, inputs, summary={"n_train_images": len(db)})
 
 
 def build_setup(cfg: ExperimentConfig, norm: dict, device, data: RetrievalData | None = None,
-                roxford_root=None, rparis_root=None) -> Setup:
+                roxford_root=None, rparis_root=None, oxford_root=None, paris_root=None) -> Setup:
     """The :class:`Setup` of ``cfg.data.dataset`` with the evaluator of ``cfg.eval.evaluator``
     (:data:`EVALUATORS`; its name is checked before the data is read)."""
     builder = evaluator_builder(evaluator_name(cfg))
     if cfg.data.dataset == "sfm120k":
-        setup = sfm_setup(cfg, norm, device, roxford_root, rparis_root)
+        setup = sfm_setup(cfg, norm, device, roxford_root, rparis_root, oxford_root, paris_root)
     else:
         setup = class_setup(cfg, norm, device, data)
-        setup.inputs.roots = {"roxford5k": roxford_root, "rparis6k": rparis_root}
+        setup.inputs.roots = {"roxford5k": roxford_root, "rparis6k": rparis_root, "oxford5k": oxford_root,
+                              "paris6k": paris_root}
     setup.evaluator = builder(cfg, setup.inputs)
     return setup
 
@@ -377,13 +423,15 @@ def check_can_start(cfg: ExperimentConfig, model: torch.nn.Module, setup: Setup)
 
 
 def run_experiment(cfg: ExperimentConfig, mode: str = "reuse", data: RetrievalData | None = None,
-                   stop_after: int | None = None, roxford_root=None, rparis_root=None) -> RunResult:
+                   stop_after: int | None = None, roxford_root=None, rparis_root=None, oxford_root=None,
+                   paris_root=None) -> RunResult:
     """Train (unless ``cfg.optim.iterations == 0``: the off-the-shelf model), fit the PCA, evaluate, and
     write the run directory.
 
     ``mode``: ``reuse`` (default), ``new``, ``resume`` or ``overwrite``; see
     :func:`nbsrc.train.prepare_run_dir`. ``data`` (datasets of classes) is used instead of building
-    it; ``roxford_root`` / ``rparis_root`` (SfM-120k) see :func:`sfm_setup`. ``stop_after`` ends
+    it; ``roxford_root`` / ``rparis_root`` / ``oxford_root`` / ``paris_root`` (SfM-120k) see
+    :func:`sfm_setup`. ``stop_after`` ends
     training early (no evaluation; to test resuming).
     """
     cfg.validate()
@@ -395,7 +443,7 @@ def run_experiment(cfg: ExperimentConfig, mode: str = "reuse", data: RetrievalDa
     device = resolve_device(cfg.run.device)
     t0 = time.perf_counter()
     model, norm = seeded_model(cfg)
-    setup = build_setup(cfg, norm, device, data, roxford_root, rparis_root)
+    setup = build_setup(cfg, norm, device, data, roxford_root, rparis_root, oxford_root, paris_root)
     check_can_start(cfg, model, setup)
     run_dir, action = prepare_run_on_rank0(cfg, mode)  # the first write
     if action == "reuse":
@@ -578,7 +626,8 @@ ELM_PARTS = ("irb", "aspp", "wave")
 
 def dtop_ablation_grid(base: ExperimentConfig, table: str, values) -> dict[str, ExperimentConfig]:
     """``{label: config}`` for DToP ablation ``table`` (``'A8'``, ``'A9'``, ``'A10'``, ``'A12'``,
-    ``'A13'``; Table A11 is evaluation-only, see :func:`dtop_multiscale_table`) over ``values``.
+    ``'A13'``; Table A11 is evaluation-only, see :func:`dtop_multiscale_table`) over ``values``. Every
+    table is mAP on (Revisited) Oxford and Paris for an SfM-120k base, Recall@K for the demo's datasets.
 
     Each config is ``base`` with only the options of ``DTOP_TABLES[table]`` changed: A8 ``k``; A9
     ``pos_embed``; A10 a tuple of ELM parts from ``('irb', 'aspp', 'wave')`` (``()``: ELM off, fused
@@ -629,23 +678,73 @@ def dtop_ablation_grid(base: ExperimentConfig, table: str, values) -> dict[str, 
     return out
 
 
-def dtop_multiscale_table(run: RunResult, scale_pairs: dict, data: RetrievalData | None = None):
-    """DToP Table A11: Recall@K (%) of ``run``'s model with queries and database embedded at the
-    scales of each ``{label: (query_scales, database_scales)}`` (see
-    :func:`nbsrc.eval.multiscale.evaluate_multiscale`), one row per label."""
-    import pandas as pd
+def dtop_multiscale_table(run: RunResult, scale_pairs: dict, data: RetrievalData | None = None,
+                          roots: dict | None = None):
+    """DToP Table A11: ``run``'s model with queries and database embedded at the scales of each
+    ``{label: (query_scales, database_scales)}``, one row per label.
 
-    from nbsrc.eval.multiscale import evaluate_multiscale
+    An SfM-120k run (the paper's table): mAP in percent through the Revisited evaluator
+    (:func:`revisited_evaluation`: the run's test geometry, PCA and whitening, the whitening learned
+    once at ``cfg.eval.eval_scales``), one column per ``(dataset, metric)`` as the paper prints them
+    (``oxford5k``/``paris6k``: ``mAP``; ``roxford5k``/``rparis6k``: ``mAP M``, ``mAP H``); ``roots``:
+    ``{name: folder}`` (None: found beside ``cfg.data.data_root``, :func:`revisited_roots`). A run on a
+    dataset of classes (the demo's stand-in): Recall@K (:func:`nbsrc.eval.multiscale.evaluate_multiscale`),
+    not the paper's metric."""
+    import pandas as pd
 
     cfg = run.config
     model = run.model if run.model is not None else load_run(run.run_dir, with_model=True).model
     device = resolve_device(cfg.run.device)
     model.to(device).eval()
-    if data is None:
-        norm = data_config(model)
-        data = build_data(cfg, norm["mean"], norm["std"])
-    rows = {label: evaluate_multiscale(model, data, qs, ds, cfg.eval.ks, cfg.eval.eval_batch_size, device, progress=False)
-            for label, (qs, ds) in scale_pairs.items()}
-    df = pd.DataFrame.from_dict({k: {m: round(v, 2) for m, v in r.items()} for k, r in rows.items()}, orient="index")
+    if cfg.data.dataset == "sfm120k":
+        rows = multiscale_revisited(model, cfg, scale_pairs, device, roots)
+        df = pd.DataFrame.from_dict(rows, orient="index")
+        df.columns = pd.MultiIndex.from_tuples(df.columns)
+    else:
+        from nbsrc.eval.multiscale import evaluate_multiscale
+
+        if data is None:
+            norm = data_config(model)
+            data = build_data(cfg, norm["mean"], norm["std"])
+        rows = {label: evaluate_multiscale(model, data, qs, ds, cfg.eval.ks, cfg.eval.eval_batch_size, device,
+                                           progress=False) for label, (qs, ds) in scale_pairs.items()}
+        df = pd.DataFrame.from_dict(rows, orient="index")
+    df = df.round(2)
     df.index.name = "query / database scales"
     return df
+
+
+PAPER_METRICS = {"medium": "mAP M", "hard": "mAP H"}  # revisited setup -> the column DToP's tables print
+
+
+def paper_columns(results: dict) -> dict[tuple[str, str], float]:
+    """``{(dataset, metric): mAP}`` of :func:`revisited_evaluation`'s results, as DToP's tables print
+    them: Oxf5k and Par6k ``mAP``, ROxford and RParis ``mAP M`` and ``mAP H``."""
+    out = {}
+    for name, res in results.items():
+        if name in ORIGINAL_NAMES:
+            out[(name, "mAP")] = res["mAP"]
+        else:
+            out.update({(name, col): res[setup]["mAP"] for setup, col in PAPER_METRICS.items()})
+    return out
+
+
+def multiscale_revisited(model: torch.nn.Module, cfg: ExperimentConfig, scale_pairs: dict, device,
+                         roots: dict | None = None) -> dict[str, dict[tuple[str, str], float]]:
+    """``{label: paper_columns(...)}`` of :func:`revisited_evaluation` at each ``(query_scales,
+    database_scales)`` of ``scale_pairs`` (DToP Table A11); the whitening (``cfg.eval.whitening ==
+    "learned"``) is learned once from SfM-120k's training pairs under ``cfg.data.data_root``."""
+    norm = data_config(model)
+    eval_tf = particular_eval_transform(cfg, norm)
+    found = revisited_roots(cfg, roots or {})
+    whitening = None
+    if cfg.eval.whitening == "learned":
+        db = load_sfm120k_db(cfg.data.data_root, "train")
+        whitening = learn_sfm_whitening(model, db, eval_tf, cfg.eval.eval_scales or SINGLE_SCALE,
+                                        cfg.eval.eval_batch_size, device)
+    rows = {}
+    for label, (qs, ds) in scale_pairs.items():
+        results, _ = revisited_evaluation(model, found, eval_tf, cfg, device, scales=tuple(ds), query_scales=tuple(qs),
+                                          whitening=whitening)
+        rows[label] = paper_columns(results)
+    return rows

@@ -22,21 +22,21 @@ import pandas as pd
 from nbsrc.config import EXECUTION_FIELDS, ExperimentConfig
 from nbsrc.data.benchmarks import (CUB_LAYOUT, CUB_URL, INSHOP_LAYOUT, INSHOP_URL, RECALL_KS, SOP_LAYOUT, SOP_URL,
                                    build_benchmark)
-from nbsrc.data.revisited import REVISITED_LAYOUT, REVISITED_URL
+from nbsrc.data.revisited import ORIGINAL_LAYOUT, ORIGINAL_URL, REVISITED_LAYOUT, REVISITED_URL
 from nbsrc.data.sfm import SFM_LAYOUT, SFM_URL, load_sfm120k_db
-from nbsrc.data.transforms import RetrievalTransform, particular_object_transform
+from nbsrc.data.transforms import RetrievalTransform
 from nbsrc.errors import ConfigError
 from nbsrc.eval import evaluate
-from nbsrc.experiment import (beta_lambda_grid, dtop_ablation_grid, lambda_sweep, load_run, pooling_variants,
-                              revisited_evaluation)
+from nbsrc.experiment import (beta_lambda_grid, dtop_ablation_grid, dtop_multiscale_table, lambda_sweep, load_run,
+                              paper_columns, particular_eval_transform, pooling_variants, revisited_evaluation)
 from nbsrc.models import data_config, model_from_config
 from nbsrc.presets import load_preset, preset_paper
 from nbsrc.train import resolve_device
 
 CATEGORY_BENCHMARKS = ("cub", "sop", "inshop")  # Recall@K, nbsrc.data.benchmarks
-REVISITED_BENCHMARKS = ("roxford5k", "rparis6k")  # mAP Medium / Hard, nbsrc.eval.revisited
+# mAP Medium / Hard (roxford5k, rparis6k) and the original protocol's mAP (oxford5k, paris6k), nbsrc.eval.revisited
+REVISITED_BENCHMARKS = ("roxford5k", "rparis6k", "oxford5k", "paris6k")
 BENCHMARKS = CATEGORY_BENCHMARKS + REVISITED_BENCHMARKS
-REVISITED_METRICS = {"mAP M": "medium", "mAP H": "hard"}  # paper column -> revisited_map setup
 
 
 # ----------------------------------------------------------------------------- the paper's grids
@@ -107,6 +107,10 @@ def download_instructions(benchmarks=BENCHMARKS) -> str:
                       REVISITED_LAYOUT.replace("<name>", "roxford5k")),
         "rparis6k": ("rparis_root", REVISITED_URL.replace("<name>", "rparis6k"),
                      REVISITED_LAYOUT.replace("<name>", "rparis6k")),
+        "oxford5k": ("oxford_root", ORIGINAL_URL.replace("<name>", "oxford5k"),
+                     ORIGINAL_LAYOUT.replace("<name>", "oxford5k")),
+        "paris6k": ("paris_root", ORIGINAL_URL.replace("<name>", "paris6k"),
+                    ORIGINAL_LAYOUT.replace("<name>", "paris6k")),
         "sfm120k": ("data_root (training only)", SFM_URL, SFM_LAYOUT),
     }
     out = []
@@ -125,16 +129,18 @@ def _paper_value(preset: str | None, bench: str, metric: str):
 def evaluate_benchmarks(preset: str | None, roots: dict[str, str | None], run_dir: str | Path | None = None,
                         overrides: dict | None = None, eval_per_class: int | None = None, runs_dir: str | Path = "runs",
                         sfm_root: str | Path | None = None):
-    """Evaluate a model on each benchmark of ``roots`` (``{"cub"|"sop"|"inshop"|"roxford5k"|"rparis6k":
-    folder or None}``; None entries are skipped) and put the paper's number beside ours.
+    """Evaluate a model on each benchmark of ``roots`` (``{"cub"|"sop"|"inshop"|"roxford5k"|"rparis6k"|
+    "oxford5k"|"paris6k": folder or None}``; None entries are skipped) and put the paper's number beside ours.
 
     The model is the finished run in ``run_dir`` (a folder, or a run name under ``runs_dir``; its
     config and PCA; ``overrides`` may then change only execution settings such as ``device``), or else the untrained
     (off-the-shelf, IRT_O) model of ``load_preset(preset, **overrides)``, whose descriptor is the
     full embedding (no PCA: fitting one needs training data). Category-level benchmarks use the
     official evaluation split and Recall@``RECALL_KS[benchmark]`` (IRT Table 2); the revisited ones
-    the mAP of the Medium and Hard setups (IRT Tables 7-8), evaluated as the SfM-120k run evaluates
-    (:func:`nbsrc.experiment.revisited_evaluation`): at the config's ``eval_scales`` on both sides, and,
+    the mAP of the Medium and Hard setups (IRT Tables 7-8), Oxford 5k and Paris 6k the original protocol's
+    mAP (DToP's Oxf5k and Par6k columns), evaluated as the SfM-120k run evaluates
+    (:func:`nbsrc.experiment.revisited_evaluation`, in the run's test geometry,
+    :func:`nbsrc.experiment.particular_eval_transform`): at the config's ``eval_scales`` on both sides, and,
     where the config has ``whitening="learned"`` (the DToP presets; DToP Table A7 "Using supervised
     whitening"), with the whitening learned from the matching pairs of SfM-120k's training split under
     ``sfm_root`` — a one-line error names ``sfm_root`` when it is missing (or evaluate a preset without
@@ -186,14 +192,35 @@ def evaluate_benchmarks(preset: str | None, roots: dict[str, str | None], run_di
             ours = evaluate(model, data, RECALL_KS[bench], cfg.eval.eval_batch_size, device, progress=False)
             rows += [(bench, m, v, _paper_value(preset, bench, m)) for m, v in ours.items()]
     if revisited:  # the SfM-120k run's own evaluation: eval_scales, whitening learned once from SfM-120k
-        square = particular_object_transform(cfg.data.img_size, norm["mean"], norm["std"])  # IRT §4.2
-        results, _ = revisited_evaluation(model, revisited, square, cfg, device, db)
-        for bench in revisited:
-            rows += [(bench, m, results[bench][s]["mAP"], _paper_value(preset, bench, m))
-                     for m, s in REVISITED_METRICS.items()]
+        eval_tf = particular_eval_transform(cfg, norm)  # IRT §4.2: square; DToP: aspect kept (our reading)
+        results, _ = revisited_evaluation(model, revisited, eval_tf, cfg, device, db)
+        rows += [(bench, m, v, _paper_value(preset, bench, m)) for (bench, m), v in paper_columns(results).items()]
     table = pd.DataFrame(rows, columns=["benchmark", "metric", "ours", "paper"]).set_index(["benchmark", "metric"])
     table["difference"] = table["ours"] - table["paper"].astype(float)  # ours − paper, in points
     scales = ", ".join(f"{s:.3g}" for s in (cfg.eval.eval_scales or [1.0]))
     table.attrs["revisited"] = (f"scales {scales} on both sides; whitening " +
                                 (f"learned from {len(db.qidxs)} SfM-120k training pairs" if db is not None else "none"))
     return table
+
+
+def evaluate_scale_grid(preset: str, run_dir: str | Path, roots: dict[str, str | None] | None = None,
+                        runs_dir: str | Path = "runs", table: str = "A11"):
+    """DToP Table A11 for a finished SfM-120k run: each cell of ``preset``'s evaluation-only grid
+    (``preset_grid(preset, table)``: query scales × database scales) evaluated through the Revisited
+    evaluator (:func:`nbsrc.experiment.dtop_multiscale_table`), beside the paper's number. ``roots``:
+    ``{"roxford5k"|"rparis6k"|"oxford5k"|"paris6k": folder}`` (None: found beside the run's data_root).
+    Returns a DataFrame indexed by ``(cell, benchmark, metric)`` with columns ``ours, paper, difference``."""
+    grid = preset_grid(preset, table)
+    if any("query_scales" not in e for e in grid.values()):
+        raise ConfigError(f"preset {preset!r}, table {table} is not an evaluation-only grid of scales (DToP A11)")
+    if not Path(run_dir).is_dir() and (Path(runs_dir) / run_dir).is_dir():
+        run_dir = Path(runs_dir) / run_dir
+    run = load_run(run_dir, with_model=True)
+    pairs = {label: (e["query_scales"], e["database_scales"]) for label, e in grid.items()}
+    ours = dtop_multiscale_table(run, pairs, roots={k: v for k, v in (roots or {}).items() if v is not None})
+    rows = [(label, bench, metric, ours.loc[label, (bench, metric)],
+             grid[label]["paper"].get(bench, {}).get(metric)) for label in pairs for bench, metric in ours.columns]
+    out = pd.DataFrame(rows, columns=["cell", "benchmark", "metric", "ours", "paper"]).set_index(
+        ["cell", "benchmark", "metric"])
+    out["difference"] = out["ours"] - out["paper"].astype(float)
+    return out

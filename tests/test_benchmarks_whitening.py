@@ -9,7 +9,7 @@ import torch
 from fixtures_benchmarks import make_revisited, make_sfm120k
 
 from nbsrc.data.sfm import load_sfm120k_db
-from nbsrc.data.transforms import particular_object_transform
+from nbsrc.data.transforms import aspect_kept_transform
 from nbsrc.errors import ConfigError
 from nbsrc.eval.particular import evaluate_revisited_data, learn_sfm_whitening
 from nbsrc.eval.revisited import build_revisited
@@ -37,10 +37,10 @@ def test_dtop_preset_is_evaluated_with_learned_whitening_at_its_scales(trees):
     torch.manual_seed(0)
     model = model_from_config(cfg).eval()  # the same random model, step by step
     norm = data_config(model)
-    square = particular_object_transform(32, norm["mean"], norm["std"])
+    kept = aspect_kept_transform(32, norm["mean"], norm["std"])  # DToP's test geometry (our reading)
     db = load_sfm120k_db(trees["sfm"], "train")
-    m, p = learn_sfm_whitening(model, db, square, cfg.eval.eval_scales)
-    res, _ = evaluate_revisited_data(model, build_revisited(trees["rev"], "roxford5k", square), cfg.eval.eval_scales,
+    m, p = learn_sfm_whitening(model, db, kept, cfg.eval.eval_scales)
+    res, _ = evaluate_revisited_data(model, build_revisited(trees["rev"], "roxford5k", kept), cfg.eval.eval_scales,
                                      whitening=(m, p))
     assert table.loc[("roxford5k", "mAP M"), "ours"] == pytest.approx(res["medium"]["mAP"], abs=1e-9)
     assert table.loc[("roxford5k", "mAP H"), "ours"] == pytest.approx(res["hard"]["mAP"], abs=1e-9)

@@ -29,9 +29,10 @@ REVISITED_NAMES = ("roxford5k", "rparis6k")
 ORIGINAL_NAMES = ("oxford5k", "paris6k")  # the original protocol: positives ok (= good ∪ ok), junk
 TWIN = {"oxford5k": "roxford5k", "paris6k": "rparis6k"}  # the same images under the revisited name
 ORIGINAL_LAYOUT = "original layout: root/{gnd_<name>.pkl,jpg/<image>.jpg} with name oxford5k or paris6k"
+ORIGINAL_GND_URL = "http://cmp.felk.cvut.cz/cnnimageretrieval/data/test/<name>/gnd_<name>.pkl"
 ORIGINAL_URL = (
-    "download gnd_<name>.pkl from http://cmp.felk.cvut.cz/cnnimageretrieval/data/test/<name>/ into the folder "
-    "that holds the images (jpg/; the revisited dataset's folder will do: the images are the same)"
+    f"download {ORIGINAL_GND_URL} into the folder that holds the images (jpg/; the revisited dataset's folder "
+    "will do: the images are the same)"
 )
 REVISITED_LAYOUT = "Revisited layout: root/{gnd_<name>.pkl,jpg/<image>.jpg} with name roxford5k or rparis6k"
 REVISITED_URL = (

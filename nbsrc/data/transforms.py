@@ -18,6 +18,13 @@ Two geometries, one per task of IRT §4.2:
   geometry without augmentation, as cirtorch trains (resize and normalise only; our reading of "We
   follow the same optimization and regularization procedure").
 
+DToP's test geometry (our reading; the supplement does not state it, docs/fidelity.md):
+:func:`aspect_kept_transform`, each image (query crop, database image, SfM-120k image of the learned
+whitening) resized so that its **longer side** is the training size and its aspect ratio is kept
+(:func:`longer_side_size`), as group-size sampling trains and as the multi-scale protocol DToP takes
+from Radenović et al. [52] tests. Images of one size are embedded together
+(:func:`nbsrc.eval.particular.embed_at_scales`).
+
 DToP's training adds, with ``dtop_augmentation`` (:func:`training_transform`): "We apply random
 cropping, illumination and scaling augmentation" (DToP supplementary §A.1, the only sentence on
 it; no ranges are given). Our reading, :data:`DTOP_AUGMENTATION`: *scaling and random cropping* — a
@@ -69,6 +76,13 @@ def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     return x[..., top : top + size, left : left + size]
 
 
+def longer_side_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """``(h, w)`` with the longer side ``size`` and the aspect ratio of ``height × width`` (the other side
+    rounded, at least 1 pixel)."""
+    scale = size / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def resize_side(size: int) -> int:
     """The square resize side before a ``size`` crop: ``round(size · 256/224)`` (IRT §4.2's ratio)."""
     return round(size * RESIZE_RATIO)
@@ -82,7 +96,8 @@ class RetrievalTransform:
     deterministic. ``crop=True``: square resize to :func:`resize_side` then a ``size`` crop
     (category-level, IRT §4.2); ``crop=False``: square resize straight to ``size`` (particular
     objects, IRT §4.2). ``resize=False`` keeps the input size (group-size sampling, multi-scale
-    inference): only the flip (when ``train``) and the normalisation apply.
+    inference): only the flip (when ``train``) and the normalisation apply. ``keep_aspect=True`` (with
+    ``resize``, no crop): the longer side to ``size``, the aspect ratio kept (:func:`longer_side_size`).
 
     ``scale`` and ``brightness`` (training only; off by default, DToP's augmentation): first a
     window of relative side ``s ~ U[scale]`` at a random place of the input, last the pixels
@@ -96,6 +111,7 @@ class RetrievalTransform:
     channels: int = 3
     resize: bool = True  # False keeps the input size (group-size sampling, multi-scale inference)
     crop: bool = True  # False: squash to size x size, nothing cropped (IRT §4.2, particular objects)
+    keep_aspect: bool = False  # True (crop False): longer side to size, aspect ratio kept (DToP's test geometry)
     scale: tuple[float, float] = (1.0, 1.0)  # training: a random window of relative side U[lo, hi]; (1, 1): off
     brightness: float = 0.0  # training: pixels x U[1 - brightness, 1 + brightness], clipped; 0: off
 
@@ -107,6 +123,8 @@ class RetrievalTransform:
             raise ConfigError(f"scale={tuple(self.scale)} is invalid: expected 0 < low <= high <= 1 (relative window side)")
         if not 0 <= self.brightness < 1:
             raise ConfigError(f"brightness={self.brightness} is invalid: expected 0 <= brightness < 1")
+        if self.keep_aspect and self.crop:
+            raise ConfigError("keep_aspect=True resizes the longer side and crops nothing: use it with crop=False")
         # mean and std as C x 1 x 1 tensors, made once (not a field: dataclasses.replace rebuilds them)
         self._mean_t = torch.tensor(tuple(self.mean), dtype=torch.float32).view(-1, 1, 1)
         self._std_t = torch.tensor(tuple(self.std), dtype=torch.float32).view(-1, 1, 1)
@@ -122,7 +140,9 @@ class RetrievalTransform:
         x = img.float().div_(255.0)
         if self.train and tuple(self.scale) != (1.0, 1.0):  # DToP: scaling + random cropping
             x = self._random_window(x, generator)
-        if self.resize and not self.crop:
+        if self.resize and self.keep_aspect:
+            x = resize_bilinear(x, *longer_side_size(*x.shape[-2:], self.size))
+        elif self.resize and not self.crop:
             x = resize_bilinear(x, self.size, self.size)
         elif self.resize:
             side = resize_side(self.size)
@@ -174,3 +194,9 @@ def particular_object_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     """SfM-120k training and mining, Revisited Oxford / Paris evaluation (IRT §4.2): every image
     "resized into a square image" of ``size × size``, no crop, no flip, normalised."""
     return RetrievalTransform(size, train=False, mean=mean, std=std, crop=False)
+
+
+def aspect_kept_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> RetrievalTransform:
+    """DToP's test geometry (our reading, module docstring): the longer side resized to ``size``, the
+    aspect ratio kept, no crop, no flip, normalised."""
+    return RetrievalTransform(size, train=False, mean=mean, std=std, crop=False, keep_aspect=True)

@@ -24,7 +24,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from nbsrc.data.group_sampler import image_sizes
 from nbsrc.data.revisited import RevisitedData
+from nbsrc.data.transforms import longer_side_size
 from nbsrc.errors import ConfigError
 from nbsrc.eval.embed import extract_embeddings
 from nbsrc.eval.multiscale import DEFAULT_SCALES, MultiScaleModel
@@ -38,10 +40,27 @@ __all__ = ["DEFAULT_SCALES", "SINGLE_SCALE", "embed_at_scales", "learn_sfm_white
 def embed_at_scales(model: torch.nn.Module, dataset, scales: Sequence[float] = SINGLE_SCALE, batch_size: int = 256,
                     device: str | torch.device = "cpu", num_workers: int = 0, progress: bool = False) -> np.ndarray:
     """``[len(dataset), D]`` float32 embeddings, averaged over ``scales`` and re-normalised
-    (:func:`~nbsrc.eval.multiscale.multiscale_embed`); ``scales=(1,)`` is the model itself."""
+    (:func:`~nbsrc.eval.multiscale.multiscale_embed`); ``scales=(1,)`` is the model itself.
+
+    A dataset whose transform keeps the aspect ratio (``keep_aspect``, DToP's test geometry) gives images
+    of several sizes: the images of one size (known from the file headers, or the dataset's ``sizes()``)
+    are embedded together, in batches of ``batch_size``, and the rows put back in the dataset's order."""
     scales = tuple(float(s) for s in scales)
     net = model if scales == SINGLE_SCALE else MultiScaleModel(model, scales)
-    z, _, _ = extract_embeddings(net, dataset, batch_size, device, num_workers, progress)
+    tf = dataset.transform
+    if not (getattr(tf, "keep_aspect", False) and getattr(tf, "resize", True)):
+        z, _, _ = extract_embeddings(net, dataset, batch_size, device, num_workers, progress)
+        return z
+    sizes = dataset.sizes() if hasattr(dataset, "sizes") else image_sizes(dataset)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (h, w) in enumerate(sizes):
+        groups.setdefault(longer_side_size(h, w, tf.size), []).append(i)
+    z = None
+    for rows in groups.values():
+        zi, _, _ = extract_embeddings(net, dataset.subset(np.asarray(rows)), batch_size, device, num_workers, progress)
+        if z is None:
+            z = np.empty((len(dataset), zi.shape[1]), dtype=np.float32)
+        z[rows] = zi
     return z
 
 
