@@ -104,6 +104,25 @@ def test_table_a11_cells_come_from_the_revisited_evaluator(dtop_run, trees):
                                                                "ours"]
 
 
+@pytest.mark.slow
+def test_notebook_09_shows_the_six_columns_and_table_a11_of_a_dtop_run(dtop_run, trees, tmp_path):
+    import nbformat
+
+    from nbsrc.notebook import NOTEBOOKS_DIR, run_notebook
+
+    params = {"preset": PRESET, "run_dir": str(dtop_run.run_dir), "sfm_root": str(trees["sfm"]),
+              "roxford_root": str(trees["roxford5k"]), "rparis_root": str(trees["rparis6k"]),
+              "oxford_root": str(trees["oxford5k"]), "paris_root": str(trees["paris6k"]),
+              "runs_dir": str(tmp_path / "runs"), "figures_dir": str(tmp_path / "fig")}
+    out = run_notebook(NOTEBOOKS_DIR / "09_benchmarks.ipynb", params, tmp_path / "09.ipynb")
+    assert nbformat.read(out, as_version=4).cells[-1].outputs  # the A11 table was shown
+    rows = (tmp_path / "fig" / f"benchmarks_{PRESET}.csv").read_text().splitlines()
+    assert {tuple(r.split(",")[:2]) for r in rows[1:]} == {("oxford5k", "mAP"), ("paris6k", "mAP"),
+                                                            ("roxford5k", "mAP M"), ("roxford5k", "mAP H"),
+                                                            ("rparis6k", "mAP M"), ("rparis6k", "mAP H")}
+    assert len((tmp_path / "fig" / f"tableA11_{PRESET}.csv").read_text().splitlines()) == 1 + 4 * 6
+
+
 # ----------------------------------------------------------------------------- test geometry
 class ShapeRecorder(nn.Module):
     """Records the input sizes it sees; the embedding is the image's mean colour and its shape."""
