@@ -7,8 +7,10 @@ Two geometries, one per task of IRT §4.2:
   combined with random horizontal flipping" (IRT §4.2). The resize is to a *square*
   ``S × S`` (the aspect ratio is not kept), ``S = round(size · 256 / 224)``: the paper's 256/224
   ratio carried to other sizes (``size=224``: 256; ``size=28``: 32; ``size=32``: 37;
-  ``size=384``: 439). Evaluation: the same square resize, then the centre ``size × size`` crop
-  (the paper does not describe its evaluation transform: our reading, the usual DeiT/timm one).
+  ``size=384``: 439). Evaluation: the same square resize, then the centre ``size × size`` crop.
+  IRT does not state its evaluation transform; our reading keeps the training's square resize, so
+  that a test image is seen at the geometry the model was trained on (timm's evaluation instead
+  keeps the aspect ratio, shorter side to ``S``; docs/fidelity.md).
 * **particular-object** (``crop=False``; SfM-120k training and mining, Revisited Oxford / Paris
   queries and database): "the input images are resized to have the same fixed width and height"
   and "all the query and database images are resized into a square image with the same

@@ -18,7 +18,7 @@ Three formats, for two uses:
   onnx only.
 
 Beside every export ``<file>.json`` says how to feed it: the timm model name and the arguments that
-rebuild its backbone, image size, patch size, mean / std and the resize + centre crop of the
+rebuild its backbone, image size, patch size, mean / std and the square resize + centre crop of the
 evaluation transform (:class:`~nbsrc.retrieval.models.Preprocessing`), pooling, output dimension,
 the nbsrc version, the fingerprint of the run's config and of the weights, and the check's result.
 
@@ -166,8 +166,7 @@ def describe(em: EmbeddingModel) -> dict:
         "img_size": pp.img_size,
         "patch_size": int(tuple(patch)[0]) if patch is not None else None,
         "mean": list(pp.mean), "std": list(pp.std),
-        "preprocessing": (f"RGB, scaled to [0, 1]; resize to {pp.resize} x {pp.resize} (bilinear, antialiased); "
-                          f"centre crop {pp.img_size} x {pp.img_size}; subtract mean, divide by std (per channel)"),
+        "preprocessing": pp.description,
         "resize": pp.resize,
         "pooling": pooling,
         "dim": int(net.output_dim),

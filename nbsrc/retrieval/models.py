@@ -10,7 +10,7 @@
   the PyPI package, the one real pretrained network available without the internet.
 
 An :class:`EmbeddingModel` is the network (images -> l2-normalised embeddings), the preprocessing it
-expects (:class:`Preprocessing`: resize, centre crop, normalisation, as in evaluation) and a JSON
+expects (:class:`Preprocessing`: square resize, centre crop, normalisation, as in evaluation) and a JSON
 ``reference`` from which :func:`rebuild_model` makes the same network again with random weights, into
 which the index's own ``model.pt`` is loaded: an index is searchable without the run directory.
 """
@@ -31,9 +31,12 @@ SHORTCUTS = {"efficientnet_lite0": ("tf_efficientnet_lite0", "efficientnet_lite0
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Evaluation preprocessing: resize the shorter side to ``round(img_size * 256 / 224)``,
-    centre-crop ``img_size`` x ``img_size``, normalise with ``mean`` / ``std`` (IRT's evaluation
-    transform, :class:`~nbsrc.data.transforms.RetrievalTransform` with ``train=False``)."""
+    """Evaluation preprocessing of a category-level model (:func:`~nbsrc.data.transforms.category_transforms`):
+    RGB scaled to [0, 1]; resize to the **square** ``S × S``, ``S = round(img_size * 256 / 224)``, the
+    aspect ratio not kept (bilinear, antialiased); centre-crop ``img_size × img_size``; normalise with
+    ``mean`` / ``std``. The square matches the training resize (IRT §4.2: "resizing the image to
+    256×256"); IRT does not state its evaluation transform, so this is our reading (docs/fidelity.md).
+    :meth:`to_dict` writes these words into ``manifest.json``."""
 
     img_size: int
     mean: tuple[float, ...] = IMAGENET_MEAN
@@ -43,12 +46,20 @@ class Preprocessing:
     def resize(self) -> int:
         return round(self.img_size * RESIZE_RATIO)
 
+    @property
+    def description(self) -> str:
+        """The steps in words, as ``manifest.json`` and the export's JSON state them."""
+        return (f"RGB, scaled to [0, 1]; resize to {self.resize} x {self.resize} (height x width; the aspect ratio "
+                f"is not kept; bilinear, antialiased); centre crop {self.img_size} x {self.img_size}; subtract mean, "
+                "divide by std (per channel)")
+
     def transform(self) -> RetrievalTransform:
         return RetrievalTransform(self.img_size, train=False, mean=tuple(self.mean), std=tuple(self.std))
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "mean": list(self.mean), "std": list(self.std), "resize_shorter_side": self.resize,
-                "crop": "center"}
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std), "description": self.description,
+                "resize": [self.resize, self.resize], "keep_aspect_ratio": False, "interpolation": "bilinear",
+                "antialias": True, "crop": "center", "crop_size": [self.img_size, self.img_size]}
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
