@@ -364,8 +364,8 @@ def sfm_setup(cfg: ExperimentConfig, norm: dict, device, roxford_root=None, rpar
               paris_root=None) -> Setup:
     """SfM-120k: tuples (IRT) or 3D models as classes (DToP), PCA on up to ``PCA_FIT_SAMPLES``
     SfM-120k training images (a subset drawn from ``cfg.run.seed``, prepared as in the evaluation,
-    :func:`particular_eval_transform`). ``roxford_root`` / ``rparis_root`` (``oxford_root`` / ``paris_root``): the Revisited
-    (original Oxford 5k / Paris 6k) folders for the evaluator (:func:`revisited_evaluator`; None: looked
+    :func:`particular_eval_transform`). ``roxford_root`` / ``rparis_root`` (``oxford_root`` / ``paris_root``):
+    the Revisited (original Oxford 5k / Paris 6k) folders for the evaluator (:func:`revisited_evaluator`; None: looked
     for beside ``cfg.data.data_root``)."""
     db = load_sfm120k_db(cfg.data.data_root, "train")  # first: a wrong data_root is named as such
     check_images(db.paths, "SfM-120k", decode=False)  # a missing or unreadable file, before anything is written
