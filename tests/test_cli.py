@@ -11,6 +11,8 @@ import pytest
 from nbsrc.__main__ import build_parser, default_run_name, main
 from nbsrc.config import ExperimentConfig
 
+pytestmark = pytest.mark.xdist_group("cli")  # its tests share module-scoped fixtures: one worker
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "digits", "--img-size", "8", "--patch-size", "4", "--batch-size", "16", "--m-per-class", "4",
         "--iterations", "2", "--eval-per-class", "20", "--log-every", "1", "--ckpt-every", "1", "--memory-size", "0",

@@ -23,6 +23,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+pytestmark = pytest.mark.xdist_group("ddp")  # its tests share module-scoped fixtures: one worker
+
 WORLD = 2
 
 

@@ -23,6 +23,8 @@ from nbsrc.losses.tuples import tuple_contrastive_loss, tuple_loss_terms
 from nbsrc.train.loop import fit
 from nbsrc.train.tuples import TupleTask, batches_per_epoch, epoch_batches, mine_epoch
 
+pytestmark = pytest.mark.xdist_group("tuples")  # its tests share module-scoped fixtures: one worker
+
 
 def loss_reference(z, tuple_size, beta):
     """IRT eq. (1) on each tuple (q, p, n_1..n_K), straight from the formula, in float64 Python."""
