@@ -1,4 +1,4 @@
-"""The command line as README shows it (issue 13): ``--resume`` reads the run's own config, the
+"""The command line as README shows it: ``--resume`` reads the run's own config, the
 default run name never collides with a notebook's, ``--help`` explains every flag, ``eval``,
 ``runs`` and ``compare``."""
 

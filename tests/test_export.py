@@ -1,4 +1,4 @@
-"""``nbsrc export`` (issue 13): TorchScript and ONNX give the final descriptor of ``nbsrc embed`` to
+"""``nbsrc export``: TorchScript and ONNX give the final descriptor of ``nbsrc embed`` to
 1e-5, fed by the JSON's preprocessing alone; the safetensors file loads into plain timm; nothing is
 overwritten."""
 

@@ -1,4 +1,4 @@
-"""Nothing on disk until a run can start (issue 16.1), and non-finite settings (16.2).
+"""Nothing on disk until a run can start, and non-finite settings are refused.
 
 Each failed start below leaves the runs directory as it was (or, for a failure inside training
 before the first checkpoint, a leftover that is not a run), and the corrected command then
@@ -223,7 +223,7 @@ def test_sigkill_before_the_first_checkpoint_then_the_same_name_starts_again(tmp
     _same_name_starts_again(tmp_path, capsys, "resume")
 
 
-# ----------------------------------------------------------------------------- 16.2
+# ----------------------------------------------------------------------------- non-finite settings
 FLOAT_FIELDS = [f.name for f in flat_fields()
                 if f.type is float or (typing.get_origin(f.type) in (typing.Union, getattr(__import__("types"), "UnionType", None))
                                        and float in typing.get_args(f.type))]
