@@ -1,7 +1,4 @@
-import functools
 import os
-import re
-from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning. On a 2-core machine shared with another process (a
 # notebook kernel, a forked CLI case, a second test run, someone's training) torch's two spinning
@@ -39,51 +36,47 @@ def restore_threads():
 
 
 # ----------------------------------------------------------------------------- scheduling under pytest-xdist
-_MODULE_FIXTURE = re.compile(r"""scope\s*=\s*["']module["']""")
+def xdist_group(item) -> str | None:
+    """The name of the test's ``xdist_group`` mark, or None. A module whose tests share an expensive
+    module-scoped fixture (a trained run, the fault campaign's results, a 2-process DDP spawn) carries
+    ``pytestmark = pytest.mark.xdist_group("...")``, so that ``--dist loadgroup`` runs its tests on one
+    worker and the fixture is computed once, as in a serial run."""
+    names = {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")}
+    return "_".join(sorted(names)) or None
 
 
-@functools.cache
-def shares_a_module_fixture(path: Path) -> bool:
-    """Whether the test module at ``path`` defines a module-scoped fixture (a trained run, the fault
-    campaign's results, a 2-process DDP spawn) that its tests share."""
-    return path.suffix == ".py" and path.is_file() and bool(_MODULE_FIXTURE.search(path.read_text()))
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config, log):
-    """``pytest -n N`` (xdist's ``--dist load``): each test is scheduled on its own, except that the tests
-    of a module with a module-scoped fixture go to one worker together, so that the fixture is computed
-    once, as in a serial run (the fault campaign's takes 36 s of a quiet 2-core machine). xdist's own way
-    to say this, ``--dist loadgroup`` with ``xdist_group`` marks, groups nothing here, without a word:
-    xdist 3.8 writes the group into ``item._nodeid``, which pytest 9's ``nodeid`` no longer reads. Other
-    ``--dist`` modes are xdist's."""
-    if config.getvalue("dist") != "load":
-        return None
-    from xdist.scheduler import LoadScopeScheduling
-
-    class SharedFixtureScheduling(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            return module if shares_a_module_fixture(config.rootpath / module) else nodeid
-
-    config.option.loadscopereorder = False  # keep the order that pytest_collection_modifyitems chose
-    return SharedFixtureScheduling(config, log)
-
-
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist, the long work goes first: the tests marked ``slow`` (the notebooks, the
-    browser, the kills) that run on their own, then the modules that share a fixture, then the short
+    browser, the kills) that run on their own, then the groups that share a fixture, then the short
     tests, which fill whichever worker finishes first instead of one worker ending on a long test
-    while the other idles. A serial run keeps pytest's order."""
+    while the other idles (``make test`` passes ``--no-loadscope-reorder`` to keep this order). A serial
+    run keeps pytest's order."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
+    if config.getvalue("loadgroup"):
+        _write_groups_into_node_ids(items)
 
     def rank(item) -> int:
-        if shares_a_module_fixture(item.path):
+        if xdist_group(item):
             return 1
         return 0 if item.get_closest_marker("slow") else 2
 
     items.sort(key=rank)  # stable: collection order within each rank
+
+
+def _write_groups_into_node_ids(items) -> None:
+    """``--dist loadgroup`` reads a test's group from a ``@group`` suffix of its node id, which xdist 3.8
+    writes into ``item._nodeid``; pytest 9 keeps the node id in ``item._id`` instead, so nothing would be
+    grouped, silently (pytest-dev/pytest-xdist#1386). Write the suffix where pytest 9 reads it."""
+    try:
+        from _pytest.nodeid import NodeId
+    except ImportError:  # pytest < 9: xdist's own suffix is read
+        return
+    for item in items:
+        group = xdist_group(item)
+        if group and not item.nodeid.endswith("@" + group):
+            item._id = NodeId.parse(f"{item.nodeid}@{group}")
 
 
 @pytest.fixture

@@ -17,6 +17,8 @@ from nbsrc.models import data_config, model_from_config
 from nbsrc.presets import load_preset
 from nbsrc.reproduce import evaluate_benchmarks
 
+pytestmark = pytest.mark.xdist_group("benchmarks_whitening")  # its tests share module-scoped fixtures: one worker
+
 PRESET = "dtop_a5_vitb16_cls_sfm"
 TINY = {"backbone": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "weights": "none", "device": "cpu",
         "progress": False, "model_options": {"dtop": True, "k": 2, "elm": False, "fusion": "none", "head_dim": 8,

@@ -1,4 +1,4 @@
-"""The command line as README shows it (issue 13): ``--resume`` reads the run's own config, the
+"""The command line as README shows it: ``--resume`` reads the run's own config, the
 default run name never collides with a notebook's, ``--help`` explains every flag, ``eval``,
 ``runs`` and ``compare``."""
 
@@ -10,6 +10,8 @@ import pytest
 
 from nbsrc.__main__ import build_parser, default_run_name, main
 from nbsrc.config import ExperimentConfig
+
+pytestmark = pytest.mark.xdist_group("cli")  # its tests share module-scoped fixtures: one worker
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "digits", "--img-size", "8", "--patch-size", "4", "--batch-size", "16", "--m-per-class", "4",

@@ -1,4 +1,4 @@
-"""The CPU execution options of training (issue 15): bf16 autocast (``cpu_bf16``), ``torch.compile``
+"""The CPU execution options of training: bf16 autocast (``cpu_bf16``), ``torch.compile``
 (``cpu_compile``) and the thread count (``threads``). Each trains on digits with finite losses; bf16
 stays close to fp32 on the first step; each is a no-op with a one-line notice where it does not act.
 No timing here: the speed is measured by ``python -m nbsrc.bench train``."""
@@ -71,6 +71,22 @@ def test_compile_wanted_per_device_and_without_a_compiler(cfg, capsys, monkeypat
     assert not loop.compile_wanted(cfg.replace(cpu_compile=True), cpu)
     err = capsys.readouterr().err
     assert "needs a C++ compiler" in err and len(err.strip().splitlines()) == 1
+
+
+def test_one_device_resolver_for_runs_and_indexes(monkeypatch):
+    """``auto`` and None pick CUDA only where there is one; asking for CUDA without one is a one-line error."""
+    from nbsrc.errors import ConfigError
+    from nbsrc.retrieval import index
+
+    assert index.resolve_device is loop.resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert loop.resolve_device("auto") == loop.resolve_device(None) == torch.device("cpu")
+    assert loop.resolve_device(torch.device("cpu")) == torch.device("cpu")
+    for name in ("cuda", "cuda:1", torch.device("cuda", 0)):
+        with pytest.raises(ConfigError, match=r"device='cuda(:\d)?' but CUDA is not available here; use device='cpu'"):
+            loop.resolve_device(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert loop.resolve_device("auto") == loop.resolve_device(None) == torch.device("cuda")
 
 
 def test_notice_is_printed_once(capsys):

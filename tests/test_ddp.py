@@ -23,6 +23,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+pytestmark = pytest.mark.xdist_group("ddp")  # its tests share module-scoped fixtures: one worker
+
 WORLD = 2
 
 
@@ -87,7 +89,8 @@ def _train_here(cfg, out: Path, tag: str, rank: int = 0, resume: bool = False, s
     real_compile = torch.compile
     pairs.CrossBatchMemory, loop.save_checkpoint, torch.compile = RecordedMemory, recorded_save, no_compile
     try:
-        pairs.train(cfg, model, data.train, cfg.run_dir, resume=resume, evaluate=evaluate, stop_after=stop_after)
+        loop.fit(cfg, model, pairs.PairTask(cfg, data.train), cfg.run_dir, resume=resume, evaluate=evaluate,
+                 stop_after=stop_after)
     finally:
         (pairs.CrossBatchMemory, loop.save_checkpoint), torch.compile = real, real_compile
     torch.save({"model": model.state_dict(), "memory": memories[0].state_dict(), "snapshots": snapshots,

@@ -10,6 +10,8 @@ from nbsrc.demo import DEMO_DATA, DEMOS, RECIPE, demo_config, notebooks, pretrai
 from nbsrc.errors import ConfigError
 from nbsrc.notebook import NOTEBOOKS_DIR, check_parameters, fold_overrides, notebook_parameters, parse_parameters
 
+pytestmark = pytest.mark.xdist_group("demo_config")  # its tests share module-scoped fixtures: one worker
+
 NB02 = NOTEBOOKS_DIR / "02_train.ipynb"
 
 

@@ -22,7 +22,6 @@ from nbsrc.models.locality import (
     ASPP, FUSIONS, EnhancedLocality, Fusion, InvertedResidual, WaveBlock, orthogonal_fusion,
 )
 from nbsrc.models.position import PositionGenerator, dynamic_position_embedding
-from nbsrc.train.dtop_optim import dtop_lr_factor, dtop_optimizer_and_scheduler
 
 D = 192  # vit_tiny width
 TINY = dict(img_size=32, patch_size=8)  # 4 x 4 patch grid
@@ -494,33 +493,6 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert m._layers is None  # nothing collected outside the forward pass
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6)
-
-
-# ----------------------------------------------------------------------------- optimiser (§A.1)
-def test_schedule_endpoints():
-    total, warm = 50, 10
-    assert dtop_lr_factor(0, total, warm) == pytest.approx(1 / warm)
-    assert dtop_lr_factor(warm - 1, total, warm) == pytest.approx(1.0)
-    assert dtop_lr_factor(warm, total, warm) == pytest.approx(1.0)
-    assert dtop_lr_factor(total, total, warm) == pytest.approx(1e-4)
-    mid = (warm + total) // 2
-    assert dtop_lr_factor(mid, total, warm) == pytest.approx(1e-4 + (1 - 1e-4) * 0.5)
-
-
-def test_optimizer_and_scheduler():
-    p = torch.nn.Parameter(torch.zeros(3))
-    opt, sched = dtop_optimizer_and_scheduler([p], lr=1e-3, epochs=5, iters_per_epoch=4, warmup_epochs=1)
-    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
-    lrs = []
-    for _ in range(20):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert lrs[0] == pytest.approx(1e-3 / 4) and lrs[3] == pytest.approx(1e-3) and lrs[4] == pytest.approx(1e-3)
-    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 1e-4)  # after the last step
-    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))  # cosine decreases after warm-up
-    with pytest.raises(ConfigError, match="warmup_epochs"):
-        dtop_optimizer_and_scheduler([p], epochs=2, iters_per_epoch=3, warmup_epochs=2)
 
 
 def test_bench_runs_and_reports_a_ratio():

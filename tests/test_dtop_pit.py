@@ -108,7 +108,7 @@ def test_the_pit_b_presets_protocol_trains_on_group_size_batches(tmp_path):
     from nbsrc.data.group_sampler import mixed_size_variant
     from nbsrc.models import model_from_config
     from nbsrc.presets import load_preset
-    from nbsrc.train import train
+    from nbsrc.train import PairTask, fit
     from nbsrc.train.rundir import read_metrics
 
     cfg = load_preset("dtop_a5_pitb_cls_sfm", backbone="pit_ti_224", img_size=64, weights="none", device="cpu",
@@ -125,7 +125,7 @@ def test_the_pit_b_presets_protocol_trains_on_group_size_batches(tmp_path):
     shapes = []
     model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape[-2:])))
     before = model.backbone.pos_embed.detach().clone()
-    train(cfg, model, ds, cfg.run_dir)
+    fit(cfg, model, PairTask(cfg, ds), cfg.run_dir)
     assert len(shapes) == 3 and len(set(shapes)) > 1  # the batches' own aspect ratios, longer side 64
     assert all(max(s) == 64 and s[0] % 16 == 0 and s[1] % 16 == 0 for s in shapes)
     assert all(np.isfinite(r["total"]) for r in read_metrics(cfg.run_dir, "train"))

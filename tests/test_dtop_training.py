@@ -12,7 +12,7 @@ from nbsrc.data import RetrievalDataset, RetrievalTransform
 from nbsrc.data.group_sampler import image_sizes, mixed_size_variant
 from nbsrc.errors import ConfigError
 from nbsrc.models import build_model
-from nbsrc.train import train
+from nbsrc.train import PairTask, fit
 from nbsrc.train.rundir import read_metrics
 
 DTOP = {"dtop": True, "k": 2, "head_dim": 32}
@@ -47,7 +47,7 @@ def test_dtop_with_dpe_trains_on_group_size_batches_of_mixed_sizes(tmp_path, los
     shapes = []
     model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape[-2:])))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    train(cfg, model, ds, cfg.run_dir)
+    fit(cfg, model, PairTask(cfg, ds), cfg.run_dir)
     assert len(shapes) == cfg.optim.iterations
     assert set(shapes) <= set(image_sizes(ds)) and len(set(shapes)) > 1  # own sizes, several of them
     rows = read_metrics(cfg.run_dir, "train")
@@ -60,10 +60,10 @@ def test_group_size_training_resumes_to_the_same_weights(tmp_path):
 
     ds = mixed_train_set()
     full = cfg_for(tmp_path, name="full", loss="contrastive")
-    train(full, dtop_model(full), ds, full.run_dir)
+    fit(full, dtop_model(full), PairTask(full, ds), full.run_dir)
     part = cfg_for(tmp_path, name="part", loss="contrastive")
-    train(part, dtop_model(part), ds, part.run_dir, stop_after=2)
-    train(part, dtop_model(part), ds, part.run_dir, resume=True)
+    fit(part, dtop_model(part), PairTask(part, ds), part.run_dir, stop_after=2)
+    fit(part, dtop_model(part), PairTask(part, ds), part.run_dir, resume=True)
     a, b = load_checkpoint(full.run_dir)["model"], load_checkpoint(part.run_dir)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 

@@ -1,12 +1,12 @@
-"""The one loop and its registries: the cross-batch memory's warm-up (``memory_start``, as XBM
-starts its memory only once the features drift slowly), and a loss added by one function and one
-registry line."""
+"""The one loop and its registries: the learning-rate schedule (linear warm-up, then cosine decay), the
+cross-batch memory's warm-up (``memory_start``, as XBM starts its memory only once the features drift
+slowly), and a loss added by one function and one registry line."""
 
 import pytest
 import torch
 
 from nbsrc.experiment import run_experiment
-from nbsrc.train import read_metrics
+from nbsrc.train import build_optimizer, lr_factor, read_metrics
 
 
 def _weights(run_dir):
@@ -17,6 +17,31 @@ def _weights(run_dir):
 def cfg(tiny_cfg):
     return tiny_cfg.replace(iterations=6, log_every=1, ckpt_every=0, memory_size=64, memory_start=3, lam=0.0,
                             device="cpu")
+
+
+def test_schedule_warms_up_linearly_then_decays_by_a_cosine_to_min_lr_factor(tiny_cfg):
+    """DToP §A.1: SGD with momentum 0.9, linear warm-up, cosine decay to ``lr · 1e-4``."""
+    cfg = tiny_cfg.replace(iterations=50, warmup_iters=10, scheduler="cosine", min_lr_factor=1e-4)
+    assert lr_factor(cfg, 0) == pytest.approx(1 / 10)  # the first step uses lr / T_w
+    assert lr_factor(cfg, 9) == pytest.approx(1.0) and lr_factor(cfg, 10) == pytest.approx(1.0)
+    assert lr_factor(cfg, 30) == pytest.approx(1e-4 + (1 - 1e-4) * 0.5)  # half-way through the cosine
+    assert lr_factor(cfg, 50) == pytest.approx(1e-4) and lr_factor(cfg, 80) == pytest.approx(1e-4)
+    factors = [lr_factor(cfg, t) for t in range(10, 51)]
+    assert all(a > b for a, b in zip(factors, factors[1:]))  # strictly decreasing after the warm-up
+    assert lr_factor(cfg.replace(scheduler="constant"), 30) == 1.0
+    opt = build_optimizer(cfg.replace(optimizer="sgd"), [torch.nn.Parameter(torch.zeros(3))])
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
+
+
+def test_a_run_steps_the_learning_rate_by_the_schedule(cfg):
+    """The ``lr`` a run logs after step ``t`` is the one step ``t + 1`` uses: ``lr · lr_factor(t)``."""
+    run = run_experiment(cfg.replace(name="lr", warmup_iters=2, min_lr_factor=0.1, memory_size=0), mode="new")
+    rows = read_metrics(run.run_dir, "train")
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    c = run.config
+    assert [r["lr"] for r in rows] == pytest.approx([c.optim.lr * lr_factor(c, r["iteration"]) for r in rows])
+    assert rows[0]["lr"] == pytest.approx(c.optim.lr)  # warm-up over: 2 of 2 steps done
+    assert rows[-1]["lr"] == pytest.approx(0.1 * c.optim.lr)  # the end of the cosine
 
 
 def test_no_memory_term_before_memory_start(cfg):

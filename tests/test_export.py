@@ -1,4 +1,4 @@
-"""``nbsrc export`` (issue 13): TorchScript and ONNX give the final descriptor of ``nbsrc embed`` to
+"""``nbsrc export``: TorchScript and ONNX give the final descriptor of ``nbsrc embed`` to
 1e-5, fed by the JSON's preprocessing alone; the safetensors file loads into plain timm; nothing is
 overwritten."""
 
@@ -10,6 +10,8 @@ import torch
 
 from nbsrc.__main__ import main
 from nbsrc.retrieval import Index, load_embedding_model
+
+pytestmark = pytest.mark.xdist_group("export")  # its tests share module-scoped fixtures: one worker
 
 # timm's test_vit (6 blocks of width 64, 0.3 M parameters) instead of the default ViT-Tiny (12 blocks of
 # width 192): the ONNX exporter traces every op, so half the blocks halve its time; the exported

@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.xdist_group("fault_campaign")  # its tests share module-scoped fixtures: one worker
+
 REPO = Path(__file__).resolve().parents[1]
 # test_vit: timm's 0.3 M-parameter ViT (ViT-Tiny's checkpoints are 18x larger, and several cases train)
 TINY = {"backbone": "test_vit", "dataset": "digits", "img-size": 8, "patch-size": 4, "iterations": 2, "batch-size": 16, "m-per-class": 4,

@@ -1,4 +1,4 @@
-"""Notebook parameters and command-line errors (issue 16, item 6), in process: each bad value is
+"""Notebook parameters and command-line errors, in process: each bad value is
 one line naming the parameter, before a kernel starts; an error inside a notebook is one line."""
 
 from __future__ import annotations

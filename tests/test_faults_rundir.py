@@ -1,4 +1,4 @@
-"""Partial and damaged files in a run directory (issue 16, item 5): a partial last metrics line is
+"""Partial and damaged files in a run directory: a partial last metrics line is
 dropped on resume and said in one line; a damaged config.json, results.json or metrics line is a
 one-line error naming the file; two ``--overwrite`` in the same second get distinct backups."""
 

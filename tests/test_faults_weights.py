@@ -1,4 +1,4 @@
-"""The project's own outputs as starting weights (issue 16, item 3).
+"""The project's own outputs as starting weights.
 
 A run directory, its ``model.pt`` and its ``checkpoint.pt`` all load into a new model of the same
 kind (plain ViT, DToP, the hybrid ``effnet_lite0_vit``): every weight but the PCA is taken, and the

@@ -1,4 +1,4 @@
-"""Image folders as datasets (issue 13): ``train_classes`` / ``test_classes`` accept ``all``, a range, a
+"""Image folders as datasets: ``train_classes`` / ``test_classes`` accept ``all``, a range, a
 list, and ``split`` a fraction; classes neither set uses are named in one warning; a test class with a
 single image stays in the gallery, is no query, and Recall@K over the other queries equals a brute-force
 count written from the formula."""

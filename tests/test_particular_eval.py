@@ -20,6 +20,8 @@ from nbsrc.eval.particular import DEFAULT_SCALES, embed_at_scales, evaluate_revi
 from nbsrc.eval.revisited import build_revisited, revisited_map
 from nbsrc.eval.whitening import apply_whitening, learn_whitening
 
+pytestmark = pytest.mark.xdist_group("particular_eval")  # its tests share module-scoped fixtures: one worker
+
 
 class AnySize(nn.Module):
     """A tiny model that takes any input size (as DToP's DPE does): conv, mean pool, l2."""

@@ -24,6 +24,8 @@ from nbsrc.presets import PRESETS_DIR, list_presets, load_preset, preset_dict, p
 from nbsrc.reproduce import BENCHMARKS, evaluate_benchmarks
 from nbsrc.train.loop import build_optimizer
 
+pytestmark = pytest.mark.xdist_group("presets")  # its tests share module-scoped fixtures: one worker
+
 PRESETS = list_presets()
 TINY = {"backbone": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "weights": "none", "device": "cpu",
         "progress": False}

@@ -20,6 +20,8 @@ from nbsrc.data.images import load_image
 from nbsrc.errors import ConfigError, DatasetError, RunDirError, WeightsError
 from nbsrc.retrieval import Index, load_embedding_model, search_image
 
+pytestmark = pytest.mark.xdist_group("retrieval")  # its tests share module-scoped fixtures: one worker
+
 IMG = 64  # EfficientNet-Lite0 (a convnet) takes any size; 64 px keeps the tests quick on a CPU
 
 

@@ -13,6 +13,8 @@ import pytest
 from fixtures_photos import make_photo_folder
 from PIL import Image
 
+pytestmark = pytest.mark.xdist_group("retrieval_cli")  # its tests share module-scoped fixtures: one worker
+
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ["efficientnet_lite0", "--img-size", "64"]

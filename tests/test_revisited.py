@@ -12,12 +12,18 @@ from fixtures_benchmarks import make_original, make_revisited
 from nbsrc.bench.revisited import random_gnd
 from nbsrc.data.revisited import build_distractors, build_revisited, crop_query, load_original_gnd, load_revisited_gnd
 from nbsrc.errors import ConfigError, DatasetError
-from nbsrc.eval.revisited import (ap_and_precision, original_map, rank_chunked, revisited_map,
-                                  revisited_map_reference)
+from nbsrc.eval.revisited import original_map, rank_chunked, revisited_map, revisited_map_reference
 
 
 def q(easy=(), hard=(), junk=()):
     return {"bbx": [0, 0, 1, 1], "easy": list(easy), "hard": list(hard), "junk": list(junk)}
+
+
+def ap_and_precision(ranks, ok, junk, kappas=(1, 5, 10)):
+    """Per-query AP and P@k as fractions, through :func:`revisited_map`'s Medium setup, whose positives are
+    ``easy ∪ hard`` (here ``ok``) and whose junk is ``junk``."""
+    r = revisited_map(ranks, [q(easy=o, junk=j) for o, j in zip(ok, junk)], kappas, reduce=False)["medium"]
+    return r["AP"] / 100, np.stack([r[f"P@{k}"] for k in kappas], axis=1) / 100
 
 
 def assert_same(a: dict, b: dict, tol=1e-9):

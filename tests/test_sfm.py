@@ -11,7 +11,7 @@ from fixtures_benchmarks import make_sfm120k, sfm_cid
 
 from nbsrc.data import RetrievalTransform
 from nbsrc.data.sfm import (
-    TupleDataset, TupleSampler, cid2filename, load_sfm120k_db, mine_hard_negatives, tuple_loader,
+    TupleDataset, TupleSampler, cid2filename, collate_tuples, load_sfm120k_db, mine_hard_negatives,
 )
 from nbsrc.errors import ConfigError, DatasetError
 
@@ -173,7 +173,7 @@ def test_sampler_caps_sizes_and_checks_embed_fn(tmp_path):
         TupleSampler(db, n_neg=0)
 
 
-def test_tuple_dataset_and_loader(tmp_path):
+def test_tuple_dataset_gives_seeded_views_and_batches_flatten_tuple_by_tuple(tmp_path):
     db = load_sfm120k_db(make_sfm120k(tmp_path, n_clusters=8, per_cluster=4))
     embed, _, _ = fake_embed(len(db))
     tuples = TupleSampler(db, n_pairs=11, pool_size=32, seed=0).epoch_tuples(0, embed)
@@ -183,9 +183,8 @@ def test_tuple_dataset_and_loader(tmp_path):
     assert idx.tolist() == tuples[2].tolist() and labels.tolist() == db.cluster[tuples[2]].tolist()
     assert labels[0] == labels[1] and labels[0] not in labels[2:].tolist()
     assert torch.equal(ds[(2, 9)][0], ds[(2, 9)][0])
-    batches = list(tuple_loader(ds, tuples_per_batch=5, seed=0))
-    assert [len(b[0]) for b in batches] == [35, 35, 7]
-    seen = torch.cat([b[2] for b in batches]).view(-1, 7)
-    assert sorted(map(tuple, seen.tolist())) == sorted(map(tuple, tuples.tolist()))
+    imgs, labels, idx = collate_tuples([ds[(4, 3)], ds[(1, 3)]])  # a batch of 2 tuples, flattened tuple by tuple
+    assert imgs.shape == (14, 3, 8, 8) and torch.equal(imgs[7:], ds[(1, 3)][0])
+    assert idx.tolist() == tuples[4].tolist() + tuples[1].tolist() and labels.tolist() == db.cluster[idx].tolist()
     with pytest.raises(ConfigError, match="tuples must be"):
         ds.set_tuples(np.zeros((3, 2)))

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from nbsrc.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, RetrievalTransform, category_transforms,
+from nbsrc.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, RetrievalTransform,
                                    particular_object_transform, resize_side)
 from nbsrc.errors import ConfigError
 
@@ -53,7 +53,7 @@ def test_category_eval_keeps_the_whole_width_of_a_4_3_image():
     img = torch.zeros(300, 400, dtype=torch.uint8)
     img[140:160, 40:60] = 255  # left marker, 10-15 % of the width
     img[140:160, 340:360] = 255  # right marker, 85-90 %
-    _, eval_tf = category_transforms(28, **UNIT)
+    eval_tf = RetrievalTransform(28, train=False, **UNIT)
     x = eval_tf(img)[0]
     half = x.shape[1] // 2
     assert float(x[:, :half].max()) > 0.5 and float(x[:, half:].max()) > 0.5
@@ -87,7 +87,7 @@ def test_resize_side_carries_the_papers_ratio():
 
 
 def test_category_train_transform_crops_and_flips_deterministically():
-    train_tf, _ = category_transforms(28, **UNIT)
+    train_tf = RetrievalTransform(28, train=True, **UNIT)
     img = torch.randint(0, 256, (3, 90, 120), dtype=torch.uint8)
     views = {tuple(train_tf(img, torch.Generator().manual_seed(s)).flatten()[:50].tolist()) for s in range(8)}
     assert len(views) > 1  # random crops / flips differ between seeds ...

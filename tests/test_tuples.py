@@ -20,7 +20,10 @@ from nbsrc.models import data_config, model_from_config
 from nbsrc.train import load_checkpoint, read_metrics
 from nbsrc.train.checkpoint import PREVIOUS
 from nbsrc.losses.tuples import tuple_contrastive_loss, tuple_loss_terms
-from nbsrc.train.tuples import batches_per_epoch, epoch_batches, mine_epoch, train_tuples
+from nbsrc.train.loop import fit
+from nbsrc.train.tuples import TupleTask, batches_per_epoch, epoch_batches, mine_epoch
+
+pytestmark = pytest.mark.xdist_group("tuples")  # its tests share module-scoped fixtures: one worker
 
 
 def loss_reference(z, tuple_size, beta):
@@ -138,11 +141,11 @@ def test_resume_equals_uninterrupted_and_epochs_train_on_their_own_mining(data, 
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     full_dir.mkdir(), cut_dir.mkdir()
     init = {k: v.clone() for k, v in fresh_model(cfg).state_dict().items()}
-    full = train_tuples(cfg, fresh_model(cfg), db, full_dir)
+    full = fit(cfg, fresh_model(cfg), TupleTask(cfg, db), full_dir)
     assert any(not torch.equal(init[k], v) for k, v in full.state_dict().items())  # the model was trained
 
-    train_tuples(cfg, fresh_model(cfg), db, cut_dir, stop_after=2)  # the end of epoch 0
-    train_tuples(cfg, fresh_model(cfg), db, cut_dir, resume=True, stop_after=3)  # one step into epoch 1
+    fit(cfg, fresh_model(cfg), TupleTask(cfg, db), cut_dir, stop_after=2)  # the end of epoch 0
+    fit(cfg, fresh_model(cfg), TupleTask(cfg, db), cut_dir, resume=True, stop_after=3)  # one step into epoch 1
     # epoch 1 trains on the tuples mined with the model of the end of epoch 0
     at_boundary, inside = torch.load(cut_dir / PREVIOUS, weights_only=False), load_checkpoint(cut_dir)
     assert (at_boundary["iteration"], inside["iteration"]) == (2, 3)
@@ -150,7 +153,7 @@ def test_resume_equals_uninterrupted_and_epochs_train_on_their_own_mining(data, 
     m1.load_state_dict(at_boundary["model"])
     m1.eval()
     norm = data_config(m1)
-    eval_tf = particular_object_transform(32, norm["mean"], norm["std"])  # IRT §4.2: what train_tuples mines with
+    eval_tf = particular_object_transform(32, norm["mean"], norm["std"])  # IRT §4.2: what tuple training mines with
     z, _, _ = extract_embeddings(m1, db.images(eval_tf), progress=False)  # all images, independently
     sampler = TupleSampler(db, cfg.tuples.pairs_per_epoch, cfg.tuples.negative_pool, cfg.tuples.negatives_per_tuple, cfg.run.seed)
     pairs, pool = sampler.draw(1)
@@ -179,7 +182,7 @@ def test_resume_equals_uninterrupted_and_epochs_train_on_their_own_mining(data, 
     logged = [r for r in read_metrics(cut_dir, "train") if r["iteration"] == 3]
     assert len(logged) == 1 and logged[0]["total"] == pytest.approx(float(expected), rel=1e-5)
 
-    resumed = train_tuples(cfg, fresh_model(cfg), db, cut_dir, resume=True)  # to the end, mid-epoch resume
+    resumed = fit(cfg, fresh_model(cfg), TupleTask(cfg, db), cut_dir, resume=True)  # to the end, mid-epoch resume
     for k, v in full.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
     train_rows = lambda d: [(r["iteration"], r["total"]) for r in read_metrics(d, "train")]  # noqa: E731
@@ -190,14 +193,16 @@ def test_resume_equals_uninterrupted_and_epochs_train_on_their_own_mining(data, 
 def test_non_finite_loss_and_bad_settings(data, tmp_path, monkeypatch):
     cfg = tuple_cfg(tmp_path / "runs", iterations=1)
     with pytest.raises(ConfigError, match="loss='contrastive'"):
-        train_tuples(cfg.replace(loss="snca"), fresh_model(cfg), data["db"], tmp_path)
+        bad = cfg.replace(loss="snca")
+        fit(bad, fresh_model(cfg), TupleTask(bad, data["db"]), tmp_path)
     with pytest.raises(ConfigError, match="memory_size=0"):
-        train_tuples(cfg.replace(memory_size=8), fresh_model(cfg), data["db"], tmp_path)
+        bad = cfg.replace(memory_size=8)
+        fit(bad, fresh_model(cfg), TupleTask(bad, data["db"]), tmp_path)
     from nbsrc.losses import TUPLE_LOSSES
 
     monkeypatch.setitem(TUPLE_LOSSES, cfg.loss.tuple_loss, lambda z, *a, **k: z.sum() * float("nan"))
     with pytest.raises(NonFiniteLossError, match="iteration 0"):
-        train_tuples(cfg, fresh_model(cfg), data["db"], tmp_path)
+        fit(cfg, fresh_model(cfg), TupleTask(cfg, data["db"]), tmp_path)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -287,11 +292,11 @@ def test_tuple_batches_must_divide_among_the_ranks(data, tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "current", lambda: distributed.DistInfo(rank=0, world_size=2))
     cfg = tuple_cfg(tmp_path / "runs", tuples_per_batch=3)
     with pytest.raises(ConfigError, match="among the 2 processes"):
-        train_tuples(cfg, fresh_model(cfg), data["db"], tmp_path / "run")
+        fit(cfg, fresh_model(cfg), TupleTask(cfg, data["db"]), tmp_path / "run")
 
 
 def _tuple_ddp_worker(rank: int, port: int, cfg_dict: dict, root: str, out: str) -> None:
-    """One rank of the 2-process tuple run: gloo, train_tuples, dump the weights and this rank's mining."""
+    """One rank of the 2-process tuple run: gloo, tuple training, dump the weights and this rank's mining."""
     import os
 
     import torch.distributed as dist
@@ -305,7 +310,7 @@ def _tuple_ddp_worker(rank: int, port: int, cfg_dict: dict, root: str, out: str)
     try:
         cfg = ExperimentConfig.from_dict(cfg_dict)
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        model = train_tuples(cfg, fresh_model(cfg), load_sfm120k_db(root), cfg.run_dir)
+        model = fit(cfg, fresh_model(cfg), TupleTask(cfg, load_sfm120k_db(root)), cfg.run_dir)
         torch.save(model.state_dict(), f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -326,7 +331,7 @@ def test_two_process_tuple_training_equals_one_process_on_the_global_batch(data,
         port = s.getsockname()[1]
     mp.spawn(_tuple_ddp_worker, args=(port, ddp_cfg.to_dict(), str(data["root"]), str(tmp_path)), nprocs=2, join=True)
     one_cfg.run_dir.mkdir(parents=True)
-    one = train_tuples(one_cfg, fresh_model(one_cfg), data["db"], one_cfg.run_dir, progress=False).state_dict()
+    one = fit(one_cfg, fresh_model(one_cfg), TupleTask(one_cfg, data["db"]), one_cfg.run_dir).state_dict()
 
     ddp_rows, one_rows = read_metrics(ddp_cfg.run_dir), read_metrics(one_cfg.run_dir)
     assert [(r["kind"], r["iteration"]) for r in ddp_rows] == [(r["kind"], r["iteration"]) for r in one_rows]

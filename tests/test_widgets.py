@@ -20,6 +20,8 @@ from nbsrc.retrieval import display_image, load_retrieval, retrieval_for_query
 from nbsrc.runlist import list_finished_runs
 from nbsrc.widgets import retrieval_browser, spectrum_explorer
 
+pytestmark = pytest.mark.xdist_group("widgets")  # its tests share module-scoped fixtures: one worker
+
 K = 5
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from nbsrc.data.datasets import RetrievalDataset
 from nbsrc.data.files import read_pickle
@@ -43,7 +43,7 @@ SFM_URL = (
     f"download {SFM_FILE} from http://cmp.felk.cvut.cz/cnnimageretrieval/data/train/dbs/ and ims.tar.gz from "
     "http://cmp.felk.cvut.cz/cnnimageretrieval/data/train/ims/"
 )
-N_PAIRS, POOL_SIZE, N_NEG, TUPLES_PER_BATCH = 2000, 22000, 5, 5
+N_PAIRS, POOL_SIZE, N_NEG = 2000, 22000, 5
 
 
 def cid2filename(cid: str, ims_root: str | Path) -> Path:
@@ -248,10 +248,3 @@ def collate_tuples(batch):
     imgs, labels, idx = zip(*batch)
     return torch.cat(imgs), torch.cat(labels), torch.cat(idx)
 
-
-def tuple_loader(dataset: TupleDataset, tuples_per_batch: int = TUPLES_PER_BATCH, seed: int = 0,
-                 num_workers: int = 0) -> DataLoader:
-    """Shuffled batches of ``tuples_per_batch`` tuples (the last, smaller one kept), flattened by
-    :func:`collate_tuples`."""
-    return DataLoader(dataset, batch_size=tuples_per_batch, shuffle=True, collate_fn=collate_tuples,
-                      generator=torch.Generator().manual_seed(seed), num_workers=num_workers)

@@ -185,13 +185,6 @@ def training_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
     return RetrievalTransform(size, train=True, mean=mean, std=std, **extra)
 
 
-def category_transforms(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[RetrievalTransform, RetrievalTransform]:
-    """``(train, eval)`` of category-level retrieval (IRT §4.2): square resize to
-    :func:`resize_side`, random ``size`` crop + flip for training, centre crop for evaluation."""
-    return (RetrievalTransform(size, train=True, mean=mean, std=std),
-            RetrievalTransform(size, train=False, mean=mean, std=std))
-
-
 def particular_object_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> RetrievalTransform:
     """SfM-120k training and mining, Revisited Oxford / Paris evaluation (IRT §4.2): every image
     "resized into a square image" of ``size × size``, no crop, no flip, normalised."""

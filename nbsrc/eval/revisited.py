@@ -144,6 +144,14 @@ def _retrieved_positions(inv: np.ndarray, k: int, lists: list[np.ndarray]) -> np
 
 def _ap_and_precision(inv: np.ndarray, k: int, ok: list[np.ndarray], junk: list[np.ndarray],
                       kappas: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query AP ``[nq]`` and P@k ``[nq, len(kappas)]`` (fractions; NaN for a query without
+    positives), from the inverse rankings ``inv`` of top-``k`` rankings and per-query positive / junk lists.
+
+    Vectorised, with no loop over queries or ranks: ``inv`` gives the position ``j`` of every positive
+    and junk image; a positive's rank once junk is removed is ``r = j − |{junk at positions < j}|`` (a
+    sorted search), and its order ``i`` among the query's positives is its offset from the query's first
+    positive. See the module docstring for AP, P@k.
+    """
     nq = len(inv)
     n_ok = np.asarray([len(x) for x in ok], dtype=np.float64)
     pos_keys, junk_keys = _retrieved_positions(inv, k, ok), _retrieved_positions(inv, k, junk)
@@ -173,23 +181,6 @@ def _n_db(ranks: np.ndarray, gnd: list[dict]) -> int:
     """Database size implied by the rankings and the ground truth (largest index + 1)."""
     top = [int(ranks.max(initial=-1))] + [int(np.max(g[key], initial=-1)) for g in gnd for key in ("easy", "hard", "junk")]
     return max(top) + 1
-
-
-def ap_and_precision(ranks: np.ndarray, ok: list[np.ndarray], junk: list[np.ndarray],
-                     kappas: Sequence[int] = (1, 5, 10)) -> tuple[np.ndarray, np.ndarray]:
-    """Per-query AP ``[nq]`` and P@k ``[nq, len(kappas)]`` (fractions; NaN for a query without
-    positives), from rankings ``[nq, k]`` and per-query positive / junk index lists.
-
-    Vectorised, with no loop over queries or ranks: the inverse rankings give the position ``j`` of
-    every positive and junk image; a positive's rank once junk is removed is
-    ``r = j − |{junk at positions < j}|`` (a sorted search), and its order ``i`` among the query's
-    positives is its offset from the query's first positive. See the module docstring for AP, P@k.
-    """
-    ranks = np.asarray(ranks, dtype=np.int64)
-    ok = [np.asarray(x, dtype=np.int64).reshape(-1) for x in ok]
-    junk = [np.asarray(x, dtype=np.int64).reshape(-1) for x in junk]
-    n_db = max([int(ranks.max(initial=-1))] + [int(x.max(initial=-1)) for x in ok + junk]) + 1
-    return _ap_and_precision(inverse_rankings(ranks, n_db), ranks.shape[1], ok, junk, _as_kappas(kappas))
 
 
 def _report(per_setup: dict, kappas, reduce: bool) -> dict:

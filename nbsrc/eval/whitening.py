@@ -1,4 +1,4 @@
-"""Post-processing of descriptors by whitening (used by DToP at inference).
+"""Post-processing of descriptors by supervised whitening (used by DToP at inference).
 
 **Supervised (learned) whitening** of Radenović et al. (TPAMI 2018; cirtorch's ``whitenlearn``),
 fitted on matching pairs ``(q_j, p_j)`` of training descriptors X [N, D]::
@@ -14,17 +14,12 @@ so that ``P Σ_w Pᵀ = I`` and ``P Σ_x Pᵀ = Λ`` (diagonal, decreasing), wit
 ``Σ_x v = λ Σ_w v``. Directions in which matching images differ most are shrunk most. As in
 cirtorch, the PCA step uses all descriptors ``X`` (not only the pairs).
 
-**PCA whitening**: ``m`` = mean of X, ``Σ = V Λ Vᵀ`` its covariance, ``P = Λ^{−1/2} Vᵀ``.
-
-Both return ``(m, P)``; :func:`apply_whitening` computes ``normalize(P[:dim] (x − m))``.
+:func:`learn_whitening` returns ``(m, P)``; :func:`apply_whitening` computes ``normalize(P[:dim] (x − m))``.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from nbsrc.errors import ConfigError
 
@@ -82,20 +77,6 @@ def learn_whitening(x, qidxs, pidxs, shrinkage: float = 0.0) -> tuple[np.ndarray
     return m, vecs.T @ w
 
 
-def pca_whitening(x, shrinkage: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """PCA whitening ``(m [D], P [D, D])``: ``P = Λ^{−1/2} Vᵀ``, rows by decreasing variance."""
-    x = _as_descriptors(x)
-    m = x.mean(axis=0)
-    xc = x - m
-    vals, vecs = _sorted_eigh(_shrink(xc.T @ xc / len(xc), shrinkage))
-    if vals[-1] <= 1e-10 * max(vals[0], 0.0) or vals[0] <= 0:
-        raise ConfigError(
-            f"the descriptor covariance is singular (smallest eigenvalue {vals[-1]:.3g}); use more samples "
-            "than dimensions, keep fewer dimensions, or pass shrinkage > 0"
-        )
-    return m, vecs.T / np.sqrt(vals)[:, None]
-
-
 def apply_whitening(x, m, p, dim: int | None = None) -> np.ndarray:
     """``normalize(P[:dim] (x − m))`` for each row of ``x`` [N, D]; float32 [N, dim]."""
     x, m, p = np.asarray(x, dtype=np.float64), np.asarray(m, dtype=np.float64), np.asarray(p, dtype=np.float64)
@@ -105,40 +86,3 @@ def apply_whitening(x, m, p, dim: int | None = None) -> np.ndarray:
     y = (x - m) @ p[:dim].T
     return (y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
-
-def matching_pairs(labels, seed: int = 0, pairs_per_image: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Matching pairs from class labels: each image with a class-mate is paired with
-    ``pairs_per_image`` other images of its class, drawn with ``default_rng(seed)``."""
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    qs, ps = [], []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        if len(members) < 2:
-            continue
-        for i in members:
-            others = members[members != i]
-            picks = rng.choice(others, size=min(pairs_per_image, len(others)), replace=False)
-            qs.extend([i] * len(picks))
-            ps.extend(picks.tolist())
-    if not qs:
-        raise ConfigError("no class has two images, so there are no matching pairs to learn whitening from")
-    return np.asarray(qs, dtype=np.int64), np.asarray(ps, dtype=np.int64)
-
-
-class WhitenedModel(nn.Module):
-    """``model`` followed by ``normalize(P[:dim] (z − m))``, for the ordinary evaluator."""
-
-    def __init__(self, model: nn.Module, m, p, dim: int | None = None):
-        super().__init__()
-        p = torch.as_tensor(np.asarray(p), dtype=torch.float32)
-        dim = len(p) if dim is None else dim
-        if not 1 <= dim <= len(p):
-            raise ConfigError(f"dim={dim} must be in [1, {len(p)}]")
-        self.model = model
-        self.register_buffer("mean", torch.as_tensor(np.asarray(m), dtype=torch.float32))
-        self.register_buffer("projection", p[:dim].contiguous())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.model(x).float()
-        return F.normalize((z - self.mean) @ self.projection.T, dim=-1)

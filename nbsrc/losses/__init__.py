@@ -107,9 +107,9 @@ class RetrievalLoss(nn.Module):
         return super().load_state_dict(state, strict, assign)
 
 
-# The criterion's state-dict keys before the loss registry (nbsrc up to 240d580^): RetrievalLoss held the
-# sorted training classes itself as "classes" (for every loss, used only by the proxy losses) and a proxy
-# loss (Normalized Softmax, ArcFace) as "proxy_loss"; since then a proxy loss's ProxyTerm holds both
+# The criterion's state-dict keys of older checkpoints, mapped to today's: such a checkpoint holds the sorted
+# training classes as "classes" (for every loss, used only by the proxy losses) and a proxy loss's
+# parameters (Normalized Softmax, ArcFace) under "proxy_loss."; today a proxy loss's ProxyTerm holds both
 # ("term.classes", "term.proxy.*") and a loss without parameters (contrastive, SNCA) has no state.
 LEGACY_CRITERION_PREFIXES = {"proxy_loss.": "term.proxy."}
 

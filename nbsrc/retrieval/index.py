@@ -46,6 +46,7 @@ from nbsrc.eval.stream import embed_to_memmap, model_fingerprint, recorded_batch
 from nbsrc.models.fold import inference_model
 from nbsrc.retrieval.models import EmbeddingModel, Preprocessing, load_embedding_model, rebuild_model
 from nbsrc.provenance import provenance
+from nbsrc.train.loop import resolve_device
 
 FORMAT = "nbsrc-index"
 VERSION = 1
@@ -71,19 +72,6 @@ def _read_json(path: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RunDirError(f"cannot read {path} ({type(e).__name__}); the index is damaged: rebuild it "
                           "with nbsrc embed into a new folder") from None
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _device(device) -> torch.device:
-    if device in (None, "auto"):
-        return default_device()
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} but CUDA is not available here; use device='cpu' or 'auto'")
-    return dev
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -250,7 +238,7 @@ class Index:
     def __init__(self, path: Path, manifest: dict, listing: Listing, faiss_index, device=None):
         self.path, self.manifest, self.listing, self.faiss_index = path, manifest, listing, faiss_index
         self.preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
-        self.device = _device(device)
+        self.device = resolve_device(device)
         self._model: torch.nn.Module | None = None
         self._net: torch.nn.Module | None = None  # the model as queries are embedded: BatchNorm folded, as the build
 
@@ -318,7 +306,7 @@ class Index:
         elif weights is not None:
             raise ConfigError("weights= applies to a model given by name; this EmbeddingModel has its own")
         listing = Listing.of(images)
-        dev = _device(device)
+        dev = resolve_device(device)
         if batch_size is None:  # a resumed build keeps the batch size it started with
             batch_size = recorded_batch_size(out / EMBEDDINGS) or default_batch_size(dev)
         num_workers = default_workers(dev) if num_workers is None else num_workers

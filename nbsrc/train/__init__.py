@@ -3,12 +3,12 @@ and DDP helpers."""
 
 from nbsrc.train.checkpoint import load_checkpoint, save_checkpoint
 from nbsrc.train.loop import TrainingTask, amp_settings, build_optimizer, fit, lr_factor, resolve_device
-from nbsrc.train.pairs import PairTask, train
+from nbsrc.train.pairs import PairTask
 from nbsrc.train.rundir import append_metrics, load_results, prepare_run_dir, read_metrics, run_state
-from nbsrc.train.tuples import TupleTask, train_tuples
+from nbsrc.train.tuples import TupleTask
 
 __all__ = [
-    "fit", "TrainingTask", "PairTask", "TupleTask", "train", "train_tuples", "resolve_device", "amp_settings",
+    "fit", "TrainingTask", "PairTask", "TupleTask", "resolve_device", "amp_settings",
     "build_optimizer", "lr_factor", "save_checkpoint", "load_checkpoint", "prepare_run_dir", "read_metrics",
     "append_metrics", "load_results", "run_state",
 ]

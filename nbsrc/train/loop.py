@@ -42,12 +42,14 @@ from nbsrc.train.protocol import train_mode
 from nbsrc.train.rundir import append_metrics, truncate_metrics
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """The device a config's or a caller's ``device`` names: ``"auto"`` (or None) is CUDA when available,
+    else the CPU; a CUDA device where there is none is a one-line :class:`ConfigError`."""
+    if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} but CUDA is not available here; use device='cpu' or 'auto'")
+        raise ConfigError(f"device={str(name)!r} but CUDA is not available here; use device='cpu' or 'auto'")
     return dev
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,7 +32,7 @@ from nbsrc.errors import ConfigError
 from nbsrc.losses import CrossBatchMemory, RetrievalLoss, build_loss, pair_loss
 from nbsrc.losses.diagnostics import gradient_noise
 from nbsrc.train import distributed
-from nbsrc.train.loop import StepParts, TrainingTask, fit
+from nbsrc.train.loop import StepParts, TrainingTask
 
 
 @torch.no_grad()
@@ -131,9 +130,3 @@ class PairTask(TrainingTask):
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
 
-
-def train(cfg: ExperimentConfig, model: torch.nn.Module, train_ds: RetrievalDataset, run_dir: str | Path,
-          resume: bool = False, evaluate: Callable[[torch.nn.Module], dict] | None = None,
-          stop_after: int | None = None) -> torch.nn.Module:
-    """:func:`~nbsrc.train.loop.fit` of a :class:`PairTask` on ``train_ds``; returns the model."""
-    return fit(cfg, model, PairTask(cfg, train_ds), run_dir, resume, evaluate, stop_after)

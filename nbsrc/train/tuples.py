@@ -44,7 +44,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -58,7 +57,7 @@ from nbsrc.losses.tuples import tuple_loss_fn, tuple_loss_terms
 from nbsrc.models import data_config
 from nbsrc.models.embed import extract_embeddings
 from nbsrc.train import distributed
-from nbsrc.train.loop import StepParts, TrainingTask, fit
+from nbsrc.train.loop import StepParts, TrainingTask
 from nbsrc.train.protocol import epoch_lr_decay, train_mode
 
 
@@ -177,12 +176,3 @@ class TupleTask(TrainingTask):
     def checkpoint_due(self, it: int) -> bool:
         return it % self.per_epoch == 0  # every epoch end: a resume mines the next epoch afresh
 
-
-def train_tuples(cfg: ExperimentConfig, model: torch.nn.Module, db_train: SfMSplit, run_dir: str | Path,
-                 resume: bool = False, progress: bool = True, stop_after: int | None = None) -> torch.nn.Module:
-    """:func:`~nbsrc.train.loop.fit` of a :class:`TupleTask` on ``db_train``; returns the model.
-    ``progress=False`` hides the progress bar. Metrics: a ``mine`` row per epoch and ``train`` rows
-    every ``cfg.run.log_every`` steps."""
-    if not progress:
-        cfg = cfg.replace(progress=False)
-    return fit(cfg, model, TupleTask(cfg, db_train), run_dir, resume, stop_after=stop_after)

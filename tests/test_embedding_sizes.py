@@ -1,6 +1,5 @@
-"""One name per size (the table in ``nbsrc.config``'s docstring): ``feature_dim`` is what the model is
-trained with and what the loss and the memory hold, ``dim`` the PCA's output, ``output_dim`` what the
-model returns; the config's names and the help of β are as the papers and pytorch-metric-learning say."""
+"""One name per size: ``feature_dim`` is what the model is trained with and what the loss and the memory
+hold, ``dim`` the PCA's output, ``output_dim`` what the model returns (``head_dim`` for DToP)."""
 
 import ast
 from pathlib import Path
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from nbsrc.config import FIELD_HELP, ExperimentConfig
+from nbsrc.config import ExperimentConfig
 from nbsrc.losses import CrossBatchMemory, build_loss
 from nbsrc.models import build_model
 
@@ -58,11 +57,3 @@ def test_no_module_uses_the_retired_size_names():
                         found.append(f"{path.name}:{node.lineno} self.{t.attr}")
     assert not found, found
 
-
-def test_help_of_the_names_that_differ_from_their_libraries():
-    assert "margin on negatives (pytorch-metric-learning: neg_margin)" in FIELD_HELP["beta"]
-    assert "▷dim" in FIELD_HELP["dim"] and "feature_dim" in FIELD_HELP["dim"]
-    import nbsrc.config
-
-    for name in ("width", "feature_dim", "head_dim", "dim", "output_dim", "whitening_dim"):
-        assert f"``{name}``" in nbsrc.config.__doc__, name
