@@ -48,8 +48,8 @@ paper table in brackets):
     head_dim    1536          output dimension N of the FC layer                  (eq. 12, A7)
     branch      'both'        'both' | 'global' ([CLS] only) | 'local' (patches only) (A5)
 
-``pooling`` picks the local branch's pooling: 'gem' (the paper's; also what the default 'cls'
-means here, since the [CLS] tokens form the global branch), 'avg' or 'max'; 'dist' (a distilled
+``pooling`` picks the local branch's pooling: 'gem' (p = 3, our reading; also what the default 'cls'
+means here, since the [CLS] tokens form the global branch), 'avg' (Table A5's patch rows) or 'max'; 'dist' (a distilled
 DeiT, timm ``deit_*_distilled_*``) forms the global branch from the distillation tokens instead, local
 pooling gem. DToP §A.2 (Table A5): "we also evaluate multi-layer *distillation* features, replacing
 [CLS] by the distillation token where it exists, i.e., PiT [26] and DeiT [28]". A distilled DeiT has
