@@ -304,7 +304,7 @@ class DToPModel(nn.Module):
         h, w = self.backbone.grid if self.pit_backbone else self._grid
         cls = torch.stack([t[:, self.global_index] for t in layers], dim=1)  # [CLS] or DIST
         patches = torch.stack([t[:, self.num_prefix :] for t in layers], dim=1)
-        b, k, n, d = patches.shape
+        b, k, _, d = patches.shape
         y_tokens = self.layer_mix(patches)  # eq. (6)
         y = y_tokens.transpose(1, 2).reshape(b, d, h, w)
         u = self.elm(y) if self.elm is not None else None
