@@ -71,36 +71,36 @@ class Claim:
 
 
 CLAIMS: dict[str, Claim] = {c.id: c for c in (
-    Claim("C1", "fine-tuning ≫ off-the-shelf", "IRT Table 3, §5",
+    Claim("C1", "fine-tuning ≫ off-the-shelf", "IRT Table 3, §4.4",
           "We observe that finetuning substantially improves performance over off-the-shelf features, especially "
           "for category-level retrieval.",
           "Recall@1 (%) of IRT_L against IRT_O (the same model before training)", "02_train"),
-    Claim("C2", "KoLeo improves Recall@1 at β = 0.5", "IRT Tables 3, 5, §5",
+    Claim("C2", "KoLeo improves Recall@1 at β = 0.5", "IRT Tables 3, 5, §4.4",
           "Augmenting the contrastive loss with differential entropy regularization further improves the "
           "performance across all benchmarks.",
           "Recall@1 (%) of IRT_R (λ > 0) against IRT_L (λ = 0), same β", "02_train"),
-    Claim("C3", "the contrastive loss collapses the spectrum, and KoLeo spreads it back", "IRT Fig. 2, §3.3",
+    Claim("C3", "the contrastive loss collapses the spectrum, and KoLeo spreads it back", "IRT Fig. 2, §3.5",
           "The features have collapsed to few dimensions after training, but the collapse is reduced by entropy "
           "regularization.",
           "effective rank of the test embeddings (exp of the entropy of the normalised singular values; our "
           "reading of the cumulative-energy curves): IRT_L against IRT_O, and IRT_R against IRT_L", "03_pca_collapse"),
-    Claim("C4", "the ViT collapses less than a convnet", "IRT Fig. 3, §3.3",
+    Claim("C4", "the ViT collapses less than a convnet", "IRT Fig. 3, §3.5",
           "the transformer-based architecture is less impacted than convnets by the collapse",
           "the ratio of effective ranks after / before contrastive training (λ = 0): ViT against the convnet",
           "03_pca_collapse"),
-    Claim("C5", "γ is higher at extreme β and lower with KoLeo", "IRT Fig. 4, §3.3",
+    Claim("C5", "γ is higher at extreme β and lower with KoLeo", "IRT Fig. 4, §3.5",
           "The gradient signal is noisier for very high and very low margin values. The L_KoLeo regularization "
           "provides a more stable gradient signal",
           "γ = ‖Cov(ĝ)‖_* averaged over the logged iterations: each end of the β grid against its middle (λ = 0), "
           "and λ > 0 against λ = 0 (averaged over the β grid)", "04_gradient_noise"),
     Claim("C6", "fine-tuning separates positive from negative similarities, and KoLeo widens their spread",
-          "IRT Fig. 5, §5",
+          "IRT Fig. 5, §4.4",
           "finetuning strongly helps to make the positive and negative distributions more separable. The entropy "
           "regularization term spreads the similarity values across a wider range.",
           "separation = AUC of positive vs negative pair similarities (IRT_L against IRT_O); spread = standard "
           "deviation of the negative pairs' similarities (IRT_R against IRT_L); our reading of the histograms",
           "05_similarity_histograms"),
-    Claim("C7", "CLS pooling ≥ the others after training", "IRT Table 9, §5",
+    Claim("C7", "CLS pooling ≥ the others after training", "IRT Table 9, §4.4",
           "utilizing the CLS token as the image-level descriptor provides the strongest performance (or at least "
           "on par) compared to other popular pooling methods",
           "Recall@1 (%) of CLS against each other pooling, each trained", "07_ablations"),

@@ -1,5 +1,5 @@
 """nbsrc.analysis against slow references written from the formulas: the PCA cumulative energy
-(IRT Figs. 2-3), the gradient noise γ (IRT §3.3, Fig. 4) and the per-sample embedding gradients of
+(IRT Figs. 2-3), the gradient noise γ (IRT §3.5, Fig. 4) and the per-sample embedding gradients of
 the contrastive loss (eq. 1), pair similarities (Fig. 5), per-query average precision, worst
 queries and t-SNE; plus invariances, hand-computed cases and the bad-input errors."""
 

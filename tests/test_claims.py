@@ -130,9 +130,9 @@ def test_save_load_and_the_verdicts_file(tmp_path):
     assert (tmp_path / "claims" / "C1.md").read_text().startswith("**C1 fine-tuning")
     assert [d["id"] for d in load_claims(tmp_path)] == ["C1"]
     text = (tmp_path / "verdicts.md").read_text()
-    assert "**C1 fine-tuning ≫ off-the-shelf** (IRT Table 3, §5): **reproduced** over 3 seeds" in text
+    assert "**C1 fine-tuning ≫ off-the-shelf** (IRT Table 3, §4.4): **reproduced** over 3 seeds" in text
     assert "+3.00 ± 0.0 (min–max +3.00 – +3.00)" in text, text and "random init" in text
-    assert "C7 CLS pooling ≥ the others after training** (IRT Table 9, §5): not measured yet" in text
+    assert "C7 CLS pooling ≥ the others after training** (IRT Table 9, §4.4): not measured yet" in text
     one = judge_claim("C2", [compare("R@1", {0: 1.0}, {0: 2.0})])
     assert one.verdict == "inconclusive" and "over 1 seed " in one.line()
     assert one.table().loc["R@1", "se"] == "–"

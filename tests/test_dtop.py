@@ -14,14 +14,15 @@ from timm.models.vision_transformer import VisionTransformer
 
 from nbsrc.config import DToPConfig
 from nbsrc.errors import ConfigError, WeightsError
-from nbsrc.models import PCAReduction, RetrievalModel, build_model
+from nbsrc.models import PCAReduction, RetrievalModel, build_model, model_from_config
 from nbsrc.models.dtop import (
-    DToPModel, create_effnet_lite0_vit,
+    DToPModel, LayerMix, create_effnet_lite0_vit,
 )
 from nbsrc.models.locality import (
-    ASPP, FUSIONS, EnhancedLocality, Fusion, InvertedResidual, WaveBlock, orthogonal_fusion,
+    ASPP, FUSIONS, EnhancedLocality, Fusion, InvertedResidual, WaveBlock, channel_shuffle, orthogonal_fusion,
 )
 from nbsrc.models.position import PositionGenerator, dynamic_position_embedding
+from nbsrc.presets import load_preset
 
 D = 192  # vit_tiny width
 TINY = dict(img_size=32, patch_size=8)  # 4 x 4 patch grid
@@ -131,6 +132,34 @@ def test_layer_mix_starts_as_the_mean_over_layers():
     assert torch.allclose(y_tokens, out["patches"].mean(1), atol=1e-5)
 
 
+def test_layer_mix_is_a_softmax_weighted_sum_of_the_layers():
+    mix = LayerMix(3)
+    with torch.no_grad():
+        mix.weight.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    p = torch.randn(2, 3, 5, 4)
+    w = [math.exp(a) for a in (0.5, -1.0, 2.0)]
+    ref = sum(w[l] / sum(w) * p[:, l] for l in range(3))
+    assert torch.allclose(mix(p), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["dtop_full_vitb16_sfm", "dtop_full_r50vitb16_sfm"])
+def test_added_modules_fit_the_supplements_budget(preset):
+    """§A.1: "The additional components of DToP have only 0.3M parameters". Everything the full model adds
+    to its backbone except the final FC to N, counted at D = 768, k = 6 (built on the meta device), equals
+    the count derived from the design (nbsrc.models.locality): 218,118 <= 300,000."""
+    with torch.device("meta"):
+        m = model_from_config(load_preset(preset, weights="none"))
+    d, k, g = m.backbone.num_features, m.k, 32
+    assert (d, k, m.fusion.kind, m.pos_embed_kind) == (768, 6, "orthogonal", "dpe")  # DPE, orthogonal: no parameters
+    irb = d * 2 * d // g + 2 * 2 * d + 9 * 2 * d + 2 * 2 * d + 2 * d * d // g + 2 * d  # expand, BN, dw, BN, project, BN
+    aspp = (d + 2 * d) + 3 * (9 * d + 2 * d) + 2 * d + 5 * d * d // g + 2 * d  # 1x1, 3 dilated, pool (w, b), fuse
+    count = {name: sum(p.numel() for p in child.parameters())
+             for name, child in m.named_children() if name not in ("backbone", "head")}
+    assert count == {"layer_mix": k, "elm": irb + aspp, "fusion": 0, "local_pool": 0}
+    total = sum(count.values())
+    assert total == 218_118 and total <= 300_000
+
+
 # ----------------------------------------------------------------------------- position encodings
 def test_dpe_is_the_identity_at_the_native_grid():
     pos = torch.randn(1, 1 + 16, 8)
@@ -231,19 +260,54 @@ def test_inverted_residual_shape_and_skip():
     irb = InvertedResidual(8).eval()
     x = torch.randn(2, 8, 3, 5)
     assert irb(x).shape == x.shape
-    assert irb.expand[0].out_channels == 32 and irb.depthwise[0].groups == 32
+    assert irb.expand[0].out_channels == 16 and irb.depthwise[0].groups == 16 and irb.expand[0].groups == 8
     with torch.no_grad():
         irb.project[1].weight.zero_()
         irb.project[1].bias.zero_()
     assert torch.equal(irb(x), x)  # the residual path alone
 
 
+def test_channel_shuffle_interleaves_the_groups():
+    x = torch.arange(6.0).view(1, 6, 1, 1)
+    assert channel_shuffle(x, 2).flatten().tolist() == [0.0, 3.0, 1.0, 4.0, 2.0, 5.0]
+
+
+def test_inverted_residual_mixes_channels_across_its_groups():
+    """Grouped 1x1 convolutions alone would keep channel 0 within its group; the shuffle spreads it."""
+    irb = InvertedResidual(64).eval()  # 32 groups of 2 channels
+    x = torch.randn(1, 64, 4, 4)
+    dx = torch.zeros_like(x)
+    dx[:, 0] = 1.0
+    with torch.no_grad():
+        changed = ((irb(x + dx) - irb(x)) - dx).abs().amax(dim=(0, 2, 3)) > 1e-6
+    assert changed[2:].any()  # beyond group 0 (channels 0, 1)
+
+
 def test_aspp_keeps_the_map_size_and_trains_on_one_image():
     aspp = ASPP(8)
     assert [b[0].dilation for b in aspp.branches] == [(1, 1), (6, 6), (12, 12), (18, 18)]
+    assert all(b[0].groups == 8 for b in aspp.branches)  # depthwise
     for h, w in ((3, 5), (4, 4)):  # one training image: the pooled 1x1 branch has no BatchNorm
         assert aspp.train()(torch.randn(1, 8, h, w)).shape == (1, 8, h, w)
     assert aspp.eval()(torch.randn(1, 8, 1, 1)).shape == (1, 8, 1, 1)
+
+
+def test_aspp_fusion_group_sees_every_branch_of_its_channels():
+    """The branches are interleaved per channel before the grouped fusion: a change in input channel 0 reaches
+    exactly the outputs of group 0 (channels 0, 1 of 64), through each branch."""
+    aspp = ASPP(64).eval()
+    x = torch.randn(1, 64, 5, 5)
+    dx = torch.zeros_like(x)
+    dx[:, 0] = 1.0
+    with torch.no_grad():
+        changed = (aspp(x + dx) - aspp(x)).abs().amax(dim=(0, 2, 3)) > 1e-6
+    assert changed[:2].any() and not changed[2:].any()
+    with torch.no_grad():
+        base = aspp(x)
+        for branch in aspp.branches:  # each branch feeds group 0
+            branch[0].weight[0].add_(1.0)
+            assert not torch.allclose(aspp(x), base)
+            branch[0].weight[0].sub_(1.0)
 
 
 def test_waveblock_keeps_one_band_and_scales_the_rest():

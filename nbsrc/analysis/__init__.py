@@ -3,7 +3,7 @@
 - :func:`cumulative_energy`, :func:`effective_dim`, :func:`effective_rank`: PCA spectrum of the embeddings
   (IRT Figs. 2, 3);
 - :func:`gradient_noise`, :func:`per_sample_embedding_grads`, :class:`GradientNoiseMeter`:
-  γ = ‖Cov(ĝ)‖_* of the contrastive loss's gradient directions (IRT §3.3, Fig. 4);
+  γ = ‖Cov(ĝ)‖_* of the contrastive loss's gradient directions (IRT §3.5, Fig. 4);
 - :func:`pair_similarities`, :func:`pair_indices`: positive / negative pair similarities (IRT Fig. 5), and
   :func:`separation_auc`, how well they separate;
   :func:`revisited_pair_similarities` the query-database pairs of Revisited Paris (Medium), as the

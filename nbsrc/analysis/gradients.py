@@ -1,4 +1,4 @@
-"""Gradient noise of the contrastive loss, IRT §3.3 and Figure 4.
+"""Gradient noise of the contrastive loss, IRT §3.5 and Figure 4.
 
 IRT argues that the margin β of the contrastive loss (eq. 1) trades off how many negatives are
 active against how noisy the gradient is. The noise is measured on the per-sample gradients of the
@@ -6,9 +6,11 @@ loss with respect to the embeddings, g_i = ∂L/∂z_i, through their directions
 
     γ = ‖Cov(ĝ)‖_*,   Cov(ĝ) = 1/B Σ_i (ĝ_i − ḡ)(ĝ_i − ḡ)ᵀ,   ḡ = 1/B Σ_i ĝ_i
 
-and averaged over training iterations. The function itself, :func:`gradient_noise`, lives in
-:mod:`nbsrc.losses.diagnostics` (below ``train``, so the training loop records γ while it trains,
-with ``record_grad_noise``, instead of in a second pass); it is re-exported here.
+IRT averages γ "over all training iterations" (§3.5); the training loop samples it instead, on the
+batch of every ``log_every``-th iteration (and the last), and :func:`nbsrc.reporting.mean_grad_noise`
+averages those samples (our reading, ``docs/fidelity.md``). The function itself, :func:`gradient_noise`,
+lives in :mod:`nbsrc.losses.diagnostics` (below ``train``, so the training loop records γ while it
+trains, with ``record_grad_noise``, instead of in a second pass); it is re-exported here.
 """
 
 from __future__ import annotations

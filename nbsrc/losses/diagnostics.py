@@ -7,7 +7,7 @@ import torch
 
 
 def gradient_noise(grads: torch.Tensor, eps: float = 1e-12) -> float:
-    """γ = ‖Cov(ĝ)‖_*, IRT §3.3 / Fig. 4.
+    """γ = ‖Cov(ĝ)‖_*, IRT §3.5 / Fig. 4.
 
     ĝ_i = g_i / ‖g_i‖ are the per-sample gradient directions of the contrastive loss w.r.t. the
     embeddings (rows with a zero gradient, samples with no active pair, are dropped), and

@@ -2,20 +2,33 @@
 retrieval", WACV 2023). Reached through ``build_model(..., dtop=DToPConfig(...))`` (or ``dtop=True,
 <option>=...``), i.e. a config whose ``model.dtop`` is set.
 
-For an image, the ViT's last ``k`` encoder blocks (collected with forward hooks, each output passed
-through the ViT's final LayerNorm) give, per layer ``l``, the [CLS] token ``c^l ∈ R^D`` and the
-patch tokens ``P^l ∈ R^{hw×D}``::
+For an image, the ViT's last ``k`` encoder blocks (collected with forward hooks) give, per layer ``l``,
+the [CLS] token ``c^l ∈ R^D`` and the patch tokens ``P^l ∈ R^{hw×D}``::
 
     global branch   c = [c^{L−k+1}; …; c^L] ∈ R^{kD}                                   (eq. 5)
-    local branch    Y = fold_{h×w}( [P^{L−k+1}, …, P^L] W_mix ) ∈ R^{D×h×w}               (eq. 6)
+    local branch    Y = fold_{h×w}( Σ_l softmax(a)_l P^l ) ∈ R^{D×h×w}                    (eq. 6)
                     U = ELM(Y)                                                      (eqs. 9–11)
                     ℓ = GeM( fusion(Y, U) )                                   (Table A13, A14–A20)
     output          f = FC([c; ℓ]) / ‖FC([c; ℓ])‖ ∈ R^N                                  (eq. 12)
 
-Our choices where the paper leaves the combination open: the k [CLS] tokens are concatenated; the
-k patch-token maps are concatenated along channels and mixed back to D channels by a learned
-linear map ``W_mix`` (kD → D) that is initialised to the average over the k layers, so that the
-ELM runs at the width of one layer. The ELM is in :mod:`nbsrc.models.locality`, the position
+The main paper's eqs. (5)–(12) are not in ``../shared/papers/``; the supplement names their parts
+("the global branch (7) on multi-layer [CLS] features (5) or the local branch (10) on multi-layer
+patch features (6)", "an FC layer with output feature dimension N", §A.2) and their size: "The
+additional components of DToP have only 0.3M parameters" (§A.1). Our reading, where it leaves the
+form open (each a row of ``docs/fidelity.md``):
+
+* every collected layer output passes through the ViT's final LayerNorm (as the last one does);
+* the k [CLS] tokens are concatenated;
+* the k patch-token maps are mixed by k learned scalars, softmax-normalised (:class:`LayerMix`,
+  initialised to the average over the k layers, k parameters), so that the ELM runs at the width
+  of one layer and the added modules stay within the 0.3M of §A.1;
+* the ELM's parts run in sequence, IRB then ASPP then WaveBlock (:mod:`nbsrc.models.locality`);
+* the local branch is pooled by GeM with p = 3 (fixed) and tokens clamped at 1e-6
+  (:class:`~nbsrc.models.pooling.TokenPooling`);
+* one FC over the concatenation [c; ℓ] gives the N-dimensional output.
+
+Without the final FC, the added modules of the full model (layer mix, ELM, orthogonal fusion, GeM)
+have 218,118 parameters at D = 768, k = 6. The ELM is in :mod:`nbsrc.models.locality`, the position
 encodings (DPE, eq. 2; none; CPE) in :mod:`nbsrc.models.position`. The ViT is built with timm's
 ``dynamic_img_size`` and ``dynamic_img_pad``, so an input of any size and aspect ratio works (sides
 that are not a multiple of the patch size are zero-padded at the bottom and right).
@@ -35,8 +48,8 @@ paper table in brackets):
     head_dim    1536          output dimension N of the FC layer                  (eq. 12, A7)
     branch      'both'        'both' | 'global' ([CLS] only) | 'local' (patches only) (A5)
 
-``pooling`` picks the local branch's pooling: 'gem' (the paper's; also what the default 'cls'
-means here, since the [CLS] tokens form the global branch), 'avg' or 'max'; 'dist' (a distilled
+``pooling`` picks the local branch's pooling: 'gem' (p = 3, our reading; also what the default 'cls'
+means here, since the [CLS] tokens form the global branch), 'avg' (Table A5's patch rows) or 'max'; 'dist' (a distilled
 DeiT, timm ``deit_*_distilled_*``) forms the global branch from the distillation tokens instead, local
 pooling gem. DToP §A.2 (Table A5): "we also evaluate multi-layer *distillation* features, replacing
 [CLS] by the distillation token where it exists, i.e., PiT [26] and DeiT [28]". A distilled DeiT has
@@ -118,6 +131,21 @@ def create_effnet_lite0_vit(
 
 
 # ----------------------------------------------------------------------------- the model
+class LayerMix(nn.Module):
+    """Eq. (6), our reading: k patch-token maps [B, k, n, D] -> ``Σ_l softmax(a)_l P^l`` [B, n, D], with k
+    learned scalars ``a`` (``weight``), initialised to 0, i.e. to the average over the k layers."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(k))
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bknd,k->bnd", patches, self.weight.softmax(0))
+
+    def extra_repr(self) -> str:
+        return f"k={self.weight.numel()}"
+
+
 class DToPModel(nn.Module):
     """images -> l2-normalised DToP embeddings [B, head_dim] (or [B, dim] once ``pca`` is fitted).
 
@@ -188,10 +216,7 @@ class DToPModel(nn.Module):
         self.layer_ids = list(range(depth - k, depth))
 
         # Local branch: layer mix (eq. 6), ELM (eqs. 9–11), fusion (A14–A20), pooling.
-        self.layer_mix = nn.Linear(k * d, d)
-        with torch.no_grad():  # initialised to the mean over the k layers
-            self.layer_mix.weight.copy_(torch.eye(d).repeat(1, k) / k)
-            self.layer_mix.bias.zero_()
+        self.layer_mix = LayerMix(k)
         self.elm = EnhancedLocality(d, elm_irb, elm_aspp, elm_wave) if elm else None
         self.fusion = Fusion(fusion, elm=elm)
         self.local_pool = TokenPooling(local_pool, 0, False, gem_p, gem_learnable)
@@ -279,8 +304,8 @@ class DToPModel(nn.Module):
         h, w = self.backbone.grid if self.pit_backbone else self._grid
         cls = torch.stack([t[:, self.global_index] for t in layers], dim=1)  # [CLS] or DIST
         patches = torch.stack([t[:, self.num_prefix :] for t in layers], dim=1)
-        b, k, n, d = patches.shape
-        y_tokens = self.layer_mix(patches.permute(0, 2, 1, 3).reshape(b, n, k * d))  # eq. (6)
+        b, k, _, d = patches.shape
+        y_tokens = self.layer_mix(patches)  # eq. (6)
         y = y_tokens.transpose(1, 2).reshape(b, d, h, w)
         u = self.elm(y) if self.elm is not None else None
         u_tokens = u.flatten(2).transpose(1, 2) if u is not None else None

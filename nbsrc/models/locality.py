@@ -1,24 +1,38 @@
 """DToP's enhanced locality module (ELM, eqs. 9–11) and the fusions of its input and output
 (Table A13, eqs. A14–A20).
 
+The supplement names the parts and their sources, not their sizes: "IRB: inverted residual block
+[55]; ASPP: à trous spatial pyramid pooling [7]; WB: WaveBlock [63]" (Table A10), and it bounds
+their size: "The additional components of DToP have only 0.3M parameters" (§A.1). The main paper's
+eqs. (9)–(11) are not in ``../shared/papers/``; the supplement refers to them as "U = ELM(Y)",
+fused with its input Y in (9) (§A.4), "we set Y' = Y in (9)" without the ELM (§A.2).
+
 The patch tokens of the local branch, folded back to their ``h × w`` grid, form the map ``Y``
 [B, C, h, w]. The ELM applies, in this order, each part that is switched on (Table A10)::
 
     U = Wave(ASPP(IRB(Y)))                                                    (eqs. 9–11)
 
-* **IRB**, the inverted residual block of MobileNetV2:
-  ``IRB(Y) = Y + BN(W_proj · GELU(BN(DWConv3×3(GELU(BN(W_exp · Y))))))``, with 1×1 convolutions
-  ``W_exp`` (C → 4C) and ``W_proj`` (4C → C).
-* **ASPP**, à trous spatial pyramid pooling (DeepLabv3): parallel branches — a 1×1 convolution,
-  3×3 convolutions with dilation 6, 12 and 18, and image pooling (global average -> 1×1
-  convolution -> broadcast) — each to C/2 channels, concatenated and fused by a 1×1 convolution
-  back to C channels.
+The order is our reading. At C = 768 one dense 1×1 convolution (C → C) already has 0.59M
+parameters, twice the budget, so every convolution here is depthwise or grouped (our reading, as
+MobileNetV2's depthwise and ShuffleNet's grouped pointwise convolutions are; ``groups`` =
+gcd(C, 32), 32 groups of 24 channels at C = 768):
+
+* **IRB**, MobileNetV2's inverted residual block with grouped pointwise convolutions:
+  ``IRB(Y) = Y + BN(W_proj · shuffle(GELU(BN(DWConv3×3(GELU(BN(W_exp · Y)))))))``, with grouped
+  1×1 convolutions ``W_exp`` (C → 2C) and ``W_proj`` (2C → C) and ShuffleNet's channel shuffle
+  between them, so that the projection mixes the expansion's groups. 95,232 parameters at C = 768.
+* **ASPP**, à trous spatial pyramid pooling (DeepLabv3) with depthwise branches: a depthwise 1×1
+  convolution, depthwise 3×3 convolutions with dilation 6, 12 and 18, and image pooling (global
+  average -> depthwise 1×1 convolution -> broadcast), each keeping C channels; the five maps are
+  interleaved per channel and fused by a grouped 1×1 convolution (5C → C). 122,880 parameters at
+  C = 768.
 * **WaveBlock** (Wang et al., 2021, "Attentive WaveBlock"): during training a random horizontal
   band of ``round(0.3 h)`` rows is kept and every other row is multiplied by 1.5; at evaluation it
-  is the identity.
+  is the identity. No parameters.
 
-Widths and hyper-parameters where the paper gives none are our choices: IRB expansion 4, ASPP
-rates (6, 12, 18) with C/2-channel branches, WaveBlock band 0.3 and factor 1.5, GELU activations.
+Widths and hyper-parameters where the paper gives none are our choices: IRB expansion 2, 32
+groups, ASPP rates (6, 12, 18), WaveBlock band 0.3 and factor 1.5, GELU activations. The whole ELM
+has 218,112 parameters at C = 768 (``tests/test_dtop.py`` counts them).
 
 Fusion of ``Y`` and ``U``, per token ``y, u ∈ R^C`` (Table A13, in the table's order):
 
@@ -36,6 +50,8 @@ In ``orthogonal`` the denominator ⟨u,u⟩ is clamped at 1e-8, so ``u = 0`` giv
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,43 +61,69 @@ from nbsrc.errors import ConfigError
 FUSIONS = ("none", "sum", "hadamard", "concat", "fast_norm", "orthogonal")
 
 
-class InvertedResidual(nn.Module):
-    """MobileNetV2's inverted residual block on a map [B, C, h, w] (stride 1, so with the skip)."""
+POINTWISE_GROUPS = 32  # the ELM's grouped 1x1 convolutions: gcd(C, 32) groups (our reading)
 
-    def __init__(self, dim: int, expansion: int = 4):
+
+def pointwise_groups(dim: int) -> int:
+    """The number of groups of the ELM's 1×1 convolutions on ``dim`` channels: gcd(dim, 32)."""
+    return math.gcd(dim, POINTWISE_GROUPS)
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """ShuffleNet's channel shuffle on [B, C, h, w]: channel ``g·(C/groups) + i`` moves to ``i·groups + g``."""
+    b, c, h, w = x.shape
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's inverted residual block on a map [B, C, h, w] (stride 1, so with the skip), its 1×1
+    convolutions grouped (``groups``, default gcd(C, 32)) with a channel shuffle before the projection."""
+
+    def __init__(self, dim: int, expansion: int = 2, groups: int | None = None):
         super().__init__()
-        hidden = dim * expansion
-        self.expand = nn.Sequential(nn.Conv2d(dim, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.GELU())
+        hidden, g = dim * expansion, groups or pointwise_groups(dim)
+        if dim % g:
+            raise ConfigError(f"InvertedResidual: groups={g} must divide the width {dim}")
+        self.groups = g
+        self.expand = nn.Sequential(nn.Conv2d(dim, hidden, 1, groups=g, bias=False), nn.BatchNorm2d(hidden),
+                                    nn.GELU())
         self.depthwise = nn.Sequential(
             nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.GELU()
         )
-        self.project = nn.Sequential(nn.Conv2d(hidden, dim, 1, bias=False), nn.BatchNorm2d(dim))
+        self.project = nn.Sequential(nn.Conv2d(hidden, dim, 1, groups=g, bias=False), nn.BatchNorm2d(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.project(self.depthwise(self.expand(x)))
+        return x + self.project(channel_shuffle(self.depthwise(self.expand(x)), self.groups))
 
 
 class ASPP(nn.Module):
-    """À trous spatial pyramid pooling: [B, C, h, w] -> [B, C, h, w] (any h, w)."""
+    """À trous spatial pyramid pooling with depthwise branches: [B, C, h, w] -> [B, C, h, w] (any h, w).
 
-    def __init__(self, dim: int, rates: tuple[int, ...] = (6, 12, 18), branch_dim: int | None = None):
+    Branches (each C channels): depthwise 1×1, depthwise 3×3 at each dilation of ``rates``, image
+    pooling; fused by a grouped 1×1 convolution over the branches interleaved per channel, so that
+    group ``j`` of the fusion sees every branch of its channels."""
+
+    def __init__(self, dim: int, rates: tuple[int, ...] = (6, 12, 18), groups: int | None = None):
         super().__init__()
-        b = branch_dim or max(1, dim // 2)
+        g = groups or pointwise_groups(dim)
+        if dim % g:
+            raise ConfigError(f"ASPP: groups={g} must divide the width {dim}")
 
         def conv_bn(k: int, dilation: int = 1) -> nn.Sequential:
             pad = dilation * (k // 2)
-            return nn.Sequential(nn.Conv2d(dim, b, k, padding=pad, dilation=dilation, bias=False),
-                                 nn.BatchNorm2d(b), nn.GELU())
+            return nn.Sequential(nn.Conv2d(dim, dim, k, padding=pad, dilation=dilation, groups=dim, bias=False),
+                                 nn.BatchNorm2d(dim), nn.GELU())
 
         self.branches = nn.ModuleList([conv_bn(1)] + [conv_bn(3, r) for r in rates])
         # No BatchNorm on the 1×1 pooled map: it would fail for a training batch of one image.
-        self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(dim, b, 1), nn.GELU())
-        self.fuse = nn.Sequential(nn.Conv2d(b * (len(rates) + 2), dim, 1, bias=False), nn.BatchNorm2d(dim), nn.GELU())
+        self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(dim, dim, 1, groups=dim), nn.GELU())
+        n = len(rates) + 2
+        self.fuse = nn.Sequential(nn.Conv2d(n * dim, dim, 1, groups=g, bias=False), nn.BatchNorm2d(dim), nn.GELU())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outs = [branch(x) for branch in self.branches]
         outs.append(self.image_pool(x).expand(-1, -1, x.shape[2], x.shape[3]))
-        return self.fuse(torch.cat(outs, dim=1))
+        return self.fuse(torch.stack(outs, dim=2).flatten(1, 2))  # [B, C·n, h, w]: channel c's n branches together
 
 
 class WaveBlock(nn.Module):

@@ -10,7 +10,7 @@ takes the convnet's map ``[B, C, H, W]`` itself, since its regions need the grid
 * ``avg``:  mean over patch tokens
 * ``max``:  max over patch tokens
 * ``gem``:  generalized mean, (1/T Σ_t max(x_t, ε)^p)^(1/p), p = 3 (optionally learnable).
-  Transformer tokens can be negative, so they are clamped at ε, as GeM requires.
+  Transformer tokens can be negative, so they are clamped at ε = 1e-6 (our reading), as GeM requires.
 * ``rmac``: regional maximum activations of convolutions (Tolias et al. 2016; IRT Table 7's "R-MAC"
   rows of R50 and R101), :class:`RMAC`.
 
