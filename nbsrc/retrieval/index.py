@@ -46,6 +46,7 @@ from nbsrc.eval.stream import embed_to_memmap, model_fingerprint, recorded_batch
 from nbsrc.models.fold import inference_model
 from nbsrc.retrieval.models import EmbeddingModel, Preprocessing, load_embedding_model, rebuild_model
 from nbsrc.provenance import provenance
+from nbsrc.safeload import load_model_file
 
 FORMAT = "nbsrc-index"
 VERSION = 1
@@ -287,7 +288,7 @@ class Index:
     def model(self) -> torch.nn.Module:
         """The index's own network (rebuilt from ``model.pt`` on first use), on :attr:`device`."""
         if self._model is None:
-            state = torch.load(self.path / MODEL, map_location="cpu", weights_only=True)
+            state = load_model_file(self.path / MODEL, "nbsrc embed MODEL FOLDER --out NEW_DIR (a new folder)")
             model = rebuild_model(self.manifest["model"], state)
             if model_fingerprint(model) != self.manifest["model_fingerprint"]:
                 raise RunDirError(f"{self.path / MODEL} is not the model the index was built with (fingerprint "
