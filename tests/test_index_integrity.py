@@ -21,7 +21,6 @@ from nbsrc.errors import DatasetError, RunDirError
 from nbsrc.retrieval import Index, load_embedding_model
 
 
-
 def _folder(root: Path, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     for c in range(2):
