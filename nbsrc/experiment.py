@@ -55,6 +55,7 @@ from nbsrc.data.revisited import ORIGINAL_GND_URL, ORIGINAL_NAMES, TWIN
 from nbsrc.eval.revisited import REVISITED_LAYOUT, REVISITED_NAMES, build_revisited
 from nbsrc.models import data_config, model_from_config
 from nbsrc.provenance import provenance
+from nbsrc.safeload import load_model_file
 from nbsrc.train import distributed, load_results, prepare_run_dir, read_metrics, resolve_device, run_state
 from nbsrc.train.loop import TrainingTask, fit
 from nbsrc.train.pairs import PairTask
@@ -105,10 +106,15 @@ def load_run(run_dir: str | Path, with_model: bool = False) -> RunResult:
     res = RunResult(cfg, run_dir, load_results(run_dir), reused=True)
     if with_model:
         res.model = model_from_config(cfg.replace(weights="none"))
-        state = torch.load(run_dir / MODEL, map_location="cpu", weights_only=True)
+        state = load_model_file(run_dir / MODEL, "the run's nbsrc train command plus --resume (it evaluates again "
+                                "from the final checkpoint), or --overwrite")
         if res.model.pca is not None:
             res.model.pca.fitted.fill_(True)
-        res.model.load_state_dict(state)
+        try:
+            res.model.load_state_dict(state)
+        except RuntimeError as e:
+            raise RunDirError(f"{run_dir / MODEL} does not fit the model of {run_dir / 'config.json'} "
+                              f"({str(e).splitlines()[0]}); the run's files are mixed up: train it again") from None
         res.model.eval()
     return res
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from nbsrc.errors import WeightsError
+from nbsrc.safeload import load_torch, why_unreadable
 
 # Blocks per stage of EfficientNet-Lite0 (efficientnet_pytorch numbers blocks flatly, timm by stage).
 _LITE0_STAGES = (1, 2, 2, 3, 3, 4, 1)
@@ -102,33 +103,22 @@ def resolve_weights_file(weights: str | Path) -> Path:
     return path
 
 
-def _numpy_globals() -> list:
-    """What a training checkpoint's numpy RNG state needs to unpickle under ``weights_only``:
-    the array reconstructor, ``ndarray``, ``dtype`` and the dtype's class (nothing executable)."""
-    import numpy as np
-
-    reconstruct = np.zeros(1).__reduce__()[0]
-    return [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-
-
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     """``(state_dict, config)`` of a weights file: a raw state dict, a finished run's ``model.pt``, or
     an nbsrc training checkpoint (``{'model': ..., 'config': ..., 'rng': ...}``).
 
-    Loaded with ``weights_only=True`` (no code in the file is run); the numpy arrays of a checkpoint's
-    RNG state are allowed. ``config`` is the config of the run the weights come from (the
-    checkpoint's own, or the ``config.json`` beside a ``model.pt``), or None; it only serves to
-    say, when the weights do not fit, how that run's model was built.
+    Loaded with ``weights_only=True`` (:func:`nbsrc.safeload.load_torch`: no code in the file is run);
+    the numpy arrays of checkpoints written before they held tensors only are allowed. ``config`` is
+    the config of the run the weights come from (the checkpoint's own, or the ``config.json`` beside a
+    ``model.pt``), or None; it only serves to say, when the weights do not fit, how that run's model
+    was built.
     """
     path = Path(path)
     try:
-        with torch.serialization.safe_globals(_numpy_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_torch(path)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a file we cannot use
-        detail = " ".join(str(e).split()).split(". ")[0][:120]  # torch's first sentence says what failed
-        raise WeightsError(
-            f"cannot read weights file {path} ({type(e).__name__}: {detail}); is it a torch checkpoint?"
-        ) from None
+        raise WeightsError(f"cannot read weights file {path} ({why_unreadable(e)}); is it a torch checkpoint?") \
+            from None
     config = None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         config = obj.get("config") if isinstance(obj.get("config"), dict) else None

@@ -22,7 +22,13 @@ listed in ``skipped.tsv``, never a crash halfway. Each file is decoded once, whi
 that cannot be (a wrong format, too large, a truncated JPEG) is embedded as nothing and skipped.
 
 Nothing is overwritten: building into a finished index with the same model and the same images
-just opens it; anything else in ``out_dir`` is a one-line error.
+just opens it; anything else in ``out_dir`` is a one-line error. A build in which no image could be
+read leaves no file of its own behind (the corrected command runs); a full disk is a one-line error
+that leaves no temporary file, and the same command finishes the build.
+
+An index checks itself when opened: ``manifest.json`` and ``images.json`` must name the same model
+fingerprint and preprocessing, and ``model.pt`` (read with ``weights_only``, :mod:`nbsrc.safeload`)
+must be the model of that fingerprint; files edited or mixed from two indexes are a one-line error.
 
 Search scores are inner products of l2-normalised embeddings (cosine similarity), best first;
 equal scores are ordered by listing row.
@@ -31,8 +37,10 @@ equal scores are ordered by listing row.
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +54,7 @@ from nbsrc.eval.stream import embed_to_memmap, model_fingerprint, recorded_batch
 from nbsrc.models.fold import inference_model
 from nbsrc.retrieval.models import EmbeddingModel, Preprocessing, load_embedding_model, rebuild_model
 from nbsrc.provenance import provenance
+from nbsrc.safeload import load_model_file
 from nbsrc.train.loop import resolve_device
 
 FORMAT = "nbsrc-index"
@@ -54,11 +63,23 @@ MANIFEST, LISTING, EMBEDDINGS, FAISS, MODEL, REPORT = (
     "manifest.json", "images.json", "embeddings.npy", "index.faiss", "model.pt", "skipped.tsv")
 _PARTIAL_SKIPS = "skipped.partial.jsonl"
 _ADD_ROWS = 65536
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # no space left, quota exceeded
+_REBUILD = "nbsrc embed MODEL FOLDER --out NEW_DIR"
 
 
 def _write_atomic(path: Path, write) -> None:
+    """``write(tmp)`` then rename ``tmp`` to ``path``; a failure removes ``tmp``, and a full disk is a
+    one-line :class:`~nbsrc.errors.RunDirError` (the same command resumes the build once there is space)."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            free = shutil.disk_usage(path.parent).free / 2**20
+            raise RunDirError(f"disk full while writing {path} ({free:.0f} MiB free, {os.strerror(e.errno)}); free "
+                              "some space and run the same nbsrc embed command again to finish the index") from e
+        raise
     os.replace(tmp, path)
 
 
@@ -275,7 +296,7 @@ class Index:
     def model(self) -> torch.nn.Module:
         """The index's own network (rebuilt from ``model.pt`` on first use), on :attr:`device`."""
         if self._model is None:
-            state = torch.load(self.path / MODEL, map_location="cpu", weights_only=True)
+            state = load_model_file(self.path / MODEL, f"{_REBUILD} (a new folder)")
             model = rebuild_model(self.manifest["model"], state)
             if model_fingerprint(model) != self.manifest["model_fingerprint"]:
                 raise RunDirError(f"{self.path / MODEL} is not the model the index was built with (fingerprint "
@@ -315,6 +336,7 @@ class Index:
                 "preprocessing": model.preprocessing.to_dict()}
         if (out / MANIFEST).exists():
             return cls._reopen(out, plan, dev, log)
+        created = not out.exists()
         cls._claim(out, plan)
         skips_path = out / _PARTIAL_SKIPS
 
@@ -345,7 +367,10 @@ class Index:
             reasons.setdefault(int(i), "the model returned NaN or inf for this image")
         good = np.setdiff1d(np.arange(len(emb)), np.fromiter(reasons, dtype=np.int64, count=len(reasons)))
         if len(good) == 0:
-            raise DatasetError(f"none of the {len(emb)} images under {images} could be read "
+            n = len(emb)
+            del emb
+            _remove_build(out, created)  # nothing to keep: the corrected command must find a new or empty folder
+            raise DatasetError(f"none of the {n} images under {images} could be read "
                                f"({describe_bad_images(sorted((listing.path(i), r) for i, r in reasons.items()), 'it')})")
         index = _faiss_index(emb, good)
         _write_atomic(out / FAISS, lambda t: _faiss_write(index, t))
@@ -419,7 +444,16 @@ class Index:
         missing = [f for f in (LISTING, FAISS, MODEL, REPORT) if not (path / f).exists()]
         if missing:
             raise RunDirError(f"index {path} is incomplete (missing {', '.join(missing)}); rebuild it into a new folder")
-        listing = Listing.from_dict(_read_json(path / LISTING)["listing"])
+        saved = _read_json(path / LISTING)
+        for key, what in (("model_fingerprint", "model fingerprint"), ("preprocessing", "preprocessing")):
+            if saved.get(key) != manifest.get(key):
+                raise RunDirError(f"{path / MANIFEST} and {path / LISTING} name different {what}s: the index's files "
+                                  f"were edited or come from two builds; rebuild it with {_REBUILD} (a new folder)")
+        listing = Listing.from_dict(saved["listing"])
+        if len(listing.paths) != manifest.get("n_listed"):
+            raise RunDirError(f"{path / MANIFEST} counts {manifest.get('n_listed')} images, {path / LISTING} "
+                              f"lists {len(listing.paths)}: the index's files come from two builds; rebuild it with "
+                              f"{_REBUILD} (a new folder)")
         try:
             index = faiss.read_index(str(path / FAISS))
         except RuntimeError:
@@ -510,6 +544,15 @@ def _faiss_write(index, path: Path) -> None:
     import faiss
 
     faiss.write_index(index, str(path))
+
+
+def _remove_build(out: Path, created: bool) -> None:
+    """Remove the files of an unfinished build from ``out`` (and ``out`` itself when the build created it)."""
+    for name in (LISTING, EMBEDDINGS, sidecar_path(out / EMBEDDINGS).name, _PARTIAL_SKIPS):
+        (out / name).unlink(missing_ok=True)
+        (out / (name + ".tmp")).unlink(missing_ok=True)
+    if created and not any(out.iterdir()):
+        out.rmdir()
 
 
 def _rows_done(out: Path) -> int:

@@ -5,6 +5,11 @@ file first and renames it into place only once it is complete, so a crash or a f
 destroys a good checkpoint; a full disk raises a one-line :class:`~nbsrc.errors.RunDirError` saying
 so. A load that finds the latest one unreadable (truncated, corrupt, missing) falls back to the
 previous one and says so in one warning line.
+
+A checkpoint holds tensors, plain containers, numbers and strings only (the numpy RNG state as a
+tensor), and is read with ``weights_only=True`` (:func:`nbsrc.safeload.load_torch`): a file that asks
+to call a function is refused in one line, nothing in it run, and never skipped over for the previous
+one. Checkpoints written before (numpy arrays in the RNG state and tuples) are read too.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import numpy as np
 import torch
 
 from nbsrc.errors import RunDirError
+from nbsrc.safeload import is_refused, load_torch, why_unreadable
 
 LATEST = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
@@ -75,11 +81,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _try_load(path: Path) -> tuple[dict | None, str]:
-    """``(state, "")`` or ``(None, why it is unusable)`` for one checkpoint file."""
+def _try_load(path: Path, fallback: Path | None = None) -> tuple[dict | None, str]:
+    """``(state, "")`` or ``(None, why it is unusable)`` for one checkpoint file; a file that asks to
+    call a function is a :class:`~nbsrc.errors.RunDirError` (``fallback``: the checkpoint to name in
+    the way out)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_torch(path)
     except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, ...
+        if is_refused(e):
+            out = f"delete it to resume from {fallback.name}, or " if fallback is not None and fallback.exists() else ""
+            raise RunDirError(f"checkpoint {path} is not an nbsrc checkpoint ({why_unreadable(e)}); "
+                              f"{out}restart with --overwrite") from None
         detail = " ".join(str(e).split())[:100]
         return None, f"truncated or corrupt ({type(e).__name__}: {detail})"
     if not isinstance(state, dict) or "iteration" not in state:
@@ -100,7 +112,7 @@ def load_checkpoint(run_dir: str | Path) -> dict:
         raise RunDirError(f"no checkpoint in {run_dir}; start the run without --resume")
     why_latest = "missing"
     if latest.exists():
-        state, why_latest = _try_load(latest)
+        state, why_latest = _try_load(latest, fallback=prev)
         if state is not None:
             return state
     if prev.exists():
@@ -121,15 +133,25 @@ def load_checkpoint(run_dir: str | Path) -> dict:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The torch, numpy, python (and CUDA) RNG states as tensors, numbers and tuples: numpy's
+    ``('MT19937', keys, pos, has_gauss, cached_gaussian)`` is stored with its keys as an int64 tensor."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` saved (numpy's state also in its own tuple form, as written before)."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["kind"], np.asarray(numpy_state["keys"].numpy(), dtype=np.uint32),
+                       numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    np.random.set_state(numpy_state)
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -161,10 +161,12 @@ class TupleTask(TrainingTask):
         return tuple_loss_terms(z, idx, self.tuple_size, self.cfg.loss.beta, self.cfg.loss.lam, self.cfg.loss.tuple_loss)
 
     def state(self, it: int) -> dict:
-        return {"epoch": it // self.per_epoch, "tuples": self.tuples}
+        tuples = None if self.tuples is None else torch.from_numpy(np.ascontiguousarray(self.tuples))
+        return {"epoch": it // self.per_epoch, "tuples": tuples}  # a tensor: a checkpoint holds no numpy
 
     def load_state(self, state: dict) -> None:
-        self.tuples = state.get("tuples")
+        tuples = state.get("tuples")  # a tensor, or an array in a checkpoint written before
+        self.tuples = None if tuples is None else np.asarray(tuples, dtype=np.int64)
 
     def log_fields(self, it: int) -> dict:
         return {"epoch": it // self.per_epoch}
