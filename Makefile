@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP) data
 
 # Debian's dataset-fashion-mnist puts the real files in /usr/share/datasets/fashion-mnist.
-# Without root/apt the reader falls back to $$NBSRC_DATA or a download (see README).
+# Without root/apt the reader falls back to $$NBSRC_DATA or a download (see docs/architecture.md, nbsrc.data).
 data:
 	@if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		(apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)) \

@@ -1,4 +1,4 @@
-"""The command line as README shows it: ``--resume`` reads the run's own config, the
+"""The command line as docs/cli.md shows it: ``--resume`` reads the run's own config, the
 default run name never collides with a notebook's, ``--help`` explains every flag, ``eval``,
 ``runs`` and ``compare``."""
 
@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from doc_blocks import block, nbsrc_commands
 
 from nbsrc.__main__ import build_parser, default_run_name, main
 from nbsrc.config import ExperimentConfig
@@ -28,7 +29,7 @@ def finished(tmp_path_factory):
 
 
 def test_resume_reads_the_saved_config(finished, capsys):
-    """README's resume example: ``--name X --resume`` with no other flag continues runs/X as saved."""
+    """docs/cli.md's resume example: ``--name X --resume`` with no other flag continues runs/X as saved."""
     rc = main(["train", "--name", "r", "--runs-dir", str(finished), "--resume"])
     assert rc == 0, capsys.readouterr().err
 
@@ -87,7 +88,7 @@ def test_train_without_name_uses_the_default_name(tmp_path, capsys):
     assert main(["train", "--runs-dir", str(runs), *TINY]) == 0
     (made,) = [p.name for p in runs.iterdir()]
     assert made == default_run_name(ExperimentConfig.load(runs / made / "config.json"))
-    # README: the same command with --resume and no --name finds the same run
+    # docs/cli.md: the same command with --resume and no --name finds the same run
     assert main(["train", "--runs-dir", str(runs), *TINY, "--resume"]) == 0, capsys.readouterr().err
 
 
@@ -243,34 +244,23 @@ def test_compare_shows_the_settings_that_differ_and_the_results(finished, tmp_pa
     assert "ghost does not exist" in capsys.readouterr().err
 
 
-def readme_block(section: str, language: str = "bash", nth: int = 0) -> str:
-    """The ``nth`` fenced ``language`` block of README's section whose heading starts with ``section``."""
-    text = (ROOT / "README.md").read_text()
-    body = text.split("\n" + section, 1)[1].split("\n## ", 1)[0]
-    return body.split(f"```{language}\n")[nth + 1].split("```", 1)[0]
+CLI_PAGE = ("docs/cli.md", "## Commands")
 
 
-def readme_cli_commands(section: str = "## Command line") -> list[list[str]]:
-    """The commands of the first bash block of a README section (default: "Command line"), as argument
-    lists after ``-m nbsrc``."""
-    import shlex
-
-    return [shlex.split(line.split("#")[0])[3:] for line in readme_block(section).splitlines() if "-m nbsrc" in line]
-
-
-def test_readme_cli_examples_run_as_written(tmp_path, monkeypatch, capsys):
-    """README's command-line block, in order, in a fresh directory: each train command with the tiny
-    settings appended (and then the same on --resume), the others as written. The notebook line and the
-    preset line (it needs the SOP images) are run elsewhere (test_faults_cli, test_presets)."""
+def test_cli_page_commands_run_as_written(tmp_path, monkeypatch, capsys):
+    """docs/cli.md's command block, in order, in a fresh directory: each train command with the tiny
+    settings appended (and then the same on --resume), the others as written. Not run here: the notebook
+    line (a notebook run, as README's notebook line, which tests/test_docs.py runs) and the preset line
+    (it needs the SOP images; tests/test_presets.py builds every preset on fixture trees)."""
     monkeypatch.chdir(tmp_path)
-    commands = readme_cli_commands()
+    commands = nbsrc_commands(block(*CLI_PAGE))
     assert [c[0] for c in commands][:6] == ["train", "train", "train", "eval", "runs", "compare"]
     (tmp_path / "runs").mkdir()
     ran = 0
     for args in commands:
         if args[0] == "notebook" or "--preset" in args:
             continue
-        if args[0] == "compare":  # runs/fashion_mnist/irt_r is notebook 02's run: compare the README's run with itself
+        if args[0] == "compare":  # runs/fashion_mnist/irt_r is notebook 02's run: compare the page's run with itself
             args = [a if a != "runs/fashion_mnist/irt_r" else "runs/my_irt_r" for a in args]
         extra = [f for f in TINY if args[0] == "train"] if "--resume" not in args else []
         rc = main([*args, *extra])
@@ -280,22 +270,22 @@ def test_readme_cli_examples_run_as_written(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "runs" / "my_irt_r" / "results.json").exists()
 
 
-WALK_THROUGH = "## Your images: from a folder of photos"
+WALK_THROUGH = ("docs/your-images.md", "## From a folder of photos")
 # appended to the walk-through's train command: what makes it run in seconds on a CPU (the flags given
-# later win); everything else, and every other command, runs as README writes it
+# later win); everything else, and every other command, runs as the page writes it
 WALK_THROUGH_TINY = ["--img-size", "32", "--batch-size", "8", "--m-per-class", "2", "--iterations", "2",
                      "--device", "cpu", "--no-progress"]
 
 
-def test_readme_your_images_walk_through_runs_as_written(tmp_path, monkeypatch, capsys):
-    """README's "Your images" example, start to finish, on a generated 20-class folder (a drawn shape per
+def test_your_images_walk_through_runs_as_written(tmp_path, monkeypatch, capsys):
+    """docs/your-images.md's walk-through, start to finish, on a generated 20-class folder (a drawn shape per
     class) in a fresh directory: train on half of the classes and evaluate on the rest, index the folder,
     search it with a new image and save the grid, export; then its two Python snippets load the run and
     the exported file."""
     from fixtures_photos import make_drawn_folder
 
     monkeypatch.chdir(tmp_path)
-    commands = readme_cli_commands(WALK_THROUGH)
+    commands = nbsrc_commands(block(*WALK_THROUGH))
     assert [c[0] for c in commands] == ["train", "eval", "embed", "search", "export"]
     names = make_drawn_folder(tmp_path / "photos", n_classes=20, per_class=4)
     make_drawn_folder(tmp_path / "new", n_classes=20, per_class=1, seed=7)  # other draws of the same shapes
@@ -323,11 +313,11 @@ def test_readme_your_images_walk_through_runs_as_written(tmp_path, monkeypatch, 
     import numpy as np
 
     scope = {}
-    exec(readme_block(WALK_THROUGH, "python", 0), scope)  # noqa: S102 - README's own two lines
+    exec(block(*WALK_THROUGH, "python", 0), scope)  # noqa: S102 - the page's own two lines
     model = scope["model"]
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     scope["x"] = x
-    exec(readme_block(WALK_THROUGH, "python", 1), scope)  # noqa: S102
+    exec(block(*WALK_THROUGH, "python", 1), scope)  # noqa: S102
     import torch
 
     with torch.no_grad():

@@ -1,5 +1,5 @@
 """The package's shape: every module imports on its own, no import cycle (module-level or inside a
-function), no private name imported across modules, and the layering the README states
+function), no private name imported across modules, and the layering docs/architecture.md states
 (config → presets → data → models → losses → train → eval → experiment → reproduce → runlist →
 analysis → plots → retrieval → widgets) is the one the imports follow: the presets only describe
 (they import the config, nothing that runs, and no torch), and the widgets only build widgets on top

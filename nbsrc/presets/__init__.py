@@ -13,7 +13,7 @@ numbers: :func:`preset_grid_tables`) and notes that say which settings are our r
 
     cfg = load_preset("irt_r_cub_deits", data_root="/data/CUB_200_2011")
     python -m nbsrc train --preset irt_r_cub_deits --data-root /data/CUB_200_2011
-    python -m nbsrc presets                       # the table in README.md
+    python -m nbsrc presets                       # the table in docs/presets.md
 
 The run is named after the preset unless ``name=`` overrides it. This package only loads, lists
 and describes the presets (it imports the config and nothing that runs); running them is the
@@ -75,7 +75,7 @@ def preset_grid_tables(name: str) -> list[str]:
     return [g["table"] for g in preset_paper(name).get("grids", [])]
 
 
-# ----------------------------------------------------------------------------- the README table
+# ----------------------------------------------------------------------------- the table of docs/presets.md
 def _fmt(v) -> str:
     return "–" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
 
