@@ -41,8 +41,7 @@ TODAY = {
     "pretrain_glyphs": lambda: pretrain_config("glyphs"),
     "cli_flags": lambda: cli("--dataset", "digits", "--lr", "1e-4", "--ks", "1", "5", "--no-amp", "--dim", "8",
                              "--pooling", "gem", "--gem-p", "2.5", "--split", "0.5", "--evaluator", "recall"),
-    "cli_dtop": lambda: cli("--model-options", '{"dtop": true, "k": 3, "fusion": "sum"}', "--img-size", "32",
-                            "--patch-size", "8"),
+    "cli_dtop": lambda: cli("--dtop", "--k", "3", "--fusion", "sum", "--img-size", "32", "--patch-size", "8"),
 }
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from nbsrc.config import FIELD_HELP, ExperimentConfig
+from nbsrc.config import ExperimentConfig, config_fields
 from nbsrc.losses import CrossBatchMemory, build_loss
 from nbsrc.models import build_model
 
@@ -60,6 +60,7 @@ def test_no_module_uses_the_retired_size_names():
 
 
 def test_help_of_the_names_that_differ_from_their_libraries():
+    FIELD_HELP = {f.name: f.help for f in config_fields()}
     assert "margin on negatives (pytorch-metric-learning: neg_margin)" in FIELD_HELP["beta"]
     assert "▷dim" in FIELD_HELP["dim"] and "feature_dim" in FIELD_HELP["dim"]
     import nbsrc.config
