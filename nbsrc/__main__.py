@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import re
 import sys
 import typing
 from pathlib import Path
 
-from nbsrc.config import FIELD_HELP, FLAT_FIELDS, ExperimentConfig, RunConfig
+from nbsrc.config import ExperimentConfig, RunConfig, config_fields
 from nbsrc.errors import ConfigError, NbsrcError
 
 # OSErrors that are the user's environment, not a bug: reported in one line naming the file.
@@ -32,120 +31,67 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
 
 
-def field_choices() -> dict[str, tuple]:
-    """The values a config field can take, from the tuples of :mod:`nbsrc.config` and the registries of
-    :mod:`nbsrc.losses`, :mod:`nbsrc.models.pooling` and :mod:`nbsrc.experiment` (evaluators) (shown by ``--help``;
-    ``validate()`` and the registries still check them)."""
-    from nbsrc import config as c
-    from nbsrc.experiment import EVALUATORS
-    from nbsrc.losses import PAIR_LOSSES, TUPLE_LOSSES
-    from nbsrc.models.pooling import POOLINGS
+def field_choices(f) -> tuple | None:
+    """The values config field ``f`` (:class:`~nbsrc.config.ConfigField`) can take, as its
+    :func:`~nbsrc.config.setting` declares them, a registry's keys read from its dotted path (shown by
+    ``--help``; ``validate()`` and the registries still check them); ``None`` first where it may be None."""
+    import importlib
 
-    return {"dataset": c.DATASETS, "pooling": tuple(POOLINGS), "sampler": c.SAMPLERS, "scheduler": c.SCHEDULERS,
-            "optimizer": c.OPTIMIZERS, "whitening": c.WHITENINGS, "loss": tuple(PAIR_LOSSES),
-            "tuple_loss": tuple(TUPLE_LOSSES), "sfm_training": ("tuples", "classes"), "size_variant": (None, "mixed"),
-            "device": ("auto", "cpu", "cuda", "cuda:N"), "evaluator": (None, *EVALUATORS)}
-
-
-# --help of the fields that have no comment of their own in nbsrc/config.py
-_UNCOMMENTED_HELP = {
-    "name": "the run's directory under --runs-dir",
-    "runs_dir": "directory that holds the run directories",
-    "seed": "random seed of the model's initialisation, the sampler and the data order",
-    "negatives_per_tuple": "SfM-120k: hard negatives mined per (query, positive) tuple",
-    "pairs_per_epoch": "SfM-120k: (query, positive) pairs drawn per epoch",
-    "negative_pool": "SfM-120k: images from which the hard negatives are mined each epoch",
-    "gem_p": "GeM pooling exponent p (pooling gem)",
-    "gem_learnable": "learn GeM's p with the network",
-    "arcface_margin": "ArcFace additive angular margin m (loss arcface)",
-    "arcface_scale": "ArcFace scale s (loss arcface)",
-    "optimizer": "optimizer of the network's parameters",
-    "lr": "peak learning rate",
-    "weight_decay": "decoupled weight decay (AdamW) or L2 (SGD, Adam)",
-    "batch_size": "images per batch, a multiple of --m-per-class",
-    "warmup_iters": "iterations of linear learning-rate warm-up",
-    "scheduler": "learning-rate schedule after the warm-up",
-    "num_workers": "DataLoader worker processes (0: load in the main process)",
-    "log_every": "write a metrics.jsonl row every N iterations",
-    "ckpt_every": "save checkpoint.pt every N iterations (0: only at the end)",
-    "ks": "the K of Recall@K",
-    "eval_batch_size": "images per batch when embedding for evaluation",
-    "progress": "show a progress bar while training",
-}
-
-
-def field_comments() -> dict[str, str]:
-    """Each config field's comment in its section of ``nbsrc/config.py`` (the one on its line, else the
-    comment lines just above it), keyed by flat name, with :data:`~nbsrc.config.FIELD_HELP` taking precedence: the help of ``train``'s flags."""
-    import inspect
-
-    from nbsrc import config
-
-    out: dict[str, str] = {}
-    flat_of = {path: flat for flat, path in config.FLAT_FIELDS.items()}
-    for section, cls in config.SECTIONS.items():
-        above: list[str] = []
-        for line in inspect.getsource(cls).splitlines():
-            stripped = line.strip()
-            m = re.match(r"(\w+): [^=]+=[^#]*(?:#\s*(.*))?$", stripped)
-            if stripped.startswith("#"):
-                above.append(stripped.lstrip("# "))
-            elif m:
-                text = m.group(2) or " ".join(above)
-                flat = flat_of.get(f"{section}.{m.group(1)}")
-                if text and flat is not None:
-                    out[flat] = text
-                above = []
-            else:
-                above = []
-    return {**_UNCOMMENTED_HELP, **out, **FIELD_HELP}
+    choices = f.choices
+    if isinstance(choices, str):
+        module, attr = choices.rsplit(".", 1)
+        choices = tuple(getattr(importlib.import_module(module), attr))
+        if type(None) in typing.get_args(f.type):
+            choices = (None, *choices)
+    return choices
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per config field, its help the field's comment, its default and its choices. A flag not
-    given leaves the field to the preset / config file / default (``argparse.SUPPRESS``: absent from the
-    namespace); ``none`` or ``null`` sets an optional field to None (``--dim none``), while a plain string
-    field keeps the word (``--weights none``)."""
-    from nbsrc.config import SECTIONS, flat_fields
+    """One flag per config field (:func:`~nbsrc.config.config_fields`), its help, the paper's value,
+    its choices and its default from the field's :func:`~nbsrc.config.setting`. A flag not given leaves
+    the field to the preset / config file / default (``argparse.SUPPRESS``: absent from the namespace);
+    ``none`` or ``null`` sets an optional field to None (``--dim none``), while a plain string field keeps
+    the word (``--weights none``). ``--dtop`` turns the DToP model on (the preset's, else the paper's),
+    its fields' flags (``--k``, ``--head-dim``) change it."""
+    from nbsrc.config import SECTIONS, DToPConfig, config_fields
 
-    comments, choices = field_comments(), field_choices()
-    groups = {s: p.add_argument_group(f"{s} (cfg.{s}.*)", SECTIONS[s].__doc__.split("\n\n")[0].split(": ", 1)[-1])
-              for s in SECTIONS}
-    for f in flat_fields():
+    doc = {**SECTIONS, "model.dtop": DToPConfig}
+    groups = {s: p.add_argument_group(f"{s} (cfg.{s}.*)", doc[s].__doc__.split("\n\n")[0].split(": ", 1)[-1])
+              for s in doc}
+    for f in config_fields():
         t, flag, g = f.type, "--" + f.name.replace("_", "-"), groups[f.section]
         args = typing.get_args(t)
         optional = bool(args) and type(None) in args
         base = next((a for a in args if a is not type(None)), t) if optional else t
+        choices = field_choices(f)
+        null = "null" if choices and "none" in choices else "none"  # fusion: 'none' is a name, null is None
         shown = f.default
-        shown = "none" if shown is None else " ".join(map(str, shown)) if isinstance(shown, list) else shown
+        shown = null if shown is None else " ".join(map(str, shown)) if isinstance(shown, (list, tuple)) else shown
         if f.name == "name":
             shown = "cli_<dataset>_<loss>_lam<lam>_<hash of the settings>, a name no notebook uses"
-        help_ = comments.get(f.name, f.name.replace("_", " "))
-        if f.name in choices and re.fullmatch(r"[\w:]+( \| [\w:]+)+", help_):  # a bare list: the choices say it
-            help_ = {"device": "where to train and evaluate"}.get(f.name, f.name.replace("_", " "))
-        if f.name in choices:
-            help_ += f"; choices: {', '.join('none' if v is None else str(v) for v in choices[f.name])}"
+        help_ = f.help
+        if choices:
+            help_ += f"; choices: {', '.join(null if v is None else str(v) for v in choices)}"
+        if f.paper is not None:
+            help_ += f"; paper: {f.paper}"
         help_ = (help_ + f" (default: {shown})").replace("%", "%%")
         unset = argparse.SUPPRESS
-        if base is bool:
+        if base is bool or f.name == "dtop":
             g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=unset, help=help_)
-        elif f.name == "ks":
-            g.add_argument(flag, dest=f.name, type=int, nargs="+", default=unset, help=help_)
-        elif f.name == "model_options":
-            g.add_argument(flag, dest=f.name, type=json.loads, default=unset, help="a JSON dict; " + help_)
-        elif f.name == "eval_scales":
-            g.add_argument(flag, dest=f.name, type=float, nargs="+", default=unset, help=help_)
+        elif f.name in ("ks", "eval_scales"):
+            g.add_argument(flag, dest=f.name, type=int if f.name == "ks" else float, nargs="+", default=unset,
+                           help=help_)
         else:
             conv = base if base in (int, float, str) else str
-            metavar = "{" + ",".join("none" if v is None else str(v) for v in choices[f.name]) + "}" \
-                if f.name in choices and f.name != "device" else None
-            g.add_argument(flag, dest=f.name, type=_optional(conv) if optional else conv, default=unset,
+            metavar = "{" + ",".join(null if v is None else str(v) for v in choices) + "}" \
+                if choices and f.name != "device" else None
+            g.add_argument(flag, dest=f.name, type=_optional(conv, null) if optional else conv, default=unset,
                            help=help_, metavar=metavar)
 
 
-def _optional(conv):
+def _optional(conv, null: str = "none"):
     def parse(s: str):
-        return None if s.lower() in ("none", "null") else conv(s)
+        return None if s.lower() in ("null", null) else conv(s)
 
     parse.__name__ = conv.__name__
     return parse
@@ -163,19 +109,23 @@ def config_from_args(ns: argparse.Namespace) -> ExperimentConfig:
 
 
 def _config_from_flags(ns: argparse.Namespace) -> ExperimentConfig:
-    base: dict = {}
+    layers: list[dict] = []
     if getattr(ns, "preset", None):
         from nbsrc.presets import preset_dict
 
-        base.update(preset_dict(ns.preset))
-    names = set(FLAT_FIELDS)
+        layers.append(preset_dict(ns.preset))
+    names = _flag_names()
     if getattr(ns, "config", None):
-        base.update(read_config_file(ns.config, names))
-    base.update({k: v for k, v in vars(ns).items() if k in names})  # only the flags given are in ns
-    if "name" in base:
-        return ExperimentConfig.from_dict(base)
-    cfg = ExperimentConfig.from_dict(base)
+        layers.append(read_config_file(ns.config, names))
+    layers.append({k: v for k, v in vars(ns).items() if k in names})  # only the flags given are in ns
+    cfg = ExperimentConfig.from_layers(*layers)
+    if any("name" in layer or "name" in (layer.get("run") or {}) for layer in layers):
+        return cfg
     return cfg.replace(name=default_run_name(cfg))
+
+
+def _flag_names() -> set[str]:
+    return {f.name for f in config_fields()}
 
 
 def default_run_name(cfg: ExperimentConfig) -> str:
@@ -205,8 +155,7 @@ def resume_config(ns: argparse.Namespace) -> ExperimentConfig:
         if getattr(ns, opt, None):
             raise ConfigError(f"--{opt} cannot be combined with --resume: a resumed run keeps its saved "
                               f"config.json; drop --{opt}")
-    names = set(FLAT_FIELDS)
-    given = {k: v for k, v in vars(ns).items() if k in names}
+    given = {k: v for k, v in vars(ns).items() if k in _flag_names()}
     if "name" not in given:
         given["name"] = default_run_name(ExperimentConfig.from_dict(given))
     runs_dir = Path(given.get("runs_dir", RunConfig.runs_dir))
@@ -220,8 +169,8 @@ def resume_config(ns: argparse.Namespace) -> ExperimentConfig:
     for k, v in given.items():
         if k in ("name", "runs_dir") or k in EXECUTION_FIELDS:
             continue
-        old = saved.to_dict()[k]
-        if saved.replace(**{k: v}).to_dict()[k] != old:  # in the flat form (model_options without its defaults)
+        old = saved.value(k)
+        if saved.replace(**{k: v}).fingerprint() != saved.fingerprint():
             flag = "--" + k.replace("_", "-")
             raise ConfigError(f"{flag} {v!r} cannot change a resumed run (it was made with {k}={old!r}): only "
                               f"execution settings ({', '.join(sorted(EXECUTION_FIELDS - {'runs_dir'}))}) may; "
@@ -231,8 +180,12 @@ def resume_config(ns: argparse.Namespace) -> ExperimentConfig:
 
 
 def read_config_file(path: str, names: set[str]) -> dict:
-    """The JSON dict of ``--config FILE``; a missing, unreadable or malformed file, or a key that is no
-    config field, is a one-line :class:`~nbsrc.errors.ConfigError` naming the file."""
+    """The JSON dict of ``--config FILE`` (fields by name, or a saved ``config.json`` of any version); a
+    missing, unreadable or malformed file, or a key that is neither a config field (of ``names``) nor a
+    section, is a one-line :class:`~nbsrc.errors.ConfigError` naming the file."""
+    from nbsrc.config import SECTIONS
+
+    names = names | set(SECTIONS) | {"format", "model_options"}
     try:
         text = Path(path).read_bytes()
     except OSError as e:

@@ -17,16 +17,22 @@ it, ``cfg.<section>.<field>``:
            with ``data.sfm_training='tuples'``
 =========  ==========================================================================================
 
-Every field has the paper's default unless its comment says otherwise; :meth:`ExperimentConfig.validate`
-turns a nonsense value into a one-line :class:`~nbsrc.errors.ConfigError` that names the field and the fix.
+Each field is declared once, with :func:`setting`: its default (the paper's unless its help says
+otherwise), its help, its choices and the paper's value, from which the CLI makes ``--help``
+(:func:`config_fields`). :meth:`ExperimentConfig.validate` turns a nonsense value into a one-line
+:class:`~nbsrc.errors.ConfigError` that names the field and the fix.
 
-**Flat names.** Every field also has a flat name, the one used before the config had sections and still
-used by the CLI flags (``--lr``), presets, papermill parameters, ``cfg.replace(lr=...)`` and the saved
-``config.json``: :data:`FLAT_FIELDS` maps each flat name to its place (``"lr": "optim.lr"``). A field's
-name in its section is its flat name except ``loss`` (``loss.name``); the untyped ``model_options``
-dict of old configs maps to the typed ``model.dtop`` (:func:`dtop_from_options`). ``config.json`` and
-:meth:`ExperimentConfig.fingerprint` keep the flat form, so run directories saved before the sections
-load and are reused (``tests/test_config_sections.py`` checks it on configs saved by the flat version).
+**Names.** A field's name is unique across the sections (``loss.name`` is called ``loss``, and the
+DToP model's fields are named as in :class:`DToPConfig`), so a field is given by its name alone:
+``--lr`` on the command line, ``ExperimentConfig(lr=1e-4)``, ``cfg.replace(lr=1e-4)``, a notebook's
+``-p lr 1e-4``; ``cfg.value("lr")`` reads it. A section may also be given whole, as its dataclass or a
+dict of some of its fields (``optim={"lr": 1e-4}``).
+
+**Saved form.** ``config.json`` and the presets hold the sections (:meth:`ExperimentConfig.to_dict`)
+with ``"format": 2``; :func:`upgrade` reads the flat form of older run directories and presets (every
+field at the top, the DToP model as ``model_options``). :meth:`ExperimentConfig.fingerprint`, what a
+run's reuse and its CLI name are made of, keeps that older form's keys and values, so an old run
+directory is found and reused by the same settings.
 
 **Sizes: one name per concept.** Along the model, from the image to the embedding, a size has one name
 in the package (config fields, function parameters and model attributes alike):
@@ -55,12 +61,15 @@ the table (``model.output_dim`` was ``embed_dim``, which timm uses for the width
 memory's ``embedding_dim`` / ``dim`` are ``feature_dim``).
 """
 
+
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,27 +81,20 @@ SAMPLERS = ("m_per_class", "group_size")
 SCHEDULERS = ("cosine", "constant")
 OPTIMIZERS = ("adamw", "sgd", "adam")
 WHITENINGS = (None, "learned")
+CONFIG_FORMAT = 2  # config.json's "format": the sections; a file without it is the older flat form (upgrade)
 
-# --help of the fields whose name alone does not say what they are (the CLI shows it); keyed by flat name
-FIELD_HELP = {
-    "beta": "margin on negatives (pytorch-metric-learning: neg_margin), in [0, 1]; IRT eq. 1's beta",
-    "lam": "KoLeo weight lambda (IRT eq. 5); 0 gives IRT_L, > 0 IRT_R",
-    "dim": "PCA output dimension (IRT's ▷dim, e.g. 128), fitted on training embeddings after training; the size "
-           "of the returned embedding; none: no PCA, the embedding keeps feature_dim (the pooling's or DToP head's size)",
-    "memory_size": "cross-batch memory (XBM) size in embeddings; 0: off",
-    "memory_start": "iteration from which the cross-batch memory is read and filled (XBM warm-up); 0: from the start",
-    "model_options": "the DToP model (model.dtop) as a JSON dict of nbsrc.config.DToPConfig fields under "
-                     "\"dtop\": true, e.g. '{\"dtop\": true, \"k\": 6}'; {}: no DToP",
-}
 
-# Fields (flat names) that change how a run is executed or logged but not what it computes: two configs
-# that differ only here describe the same experiment (used to decide whether a saved run can be reused,
-# and the only fields `train --resume` may change). All are in `run`, except eval.eval_batch_size.
-EXECUTION_FIELDS = frozenset(
-    {"runs_dir", "device", "num_workers", "log_every", "ckpt_every", "progress", "eval_batch_size",
-     "compile", "pin_memory", "fused_optimizer", "cpu_compile", "threads"}
-)
-# Not here: ``amp`` and ``cpu_bf16``, which change the numbers a run computes (bf16 rounds every matmul).
+def setting(default: Any, help: str, *, choices: tuple | str | None = None, paper: Any = None,
+            name: str | None = None, execution: bool = False) -> Any:
+    """A config field: its ``default`` and, in its metadata, what ``--help`` says of it.
+
+    ``choices``: the values it takes, or the dotted path of a registry whose keys they are
+    (``"nbsrc.losses.PAIR_LOSSES"``, read by the CLI; the config imports nothing above it); ``paper``:
+    the paper's value where the default is another; ``name``: its name where the field's own is not
+    unique (``loss.name`` is ``loss``); ``execution``: it changes how a run is executed or logged but
+    not what it computes (:data:`EXECUTION_FIELDS`)."""
+    meta = {"help": help, "choices": choices, "paper": paper, "name": name, "execution": execution}
+    return dataclasses.field(default=default, metadata={k: v for k, v in meta.items() if v not in (None, False)})
 
 
 def invalid(name: str, value: Any, expected: str) -> None:
@@ -105,21 +107,23 @@ def invalid(name: str, value: Any, expected: str) -> None:
 class RunConfig:
     """Section ``run``: the run's name, its seed, and how it is executed and logged."""
 
-    name: str = "irt_r"
-    runs_dir: str = "runs"
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    num_workers: int = 0
-    log_every: int = 10
-    ckpt_every: int = 100
-    progress: bool = True
-    record_grad_noise: bool = False  # log gamma = ||Cov(grad directions)||_* (IRT Fig. 4)
-    compile: bool = False  # torch.compile the model (CUDA; measured in `python -m nbsrc.bench train`)
-    pin_memory: bool = True  # pinned host memory + non-blocking copies when training on CUDA
-    fused_optimizer: bool = True  # fused AdamW/Adam/SGD kernels on CUDA
-    # CPU execution (issue 15; measured in `python -m nbsrc.bench train`); each is a no-op on CUDA
-    cpu_compile: bool = False  # torch.compile (inductor) the model when training on CPU
-    threads: int = 0  # torch.set_num_threads for training (0: torch's own count)
+    name: str = setting("irt_r", "the run's directory under --runs-dir")
+    runs_dir: str = setting("runs", "directory that holds the run directories", execution=True)
+    seed: int = setting(0, "random seed of the model's initialisation, the sampler and the data order")
+    device: str = setting("auto", "where to train and evaluate", choices=("auto", "cpu", "cuda", "cuda:N"),
+                          execution=True)
+    num_workers: int = setting(0, "DataLoader worker processes (0: load in the main process)", execution=True)
+    log_every: int = setting(10, "write a metrics.jsonl row every N iterations", execution=True)
+    ckpt_every: int = setting(100, "save checkpoint.pt every N iterations (0: only at the end)", execution=True)
+    progress: bool = setting(True, "show a progress bar while training", execution=True)
+    record_grad_noise: bool = setting(False, "log gamma = ||Cov(grad directions)||_* (IRT Fig. 4)")
+    compile: bool = setting(False, "torch.compile the model (CUDA; measured in `python -m nbsrc.bench train`)",
+                            execution=True)
+    pin_memory: bool = setting(True, "pinned host memory + non-blocking copies when training on CUDA",
+                               execution=True)
+    fused_optimizer: bool = setting(True, "fused AdamW/Adam/SGD kernels on CUDA", execution=True)
+    cpu_compile: bool = setting(False, "torch.compile (inductor) the model when training on CPU", execution=True)
+    threads: int = setting(0, "torch.set_num_threads for training (0: torch's own count)", execution=True)
 
     def validate(self, bad) -> None:
         if not self.name or "/" in self.name or self.name in (".", ".."):
@@ -133,21 +137,28 @@ class RunConfig:
 class DataConfig:
     """Section ``data``: which images train, which evaluate, and how batches are drawn."""
 
-    dataset: str = "fashion_mnist"  # fashion_mnist | digits | folder | cub | sop | inshop | sfm120k
-    data_root: str | None = None  # None: $NBSRC_DATA, then the Debian package, then a download
-    train_classes: str = "0-4"  # class-disjoint split: train on these classes ...
-    test_classes: str = "5-9"  # ... query and gallery on these unseen ones ("all": every class the other omits)
-    split: float | None = None  # fraction split: the first round(split·n) sorted classes train, the rest test
-    eval_per_class: int | None = None  # cap on evaluation images per class (None: all)
-    img_size: int = 28  # square input side after resize and crop (paper: 224)
-    sampler: str = "m_per_class"  # m_per_class | group_size (DToP Table A12: batches of one image size)
-    size_variant: str | None = None  # None | "mixed": every image stretched to one of 5 aspect ratios (A12)
-    # DToP §A.1 "random cropping, illumination and scaling augmentation" in training (ranges our reading:
-    # nbsrc.data.transforms.DTOP_AUGMENTATION); on in the DToP presets, off elsewhere
-    dtop_augmentation: bool = False
-    # how SfM-120k trains: "tuples" (IRT §4.2: tuples with mined hard negatives, contrastive loss) or
-    # "classes" (DToP: each image labelled by its 3D model, the ordinary loop with any loss, e.g. ArcFace)
-    sfm_training: str = "tuples"
+    dataset: str = setting("fashion_mnist", "the images: a built-in dataset, a folder of class folders, or a "
+                           "benchmark", choices=DATASETS)
+    data_root: str | None = setting(None, "where the dataset is; none: $NBSRC_DATA, then the Debian package, "
+                                    "then a download")
+    train_classes: str = setting("0-4", "class-disjoint split: train on these classes ...")
+    test_classes: str = setting("5-9", "... query and gallery on these unseen ones (\"all\": every class the "
+                                "other omits)")
+    split: float | None = setting(None, "fraction split: the first round(split·n) sorted classes train, the "
+                                  "rest test")
+    eval_per_class: int | None = setting(None, "cap on evaluation images per class (none: all)")
+    img_size: int = setting(28, "square input side after resize and crop", paper=224)
+    sampler: str = setting("m_per_class", "how batches are drawn (group_size: batches of one image size, DToP "
+                           "Table A12)", choices=SAMPLERS)
+    size_variant: str | None = setting(None, "mixed: every image stretched to one of 5 aspect ratios (DToP "
+                                       "Table A12)", choices=(None, "mixed"))
+    dtop_augmentation: bool = setting(
+        False, "DToP §A.1 \"random cropping, illumination and scaling augmentation\" in training (ranges our "
+        "reading: nbsrc.data.transforms.DTOP_AUGMENTATION); on in the DToP presets, off elsewhere")
+    sfm_training: str = setting(
+        "tuples", "how SfM-120k trains: \"tuples\" (IRT §4.2: tuples with mined hard negatives, contrastive "
+        "loss) or \"classes\" (DToP: each image labelled by its 3D model, the ordinary loop with any loss, e.g. "
+        "ArcFace)", choices=("tuples", "classes"))
 
     @property
     def uses_tuples(self) -> bool:
@@ -187,24 +198,22 @@ class DToPConfig:
     Each default is the full model of the supplementary's Tables A7–A13. The names the model checks
     when it is built (``pos_embed``, ``pe_interp``, ``fusion``, ``branch``) are checked there."""
 
-    # last encoder layers collected (eqs. 5–6); A8: "The optimal number of layers is k = 6"
-    k: int = 6
-    # position encoding (eq. 2, A9): 'dpe' (dynamic position embedding) | 'none' | 'cpe'
-    pos_embed: str = "dpe"
-    # DPE interpolation (A9): 'bilinear' | 'bicubic'; "Bi-linear interpolation is best"
-    pe_interp: str = "bilinear"
-    elm: bool = True  # enhanced locality module (eqs. 9–11, A10); the full model has it
-    elm_irb: bool = True  # ELM's inverted residual block (A10: "all components contribute")
-    elm_aspp: bool = True  # ELM's à trous spatial pyramid pooling (A10)
-    elm_wave: bool = True  # ELM's WaveBlock (A10)
-    # fusion of the ELM's input and output (A13): none | sum | hadamard | concat | fast_norm | orthogonal;
-    # None: 'orthogonal' with the ELM ("We choose orthogonal fusion as default"), 'none' without
-    fusion: str | None = None
-    # output dimension N of the FC layer (eq. 12), the model's feature_dim (not timm's attention head size);
-    # A7: "the best performance is obtained by N = 1,536"
-    head_dim: int = 1536
-    # 'both' (eq. 12) | 'global' ([CLS] only, eq. 7) | 'local' (patches only, eq. 10): A5 uses one branch
-    branch: str = "both"
+    k: int = setting(6, "last encoder layers collected (eqs. 5–6); A8: \"The optimal number of layers is k = 6\"")
+    pos_embed: str = setting("dpe", "position encoding (eq. 2, A9): dynamic position embedding (dpe), none, or "
+                             "conditional (cpe)", choices=("dpe", "none", "cpe"))
+    pe_interp: str = setting("bilinear", "DPE interpolation (A9): \"Bi-linear interpolation is best\"",
+                             choices=("bilinear", "bicubic"))
+    elm: bool = setting(True, "enhanced locality module (eqs. 9–11, A10); the full model has it")
+    elm_irb: bool = setting(True, "ELM's inverted residual block (A10: \"all components contribute\")")
+    elm_aspp: bool = setting(True, "ELM's à trous spatial pyramid pooling (A10)")
+    elm_wave: bool = setting(True, "ELM's WaveBlock (A10)")
+    fusion: str | None = setting(
+        None, "fusion of the ELM's input and output (A13); None (null): 'orthogonal' with the ELM (\"We choose "
+        "orthogonal fusion as default\"), 'none' without", choices="nbsrc.models.locality.FUSIONS")
+    head_dim: int = setting(1536, "output dimension N of the FC layer (eq. 12), the model's feature_dim (not "
+                            "timm's attention head size); A7: \"the best performance is obtained by N = 1,536\"")
+    branch: str = setting("both", "both (eq. 12), global ([CLS] only, eq. 7) or local (patches only, eq. 10): "
+                          "A5 uses one branch", choices="nbsrc.models.dtop.BRANCHES")
 
     def validate(self, bad) -> None:
         for name in ("k", "head_dim"):
@@ -225,25 +234,25 @@ class DToPConfig:
         """``fusion`` with None resolved: 'orthogonal' with the ELM, 'none' without (A13)."""
         return self.fusion if self.fusion is not None else ("orthogonal" if self.elm else "none")
 
-    def options(self) -> dict[str, Any]:
-        """The fields that differ from the paper's defaults (the flat form ``model_options`` keeps)."""
-        default = DToPConfig()
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if getattr(self, f.name) != getattr(default, f.name)}
-
 
 @dataclass
 class ModelConfig:
     """Section ``model``: what :func:`nbsrc.models.build_model` builds."""
 
-    backbone: str = "vit_tiny_patch16_224"  # any timm model name (paper: deit_small_patch16_224)
-    patch_size: int | None = 7  # override the ViT patch size (None: the backbone's own)
-    weights: str = "none"  # none | timm | efficientnet_lite0 | /path/to/checkpoint.pt
-    pooling: str = "cls"  # a name of nbsrc.models.POOLINGS (cls | dist | avg | max | gem | rmac); checked when built
-    gem_p: float = 3.0
-    gem_learnable: bool = False
-    dim: int | None = None  # PCA output dimension (IRT ▷dim; paper: 128), fitted after training; None: off
-    dtop: DToPConfig | None = None  # the DToP model (DToPConfig()), or None: backbone + pooling
+    backbone: str = setting("vit_tiny_patch16_224", "any timm model name", paper="deit_small_patch16_224")
+    patch_size: int | None = setting(7, "override the ViT patch size (none: the backbone's own)")
+    weights: str = setting("none", "starting weights: none (random), timm (timm's pretrained), efficientnet_lite0 "
+                           "(offline ImageNet weights), or a checkpoint file or run directory")
+    pooling: str = setting("cls", "how the tokens or feature map become one descriptor (nbsrc.models.POOLINGS); "
+                           "checked when built", choices="nbsrc.models.pooling.POOLINGS")
+    gem_p: float = setting(3.0, "GeM pooling exponent p (pooling gem)")
+    gem_learnable: bool = setting(False, "learn GeM's p with the network")
+    dim: int | None = setting(
+        None, "PCA output dimension (IRT's ▷dim, e.g. 128), fitted on training embeddings after training; the "
+        "size of the returned embedding; none: no PCA, the embedding keeps feature_dim (the pooling's or DToP "
+        "head's size)")
+    dtop: DToPConfig | None = setting(None, "the DToP model (the fields of model.dtop; on: the paper's full model "
+                                      "unless they change it); none: backbone + pooling")
 
     def validate(self, bad) -> None:
         if not isinstance(self.pooling, str) or not self.pooling:
@@ -262,22 +271,24 @@ class ModelConfig:
 class LossConfig:
     """Section ``loss`` (IRT eqs. 1 and 5): the loss, its margin, KoLeo and the cross-batch memory."""
 
-    # a name of nbsrc.losses.PAIR_LOSSES (contrastive | nsoftmax | snca | arcface); checked when the run is
-    # built, before anything is written (SfM-120k tuples: contrastive, see tuple_loss). Flat name: ``loss``
-    name: str = "contrastive"
-    beta: float = 0.5  # margin on negatives (pytorch-metric-learning: neg_margin), in [0, 1]
-    lam: float = 0.7  # KoLeo weight lambda; 0 gives IRT_L, > 0 gives IRT_R
-    memory_size: int = 0  # cross-batch memory (XBM) size in embeddings; 0: off
-    # iteration from which the memory is read and filled (XBM's warm-up; before it: batch x batch only);
-    # 0: from the start, as IRT fine-tuning a pretrained model does
-    memory_start: int = 0
-    momentum: float | None = None  # momentum encoder for the memory (paper, In-Shop: 0.999)
-    arcface_margin: float = 0.15
-    arcface_scale: float = 30.0
-    temperature: float = 0.05  # Normalized Softmax and Scalable NCA temperature
-    # SfM-120k tuple loss: "distance" (cirtorch's ½d² / ½max(0, β − d)², summed over tuples; IRT §4.2
-    # builds on that code) or "eq1" (IRT eq. 1 with β as a cosine threshold); nbsrc.losses.tuples
-    tuple_loss: str = "distance"
+    name: str = setting("contrastive", "the loss; checked when the run is built, before anything is written "
+                        "(SfM-120k tuples: contrastive, see tuple_loss)", choices="nbsrc.losses.PAIR_LOSSES",
+                        name="loss")
+    beta: float = setting(0.5, "margin on negatives (pytorch-metric-learning: neg_margin), in [0, 1]; IRT eq. 1's "
+                          "beta")
+    lam: float = setting(0.7, "KoLeo weight lambda (IRT eq. 5); 0 gives IRT_L, > 0 IRT_R")
+    memory_size: int = setting(0, "cross-batch memory (XBM) size in embeddings; 0: off")
+    memory_start: int = setting(0, "iteration from which the cross-batch memory is read and filled (XBM warm-up; "
+                                "before it: batch x batch only); 0: from the start, as IRT fine-tuning a "
+                                "pretrained model does")
+    momentum: float | None = setting(None, "momentum encoder for the memory; none: off", paper="0.999 (In-Shop)")
+    arcface_margin: float = setting(0.15, "ArcFace additive angular margin m (loss arcface)")
+    arcface_scale: float = setting(30.0, "ArcFace scale s (loss arcface)")
+    temperature: float = setting(0.05, "Normalized Softmax and Scalable NCA temperature")
+    tuple_loss: str = setting(
+        "distance", "SfM-120k tuple loss: \"distance\" (cirtorch's ½d² / ½max(0, β − d)², summed over tuples; "
+        "IRT §4.2 builds on that code) or \"eq1\" (IRT eq. 1 with β as a cosine threshold); nbsrc.losses.tuples",
+        choices="nbsrc.losses.TUPLE_LOSSES")
 
     def validate(self, bad) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -304,20 +315,22 @@ class LossConfig:
 class OptimConfig:
     """Section ``optim``: the optimizer, the schedule, the batches, and the precision of the numbers."""
 
-    optimizer: str = "adamw"
-    lr: float = 3e-5
-    weight_decay: float = 5e-4
-    batch_size: int = 64
-    m_per_class: int = 16  # m samples of each class in every batch, so that every batch has positives
-    iterations: int = 1000  # 0: no training, the off-the-shelf model (IRT_O)
-    warmup_iters: int = 0
-    scheduler: str = "cosine"
-    min_lr_factor: float = 1e-2  # cosine decays to lr * min_lr_factor
-    grad_clip: float | None = 1.0  # max global grad norm; None: off
-    lr_decay_per_epoch: float = 0.0  # SfM tuple training: lr × exp(−decay · epoch) (cirtorch: 0.01); 0: off
-    freeze_batchnorm: bool = False  # BatchNorm layers kept in eval mode while training (cirtorch); ViTs have none
-    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler)
-    cpu_bf16: bool = False  # bf16 autocast when training on CPU (changes the numbers: not an execution field)
+    optimizer: str = setting("adamw", "optimizer of the network's parameters", choices=OPTIMIZERS)
+    lr: float = setting(3e-5, "peak learning rate")
+    weight_decay: float = setting(5e-4, "decoupled weight decay (AdamW) or L2 (SGD, Adam)")
+    batch_size: int = setting(64, "images per batch, a multiple of --m-per-class")
+    m_per_class: int = setting(16, "m samples of each class in every batch, so that every batch has positives")
+    iterations: int = setting(1000, "training iterations; 0: no training, the off-the-shelf model (IRT_O)")
+    warmup_iters: int = setting(0, "iterations of linear learning-rate warm-up")
+    scheduler: str = setting("cosine", "learning-rate schedule after the warm-up", choices=SCHEDULERS)
+    min_lr_factor: float = setting(1e-2, "cosine decays to lr * min_lr_factor")
+    grad_clip: float | None = setting(1.0, "max global grad norm; none: off")
+    lr_decay_per_epoch: float = setting(0.0, "SfM tuple training: lr × exp(−decay · epoch) (cirtorch: 0.01); 0: off")
+    freeze_batchnorm: bool = setting(False, "BatchNorm layers kept in eval mode while training (cirtorch); ViTs "
+                                     "have none")
+    amp: bool = setting(True, "mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler)")
+    cpu_bf16: bool = setting(False, "bf16 autocast when training on CPU (changes the numbers: not an execution "
+                             "field)")
 
     def validate(self, bad) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -352,15 +365,17 @@ class OptimConfig:
 class EvalConfig:
     """Section ``eval``: what is measured (during and after training) and how the test images are embedded."""
 
-    ks: tuple[int, ...] = (1, 2, 4, 8)
-    eval_every: int = 0  # 0: evaluate only at the end
-    eval_batch_size: int = 256
-    eval_scales: list[float] | None = None  # Revisited evaluation scales (DToP: 1, 1/√2, 1/2); None: single scale
-    whitening: str | None = None  # None | "learned": supervised whitening from SfM-120k pairs (DToP, Radenović)
-    # a name of nbsrc.experiment.EVALUATORS ("recall": Recall@K on the test classes; "revisited": mAP and mP@k
-    # of Revisited Oxford and Paris), checked when the run is built; None: the dataset's own (revisited for
-    # sfm120k, recall otherwise)
-    evaluator: str | None = None
+    ks: tuple[int, ...] = setting((1, 2, 4, 8), "the K of Recall@K")
+    eval_every: int = setting(0, "evaluate every N iterations; 0: only at the end")
+    eval_batch_size: int = setting(256, "images per batch when embedding for evaluation", execution=True)
+    eval_scales: list[float] | None = setting(None, "Revisited evaluation scales (DToP: 1, 1/√2, 1/2); none: "
+                                              "single scale")
+    whitening: str | None = setting(None, "learned: supervised whitening from SfM-120k pairs (DToP, Radenović); "
+                                    "none: off", choices=WHITENINGS)
+    evaluator: str | None = setting(
+        None, "what is measured (\"recall\": Recall@K on the test classes; \"revisited\": mAP and mP@k of "
+        "Revisited Oxford and Paris), checked when the run is built; none: the dataset's own (revisited for "
+        "sfm120k, recall otherwise)", choices="nbsrc.experiment.EVALUATORS")
 
     def validate(self, bad) -> None:
         if self.evaluator is not None and (not isinstance(self.evaluator, str) or not self.evaluator):
@@ -382,10 +397,10 @@ class TupleConfig:
     ``pairs_per_epoch`` (query, positive) pairs and a ``negative_pool`` of images;
     ``negatives_per_tuple`` hard negatives mined with the current model for each pair."""
 
-    tuples_per_batch: int = 5  # tuples in a batch (IRT §4.2: 5)
-    negatives_per_tuple: int = 5  # SfM-120k: hard negatives mined per (query, positive) tuple
-    pairs_per_epoch: int = 2000  # SfM-120k: (query, positive) pairs drawn per epoch
-    negative_pool: int = 22000  # SfM-120k: images from which the hard negatives are mined each epoch
+    tuples_per_batch: int = setting(5, "tuples in a batch (IRT §4.2: 5)")
+    negatives_per_tuple: int = setting(5, "SfM-120k: hard negatives mined per (query, positive) tuple")
+    pairs_per_epoch: int = setting(2000, "SfM-120k: (query, positive) pairs drawn per epoch")
+    negative_pool: int = setting(22000, "SfM-120k: images from which the hard negatives are mined each epoch")
 
     def validate(self, bad) -> None:
         for name in ("tuples_per_batch", "negatives_per_tuple", "pairs_per_epoch", "negative_pool"):
@@ -396,132 +411,95 @@ class TupleConfig:
 SECTIONS: dict[str, type] = {"run": RunConfig, "data": DataConfig, "model": ModelConfig, "loss": LossConfig,
                              "optim": OptimConfig, "eval": EvalConfig, "tuples": TupleConfig}
 
-# ----------------------------------------------------------------------------- flat name -> section path
-# Every flat name (CLI flag, preset key, papermill parameter, config.json key, cfg.replace keyword) and
-# where it lives: ``cfg.lr`` of the flat config is ``cfg.optim.lr``. The input compatibility code maps
-# with this table; tests/test_config_sections.py checks that it names every section field exactly once.
-FLAT_FIELDS: dict[str, str] = {
-    # run
-    "name": "run.name", "runs_dir": "run.runs_dir", "seed": "run.seed", "device": "run.device",
-    "num_workers": "run.num_workers", "log_every": "run.log_every", "ckpt_every": "run.ckpt_every",
-    "progress": "run.progress", "record_grad_noise": "run.record_grad_noise", "compile": "run.compile",
-    "pin_memory": "run.pin_memory", "fused_optimizer": "run.fused_optimizer", "cpu_compile": "run.cpu_compile",
-    "threads": "run.threads",
-    # data
-    "dataset": "data.dataset", "data_root": "data.data_root", "train_classes": "data.train_classes",
-    "test_classes": "data.test_classes", "split": "data.split", "eval_per_class": "data.eval_per_class",
-    "img_size": "data.img_size", "sampler": "data.sampler", "size_variant": "data.size_variant",
-    "dtop_augmentation": "data.dtop_augmentation", "sfm_training": "data.sfm_training",
-    # model ("model_options", the untyped DToP dict of old configs, is model.dtop: see dtop_from_options)
-    "backbone": "model.backbone", "patch_size": "model.patch_size", "weights": "model.weights",
-    "pooling": "model.pooling", "gem_p": "model.gem_p", "gem_learnable": "model.gem_learnable",
-    "dim": "model.dim", "model_options": "model.dtop",
-    # loss
-    "loss": "loss.name", "beta": "loss.beta", "lam": "loss.lam", "memory_size": "loss.memory_size",
-    "memory_start": "loss.memory_start", "momentum": "loss.momentum", "arcface_margin": "loss.arcface_margin",
-    "arcface_scale": "loss.arcface_scale", "temperature": "loss.temperature", "tuple_loss": "loss.tuple_loss",
-    # optim
-    "optimizer": "optim.optimizer", "lr": "optim.lr", "weight_decay": "optim.weight_decay",
-    "batch_size": "optim.batch_size", "m_per_class": "optim.m_per_class", "iterations": "optim.iterations",
-    "warmup_iters": "optim.warmup_iters", "scheduler": "optim.scheduler", "min_lr_factor": "optim.min_lr_factor",
-    "grad_clip": "optim.grad_clip", "lr_decay_per_epoch": "optim.lr_decay_per_epoch",
-    "freeze_batchnorm": "optim.freeze_batchnorm", "amp": "optim.amp", "cpu_bf16": "optim.cpu_bf16",
-    # eval
-    "ks": "eval.ks", "eval_every": "eval.eval_every", "eval_batch_size": "eval.eval_batch_size",
-    "eval_scales": "eval.eval_scales", "whitening": "eval.whitening",
-    "evaluator": "eval.evaluator",
-    # tuples (None unless SfM-120k trains on tuples; the flat form then holds TupleConfig's defaults)
-    "tuples_per_batch": "tuples.tuples_per_batch", "negatives_per_tuple": "tuples.negatives_per_tuple",
-    "pairs_per_epoch": "tuples.pairs_per_epoch", "negative_pool": "tuples.negative_pool",
-}
-SECTION_OF = {flat: path.split(".")[0] for flat, path in FLAT_FIELDS.items()}
-_FLAT_OF = {path: flat for flat, path in FLAT_FIELDS.items()}  # "optim.lr" -> "lr"
 
-
+# ----------------------------------------------------------------------------- the fields by name
 @dataclass(frozen=True)
-class FlatField:
-    """One flat name with its section field: what the CLI needs to make a flag of it."""
+class ConfigField:
+    """One field as the CLI and the notebooks see it: its ``name`` (the flag ``--lr``, the keyword
+    ``lr=``), where it lives (``section`` ``optim``, or ``model.dtop`` for DToP's; ``field``, its name
+    there), its type hint, default and what :func:`setting` says of it."""
 
-    name: str  # the flat name (``lr``; ``loss`` for loss.name; ``model_options`` for model.dtop)
-    section: str  # ``optim``
-    field: str  # the field in the section (``lr``; ``name``; ``dtop``)
-    type: Any  # the section field's type hint, resolved
-    default: Any  # the flat form of the default (model_options: {})
+    name: str
+    section: str
+    field: str
+    type: Any
+    default: Any
+    help: str
+    choices: tuple | str | None  # the values, or the dotted path of the registry that holds them
+    paper: Any
+    execution: bool
 
 
-def flat_fields() -> list[FlatField]:
-    """Every flat name, in :data:`FLAT_FIELDS` order, with its type and default (CLI flags, notebook checks)."""
-    import typing
-
-    out, default = [], ExperimentConfig().to_dict()
-    for flat, path in FLAT_FIELDS.items():
-        section, name = path.split(".")
-        hint = typing.get_type_hints(SECTIONS[section])[name]
-        out.append(FlatField(flat, section, name, dict[str, Any] if flat == "model_options" else hint, default[flat]))
+def _declared() -> list[tuple[str, type, dataclasses.Field]]:
+    """``(section, class, field)`` of every field, DToP's after the model's."""
+    out = []
+    for section, cls in SECTIONS.items():
+        out += [(section, cls, f) for f in dataclasses.fields(cls)]
+        if cls is ModelConfig:
+            out += [("model.dtop", DToPConfig, f) for f in dataclasses.fields(DToPConfig)]
     return out
 
 
-def dtop_from_options(options: Any, where: str = "model_options") -> DToPConfig | None:
-    """The typed ``model.dtop`` of an old config's ``model_options`` dict (``{"dtop": True, "k": 6, ...}``):
-    None without ``dtop=True``; an option that is no :class:`DToPConfig` field is a one-line error naming it."""
-    if options is None or isinstance(options, DToPConfig):
-        return options
-    if not isinstance(options, dict):
-        raise ConfigError(f"model_options={options!r} is invalid: expected a dict of DToP options such as "
-                          "{'dtop': True, 'k': 6}")
-    options = dict(options)
-    on = options.pop("dtop", False)
-    names = [f.name for f in dataclasses.fields(DToPConfig)]
-    unknown = [k for k in options if k not in names]
-    if unknown:
-        close = difflib.get_close_matches(str(unknown[0]), names, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown DToP option {unknown[0]!r} in {where}{hint}; valid options are dtop, "
-                          f"{', '.join(names)}")
-    if not on:
-        if options:
-            raise ConfigError(f"model_options={options!r} needs 'dtop': True (its options are DToP's); add it, "
-                              "or drop the options")
-        return None
-    return DToPConfig(**options)
+def _name_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("name", f.name)
 
 
-def _as_dtop(value: Any) -> DToPConfig | None:
-    """``model.dtop`` given as a DToPConfig, None, True/False, or a dict of its fields."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        return DToPConfig()
-    if isinstance(value, dict):
-        return dtop_from_options({"dtop": True, **{k: v for k, v in value.items() if k != "dtop"}})
-    if isinstance(value, DToPConfig):
-        return value
-    raise ConfigError(f"dtop={value!r} is invalid: expected a DToPConfig, a dict of its fields, True or None")
+_WHERE: dict[str, tuple[str, str]] = {}  # a field's name -> (section, field): "lr" -> ("optim", "lr")
+for _section, _cls, _f in _declared():
+    if _name_of(_f) in _WHERE or _name_of(_f) in SECTIONS and _name_of(_f) != "loss":
+        raise AssertionError(f"config field name {_name_of(_f)!r} is not unique")  # names are the CLI's flags
+    _WHERE[_name_of(_f)] = (_section, _f.name)
+
+# The fields that change how a run is executed or logged but not what it computes (``setting(...,
+# execution=True)``): two configs that differ only here describe the same experiment (used to decide
+# whether a saved run can be reused, and the only fields `train --resume` may change). Not here: ``amp``
+# and ``cpu_bf16``, which change the numbers a run computes (bf16 rounds every matmul).
+EXECUTION_FIELDS = frozenset(_name_of(f) for _, _, f in _declared() if f.metadata.get("execution"))
+
+
+@functools.cache
+def config_fields() -> tuple[ConfigField, ...]:
+    """Every field of the config, section by section (the CLI's flags, the notebooks' parameters)."""
+    out = []
+    for section, cls, f in _declared():
+        m = f.metadata
+        out.append(ConfigField(_name_of(f), section, f.name, typing.get_type_hints(cls)[f.name], f.default,
+                               m.get("help", ""), m.get("choices"), m.get("paper"), bool(m.get("execution"))))
+    return tuple(out)
 
 
 def _unknown(key: Any, names: list[str], where: str = "") -> ConfigError:
     close = difflib.get_close_matches(str(key), sorted(names), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return ConfigError(f"unknown parameter {f'{where}{key}'!r}{hint}; valid parameters are the fields of "
-                       "ExperimentConfig (flat names such as 'lr', or sections such as 'optim')")
+                       "ExperimentConfig (names such as 'lr', or sections such as 'optim')")
 
 
-def _section_values(section: str, value: Any) -> dict[str, Any]:
-    """A whole section given as its dataclass or a dict of its fields -> {field: value}."""
-    cls = SECTIONS[section]
-    if isinstance(value, cls):
-        return {f.name: getattr(value, f.name) for f in dataclasses.fields(cls)}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{section}={value!r} is invalid: expected a {cls.__name__} or a dict of its fields")
-    names = [f.name for f in dataclasses.fields(cls)]
-    for k in value:
-        if k not in names:
-            raise _unknown(k, names, f"{section}.")
-    return dict(value)
+def as_dtop(value: Any, current: DToPConfig | None = None, where: str = "dtop") -> DToPConfig | None:
+    """``model.dtop`` from what a user gives: a DToPConfig, None or False (no DToP), True (on: ``current``,
+    else the paper's full model), or a dict of some of its fields (over ``current``, else over the paper's
+    defaults); a key that is no DToPConfig field is a one-line error naming it and ``where`` it was given."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return dataclasses.replace(current) if current is not None else DToPConfig()
+    if isinstance(value, DToPConfig):
+        return dataclasses.replace(value)
+    if isinstance(value, dict):
+        names = [f.name for f in dataclasses.fields(DToPConfig)]
+        unknown = [k for k in value if k not in names]
+        if unknown:
+            close = difflib.get_close_matches(str(unknown[0]), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown DToP option {unknown[0]!r} in {where}{hint}; valid options are "
+                              f"{', '.join(names)}")
+        return dataclasses.replace(current or DToPConfig(), **value)
+    raise ConfigError(f"{where}={value!r} is invalid: expected a DToPConfig, a dict of its fields, True or None")
 
 
-def _coerce(section: str, name: str, value: Any) -> Any:
-    """JSON gives lists: ``ks`` is a tuple of ints, ``eval_scales`` a list of floats, ``weights`` a string."""
+def _coerce(section: str, name: str, value: Any, current: Any) -> Any:
+    """JSON gives lists: ``ks`` is a tuple of ints, ``eval_scales`` a list of floats, ``weights`` a string,
+    ``dtop`` a DToPConfig (``current``: the section being changed)."""
     if (section, name) == ("eval", "ks") and value is not None:
         return tuple(int(k) for k in value)
     if (section, name) == ("eval", "eval_scales") and value is not None:
@@ -529,60 +507,173 @@ def _coerce(section: str, name: str, value: Any) -> Any:
     if (section, name) == ("model", "weights") and isinstance(value, Path):
         return str(value)
     if (section, name) == ("model", "dtop"):
-        return _as_dtop(value)
+        return as_dtop(value, current.dtop)
     return value
 
 
-def _sections(given: dict[str, Any]) -> dict[str, Any]:
-    """Map an input dict (flat names, whole sections, or both) to the sections of :class:`ExperimentConfig`.
+def _changed(sections: dict[str, Any], changes: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
+    """``sections`` (``{section: dataclass or None}``) with ``changes`` applied, and the sections changed.
 
-    A key is a flat name (:data:`FLAT_FIELDS`), ``model_options`` (old configs' DToP dict), ``dtop``
-    (``model.dtop``), or a section name with its dataclass or a dict of its fields (``tuples`` may be None).
-    ``loss`` is the flat name when its value is a string, the section otherwise. A field given twice
-    (flat and in its section) is an error; an unknown key is an error with the closest name."""
-    parts: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
-    tuples_given, tuples_none = False, False
+    A key of ``changes`` is a field's name (``lr``, ``loss``, DToP's ``k``) or a section's, with its
+    dataclass (the section, whole; ``tuples`` may be None) or a dict of some of its fields (those fields
+    changed). ``loss`` is the field when its value is a string, the section otherwise. A field given
+    twice (by its name and in its section) is an error, as is an unknown key (with the closest name), a
+    DToP field while the DToP model is off, and a tuple field away from its default while SfM-120k does
+    not train on tuples (at its default it is ignored: older configs held the tuple fields always)."""
+    whole: dict[str, Any] = {}
+    edits: dict[str, dict[str, Any]] = {}
+    keys: dict[tuple[str, str], str] = {}
 
     def put(section: str, name: str, value: Any, key: str) -> None:
-        if name in parts[section]:
-            raise ConfigError(f"{key} is given twice (as a flat name and in section {section!r}); give it once")
-        parts[section][name] = _coerce(section, name, value)
+        if (section, name) in keys:
+            raise ConfigError(f"{key} is given twice (by its name and in section {section!r}); give it once")
+        keys[(section, name)] = key
+        edits.setdefault(section, {})[name] = value
 
-    for key, value in given.items():
+    for key, value in changes.items():
         if key in SECTIONS and not (key == "loss" and isinstance(value, str)):
-            if key == "tuples":
-                tuples_given = True
-                if value is None:
-                    tuples_none = True
-                    continue
-            for name, v in _section_values(key, value).items():
-                put(key, name, v, f"{key}.{name}")
-        elif key == "model_options":
-            put("model", "dtop", dtop_from_options(value), key)
-        elif key == "dtop":
-            put("model", "dtop", value, key)
-        elif key in FLAT_FIELDS:
-            section, name = FLAT_FIELDS[key].split(".")
-            put(section, name, value, key)
+            cls = SECTIONS[key]
+            if isinstance(value, cls) or (key == "tuples" and value is None):
+                whole[key] = value
+            elif isinstance(value, dict):
+                names = [f.name for f in dataclasses.fields(cls)]
+                for name, v in value.items():
+                    if name not in names:
+                        raise _unknown(name, names, f"{key}.")
+                    put(key, name, v, f"{key}.{name}")
+            else:
+                raise ConfigError(f"{key}={value!r} is invalid: expected a {cls.__name__} or a dict of its fields")
+        elif key in _WHERE:
+            put(*_WHERE[key], value, key)
         else:
-            raise _unknown(key, [*FLAT_FIELDS, *SECTIONS])
+            raise _unknown(key, [*_WHERE, *SECTIONS])
+    for section in whole:
+        if edits.get(section):
+            first = next(iter(edits[section]))
+            raise ConfigError(f"{keys[(section, first)]} is given with the whole section {section!r}; give it once")
 
-    out = {s: SECTIONS[s](**parts[s]) for s in SECTIONS if s != "tuples"}
-    if tuples_none:
-        if parts["tuples"]:
-            raise ConfigError(f"{next(iter(parts['tuples']))} is given with tuples=None; drop one of them")
+    out, touched = dict(sections), (set(whole) | set(edits)) - {"model.dtop"}
+    for section, value in whole.items():
+        out[section] = None if value is None else dataclasses.replace(value)
+    for section in ("run", "data", "model", "loss", "optim", "eval"):
+        if section in whole or section in edits:  # a whole section's fields are coerced too (ks a list)
+            obj = out[section]
+            names = [f.name for f in dataclasses.fields(obj)] if section in whole else list(edits[section])
+            values = {**{n: getattr(obj, n) for n in names}, **edits.get(section, {})}
+            out[section] = dataclasses.replace(obj, **{n: _coerce(section, n, v, obj) for n, v in values.items()})
+    if edits.get("model.dtop"):
+        touched.add("model")
+        model = out["model"]
+        if model.dtop is None:
+            name, v = next(iter(edits["model.dtop"].items()))
+            raise ConfigError(f"{name}={v!r} is a setting of the DToP model, which is off; turn it on with dtop=True "
+                              f"(--dtop), or drop {name}")
+        out["model"] = dataclasses.replace(model, dtop=dataclasses.replace(model.dtop, **edits["model.dtop"]))
+    _place_tuples(out, touched, "tuples" in whole, edits.get("tuples", {}))
+    return out, touched
+
+
+def _place_tuples(out: dict[str, Any], touched: set[str], given_whole: bool, edits: dict[str, Any]) -> None:
+    """The ``tuples`` section after a change: TupleConfig (with ``edits``) when SfM-120k trains on tuples,
+    else None; a section given whole is kept as given (validation says whether it fits)."""
+    if given_whole:
+        return
+    if out["data"].uses_tuples:
+        if out["tuples"] is None or edits:
+            out["tuples"] = dataclasses.replace(out["tuples"] or TupleConfig(), **edits)
+            touched.add("tuples")
+        return
+    held = {**(dataclasses.asdict(out["tuples"]) if out["tuples"] is not None else {}), **edits}
+    for name, value in held.items():
+        if value != getattr(TupleConfig, name):
+            raise ConfigError(f"{name}={value!r} applies only to SfM-120k tuple training (dataset='sfm120k', "
+                              f"sfm_training='tuples'), not to dataset={out['data'].dataset!r}; drop it")
+    if out["tuples"] is not None:
         out["tuples"] = None
-    elif tuples_given or out["data"].uses_tuples:
-        out["tuples"] = TupleConfig(**parts["tuples"])
-    else:  # the flat form always holds the tuple fields; only their defaults may stand for "no tuples"
-        default = TupleConfig()
-        for name, value in parts["tuples"].items():
-            if value != getattr(default, name):
-                raise ConfigError(
-                    f"{name}={value!r} applies only to SfM-120k tuple training (dataset='sfm120k', "
-                    f"sfm_training='tuples'), not to dataset={out['data'].dataset!r}; drop it")
-        out["tuples"] = None
+        touched.add("tuples")
+
+
+def _default_sections() -> dict[str, Any]:
+    return {s: None if s == "tuples" else cls() for s, cls in SECTIONS.items()}
+
+
+def _finite(obj: Any, bad) -> None:
+    """NaN and inf pass every comparison of the checks: refuse them first."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            bad(_name_of(f), value, "a finite number (not NaN or inf)")
+
+
+def _dtop_of_options(options: Any) -> Any:
+    """The ``model.dtop`` of an older config's ``model_options`` (``{"dtop": True, "k": 6, ...}``, the whole
+    DToP model): a dict of every DToP field, or None without ``"dtop": True``."""
+    if not isinstance(options, dict):
+        raise ConfigError(f"model_options={options!r} is invalid: expected a dict of DToP options such as "
+                          "{'dtop': True, 'k': 6}")
+    options = dict(options)
+    if not options.pop("dtop", False):
+        if options:
+            raise ConfigError(f"model_options={options!r} needs 'dtop': True (its options are DToP's); add it, "
+                              "or drop the options")
+        return None
+    return dataclasses.asdict(as_dtop(options, where="model_options"))
+
+
+def upgrade(d: dict[str, Any]) -> dict[str, Any]:
+    """A saved config (a run's ``config.json``, a preset) in today's form: ``{"format": 2, section: {field:
+    value}, ...}``, with only the fields ``d`` gives.
+
+    ``d`` of format 2 is returned as it is. ``d`` without ``"format"`` is the flat form of older versions
+    (every field by its name at the top, the DToP model as ``model_options``: ``{}`` or ``{"dtop": True,
+    <DToP fields that differ from the paper's>}``; the tuple fields held even where SfM-120k does not
+    train on tuples, then at their defaults, which are dropped). A key that is no field is a one-line
+    error with the closest name; a format newer than this version's is one too."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"a config must be a dict of its fields, got a {type(d).__name__}")
+    if "format" in d:
+        if d["format"] != CONFIG_FORMAT:
+            raise ConfigError(f"config format {d['format']!r} is not one this nbsrc reads (format {CONFIG_FORMAT}); "
+                              "use the nbsrc version that wrote it, or a newer one")
+        return dict(d)
+    out: dict[str, Any] = {"format": CONFIG_FORMAT}
+    for key, value in d.items():
+        if key == "model_options":
+            section, name, value = "model", "dtop", _dtop_of_options(value)
+            if value is None:
+                continue
+        elif key in SECTIONS and isinstance(value, dict):
+            for name, v in value.items():
+                if name in out.setdefault(key, {}):
+                    raise ConfigError(f"{key}.{name} is given twice (by its name and in section {key!r}); give it once")
+                out[key][name] = v
+            continue
+        elif key in _WHERE:
+            section, name = _WHERE[key]
+        else:
+            raise _unknown(key, [*_WHERE, *SECTIONS])
+        if section == "model.dtop":
+            section, value, name = "model", {**(out.get("model", {}).get("dtop") or {}), name: value}, "dtop"
+        elif name in out.get(section, {}):
+            raise ConfigError(f"{key} is given twice (by its name and in section {section!r}); give it once")
+        out.setdefault(section, {})[name] = value
+    data = {**{f.name: f.default for f in dataclasses.fields(DataConfig)}, **out.get("data", {})}
+    if not DataConfig(**data).uses_tuples and "tuples" in out:
+        out["tuples"] = {k: v for k, v in out["tuples"].items() if v != getattr(TupleConfig, k)}
+        if not out["tuples"]:
+            del out["tuples"]
     return out
+
+
+def _as_changes(d: dict[str, Any]) -> dict[str, Any]:
+    """A dict given to :meth:`ExperimentConfig.from_dict` as keywords: a saved form (with ``format``, or
+    the flat form's ``model_options``) upgraded first; fields by name and sections as they are."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"a config must be a dict of its fields, got a {type(d).__name__}")
+    if "format" in d or "model_options" in d:
+        d = upgrade(d)
+        d.pop("format")
+    return d
 
 
 # ----------------------------------------------------------------------------- the config
@@ -591,9 +682,9 @@ class ExperimentConfig:
     """An experiment: ``run``, ``data``, ``model`` (with ``model.dtop``), ``loss``, ``optim``, ``eval``
     and ``tuples`` (None unless SfM-120k trains on tuples).
 
-    ``ExperimentConfig(lr=1e-3, dataset="cub")`` (flat names), ``ExperimentConfig(optim=OptimConfig(lr=1e-3))``
-    (sections) and a mix are the same thing; construction maps and does not validate, :meth:`from_dict`
-    (and so :meth:`replace` and :meth:`load`) validates."""
+    ``ExperimentConfig(lr=1e-3, dataset="cub")`` (fields by name), ``ExperimentConfig(optim=OptimConfig(lr=1e-3))``
+    (sections) and a mix are the same thing; construction does not validate, :meth:`from_dict`,
+    :meth:`from_layers` and :meth:`replace` (and so :meth:`load`) do."""
 
     run: RunConfig
     data: DataConfig
@@ -604,18 +695,35 @@ class ExperimentConfig:
     tuples: TupleConfig | None
 
     def __init__(self, **fields: Any):
-        for section, value in _sections(fields).items():
+        self._set(_changed(_default_sections(), fields)[0])
+
+    def _set(self, sections: dict[str, Any]) -> None:
+        for section, value in sections.items():
             setattr(self, section, value)
+
+    def _sections(self) -> dict[str, Any]:
+        return {s: getattr(self, s) for s in SECTIONS}
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExperimentConfig:
-        """Build from a dict of flat names (old ``config.json``, presets, papermill parameters, CLI flags),
-        of sections (``dataclasses.asdict(cfg)``), or both; validated. An unknown key is a one-line error
-        with the closest name."""
-        if not isinstance(d, dict):
-            raise ConfigError(f"a config must be a dict of its fields, got a {type(d).__name__}")
-        cfg = cls(**d)
+        """Build from a dict, validated: a saved form (``config.json`` or a preset, of any version:
+        :func:`upgrade`), fields by name (papermill parameters, a ``--config`` file), sections, or a mix.
+        An unknown key is a one-line error with the closest name."""
+        cfg = cls(**_as_changes(d))
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_layers(cls, *layers: dict[str, Any]) -> ExperimentConfig:
+        """The defaults with each layer (a dict as :meth:`from_dict` reads it) applied over the ones
+        before, a later layer's field winning (a preset, then a ``--config`` file, then flags);
+        validated once, when all are applied."""
+        sections = _default_sections()
+        for layer in layers:
+            sections = _changed(sections, _as_changes(layer))[0]
+        cfg = cls.__new__(cls)
+        cfg._set(sections)
         cfg.validate()
         return cfg
 
@@ -624,45 +732,63 @@ class ExperimentConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def replace(self, **changes: Any) -> ExperimentConfig:
-        """A validated copy with ``changes`` (flat names, ``dtop=``, or whole sections) applied."""
-        base = self.to_dict()
-        for key in changes:  # a whole section replaces its flat fields
-            if key in SECTIONS and not (key == "loss" and isinstance(changes[key], str)):
-                base = {k: v for k, v in base.items() if SECTION_OF[k] != key}
-            elif key == "dtop":
-                base.pop("model_options")
-        return type(self).from_dict({**base, **changes})
+        """A copy with ``changes`` (fields by name, ``dtop=``, or sections, as the constructor takes them)
+        applied: the sections they touch are new, the others shared with this config (treat a config
+        as a value: change it with ``replace``). The touched sections and the checks across sections
+        are validated."""
+        sections, touched = _changed(self._sections(), changes)
+        cfg = type(self).__new__(type(self))
+        cfg._set(sections)
+        cfg._validate(touched)
+        return cfg
+
+    def value(self, name: str) -> Any:
+        """The field called ``name`` (``cfg.value("lam") == cfg.loss.lam``); None for a field of a section
+        the config does not have (DToP's without the DToP model, the tuples' without tuple training)."""
+        if name not in _WHERE:
+            raise _unknown(name, list(_WHERE))
+        section, field = _WHERE[name]
+        obj = self.model.dtop if section == "model.dtop" else getattr(self, section)
+        return None if obj is None else getattr(obj, field)
 
     def to_dict(self) -> dict[str, Any]:
-        """The flat form: every flat name of :data:`FLAT_FIELDS` with its value (``ks`` a list,
-        ``model_options`` the DToP fields that differ from the paper's, under ``"dtop": True``; the tuple
-        fields TupleConfig's defaults when ``tuples`` is None). It is ``config.json``'s saved form, and
-        what :meth:`fingerprint` is made of, as before the sections, so old runs stay reusable."""
-        out: dict[str, Any] = {}
-        tuples = self.tuples if self.tuples is not None else TupleConfig()
-        for flat, path in FLAT_FIELDS.items():
-            section, name = path.split(".")
-            value = getattr(tuples if section == "tuples" else getattr(self, section), name)
-            if flat == "model_options":
-                value = {} if value is None else {"dtop": True, **value.options()}
-            elif flat == "ks":
-                value = list(value)
-            elif isinstance(value, list):
-                value = list(value)
-            out[flat] = value
+        """The saved form, ``config.json``'s: ``{"format": 2, section: {field: value}}`` with every field
+        (``ks`` a list; ``model.dtop`` and ``tuples`` None or their fields)."""
+        out: dict[str, Any] = {"format": CONFIG_FORMAT}
+        for section, obj in self._sections().items():
+            out[section] = None if obj is None else json.loads(json.dumps(dataclasses.asdict(obj)))
         return out
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     def fingerprint(self) -> dict[str, Any]:
-        """The fields that define what the run computes (the flat form, execution-only fields removed)."""
-        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
+        """What the run computes: ``{name: value}`` of every field but the execution fields, in the form
+        of the versions that saved the config flat, so that a run's reuse and the names hashed from it
+        (the CLI's, the demo's pretraining run) are those of the runs they saved: ``ks`` a list, the tuple
+        fields at their defaults without tuple training, and the DToP model as one entry
+        ``"model_options"``: ``{}`` without it, else ``{"dtop": True}`` with its fields that differ from
+        the paper's."""
+        out: dict[str, Any] = {}
+        for section, obj in self._sections().items():
+            obj = TupleConfig() if obj is None else obj
+            for f in dataclasses.fields(obj):
+                name, value = _name_of(f), getattr(obj, f.name)
+                if f.name == "dtop":
+                    default = DToPConfig()
+                    name, value = "model_options", {} if value is None else {"dtop": True, **{
+                        g.name: getattr(value, g.name) for g in dataclasses.fields(value)
+                        if getattr(value, g.name) != getattr(default, g.name)}}
+                elif isinstance(value, (tuple, list)):
+                    value = list(value)
+                if name not in EXECUTION_FIELDS:
+                    out[name] = value
+        return out
 
     def changed_fingerprint(self) -> dict[str, Any]:
         """The fingerprint's fields that differ from the defaults (``name`` left out): what a run's
         name is hashed from, so that a field added later with its default renames no run."""
-        defaults = type(self)().fingerprint()
+        defaults = _DEFAULT_FINGERPRINT
         return {k: v for k, v in self.fingerprint().items() if k != "name" and v != defaults.get(k)}
 
     @property
@@ -672,28 +798,26 @@ class ExperimentConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Each section's checks, then those that span sections; the first problem is a one-line
-        :class:`~nbsrc.errors.ConfigError` naming the field (its flat name) and what was expected."""
+        :class:`~nbsrc.errors.ConfigError` naming the field and what was expected."""
+        self._validate(set(SECTIONS))
 
+    def _validate(self, sections: set[str]) -> None:
+        """The checks of ``sections`` (those a :meth:`replace` touched) and those across sections."""
         bad = invalid
         for section in SECTIONS:
-            if not isinstance(getattr(self, section), (SECTIONS[section], type(None))):
-                bad(section, getattr(self, section), f"a {SECTIONS[section].__name__}")
-        flat = self.to_dict()
-        for name in FLAT_FIELDS:  # NaN and inf pass every comparison below: refuse them first
-            value = flat[name]
-            if isinstance(value, float) and not math.isfinite(value):
-                bad(name, value, "a finite number (not NaN or inf)")
-        if self.model.dtop is not None:
-            for name, value in dataclasses.asdict(self.model.dtop).items():
-                if isinstance(value, float) and not math.isfinite(value):
-                    bad(name, value, "a finite number (not NaN or inf)")
-
-        self.run.validate(bad)
-        self.data.validate(bad)
-        self.model.validate(bad)
-        self.loss.validate(bad)
-        self.optim.validate(bad)
-        self.eval.validate(bad)
+            if section not in sections:
+                continue
+            obj = getattr(self, section)
+            if not isinstance(obj, (SECTIONS[section], type(None))):
+                bad(section, obj, f"a {SECTIONS[section].__name__}")
+            if obj is None or section == "tuples":
+                continue
+            _finite(obj, bad)
+            if section == "model" and self.model.dtop is not None:
+                if not isinstance(self.model.dtop, DToPConfig):
+                    bad("dtop", self.model.dtop, "a DToPConfig, or None")
+                _finite(self.model.dtop, bad)
+            obj.validate(bad)
         # across sections
         patch, img = self.model.patch_size, self.data.img_size
         if patch is not None and (patch < 1 or img % patch):
@@ -704,7 +828,12 @@ class ExperimentConfig:
         if self.tuples is not None:
             if not self.data.uses_tuples:
                 bad("tuples", self.tuples, "None unless dataset='sfm120k' with sfm_training='tuples'")
-            self.tuples.validate(bad)
+            if "tuples" in sections:
+                _finite(self.tuples, bad)
+                self.tuples.validate(bad)
+
+
+_DEFAULT_FINGERPRINT = ExperimentConfig().fingerprint()
 
 
 def parse_classes(spec: str | list[int] | tuple[int, ...]) -> list[int]:

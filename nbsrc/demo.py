@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nbsrc.config import EXECUTION_FIELDS, FLAT_FIELDS, ExperimentConfig
+from nbsrc.config import EXECUTION_FIELDS, ExperimentConfig, config_fields
 from nbsrc.errors import ConfigError
 from nbsrc.notebook import NOTEBOOKS_DIR, run_notebook
 
@@ -230,7 +230,7 @@ def run_demo(quick: bool = False, notebooks_to_run: list[str] | None = None, out
     t0, started = time.perf_counter(), time.time()
     for nb in demo_notebooks(full, quick, notebooks_to_run):
         declared = notebook_parameters(nb)
-        takes = set(declared) | (set(FLAT_FIELDS) if "overrides" in declared else set())
+        takes = set(declared) | ({f.name for f in config_fields()} if "overrides" in declared else set())
         params = {k: v for k, v in QUICK.items() if k in takes} if quick else {}
         params |= {k: v for k, v in (fields or {}).items() if k in takes}
         if "demo" in declared:

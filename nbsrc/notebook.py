@@ -46,9 +46,9 @@ def _default(declared: dict, name: str):
 def _optional_config_fields() -> set[str]:
     """Config fields that may be None (``patch_size``, ``dim``, ...): a notebook parameter of that
     name may be set to None even where its default is a number."""
-    from nbsrc.config import flat_fields
+    from nbsrc.config import config_fields
 
-    return {f.name for f in flat_fields() if type(None) in typing.get_args(f.type)}
+    return {f.name for f in config_fields() if type(None) in typing.get_args(f.type)}
 
 
 def _expected(default) -> tuple[str, typing.Callable[[object], bool]] | None:
@@ -85,10 +85,10 @@ _JOBS = ("'auto' or a positive integer", _is_jobs)
 
 
 def _config_fields() -> dict[str, typing.Any]:
-    """``{flat name: type hint}`` of the config's fields (:func:`nbsrc.config.flat_fields`)."""
-    from nbsrc.config import flat_fields
+    """``{name: type hint}`` of the config's fields (:func:`nbsrc.config.config_fields`)."""
+    from nbsrc.config import config_fields
 
-    return {f.name: f.type for f in flat_fields()}
+    return {f.name: f.type for f in config_fields()}
 
 
 def fold_overrides(path: str | Path, params: dict) -> dict:
@@ -149,9 +149,9 @@ def check_parameters(path: str | Path, params: dict) -> None:
 def _check_config_values(path: str | Path, overrides: dict) -> None:
     """Each config field of ``overrides`` has the type of the config's default (None where the field
     may be None): ``-p iterations abc`` is a one-line error before the kernel starts."""
-    from nbsrc.config import flat_fields
+    from nbsrc.config import config_fields
 
-    fields = {f.name: f for f in flat_fields()}
+    fields = {f.name: f for f in config_fields()}
     for k, v in overrides.items():
         if k not in fields:
             continue  # an unknown field: the config says so, with a suggestion, when the notebook builds it

@@ -12,7 +12,6 @@ The runner layer, beside :mod:`nbsrc.experiment` whose helpers and evaluations i
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -60,10 +59,7 @@ def preset_grid(name: str, table: str, /, **overrides: Any) -> dict[str, dict[st
     if helper == "overrides":
         configs = {}
         for label, fields in args["overrides"].items():
-            fields = dict(fields)
-            if "model_options" in fields:  # the row's DToP options over the preset's
-                fields["dtop"] = dataclasses.replace(base.model.dtop, **fields.pop("model_options"))
-            row = base.replace(**fields)
+            row = base.replace(**fields)  # a DToP field (head_dim) changes the preset's DToP model
             slug = re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
             configs[label] = base if _effective(row) == _effective(base) else row.replace(name=f"{base.run.name}_{slug}")
     elif helper == "evaluation":
@@ -86,12 +82,12 @@ def preset_grid(name: str, table: str, /, **overrides: Any) -> dict[str, dict[st
 
 
 def _effective(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The flat form without the name, DToP's options in full with ``fusion`` resolved (None: orthogonal
-    with the ELM), so that a row that restates the defaults is the preset itself (its run trained once)."""
+    """The saved form without the name, DToP's ``fusion`` resolved (None: orthogonal with the ELM), so
+    that a row that restates the defaults is the preset itself (its run trained once)."""
     d = cfg.to_dict()
-    d.pop("name")
+    d["run"].pop("name")
     if cfg.model.dtop is not None:
-        d["model_options"] = {**dataclasses.asdict(cfg.model.dtop), "fusion": cfg.model.dtop.effective_fusion}
+        d["model"]["dtop"]["fusion"] = cfg.model.dtop.effective_fusion
     return d
 
 

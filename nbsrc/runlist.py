@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from nbsrc.config import config_fields
 from nbsrc.errors import NbsrcError, RunDirError
 from nbsrc.experiment import EMBEDDINGS, RunResult, load_run
 from nbsrc.train.rundir import CONFIG, RESULTS, load_run_config, read_json, read_metrics, run_state
@@ -100,7 +101,8 @@ def compare_runs(run_dirs: list[str | Path]) -> list[dict]:
     for d in map(Path, run_dirs):
         if not (d / CONFIG).is_file():
             raise RunDirError(f"run {d} does not exist (no {CONFIG}); pass run directories such as runs/irt_r")
-        cfg = load_run_config(d / CONFIG).to_dict()
+        run_cfg = load_run_config(d / CONFIG)  # by name; DToP's fields say whether and which DToP model
+        cfg = {f.name: run_cfg.value(f.name) for f in config_fields() if f.name != "dtop"}
         results = read_json(d / RESULTS, "run it again with --resume") if (d / RESULTS).exists() else {}
         loaded.append((d.name, cfg, scores(results)))
     keys = [k for k in loaded[0][1] if k not in ("name", "runs_dir")

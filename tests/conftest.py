@@ -93,5 +93,4 @@ def tiny_cfg(tmp_path):
         name="tiny", runs_dir=str(tmp_path / "runs"), dataset="digits", img_size=8, patch_size=4,
         backbone="test_vit", iterations=6, batch_size=16, m_per_class=4, lr=1e-3,
         log_every=2, ckpt_every=3, eval_per_class=20, progress=False, lam=0.5, memory_size=32,
-        model_options={},
     )

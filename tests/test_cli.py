@@ -100,7 +100,7 @@ def test_train_help_shows_every_flag_with_help_default_and_choices(capsys):
     parser = build_parser()
     train = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "train")[1]
     helps = {a.dest: a.help for a in train._actions}
-    for f in config.flat_fields():
+    for f in config.config_fields():
         m = re.fullmatch(r"(.+) \(default: (.+)\)", helps[f.name] or "", re.S)
         assert m and m.group(1).strip(), f"--{f.name} has no help text with a default: {helps[f.name]!r}"
     with pytest.raises(SystemExit):
@@ -231,7 +231,7 @@ def test_compare_shows_the_settings_that_differ_and_the_results(finished, tmp_pa
     shutil.copytree(finished / "r", runs / "a")
     shutil.copytree(finished / "r", runs / "b")
     cfg = json.loads((runs / "b" / "config.json").read_text())
-    cfg.update(lr=0.5, name="b")
+    cfg["optim"]["lr"], cfg["run"]["name"] = 0.5, "b"
     (runs / "b" / "config.json").write_text(json.dumps(cfg))
     res = json.loads((runs / "b" / "results.json").read_text())
     res["R@1"] = 12.345
@@ -304,7 +304,7 @@ def test_your_images_walk_through_runs_as_written(tmp_path, monkeypatch, capsys)
             hits = [line for line in out.splitlines() if re.match(r"\s+\d+\. ", line)]
             assert len(hits) == 8 and all(re.search(r"\[c\d\d\]$", h) for h in hits)  # each hit with its class
     cfg = json.loads((tmp_path / "runs" / "my_photos" / "config.json").read_text())
-    assert cfg["split"] == 0.5 and cfg["backbone"] == "tf_efficientnet_lite0"
+    assert cfg["data"]["split"] == 0.5 and cfg["model"]["backbone"] == "tf_efficientnet_lite0"
     assert (tmp_path / "hits.png").stat().st_size > 0
     assert json.loads((tmp_path / "photos_index" / "manifest.json").read_text())["n_images"] == 80
     meta = json.loads((tmp_path / "my_photos.onnx.json").read_text())

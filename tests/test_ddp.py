@@ -45,7 +45,7 @@ def _config(runs_dir: Path, name: str):
         name=name, runs_dir=str(runs_dir), dataset="digits", img_size=8, patch_size=4,
         backbone="vit_tiny_patch16_224", iterations=4, batch_size=16, m_per_class=4, optimizer="sgd", lr=0.5,
         weight_decay=0.0, grad_clip=None, log_every=1, ckpt_every=2, eval_every=1, eval_per_class=10,
-        progress=False, lam=0.5, memory_size=40, device="cpu", model_options={},
+        progress=False, lam=0.5, memory_size=40, device="cpu",
         compile=True, fused_optimizer=True, pin_memory=True,  # CUDA switches: no-ops on CPU
     )
 

@@ -15,7 +15,7 @@ from nbsrc.models import build_model
 from nbsrc.train import PairTask, fit
 from nbsrc.train.rundir import read_metrics
 
-DTOP = {"dtop": True, "k": 2, "head_dim": 32}
+DTOP = {"k": 2, "head_dim": 32}
 
 
 def mixed_train_set(n=48, classes=4):
@@ -27,7 +27,7 @@ def mixed_train_set(n=48, classes=4):
 def cfg_for(tmp_path, **kw):
     base = dict(name="dtop", runs_dir=str(tmp_path), img_size=28, patch_size=7, sampler="group_size",
                 batch_size=8, m_per_class=2, iterations=4, log_every=1, ckpt_every=2, progress=False,
-                lam=0.0, memory_size=0, model_options=DTOP, device="cpu")
+                lam=0.0, memory_size=0, dtop=DTOP, device="cpu")
     cfg = ExperimentConfig(**{**base, **kw})
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     return cfg
@@ -72,7 +72,7 @@ def test_group_size_training_resumes_to_the_same_weights(tmp_path):
 def test_ablation_grid_changes_only_the_named_option():
     from nbsrc.experiment import DTOP_TABLES, dtop_ablation_grid
 
-    base = ExperimentConfig(name="dtop", model_options={"dtop": True})
+    base = ExperimentConfig(name="dtop", dtop=True)
     cases = {"A8": [1, 6, 3], "A9": ["none", "dpe", "cpe"], "A10": [(), ("irb",), ("irb", "aspp", "wave")],
              "A12": ["m_per_class", "group_size"], "A13": ["orthogonal", "sum", "concat"]}
     assert set(cases) == set(DTOP_TABLES)
@@ -83,8 +83,8 @@ def test_ablation_grid_changes_only_the_named_option():
         again = dtop_ablation_grid(base, table, values)
         assert {k: c.run.name for k, c in grid.items()} == {k: c.run.name for k, c in again.items()}  # stable names
         for cfg in grid.values():
-            d, b = cfg.to_dict(), base.to_dict()
-            changed = {k for k in d if d[k] != b[k]} - {"name", "model_options"}
+            d, b = cfg.fingerprint(), base.fingerprint()
+            changed = {k for k in d if d[k] != b[k]} - {"name", "model_options"}  # the DToP fields: just below
             dd, bd = dataclasses.asdict(cfg.model.dtop), dataclasses.asdict(base.model.dtop)
             opts = {k for k in dd if dd[k] != bd[k]}
             assert changed | opts <= set(DTOP_TABLES[table]), (table, changed, opts)
@@ -97,7 +97,7 @@ def test_ablation_grid_changes_only_the_named_option():
 def test_ablation_grid_values_reach_the_model():
     from nbsrc.experiment import dtop_ablation_grid
 
-    base = ExperimentConfig(name="d", model_options={"dtop": True, "k": 2, "head_dim": 16}, img_size=28, patch_size=7)
+    base = ExperimentConfig(name="d", dtop={"k": 2, "head_dim": 16}, img_size=28, patch_size=7)
     k1 = next(iter(dtop_ablation_grid(base, "A8", [1]).values()))
     assert dtop_model(k1).k == 1
     cpe = next(iter(dtop_ablation_grid(base, "A9", ["cpe"]).values()))
@@ -114,7 +114,7 @@ def test_ablation_grid_values_reach_the_model():
 def test_ablation_grid_bad_input():
     from nbsrc.experiment import dtop_ablation_grid
 
-    base = ExperimentConfig(model_options={"dtop": True})
+    base = ExperimentConfig(dtop=True)
     with pytest.raises(ConfigError, match="table='A7'.*A8"):
         dtop_ablation_grid(base, "A7", [1])
     with pytest.raises(ConfigError, match="ELM part"):
@@ -139,7 +139,7 @@ def test_size_variant_mixed_is_recorded_in_the_config_and_applied_by_build_data(
     assert len(set(sizes)) > 1 and all(max(h, w) == 8 and h % 4 == 0 and w % 4 == 0 for h, w in sizes)
     assert np.array_equal(square.train.labels, mixed.train.labels)
     assert image_sizes(build_data(cfg.replace(size_variant="mixed")).train) == sizes  # deterministic
-    for c in dtop_ablation_grid(cfg.replace(model_options={"dtop": True}), "A12", ["m_per_class", "group_size"]).values():
+    for c in dtop_ablation_grid(cfg.replace(dtop=True), "A12", ["m_per_class", "group_size"]).values():
         assert c.data.size_variant == "mixed" and ExperimentConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ConfigError, match="size_variant"):
         cfg.replace(size_variant="wide")

@@ -18,7 +18,7 @@ def test_the_dataset_picks_the_evaluator_unless_the_config_names_one(tiny_cfg):
     assert evaluator_name(tiny_cfg) == "recall"
     assert evaluator_name(tiny_cfg.replace(dataset="sfm120k")) == "revisited"
     assert evaluator_name(tiny_cfg.replace(evaluator="revisited")) == "revisited"
-    assert tiny_cfg.eval.evaluator is None and tiny_cfg.to_dict()["evaluator"] is None
+    assert tiny_cfg.eval.evaluator is None and tiny_cfg.to_dict()["eval"]["evaluator"] is None
 
 
 def test_a_new_evaluator_is_one_function_and_one_registry_line(tiny_cfg, monkeypatch):
@@ -59,7 +59,7 @@ def test_a_new_evaluator_is_one_function_and_one_registry_line(tiny_cfg, monkeyp
     assert saved["same_class_cos"] == pytest.approx(mean_same_class_similarity(z, labels), abs=1e-6)
     assert calls["during"] == 1  # eval_every=2 of 4 iterations: at step 2 (the end is the final evaluation)
     assert [r["toy_during"] for r in read_metrics(res.run_dir, "eval")] == [1.0]
-    assert json.loads((res.run_dir / "config.json").read_text())["evaluator"] == "toy"
+    assert json.loads((res.run_dir / "config.json").read_text())["eval"]["evaluator"] == "toy"
 
 
 def _norm(model):

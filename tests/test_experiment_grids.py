@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from nbsrc import experiment
-from nbsrc.config import ExperimentConfig
+from nbsrc.config import ExperimentConfig, config_fields
 from nbsrc.errors import ConfigError
 from nbsrc.experiment import (ablation_base, beta_lambda_cell, beta_lambda_grid, objective_variants, pooling_variants,
                               run_all)
@@ -15,8 +15,8 @@ from nbsrc.reporting import change_word, config_table, grad_noise_se, gradient_n
 
 
 def _differences(a: ExperimentConfig, b: ExperimentConfig) -> set[str]:
-    da, db = a.to_dict(), b.to_dict()
-    return {k for k in da if da[k] != db[k]}
+    names = [f.name for f in config_fields()]
+    return {k for k in names if a.value(k) != b.value(k)}
 
 
 BASE = ExperimentConfig(name="g", beta=0.5, lam=0.7, pooling="cls")

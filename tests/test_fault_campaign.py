@@ -65,9 +65,7 @@ SERVER = textwrap.dedent('''
     import functools, json, os, sys, time, traceback
     import faiss, papermill, sklearn.datasets, timm, torch  # the expensive imports, once
     import nbsrc.__main__, nbsrc.data, nbsrc.eval, nbsrc.experiment, nbsrc.notebook  # noqa: F401
-    # The flags' help texts (read from config.py's source: 7 parses of the module, 1-2 s) once, and what
-    # main() imports when it builds the parser (matplotlib, nbsrc.retrieval, ...) once.
-    nbsrc.__main__.field_comments = functools.cache(nbsrc.__main__.field_comments)
+    # What main() imports when it builds the parser (matplotlib, nbsrc.retrieval, ...) once.
     nbsrc.__main__.build_parser()
 
     def child(case):
@@ -270,7 +268,7 @@ CASES: dict[str, Case] = {
     "unknown command": Case(["fit"], "invalid choice: 'fit'"),
     "no command": Case([], "the following arguments are required: cmd"),
     "resume and overwrite together": Case(["train", "--resume", "--overwrite"], "not allowed with argument"),
-    "model options not JSON": Case(["train", "--model-options", "{dtop: true}"], "argument --model-options"),
+    "DToP option not a number": Case(["train", "--dtop", "--k", "six"], "argument --k: invalid int value: 'six'"),
     "eval without a run": Case(["eval"], "the following arguments are required: runs"),
     # --- settings that cannot work (validation, before anything is built)
     "beta out of range": Case(["train", *tiny_flags(beta=2)], "beta=2.0 is invalid"),
@@ -307,7 +305,7 @@ CASES: dict[str, Case] = {
     "patch size none at 28 px": Case(["train", *tiny_flags(**{"img-size": 28, "patch-size": "none"})],
                                      "patch_size=None (test_vit's own 16-px patches) does not tile img_size=28"),
     "PCA larger than the embedding": Case(["train", *tiny_flags(dim=500)], "dim=500"),
-    "DToP option out of range": Case(["train", *tiny_flags(), "--model-options", '{"dtop": true, "k": 99}'], "k=99"),
+    "DToP option out of range": Case(["train", *tiny_flags(), "--dtop", "--k", "99"], "k=99"),
     "weights file missing": Case(["train", *tiny_flags(weights="missing.pt")], "missing.pt"),
     "weights file not a checkpoint": Case(["train", *tiny_flags(weights="junk.pt")], "junk.pt",
                                           setup=_write("junk.pt", b"PK\x03\x04 not really")),
@@ -391,7 +389,8 @@ def _copy_config(ws: Path, name: str) -> None:
     alone (the copy of the finished run it is made from is removed)."""
     cfg = json.loads((ws / "runs" / FINISHED / "config.json").read_text())
     (ws / "runs" / name).mkdir(parents=True)
-    (ws / "runs" / name / "config.json").write_text(json.dumps({**cfg, "name": name}, indent=2, sort_keys=True) + "\n")
+    cfg["run"]["name"] = name
+    (ws / "runs" / name / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(ws / "runs" / FINISHED)
 
 

@@ -272,10 +272,10 @@ def test_dtop_full_row_is_in_every_ablation_table():
 
 
 def test_grids_change_only_what_their_table_varies():
-    base = load_preset("dtop_full_r50vitb16_sfm").to_dict()
+    base = load_preset("dtop_full_r50vitb16_sfm").fingerprint()
     for table in preset_grid_tables("dtop_full_r50vitb16_sfm"):
         for label, row in preset_grid("dtop_full_r50vitb16_sfm", table).items():
-            diff = {k for k, v in row["config"].to_dict().items() if v != base[k]}
+            diff = {k for k, v in row["config"].fingerprint().items() if v != base[k]}
             assert diff <= {"name", "model_options", "sampler"}, (table, label, diff)
     a12 = preset_grid("dtop_full_r50vitb16_sfm", "A12")
     assert a12["fixed-size (384x384)"]["config"].data.sampler == "m_per_class"

@@ -56,7 +56,7 @@ _MODELS: dict = {}
 
 def built(cfg: ExperimentConfig) -> torch.nn.Module:
     """The preset's model with random weights, built once per architecture (building DeiT-S takes ~1 s)."""
-    flat = cfg.to_dict()
+    flat = cfg.fingerprint()
     key = json.dumps({k: flat[k] for k in ("backbone", "pooling", "dim", "img_size", "patch_size",
                                                   "gem_p", "model_options")}, sort_keys=True)
     if key not in _MODELS:
@@ -71,7 +71,7 @@ def test_there_are_presets_for_the_tables():
     tables = {t.strip() for n in IRT for t in preset_paper(n)["table"].split(",")}
     assert {"2", "3", "4", "5", "6", "7", "8", "9"} <= tables
     assert {preset_paper(n)["table"] for n in DTOP} == {"A5", "A7-A13", "A10"}
-    assert preset_dict("dtop_full_r50vitb16_sfm")["backbone"] == "vit_base_r50_s16_384"  # DToP's default hybrid
+    assert preset_dict("dtop_full_r50vitb16_sfm")["model"]["backbone"] == "vit_base_r50_s16_384"  # DToP's hybrid
     assert set(preset_grid_tables("dtop_full_r50vitb16_sfm")) == {f"A{i}" for i in range(7, 14)}
     for ds in ("cub", "sop", "inshop"):  # IRT Table 3: the three methods on each dataset
         assert {f"irt_{m}_{ds}_deits" for m in "olr"} <= set(PRESETS)
@@ -82,7 +82,7 @@ def test_preset_loads_and_builds_its_model(name):
     raw = json.loads((PRESETS_DIR / f"{name}.json").read_text())
     cfg = load_preset(name, weights="none")
     assert cfg.run.name == name and cfg.model.weights == "none"
-    assert raw["weights"] == "timm" and raw["patch_size"] is None  # the pretrained backbone at its own patch size
+    assert raw["model"]["weights"] == "timm" and raw["model"]["patch_size"] is None  # pretrained, its own patches
     model = built(cfg)
     net = model.backbone
     width = 2048 if cfg.model.backbone.startswith("resnet") else 768 if "base" in cfg.model.backbone else 384
@@ -103,7 +103,7 @@ def test_dtop_preset_builds_its_dtop_model(name):
     from nbsrc.models.dtop import DToPModel
 
     raw = json.loads((PRESETS_DIR / f"{name}.json").read_text())
-    assert raw["weights"] == "timm" and raw["patch_size"] is None
+    assert raw["model"]["weights"] == "timm" and raw["model"]["patch_size"] is None
     cfg = load_preset(name, weights="none")
     model = built(cfg)
     pit = cfg.model.backbone.startswith("pit_")  # PiT-B: k within its last stage of 4 blocks (our reading)
@@ -136,7 +136,7 @@ def test_preset_optimizer(name):
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_data_pipeline_on_fixture_tree(name, trees):
-    cfg = load_preset(name, weights="none", data_root=str(trees[preset_dict(name)["dataset"]]))
+    cfg = load_preset(name, weights="none", data_root=str(trees[preset_dict(name)["data"]["dataset"]]))
     size = cfg.data.img_size
     if cfg.data.dataset == "sfm120k":
         from nbsrc.data.sfm import load_sfm120k_db
@@ -173,8 +173,8 @@ def test_preset_data_pipeline_on_fixture_tree(name, trees):
 
 
 # ----------------------------------------------------------------------------- the papers' settings
-CATEGORY = [n for n in PRESETS if preset_dict(n)["dataset"] in ("cub", "sop", "inshop")]
-SFM = [n for n in IRT if preset_dict(n)["dataset"] == "sfm120k"]
+CATEGORY = [n for n in PRESETS if preset_dict(n)["data"]["dataset"] in ("cub", "sop", "inshop")]
+SFM = [n for n in IRT if preset_dict(n)["data"]["dataset"] == "sfm120k"]
 
 
 @pytest.mark.parametrize("name", IRT)
@@ -275,7 +275,7 @@ def test_unknown_override_is_rejected():
 def test_overrides_apply_on_top():
     cfg = load_preset("irt_r_sop_deits", lr=1e-4, name="mine", data_root="/data/sop")
     assert (cfg.optim.lr, cfg.run.name, cfg.data.data_root) == (1e-4, "mine", "/data/sop")
-    assert cfg.loss.memory_size == preset_dict("irt_r_sop_deits")["memory_size"]
+    assert cfg.loss.memory_size == preset_dict("irt_r_sop_deits")["loss"]["memory_size"]
 
 
 # ----------------------------------------------------------------------------- table and CLI
@@ -308,7 +308,8 @@ def test_cli_preset_then_config_then_flags(tmp_path):
                                     "--lr", "1e-4", "--weights", "none"])
     cfg = config_from_args(ns)
     base = preset_dict("irt_r_cub_deits")
-    assert cfg.run.name == "irt_r_cub_deits" and cfg.loss.beta == base["beta"] and cfg.eval.ks == tuple(base["ks"])
+    assert cfg.run.name == "irt_r_cub_deits" and cfg.loss.beta == base["loss"]["beta"]
+    assert cfg.eval.ks == tuple(base["eval"]["ks"])
     assert cfg.optim.iterations == 7  # the config file over the preset
     assert cfg.optim.lr == 1e-4 and cfg.model.weights == "none"  # flags over both
     assert config_from_args(build_parser().parse_args(["train", "--preset", "irt_l_sop_deits"])) == \
@@ -433,5 +434,5 @@ def test_lambda_sweep_of_a_preset_gives_the_table_6_rows():
     assert [c.run.name for c in rows.values()] == ["sop_irt_l", "sop_irt_r_lam0.3", "sop_irt_r", "sop_irt_r_lam1"]
     assert [c.loss.lam for c in rows.values()] == [0.0, 0.3, 0.7, 1.0]
     for cfg in rows.values():
-        diff = {k for k, v in cfg.to_dict().items() if v != base.to_dict()[k]}
+        diff = {k for k, v in cfg.fingerprint().items() if v != base.fingerprint()[k]}
         assert diff <= {"name", "lam"}, diff

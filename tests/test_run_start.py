@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from nbsrc.__main__ import main
-from nbsrc.config import flat_fields, ExperimentConfig
+from nbsrc.config import config_fields, ExperimentConfig
 from nbsrc.errors import ConfigError, NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,7 +224,7 @@ def test_sigkill_before_the_first_checkpoint_then_the_same_name_starts_again(tmp
 
 
 # ----------------------------------------------------------------------------- non-finite settings
-FLOAT_FIELDS = [f.name for f in flat_fields()
+FLOAT_FIELDS = [f.name for f in config_fields()
                 if f.type is float or (typing.get_origin(f.type) in (typing.Union, getattr(__import__("types"), "UnionType", None))
                                        and float in typing.get_args(f.type))]
 

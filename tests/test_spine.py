@@ -358,7 +358,7 @@ def test_metrics_and_run_contents(tiny_cfg):
     assert any(0 <= r.get("grad_noise", -1) <= 1 for r in rows)
     emb = load_embeddings(res.run_dir)
     assert emb["query"].shape[0] == len(emb["query_labels"]) == res.results["n_query"]
-    assert set(json.loads((res.run_dir / "config.json").read_text())) >= {"beta", "lam", "memory_size"}
+    assert set(json.loads((res.run_dir / "config.json").read_text())["loss"]) >= {"beta", "lam", "memory_size"}
 
 
 def test_cli_error_is_one_line(tmp_path, capsys):

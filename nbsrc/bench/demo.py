@@ -24,6 +24,7 @@ import json
 import re
 from pathlib import Path
 
+from nbsrc.config import upgrade
 from nbsrc.errors import ConfigError
 
 _START = re.compile(r"^== (\S+\.ipynb): started at (\d\d):(\d\d):(\d\d)")
@@ -74,7 +75,7 @@ def run_times(runs_dir: Path) -> list[dict]:
     """``[{run, finished, seconds, train_s, images}]`` for every finished run under ``runs_dir``."""
     out = []
     for res in sorted(Path(runs_dir).glob("*/results.json")):
-        cfg = json.loads((res.parent / "config.json").read_text())
+        cfg = upgrade(json.loads((res.parent / "config.json").read_text())).get("optim") or {}  # any version
         r = json.loads(res.read_text())
         batch = int(cfg.get("batch_size", 0) or 0)
         tr = train_seconds(res.parent / "metrics.jsonl", batch) if cfg.get("iterations") else 0.0

@@ -22,7 +22,7 @@ from pathlib import Path
 import timm
 import torch
 
-from nbsrc.config import ModelConfig, dtop_from_options
+from nbsrc.config import ModelConfig, as_dtop
 from nbsrc.errors import ConfigError
 from nbsrc.models.backbones import WEIGHT_SOURCES, check_backbone, create_backbone, resolve_weights
 from nbsrc.models.dtop import EFFNET_LITE0_VIT, build_dtop_model, create_effnet_lite0_vit
@@ -102,7 +102,7 @@ def model_section(backbone: str = ModelConfig.backbone, **fields) -> ModelConfig
             raise ConfigError(f"unknown build_model option(s) {sorted(extra)}; DToP options need dtop=True")
         dtop = {**(dtop if isinstance(dtop, dict) else {}), **extra}
     if isinstance(dtop, dict) or dtop is True:
-        dtop = dtop_from_options({**(dtop if isinstance(dtop, dict) else {}), "dtop": True}, where="build_model")
+        dtop = as_dtop(dtop if isinstance(dtop, dict) else {}, where="build_model")
     elif dtop is False:
         dtop = None
     if isinstance(fields.get("weights"), Path):

@@ -136,10 +136,19 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | N
 
 
 def _built_as(config: dict | None) -> str:
-    if not isinstance(config, dict):
+    """``; they come from a model built with backbone=..., ...`` of a run's saved config (any version)."""
+    from nbsrc.config import upgrade
+    from nbsrc.errors import ConfigError
+
+    try:
+        d = upgrade(config) if isinstance(config, dict) else None
+    except ConfigError:
+        d = None
+    if not d:
         return ""
-    keys = ("backbone", "img_size", "patch_size", "pooling", "model_options")
-    return "; they come from a model built with " + ", ".join(f"{k}={config.get(k)!r}" for k in keys if k in config)
+    where = {"backbone": "model", "img_size": "data", "patch_size": "model", "pooling": "model", "dtop": "model"}
+    built = {k: d[s][k] for k, s in where.items() if k in (d.get(s) or {})}
+    return "; they come from a model built with " + ", ".join(f"{k}={v!r}" for k, v in built.items())
 
 
 def load_start_weights(model: nn.Module, weights: str | Path) -> None:

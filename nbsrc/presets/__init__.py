@@ -5,11 +5,13 @@ One JSON file per row in this folder, named after the row: ``irt_r_sop_deits`` i
 distilled DeiT (DeiT-S†, DeiT-B†), ``_128`` the PCA to 128 components (▷128), ``384`` a 384-px
 input, ``r50`` / ``r101`` the convnet rows; ``dtop_full_r50vitb16_sfm`` is the full DToP model of
 Tables A7-A13 and ``dtop_a5_*`` the backbone benchmark of Table A5 (one branch, no ELM, N = 768).
-A file holds the :class:`~nbsrc.config.ExperimentConfig` fields of the row (every setting the
-paper states is the paper's; docs/fidelity.md lists each one) and a ``"paper"`` block that is not a
-config field: the paper, table, row label, the reported numbers exactly as printed (``null`` where
-the table prints none), optional ``grids`` (the paper's ablation tables around this row, with their
-numbers: :func:`preset_grid_tables`) and notes that say which settings are our reading::
+A file holds the :class:`~nbsrc.config.ExperimentConfig` fields of the row by section, in the
+saved form of ``config.json`` (every setting the paper states is the paper's; docs/fidelity.md lists
+each one), and a ``"paper"`` block that is not a config field: the paper, table, row label, the
+reported numbers exactly as printed (``null`` where the table prints none), optional ``grids`` (the
+paper's ablation tables around this row, with their numbers: :func:`preset_grid_tables`) and notes
+that say which settings are our reading. ``python -m nbsrc.presets.rewrite`` rewrites a preset added
+in the older flat form in this one (:func:`upgrade_preset`; the flat form loads too)::
 
     cfg = load_preset("irt_r_cub_deits", data_root="/data/CUB_200_2011")
     python -m nbsrc train --preset irt_r_cub_deits --data-root /data/CUB_200_2011
@@ -23,12 +25,14 @@ runner layer's: :func:`nbsrc.reproduce.preset_grid` turns a recorded grid into c
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import difflib
 import json
 from pathlib import Path
 from typing import Any
 
-from nbsrc.config import ExperimentConfig
+from nbsrc.config import SECTIONS, ExperimentConfig, upgrade
 from nbsrc.errors import ConfigError
 
 PRESETS_DIR = Path(__file__).resolve().parent
@@ -47,14 +51,41 @@ def _read(name: str) -> dict[str, Any]:
         close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.5)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"unknown preset {name!r}{hint}; `python -m nbsrc presets` lists the {len(names)} presets")
-    return json.loads(path.read_text())
+    return upgrade_preset(json.loads(path.read_text()))
+
+
+def upgrade_preset(d: dict[str, Any]) -> dict[str, Any]:
+    """A preset file's dict in today's form: its config by section (:func:`nbsrc.config.upgrade`, each
+    section's fields in their dataclass's order), then its ``paper`` block, whose grid rows name DToP's
+    fields directly (an older preset held them under ``model_options``). A preset in today's form
+    comes back unchanged."""
+    paper = d.get("paper")
+    config = upgrade({k: v for k, v in d.items() if k != "paper"})
+    out: dict[str, Any] = {"format": config.pop("format")}
+    for section, cls in SECTIONS.items():
+        if section in config:
+            order = [f.name for f in dataclasses.fields(cls)]
+            fields = config.pop(section)
+            out[section] = None if fields is None else {k: fields[k] for k in sorted(fields, key=order.index)}
+    if paper is not None:
+        paper = copy.deepcopy(paper)
+        for grid in paper.get("grids", []):
+            rows = grid.get("args", {}).get("overrides", {})
+            for label, row in rows.items():
+                if "model_options" in row:
+                    options = {k: v for k, v in row["model_options"].items() if k != "dtop"}
+                    rows[label] = {**{k: v for k, v in row.items() if k != "model_options"}, **options}
+        out["paper"] = paper
+    return out
 
 
 def preset_dict(name: str) -> dict[str, Any]:
-    """The config fields of preset ``name`` (the ``paper`` block stripped, ``name`` set to the preset's)."""
+    """The config of preset ``name`` in its saved form (``{"format": 2, section: {field: value}}``; the
+    ``paper`` block stripped, ``run.name`` set to the preset's)."""
     d = _read(name)
     d.pop("paper", None)
-    return {"name": name, **d}
+    d["run"] = {"name": name, **(d.get("run") or {})}
+    return d
 
 
 def preset_paper(name: str) -> dict[str, Any]:
@@ -66,7 +97,7 @@ def preset_paper(name: str) -> dict[str, Any]:
 def load_preset(name: str, /, **overrides: Any) -> ExperimentConfig:
     """The validated :class:`~nbsrc.config.ExperimentConfig` of preset ``name``, with ``overrides``
     (config fields, e.g. ``data_root=...``, ``device="cuda"``, even ``name=...``) applied on top."""
-    return ExperimentConfig.from_dict({**preset_dict(name), **overrides})
+    return ExperimentConfig.from_layers(preset_dict(name), overrides)
 
 
 # ----------------------------------------------------------------------------- the paper's grids
@@ -96,18 +127,18 @@ def preset_table() -> str:
     # loss column: contrastive (β, λ) for IRT, arcface (margin, scale) for DToP
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name in list_presets():
-        c, p = preset_dict(name), preset_paper(name)
-        trained = c["iterations"] > 0
+        c, p = load_preset(name), preset_paper(name)
+        trained = c.optim.iterations > 0
         if not trained:
             loss = "none (off-the-shelf)"
-        elif c["loss"] == "arcface":
-            loss = f"arcface (m {_fmt(c['arcface_margin'])}, s {_fmt(c['arcface_scale'])})"
+        elif c.loss.name == "arcface":
+            loss = f"arcface (m {_fmt(c.loss.arcface_margin)}, s {_fmt(c.loss.arcface_scale)})"
         else:
-            loss = f"{c['loss']} ({_fmt(c['beta'])}, {_fmt(c['lam'])})"
-        optim = f"{c['optimizer']}, {c['lr']:g}" if trained else "–"
+            loss = f"{c.loss.name} ({_fmt(c.loss.beta)}, {_fmt(c.loss.lam)})"
+        optim = f"{c.optim.optimizer}, {c.optim.lr:g}" if trained else "–"
         lines.append(
-            f"| `{name}` | {p['paper']} {p['table']} | {p['row']} | {c['dataset']} | `{c['backbone']}` | {loss} | "
-            f"{c['memory_size']} | {optim} | {c['iterations']} | {c['img_size']} | "
-            f"{_fmt(c['dim'])} | {_paper_numbers(p['results'])} | {', '.join(preset_grid_tables(name)) or '–'} |"
+            f"| `{name}` | {p['paper']} {p['table']} | {p['row']} | {c.data.dataset} | `{c.model.backbone}` | {loss} | "
+            f"{c.loss.memory_size} | {optim} | {c.optim.iterations} | {c.data.img_size} | "
+            f"{_fmt(c.model.dim)} | {_paper_numbers(p['results'])} | {', '.join(preset_grid_tables(name)) or '–'} |"
         )
     return "\n".join(lines) + "\n"

@@ -150,10 +150,12 @@ def describe(em: EmbeddingModel) -> dict:
     from the model's reference, else from the network itself (timm's ``pretrained_cfg``, the pooling
     module)."""
     import nbsrc
+    from nbsrc.config import upgrade
 
     net = em.model
     ref = em.reference
-    cfg = ref.get("config") or {}
+    config = ref.get("config") or {}
+    cfg = upgrade(config).get("model") or {} if config else {}  # the model section of a config of any version
     build = ref.get("build_model") or {}
     embed = getattr(getattr(net, "backbone", None), "patch_embed", None)
     patch = getattr(embed, "patch_size", None)
@@ -172,7 +174,7 @@ def describe(em: EmbeddingModel) -> dict:
         "dim": int(net.output_dim),
         "pca": bool(getattr(net, "pca", None) is not None and bool(net.pca.fitted)),
         "nbsrc_version": getattr(nbsrc, "__version__", None),
-        "run_fingerprint": config_fingerprint(cfg) if cfg else None,
+        "run_fingerprint": config_fingerprint(config) if config else None,
         "model_fingerprint": model_fingerprint(net),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
