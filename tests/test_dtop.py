@@ -436,7 +436,7 @@ def test_head_dim_option():
 
 
 def test_unknown_option_names_it_and_the_valid_ones():
-    with pytest.raises(ConfigError, match=r"'elm_iRB'.*valid options are dtop, k, pos_embed"):
+    with pytest.raises(ConfigError, match=r"'elm_iRB'.*valid options are k, pos_embed"):
         dtop(elm_iRB=False)
 
 
