@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
+from nbsrc import locking
 from nbsrc.config import ExperimentConfig
 from nbsrc.data import RetrievalData, RetrievalDataset, build_data, cap_per_class
 from nbsrc.data.group_sampler import training_sampler
@@ -56,6 +57,7 @@ from nbsrc.train import distributed, load_results, prepare_run_dir, read_metrics
 from nbsrc.train.loop import TrainingTask, fit
 from nbsrc.train.pairs import PairTask
 from nbsrc.train.rundir import RESULTS, close_tensorboard, load_run_config, log_tensorboard, write_json_atomic
+from nbsrc.train.rundir import release_run_lock
 from nbsrc.train.tuples import TupleTask
 from nbsrc.workers import auto_jobs, check_jobs, map_jobs
 
@@ -385,9 +387,23 @@ def run_experiment(cfg: ExperimentConfig, mode: str = "reuse", data: RetrievalDa
     :func:`nbsrc.train.prepare_run_dir`. ``data`` (datasets of classes) is used instead of building
     it; ``roxford_root`` / ``rparis_root`` (SfM-120k) see :func:`sfm_setup`. ``stop_after`` ends
     training early (no evaluation; to test resuming).
+
+    One process per run directory: the run's lock (:func:`nbsrc.train.prepare_run_dir`, on rank 0) is
+    held from the run directory's first write to its last and given back on return or error; a run
+    that another live process is training is refused in one line, before the data is read.
     """
+    try:
+        return _run_experiment(cfg, mode, data, stop_after, roxford_root, rparis_root)
+    finally:
+        release_run_lock(cfg.run_dir)
+
+
+def _run_experiment(cfg: ExperimentConfig, mode: str, data: RetrievalData | None, stop_after: int | None,
+                    roxford_root, rparis_root) -> RunResult:
     cfg.validate()
     dinfo = distributed.current()
+    if dinfo.is_main:
+        locking.check_free(cfg.run_dir)  # a live run of this name: said now, not after minutes of building
     if mode == "reuse" and run_state(cfg.run_dir) == "done":  # a finished run needs no data
         run_dir, _ = prepare_run_on_rank0(cfg, mode)  # checks that the saved config is the same
         print(f"reusing finished run {run_dir} (same config); nothing retrained")
