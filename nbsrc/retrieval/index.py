@@ -42,6 +42,7 @@ import torch
 
 from nbsrc import locking
 from nbsrc.data.images import describe_bad_images, image_problem, list_images, load_image
+from nbsrc.config import check_device
 from nbsrc.errors import ConfigError, DatasetError, RunDirError
 from nbsrc.eval.stream import embed_to_memmap, model_fingerprint, recorded_batch_size, sidecar_path
 from nbsrc.models.fold import inference_model
@@ -81,6 +82,8 @@ def default_device() -> torch.device:
 def _device(device) -> torch.device:
     if device in (None, "auto"):
         return default_device()
+    if not isinstance(device, torch.device):
+        check_device(device)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r} but CUDA is not available here; use device='cpu' or 'auto'")

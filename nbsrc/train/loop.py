@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from nbsrc.config import ExperimentConfig
+from nbsrc.config import ExperimentConfig, check_device
 from nbsrc.errors import ConfigError, NonFiniteLossError
 from nbsrc.progress import progress
 from nbsrc.train import distributed
@@ -43,6 +43,7 @@ from nbsrc.train.rundir import append_metrics, truncate_metrics
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
