@@ -17,7 +17,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from nbsrc.errors import NbsrcError, RunDirError
+from nbsrc.errors import ConfigError, NbsrcError, RunDirError
 from nbsrc.experiment import EMBEDDINGS, RunResult, load_run
 from nbsrc.train.rundir import CONFIG, RESULTS, load_run_config, read_json, read_metrics, run_state
 
@@ -87,6 +87,15 @@ def format_table(rows: list[dict]) -> str:
 
 
 def write_csv(rows: list[dict], path: str | Path) -> None:
+    """Write ``rows`` as CSV to ``path``, creating its folder; a file on the way is a one-line error."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"--csv {path}: its folder {path.parent} cannot be made (a file is on its way); "
+                         "choose another --csv path") from None
+    if path.is_dir():
+        raise ConfigError(f"--csv {path} is a folder; pass a file name such as {path / 'runs.csv'}")
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["name"])
         w.writeheader()
