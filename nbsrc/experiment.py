@@ -41,7 +41,7 @@ from torch.utils.data import default_collate
 
 from nbsrc import locking
 from nbsrc.config import ExperimentConfig
-from nbsrc.data import RetrievalData, RetrievalDataset, build_data, cap_per_class
+from nbsrc.data import RetrievalData, RetrievalDataset, build_data, cap_per_class, check_data_root
 from nbsrc.data.group_sampler import training_sampler
 from nbsrc.data.sfm import SfMSplit, load_sfm120k_db
 from nbsrc.data.images import check_dataset_images, check_images
@@ -410,6 +410,8 @@ def _run_experiment(cfg: ExperimentConfig, mode: str, data: RetrievalData | None
         return load_run(run_dir)
     device = resolve_device(cfg.run.device)
     t0 = time.perf_counter()
+    if data is None:
+        check_data_root(cfg)  # a missing data_root is said before pretrained weights are fetched
     model, norm = seeded_model(cfg)
     setup = build_setup(cfg, norm, device, data, roxford_root, rparis_root)
     check_can_start(cfg, model, setup)
