@@ -16,7 +16,7 @@ Our choices, and why:
   dies, SIGKILL included, and a child made by ``fork`` (a DataLoader worker) does not inherit them, so a
   killed run's lock is free at once even while its workers are still exiting. (A process holds a POSIX
   lock until it closes *any* descriptor of the file; this module opens the file once per process and
-  never again while it holds it.)
+  never again while it holds it, and nothing else should open it.)
 * **The file is deleted on release**, so a finished run or a refused start leaves nothing beside the
   directory; only a killed process leaves its file, which the next start takes over. Deleting a lock
   file races with a process that opened it just before: :func:`acquire` therefore checks, once it holds
@@ -44,6 +44,8 @@ def lock_path(target: str | Path) -> Path:
 
 def holder(target: str | Path) -> int | None:
     """The PID written in ``target``'s lock file (None when it cannot be read: not there, or not yet written)."""
+    if is_held(target):  # never open the file again while holding it: closing that would drop the lock
+        return os.getpid()
     try:
         return int(lock_path(target).read_text().strip())
     except (OSError, ValueError):
@@ -79,21 +81,27 @@ def is_held(target: str | Path) -> bool:
 def check_free(target: str | Path, doing: str = "trained", flag: str = "--name") -> None:
     """Raise the one-line :class:`RunDirError` of :func:`acquire` when another process holds ``target``'s
     lock; writes nothing (an early check, before minutes of building: :func:`acquire` decides)."""
-    path = lock_path(target)
+    if held_elsewhere(target):
+        raise _busy(Path(target), doing, flag)
+
+
+def held_elsewhere(target: str | Path) -> bool:
+    """Whether another live process holds ``target``'s lock (writes nothing)."""
     if is_held(target):
-        return
+        return False
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(lock_path(target), os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        return  # no lock file: nobody holds it (or it cannot be read; acquire() will say why)
+        return False  # no lock file: nobody holds it (or it cannot be read; acquire() will say why)
     try:
         fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a shared lock, given back at once
     except OSError as e:
         if e.errno in (errno.EACCES, errno.EAGAIN):
-            raise _busy(Path(target), doing, flag) from None
+            return True
         raise
     finally:
         os.close(fd)
+    return False
 
 
 def acquire(target: str | Path, doing: str = "trained", flag: str = "--name") -> None:

@@ -6,7 +6,7 @@ finished run loaded from however it is named.
 A run directory is one that holds a ``config.json`` (:mod:`nbsrc.train.rundir`). Its state is
 ``finished`` (``results.json`` written), ``resumable`` (a checkpoint: ``train --resume`` continues it)
 or ``leftover`` (neither: a start that failed or was killed before its first checkpoint; a new start
-under its name replaces it)."""
+under its name replaces it); a run that a live process holds (:mod:`nbsrc.locking`) is ``training``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nbsrc.errors import ConfigError, NbsrcError, RunDirError
+from nbsrc.locking import held_elsewhere, holder
 from nbsrc.experiment import EMBEDDINGS, RunResult, load_run
 from nbsrc.train.rundir import CONFIG, RESULTS, load_run_config, read_json, read_metrics, run_state
 
@@ -50,6 +51,8 @@ def run_row(run_dir: Path) -> dict:
     """One line of ``nbsrc runs``: name, state, iterations done / planned, R@1 or mAP, date."""
     cfg = load_run_config(run_dir / CONFIG)
     state = STATES.get(run_state(run_dir), "leftover")
+    if state != "finished" and held_elsewhere(run_dir):
+        state = f"training (process {holder(run_dir)})"
     results = read_json(run_dir / RESULTS, "run it again with --resume") if state == "finished" else {}
     try:
         done = max((r["iteration"] for r in read_metrics(run_dir, "train")), default=0)

@@ -120,7 +120,8 @@ def test_a_second_start_while_a_run_trains_touches_nothing(tmp_path, capsys, how
 
 
 def test_a_notebook_reusing_a_run_that_trains_is_refused(tmp_path):
-    """``run_experiment(cfg)`` in its notebook mode (``reuse``) on a run another process trains."""
+    """``run_experiment(cfg)`` in its notebook mode (``reuse``) on a run another process trains; ``nbsrc runs``
+    lists that run as training, with its process, not as a leftover."""
     from nbsrc.__main__ import build_parser, config_from_args
     from nbsrc.errors import RunDirError
     from nbsrc.experiment import run_experiment
@@ -133,6 +134,9 @@ def test_a_notebook_reusing_a_run_that_trains_is_refused(tmp_path):
                                                           *TINY, "--iterations", str(LONG)]))
         with pytest.raises(RunDirError, match=f"is being trained by process {a.pid}; wait for it or choose another"):
             run_experiment(cfg)
+        from nbsrc.runlist import list_runs
+
+        assert [(r["name"], r["state"]) for r in list_runs(tmp_path / "runs")] == [("k", f"training (process {a.pid})")]
     finally:
         rc, _, err = _finish(a)
     assert rc == 0, err[-2000:]
@@ -238,3 +242,25 @@ def test_two_embeds_into_one_out_at_once_build_one_index(tmp_path, images):
     index = Index.load(out, device="cpu")
     assert len(index) == 600 and index.manifest["n_skipped"] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+
+
+def test_a_stale_lock_file_is_taken_over_and_removed_on_release(tmp_path):
+    """What a SIGKILLed holder leaves (its file and PID, no lock) blocks nobody; the new holder writes its own
+    PID, and a fork of it does not hold the lock (POSIX locks are per process)."""
+    target = tmp_path / "x"
+    locking.lock_path(target).write_text("999999\n")
+    locking.check_free(target)  # no error: nobody holds it
+    locking.acquire(target)
+    try:
+        assert locking.is_held(target) and locking.holder(target) == os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the child: not a holder, and trying to take the lock is refused
+            try:
+                locking.acquire(target)
+                os._exit(1)
+            except Exception as e:  # noqa: BLE001
+                os._exit(0 if f"is being trained by process {os.getppid()}" in str(e) else 2)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    finally:
+        locking.release(target)
+    assert not locking.lock_path(target).exists() and not locking.is_held(target)
