@@ -16,17 +16,25 @@ offline (a fresh hub cache and hub settings need a fresh interpreter) below, as 
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from test_fault_campaign import (
-    FINISHED, NB, ROOT, ForkServer, _env, _link_copy, folder_flags, image_folder, snapshot, tiny_flags,
+    FINISHED,
+    NB,
+    ROOT,
+    ForkServer,
+    _env,
+    _link_copy,
+    folder_flags,
+    image_folder,
+    snapshot,
+    tiny_flags,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,7 +99,8 @@ CASES: dict[str, Case] = {
     "search --device cuda:-1": Case(["search", IDX, QUERY, "--device", "cuda:-1"], "--device='cuda:-1' is invalid",
                                     index=True, images=True),
     # --- runs --csv
-    "runs --csv under a file": Case(["runs", "runs", "--csv", "afile/runs.csv"], "--csv afile/runs.csv", finished_run=True,
+    "runs --csv under a file": Case(["runs", "runs", "--csv", "afile/runs.csv"], "--csv afile/runs.csv",
+                                    finished_run=True,
                                     setup=_write("afile", "a file")),
     "runs --csv is a folder": Case(["runs", "runs", "--csv", "reports"], "--csv reports is a folder", finished_run=True,
                                    setup=_mkdir("reports")),
@@ -143,7 +152,8 @@ CASES: dict[str, Case] = {
     "notebook iterations negative": Case(["notebook", NB, *NB_FLAGS, "-p", "iterations", "-5"],
                                          "iterations=-5 is invalid", absent="memory_start", allowed=("nbout", "runs")),
     # --- embed, search, export
-    "embed folder missing": Case(["embed", f"runs/{FINISHED}", "nope", "--out", "i2"], "image folder nope does not exist",
+    "embed folder missing": Case(["embed", f"runs/{FINISHED}", "nope", "--out", "i2"],
+                                 "image folder nope does not exist",
                                  finished_run=True),
     "embed --out is a file": Case([*EMBED, "--out", "afile"], "afile is a file", finished_run=True, images=True,
                                   setup=_write("afile", "a file")),
@@ -157,7 +167,8 @@ CASES: dict[str, Case] = {
                                finished_run=True, images=True),
     "embed an unknown model": Case(["embed", "vit_nope", "images", "--out", "i2"], "unknown model 'vit_nope'",
                                    images=True),
-    "embed a run that does not exist": Case(["embed", "runs/ghost", "images", "--out", "i2"], "runs/ghost does not exist",
+    "embed a run that does not exist": Case(["embed", "runs/ghost", "images", "--out", "i2"],
+                                            "runs/ghost does not exist",
                                             images=True),
     "search an index that does not exist": Case(["search", "noidx", QUERY], "noidx is not an index directory",
                                                 images=True),
@@ -185,7 +196,8 @@ SUCCEEDS = {
     "a class list written with =": (Case(["train", *tiny_flags("eq"), "--train-classes=0-4"], "", allowed=("runs",)),
                                     "eq: R@1=", "runs/eq/results.json"),
     "search --grid into a missing folder": (Case(["search", IDX, QUERY, "--grid", "grids/a/hits.png"], "", index=True,
-                                                 images=True, allowed=("grids",)), f"query {QUERY}", "grids/a/hits.png"),
+                                                 images=True, allowed=("grids",)),
+                                            f"query {QUERY}", "grids/a/hits.png"),
 }
 STARTS_A_KERNEL = ("notebook iterations negative",)
 
@@ -198,7 +210,8 @@ def campaign(tmp_path_factory):
     (made / "out").mkdir(parents=True)
     image_folder(made / "images")
     server = ForkServer()
-    control = [{"name": "run", "argv": ["train", *tiny_flags(FINISHED, dim=8)], "cwd": str(made), "out": str(made / "out")}]
+    control = [{"name": "run", "argv": ["train", *tiny_flags(FINISHED, dim=8)], "cwd": str(made),
+                "out": str(made / "out")}]
     assert server.run(control)["run"]["rc"] == 0, (made / "out" / "stderr").read_text()
     index = [{"name": "index", "argv": [*EMBED, "--out", IDX, "--no-progress", "--workers", "0"], "cwd": str(made),
               "out": str(made / "out")}]

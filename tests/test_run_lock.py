@@ -214,8 +214,8 @@ def test_an_embed_into_an_index_being_built_stops_and_touches_nothing(tmp_path, 
     try:
         assert holder.stdout.readline().strip() == "held"
         rc, _, err = _finish(_embed(images, out))
-        assert rc == 2 and err.strip() == (f"error: {out} is being built by process {holder.pid}; wait for it or choose "
-                                           "another --out"), err
+        assert rc == 2 and err.strip() == (f"error: {out} is being built by process {holder.pid}; wait for it or "
+                                           "choose another --out"), err
         assert not out.exists()
     finally:
         holder.send_signal(signal.SIGKILL)
