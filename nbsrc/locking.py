@@ -37,9 +37,9 @@ _held: dict[Path, tuple[int, int]] = {}  # lock file (absolute) -> (PID, descrip
 
 
 def lock_path(target: str | Path) -> Path:
-    """The lock file of the directory ``target``: ``.<name>.lock`` beside it."""
+    """The lock file of the directory ``target``: ``.<name>.lock`` beside it (``/.lock`` for ``/``)."""
     target = Path(os.path.abspath(target))
-    return target.with_name(f".{target.name}.lock")
+    return target.with_name(f".{target.name}.lock") if target.name else target / ".lock"
 
 
 def holder(target: str | Path) -> int | None:
