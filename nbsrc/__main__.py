@@ -23,11 +23,21 @@ _ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, get
                        errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
 
 
+# Where each command writes, named as its own flag, for the hint of an OSError (a read-only or full disk).
+OUTPUT_HINTS = {"train": ", or choose another --runs-dir", "embed": ", or choose another --out",
+                "search": ", or choose another --grid", "export": ", or choose another --out",
+                "runs": ", or choose another --csv", "notebook": ", or choose another --out",
+                "demo": ", or run it from another folder (it writes runs/ and figures/ there)"}
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad command line is one line on stderr (``error: ...; see ... --help``)
     rather than the whole usage text followed by the error."""
 
     def error(self, message: str):
+        m = re.fullmatch(r"argument (--[\w-]+): expected one argument", message)
+        if m:  # `--train-classes -1-3`: argparse takes a value that starts with '-' for a flag
+            message += f" (a value that starts with '-' is written {m.group(1)}=VALUE, e.g. {m.group(1)}=-1)"
         self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
 
 
@@ -74,6 +84,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             help_ += f"; choices: {', '.join(null if v is None else str(v) for v in choices)}"
         if f.paper is not None:
             help_ += f"; paper: {f.paper}"
+        if f.name in ("train_classes", "test_classes"):  # argparse reads `--train-classes -1-3` as two flags
+            help_ += f"; a value that starts with '-' is written {flag}=-1-3"
         help_ = (help_ + f" (default: {shown})").replace("%", "%%")
         unset = argparse.SUPPRESS
         if base is bool or f.name == "dtop":
@@ -110,12 +122,15 @@ def config_from_args(ns: argparse.Namespace) -> ExperimentConfig:
 
 def _config_from_flags(ns: argparse.Namespace) -> ExperimentConfig:
     layers: list[dict] = []
-    if getattr(ns, "preset", None):
+    if getattr(ns, "preset", None) is not None:
         from nbsrc.presets import preset_dict
 
+        if not ns.preset.strip():
+            raise ConfigError("--preset is empty: pass a preset name (python -m nbsrc presets lists them), or drop "
+                              "--preset for the defaults")
         layers.append(preset_dict(ns.preset))
     names = _flag_names()
-    if getattr(ns, "config", None):
+    if getattr(ns, "config", None) is not None:
         layers.append(read_config_file(ns.config, names))
     layers.append({k: v for k, v in vars(ns).items() if k in names})  # only the flags given are in ns
     cfg = ExperimentConfig.from_layers(*layers)
@@ -152,7 +167,7 @@ def resume_config(ns: argparse.Namespace) -> ExperimentConfig:
     from nbsrc.train.rundir import CONFIG, is_leftover, load_run_config
 
     for opt in ("preset", "config"):
-        if getattr(ns, opt, None):
+        if getattr(ns, opt, None) is not None:
             raise ConfigError(f"--{opt} cannot be combined with --resume: a resumed run keeps its saved "
                               f"config.json; drop --{opt}")
     given = {k: v for k, v in vars(ns).items() if k in _flag_names()}
@@ -345,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         if err.errno not in _ENVIRONMENT_ERRNOS or err.filename is None:
             raise
         print(f"error: cannot write or read {err.filename}: {err.strerror}; check that the path is a writable "
-              "directory with free space, or choose another --runs-dir", file=sys.stderr)
+              f"directory with free space{OUTPUT_HINTS.get(ns.cmd, '')}", file=sys.stderr)
         return 2
     return 0
 

@@ -97,6 +97,17 @@ def setting(default: Any, help: str, *, choices: tuple | str | None = None, pape
     return dataclasses.field(default=default, metadata={k: v for k, v in meta.items() if v not in (None, False)})
 
 
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")  # cuda:N: the N-th GPU (cuda:0, cuda:1, ...)
+
+
+def check_device(value: Any, name: str = "device") -> None:
+    """``value`` is one of :data:`DEVICES` (``cuda:N`` with an integer N), or a one-line
+    :class:`ConfigError` naming ``name`` (``device``, ``--device``); whether CUDA is there is checked
+    where the device is used."""
+    if not (isinstance(value, str) and (value in DEVICES[:3] or (value.startswith("cuda:") and value[5:].isdigit()))):
+        raise ConfigError(f"{name}={value!r} is invalid: expected one of auto, cpu, cuda or cuda:N (e.g. cuda:0)")
+
+
 def invalid(name: str, value: Any, expected: str) -> None:
     """Raise the one-line error of a bad field: ``name=value is invalid: expected ...``."""
     raise ConfigError(f"{name}={value!r} is invalid: expected {expected}")
@@ -131,6 +142,7 @@ class RunConfig:
         for name in ("log_every", "ckpt_every", "num_workers", "threads"):
             if getattr(self, name) < 0:
                 bad(name, getattr(self, name), "a non-negative integer")
+        check_device(self.device)
 
 
 @dataclass

@@ -110,7 +110,7 @@ def demo_config(demo: str = DEFAULT_DEMO, runs_dir: str = "runs", name: str = "i
     d.update({"name": name, "runs_dir": runs_dir, **overrides})
     for key in ("warmup_iters", "memory_start"):  # the recipe's, shortened to fit fewer iterations
         if key not in overrides:
-            d[key] = min(d[key], d["iterations"])
+            d[key] = min(d[key], max(d["iterations"], 0))  # iterations < 0: its own error, not this field's
     return ExperimentConfig.from_dict(d)
 
 
@@ -120,6 +120,7 @@ def prepare_demo(demo: str = DEFAULT_DEMO, runs_dir: str = "runs", pretrain: dic
     (:data:`PRETRAIN`): that run is trained once and reused while its config is unchanged (the
     usual run reuse). ``pretrain``: config fields over the pretraining run's (e.g. fewer iterations
     for a smoke run); ``overrides`` reach it only for :data:`PRETRAIN_SHARED` fields."""
+    demo_config(demo, runs_dir, **overrides)  # a bad override is said now, not after the pretraining
     shared = {k: v for k, v in overrides.items() if k in PRETRAIN_SHARED}
     pre = pretrain_config(demo, runs_dir, **{**shared, **(pretrain or {})})
     if pre is not None:

@@ -40,8 +40,9 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
+from nbsrc import locking
 from nbsrc.config import ExperimentConfig
-from nbsrc.data import RetrievalData, RetrievalDataset, build_data, cap_per_class
+from nbsrc.data import RetrievalData, RetrievalDataset, build_data, cap_per_class, check_data_root
 from nbsrc.data.group_sampler import training_sampler
 from nbsrc.data.sfm import SfMSplit, load_sfm120k_db
 from nbsrc.data.images import check_dataset_images, check_images
@@ -60,6 +61,7 @@ from nbsrc.train import distributed, load_results, prepare_run_dir, read_metrics
 from nbsrc.train.loop import TrainingTask, fit
 from nbsrc.train.pairs import PairTask
 from nbsrc.train.rundir import RESULTS, close_tensorboard, load_run_config, log_tensorboard, write_json_atomic
+from nbsrc.train.rundir import release_run_lock
 from nbsrc.train.tuples import TupleTask
 from nbsrc.workers import auto_jobs, check_jobs, map_jobs
 
@@ -439,15 +441,31 @@ def run_experiment(cfg: ExperimentConfig, mode: str = "reuse", data: RetrievalDa
     it; ``roxford_root`` / ``rparis_root`` / ``oxford_root`` / ``paris_root`` (SfM-120k) see
     :func:`sfm_setup`. ``stop_after`` ends
     training early (no evaluation; to test resuming).
+
+    One process per run directory: the run's lock (:func:`nbsrc.train.prepare_run_dir`, on rank 0) is
+    held from the run directory's first write to its last and given back on return or error; a run
+    that another live process is training is refused in one line, before the data is read.
     """
+    try:
+        return _run_experiment(cfg, mode, data, stop_after, roxford_root, rparis_root)
+    finally:
+        release_run_lock(cfg.run_dir)
+
+
+def _run_experiment(cfg: ExperimentConfig, mode: str, data: RetrievalData | None, stop_after: int | None,
+                    roxford_root, rparis_root) -> RunResult:
     cfg.validate()
     dinfo = distributed.current()
+    if dinfo.is_main:
+        locking.check_free(cfg.run_dir)  # a live run of this name: said now, not after minutes of building
     if mode == "reuse" and run_state(cfg.run_dir) == "done":  # a finished run needs no data
         run_dir, _ = prepare_run_on_rank0(cfg, mode)  # checks that the saved config is the same
         print(f"reusing finished run {run_dir} (same config); nothing retrained")
         return load_run(run_dir)
     device = resolve_device(cfg.run.device)
     t0 = time.perf_counter()
+    if data is None:
+        check_data_root(cfg)  # a missing data_root is said before pretrained weights are fetched
     model, norm = seeded_model(cfg)
     setup = build_setup(cfg, norm, device, data, roxford_root, rparis_root, oxford_root, paris_root)
     check_can_start(cfg, model, setup)

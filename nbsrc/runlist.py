@@ -6,7 +6,7 @@ finished run loaded from however it is named.
 A run directory is one that holds a ``config.json`` (:mod:`nbsrc.train.rundir`). Its state is
 ``finished`` (``results.json`` written), ``resumable`` (a checkpoint: ``train --resume`` continues it)
 or ``leftover`` (neither: a start that failed or was killed before its first checkpoint; a new start
-under its name replaces it)."""
+under its name replaces it); a run that a live process holds (:mod:`nbsrc.locking`) is ``training``."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nbsrc.config import config_fields
-from nbsrc.errors import NbsrcError, RunDirError
+from nbsrc.errors import ConfigError, NbsrcError, RunDirError
+from nbsrc.locking import held_elsewhere, holder
 from nbsrc.experiment import EMBEDDINGS, RunResult, load_run
 from nbsrc.train.rundir import CONFIG, RESULTS, load_run_config, read_json, read_metrics, run_state
 
@@ -51,6 +52,8 @@ def run_row(run_dir: Path) -> dict:
     """One line of ``nbsrc runs``: name, state, iterations done / planned, R@1 or mAP, date."""
     cfg = load_run_config(run_dir / CONFIG)
     state = STATES.get(run_state(run_dir), "leftover")
+    if state != "finished" and held_elsewhere(run_dir):
+        state = f"training (process {holder(run_dir)})"
     results = read_json(run_dir / RESULTS, "run it again with --resume") if state == "finished" else {}
     try:
         done = max((r["iteration"] for r in read_metrics(run_dir, "train")), default=0)
@@ -88,6 +91,15 @@ def format_table(rows: list[dict]) -> str:
 
 
 def write_csv(rows: list[dict], path: str | Path) -> None:
+    """Write ``rows`` as CSV to ``path``, creating its folder; a file on the way is a one-line error."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"--csv {path}: its folder {path.parent} cannot be made (a file is on its way); "
+                         "choose another --csv path") from None
+    if path.is_dir():
+        raise ConfigError(f"--csv {path} is a folder; pass a file name such as {path / 'runs.csv'}")
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["name"])
         w.writeheader()

@@ -94,7 +94,8 @@ def test_two_overwrites_in_the_same_second_get_distinct_backups(tiny_cfg, monkey
         (run / "config.json").unlink()
         run.rmdir()
     base = run.with_name("tiny.old-20261129-120000")
-    backups = {p.name: json.loads((p / "results.json").read_text())["generation"] for p in run.parent.iterdir()}
+    backups = {p.name: json.loads((p / "results.json").read_text())["generation"] for p in run.parent.iterdir()
+               if p.is_dir()}  # not the run's lock file, .tiny.lock, which this process holds
     assert backups == {base.name: "first", f"{base.name}-2": "second", f"{base.name}-3": "third"}
     assert capsys.readouterr().out.splitlines()[1] == f"moved the existing {run} to {base}-2"
 

@@ -56,6 +56,37 @@ def _split(images, labels, cfg: ExperimentConfig, train_tf, eval_tf, names=None,
     return RetrievalData(train=full.subset(tr, train_tf), query=query)
 
 
+def check_data_root(cfg: ExperimentConfig) -> None:
+    """The folder of a dataset that needs one (``folder``, ``cub``, ``sop``, ``inshop``, ``sfm120k``) is given
+    and exists, or the loader's own one-line error: checked before the model is built, so that a missing
+    ``data_root`` is said at once, not after pretrained weights are fetched."""
+    from pathlib import Path
+
+    from nbsrc.data import benchmarks
+    from nbsrc.data.folder import LAYOUT
+
+    name, root = cfg.data.dataset, cfg.data.data_root
+    if name == "folder":
+        if root is None:
+            raise ConfigError("dataset='folder' needs data_root=<folder with one sub-folder per class>")
+        if not Path(root).is_dir():
+            raise DatasetError(f"image folder {root} does not exist; expected the layout {LAYOUT}")
+    elif name in ("cub", "sop", "inshop"):
+        layout, url = {"cub": (benchmarks.CUB_LAYOUT, benchmarks.CUB_URL),
+                       "sop": (benchmarks.SOP_LAYOUT, benchmarks.SOP_URL),
+                       "inshop": (benchmarks.INSHOP_LAYOUT, benchmarks.INSHOP_URL)}[name]
+        benchmarks._root(root, layout, url, name)
+    elif name == "sfm120k":
+        from nbsrc.data.sfm import SFM_FILE, SFM_LAYOUT, SFM_URL
+
+        if root is None:
+            raise DatasetError(f"SfM-120k needs data_root=<folder with {SFM_FILE}>; {SFM_LAYOUT}; {SFM_URL}")
+        path = Path(root).expanduser()
+        db_file = path / SFM_FILE if path.is_dir() or path.suffix != ".pkl" else path
+        if not db_file.is_file():
+            raise DatasetError(f"expected {db_file}; {SFM_LAYOUT}; {SFM_URL}")
+
+
 def build_data(cfg: ExperimentConfig, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> RetrievalData:
     """The datasets named by ``cfg.data.dataset``, with the paper's train and evaluation transforms;
     with ``cfg.data.size_variant == "mixed"``, their deterministic mixed-size variant (DToP Table A12)."""

@@ -65,6 +65,12 @@ def class_disjoint_split(
     class named must be present in ``labels``.
     """
     labels = np.asarray(labels)
+    present = np.unique(labels)
+    if len(present) < 2:
+        raise DatasetError(
+            f"the dataset has {len(present)} class{'' if len(present) == 1 else 'es'}; a class-disjoint split needs "
+            "at least 2 (one to train on, one to test on): add classes (an image folder: one sub-folder per class)"
+        )
     tr, te = resolve_class_sets(labels, train_classes, test_classes, split)
     for side, ids in (("train_classes", tr), ("test_classes", te)):
         if not ids:

@@ -9,7 +9,9 @@ random init.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import os
 from pathlib import Path
 
 import timm
@@ -39,19 +41,80 @@ def resolve_weights(weights: str | Path) -> tuple[str, bool]:
     return weights, is_path
 
 
+HUB_CHECK_SECONDS = 3.0  # how long the hub may take to accept a connection before it counts as unreachable
+
+
+def hub_unreachable(timeout: float = HUB_CHECK_SECONDS) -> str | None:
+    """Why timm's hub cannot be reached, or None when it can: ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``)
+    is set, or a TCP connection to the hub (``$HF_ENDPOINT``, default huggingface.co; the proxy of
+    ``$HTTPS_PROXY`` / ``$ALL_PROXY`` when one is set) is refused, its name does not resolve, or it does
+    not answer within ``timeout`` seconds. Our reading of "offline": one connection attempt, instead of
+    the hub client's five retries per file (51 s before the first error, measured on a machine without
+    a network)."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return f"{var} is set"
+    proxy = next((os.environ[v] for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy") if os.environ.get(v)),
+                 None)
+    url = urlsplit(proxy or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = url.hostname or ""
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+    except ValueError:
+        return f"{proxy or os.environ.get('HF_ENDPOINT')} is not a URL"
+    outcome: list[str | None] = []
+
+    def connect() -> None:  # in a thread: name resolution has no timeout of its own
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as e:
+            outcome.append(f"cannot connect to {host}:{port}: {e.strerror or e}")
+
+    worker = threading.Thread(target=connect, daemon=True)
+    worker.start()
+    worker.join(timeout + 0.5)
+    return outcome[0] if outcome else f"{host}:{port} did not answer within {timeout:g} s"
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    """While ``offline``, the hub client only reads its local cache (no request, no retries)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        offline = False
+    if not offline:
+        yield
+        return
+    was = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = was
+
+
 def create_backbone(name: str, pretrained: bool, img_size: int | None, patch_size: int | None,
                     **extra) -> torch.nn.Module:
     """``timm.create_model(name, num_classes=0, ...)``; ``img_size`` is dropped for convnets (any
     input size), a ``patch_size`` for a model without patches is an error, and a hub failure when
-    ``pretrained`` is a one-line :class:`~nbsrc.errors.WeightsError`."""
+    ``pretrained`` is a one-line :class:`~nbsrc.errors.WeightsError`. When the hub cannot be reached
+    (:func:`hub_unreachable`), the weights come from the local cache or not at all, at once."""
     kwargs = dict(num_classes=0, **extra)
+    offline = hub_unreachable() if pretrained else None
     if img_size is not None:
         kwargs["img_size"] = img_size
     if patch_size is not None:
         kwargs["patch_size"] = patch_size
     try:
         try:
-            net = timm.create_model(name, pretrained=pretrained, **kwargs)
+            with _hub_offline(offline is not None):
+                net = timm.create_model(name, pretrained=pretrained, **kwargs)
         except TypeError as e:
             if patch_size is not None and "patch_size" in str(e):
                 raise ConfigError(
@@ -59,7 +122,8 @@ def create_backbone(name: str, pretrained: bool, img_size: int | None, patch_siz
                 ) from None
             if img_size is not None and "img_size" in str(e):  # convnets take any input size
                 kwargs.pop("img_size")
-                return timm.create_model(name, pretrained=pretrained, **kwargs)
+                with _hub_offline(offline is not None):
+                    return timm.create_model(name, pretrained=pretrained, **kwargs)
             raise
         except AssertionError:  # timm's hybrid embedding asserts that its patches tile the CNN's map
             raise ConfigError(
@@ -69,9 +133,15 @@ def create_backbone(name: str, pretrained: bool, img_size: int | None, patch_siz
     except (RuntimeError, OSError, ValueError) as e:
         if not pretrained or isinstance(e, ConfigError):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if offline is not None and "no pretrained weights" not in str(e).lower():
+            raise WeightsError(
+                f"could not fetch pretrained weights for {name!r}: timm's hub cannot be reached ({offline}) and they "
+                "are not in the local cache; connect to the internet, pass weights=<checkpoint path>, or use "
+                "weights='none'"
+            ) from None
+        msg = " ".join(str(e).split()) or type(e).__name__  # the whole message, on one line
         raise WeightsError(
-            f"could not fetch pretrained weights for {name!r} from timm's hub ({msg[:160]}); "
+            f"could not fetch pretrained weights for {name!r} from timm's hub ({msg}); "
             "connect to the internet, pass weights=<checkpoint path>, or use weights='none'"
         ) from None
     check_patches_tile(net, name, patch_size)

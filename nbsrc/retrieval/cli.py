@@ -107,9 +107,11 @@ def _positive(value, flag: str) -> None:
 def cmd_embed(ns) -> None:
     from pathlib import Path
 
+    from nbsrc.config import check_device
     from nbsrc.errors import ConfigError
     from nbsrc.retrieval import Index, load_embedding_model
 
+    check_device(ns.device, "--device")
     _positive(ns.batch_size, "--batch-size")
     _positive(ns.img_size, "--img-size")
     if ns.workers is not None and ns.workers < 0:
@@ -134,8 +136,10 @@ def cmd_embed(ns) -> None:
 
 
 def cmd_search(ns) -> None:
+    from nbsrc.config import check_device
     from nbsrc.retrieval import Index
 
+    check_device(ns.device, "--device")
     _positive(ns.k, "-k")
     if ns.grid is not None and not ns.grid.lower().endswith((".png", ".pdf")):
         from nbsrc.errors import ConfigError

@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nbsrc import locking
 from nbsrc.data.images import describe_bad_images, image_problem, list_images, load_image
 from nbsrc.errors import ConfigError, DatasetError, RunDirError
 from nbsrc.eval.stream import embed_to_memmap, model_fingerprint, recorded_batch_size, sidecar_path
@@ -307,9 +308,30 @@ class Index:
     # ------------------------------------------------------------------ build
     @classmethod
     def build(cls, model: EmbeddingModel | str | Path, images: str | Path | Sequence[str | Path],
-              out_dir: str | Path, *, weights: str | None = None, batch_size: int | None = None,
-              device: str | torch.device | None = "auto", num_workers: int | None = None,
-              progress: bool = True, log=print) -> Index:
+              out_dir: str | Path, **options) -> Index:
+        """:meth:`_build` (the contract) by one process at a time: it holds the lock of ``out_dir``
+        (:mod:`nbsrc.locking`, ``.<name>.lock`` beside it) from before its first write to its last; a
+        build into an ``out_dir`` that another live process is building stops with the one-line
+        :class:`~nbsrc.errors.RunDirError` ``<out_dir> is being built by process <PID>; wait for it or
+        choose another --out`` and touches nothing."""
+        out = Path(out_dir)
+        locking.check_free(out, "built", "--out")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise RunDirError(f"{out} cannot be made: a file is on its way ({out.parent}); "
+                              "choose another --out") from None
+        locking.acquire(out, "built", "--out")
+        try:
+            return cls._build(model, images, out, **options)
+        finally:
+            locking.release(out)
+
+    @classmethod
+    def _build(cls, model: EmbeddingModel | str | Path, images: str | Path | Sequence[str | Path],
+               out_dir: str | Path, *, weights: str | None = None, batch_size: int | None = None,
+               device: str | torch.device | None = "auto", num_workers: int | None = None,
+               progress: bool = True, log=print) -> Index:
         """Embed ``images`` (a folder, listed recursively, or a list of paths) with ``model`` (an
         :class:`~nbsrc.retrieval.models.EmbeddingModel`, or a spec for
         :func:`~nbsrc.retrieval.models.load_embedding_model`: run directory, preset, timm name)

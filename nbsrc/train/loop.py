@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from nbsrc.config import ExperimentConfig
+from nbsrc.config import ExperimentConfig, check_device
 from nbsrc.errors import ConfigError, NonFiniteLossError
 from nbsrc.progress import progress
 from nbsrc.train import distributed
@@ -47,6 +47,8 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     else the CPU; a CUDA device where there is none is a one-line :class:`ConfigError`."""
     if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(name, torch.device):
+        check_device(name)  # 'gpu', 'cuda:x': one line naming the choices, not torch's RuntimeError
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={str(name)!r} but CUDA is not available here; use device='cpu' or 'auto'")

@@ -7,7 +7,8 @@ valid JSON is a one-line :class:`~nbsrc.errors.RunDirError` naming the file and 
 partial last line of ``metrics.jsonl`` (what a kill in the middle of an append leaves) is dropped,
 and said in one line when a resume rewrites the file.
 A directory with no checkpoint and no results, only what a start leaves before its first
-checkpoint, is not a run: a new start under its name replaces it."""
+checkpoint, is not a run: a new start under its name replaces it, unless a live process holds the
+run's lock (one process per run directory: :func:`prepare_run_dir`)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nbsrc import locking
 from nbsrc.config import ExperimentConfig
 from nbsrc.errors import ConfigError, RunDirError
 from nbsrc.train.checkpoint import LATEST, PREVIOUS
@@ -64,15 +66,20 @@ def _check_same(cfg: ExperimentConfig, run_dir: Path) -> None:
         )
 
 
-def _create_atomically(cfg: ExperimentConfig, run_dir: Path, replace: bool) -> None:
-    """Write ``config.json`` into a temporary directory beside ``run_dir`` and rename it into place,
-    so that ``run_dir`` never exists half-made; ``replace``: a leftover (:func:`is_leftover`) is
-    moved out of the way first and deleted once the new directory is in place."""
+def _make_runs_dir(run_dir: Path) -> None:
+    """Create the folder that holds ``run_dir``; a file on its way is a one-line :class:`RunDirError`."""
     for parent in (run_dir.parent, *run_dir.parent.parents):
         if parent.exists() and not parent.is_dir():
             raise RunDirError(f"runs directory {run_dir.parent} cannot be made: {parent} is a file, not a folder; "
                               "choose another runs_dir")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _create_atomically(cfg: ExperimentConfig, run_dir: Path, replace: bool) -> None:
+    """Write ``config.json`` into a temporary directory beside ``run_dir`` and rename it into place,
+    so that ``run_dir`` never exists half-made; ``replace``: a leftover (:func:`is_leftover`) is
+    moved out of the way first and deleted once the new directory is in place."""
+    _make_runs_dir(run_dir)
     tmp = run_dir.with_name(f".{run_dir.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -104,10 +111,37 @@ def prepare_run_dir(cfg: ExperimentConfig, mode: str = "new") -> tuple[Path, str
     In every mode a leftover of a start that failed or was killed before its first checkpoint
     (:func:`is_leftover`) is not a run: it is replaced (one line says so), and ``resume`` starts it
     from iteration 0. A new directory is created atomically (:func:`_create_atomically`).
+
+    **One process per run directory.** Before it looks at the directory, this process takes the run's
+    lock (:mod:`nbsrc.locking`: ``.<name>.lock`` beside the directory, released by the kernel when the
+    process dies, even by SIGKILL) and keeps it after returning, until :func:`release_run_lock`
+    (:func:`nbsrc.experiment.run_experiment` releases it when the run ends) or the end of the process.
+    A directory without a checkpoint is therefore a leftover only when no live process holds its lock;
+    when one does, every mode stops with the one-line :class:`RunDirError` ``runs/<name> is being
+    trained by process <PID>; wait for it or choose another --name`` and touches nothing. An error
+    raised here gives back a lock taken here.
     """
     if mode not in MODES:
         raise RunDirError(f"run mode {mode!r} is unknown; use one of {', '.join(MODES)}")
     run_dir = cfg.run_dir
+    _make_runs_dir(run_dir)
+    had_lock = locking.is_held(run_dir)
+    locking.acquire(run_dir)
+    try:
+        return _prepare(cfg, run_dir, mode)
+    except BaseException:
+        if not had_lock:
+            locking.release(run_dir)
+        raise
+
+
+def release_run_lock(run_dir: Path) -> None:
+    """Give back the lock of ``run_dir`` taken by :func:`prepare_run_dir` (nothing when not held here)."""
+    locking.release(run_dir)
+
+
+def _prepare(cfg: ExperimentConfig, run_dir: Path, mode: str) -> tuple[Path, str]:
+    """:func:`prepare_run_dir` once this process holds the run's lock."""
     state = run_state(run_dir)
     replace = is_leftover(run_dir)
     if replace:
