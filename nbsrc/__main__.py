@@ -9,6 +9,7 @@ flags override both.
 from __future__ import annotations
 
 import argparse
+import re
 import errno
 import json
 import sys

@@ -447,13 +447,13 @@ def run_experiment(cfg: ExperimentConfig, mode: str = "reuse", data: RetrievalDa
     that another live process is training is refused in one line, before the data is read.
     """
     try:
-        return _run_experiment(cfg, mode, data, stop_after, roxford_root, rparis_root)
+        return _run_experiment(cfg, mode, data, stop_after, roxford_root, rparis_root, oxford_root, paris_root)
     finally:
         release_run_lock(cfg.run_dir)
 
 
 def _run_experiment(cfg: ExperimentConfig, mode: str, data: RetrievalData | None, stop_after: int | None,
-                    roxford_root, rparis_root) -> RunResult:
+                    roxford_root, rparis_root, oxford_root, paris_root) -> RunResult:
     cfg.validate()
     dinfo = distributed.current()
     if dinfo.is_main:
