@@ -1,0 +1,385 @@
+"""The study (``make study``, ``nbsrc study``): the claims C1–C7 judged where fine-tuning has done its work.
+
+Its settings are in one place, :data:`STUDY`, each with the validation measurement it was chosen on (or
+"to be chosen by the pilot" where none has been made). Its rules:
+
+* **pretraining** (:data:`STUDY_PRETRAIN`, the choice ``STUDY["pretrain"]``): a stand-in for ImageNet that
+  presupposes no claim: no KoLeo or other spreading term, on other classes (0–999) and another look than
+  the fine-tuning data (the print faces only, :mod:`nbsrc.data.glyph_faces`); fine-tuning and evaluation
+  see every face;
+* **length**: a fine-tuning run trains until its validation Recall@1 has flattened (:func:`flattened`:
+  less than ``STUDY["flat_gain"]`` R@1 gained over the last fifth of its iterations, evaluated every
+  ``eval_every`` on ``train_val`` after training on ``train_fit``), at most ``max_iterations``; the
+  length so found (:func:`chosen_length`) is each backbone's, and its learning curve is recorded;
+* **recipe per backbone** (the ViT and the convnet apart): learning rate, BatchNorm in train or eval
+  mode and input size chosen on ``train_val`` (:func:`recipe_candidates`, the best R@1);
+* **seeds**: ``STUDY["seeds_main"]`` (≥ 5) for C1, C2 (and C3, C6 on the same runs), ``seeds_other``
+  (≥ 3) for C4, C5 and C7, paired;
+* **grids** (C5's β × λ, C7's poolings) at the chosen length, with γ averaged over every logged
+  iteration (IRT §3.5 averages over all training iterations; ``log_every`` sets how many are logged);
+* a claim whose fine-tuned model is not above its off-the-shelf state on ``train_val`` is *untestable*
+  (:func:`nbsrc.claims.not_improved`).
+
+Every run is reused by its config (run names carry a hash of the config's fingerprint), so rerunning
+:func:`run_study` after a kill continues: finished runs are loaded, a run killed mid-training resumes
+from its checkpoint. Outputs go to ``<figures>/study/`` (:func:`run_study`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from nbsrc.config import ExperimentConfig
+from nbsrc.data.glyph_faces import HAND_FACES
+from nbsrc.demo import DEMO_DATA, PRETRAIN, RECIPE
+from nbsrc.errors import ConfigError
+
+# The pretraining candidates for the study, each over DEMO_DATA["glyphs"] and the ViT of RECIPE. "faces":
+# "print" pretrains on the print faces only (nbsrc.data.glyph_faces.HAND_FACES excluded), "all" on every face.
+STUDY_PRETRAIN: dict[str, dict[str, Any]] = {
+    # The demo's (nbsrc.demo.PRETRAIN): SNCA + KoLeo on every face. Presupposes C3 (KoLeo has already spread the
+    # spectrum); kept for comparison only.
+    "snca_koleo_all": dict(faces="all", **PRETRAIN["glyphs"]),
+    # Supervised classification, a linear head with cross-entropy over the 1,000 pretraining classes (DeiT's
+    # ImageNet pretraining, without its distillation), on the print faces; no spreading term.
+    "ce_print": dict(faces="print", train_classes="pretrain", test_classes="train_val", eval_per_class=None,
+                     loss="linear_ce", lam=0.0, memory_size=0, memory_start=0, iterations=600, warmup_iters=60,
+                     lr=1e-3, weight_decay=0.05, batch_size=128, m_per_class=2),
+    # A metric loss without KoLeo: Scalable NCA alone (τ = 0.05), on the print faces.
+    "snca_print": dict(faces="print", **{**PRETRAIN["glyphs"], "lam": 0.0}),
+}
+
+
+def _hash(cfg: ExperimentConfig) -> str:
+    return hashlib.sha256(json.dumps(cfg.changed_fingerprint(), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def glyph_data_root(faces: str, data_root: str | None = None, hand_faces=None) -> str | None:
+    """The ``data_root`` of a run on ``faces`` ("all": ``data_root`` itself; "print": that set without
+    ``hand_faces`` (default ``STUDY["hand_faces"]``), :func:`nbsrc.data.glyph_faces.face_subset`, written once)."""
+    if faces == "all":
+        return data_root
+    if faces != "print":
+        raise ConfigError(f"faces={faces!r} is invalid: expected 'all' or 'print'")
+    from nbsrc.data.glyph_faces import face_subset
+    from nbsrc.data.glyphs import load_glyphs
+
+    exclude = STUDY["hand_faces"] if hand_faces is None else tuple(hand_faces)
+    return str(face_subset(load_glyphs(data_root, progress=False), exclude))
+
+
+def study_pretrain_config(candidate: str, runs_dir: str = "runs/study", data_root: str | None = None,
+                          hand_faces=None, **overrides: Any) -> ExperimentConfig:
+    """The pretraining run of ``candidate`` (a key of :data:`STUDY_PRETRAIN`): :data:`DEMO_DATA` ``["glyphs"]``,
+    the ViT of :data:`RECIPE`, the candidate's fields, then ``overrides``; named ``pretrain_<candidate>_<hash>``
+    under ``<runs_dir>/glyphs``. ``hand_faces``: the faces a "print" candidate leaves out (default
+    ``STUDY["hand_faces"]``)."""
+    if candidate not in STUDY_PRETRAIN:
+        raise ConfigError(f"pretrain={candidate!r} is invalid: expected one of {', '.join(STUDY_PRETRAIN)}")
+    fields = dict(STUDY_PRETRAIN[candidate])
+    faces = fields.pop("faces")
+    d = {**DEMO_DATA["glyphs"], **{k: RECIPE[k] for k in ("backbone", "pooling")}, **fields,
+         "data_root": glyph_data_root(faces, data_root, hand_faces), "runs_dir": str(Path(runs_dir) / "glyphs"), **overrides}
+    cfg = ExperimentConfig.from_dict({**d, "name": "pretrain"})
+    return cfg.replace(name=f"pretrain_{candidate}_{_hash(cfg)}")
+
+
+# The study's settings. Each says the validation measurement it was chosen on, or that the pilot of a later
+# session (the first `make study`, whose selection phase measures it) still has to choose it.
+STUDY: dict[str, Any] = dict(
+    # The pretraining stand-in (a key of STUDY_PRETRAIN). Pilots on the print faces (figures/recipe_study.md,
+    # 2026-12-06): see that section for the numbers; the choice is the candidate without a spreading term that
+    # gave the best train_val R@1 off the shelf.
+    pretrain="ce_print",
+    hand_faces=HAND_FACES,  # the faces left out of the print-face pretraining (brush, handwriting, pen)
+    # The length rule: each backbone's selection runs train on train_fit for max_iterations, evaluated on
+    # train_val every eval_every; the length is the first evaluation at which less than flat_gain R@1 was
+    # gained over the last fifth of the iterations (flattened), else max_iterations (not flattened: said so).
+    # max_iterations: the demo's recipe was still rising at 1,000 iterations (91.3 -> 91.4 R@1 from 800 to
+    # 1,000, figures/recipe_study.md); 2,000 (about 4.6 passes over train_fit) to be confirmed by the pilot.
+    max_iterations=2000, eval_every=200, flat_gain=0.5,
+    # Each backbone's recipe: its candidates (config fields over the backbone's), chosen on train_val by the
+    # highest R@1 at the end of the selection run (to be chosen by the pilot: no measurement yet on the new
+    # pretraining). The ViT: the demo's 1e-4 (best of 3e-5..1e-3 at 100 iterations from the SNCA+KoLeo model,
+    # 86.3 R@1) and 3e-4 (85.5 there).
+    vit=dict(name="ViT-Tiny", backbone=RECIPE["backbone"], pooling="cls", weights="pretrain",
+             candidates=[dict(lr=1e-4), dict(lr=3e-4)]),
+    # The convnet (C4): EfficientNet-Lite0 with its ImageNet weights. Its demo recipe (lr 1e-4, BatchNorm in
+    # train mode, 64 px, 33 iterations) lowered train_val R@1 from 59.2 to 39.6 (issue 26), so lower learning
+    # rates, BatchNorm in eval mode (frozen statistics, as cirtorch fine-tunes) and a larger input are
+    # candidates; to be chosen by the pilot.
+    convnet=dict(name="EfficientNet-Lite0", backbone="tf_efficientnet_lite0", weights="efficientnet_lite0",
+                 pooling="avg", patch_size=None, img_size=64,
+                 candidates=[dict(lr=1e-5, freeze_batchnorm=True), dict(lr=3e-5, freeze_batchnorm=True),
+                             dict(lr=1e-4, freeze_batchnorm=True), dict(lr=3e-5, freeze_batchnorm=False),
+                             dict(lr=3e-5, freeze_batchnorm=True, img_size=96)]),
+    # Seeds (paired): at least 5 for C1 and C2 (KoLeo's effect in IRT Table 3 is +0.5 to +1.2 R@1), whose runs
+    # also give C3 and C6; at least 3 for C4, C5 and C7.
+    seeds_main=[0, 1, 2, 3, 4], seeds_other=[0, 1, 2],
+    # The grids at the ViT's chosen length: C5's beta x lambda (IRT Fig. 4: the ends and the middle of the
+    # margins, lambda 0 and the paper's 0.7), gamma logged at every iteration (IRT §3.5: averaged over all
+    # training iterations); C7's poolings (IRT Table 9), each trained at beta 0.5, lambda 0.7.
+    betas=[0.3, 0.5, 0.7], lams=[0.0, 0.7], grad_noise_log_every=1, poolings=["cls", "avg", "max", "gem"],
+    # precision: fp32 everywhere (bf16 autocast is used only where a 3-seed check shows the validation numbers
+    # do not move; no such check yet). Runs at once: 2 on a CPU with 2+ cores.
+    jobs="auto",
+    # config fields over every fine-tuning run and over the pretraining run (e.g. {"device": "cuda"}; the test's
+    # tiny batches); empty in the study
+    overrides={}, pretrain_overrides={},
+)
+
+
+def study_settings(**overrides: Any) -> dict[str, Any]:
+    """:data:`STUDY` with ``overrides`` on top (``vit`` / ``convnet``: their fields merged, not replaced);
+    an unknown key is a one-line error."""
+    unknown = sorted(set(overrides) - set(STUDY))
+    if unknown:
+        raise ConfigError(f"study setting(s) {', '.join(unknown)} unknown: expected some of {', '.join(STUDY)}")
+    out = {**STUDY, **overrides}
+    for key in ("vit", "convnet"):
+        if key in overrides:
+            out[key] = {**STUDY[key], **overrides[key]}
+    if len(out["seeds_main"]) < 1 or len(out["seeds_other"]) < 1:
+        raise ConfigError("seeds_main and seeds_other need at least one seed each")
+    if out["pretrain"] not in STUDY_PRETRAIN:
+        raise ConfigError(f"pretrain={out['pretrain']!r} is invalid: expected one of {', '.join(STUDY_PRETRAIN)}")
+    return out
+
+
+def flattened(curve, flat_gain: float) -> bool:
+    """Whether a learning curve ``[(iteration, R@1), ...]`` (sorted, its last point the run's end) has
+    flattened: R@1 at the end minus R@1 at 4/5 of the iterations (linearly interpolated) is below
+    ``flat_gain``."""
+    its, r1 = zip(*sorted(curve))
+    end = its[-1]
+    return r1[-1] - _at(curve, 0.8 * end) < flat_gain
+
+
+def _at(curve, it: float) -> float:
+    import numpy as np
+
+    its, r1 = zip(*sorted(curve))
+    return float(np.interp(it, its, r1))
+
+
+def chosen_length(curve, flat_gain: float) -> tuple[int, bool]:
+    """The length the rule picks on ``curve`` ``[(iteration, R@1), ...]`` (iteration 0 the off-the-shelf
+    model): the first evaluated iteration T > 0 at which less than ``flat_gain`` R@1 was gained since
+    0.8·T (:func:`flattened` of the curve up to T), and True; else the curve's last iteration and False (it
+    had not flattened). Our reading: the curve is one run's, evaluated as it trains (its learning rate
+    follows the schedule of the longer run)."""
+    pts = sorted(curve)
+    for k, (it, _) in enumerate(pts):
+        if it > 0 and flattened(pts[:k + 1], flat_gain):
+            return int(it), True
+    return int(pts[-1][0]), False
+
+
+def learning_curve(run, off_the_shelf: float) -> list[tuple[int, float]]:
+    """``[(iteration, R@1)]`` of a run trained with ``eval_every``: ``(0, off_the_shelf)``, its logged
+    evaluations, and its final one."""
+    pts = {0: float(off_the_shelf)}
+    for row in run.metrics("eval"):
+        if row.get("R@1") is not None:
+            pts[int(row["iteration"])] = float(row["R@1"])
+    pts[int(run.config.optim.iterations)] = float(run.recall["R@1"])
+    return sorted(pts.items())
+
+
+def say(msg: str) -> None:
+    """A progress line: ``[study HH:MM:SS] msg``."""
+    print(f"[study {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _named(cfg: ExperimentConfig, prefix: str) -> ExperimentConfig:
+    """``cfg`` named ``<prefix>_<hash of its fingerprint>``: another setting is another run, never a clash."""
+    return cfg.replace(name=f"{prefix}_{_hash(cfg.replace(name='study'))}")
+
+
+def backbone_base(settings: dict, which: str, pretrained: str, runs_dir: str, data_root: str | None,
+                  **overrides: Any) -> ExperimentConfig:
+    """The fine-tuning config of backbone ``which`` ("vit" or "convnet"): the glyphs' data
+    (:data:`DEMO_DATA`), :data:`RECIPE` (IRT's loss, AdamW), the backbone's fields of ``settings``
+    (``weights="pretrain"``: the run dir ``pretrained``), then ``overrides``."""
+    b = {k: v for k, v in settings[which].items() if k not in ("name", "candidates")}
+    if b.get("weights") == "pretrain":
+        b["weights"] = pretrained
+    d = {**DEMO_DATA["glyphs"], **RECIPE, **b, "data_root": data_root, "runs_dir": str(Path(runs_dir) / "glyphs"),
+         "name": "study", **settings["overrides"], **overrides}
+    d["warmup_iters"] = min(d["warmup_iters"], d["iterations"])
+    return ExperimentConfig.from_dict(d)
+
+
+def selection_configs(settings: dict, which: str, pretrained: str, runs_dir: str, data_root: str | None,
+                      **overrides: Any) -> dict[str, ExperimentConfig]:
+    """The recipe and length selection of backbone ``which`` on the validation classes: ``{"off the
+    shelf": ..., "<fields>": ...}``, IRT_L (λ = 0) trained on ``train_fit`` for ``max_iterations`` with
+    each candidate's fields, evaluated on ``train_val`` every ``eval_every``."""
+    val = dict(train_classes="train_fit", test_classes="train_val", eval_per_class=None, lam=0.0,
+               iterations=settings["max_iterations"], eval_every=settings["eval_every"])
+    base = backbone_base(settings, which, pretrained, runs_dir, data_root, **{**val, **overrides})
+    out = {"off the shelf": _named(base.replace(iterations=0, warmup_iters=0, eval_every=0), f"sel_{which}_o")}
+    for cand in settings[which]["candidates"]:
+        label = ", ".join(f"{k} {v}" for k, v in cand.items())
+        out[label] = _named(base.replace(**cand), f"sel_{which}")
+    return out
+
+
+def choose(settings: dict, which: str, runs: dict) -> dict:
+    """The choice for backbone ``which`` from its selection runs (:func:`selection_configs`, trained):
+    the candidate with the highest final validation R@1, its learning curve and the length the rule
+    picks on it (:func:`chosen_length`). Returns the record the study saves."""
+    off = runs["off the shelf"].recall["R@1"]
+    cands = {label: run for label, run in runs.items() if label != "off the shelf"}
+    curves = {label: learning_curve(run, off) for label, run in cands.items()}
+    best = max(cands, key=lambda label: cands[label].recall["R@1"])
+    length, flat = chosen_length(curves[best], settings["flat_gain"])
+    fields = dict(settings[which]["candidates"][list(cands).index(best)])
+    return {"backbone": settings[which]["name"], "off_the_shelf_val_r1": round(off, 2),
+            "candidates": {label: round(run.recall["R@1"], 2) for label, run in cands.items()},
+            "chosen": best, "fields": fields, "length": length, "flattened": flat,
+            "val_r1_at_length": round(_at(curves[best], length), 2), "curves": curves,
+            "runs": {label: str(run.run_dir) for label, run in runs.items()}}
+
+
+def _bf16_cpu() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", data_root: str | None = None,
+              **settings: Any) -> dict:
+    """The study, resumable (every run is reused by its config; a run killed mid-training resumes from its
+    checkpoint), with a progress line per phase. ``settings``: over :data:`STUDY` (:func:`study_settings`).
+
+    1. pretraining: the stand-in ``settings["pretrain"]`` (:func:`study_pretrain_config`);
+    2. selection, per backbone (ViT, convnet): recipe and length on ``train_val`` (:func:`choose`);
+    3. the claims' runs on ``train`` → ``test`` at the chosen recipes and lengths: IRT_O/L/R of the ViT over
+       ``seeds_main`` (C1, C2, C3, C6), IRT_O/L of the convnet over ``seeds_other`` (C4), the β × λ grid
+       (C5) and the poolings (C7) of the ViT over ``seeds_other``;
+    4. the verdicts, each *untestable* where a fine-tuned model it compares is not above its off-the-shelf
+       state on ``train_val`` or on the test classes (:func:`nbsrc.claims.not_improved`).
+
+    Writes ``<figures_dir>/``: ``choices.json`` (every choice with its validation numbers and learning
+    curves), ``selection.md``, ``learning_curves.png``/``.pdf``, ``table3_irt_seeds.md``,
+    ``convnet_seeds.md``, ``fig4_gradient_noise.md``, ``table9_pooling_seeds.md``, ``claims/C*.json``/``.md``
+    and ``verdicts.md`` (with the date, commit and machine). Returns ``{claim id: verdict}``."""
+    from nbsrc import claims as cl
+    from nbsrc.experiment import (beta_lambda_cell, beta_lambda_grid, irt_variants, pooling_variants, run_all,
+                                  run_experiment, seed_variants)
+    from nbsrc.plots import plot_training_curves, save_figure
+    from nbsrc.reporting import gradient_noise_table, recall_over_seeds, save_table, write_text_atomic
+
+    s = study_settings(**settings)
+    jobs, figs, t0 = s["jobs"], Path(figures_dir), time.perf_counter()
+    figs.mkdir(parents=True, exist_ok=True)
+    say(f"pretraining stand-in {s['pretrain']!r} (no spreading term; figures -> {figs}, runs -> {runs_dir})")
+    pre = study_pretrain_config(s["pretrain"], runs_dir, data_root, s["hand_faces"], **s["pretrain_overrides"])
+    run_experiment(pre)
+    chosen = {}
+    for which in ("vit", "convnet"):
+        sel = selection_configs(s, which, str(pre.run_dir), runs_dir, data_root)
+        say(f"selection of {s[which]['name']}'s recipe and length on train_val: {len(sel) - 1} candidate(s), "
+            f"{s['max_iterations']} iterations each, evaluated every {s['eval_every']}")
+        chosen[which] = choose(s, which, run_all(sel, jobs=jobs))
+        c = chosen[which]
+        say(f"{c['backbone']}: chose {c['chosen']} ({c['candidates'][c['chosen']]:.1f} R@1 on train_val, off the "
+            f"shelf {c['off_the_shelf_val_r1']:.1f}); length {c['length']} iterations "
+            f"({'flattened' if c['flattened'] else 'NOT flattened within ' + str(s['max_iterations'])})")
+    record = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()},
+              "pretrain_run": str(pre.run_dir), "precision": "fp32", **chosen}
+    write_text_atomic(figs / "choices.json", json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+    rows = [{"backbone": c["backbone"], "candidate": label, "val R@1 (end)": r1,
+             "chosen": "yes" if label == c["chosen"] else ""} for c in chosen.values()
+            for label, r1 in [("off the shelf", c["off_the_shelf_val_r1"]), *c["candidates"].items()]]
+    import pandas as pd
+
+    save_table(pd.DataFrame(rows).set_index("backbone"), "selection", figs)
+    curves = {f"{c['backbone']}: {label}": [{"iteration": it, "R@1": r1} for it, r1 in c["curves"][label]]
+              for c in chosen.values() for label in c["curves"]}
+    save_figure(plot_training_curves(curves, keys=("R@1",), title="Validation R@1 (train_val) while training"),
+                "learning_curves", figs)
+
+    def final(which: str, **extra: Any) -> ExperimentConfig:
+        c = chosen[which]
+        cfg = backbone_base(s, which, str(pre.run_dir), runs_dir, data_root,
+                            **{**c["fields"], "iterations": c["length"], **extra})
+        return _named(cfg, f"claims_{which}")
+
+    vit, cnn = final("vit"), final("convnet")
+    say(f"the claims' runs: ViT IRT_O/L/R x {len(s['seeds_main'])} seeds (C1, C2, C3, C6)")
+    vit_runs = run_all(seed_variants(irt_variants(vit), s["seeds_main"]), jobs=jobs)
+    say(f"the claims' runs: convnet IRT_O/L x {len(s['seeds_other'])} seeds (C4)")
+    cnn_cfgs = {k: v for k, v in irt_variants(cnn).items() if k != "IRT_R"}
+    cnn_runs = run_all(seed_variants(cnn_cfgs, s["seeds_other"]), jobs=jobs)
+    grid_base = vit.replace(record_grad_noise=True, log_every=s["grad_noise_log_every"])
+    grid = beta_lambda_grid(grid_base, s["betas"], s["lams"])
+    say(f"the claims' runs: β x λ grid, {len(grid)} cells x {len(s['seeds_other'])} seeds (C5)")
+    grid_runs = run_all(seed_variants(grid, s["seeds_other"]), jobs=jobs)
+    pool = pooling_variants(beta_lambda_cell(vit, 0.5, vit.loss.lam), s["poolings"])
+    say(f"the claims' runs: {len(pool)} poolings x {len(s['seeds_other'])} seeds (C7)")
+    pool_runs = run_all(seed_variants(pool, s["seeds_other"]), jobs=jobs)
+
+    save_table(recall_over_seeds(vit_runs, ks=(1, 2, 4, 8)), "table3_irt_seeds", figs)
+    save_table(recall_over_seeds(cnn_runs, ks=(1, 2, 4, 8)), "convnet_seeds", figs)
+    first = s["seeds_other"][0]
+    save_table(gradient_noise_table({label: grid_runs[(label, first)] for label in grid}), "fig4_gradient_noise", figs)
+    save_table(recall_over_seeds(pool_runs, ks=(1,)), "table9_pooling_seeds", figs)
+
+    def test_r1(runs: dict, label: str) -> dict:
+        return {seed: run.recall["R@1"] for (lab, seed), run in runs.items() if lab == label}
+
+    vname, cname = s["vit"]["name"], s["convnet"]["name"]
+    why_vit = [cl.not_improved(vname, chosen["vit"]["off_the_shelf_val_r1"], chosen["vit"]["val_r1_at_length"]),
+               cl.not_improved(vname, test_r1(vit_runs, "IRT_O"), test_r1(vit_runs, "IRT_L"), "test")]
+    why_cnn = [cl.not_improved(cname, chosen["convnet"]["off_the_shelf_val_r1"],
+                               chosen["convnet"]["val_r1_at_length"]),
+               cl.not_improved(cname, test_r1(cnn_runs, "IRT_O"), test_r1(cnn_runs, "IRT_L"), "test")]
+    state = {"IRT_O": "off-the-shelf", "IRT_L": "contrastive λ = 0"}
+    fig3 = {((m, state[lab]), seed): run for m, rs in ((vname, vit_runs), (cname, cnn_runs))  # C4's runs
+            for (lab, seed), run in rs.items() if lab in state and seed in s["seeds_other"]}
+    results = [*cl.fine_tuning_claims(vit_runs, vit, untestable=why_vit),
+               cl.spectrum_claim(vit_runs, vit, model=f"{vname} ({s['pretrain']})", untestable=why_vit),
+               cl.backbone_collapse_claim(fig3, vname, cname, vit, untestable=why_vit + why_cnn),
+               cl.gradient_noise_claim(grid_runs, s["betas"], s["lams"], grid_base, untestable=why_vit),
+               cl.similarity_claim(vit_runs, vit, untestable=why_vit),
+               cl.pooling_claim(pool_runs, vit, untestable=why_vit)]
+    for r in results:
+        r.save(figs)
+        say(r.line())
+    write_study_verdicts(figs, record, time.perf_counter() - t0)
+    say(f"done in {(time.perf_counter() - t0) / 60:.1f} min; verdicts in {figs / 'verdicts.md'}")
+    return {r.claim.id: r.verdict for r in results}
+
+
+def write_study_verdicts(figs: Path, record: dict, seconds: float) -> Path:
+    """``<figs>/verdicts.md``: when, on which commit and machine (the CPU, whether it has native bf16,
+    avx512_bf16 or amx_bf16), the choices in one line each, then the verdicts (:func:`nbsrc.claims.write_verdicts`)."""
+    import datetime
+
+    from nbsrc.claims import write_verdicts
+    from nbsrc.provenance import provenance
+    from nbsrc.reporting import write_text_atomic
+
+    prov = provenance()
+    path = write_verdicts(figs)
+    head = ["# The study's verdicts (`make study`)", "",
+            f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
+            f"- commit: {prov['git_commit']}",
+            f"- machine: {prov['machine']['cpu']}, {__import__('os').cpu_count()} cores, native bf16 (avx512_bf16 or "
+            f"amx_bf16): {'yes' if _bf16_cpu() else 'no'}; GPU: {prov['machine']['gpu'] or 'none'}",
+            f"- wall time of this invocation: {seconds / 60:.1f} min (finished runs reused count as 0)",
+            f"- precision: {record['precision']}; pretraining: {record['settings']['pretrain']} ({record['pretrain_run']})"]
+    for which in ("vit", "convnet"):
+        c = record[which]
+        head.append(f"- {c['backbone']}: {c['chosen']} chosen on train_val ({c['candidates'][c['chosen']]:.1f} R@1; "
+                    f"off the shelf {c['off_the_shelf_val_r1']:.1f}); {c['length']} iterations "
+                    f"({'flattened' if c['flattened'] else 'not flattened'}; {c['val_r1_at_length']:.1f} R@1 there)")
+    body = path.read_text().split("\n", 1)[1]
+    return write_text_atomic(path, "\n".join(head) + "\n" + body)

@@ -1,0 +1,127 @@
+"""The study (nbsrc.study): its length rule, the print-face pretraining data, and the whole study on a tiny
+glyph set, stopped halfway and run again with the same call."""
+
+import json
+
+import numpy as np
+import pytest
+from fixtures_glyphs import tiny_glyph_set
+
+from nbsrc.errors import ConfigError
+from nbsrc.study import STUDY, STUDY_PRETRAIN, chosen_length, flattened, study_settings
+
+
+def test_length_rule_flattens_when_the_last_fifth_gains_less_than_the_threshold():
+    rising = [(0, 50.0), (200, 60.0), (400, 66.0), (600, 69.0), (800, 70.0), (1000, 70.3)]
+    assert not flattened(rising[:4], 0.5)  # 600: 69.0 - R@1(480) = 69.0 - 67.2 = 1.8
+    assert flattened(rising, 0.5)  # 1000: 70.3 - R@1(800) = 0.3
+    assert chosen_length(rising, 0.5) == (1000, True)
+    assert chosen_length(rising[:5], 0.5) == (800, False)  # 800: 70.0 - R@1(640) = 70.0 - 69.2 = 0.8: still rising
+    assert chosen_length(rising, 1.0) == (800, True)
+    assert chosen_length([(0, 50.0), (100, 40.0), (200, 41.0)], 0.5) == (100, True)  # falling counts as flat
+
+
+def test_study_settings_merge_and_refuse_unknown_keys():
+    s = study_settings(vit={"candidates": [{"lr": 1e-3}]}, seeds_other=[0])
+    assert s["vit"]["candidates"] == [{"lr": 1e-3}] and s["vit"]["backbone"] == STUDY["vit"]["backbone"]
+    assert len(STUDY["seeds_main"]) >= 5 and len(STUDY["seeds_other"]) >= 3
+    with pytest.raises(ConfigError, match="unknown"):
+        study_settings(seed=[0])
+    with pytest.raises(ConfigError, match="pretrain="):
+        study_settings(pretrain="imagenet")
+
+
+def test_no_study_pretraining_candidate_but_the_demos_has_a_spreading_term():
+    for name, cand in STUDY_PRETRAIN.items():
+        assert (cand["lam"] > 0) == (name == "snca_koleo_all"), name
+    assert STUDY_PRETRAIN[STUDY["pretrain"]]["lam"] == 0 and STUDY_PRETRAIN[STUDY["pretrain"]]["faces"] == "print"
+
+
+def test_print_face_subset_keeps_every_class_and_only_the_faces_kept(tmp_path):
+    from nbsrc.data.glyph_faces import HAND_FACES, face_labels, face_subset
+    from nbsrc.data.glyphs import CJK_FONTS, load_built
+
+    assert set(HAND_FACES) <= {f.label for f in CJK_FONTS}  # every hand face is a face of the CJK set
+    g = load_built(tiny_glyph_set(tmp_path))
+    drop = ("DejaVuSans-Oblique.ttf", "cmti10.ttf")
+    path = face_subset(g, drop)
+    h = load_built(path)
+    dropped = [face_labels(g).index(n) for n in drop]
+    keep = ~np.isin(g.faces, dropped)
+    assert np.array_equal(h.images, g.images[keep]) and np.array_equal(h.labels, g.labels[keep])
+    assert not np.isin(h.faces, dropped).any() and set(np.unique(h.labels)) == set(np.unique(g.labels))
+    assert h.parts == g.parts and h.meta["face_subset"]["excluded"] == sorted(drop)
+    assert face_subset(g, drop) == path  # written once, found after
+    with pytest.raises(ConfigError, match="not a face"):
+        face_subset(g, ("Comic.ttf",))
+    with pytest.raises(ConfigError, match="keep some"):
+        face_subset(g, tuple(face_labels(g)))
+
+
+def tiny_settings():
+    """The study at its smallest: the 24-class glyph set, runs of 4 iterations, one or two seeds, a ViT as
+    the 'convnet' (no download)."""
+    batches = {"batch_size": 16, "m_per_class": 4, "warmup_iters": 0, "eval_per_class": None, "log_every": 2}
+    return dict(hand_faces=["DejaVuSans-Oblique.ttf", "DejaVuSerif-Italic.ttf", "cmti10.ttf"],
+                max_iterations=4, eval_every=2, seeds_main=[0, 1], seeds_other=[0], poolings=["cls", "avg"],
+                jobs=1, overrides=batches,
+                pretrain_overrides={"iterations": 2, "warmup_iters": 0, "batch_size": 16, "m_per_class": 2},
+                vit={"candidates": [{"lr": 1e-4}]},
+                convnet={"backbone": "vit_tiny_patch16_224", "weights": "none", "patch_size": 8, "img_size": 32,
+                         "candidates": [{"lr": 1e-4, "freeze_batchnorm": True}]})
+
+
+@pytest.mark.slow
+def test_study_killed_halfway_continues_without_retraining_finished_runs(tmp_path, monkeypatch):
+    import nbsrc.experiment as experiment
+    from nbsrc.study import run_study
+    from nbsrc.train.rundir import run_state
+
+    data = str(tiny_glyph_set(tmp_path / "glyph_cache"))
+    runs, figs = tmp_path / "runs", tmp_path / "figs"
+    real = experiment.run_experiment
+    trained: list[str] = []
+
+    def killed_at(n):
+        def run(cfg, mode="reuse", **kw):
+            if cfg.optim.iterations > 0 and run_state(cfg.run_dir) != "done":
+                trained.append(cfg.run.name)
+                if len(trained) == n:  # killed mid-training, after a checkpoint
+                    real(cfg, mode, stop_after=1, **kw)
+                    raise KeyboardInterrupt("killed")
+            return real(cfg, mode, **kw)
+        return run
+
+    monkeypatch.setattr(experiment, "run_experiment", killed_at(6))
+    with pytest.raises(KeyboardInterrupt):
+        run_study(str(runs), str(figs), data, **tiny_settings())
+    first, partial = list(trained[:5]), trained[5]
+    done = {p.name: (p / "results.json").stat().st_mtime_ns for p in (runs / "glyphs").iterdir()
+            if (p / "results.json").is_file()}
+    assert set(first) <= set(done) and partial not in done
+    assert run_state(runs / "glyphs" / partial) == "partial"
+
+    trained.clear()
+    monkeypatch.setattr(experiment, "run_experiment", killed_at(10**6))
+    verdicts = run_study(str(runs), str(figs), data, **tiny_settings())
+    assert not set(first) & set(trained) and trained[0] == partial  # finished runs reused; the killed one resumed
+    for name, mtime in done.items():
+        assert (runs / "glyphs" / name / "results.json").stat().st_mtime_ns == mtime, name
+    assert run_state(runs / "glyphs" / partial) == "done"
+
+    assert set(verdicts) == {f"C{i}" for i in range(1, 8)}
+    for name in ("choices.json", "selection.md", "learning_curves.png", "learning_curves.pdf", "table3_irt_seeds.md",
+                 "convnet_seeds.md", "fig4_gradient_noise.md", "table9_pooling_seeds.md", "verdicts.md"):
+        assert (figs / name).stat().st_size > 0, name
+    choices = json.loads((figs / "choices.json").read_text())
+    assert choices["vit"]["length"] in (2, 4) and choices["vit"]["curves"]["lr 0.0001"][0][0] == 0
+    text = (figs / "verdicts.md").read_text()
+    assert "commit:" in text and "native bf16" in text and text.count("**C") == 7
+    for cid in verdicts:
+        saved = json.loads((figs / "claims" / f"{cid}.json").read_text())
+        assert saved["verdict"] == verdicts[cid] in ("inconclusive", "untestable"), cid  # 1-2 seeds: never decided
+        assert (saved["verdict"] == "untestable") == bool(saved["untestable"]), cid
+
+    trained.clear()
+    run_study(str(runs), str(figs), data, **tiny_settings())  # a third time: nothing left to train
+    assert trained == []
