@@ -3,10 +3,12 @@
 Its settings are in one place, :data:`STUDY`, each with the validation measurement it was chosen on (or
 "to be chosen by the pilot" where none has been made). Its rules:
 
-* **pretraining** (:data:`STUDY_PRETRAIN`, the choice ``STUDY["pretrain"]``): a stand-in for ImageNet that
-  presupposes no claim: no KoLeo or other spreading term, on other classes (0–999) and another look than
-  the fine-tuning data (the print faces only, :mod:`nbsrc.data.glyph_faces`); fine-tuning and evaluation
-  see every face;
+* **pretraining** (:data:`STUDY_PRETRAIN`, the candidates ``STUDY["pretrain"]``): a stand-in for ImageNet
+  that presupposes no claim: no KoLeo or other spreading term, on other classes (0–999) and another look
+  than the fine-tuning data (the print faces only, :mod:`nbsrc.data.glyph_faces`); fine-tuning and
+  evaluation see every face. Chosen on ``train_val`` off the shelf (:func:`pretraining_choice`): the
+  candidate with the highest R@1 among those above a randomly initialised ViT's; when none is, the ViT
+  is fine-tuned from random init and C3 (whose premise is a pretrained, wide spectrum) is *untestable*;
 * **length**: a fine-tuning run trains until its validation Recall@1 has flattened (:func:`flattened`:
   less than ``STUDY["flat_gain"]`` R@1 gained over the last fifth of its iterations, evaluated every
   ``eval_every`` on ``train_val`` after training on ``train_fit``), at most ``max_iterations``; the
@@ -90,10 +92,11 @@ def study_pretrain_config(candidate: str, runs_dir: str = "runs/study", data_roo
 # The study's settings. Each says the validation measurement it was chosen on, or that the pilot of a later
 # session (the first `make study`, whose selection phase measures it) still has to choose it.
 STUDY: dict[str, Any] = dict(
-    # The pretraining stand-in (a key of STUDY_PRETRAIN). Pilots on the print faces (figures/recipe_study.md,
-    # 2026-12-06): see that section for the numbers; the choice is the candidate without a spreading term that
-    # gave the best train_val R@1 off the shelf.
-    pretrain="ce_print",
+    # The pretraining candidates (keys of STUDY_PRETRAIN, none with a spreading term), chosen by the study itself
+    # on train_val (pretraining_choice). To be chosen by the pilot: the one pilot so far (figures/recipe_study.md,
+    # 2026-12-06: ce_print at 1 thread on a loaded machine) had not left ln(1000) after 125 of its iterations
+    # (loss 7.11 -> 7.03) when it was stopped for the pilot budget; its length here is a guess.
+    pretrain=["ce_print"],
     hand_faces=HAND_FACES,  # the faces left out of the print-face pretraining (brush, handwriting, pen)
     # The length rule: each backbone's selection runs train on train_fit for max_iterations, evaluated on
     # train_val every eval_every; the length is the first evaluation at which less than flat_gain R@1 was
@@ -144,8 +147,13 @@ def study_settings(**overrides: Any) -> dict[str, Any]:
             out[key] = {**STUDY[key], **overrides[key]}
     if len(out["seeds_main"]) < 1 or len(out["seeds_other"]) < 1:
         raise ConfigError("seeds_main and seeds_other need at least one seed each")
-    if out["pretrain"] not in STUDY_PRETRAIN:
-        raise ConfigError(f"pretrain={out['pretrain']!r} is invalid: expected one of {', '.join(STUDY_PRETRAIN)}")
+    bad = [c for c in out["pretrain"] if c not in STUDY_PRETRAIN] if isinstance(out["pretrain"], list) else True
+    if bad or not out["pretrain"]:
+        raise ConfigError(f"pretrain={out['pretrain']!r} is invalid: expected a list of some of {', '.join(STUDY_PRETRAIN)}")
+    spread = [c for c in out["pretrain"] if STUDY_PRETRAIN[c]["lam"] > 0]
+    if spread:
+        raise ConfigError(f"pretrain={out['pretrain']!r}: {', '.join(spread)} has a spreading term (KoLeo), which "
+                          "presupposes claim C3; the study's stand-in must have none")
     return out
 
 
@@ -228,6 +236,44 @@ def selection_configs(settings: dict, which: str, pretrained: str, runs_dir: str
     return out
 
 
+def _val_config(settings: dict, runs_dir: str, data_root: str | None, weights: str) -> ExperimentConfig:
+    """The ViT off the shelf with ``weights``, evaluated on ``train_val`` (every face)."""
+    cfg = backbone_base(settings, "vit", weights, runs_dir, data_root, train_classes="train_fit",
+                        test_classes="train_val", eval_per_class=None, iterations=0, warmup_iters=0, lam=0.0)
+    return _named(cfg.replace(weights=weights), "sel_pretrain_o")
+
+
+def pretraining_choice(settings: dict, runs_dir: str = "runs/study", data_root: str | None = None,
+                       jobs: int | str = "auto") -> dict:
+    """Train each pretraining candidate of ``settings["pretrain"]`` (:func:`study_pretrain_config`) and
+    evaluate it off the shelf on ``train_val`` (every face), beside a randomly initialised ViT: R@1, the
+    effective rank and the components at 90 % of the energy. The choice: the highest R@1 among the
+    candidates above random init; None when none is. Returns the record the study saves (``table``: a
+    DataFrame)."""
+    from nbsrc.analysis import effective_rank
+    from nbsrc.experiment import run_all
+    from nbsrc.reporting import energy_table
+
+    s = settings
+    pre = {c: study_pretrain_config(c, runs_dir, data_root, s["hand_faces"], **s["pretrain_overrides"])
+           for c in s["pretrain"]}
+    run_all(pre, jobs=jobs)
+    evals = {"random init": _val_config(s, runs_dir, data_root, "none"),
+             **{c: _val_config(s, runs_dir, data_root, str(cfg.run_dir)) for c, cfg in pre.items()}}
+    runs = run_all(evals, jobs=jobs)
+    table = energy_table(runs, ks=(1,))
+    table["effective_rank"] = [round(effective_rank(runs[label].embeddings()["query"]), 1) for label in table.index]
+    floor = table.loc["random init", "R@1"]
+    usable = [c for c in pre if table.loc[c, "R@1"] > floor]
+    best = max(usable, key=lambda c: table.loc[c, "R@1"]) if usable else None
+    table["chosen"] = ["yes" if label == best else "" for label in table.index]
+    return {"chosen": best, "run": str(pre[best].run_dir) if best else "none", "random_init_val_r1": round(floor, 2),
+            "candidates": {c: {"val_r1": round(float(table.loc[c, "R@1"]), 2), "dim_90": int(table.loc[c, "dim_90"]),
+                               "effective_rank": float(table.loc[c, "effective_rank"]), "run": str(pre[c].run_dir)}
+                           for c in pre},
+            "table": table}
+
+
 def choose(settings: dict, which: str, runs: dict) -> dict:
     """The choice for backbone ``which`` from its selection runs (:func:`selection_configs`, trained):
     the candidate with the highest final validation R@1, its learning curve and the length the rule
@@ -258,7 +304,7 @@ def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", 
     """The study, resumable (every run is reused by its config; a run killed mid-training resumes from its
     checkpoint), with a progress line per phase. ``settings``: over :data:`STUDY` (:func:`study_settings`).
 
-    1. pretraining: the stand-in ``settings["pretrain"]`` (:func:`study_pretrain_config`);
+    1. pretraining: the candidates ``settings["pretrain"]``, one chosen on ``train_val`` (:func:`pretraining_choice`);
     2. selection, per backbone (ViT, convnet): recipe and length on ``train_val`` (:func:`choose`);
     3. the claims' runs on ``train`` → ``test`` at the chosen recipes and lengths: IRT_O/L/R of the ViT over
        ``seeds_main`` (C1, C2, C3, C6), IRT_O/L of the convnet over ``seeds_other`` (C4), the β × λ grid
@@ -267,24 +313,28 @@ def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", 
        state on ``train_val`` or on the test classes (:func:`nbsrc.claims.not_improved`).
 
     Writes ``<figures_dir>/``: ``choices.json`` (every choice with its validation numbers and learning
-    curves), ``selection.md``, ``learning_curves.png``/``.pdf``, ``table3_irt_seeds.md``,
+    curves), ``pretraining.md``, ``selection.md``, ``learning_curves.png``/``.pdf``, ``table3_irt_seeds.md``,
     ``convnet_seeds.md``, ``fig4_gradient_noise.md``, ``table9_pooling_seeds.md``, ``claims/C*.json``/``.md``
     and ``verdicts.md`` (with the date, commit and machine). Returns ``{claim id: verdict}``."""
     from nbsrc import claims as cl
-    from nbsrc.experiment import (beta_lambda_cell, beta_lambda_grid, irt_variants, pooling_variants, run_all,
-                                  run_experiment, seed_variants)
+    from nbsrc.experiment import beta_lambda_cell, beta_lambda_grid, irt_variants, pooling_variants, run_all, seed_variants
     from nbsrc.plots import plot_training_curves, save_figure
     from nbsrc.reporting import gradient_noise_table, recall_over_seeds, save_table, write_text_atomic
 
     s = study_settings(**settings)
     jobs, figs, t0 = s["jobs"], Path(figures_dir), time.perf_counter()
     figs.mkdir(parents=True, exist_ok=True)
-    say(f"pretraining stand-in {s['pretrain']!r} (no spreading term; figures -> {figs}, runs -> {runs_dir})")
-    pre = study_pretrain_config(s["pretrain"], runs_dir, data_root, s["hand_faces"], **s["pretrain_overrides"])
-    run_experiment(pre)
+    say(f"pretraining candidates {', '.join(s['pretrain'])} (no spreading term), chosen on train_val off the shelf; "
+        f"figures -> {figs}, runs -> {runs_dir}")
+    pretraining = pretraining_choice(s, runs_dir, data_root, jobs)
+    save_table(pretraining.pop("table"), "pretraining", figs)
+    pre_dir = pretraining["run"]
+    say(f"pretraining: {pretraining['chosen'] or 'none usable'} ({json.dumps(pretraining['candidates'])}; random init "
+        f"{pretraining['random_init_val_r1']:.1f} R@1)" + ("" if pretraining["chosen"] else
+                                                            ": the ViT is fine-tuned from random init, C3 untestable"))
     chosen = {}
     for which in ("vit", "convnet"):
-        sel = selection_configs(s, which, str(pre.run_dir), runs_dir, data_root)
+        sel = selection_configs(s, which, pre_dir, runs_dir, data_root)
         say(f"selection of {s[which]['name']}'s recipe and length on train_val: {len(sel) - 1} candidate(s), "
             f"{s['max_iterations']} iterations each, evaluated every {s['eval_every']}")
         chosen[which] = choose(s, which, run_all(sel, jobs=jobs))
@@ -293,7 +343,7 @@ def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", 
             f"shelf {c['off_the_shelf_val_r1']:.1f}); length {c['length']} iterations "
             f"({'flattened' if c['flattened'] else 'NOT flattened within ' + str(s['max_iterations'])})")
     record = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()},
-              "pretrain_run": str(pre.run_dir), "precision": "fp32", **chosen}
+              "pretraining": pretraining, "precision": "fp32", **chosen}
     write_text_atomic(figs / "choices.json", json.dumps(record, indent=1, ensure_ascii=False) + "\n")
     rows = [{"backbone": c["backbone"], "candidate": label, "val R@1 (end)": r1,
              "chosen": "yes" if label == c["chosen"] else ""} for c in chosen.values()
@@ -308,21 +358,21 @@ def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", 
 
     def final(which: str, **extra: Any) -> ExperimentConfig:
         c = chosen[which]
-        cfg = backbone_base(s, which, str(pre.run_dir), runs_dir, data_root,
+        cfg = backbone_base(s, which, pre_dir, runs_dir, data_root,
                             **{**c["fields"], "iterations": c["length"], **extra})
         return _named(cfg, f"claims_{which}")
 
     vit, cnn = final("vit"), final("convnet")
     say(f"the claims' runs: ViT IRT_O/L/R x {len(s['seeds_main'])} seeds (C1, C2, C3, C6)")
-    vit_runs = run_all(seed_variants(irt_variants(vit), s["seeds_main"]), jobs=jobs)
+    vit_runs = run_all(seed_variants(irt_variants(vit, vit.run.name), s["seeds_main"]), jobs=jobs)
     say(f"the claims' runs: convnet IRT_O/L x {len(s['seeds_other'])} seeds (C4)")
-    cnn_cfgs = {k: v for k, v in irt_variants(cnn).items() if k != "IRT_R"}
+    cnn_cfgs = {k: v for k, v in irt_variants(cnn, cnn.run.name).items() if k != "IRT_R"}
     cnn_runs = run_all(seed_variants(cnn_cfgs, s["seeds_other"]), jobs=jobs)
     grid_base = vit.replace(record_grad_noise=True, log_every=s["grad_noise_log_every"])
     grid = beta_lambda_grid(grid_base, s["betas"], s["lams"])
     say(f"the claims' runs: β x λ grid, {len(grid)} cells x {len(s['seeds_other'])} seeds (C5)")
     grid_runs = run_all(seed_variants(grid, s["seeds_other"]), jobs=jobs)
-    pool = pooling_variants(beta_lambda_cell(vit, 0.5, vit.loss.lam), s["poolings"])
+    pool = pooling_variants(beta_lambda_cell(grid_base, 0.5, vit.loss.lam), s["poolings"])  # its CLS run is the grid's
     say(f"the claims' runs: {len(pool)} poolings x {len(s['seeds_other'])} seeds (C7)")
     pool_runs = run_all(seed_variants(pool, s["seeds_other"]), jobs=jobs)
 
@@ -341,11 +391,16 @@ def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", 
     why_cnn = [cl.not_improved(cname, chosen["convnet"]["off_the_shelf_val_r1"],
                                chosen["convnet"]["val_r1_at_length"]),
                cl.not_improved(cname, test_r1(cnn_runs, "IRT_O"), test_r1(cnn_runs, "IRT_L"), "test")]
+    no_stand_in = "" if pretraining["chosen"] else (
+        "no pretraining stand-in without a spreading term was above random init on train_val ("
+        + ", ".join(f"{c} {v['val_r1']:.1f}" for c, v in pretraining["candidates"].items())
+        + f" R@1 against {pretraining['random_init_val_r1']:.1f})")
     state = {"IRT_O": "off-the-shelf", "IRT_L": "contrastive λ = 0"}
     fig3 = {((m, state[lab]), seed): run for m, rs in ((vname, vit_runs), (cname, cnn_runs))  # C4's runs
             for (lab, seed), run in rs.items() if lab in state and seed in s["seeds_other"]}
     results = [*cl.fine_tuning_claims(vit_runs, vit, untestable=why_vit),
-               cl.spectrum_claim(vit_runs, vit, model=f"{vname} ({s['pretrain']})", untestable=why_vit),
+               cl.spectrum_claim(vit_runs, vit, model=f"{vname} ({pretraining['chosen'] or 'random init'})",
+                                 untestable=why_vit + [no_stand_in]),
                cl.backbone_collapse_claim(fig3, vname, cname, vit, untestable=why_vit + why_cnn),
                cl.gradient_noise_claim(grid_runs, s["betas"], s["lams"], grid_base, untestable=why_vit),
                cl.similarity_claim(vit_runs, vit, untestable=why_vit),
@@ -375,7 +430,10 @@ def write_study_verdicts(figs: Path, record: dict, seconds: float) -> Path:
             f"- machine: {prov['machine']['cpu']}, {__import__('os').cpu_count()} cores, native bf16 (avx512_bf16 or "
             f"amx_bf16): {'yes' if _bf16_cpu() else 'no'}; GPU: {prov['machine']['gpu'] or 'none'}",
             f"- wall time of this invocation: {seconds / 60:.1f} min (finished runs reused count as 0)",
-            f"- precision: {record['precision']}; pretraining: {record['settings']['pretrain']} ({record['pretrain_run']})"]
+            f"- precision: {record['precision']}; pretraining: {record['pretraining']['chosen'] or 'none usable'} "
+            f"({record['pretraining']['run']}; train_val R@1 off the shelf: "
+            + ", ".join(f"{c} {v['val_r1']:.1f}" for c, v in record["pretraining"]["candidates"].items())
+            + f", random init {record['pretraining']['random_init_val_r1']:.1f})"]
     for which in ("vit", "convnet"):
         c = record[which]
         head.append(f"- {c['backbone']}: {c['chosen']} chosen on train_val ({c['candidates'][c['chosen']]:.1f} R@1; "

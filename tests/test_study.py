@@ -29,12 +29,14 @@ def test_study_settings_merge_and_refuse_unknown_keys():
         study_settings(seed=[0])
     with pytest.raises(ConfigError, match="pretrain="):
         study_settings(pretrain="imagenet")
+    with pytest.raises(ConfigError, match="spreading term"):
+        study_settings(pretrain=["ce_print", "snca_koleo_all"])  # KoLeo presupposes C3
 
 
 def test_no_study_pretraining_candidate_but_the_demos_has_a_spreading_term():
     for name, cand in STUDY_PRETRAIN.items():
         assert (cand["lam"] > 0) == (name == "snca_koleo_all"), name
-    assert STUDY_PRETRAIN[STUDY["pretrain"]]["lam"] == 0 and STUDY_PRETRAIN[STUDY["pretrain"]]["faces"] == "print"
+    assert all(STUDY_PRETRAIN[c]["lam"] == 0 and STUDY_PRETRAIN[c]["faces"] == "print" for c in STUDY["pretrain"])
 
 
 def test_print_face_subset_keeps_every_class_and_only_the_faces_kept(tmp_path):
@@ -110,11 +112,15 @@ def test_study_killed_halfway_continues_without_retraining_finished_runs(tmp_pat
     assert run_state(runs / "glyphs" / partial) == "done"
 
     assert set(verdicts) == {f"C{i}" for i in range(1, 8)}
-    for name in ("choices.json", "selection.md", "learning_curves.png", "learning_curves.pdf", "table3_irt_seeds.md",
+    for name in ("choices.json", "pretraining.md", "selection.md", "learning_curves.png", "learning_curves.pdf", "table3_irt_seeds.md",
                  "convnet_seeds.md", "fig4_gradient_noise.md", "table9_pooling_seeds.md", "verdicts.md"):
         assert (figs / name).stat().st_size > 0, name
     choices = json.loads((figs / "choices.json").read_text())
     assert choices["vit"]["length"] in (2, 4) and choices["vit"]["curves"]["lr 0.0001"][0][0] == 0
+    pre = choices["pretraining"]
+    assert set(pre["candidates"]) == {"ce_print"} and (pre["chosen"] is None) == (pre["run"] == "none")
+    if pre["chosen"] is None:  # the stand-in of 2 iterations is no better than random init: C3 says so
+        assert "no pretraining stand-in" in json.loads((figs / "claims" / "C3.json").read_text())["untestable"]
     text = (figs / "verdicts.md").read_text()
     assert "commit:" in text and "native bf16" in text and text.count("**C") == 7
     for cid in verdicts:
