@@ -114,11 +114,12 @@ STUDY: dict[str, Any] = dict(
     # train mode, 64 px, 33 iterations) lowered train_val R@1 from 59.2 to 39.6 (issue 26), so lower learning
     # rates, BatchNorm in eval mode (frozen statistics, as cirtorch fine-tunes) and a larger input are
     # candidates; to be chosen by the pilot.
+    # Its selection runs stop at 1,000 iterations (max_iterations of its own: a convnet step at 64 px costs
+    # several ViT steps at 32 px; to be confirmed by the pilot).
     convnet=dict(name="EfficientNet-Lite0", backbone="tf_efficientnet_lite0", weights="efficientnet_lite0",
-                 pooling="avg", patch_size=None, img_size=64,
+                 pooling="avg", patch_size=None, img_size=64, max_iterations=1000,
                  candidates=[dict(lr=1e-5, freeze_batchnorm=True), dict(lr=3e-5, freeze_batchnorm=True),
-                             dict(lr=1e-4, freeze_batchnorm=True), dict(lr=3e-5, freeze_batchnorm=False),
-                             dict(lr=3e-5, freeze_batchnorm=True, img_size=96)]),
+                             dict(lr=3e-5, freeze_batchnorm=False), dict(lr=3e-5, freeze_batchnorm=True, img_size=96)]),
     # Seeds (paired): at least 5 for C1 and C2 (KoLeo's effect in IRT Table 3 is +0.5 to +1.2 R@1), whose runs
     # also give C3 and C6; at least 3 for C4, C5 and C7.
     seeds_main=[0, 1, 2, 3, 4], seeds_other=[0, 1, 2],
@@ -207,12 +208,42 @@ def _named(cfg: ExperimentConfig, prefix: str) -> ExperimentConfig:
     return cfg.replace(name=f"{prefix}_{_hash(cfg.replace(name='study'))}")
 
 
+def max_iterations(settings: dict, which: str) -> int:
+    """The length of backbone ``which``'s selection runs: its own ``max_iterations``, else the study's."""
+    return int(settings[which].get("max_iterations", settings["max_iterations"]))
+
+
+def study_plan(settings: dict, vit_length: int | None = None, convnet_length: int | None = None) -> "pd.DataFrame":
+    """What the study trains, phase by phase: runs and training images (iterations × batch), with the
+    claims' runs at ``vit_length`` / ``convnet_length`` (default: their selection length, the most the rule
+    can pick). Divide ``images`` by a measured img/s for an estimate of the training time."""
+    import pandas as pd
+
+    s = settings
+    vl, cl = vit_length or max_iterations(s, "vit"), convnet_length or max_iterations(s, "convnet")
+    b = {**DEMO_DATA["glyphs"], **RECIPE, **s["overrides"]}["batch_size"]
+    nm, no = len(s["seeds_main"]), len(s["seeds_other"])
+    rows = []
+    for c in s["pretrain"]:
+        f = {**STUDY_PRETRAIN[c], **s["pretrain_overrides"]}
+        rows.append(("pretraining " + c, 1, f["iterations"] * f["batch_size"]))
+    for which in ("vit", "convnet"):
+        n = len(s[which]["candidates"])
+        rows.append((f"selection {s[which]['name']}", n, n * max_iterations(s, which) * b))
+    grid = len(s["betas"]) * len(s["lams"]) - (2 if set(s["seeds_other"]) <= set(s["seeds_main"]) else 0)
+    rows += [("claims ViT IRT_L/R (C1, C2, C3, C6)", 2 * nm, 2 * nm * vl * b),
+             ("claims convnet IRT_L (C4)", no, no * cl * b),
+             ("claims β × λ grid (C5; its β = 0.5 cells are IRT_L/R)", grid * no, grid * no * vl * b),
+             ("claims poolings (C7)", (len(s["poolings"]) - 1) * no, (len(s["poolings"]) - 1) * no * vl * b)]
+    return pd.DataFrame(rows, columns=["phase", "runs", "images"]).set_index("phase")
+
+
 def backbone_base(settings: dict, which: str, pretrained: str, runs_dir: str, data_root: str | None,
                   **overrides: Any) -> ExperimentConfig:
     """The fine-tuning config of backbone ``which`` ("vit" or "convnet"): the glyphs' data
     (:data:`DEMO_DATA`), :data:`RECIPE` (IRT's loss, AdamW), the backbone's fields of ``settings``
     (``weights="pretrain"``: the run dir ``pretrained``), then ``overrides``."""
-    b = {k: v for k, v in settings[which].items() if k not in ("name", "candidates")}
+    b = {k: v for k, v in settings[which].items() if k not in ("name", "candidates", "max_iterations")}
     if b.get("weights") == "pretrain":
         b["weights"] = pretrained
     d = {**DEMO_DATA["glyphs"], **RECIPE, **b, "data_root": data_root, "runs_dir": str(Path(runs_dir) / "glyphs"),
@@ -227,7 +258,7 @@ def selection_configs(settings: dict, which: str, pretrained: str, runs_dir: str
     shelf": ..., "<fields>": ...}``, IRT_L (λ = 0) trained on ``train_fit`` for ``max_iterations`` with
     each candidate's fields, evaluated on ``train_val`` every ``eval_every``."""
     val = dict(train_classes="train_fit", test_classes="train_val", eval_per_class=None, lam=0.0,
-               iterations=settings["max_iterations"], eval_every=settings["eval_every"])
+               iterations=max_iterations(settings, which), eval_every=settings["eval_every"])
     base = backbone_base(settings, which, pretrained, runs_dir, data_root, **{**val, **overrides})
     out = {"off the shelf": _named(base.replace(iterations=0, warmup_iters=0, eval_every=0), f"sel_{which}_o")}
     for cand in settings[which]["candidates"]:
@@ -317,13 +348,16 @@ def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", 
     ``convnet_seeds.md``, ``fig4_gradient_noise.md``, ``table9_pooling_seeds.md``, ``claims/C*.json``/``.md``
     and ``verdicts.md`` (with the date, commit and machine). Returns ``{claim id: verdict}``."""
     from nbsrc import claims as cl
-    from nbsrc.experiment import beta_lambda_cell, beta_lambda_grid, irt_variants, pooling_variants, run_all, seed_variants
+    from nbsrc.experiment import beta_lambda_grid, irt_variants, pooling_variants, run_all, seed_variants
     from nbsrc.plots import plot_training_curves, save_figure
     from nbsrc.reporting import gradient_noise_table, recall_over_seeds, save_table, write_text_atomic
 
     s = study_settings(**settings)
     jobs, figs, t0 = s["jobs"], Path(figures_dir), time.perf_counter()
     figs.mkdir(parents=True, exist_ok=True)
+    plan = study_plan(s)
+    say(f"at most {plan['runs'].sum()} trained runs, {plan['images'].sum() / 1e6:.2f} M training images "
+        f"(the claims' runs at the selection length; the rule may pick shorter):\n{plan.to_string()}")
     say(f"pretraining candidates {', '.join(s['pretrain'])} (no spreading term), chosen on train_val off the shelf; "
         f"figures -> {figs}, runs -> {runs_dir}")
     pretraining = pretraining_choice(s, runs_dir, data_root, jobs)
@@ -336,12 +370,12 @@ def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", 
     for which in ("vit", "convnet"):
         sel = selection_configs(s, which, pre_dir, runs_dir, data_root)
         say(f"selection of {s[which]['name']}'s recipe and length on train_val: {len(sel) - 1} candidate(s), "
-            f"{s['max_iterations']} iterations each, evaluated every {s['eval_every']}")
+            f"{max_iterations(s, which)} iterations each, evaluated every {s['eval_every']}")
         chosen[which] = choose(s, which, run_all(sel, jobs=jobs))
         c = chosen[which]
         say(f"{c['backbone']}: chose {c['chosen']} ({c['candidates'][c['chosen']]:.1f} R@1 on train_val, off the "
             f"shelf {c['off_the_shelf_val_r1']:.1f}); length {c['length']} iterations "
-            f"({'flattened' if c['flattened'] else 'NOT flattened within ' + str(s['max_iterations'])})")
+            f"({'flattened' if c['flattened'] else 'NOT flattened within ' + str(max_iterations(s, which))})")
     record = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()},
               "pretraining": pretraining, "precision": "fp32", **chosen}
     write_text_atomic(figs / "choices.json", json.dumps(record, indent=1, ensure_ascii=False) + "\n")
@@ -362,17 +396,20 @@ def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", 
                             **{**c["fields"], "iterations": c["length"], **extra})
         return _named(cfg, f"claims_{which}")
 
-    vit, cnn = final("vit"), final("convnet")
+    # γ is logged on every ViT run, so the grid's β = 0.5 cells are IRT_L and IRT_R, and C7's CLS run is IRT_R
+    vit = final("vit", record_grad_noise=True, log_every=s["grad_noise_log_every"])
+    cnn = final("convnet")
+    irt = irt_variants(vit, vit.run.name)
     say(f"the claims' runs: ViT IRT_O/L/R x {len(s['seeds_main'])} seeds (C1, C2, C3, C6)")
-    vit_runs = run_all(seed_variants(irt_variants(vit, vit.run.name), s["seeds_main"]), jobs=jobs)
+    vit_runs = run_all(seed_variants(irt, s["seeds_main"]), jobs=jobs)
     say(f"the claims' runs: convnet IRT_O/L x {len(s['seeds_other'])} seeds (C4)")
     cnn_cfgs = {k: v for k, v in irt_variants(cnn, cnn.run.name).items() if k != "IRT_R"}
     cnn_runs = run_all(seed_variants(cnn_cfgs, s["seeds_other"]), jobs=jobs)
-    grid_base = vit.replace(record_grad_noise=True, log_every=s["grad_noise_log_every"])
-    grid = beta_lambda_grid(grid_base, s["betas"], s["lams"])
+    shared = {f"β = {vit.loss.beta:g}, λ = 0": irt["IRT_L"], f"β = {vit.loss.beta:g}, λ = {vit.loss.lam:g}": irt["IRT_R"]}
+    grid = {label: shared.get(label, cfg) for label, cfg in beta_lambda_grid(vit, s["betas"], s["lams"]).items()}
     say(f"the claims' runs: β x λ grid, {len(grid)} cells x {len(s['seeds_other'])} seeds (C5)")
     grid_runs = run_all(seed_variants(grid, s["seeds_other"]), jobs=jobs)
-    pool = pooling_variants(beta_lambda_cell(grid_base, 0.5, vit.loss.lam), s["poolings"])  # its CLS run is the grid's
+    pool = pooling_variants(irt["IRT_R"], s["poolings"])
     say(f"the claims' runs: {len(pool)} poolings x {len(s['seeds_other'])} seeds (C7)")
     pool_runs = run_all(seed_variants(pool, s["seeds_other"]), jobs=jobs)
 
@@ -402,7 +439,7 @@ def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", 
                cl.spectrum_claim(vit_runs, vit, model=f"{vname} ({pretraining['chosen'] or 'random init'})",
                                  untestable=why_vit + [no_stand_in]),
                cl.backbone_collapse_claim(fig3, vname, cname, vit, untestable=why_vit + why_cnn),
-               cl.gradient_noise_claim(grid_runs, s["betas"], s["lams"], grid_base, untestable=why_vit),
+               cl.gradient_noise_claim(grid_runs, s["betas"], s["lams"], vit, untestable=why_vit),
                cl.similarity_claim(vit_runs, vit, untestable=why_vit),
                cl.pooling_claim(pool_runs, vit, untestable=why_vit)]
     for r in results:
