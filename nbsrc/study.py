@@ -30,9 +30,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from nbsrc.config import ExperimentConfig
 from nbsrc.data.glyph_faces import HAND_FACES
@@ -84,7 +87,8 @@ def study_pretrain_config(candidate: str, runs_dir: str = "runs/study", data_roo
     fields = dict(STUDY_PRETRAIN[candidate])
     faces = fields.pop("faces")
     d = {**DEMO_DATA["glyphs"], **{k: RECIPE[k] for k in ("backbone", "pooling")}, **fields,
-         "data_root": glyph_data_root(faces, data_root, hand_faces), "runs_dir": str(Path(runs_dir) / "glyphs"), **overrides}
+         "data_root": glyph_data_root(faces, data_root, hand_faces), "runs_dir": str(Path(runs_dir) / "glyphs"),
+         **overrides}
     cfg = ExperimentConfig.from_dict({**d, "name": "pretrain"})
     return cfg.replace(name=f"pretrain_{candidate}_{_hash(cfg)}")
 
@@ -150,7 +154,8 @@ def study_settings(**overrides: Any) -> dict[str, Any]:
         raise ConfigError("seeds_main and seeds_other need at least one seed each")
     bad = [c for c in out["pretrain"] if c not in STUDY_PRETRAIN] if isinstance(out["pretrain"], list) else True
     if bad or not out["pretrain"]:
-        raise ConfigError(f"pretrain={out['pretrain']!r} is invalid: expected a list of some of {', '.join(STUDY_PRETRAIN)}")
+        raise ConfigError(f"pretrain={out['pretrain']!r} is invalid: expected a list of some of "
+                          f"{', '.join(STUDY_PRETRAIN)}")
     spread = [c for c in out["pretrain"] if STUDY_PRETRAIN[c]["lam"] > 0]
     if spread:
         raise ConfigError(f"pretrain={out['pretrain']!r}: {', '.join(spread)} has a spreading term (KoLeo), which "
@@ -213,12 +218,10 @@ def max_iterations(settings: dict, which: str) -> int:
     return int(settings[which].get("max_iterations", settings["max_iterations"]))
 
 
-def study_plan(settings: dict, vit_length: int | None = None, convnet_length: int | None = None) -> "pd.DataFrame":
+def study_plan(settings: dict, vit_length: int | None = None, convnet_length: int | None = None) -> pd.DataFrame:
     """What the study trains, phase by phase: runs and training images (iterations × batch), with the
     claims' runs at ``vit_length`` / ``convnet_length`` (default: their selection length, the most the rule
     can pick). Divide ``images`` by a measured img/s for an estimate of the training time."""
-    import pandas as pd
-
     s = settings
     vl, cl = vit_length or max_iterations(s, "vit"), convnet_length or max_iterations(s, "convnet")
     b = {**DEMO_DATA["glyphs"], **RECIPE, **s["overrides"]}["batch_size"]
@@ -322,6 +325,35 @@ def choose(settings: dict, which: str, runs: dict) -> dict:
             "runs": {label: str(run.run_dir) for label, run in runs.items()}}
 
 
+def backbone_choice(settings: dict, which: str, pretrained: str, runs_dir: str = "runs/study",
+                    data_root: str | None = None, jobs: int | str = "auto") -> dict:
+    """Train the selection runs of backbone ``which`` (:func:`selection_configs`) and :func:`choose`."""
+    from nbsrc.experiment import run_all
+
+    return choose(settings, which, run_all(selection_configs(settings, which, pretrained, runs_dir, data_root),
+                                           jobs=jobs))
+
+
+def selection_table(chosen: dict[str, dict]) -> pd.DataFrame:
+    """One row per backbone and candidate of ``{which: choose(...)}``: validation R@1 at the end of its
+    run, the off-the-shelf model first, the chosen one marked with its length."""
+    rows = [{"backbone": c["backbone"], "candidate": label, "val R@1 (end)": r1,
+             "chosen": f"yes: {c['length']} iterations ({'flattened' if c['flattened'] else 'not flattened'}), "
+                       f"{c['val_r1_at_length']:.1f} there" if label == c["chosen"] else ""}
+            for c in chosen.values()
+            for label, r1 in [("off the shelf", c["off_the_shelf_val_r1"]), *c["candidates"].items()]]
+    return pd.DataFrame(rows).set_index("backbone")
+
+
+def learning_curves_figure(chosen: dict[str, dict]):
+    """The validation R@1 of every selection run against its iteration (iteration 0: off the shelf)."""
+    from nbsrc.plots import plot_training_curves
+
+    curves = {f"{c['backbone']}: {label}": [{"iteration": it, "R@1": r1} for it, r1 in c["curves"][label]]
+              for c in chosen.values() for label in c["curves"]}
+    return plot_training_curves(curves, keys=("R@1",), title="Validation R@1 (train_val) while training")
+
+
 def _bf16_cpu() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -349,7 +381,7 @@ def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", 
     and ``verdicts.md`` (with the date, commit and machine). Returns ``{claim id: verdict}``."""
     from nbsrc import claims as cl
     from nbsrc.experiment import beta_lambda_grid, irt_variants, pooling_variants, run_all, seed_variants
-    from nbsrc.plots import plot_training_curves, save_figure
+    from nbsrc.plots import save_figure
     from nbsrc.reporting import gradient_noise_table, recall_over_seeds, save_table, write_text_atomic
 
     s = study_settings(**settings)
@@ -368,10 +400,9 @@ def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", 
                                                             ": the ViT is fine-tuned from random init, C3 untestable"))
     chosen = {}
     for which in ("vit", "convnet"):
-        sel = selection_configs(s, which, pre_dir, runs_dir, data_root)
-        say(f"selection of {s[which]['name']}'s recipe and length on train_val: {len(sel) - 1} candidate(s), "
-            f"{max_iterations(s, which)} iterations each, evaluated every {s['eval_every']}")
-        chosen[which] = choose(s, which, run_all(sel, jobs=jobs))
+        say(f"selection of {s[which]['name']}'s recipe and length on train_val: {len(s[which]['candidates'])} "
+            f"candidate(s), {max_iterations(s, which)} iterations each, evaluated every {s['eval_every']}")
+        chosen[which] = backbone_choice(s, which, pre_dir, runs_dir, data_root, jobs)
         c = chosen[which]
         say(f"{c['backbone']}: chose {c['chosen']} ({c['candidates'][c['chosen']]:.1f} R@1 on train_val, off the "
             f"shelf {c['off_the_shelf_val_r1']:.1f}); length {c['length']} iterations "
@@ -379,16 +410,8 @@ def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", 
     record = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()},
               "pretraining": pretraining, "precision": "fp32", **chosen}
     write_text_atomic(figs / "choices.json", json.dumps(record, indent=1, ensure_ascii=False) + "\n")
-    rows = [{"backbone": c["backbone"], "candidate": label, "val R@1 (end)": r1,
-             "chosen": "yes" if label == c["chosen"] else ""} for c in chosen.values()
-            for label, r1 in [("off the shelf", c["off_the_shelf_val_r1"]), *c["candidates"].items()]]
-    import pandas as pd
-
-    save_table(pd.DataFrame(rows).set_index("backbone"), "selection", figs)
-    curves = {f"{c['backbone']}: {label}": [{"iteration": it, "R@1": r1} for it, r1 in c["curves"][label]]
-              for c in chosen.values() for label in c["curves"]}
-    save_figure(plot_training_curves(curves, keys=("R@1",), title="Validation R@1 (train_val) while training"),
-                "learning_curves", figs)
+    save_table(selection_table(chosen), "selection", figs)
+    save_figure(learning_curves_figure(chosen), "learning_curves", figs)
 
     def final(which: str, **extra: Any) -> ExperimentConfig:
         c = chosen[which]
@@ -405,7 +428,8 @@ def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", 
     say(f"the claims' runs: convnet IRT_O/L x {len(s['seeds_other'])} seeds (C4)")
     cnn_cfgs = {k: v for k, v in irt_variants(cnn, cnn.run.name).items() if k != "IRT_R"}
     cnn_runs = run_all(seed_variants(cnn_cfgs, s["seeds_other"]), jobs=jobs)
-    shared = {f"β = {vit.loss.beta:g}, λ = 0": irt["IRT_L"], f"β = {vit.loss.beta:g}, λ = {vit.loss.lam:g}": irt["IRT_R"]}
+    b0 = f"β = {vit.loss.beta:g}"
+    shared = {f"{b0}, λ = 0": irt["IRT_L"], f"{b0}, λ = {vit.loss.lam:g}": irt["IRT_R"]}
     grid = {label: shared.get(label, cfg) for label, cfg in beta_lambda_grid(vit, s["betas"], s["lams"]).items()}
     say(f"the claims' runs: β x λ grid, {len(grid)} cells x {len(s['seeds_other'])} seeds (C5)")
     grid_runs = run_all(seed_variants(grid, s["seeds_other"]), jobs=jobs)
@@ -464,8 +488,8 @@ def write_study_verdicts(figs: Path, record: dict, seconds: float) -> Path:
     head = ["# The study's verdicts (`make study`)", "",
             f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
             f"- commit: {prov['git_commit']}",
-            f"- machine: {prov['machine']['cpu']}, {__import__('os').cpu_count()} cores, native bf16 (avx512_bf16 or "
-            f"amx_bf16): {'yes' if _bf16_cpu() else 'no'}; GPU: {prov['machine']['gpu'] or 'none'}",
+            (f"- machine: {prov['machine']['cpu']}, {os.cpu_count()} cores, native bf16 (avx512_bf16 or amx_bf16): "
+             f"{'yes' if _bf16_cpu() else 'no'}; GPU: {prov['machine']['gpu'] or 'none'}"),
             f"- wall time of this invocation: {seconds / 60:.1f} min (finished runs reused count as 0)",
             f"- precision: {record['precision']}; pretraining: {record['pretraining']['chosen'] or 'none usable'} "
             f"({record['pretraining']['run']}; train_val R@1 off the shelf: "

@@ -75,7 +75,7 @@ def tiny_settings():
 
 @pytest.mark.slow
 def test_study_killed_halfway_continues_without_retraining_finished_runs(tmp_path, monkeypatch):
-    import nbsrc.experiment as experiment
+    from nbsrc import experiment
     from nbsrc.study import run_study
     from nbsrc.train.rundir import run_state
 
@@ -112,8 +112,9 @@ def test_study_killed_halfway_continues_without_retraining_finished_runs(tmp_pat
     assert run_state(runs / "glyphs" / partial) == "done"
 
     assert set(verdicts) == {f"C{i}" for i in range(1, 8)}
-    for name in ("choices.json", "pretraining.md", "selection.md", "learning_curves.png", "learning_curves.pdf", "table3_irt_seeds.md",
-                 "convnet_seeds.md", "fig4_gradient_noise.md", "table9_pooling_seeds.md", "verdicts.md"):
+    for name in ("choices.json", "pretraining.md", "selection.md", "learning_curves.png", "learning_curves.pdf",
+                 "table3_irt_seeds.md", "convnet_seeds.md", "fig4_gradient_noise.md", "table9_pooling_seeds.md",
+                 "verdicts.md"):
         assert (figs / name).stat().st_size > 0, name
     choices = json.loads((figs / "choices.json").read_text())
     assert choices["vit"]["length"] in (2, 4) and choices["vit"]["curves"]["lr 0.0001"][0][0] == 0
