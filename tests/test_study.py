@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from fixtures_glyphs import tiny_glyph_set
+from fixtures_glyphs import tiny_glyph_set, tiny_study_settings
 
 from nbsrc.errors import ConfigError
 from nbsrc.study import STUDY, STUDY_PRETRAIN, chosen_length, flattened, study_settings
@@ -60,19 +60,6 @@ def test_print_face_subset_keeps_every_class_and_only_the_faces_kept(tmp_path):
         face_subset(g, tuple(face_labels(g)))
 
 
-def tiny_settings():
-    """The study at its smallest: the 24-class glyph set, runs of 4 iterations, one or two seeds, a ViT as
-    the 'convnet' (no download)."""
-    batches = {"batch_size": 16, "m_per_class": 4, "warmup_iters": 0, "eval_per_class": None, "log_every": 2}
-    return dict(hand_faces=["DejaVuSans-Oblique.ttf", "DejaVuSerif-Italic.ttf", "cmti10.ttf"],
-                max_iterations=4, eval_every=2, seeds_main=[0, 1], seeds_other=[0], poolings=["cls", "avg"],
-                jobs=1, overrides=batches,
-                pretrain_overrides={"iterations": 2, "warmup_iters": 0, "batch_size": 16, "m_per_class": 2},
-                vit={"candidates": [{"lr": 1e-4}]},
-                convnet={"backbone": "vit_tiny_patch16_224", "weights": "none", "patch_size": 8, "img_size": 32,
-                         "candidates": [{"lr": 1e-4, "freeze_batchnorm": True}]})
-
-
 @pytest.mark.slow
 def test_study_killed_halfway_continues_without_retraining_finished_runs(tmp_path, monkeypatch):
     from nbsrc import experiment
@@ -96,7 +83,7 @@ def test_study_killed_halfway_continues_without_retraining_finished_runs(tmp_pat
 
     monkeypatch.setattr(experiment, "run_experiment", killed_at(6))
     with pytest.raises(KeyboardInterrupt):
-        run_study(str(runs), str(figs), data, **tiny_settings())
+        run_study(str(runs), str(figs), data, **tiny_study_settings())
     first, partial = list(trained[:5]), trained[5]
     done = {p.name: (p / "results.json").stat().st_mtime_ns for p in (runs / "glyphs").iterdir()
             if (p / "results.json").is_file()}
@@ -105,7 +92,7 @@ def test_study_killed_halfway_continues_without_retraining_finished_runs(tmp_pat
 
     trained.clear()
     monkeypatch.setattr(experiment, "run_experiment", killed_at(10**6))
-    verdicts = run_study(str(runs), str(figs), data, **tiny_settings())
+    verdicts = run_study(str(runs), str(figs), data, **tiny_study_settings())
     assert not set(first) & set(trained) and trained[0] == partial  # finished runs reused; the killed one resumed
     for name, mtime in done.items():
         assert (runs / "glyphs" / name / "results.json").stat().st_mtime_ns == mtime, name
@@ -130,5 +117,5 @@ def test_study_killed_halfway_continues_without_retraining_finished_runs(tmp_pat
         assert (saved["verdict"] == "untestable") == bool(saved["untestable"]), cid
 
     trained.clear()
-    run_study(str(runs), str(figs), data, **tiny_settings())  # a third time: nothing left to train
+    run_study(str(runs), str(figs), data, **tiny_study_settings())  # a third time: nothing left to train
     assert trained == []
