@@ -106,7 +106,10 @@ def test_study_killed_halfway_continues_without_retraining_finished_runs(tmp_pat
     choices = json.loads((figs / "choices.json").read_text())
     assert choices["vit"]["length"] in (2, 4) and choices["vit"]["curves"]["lr 0.0001"][0][0] == 0
     pre = choices["pretraining"]
-    assert set(pre["candidates"]) == {"ce_print"} and (pre["chosen"] is None) == (pre["run"] == "none")
+    assert set(pre["candidates"]) == {"ce_print", "snca_print"} and (pre["chosen"] is None) == (pre["run"] == "none")
+    for c, v in pre["candidates"].items():  # the rule: above random init in R@1 and not narrower in dim_90
+        usable = v["val_r1"] > pre["random_init_val_r1"] and v["dim_90"] >= pre["random_init_dim_90"]
+        assert (c == pre["chosen"]) <= usable, c
     if pre["chosen"] is None:  # the stand-in of 2 iterations is no better than random init: C3 says so
         assert "no pretraining stand-in" in json.loads((figs / "claims" / "C3.json").read_text())["untestable"]
     text = (figs / "verdicts.md").read_text()
