@@ -137,6 +137,9 @@ STUDY: dict[str, Any] = dict(
     # precision: fp32 everywhere (bf16 autocast is used only where a 3-seed check shows the validation numbers
     # do not move; no such check yet). Runs at once: 2 on a CPU with 2+ cores.
     jobs="auto",
+    # the claims to judge: the ViT's IRT runs (C1, C2, C3, C6) are always trained; the convnet's selection and runs
+    # only for C4, the grid only for C5, the poolings only for C7 (`nbsrc study --set claims '["C1", "C2"]'`)
+    claims=["C1", "C2", "C3", "C4", "C5", "C6", "C7"],
     # config fields over every fine-tuning run and over the pretraining run (e.g. {"device": "cuda"}; the test's
     # tiny batches); empty in the study
     overrides={}, pretrain_overrides={},
@@ -153,6 +156,9 @@ def study_settings(**overrides: Any) -> dict[str, Any]:
     for key in ("vit", "convnet"):
         if key in overrides:
             out[key] = {**STUDY[key], **overrides[key]}
+    unknown = sorted(set(out["claims"]) - {f"C{i}" for i in range(1, 8)}) if isinstance(out["claims"], list) else True
+    if unknown or not out["claims"]:
+        raise ConfigError(f"claims={out['claims']!r} is invalid: expected a list of some of C1 ... C7")
     if len(out["seeds_main"]) < 1 or len(out["seeds_other"]) < 1:
         raise ConfigError("seeds_main and seeds_other need at least one seed each")
     bad = [c for c in out["pretrain"] if c not in STUDY_PRETRAIN] if isinstance(out["pretrain"], list) else True
@@ -233,14 +239,18 @@ def study_plan(settings: dict, vit_length: int | None = None, convnet_length: in
     for c in s["pretrain"]:
         f = {**STUDY_PRETRAIN[c], **s["pretrain_overrides"]}
         rows.append(("pretraining " + c, 1, f["iterations"] * f["batch_size"]))
-    for which in ("vit", "convnet"):
+    want = set(s["claims"])
+    for which in ("vit", "convnet") if "C4" in want else ("vit",):
         n = len(s[which]["candidates"])
         rows.append((f"selection {s[which]['name']}", n, n * max_iterations(s, which) * b))
     grid = len(s["betas"]) * len(s["lams"]) - (2 if set(s["seeds_other"]) <= set(s["seeds_main"]) else 0)
-    rows += [("claims ViT IRT_L/R (C1, C2, C3, C6)", 2 * nm, 2 * nm * vl * b),
-             ("claims convnet IRT_L (C4)", no, no * cl * b),
-             ("claims β × λ grid (C5; its β = 0.5 cells are IRT_L/R)", grid * no, grid * no * vl * b),
-             ("claims poolings (C7)", (len(s["poolings"]) - 1) * no, (len(s["poolings"]) - 1) * no * vl * b)]
+    rows.append(("claims ViT IRT_L/R (C1, C2, C3, C6)", 2 * nm, 2 * nm * vl * b))
+    if "C4" in want:
+        rows.append(("claims convnet IRT_L (C4)", no, no * cl * b))
+    if "C5" in want:
+        rows.append(("claims β × λ grid (C5; its β = 0.5 cells are IRT_L/R)", grid * no, grid * no * vl * b))
+    if "C7" in want:
+        rows.append(("claims poolings (C7)", (len(s["poolings"]) - 1) * no, (len(s["poolings"]) - 1) * no * vl * b))
     return pd.DataFrame(rows, columns=["phase", "runs", "images"]).set_index("phase")
 
 
@@ -258,6 +268,14 @@ def backbone_base(settings: dict, which: str, pretrained: str, runs_dir: str, da
     return ExperimentConfig.from_dict(d)
 
 
+def candidate_label(fields: dict) -> str:
+    """A recipe candidate in a few words: ``{"lr": 3e-05, "freeze_batchnorm": True, "img_size": 96}`` →
+    ``"lr 3e-05, BN eval, 96 px"``."""
+    words = {"lr": lambda v: f"lr {v:g}", "freeze_batchnorm": lambda v: "BN eval" if v else "BN train",
+             "img_size": lambda v: f"{v} px"}
+    return ", ".join(words[k](v) if k in words else f"{k} {v}" for k, v in fields.items())
+
+
 def selection_configs(settings: dict, which: str, pretrained: str, runs_dir: str, data_root: str | None,
                       **overrides: Any) -> dict[str, ExperimentConfig]:
     """The recipe and length selection of backbone ``which`` on the validation classes: ``{"off the
@@ -268,8 +286,7 @@ def selection_configs(settings: dict, which: str, pretrained: str, runs_dir: str
     base = backbone_base(settings, which, pretrained, runs_dir, data_root, **{**val, **overrides})
     out = {"off the shelf": _named(base.replace(iterations=0, warmup_iters=0, eval_every=0), f"sel_{which}_o")}
     for cand in settings[which]["candidates"]:
-        label = ", ".join(f"{k} {v}" for k, v in cand.items())
-        out[label] = _named(base.replace(**cand), f"sel_{which}")
+        out[candidate_label(cand)] = _named(base.replace(**cand), f"sel_{which}")
     return out
 
 
@@ -355,9 +372,16 @@ def learning_curves_figure(chosen: dict[str, dict]):
     """The validation R@1 of every selection run against its iteration (iteration 0: off the shelf)."""
     from nbsrc.plots import plot_training_curves
 
-    curves = {f"{c['backbone']}: {label}": [{"iteration": it, "R@1": r1} for it, r1 in c["curves"][label]]
-              for c in chosen.values() for label in c["curves"]}
-    return plot_training_curves(curves, keys=("R@1",), title="Validation R@1 (train_val) while training")
+    curves = {}
+    for c in chosen.values():  # one panel per backbone, a line per candidate
+        for label, curve in c["curves"].items():
+            name = label if label not in curves else f"{label} ({c['backbone']})"
+            curves[name] = [{"iteration": it, c["backbone"]: r1} for it, r1 in curve]
+    fig = plot_training_curves(curves, keys=tuple(c["backbone"] for c in chosen.values()),
+                               title="Validation R@1 (%) on train_val while training")
+    for ax in fig.axes:
+        ax.set_ylabel("R@1 (%)")
+    return fig
 
 
 def _bf16_cpu() -> bool:
@@ -377,7 +401,8 @@ def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", 
     2. selection, per backbone (ViT, convnet): recipe and length on ``train_val`` (:func:`choose`);
     3. the claims' runs on ``train`` → ``test`` at the chosen recipes and lengths: IRT_O/L/R of the ViT over
        ``seeds_main`` (C1, C2, C3, C6), IRT_O/L of the convnet over ``seeds_other`` (C4), the β × λ grid
-       (C5) and the poolings (C7) of the ViT over ``seeds_other``;
+       (C5) and the poolings (C7) of the ViT over ``seeds_other``; only those of ``settings["claims"]``
+       (the convnet's selection too only for C4);
     4. the verdicts, each *untestable* where a fine-tuned model it compares is not above its off-the-shelf
        state on ``train_val`` or on the test classes (:func:`nbsrc.claims.not_improved`).
 
@@ -404,8 +429,8 @@ def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", 
     say(f"pretraining: {pretraining['chosen'] or 'none usable'} ({json.dumps(pretraining['candidates'])}; random init "
         f"{pretraining['random_init_val_r1']:.1f} R@1)" + ("" if pretraining["chosen"] else
                                                             ": the ViT is fine-tuned from random init, C3 untestable"))
-    chosen = {}
-    for which in ("vit", "convnet"):
+    chosen, want = {}, set(s["claims"])
+    for which in ("vit", "convnet") if "C4" in want else ("vit",):
         say(f"selection of {s[which]['name']}'s recipe and length on train_val: {len(s[which]['candidates'])} "
             f"candidate(s), {max_iterations(s, which)} iterations each, evaluated every {s['eval_every']}")
         chosen[which] = backbone_choice(s, which, pre_dir, runs_dir, data_root, jobs)
@@ -418,6 +443,7 @@ def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", 
     write_text_atomic(figs / "choices.json", json.dumps(record, indent=1, ensure_ascii=False) + "\n")
     save_table(selection_table(chosen), "selection", figs)
     save_figure(learning_curves_figure(chosen), "learning_curves", figs)
+    vname, cname = s["vit"]["name"], s["convnet"]["name"]
 
     def final(which: str, **extra: Any) -> ExperimentConfig:
         c = chosen[which]
@@ -427,52 +453,55 @@ def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", 
 
     # γ is logged on every ViT run, so the grid's β = 0.5 cells are IRT_L and IRT_R, and C7's CLS run is IRT_R
     vit = final("vit", record_grad_noise=True, log_every=s["grad_noise_log_every"])
-    cnn = final("convnet")
     irt = irt_variants(vit, vit.run.name)
     say(f"the claims' runs: ViT IRT_O/L/R x {len(s['seeds_main'])} seeds (C1, C2, C3, C6)")
     vit_runs = run_all(seed_variants(irt, s["seeds_main"]), jobs=jobs)
-    say(f"the claims' runs: convnet IRT_O/L x {len(s['seeds_other'])} seeds (C4)")
-    cnn_cfgs = {k: v for k, v in irt_variants(cnn, cnn.run.name).items() if k != "IRT_R"}
-    cnn_runs = run_all(seed_variants(cnn_cfgs, s["seeds_other"]), jobs=jobs)
-    b0 = f"β = {vit.loss.beta:g}"
-    shared = {f"{b0}, λ = 0": irt["IRT_L"], f"{b0}, λ = {vit.loss.lam:g}": irt["IRT_R"]}
-    grid = {label: shared.get(label, cfg) for label, cfg in beta_lambda_grid(vit, s["betas"], s["lams"]).items()}
-    say(f"the claims' runs: β x λ grid, {len(grid)} cells x {len(s['seeds_other'])} seeds (C5)")
-    grid_runs = run_all(seed_variants(grid, s["seeds_other"]), jobs=jobs)
-    pool = pooling_variants(irt["IRT_R"], s["poolings"])
-    say(f"the claims' runs: {len(pool)} poolings x {len(s['seeds_other'])} seeds (C7)")
-    pool_runs = run_all(seed_variants(pool, s["seeds_other"]), jobs=jobs)
-
     save_table(recall_over_seeds(vit_runs, ks=(1, 2, 4, 8)), "table3_irt_seeds", figs)
-    save_table(recall_over_seeds(cnn_runs, ks=(1, 2, 4, 8)), "convnet_seeds", figs)
-    first = s["seeds_other"][0]
-    save_table(gradient_noise_table({label: grid_runs[(label, first)] for label in grid}), "fig4_gradient_noise", figs)
-    save_table(recall_over_seeds(pool_runs, ks=(1,)), "table9_pooling_seeds", figs)
 
     def test_r1(runs: dict, label: str) -> dict:
         return {seed: run.recall["R@1"] for (lab, seed), run in runs.items() if lab == label}
 
-    vname, cname = s["vit"]["name"], s["convnet"]["name"]
     why_vit = [cl.not_improved(vname, chosen["vit"]["off_the_shelf_val_r1"], chosen["vit"]["val_r1_at_length"]),
                cl.not_improved(vname, test_r1(vit_runs, "IRT_O"), test_r1(vit_runs, "IRT_L"), "test")]
-    why_cnn = [cl.not_improved(cname, chosen["convnet"]["off_the_shelf_val_r1"],
-                               chosen["convnet"]["val_r1_at_length"]),
-               cl.not_improved(cname, test_r1(cnn_runs, "IRT_O"), test_r1(cnn_runs, "IRT_L"), "test")]
+    results = [*cl.fine_tuning_claims(vit_runs, vit, untestable=why_vit),
+               cl.similarity_claim(vit_runs, vit, untestable=why_vit)]
     no_stand_in = "" if pretraining["chosen"] else (
         "no pretraining stand-in without a spreading term was above random init on train_val in R@1 with a "
         "spectrum as wide (" + ", ".join(f"{c} {v['val_r1']:.1f} R@1, dim_90 {v['dim_90']}"
                                         for c, v in pretraining["candidates"].items())
         + f"; random init {pretraining['random_init_val_r1']:.1f}, dim_90 {pretraining['random_init_dim_90']})")
-    state = {"IRT_O": "off-the-shelf", "IRT_L": "contrastive λ = 0"}
-    fig3 = {((m, state[lab]), seed): run for m, rs in ((vname, vit_runs), (cname, cnn_runs))  # C4's runs
-            for (lab, seed), run in rs.items() if lab in state and seed in s["seeds_other"]}
-    results = [*cl.fine_tuning_claims(vit_runs, vit, untestable=why_vit),
-               cl.spectrum_claim(vit_runs, vit, model=f"{vname} ({pretraining['chosen'] or 'random init'})",
-                                 untestable=why_vit + [no_stand_in]),
-               cl.backbone_collapse_claim(fig3, vname, cname, vit, untestable=why_vit + why_cnn),
-               cl.gradient_noise_claim(grid_runs, s["betas"], s["lams"], vit, untestable=why_vit),
-               cl.similarity_claim(vit_runs, vit, untestable=why_vit),
-               cl.pooling_claim(pool_runs, vit, untestable=why_vit)]
+    results.append(cl.spectrum_claim(vit_runs, vit, model=f"{vname} ({pretraining['chosen'] or 'random init'})",
+                                     untestable=why_vit + [no_stand_in]))
+    if "C4" in want:
+        cnn = final("convnet")
+        say(f"the claims' runs: convnet IRT_O/L x {len(s['seeds_other'])} seeds (C4)")
+        cnn_cfgs = {k: v for k, v in irt_variants(cnn, cnn.run.name).items() if k != "IRT_R"}
+        cnn_runs = run_all(seed_variants(cnn_cfgs, s["seeds_other"]), jobs=jobs)
+        save_table(recall_over_seeds(cnn_runs, ks=(1, 2, 4, 8)), "convnet_seeds", figs)
+        why_cnn = [cl.not_improved(cname, chosen["convnet"]["off_the_shelf_val_r1"],
+                                   chosen["convnet"]["val_r1_at_length"]),
+                   cl.not_improved(cname, test_r1(cnn_runs, "IRT_O"), test_r1(cnn_runs, "IRT_L"), "test")]
+        state = {"IRT_O": "off-the-shelf", "IRT_L": "contrastive λ = 0"}
+        fig3 = {((m, state[lab]), seed): run for m, rs in ((vname, vit_runs), (cname, cnn_runs))  # C4's runs
+                for (lab, seed), run in rs.items() if lab in state and seed in s["seeds_other"]}
+        results.append(cl.backbone_collapse_claim(fig3, vname, cname, vit, untestable=why_vit + why_cnn))
+    if "C5" in want:
+        b0 = f"β = {vit.loss.beta:g}"
+        shared = {f"{b0}, λ = 0": irt["IRT_L"], f"{b0}, λ = {vit.loss.lam:g}": irt["IRT_R"]}
+        grid = {label: shared.get(label, cfg) for label, cfg in beta_lambda_grid(vit, s["betas"], s["lams"]).items()}
+        say(f"the claims' runs: β x λ grid, {len(grid)} cells x {len(s['seeds_other'])} seeds (C5)")
+        grid_runs = run_all(seed_variants(grid, s["seeds_other"]), jobs=jobs)
+        first = s["seeds_other"][0]
+        save_table(gradient_noise_table({label: grid_runs[(label, first)] for label in grid}), "fig4_gradient_noise",
+                   figs)
+        results.append(cl.gradient_noise_claim(grid_runs, s["betas"], s["lams"], vit, untestable=why_vit))
+    if "C7" in want:
+        pool = pooling_variants(irt["IRT_R"], s["poolings"])
+        say(f"the claims' runs: {len(pool)} poolings x {len(s['seeds_other'])} seeds (C7)")
+        pool_runs = run_all(seed_variants(pool, s["seeds_other"]), jobs=jobs)
+        save_table(recall_over_seeds(pool_runs, ks=(1,)), "table9_pooling_seeds", figs)
+        results.append(cl.pooling_claim(pool_runs, vit, untestable=why_vit))
+    results = sorted((r for r in results if r.claim.id in want), key=lambda r: int(r.claim.id[1:]))
     for r in results:
         r.save(figs)
         say(r.line())
@@ -503,6 +532,8 @@ def write_study_verdicts(figs: Path, record: dict, seconds: float) -> Path:
             + ", ".join(f"{c} {v['val_r1']:.1f}" for c, v in record["pretraining"]["candidates"].items())
             + f", random init {record['pretraining']['random_init_val_r1']:.1f})"]
     for which in ("vit", "convnet"):
+        if which not in record:
+            continue
         c = record[which]
         head.append(f"- {c['backbone']}: {c['chosen']} chosen on train_val ({c['candidates'][c['chosen']]:.1f} R@1; "
                     f"off the shelf {c['off_the_shelf_val_r1']:.1f}); {c['length']} iterations "

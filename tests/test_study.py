@@ -105,6 +105,7 @@ def test_study_killed_halfway_continues_without_retraining_finished_runs(tmp_pat
         assert (figs / name).stat().st_size > 0, name
     choices = json.loads((figs / "choices.json").read_text())
     assert choices["vit"]["length"] in (2, 4) and choices["vit"]["curves"]["lr 0.0001"][0][0] == 0
+    assert choices["convnet"]["chosen"] == "lr 0.0001, BN eval"
     pre = choices["pretraining"]
     assert set(pre["candidates"]) == {"ce_print", "snca_print"} and (pre["chosen"] is None) == (pre["run"] == "none")
     for c, v in pre["candidates"].items():  # the rule: above random init in R@1 and not narrower in dim_90
@@ -122,3 +123,17 @@ def test_study_killed_halfway_continues_without_retraining_finished_runs(tmp_pat
     trained.clear()
     run_study(str(runs), str(figs), data, **tiny_study_settings())  # a third time: nothing left to train
     assert trained == []
+    some = run_study(str(runs), str(tmp_path / "some"), data, **{**tiny_study_settings(), "claims": ["C1", "C6"]})
+    assert list(some) == ["C1", "C6"] and trained == []  # a subset of the claims: the same runs
+    assert not (tmp_path / "some" / "convnet_seeds.md").exists()  # C4's convnet was not asked for
+
+
+def test_study_command_refuses_a_bad_setting_in_one_line_before_anything_runs(tmp_path, capsys):
+    from nbsrc.__main__ import main
+
+    for args, msg in ((["--set", "seeds_main", "[0, 1"], "not JSON"), (["--set", "seed", "[0]"], "unknown"),
+                      (["--set", "claims", '["C9"]'], "claims=")):
+        assert main(["study", "--runs-dir", str(tmp_path / "r"), "--figures-dir", str(tmp_path / "f"), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and msg in err and err.count("\n") == 1, err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "f").exists()
