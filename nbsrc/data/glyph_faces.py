@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
-from nbsrc.data.glyphs import GlyphSet, _write_atomic, content_hash, load_built
+from nbsrc.data.glyphs import GlyphSet, content_hash, load_built
 from nbsrc.errors import ConfigError
 
 # The faces of CJK_FONTS drawn by a brush or a pen, by file name (a collection's face: "name#index").
@@ -28,6 +29,15 @@ HAND_FACES: tuple[str, ...] = (
     "kouzan-mouhitsu.ttf", "kouzan-mouhitsu-gyosho.ttf", "KouzanBrushFontSousyo.ttf",  # brush: kaisho, gyosho, sosho
     "UnGungseo.ttf",  # brush
 )
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def face_labels(glyphs: GlyphSet) -> list[str]:
