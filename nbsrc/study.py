@@ -109,7 +109,8 @@ STUDY: dict[str, Any] = dict(
     # train_val every eval_every; the length is the first evaluation at which less than flat_gain R@1 was
     # gained over the last fifth of the iterations (flattened), else max_iterations (not flattened: said so).
     # max_iterations: the demo's recipe was still rising at 1,000 iterations (91.3 -> 91.4 R@1 from 800 to
-    # 1,000, figures/recipe_study.md); 2,000 (about 4.6 passes over train_fit) to be confirmed by the pilot.
+    # 1,000, figures/recipe_study.md); 2,000 (5.8 passes over the 22,141 images of train_fit) to be confirmed by
+    # the pilot.
     max_iterations=2000, eval_every=200, flat_gain=0.5,
     # Each backbone's recipe: its candidates (config fields over the backbone's), chosen on train_val by the
     # highest R@1 at the end of the selection run (to be chosen by the pilot: no measurement yet on the new
