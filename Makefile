@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-full demo-fashion test test-fast gpu-wheels gpu-check lab install data glyphs browser kernel clean-runs
+.PHONY: demo demo-full demo-fashion study test test-fast gpu-wheels gpu-check lab install data glyphs browser kernel clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ demo: install glyphs
 # The demo and its grids (notebooks 04, 07, 08: claims C5 and C7 over three seeds, DToP's ablations).
 demo-full: install glyphs
 	$(PY) -m nbsrc demo --full
+
+# The study (nbsrc/study.py): the claims C1-C7 where fine-tuning has done its work, its choices made on the
+# validation classes; results in figures/study/. Resumable: after a kill, the same command continues.
+study: install glyphs
+	$(PY) -m nbsrc study
 
 # The second demo: Fashion-MNIST (train on classes 0-4, evaluate on the unseen 5-9), from random init.
 demo-fashion: install

@@ -1,4 +1,4 @@
-"""Command line: ``python -m nbsrc {train,eval,runs,compare,notebook,demo,presets,embed,search,export} ...``.
+"""Command line: ``python -m nbsrc {train,eval,runs,compare,notebook,demo,study,presets,embed,search,export} ...``.
 
 Every field of :class:`~nbsrc.config.ExperimentConfig` is a flag (``--lr 1e-4``, ``--pooling gem``,
 ``--dim 128``, ``--ks 1 2 4 8``, ``--no-amp``); ``--preset NAME`` starts from a paper row
@@ -297,9 +297,24 @@ def cmd_presets(ns) -> None:
     print(preset_table(), end="")
 
 
+def cmd_study(ns) -> None:
+    from nbsrc.study import run_study
+
+    settings = {}
+    for key, value in ns.set or []:
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raise ConfigError(f"--set {key} {value}: the value is not JSON; e.g. --set seeds_main '[0, 1, 2, 3, 4]'"
+                              ) from None
+    run_study(ns.runs_dir, ns.figures_dir, ns.data_root, **settings)
+
+
 def cmd_demo(ns) -> None:
     from nbsrc.demo import run_demo
 
+    if ns.study:
+        return cmd_study(argparse.Namespace(runs_dir="runs/study", figures_dir="figures/study", data_root=None, set=[]))
     run_demo(quick=ns.quick, notebooks_to_run=ns.only, demo=ns.demo, seeds=ns.seeds, full=ns.full)
 
 
@@ -342,7 +357,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
                    help="the seeds of every run a claim needs (default: the notebooks' own, 0 1 2); the verdicts "
                         "need at least 3, e.g. --seeds 0 1 2 3 4")
+    d.add_argument("--study", action="store_true",
+                   help="the study instead (as `nbsrc study`): the claims where fine-tuning has done its work, ~2 h")
     d.set_defaults(func=cmd_demo)
+    st = sub.add_parser("study", help="the claims C1-C7 where fine-tuning has done its work (nbsrc.study; resumable)")
+    st.add_argument("--runs-dir", default="runs/study", help="where its runs go (default: runs/study)")
+    st.add_argument("--figures-dir", default="figures/study", help="where its results go (default: figures/study)")
+    st.add_argument("--data-root", help="the glyph set (a cache folder or a built set's .npz; default: the cache)")
+    st.add_argument("--set", nargs=2, action="append", metavar=("KEY", "JSON"),
+                    help="a setting of nbsrc.study.STUDY, e.g. --set seeds_other '[0, 1, 2]'")
+    st.set_defaults(func=cmd_study)
     sub.add_parser("presets", help="print the table of presets (the paper's rows)").set_defaults(func=cmd_presets)
     from nbsrc.retrieval.cli import add_subcommands as add_retrieval_commands
 

@@ -13,6 +13,13 @@ says "lower") and se = sd(d) / √n (sample standard deviation, ddof 1):
 
 A claim with several comparisons (e.g. C3: the loss collapses the spectrum *and* KoLeo spreads it) is
 reproduced when every comparison is, not reproduced when any comparison is, and inconclusive otherwise.
+
+*untestable*, the fourth verdict, is decided before the rule: a claim that compares a fine-tuned model
+is untestable when that fine-tuning did not improve the model, i.e. when its Recall@1 on the validation
+classes (mean over seeds) is not above the same model's off the shelf (:func:`not_improved`). The
+claim's comparisons are still computed and shown, but they say nothing about the method (a damaged
+model, or one that training left where it was), so never "not reproduced"; the reason names the
+model and both numbers.
 The rule is the same for every claim; no threshold was chosen per claim (never tune a setting or a
 rule to make a claim come out).
 
@@ -53,11 +60,12 @@ from nbsrc.reporting import write_text_atomic
 
 Z = 2.0  # a difference counts when it exceeds Z standard errors of the mean paired difference
 MIN_SEEDS = 3  # fewer seeds: inconclusive, whatever the numbers
-VERDICTS = ("reproduced", "not reproduced", "inconclusive")
+VERDICTS = ("reproduced", "not reproduced", "inconclusive", "untestable")
 RULE = (f"Over n seeds, d_s = treated − baseline for each seed s (paired: same initial weights and data order); "
         f"m = mean of d_s in the paper's direction, se = sd(d_s)/√n. Reproduced when m > {Z:g}·se, not reproduced "
         f"when m < −{Z:g}·se, inconclusive otherwise or when n < {MIN_SEEDS}. A claim with several comparisons is "
-        "reproduced when all are, not reproduced when any is, inconclusive otherwise.")
+        "reproduced when all are, not reproduced when any is, inconclusive otherwise. Untestable, before the rule, "
+        "when a fine-tuned model the claim compares is not above its off-the-shelf state in validation Recall@1.")
 
 
 @dataclass(frozen=True)
@@ -191,17 +199,39 @@ def compare(label: str, baseline: Mapping[int, float], treated: Mapping[int, flo
     return Comparison(label, names[0], names[1], base, treat, expect)
 
 
+def not_improved(model: str, off_the_shelf: float | Mapping[int, float], fine_tuned: float | Mapping[int, float],
+                 where: str = "validation") -> str:
+    """Why a claim that needs ``model`` fine-tuned is untestable, or "" when it can be tested: the
+    fine-tuned Recall@1 (%) on ``where`` (a number, or ``{seed: value}``, whose mean is taken) is not above
+    the off-the-shelf one. E.g. "EfficientNet-Lite0's fine-tuning lowers validation R@1 from 59.2 to 39.6"."""
+    def mean(x) -> float:
+        v = float(np.mean([float(y) for y in x.values()])) if isinstance(x, Mapping) else float(x)
+        if not math.isfinite(v):
+            raise ConfigError(f"{model}: a {where} Recall@1 of {v} (NaN or infinite); check its runs")
+        return v
+    before, after = mean(off_the_shelf), mean(fine_tuned)
+    if after > before:
+        return ""
+    how = "leaves" if after == before else "lowers"
+    return f"{model}'s fine-tuning {how} {where} R@1 {'at' if after == before else 'from'} {before:.1f}" + (
+        "" if after == before else f" to {after:.1f}")
+
+
 @dataclass
 class ClaimResult:
     """A claim, its comparisons and its verdict; ``note`` says what limits the test (e.g. a premise of
-    the paper that the demo does not meet)."""
+    the paper that the demo does not meet); ``untestable``: why the claim cannot be judged (a fine-tuned
+    model it compares was not improved by its training, :func:`not_improved`), "" when it can."""
     claim: Claim
     parts: list[Comparison]
     note: str = ""
     context: dict = field(default_factory=dict)  # what was run: data, backbone, iterations, ...
+    untestable: str = ""
 
     @property
     def verdict(self) -> str:
+        if self.untestable:
+            return "untestable"
         return combine(p.stats()["verdict"] for p in self.parts)
 
     @property
@@ -227,13 +257,16 @@ class ClaimResult:
         parts = "; ".join(f"{p.label}: {_pm(p.stats()['diff_mean'], p.stats()['diff_sd'], signed=True)} "
                           f"(min–max {_fmt(p.stats()['diff_min'], 3, True)} – {_fmt(p.stats()['diff_max'], 3, True)})" for p in self.parts)
         note = f" — {self.note}" if self.note else ""
+        if self.untestable:
+            note = f" — untestable: {self.untestable}{note}"
         return (f"**{self.claim.id} {self.claim.name}** ({self.claim.paper}): **{self.verdict}** over "
                 f"{self.n_seeds} seed{'s' if self.n_seeds != 1 else ''} — {parts}{note}")
 
     def to_dict(self) -> dict:
         return {"id": self.claim.id, "name": self.claim.name, "paper": self.claim.paper, "quote": self.claim.quote,
                 "measure": self.claim.measure, "notebook": self.claim.notebook, "rule": RULE,
-                "verdict": self.verdict, "note": self.note, "context": self.context, "line": self.line(),
+                "verdict": self.verdict, "untestable": self.untestable, "note": self.note, "context": self.context,
+                "line": self.line(),
                 "comparisons": [{"label": p.label, "expect": p.expect, "baseline_name": p.baseline_name,
                                  "treated_name": p.treated_name,
                                  "baseline": {str(k): v for k, v in p.baseline.items()},
@@ -254,13 +287,17 @@ class ClaimResult:
         return path
 
 
-def judge_claim(claim_id: str, parts: list[Comparison], note: str = "", context: dict | None = None) -> ClaimResult:
-    """The :class:`ClaimResult` of claim ``claim_id`` (a key of :data:`CLAIMS`) from its comparisons."""
+def judge_claim(claim_id: str, parts: list[Comparison], note: str = "", context: dict | None = None,
+                untestable: str | list[str] = "") -> ClaimResult:
+    """The :class:`ClaimResult` of claim ``claim_id`` (a key of :data:`CLAIMS`) from its comparisons.
+    ``untestable``: the reason(s) it cannot be judged (:func:`not_improved` of each fine-tuned model it
+    compares; empty ones are dropped); any makes the verdict "untestable"."""
     if claim_id not in CLAIMS:
         raise ConfigError(f"claim {claim_id!r} is unknown: expected one of {', '.join(CLAIMS)}")
     if not parts:
         raise ConfigError(f"claim {claim_id} needs at least one comparison")
-    return ClaimResult(CLAIMS[claim_id], list(parts), note, dict(context or {}))
+    reasons = [untestable] if isinstance(untestable, str) else list(untestable)
+    return ClaimResult(CLAIMS[claim_id], list(parts), note, dict(context or {}), "; ".join(r for r in reasons if r))
 
 
 def per_seed(runs: Mapping, value: Callable) -> dict[str, dict[int, float]]:
@@ -294,21 +331,21 @@ def _random_init(cfg) -> bool:
     return cfg.model.weights in ("none", None)
 
 
-def fine_tuning_claims(runs: Mapping, cfg) -> list[ClaimResult]:
+def fine_tuning_claims(runs: Mapping, cfg, untestable: str | list[str] = "") -> list[ClaimResult]:
     """C1 (IRT_L vs IRT_O) and C2 (IRT_R vs IRT_L) from the Recall@1 of ``runs`` ``{(method, seed): run}``
     with methods ``IRT_O``, ``IRT_L``, ``IRT_R`` (:func:`nbsrc.experiment.irt_variants`); ``cfg`` the base."""
     r1 = per_seed(runs, _recall1)
     c1 = judge_claim("C1", [compare("R@1 (%): IRT_L − IRT_O", r1["IRT_O"], r1["IRT_L"], "higher", ("IRT_O", "IRT_L"))],
                      note="from a randomly initialised ViT (no pretraining in this demo)" if _random_init(cfg) else "",
-                     context=context_of(cfg))
+                     context=context_of(cfg), untestable=untestable)
     c2 = judge_claim("C2", [compare(f"R@1 (%): IRT_R (λ = {cfg.loss.lam:g}) − IRT_L", r1["IRT_L"], r1["IRT_R"], "higher",
                                     ("IRT_L", "IRT_R"))],
                      note="" if cfg.loss.beta == 0.5 else f"at β = {cfg.loss.beta:g}, not the claim's 0.5",
-                     context=context_of(cfg))
+                     context=context_of(cfg), untestable=untestable)
     return [c1, c2]
 
 
-def spectrum_claim(runs: Mapping, cfg, model: str = "") -> ClaimResult:
+def spectrum_claim(runs: Mapping, cfg, model: str = "", untestable: str | list[str] = "") -> ClaimResult:
     """C3 from the effective rank of the query embeddings of ``{(method, seed): run}`` (methods ``IRT_O``,
     ``IRT_L``, ``IRT_R``) of one model (``model``: its name in the labels; ``cfg``: its config). IRT's
     Fig. 2 is drawn for an ImageNet-pretrained ResNet-50; with a randomly initialised model the note
@@ -325,11 +362,11 @@ def spectrum_claim(runs: Mapping, cfg, model: str = "") -> ClaimResult:
                                       ("IRT_O", "IRT_L")),
                               compare(f"effective rank{on}: IRT_R (λ = {cfg.loss.lam:g}) − IRT_L", er["IRT_L"],
                                       er["IRT_R"], "higher", ("IRT_L", "IRT_R"))],
-                       note=note, context=context_of(cfg))
+                       note=note, context=context_of(cfg), untestable=untestable)
 
 
 def backbone_collapse_claim(runs: Mapping, vit: str, convnet: str, cfg, before: str = "off-the-shelf",
-                            after: str = "contrastive λ = 0") -> ClaimResult:
+                            after: str = "contrastive λ = 0", untestable: str | list[str] = "") -> ClaimResult:
     """C4 from ``{((model, state), seed): run}`` with models ``vit`` and ``convnet`` and states
     ``before`` / ``after``: the ratio erank(after) / erank(before) per seed, the ViT's against the convnet's."""
     from nbsrc.analysis import effective_rank
@@ -341,7 +378,8 @@ def backbone_collapse_claim(runs: Mapping, vit: str, convnet: str, cfg, before: 
             "the ViT pretrained here, on classes disjoint from the test classes, against an ImageNet-pretrained "
             "convnet: the two were pretrained on different data")
     return judge_claim("C4", [compare("effective-rank ratio after/before training: ViT − convnet", ratio[convnet],
-                                      ratio[vit], "higher", (convnet, vit))], note=note, context=context_of(cfg))
+                                      ratio[vit], "higher", (convnet, vit))], note=note, context=context_of(cfg),
+                       untestable=untestable)
 
 
 def gradient_noise_untestable(betas, lams) -> str:
@@ -354,7 +392,7 @@ def gradient_noise_untestable(betas, lams) -> str:
     return ""
 
 
-def gradient_noise_claim(runs: Mapping, betas, lams, cfg) -> ClaimResult:
+def gradient_noise_claim(runs: Mapping, betas, lams, cfg, untestable: str | list[str] = "") -> ClaimResult:
     """C5 from the β × λ grid ``{(label, seed): run}`` (:func:`nbsrc.experiment.beta_lambda_grid` labels),
     each run trained with ``record_grad_noise``: γ at each end of the β grid against its middle (at
     λ = 0), and γ at the largest λ against λ = 0, averaged over the β grid."""
@@ -374,10 +412,12 @@ def gradient_noise_claim(runs: Mapping, betas, lams, cfg) -> ClaimResult:
              compare(f"γ (mean over β): λ = {top:g} − λ = 0", mean_over_betas(0.0), mean_over_betas(top), "lower",
                      ("λ = 0", f"λ = {top:g}"))]
     ctx = {**context_of(cfg), "betas": betas, "lams": lams}
-    return judge_claim("C5", parts, note=f"short runs ({cfg.optim.iterations} iterations)", context=ctx)
+    return judge_claim("C5", parts, note=f"short runs ({cfg.optim.iterations} iterations)", context=ctx,
+                       untestable=untestable)
 
 
-def similarity_claim(runs: Mapping, cfg, max_negatives: int | None = 200_000) -> ClaimResult:
+def similarity_claim(runs: Mapping, cfg, max_negatives: int | None = 200_000,
+                     untestable: str | list[str] = "") -> ClaimResult:
     """C6 from ``{(method, seed): run}`` (methods ``IRT_O``, ``IRT_L``, ``IRT_R``): the AUC of positive vs
     negative pair similarities (IRT_L against IRT_O) and the standard deviation of the negative pairs'
     similarities (IRT_R against IRT_L), on the query set's class-label pairs."""
@@ -393,17 +433,18 @@ def similarity_claim(runs: Mapping, cfg, max_negatives: int | None = 200_000) ->
                               compare("sd of negative similarities: IRT_R − IRT_L", spread["IRT_L"], spread["IRT_R"],
                                       "higher", ("IRT_L", "IRT_R"))],
                        note="class-label pairs of the unseen classes (the paper: Revisited Paris query–database pairs)",
-                       context=context_of(cfg))
+                       context=context_of(cfg), untestable=untestable)
 
 
-def pooling_claim(runs: Mapping, cfg) -> ClaimResult:
+def pooling_claim(runs: Mapping, cfg, untestable: str | list[str] = "") -> ClaimResult:
     """C7 from ``{(pooling, seed): run}`` (:func:`nbsrc.experiment.pooling_variants`), which must include
     ``cls``: Recall@1 of CLS against each other pooling."""
     r1 = per_seed(runs, _recall1)
     if "cls" not in r1 or len(r1) < 2:
         raise ConfigError(f"the pooling claim needs 'cls' and at least one other pooling; got {list(r1)}")
     parts = [compare(f"R@1 (%): CLS − {p}", r1[p], r1["cls"], "higher", (p, "cls")) for p in r1 if p != "cls"]
-    return judge_claim("C7", parts, note=f"short runs ({cfg.optim.iterations} iterations)", context=context_of(cfg))
+    return judge_claim("C7", parts, note=f"short runs ({cfg.optim.iterations} iterations)", context=context_of(cfg),
+                       untestable=untestable)
 
 
 def load_claims(figures_dir: str | Path = "figures") -> list[dict]:

@@ -24,3 +24,16 @@ def tiny_glyph_set(cache_dir: Path) -> Path:
     fonts = tuple(FontFace("(matplotlib)", str(TTF / name)) for name in FACES)
     return build_glyphs(fonts, parts=PARTS, chars=list(CHARS), cache_dir=cache_dir, val_classes=2,
                         progress=False).path
+
+
+def tiny_study_settings() -> dict:
+    """nbsrc.study's settings at their smallest, for a glyph set of these fonts: runs of 4 iterations, one or
+    two seeds, a ViT as the 'convnet' (no download); the oblique and italic faces play the hand faces."""
+    batches = {"batch_size": 16, "m_per_class": 4, "warmup_iters": 0, "eval_per_class": None, "log_every": 2}
+    return dict(pretrain=["ce_print", "snca_print"], hand_faces=["DejaVuSans-Oblique.ttf", "DejaVuSerif-Italic.ttf"],
+                max_iterations=4, eval_every=2, seeds_main=[0, 1], seeds_other=[0], poolings=["cls", "avg"],
+                jobs=1, overrides=batches,
+                pretrain_overrides={"iterations": 2, "warmup_iters": 0, "batch_size": 16, "m_per_class": 2},
+                vit={"candidates": [{"lr": 1e-4}]},
+                convnet={"backbone": "vit_tiny_patch16_224", "weights": "none", "patch_size": 8, "img_size": 32,
+                         "max_iterations": 4, "candidates": [{"lr": 1e-4, "freeze_batchnorm": True}]})

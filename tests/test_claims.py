@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from nbsrc.analysis import effective_rank, separation_auc
-from nbsrc.claims import (CLAIMS, MIN_SEEDS, RULE, Z, combine, compare, judge_claim, load_claims, part_verdict,
-                          per_seed, write_verdicts)
+from nbsrc.claims import (CLAIMS, MIN_SEEDS, RULE, VERDICTS, Z, combine, compare, judge_claim, load_claims,
+                          not_improved, part_verdict, per_seed, write_verdicts)
 from nbsrc.errors import ConfigError, DatasetError
 
 
@@ -94,6 +94,25 @@ def test_judge_claim_combines_its_comparisons():
         judge_claim("C9", [up])
     with pytest.raises(ConfigError, match="at least one"):
         judge_claim("C1", [])
+
+
+def test_a_model_its_fine_tuning_made_worse_makes_the_claim_untestable_never_not_reproduced(tmp_path):
+    why = not_improved("EfficientNet-Lite0", {0: 59.2, 1: 59.2, 2: 59.2}, {0: 40.0, 1: 39.0, 2: 39.8})
+    assert why == "EfficientNet-Lite0's fine-tuning lowers validation R@1 from 59.2 to 39.6"
+    assert not_improved("ViT", 84.3, 84.3) == "ViT's fine-tuning leaves validation R@1 at 84.3"
+    assert not_improved("ViT", 84.3, 84.4) == ""  # above its off-the-shelf state: testable
+    down = compare("effective-rank ratio", {0: 2.0, 1: 2.1, 2: 1.9}, {0: 1.0, 1: 1.1, 2: 0.9})
+    assert judge_claim("C4", [down]).verdict == "not reproduced"  # by the rule alone
+    r = judge_claim("C4", [down], untestable=["", why])
+    assert r.verdict == "untestable" == VERDICTS[-1] and r.untestable == why
+    assert "**untestable** over 3 seeds" in r.line() and why in r.line()
+    saved = json.loads(r.save(tmp_path).read_text())
+    assert saved["verdict"] == "untestable" and saved["untestable"] == why
+    assert saved["comparisons"][0]["verdict"] == "not reproduced"  # the numbers stay on record
+    assert "**untestable**" in (tmp_path / "verdicts.md").read_text()
+    assert judge_claim("C4", [down], untestable=["", ""]).verdict == "not reproduced"
+    with pytest.raises(ConfigError, match="NaN"):
+        not_improved("ViT", float("nan"), 1.0)
 
 
 PAPER = Path(__file__).resolve().parents[1].parent / "shared" / "papers" / "irt_el-nouby_2021.txt"

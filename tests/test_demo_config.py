@@ -97,6 +97,7 @@ def test_glyph_demo_pretrains_once_and_the_study_runs_headless(small_glyphs, tmp
     """Notebook 02 on the glyph demo pretrains (once), fine-tunes from that run, and notebook 11 (the recipe
     study, on the validation classes) reuses the same pretraining run."""
     import nbformat
+    from fixtures_glyphs import tiny_study_settings
 
     from nbsrc.experiment import load_run
     from nbsrc.notebook import run_notebook
@@ -115,7 +116,8 @@ def test_glyph_demo_pretrains_once_and_the_study_runs_headless(small_glyphs, tmp
 
     out = run_notebook(NOTEBOOKS_DIR / "11_recipe_study.ipynb", {
         "runs_dir": str(runs), "figures_dir": str(figs), "iterations": 2, "lrs": [3e-4],
-        "memory_starts": [1], "memory_size": 32, "overrides": tiny, "pretrain": pretrain}, tmp_path / "11.ipynb")
+        "memory_starts": [1], "memory_size": 32, "overrides": tiny, "pretrain": pretrain,
+        "study_runs_dir": str(tmp_path / "study_runs"), "study": tiny_study_settings()}, tmp_path / "11.ipynb")
     assert sorted((runs / "glyphs").glob("pretrain_*")) == pre  # reused, not trained again
     study = load_run(runs / "glyphs" / "study_pre_lr3e-4_xbm32_from1")
     assert (study.config.data.train_classes, study.config.data.test_classes, study.config.loss.memory_start) == ("train_fit", "train_val", 1)
@@ -124,6 +126,11 @@ def test_glyph_demo_pretrains_once_and_the_study_runs_headless(small_glyphs, tmp
     text = "".join(o.get("text", "") for c in nbformat.read(out, as_version=4).cells if c.cell_type == "code"
                    for o in c.get("outputs", []))
     assert "chosen: " in text
+    # the study's choices (nbsrc.study): the pretraining stand-in and each backbone's recipe, on train_val
+    assert "pretraining chosen: " in text
+    assert "ce_print" in (figs / "study_pretraining.md").read_text()
+    assert "EfficientNet-Lite0" in (figs / "study_selection.md").read_text()
+    assert (figs / "study_learning_curves.png").stat().st_size > 1000
 
 
 def test_make_demo_leaves_the_grids_to_demo_full():

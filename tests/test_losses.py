@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nbsrc.losses import CrossBatchMemory, NormalizedSoftmaxLoss, RetrievalLoss, contrastive_loss, koleo_loss, snca_loss
+from nbsrc.losses import (CrossBatchMemory, LinearCrossEntropyLoss, NormalizedSoftmaxLoss, RetrievalLoss, contrastive_loss,
+                          koleo_loss, snca_loss)
 
 
 def contrastive_reference(z, y, beta, ref=None, ref_y=None, idx=None, ref_idx=None):
@@ -155,6 +156,27 @@ def test_nsoftmax_matches_reference():
         logits = [float(zi @ w[c]) / 0.1 for c in range(4)]
         ref -= logits[int(y[i])] - math.log(sum(math.exp(v) for v in logits))
     assert loss(z, y).item() == pytest.approx(ref / 6, abs=1e-5)
+
+
+def test_linear_cross_entropy_matches_reference():
+    torch.manual_seed(1)
+    loss = LinearCrossEntropyLoss(5, 4)
+    z, y = torch.randn(7, 4) * 3, torch.tensor([0, 1, 2, 3, 4, 0, 2])
+    w, b = loss.head.weight.detach(), loss.head.bias.detach()
+    ref = 0.0
+    for i in range(7):
+        zi = z[i] / z[i].norm() * 2.0  # sqrt(D) = 2
+        logits = [float(zi @ w[c] + b[c]) for c in range(5)]
+        ref -= logits[int(y[i])] - math.log(sum(math.exp(v) for v in logits))
+    assert loss(z, y).item() == pytest.approx(ref / 7, abs=1e-5)
+    # through the registry: dataset labels map to the head's rows; the head is the criterion's state
+    from types import SimpleNamespace
+
+    from nbsrc.losses import PAIR_LOSSES
+
+    term = PAIR_LOSSES["linear_ce"](SimpleNamespace(), 4, [10, 20, 30, 40, 50])
+    term.proxy.load_state_dict(loss.state_dict())
+    assert term(z, y * 10 + 10).item() == pytest.approx(ref / 7, abs=1e-5)
 
 
 def test_snca_matches_reference():

@@ -20,12 +20,12 @@ from nbsrc.losses.arcface import ArcFaceLoss
 from nbsrc.losses.contrastive import contrastive_loss, contrastive_pair_terms, pair_mask
 from nbsrc.losses.koleo import koleo_loss, nearest_neighbor_distance
 from nbsrc.losses.memory import CrossBatchMemory
-from nbsrc.losses.proxies import NormalizedSoftmaxLoss, snca_loss
+from nbsrc.losses.proxies import LinearCrossEntropyLoss, NormalizedSoftmaxLoss, snca_loss
 from nbsrc.losses.tuples import TUPLE_LOSSES, tuple_contrastive_loss, tuple_loss, tuple_loss_terms
 
 __all__ = [
     "contrastive_loss", "contrastive_pair_terms", "pair_mask", "koleo_loss", "nearest_neighbor_distance",
-    "CrossBatchMemory", "NormalizedSoftmaxLoss", "snca_loss", "ArcFaceLoss", "ProxyTerm", "RetrievalLoss",
+    "CrossBatchMemory", "NormalizedSoftmaxLoss", "LinearCrossEntropyLoss", "snca_loss", "ArcFaceLoss", "ProxyTerm", "RetrievalLoss",
     "build_loss", "pair_loss", "PAIR_LOSSES", "TUPLE_LOSSES", "tuple_contrastive_loss", "tuple_loss", "tuple_loss_terms",
 ]
 
@@ -55,6 +55,10 @@ def _nsoftmax(cfg, feature_dim: int, classes):
     return ProxyTerm(NormalizedSoftmaxLoss(len(classes), feature_dim, cfg.loss.temperature), classes)
 
 
+def _linear_ce(cfg, feature_dim: int, classes):
+    return ProxyTerm(LinearCrossEntropyLoss(len(classes), feature_dim), classes)
+
+
 def _arcface(cfg, feature_dim: int, classes):
     return ProxyTerm(ArcFaceLoss(len(classes), feature_dim, cfg.loss.arcface_margin, cfg.loss.arcface_scale), classes)
 
@@ -66,6 +70,7 @@ PAIR_LOSSES: dict[str, Callable] = {
     "snca": _snca,  # Scalable NCA, temperature
     "nsoftmax": _nsoftmax,  # Normalized Softmax, class proxies, temperature
     "arcface": _arcface,  # ArcFace (DToP), margin and scale
+    "linear_ce": _linear_ce,  # a linear classifier head with cross-entropy (supervised pretraining)
 }
 
 

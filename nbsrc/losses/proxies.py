@@ -4,6 +4,12 @@
 
       L = −1/N Σ_i log( exp(z_iᵀ w_{y_i} / τ) / Σ_c exp(z_iᵀ w_c / τ) )
 
+* Linear cross-entropy (a classifier head, as DeiT's supervised pretraining has): a linear layer W, b
+  on the embedding scaled to the size of a LayerNorm output, √D · z (our reading: the head of a timm
+  ViT sees the LayerNorm'd token, whose coordinates have unit variance; z here is unit-norm)::
+
+      L = −1/N Σ_i log softmax(W √D z_i + b)_{y_i}
+
 * Scalable Neighborhood Component Analysis (Wu et al., 2018), computed against the other batch
   samples (and the memory, when given) as neighbours::
 
@@ -32,6 +38,20 @@ class NormalizedSoftmaxLoss(nn.Module):
         z = F.normalize(upcast(embeddings), dim=-1)
         w = F.normalize(upcast(self.weight), dim=-1)
         return F.cross_entropy(z @ w.T / self.temperature, labels)
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """Cross-entropy of a linear classifier over ``num_classes`` on √D · z (module docstring); W and b
+    start as ``nn.Linear``'s (uniform ±1/√D), so the first logits are near 0 and the loss near ln C."""
+
+    def __init__(self, num_classes: int, feature_dim: int):
+        super().__init__()
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+        """``labels`` are class rows 0..C-1 (see :class:`~nbsrc.losses.RetrievalLoss`)."""
+        z = F.normalize(upcast(embeddings), dim=-1) * embeddings.shape[-1] ** 0.5
+        return F.cross_entropy(F.linear(z, upcast(self.head.weight), upcast(self.head.bias)), labels)
 
 
 def snca_loss(embeddings, labels, ref_emb=None, ref_labels=None, temperature: float = 0.05, indices=None,

@@ -1,0 +1,139 @@
+"""The study (nbsrc.study): its length rule, the print-face pretraining data, and the whole study on a tiny
+glyph set, stopped halfway and run again with the same call."""
+
+import json
+
+import numpy as np
+import pytest
+from fixtures_glyphs import tiny_glyph_set, tiny_study_settings
+
+from nbsrc.errors import ConfigError
+from nbsrc.study import STUDY, STUDY_PRETRAIN, chosen_length, flattened, study_settings
+
+
+def test_length_rule_flattens_when_the_last_fifth_gains_less_than_the_threshold():
+    rising = [(0, 50.0), (200, 60.0), (400, 66.0), (600, 69.0), (800, 70.0), (1000, 70.3)]
+    assert not flattened(rising[:4], 0.5)  # 600: 69.0 - R@1(480) = 69.0 - 67.2 = 1.8
+    assert flattened(rising, 0.5)  # 1000: 70.3 - R@1(800) = 0.3
+    assert chosen_length(rising, 0.5) == (1000, True)
+    assert chosen_length(rising[:5], 0.5) == (800, False)  # 800: 70.0 - R@1(640) = 70.0 - 69.2 = 0.8: still rising
+    assert chosen_length(rising, 1.0) == (800, True)
+    assert chosen_length([(0, 50.0), (100, 40.0), (200, 41.0)], 0.5) == (100, True)  # falling counts as flat
+
+
+def test_study_settings_merge_and_refuse_unknown_keys():
+    s = study_settings(vit={"candidates": [{"lr": 1e-3}]}, seeds_other=[0])
+    assert s["vit"]["candidates"] == [{"lr": 1e-3}] and s["vit"]["backbone"] == STUDY["vit"]["backbone"]
+    assert len(STUDY["seeds_main"]) >= 5 and len(STUDY["seeds_other"]) >= 3
+    with pytest.raises(ConfigError, match="unknown"):
+        study_settings(seed=[0])
+    with pytest.raises(ConfigError, match="pretrain="):
+        study_settings(pretrain="imagenet")
+    with pytest.raises(ConfigError, match="spreading term"):
+        study_settings(pretrain=["ce_print", "snca_koleo_all"])  # KoLeo presupposes C3
+
+
+def test_no_study_pretraining_candidate_but_the_demos_has_a_spreading_term():
+    for name, cand in STUDY_PRETRAIN.items():
+        assert (cand["lam"] > 0) == (name == "snca_koleo_all"), name
+    assert all(STUDY_PRETRAIN[c]["lam"] == 0 and STUDY_PRETRAIN[c]["faces"] == "print" for c in STUDY["pretrain"])
+
+
+def test_print_face_subset_keeps_every_class_and_only_the_faces_kept(tmp_path):
+    from nbsrc.data.glyph_faces import HAND_FACES, face_labels, face_subset
+    from nbsrc.data.glyphs import CJK_FONTS, load_built
+
+    assert set(HAND_FACES) <= {f.label for f in CJK_FONTS}  # every hand face is a face of the CJK set
+    g = load_built(tiny_glyph_set(tmp_path))
+    drop = ("DejaVuSans-Oblique.ttf", "cmti10.ttf")
+    path = face_subset(g, drop)
+    h = load_built(path)
+    dropped = [face_labels(g).index(n) for n in drop]
+    keep = ~np.isin(g.faces, dropped)
+    assert np.array_equal(h.images, g.images[keep]) and np.array_equal(h.labels, g.labels[keep])
+    assert not np.isin(h.faces, dropped).any() and set(np.unique(h.labels)) == set(np.unique(g.labels))
+    assert h.parts == g.parts and h.meta["face_subset"]["excluded"] == sorted(drop)
+    assert face_subset(g, drop) == path  # written once, found after
+    with pytest.raises(ConfigError, match="not a face"):
+        face_subset(g, ("Comic.ttf",))
+    with pytest.raises(ConfigError, match="keep some"):
+        face_subset(g, tuple(face_labels(g)))
+
+
+@pytest.mark.slow
+def test_study_killed_halfway_continues_without_retraining_finished_runs(tmp_path, monkeypatch):
+    from nbsrc import experiment
+    from nbsrc.study import run_study
+    from nbsrc.train.rundir import run_state
+
+    data = str(tiny_glyph_set(tmp_path / "glyph_cache"))
+    runs, figs = tmp_path / "runs", tmp_path / "figs"
+    real = experiment.run_experiment
+    trained: list[str] = []
+
+    def killed_at(n):
+        def run(cfg, mode="reuse", **kw):
+            if cfg.optim.iterations > 0 and run_state(cfg.run_dir) != "done":
+                trained.append(cfg.run.name)
+                if len(trained) == n:  # killed mid-training, after a checkpoint
+                    real(cfg, mode, stop_after=1, **kw)
+                    raise KeyboardInterrupt("killed")
+            return real(cfg, mode, **kw)
+        return run
+
+    monkeypatch.setattr(experiment, "run_experiment", killed_at(6))
+    with pytest.raises(KeyboardInterrupt):
+        run_study(str(runs), str(figs), data, **tiny_study_settings())
+    first, partial = list(trained[:5]), trained[5]
+    done = {p.name: (p / "results.json").stat().st_mtime_ns for p in (runs / "glyphs").iterdir()
+            if (p / "results.json").is_file()}
+    assert set(first) <= set(done) and partial not in done
+    assert run_state(runs / "glyphs" / partial) == "partial"
+
+    trained.clear()
+    monkeypatch.setattr(experiment, "run_experiment", killed_at(10**6))
+    verdicts = run_study(str(runs), str(figs), data, **tiny_study_settings())
+    assert not set(first) & set(trained) and trained[0] == partial  # finished runs reused; the killed one resumed
+    for name, mtime in done.items():
+        assert (runs / "glyphs" / name / "results.json").stat().st_mtime_ns == mtime, name
+    assert run_state(runs / "glyphs" / partial) == "done"
+
+    assert set(verdicts) == {f"C{i}" for i in range(1, 8)}
+    for name in ("choices.json", "pretraining.md", "selection.md", "learning_curves.png", "learning_curves.pdf",
+                 "table3_irt_seeds.md", "convnet_seeds.md", "fig4_gradient_noise.md", "table9_pooling_seeds.md",
+                 "verdicts.md"):
+        assert (figs / name).stat().st_size > 0, name
+    choices = json.loads((figs / "choices.json").read_text())
+    assert choices["vit"]["length"] in (2, 4) and choices["vit"]["curves"]["lr 0.0001"][0][0] == 0
+    assert choices["convnet"]["chosen"] == "lr 0.0001, BN eval"
+    pre = choices["pretraining"]
+    assert set(pre["candidates"]) == {"ce_print", "snca_print"} and (pre["chosen"] is None) == (pre["run"] == "none")
+    for c, v in pre["candidates"].items():  # the rule: above random init in R@1 and not narrower in dim_90
+        usable = v["val_r1"] > pre["random_init_val_r1"] and v["dim_90"] >= pre["random_init_dim_90"]
+        assert (c == pre["chosen"]) <= usable, c
+    if pre["chosen"] is None:  # the stand-in of 2 iterations is no better than random init: C3 says so
+        assert "no pretraining stand-in" in json.loads((figs / "claims" / "C3.json").read_text())["untestable"]
+    text = (figs / "verdicts.md").read_text()
+    assert "commit:" in text and "native bf16" in text and text.count("**C") == 7
+    for cid in verdicts:
+        saved = json.loads((figs / "claims" / f"{cid}.json").read_text())
+        assert saved["verdict"] == verdicts[cid] in ("inconclusive", "untestable"), cid  # 1-2 seeds: never decided
+        assert (saved["verdict"] == "untestable") == bool(saved["untestable"]), cid
+
+    trained.clear()
+    run_study(str(runs), str(figs), data, **tiny_study_settings())  # a third time: nothing left to train
+    assert trained == []
+    some = run_study(str(runs), str(tmp_path / "some"), data, **{**tiny_study_settings(), "claims": ["C1", "C6"]})
+    assert list(some) == ["C1", "C6"] and trained == []  # a subset of the claims: the same runs
+    assert not (tmp_path / "some" / "convnet_seeds.md").exists()  # C4's convnet was not asked for
+
+
+def test_study_command_refuses_a_bad_setting_in_one_line_before_anything_runs(tmp_path, capsys):
+    from nbsrc.__main__ import main
+
+    for args, msg in ((["--set", "seeds_main", "[0, 1"], "not JSON"), (["--set", "seed", "[0]"], "unknown"),
+                      (["--set", "claims", '["C9"]'], "claims=")):
+        assert main(["study", "--runs-dir", str(tmp_path / "r"), "--figures-dir", str(tmp_path / "f"), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and msg in err and err.count("\n") == 1, err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "f").exists()
