@@ -137,7 +137,7 @@ def test_readme_notebook_example_runs(tmp_path, monkeypatch, capsys):
     appended as parameters: notebook 02 trains and writes its table."""
     from fixtures_glyphs import tiny_glyph_set
 
-    from nbsrc.config import FLAT_FIELDS
+    from nbsrc.config import config_fields
     from nbsrc.demo import QUICK
     from nbsrc.notebook import notebook_parameters
 
@@ -147,13 +147,13 @@ def test_readme_notebook_example_runs(tmp_path, monkeypatch, capsys):
     (tmp_path / "notebooks").symlink_to(ROOT / "notebooks")
     given = set(args[3::3])  # the names of README's -p NAME VALUE
     declared = notebook_parameters(ROOT / args[1])
-    extra = {k: v for k, v in QUICK.items() if (k in declared or k in FLAT_FIELDS) and k not in given}
+    extra = {k: v for k, v in QUICK.items() if (k in declared or k in {f.name for f in config_fields()}) and k not in given}
     extra["data_root"] = str(tiny_glyph_set(tmp_path / "glyph_cache"))  # a config field: into overrides, as lr
     pairs = [x for k, v in extra.items() for x in ("-p", k, v if isinstance(v, str) else json.dumps(v))]
     assert main([*args, *pairs]) == 0, capsys.readouterr().err
     assert "IRT_R" in (tmp_path / QUICK["figures_dir"] / "table3_irt.md").read_text()
     saved = json.loads(next((tmp_path / QUICK["runs_dir"]).glob("glyphs/irt_l*/config.json")).read_text())
-    assert saved["lr"] == 3e-4  # README's -p lr reached the run
+    assert saved["optim"]["lr"] == 3e-4  # README's -p lr reached the run
 
 
 def test_presets_command_prints_the_pages_table(capsys):

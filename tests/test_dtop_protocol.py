@@ -26,7 +26,7 @@ from nbsrc.reproduce import evaluate_scale_grid, preset_grid
 PRESET = "dtop_full_r50vitb16_sfm"  # the row of Tables A7-A13, A11's grid included
 TINY = {"backbone": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "weights": "none", "device": "cpu",
         "progress": False, "iterations": 0, "warmup_iters": 0,
-        "model_options": {"dtop": True, "k": 2, "elm": False, "fusion": "none", "head_dim": 8}}
+        "dtop": True, "k": 2, "elm": False, "fusion": "none", "head_dim": 8}
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ class ShapeRecorder(nn.Module):
 
 def test_a_dtop_run_keeps_the_aspect_ratio_and_an_irt_run_squashes(tmp_path):
     root = make_revisited(tmp_path, "roxford5k", n_db=5, n_queries=2, size=(40, 30))  # 4:3 photos
-    dtop = ExperimentConfig(dataset="sfm120k", img_size=32, model_options={"dtop": True})
+    dtop = ExperimentConfig(dataset="sfm120k", img_size=32, dtop=True)
     irt = ExperimentConfig(dataset="sfm120k", img_size=32)
     norm = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
     for cfg, expected in ((dtop, (24, 32)), (irt, (32, 32))):

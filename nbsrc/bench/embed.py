@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from nbsrc.bench import timed_rounds
+from nbsrc.config import upgrade
 from nbsrc.errors import ConfigError
 
 
@@ -127,7 +128,8 @@ def bench_embed(n_images: int = 64, width: int = 320, height: int = 240, rounds:
         shutil.rmtree(work, ignore_errors=True)
     ratio = paired_ratio(times["direct"], times["nbsrc"])
     med = {k: statistics.median(v) for k, v in times.items()}
-    what = (f"query images of the run's dataset ({em.reference['config']['dataset']}) as PNG" if source == "run"
+    dataset = upgrade(em.reference["config"])["data"]["dataset"] if source == "run" else None
+    what = (f"query images of the run's dataset ({dataset}) as PNG" if source == "run"
             else f"generated JPEGs of {width}x{height}")
     return {"model": model, "images": n_images, "photo": what, "img_size": pre.img_size,
             "rounds": rounds, "direct_batch": direct_batch, "threads": torch.get_num_threads(),
