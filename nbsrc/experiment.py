@@ -44,15 +44,19 @@ from nbsrc import locking
 from nbsrc.config import ExperimentConfig
 from nbsrc.data import RetrievalData, RetrievalDataset, build_data, cap_per_class, check_data_root
 from nbsrc.data.group_sampler import training_sampler
-from nbsrc.data.sfm import SfMSplit, load_sfm120k_db
 from nbsrc.data.images import check_dataset_images, check_images
-from nbsrc.data.transforms import (RetrievalTransform, aspect_kept_transform, particular_object_transform,
-                                   training_transform)
+from nbsrc.data.revisited import ORIGINAL_GND_URL, ORIGINAL_NAMES, TWIN
+from nbsrc.data.sfm import SfMSplit, load_sfm120k_db
+from nbsrc.data.transforms import (
+    RetrievalTransform,
+    aspect_kept_transform,
+    particular_object_transform,
+    training_transform,
+)
 from nbsrc.errors import ConfigError, DatasetError, RunDirError
 from nbsrc.eval import evaluate, extract_embeddings
 from nbsrc.eval.embed import recall_percent
 from nbsrc.eval.particular import SINGLE_SCALE, embed_at_scales, evaluate_revisited_data, learn_sfm_whitening
-from nbsrc.data.revisited import ORIGINAL_GND_URL, ORIGINAL_NAMES, TWIN
 from nbsrc.eval.revisited import REVISITED_LAYOUT, REVISITED_NAMES, build_revisited
 from nbsrc.models import data_config, model_from_config
 from nbsrc.provenance import provenance
@@ -60,8 +64,14 @@ from nbsrc.safeload import load_model_file
 from nbsrc.train import distributed, load_results, prepare_run_dir, read_metrics, resolve_device, run_state
 from nbsrc.train.loop import TrainingTask, fit
 from nbsrc.train.pairs import PairTask
-from nbsrc.train.rundir import RESULTS, close_tensorboard, load_run_config, log_tensorboard, write_json_atomic
-from nbsrc.train.rundir import release_run_lock
+from nbsrc.train.rundir import (
+    RESULTS,
+    close_tensorboard,
+    load_run_config,
+    log_tensorboard,
+    release_run_lock,
+    write_json_atomic,
+)
 from nbsrc.train.tuples import TupleTask
 from nbsrc.workers import auto_jobs, check_jobs, map_jobs
 

@@ -19,15 +19,32 @@ from typing import Any
 import pandas as pd
 
 from nbsrc.config import EXECUTION_FIELDS, ExperimentConfig
-from nbsrc.data.benchmarks import (CUB_LAYOUT, CUB_URL, INSHOP_LAYOUT, INSHOP_URL, RECALL_KS, SOP_LAYOUT, SOP_URL,
-                                   build_benchmark)
+from nbsrc.data.benchmarks import (
+    CUB_LAYOUT,
+    CUB_URL,
+    INSHOP_LAYOUT,
+    INSHOP_URL,
+    RECALL_KS,
+    SOP_LAYOUT,
+    SOP_URL,
+    build_benchmark,
+)
 from nbsrc.data.revisited import ORIGINAL_LAYOUT, ORIGINAL_URL, REVISITED_LAYOUT, REVISITED_URL
 from nbsrc.data.sfm import SFM_LAYOUT, SFM_URL, load_sfm120k_db
 from nbsrc.data.transforms import RetrievalTransform
 from nbsrc.errors import ConfigError
 from nbsrc.eval import evaluate
-from nbsrc.experiment import (beta_lambda_grid, dtop_ablation_grid, dtop_multiscale_table, lambda_sweep, load_run,
-                              paper_columns, particular_eval_transform, pooling_variants, revisited_evaluation)
+from nbsrc.experiment import (
+    beta_lambda_grid,
+    dtop_ablation_grid,
+    dtop_multiscale_table,
+    lambda_sweep,
+    load_run,
+    paper_columns,
+    particular_eval_transform,
+    pooling_variants,
+    revisited_evaluation,
+)
 from nbsrc.models import data_config, model_from_config
 from nbsrc.presets import load_preset, preset_paper
 from nbsrc.train import resolve_device

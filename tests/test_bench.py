@@ -275,7 +275,8 @@ def test_dtop_cli_writes_its_section(tmp_path):
 
 # ----------------------------------------------------------------------------- loader
 def test_loader_bench_compares_worker_counts_with_the_step(tmp_path):
-    from nbsrc.bench.loader import bench_loader, results_markdown as loader_md
+    from nbsrc.bench.loader import bench_loader
+    from nbsrc.bench.loader import results_markdown as loader_md
     from nbsrc.config import ExperimentConfig
 
     cfg = ExperimentConfig(name="b", dataset="digits", img_size=16, patch_size=8, batch_size=8, m_per_class=2,

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 from fixtures_benchmarks import (
-    CUB_CLASS_IDS, SOP_CATEGORIES, cub_class_name, inshop_item, make_cub, make_inshop, make_sop,
+    CUB_CLASS_IDS,
+    SOP_CATEGORIES,
+    cub_class_name,
+    inshop_item,
+    make_cub,
+    make_inshop,
+    make_sop,
 )
 
 from nbsrc.data import RetrievalTransform

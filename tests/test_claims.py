@@ -10,8 +10,21 @@ import numpy as np
 import pytest
 
 from nbsrc.analysis import effective_rank, separation_auc
-from nbsrc.claims import (CLAIMS, MIN_SEEDS, RULE, VERDICTS, Z, combine, compare, judge_claim, load_claims,
-                          not_improved, part_verdict, per_seed, write_verdicts)
+from nbsrc.claims import (
+    CLAIMS,
+    MIN_SEEDS,
+    RULE,
+    VERDICTS,
+    Z,
+    combine,
+    compare,
+    judge_claim,
+    load_claims,
+    not_improved,
+    part_verdict,
+    per_seed,
+    write_verdicts,
+)
 from nbsrc.errors import ConfigError, DatasetError
 
 

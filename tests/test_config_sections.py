@@ -11,8 +11,19 @@ from pathlib import Path
 import pytest
 
 from nbsrc.__main__ import default_run_name
-from nbsrc.config import (CONFIG_FORMAT, EXECUTION_FIELDS, SECTIONS, DToPConfig, ExperimentConfig, LossConfig,
-                          OptimConfig, TupleConfig, as_dtop, config_fields, upgrade)
+from nbsrc.config import (
+    CONFIG_FORMAT,
+    EXECUTION_FIELDS,
+    SECTIONS,
+    DToPConfig,
+    ExperimentConfig,
+    LossConfig,
+    OptimConfig,
+    TupleConfig,
+    as_dtop,
+    config_fields,
+    upgrade,
+)
 from nbsrc.errors import ConfigError
 from nbsrc.presets import PRESETS_DIR, list_presets, load_preset, preset_dict, upgrade_preset
 from nbsrc.train.rundir import prepare_run_dir

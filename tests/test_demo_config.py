@@ -5,7 +5,6 @@ import json
 
 import pytest
 
-from nbsrc.config import ExperimentConfig
 from nbsrc.demo import DEMO_DATA, DEMOS, RECIPE, demo_config, notebooks, pretrain_config
 from nbsrc.errors import ConfigError
 from nbsrc.notebook import NOTEBOOKS_DIR, check_parameters, fold_overrides, notebook_parameters, parse_parameters
@@ -43,7 +42,7 @@ def test_demo_config_is_data_plus_recipe_plus_overrides():
 def test_demo_notebooks_do_not_repeat_the_recipe():
     """Notebooks 01-07 declare no training value of the recipe: it comes from demo_config only."""
     for nb in notebooks():
-        if not nb.name[:2] in {f"0{i}" for i in range(1, 8)}:
+        if nb.name[:2] not in {f"0{i}" for i in range(1, 8)}:
             continue
         declared = notebook_parameters(nb)
         assert {"demo", "overrides", "pretrain", "runs_dir", "figures_dir"} <= set(declared), nb.name

@@ -15,11 +15,16 @@ from timm.models.vision_transformer import VisionTransformer
 from nbsrc.config import DToPConfig
 from nbsrc.errors import ConfigError, WeightsError
 from nbsrc.models import PCAReduction, RetrievalModel, build_model, model_from_config
-from nbsrc.models.dtop import (
-    DToPModel, LayerMix, create_effnet_lite0_vit,
-)
+from nbsrc.models.dtop import DToPModel, LayerMix, create_effnet_lite0_vit
 from nbsrc.models.locality import (
-    ASPP, FUSIONS, EnhancedLocality, Fusion, InvertedResidual, WaveBlock, channel_shuffle, orthogonal_fusion,
+    ASPP,
+    FUSIONS,
+    EnhancedLocality,
+    Fusion,
+    InvertedResidual,
+    WaveBlock,
+    channel_shuffle,
+    orthogonal_fusion,
 )
 from nbsrc.models.position import PositionGenerator, dynamic_position_embedding
 from nbsrc.presets import load_preset

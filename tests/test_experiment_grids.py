@@ -9,8 +9,14 @@ import pytest
 from nbsrc import experiment
 from nbsrc.config import ExperimentConfig, config_fields
 from nbsrc.errors import ConfigError
-from nbsrc.experiment import (ablation_base, beta_lambda_cell, beta_lambda_grid, objective_variants, pooling_variants,
-                              run_all)
+from nbsrc.experiment import (
+    ablation_base,
+    beta_lambda_cell,
+    beta_lambda_grid,
+    objective_variants,
+    pooling_variants,
+    run_all,
+)
 from nbsrc.reporting import change_word, config_table, grad_noise_se, gradient_noise_table, mean_grad_noise
 
 

@@ -12,7 +12,12 @@ from nbsrc.config import ExperimentConfig
 from nbsrc.errors import RunDirError
 from nbsrc.train import rundir
 from nbsrc.train.rundir import (
-    load_results, load_run_config, move_aside, prepare_run_dir, read_metrics, truncate_metrics,
+    load_results,
+    load_run_config,
+    move_aside,
+    prepare_run_dir,
+    read_metrics,
+    truncate_metrics,
 )
 
 ROWS = [{"kind": "train", "iteration": i, "loss": 1.0 / i} for i in (1, 2, 3)]

@@ -94,7 +94,12 @@ from collections import Counter  # noqa: E402
 from nbsrc.config import ExperimentConfig  # noqa: E402
 from nbsrc.data import RetrievalDataset, RetrievalTransform  # noqa: E402
 from nbsrc.data.group_sampler import (  # noqa: E402
-    MIXED_RATIOS, GroupSizeMPerClassSampler, image_sizes, mixed_size_data, mixed_size_variant, training_sampler,
+    MIXED_RATIOS,
+    GroupSizeMPerClassSampler,
+    image_sizes,
+    mixed_size_data,
+    mixed_size_variant,
+    training_sampler,
 )
 from nbsrc.data.samplers import MPerClassBatchSampler  # noqa: E402
 from nbsrc.errors import DatasetError  # noqa: E402

@@ -8,8 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nbsrc.losses import (CrossBatchMemory, LinearCrossEntropyLoss, NormalizedSoftmaxLoss, RetrievalLoss, contrastive_loss,
-                          koleo_loss, snca_loss)
+from nbsrc.losses import (
+    CrossBatchMemory,
+    LinearCrossEntropyLoss,
+    NormalizedSoftmaxLoss,
+    RetrievalLoss,
+    contrastive_loss,
+    koleo_loss,
+    snca_loss,
+)
 
 
 def contrastive_reference(z, y, beta, ref=None, ref_y=None, idx=None, ref_idx=None):

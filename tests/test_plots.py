@@ -13,8 +13,18 @@ from PIL import Image
 
 from nbsrc.errors import ConfigError
 from nbsrc.plots import (
-    MODEL_COLORS, PALETTE, STYLE, color_for, figsize, plot_cumulative_energy, plot_gradient_noise,
-    plot_recall_heatmap, plot_retrieval_grid, plot_similarity_histograms, plot_training_curves, plot_tsne,
+    MODEL_COLORS,
+    PALETTE,
+    STYLE,
+    color_for,
+    figsize,
+    plot_cumulative_energy,
+    plot_gradient_noise,
+    plot_recall_heatmap,
+    plot_retrieval_grid,
+    plot_similarity_histograms,
+    plot_training_curves,
+    plot_tsne,
     save_figure,
 )
 from nbsrc.plots.style import HIT_COLOR, MISS_COLOR, QUERY_COLOR

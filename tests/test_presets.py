@@ -13,14 +13,29 @@ import re
 import numpy as np
 import pytest
 import torch
-from fixtures_benchmarks import assert_notebook_09_without_data, make_cub, make_inshop, make_revisited, make_sfm120k, make_sop
+from fixtures_benchmarks import (
+    assert_notebook_09_without_data,
+    make_cub,
+    make_inshop,
+    make_revisited,
+    make_sfm120k,
+    make_sop,
+)
 
 from nbsrc.config import ExperimentConfig
 from nbsrc.data import RetrievalTransform, build_data
 from nbsrc.data.benchmarks import RECALL_KS
 from nbsrc.errors import ConfigError
 from nbsrc.models import model_from_config
-from nbsrc.presets import PRESETS_DIR, list_presets, load_preset, preset_dict, preset_grid_tables, preset_paper, preset_table
+from nbsrc.presets import (
+    PRESETS_DIR,
+    list_presets,
+    load_preset,
+    preset_dict,
+    preset_grid_tables,
+    preset_paper,
+    preset_table,
+)
 from nbsrc.reproduce import BENCHMARKS, evaluate_benchmarks
 from nbsrc.train.loop import build_optimizer
 

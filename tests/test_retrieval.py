@@ -8,14 +8,13 @@ import datetime
 import io
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fixtures_photos import make_photo_folder
 from PIL import Image
 
-from fixtures_photos import make_photo_folder
 from nbsrc.data.images import load_image
 from nbsrc.errors import ConfigError, DatasetError, RunDirError, WeightsError
 from nbsrc.retrieval import Index, load_embedding_model, search_image

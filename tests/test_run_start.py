@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from nbsrc.__main__ import main
-from nbsrc.config import config_fields, ExperimentConfig
+from nbsrc.config import ExperimentConfig, config_fields
 from nbsrc.errors import ConfigError, NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]

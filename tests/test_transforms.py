@@ -5,8 +5,13 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from nbsrc.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, RetrievalTransform,
-                                   particular_object_transform, resize_side)
+from nbsrc.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RetrievalTransform,
+    particular_object_transform,
+    resize_side,
+)
 from nbsrc.errors import ConfigError
 
 UNIT = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # output = pixel / 255

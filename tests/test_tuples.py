@@ -16,10 +16,10 @@ from nbsrc.data.transforms import particular_object_transform
 from nbsrc.errors import ConfigError, DatasetError, NonFiniteLossError
 from nbsrc.eval import extract_embeddings
 from nbsrc.experiment import find_revisited_root, run_experiment
+from nbsrc.losses.tuples import tuple_contrastive_loss, tuple_loss_terms
 from nbsrc.models import data_config, model_from_config
 from nbsrc.train import load_checkpoint, read_metrics
 from nbsrc.train.checkpoint import PREVIOUS
-from nbsrc.losses.tuples import tuple_contrastive_loss, tuple_loss_terms
 from nbsrc.train.loop import fit
 from nbsrc.train.tuples import TupleTask, batches_per_epoch, epoch_batches, mine_epoch
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from nbsrc.analysis import average_precision_per_query, cumulative_energy
+from nbsrc.analysis.runs import spectrum_data
 from nbsrc.config import ExperimentConfig
 from nbsrc.data import build_data
 from nbsrc.errors import ConfigError, RunDirError
 from nbsrc.experiment import load_embeddings, run_experiment
-from nbsrc.analysis.runs import spectrum_data
 from nbsrc.retrieval import display_image, load_retrieval, retrieval_for_query
 from nbsrc.runlist import list_finished_runs
 from nbsrc.widgets import retrieval_browser, spectrum_explorer

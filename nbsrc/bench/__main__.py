@@ -11,7 +11,8 @@ from nbsrc.errors import NbsrcError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nbsrc.bench import demo, dtop, embed, eval as eval_bench, jobs, loader, revisited, train
+    from nbsrc.bench import demo, dtop, embed, jobs, loader, revisited, train
+    from nbsrc.bench import eval as eval_bench
 
     p = argparse.ArgumentParser(prog="python -m nbsrc.bench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -14,7 +14,11 @@ from nbsrc.data.folder import image_folder_dataset, scan_image_folder
 from nbsrc.data.images import check_dataset_images, check_images, list_images, scan_images
 from nbsrc.data.samplers import MPerClassBatchSampler
 from nbsrc.data.splits import (
-    cap_per_class, check_eval_split, check_min_per_class, class_disjoint_split, warn_unused_classes,
+    cap_per_class,
+    check_eval_split,
+    check_min_per_class,
+    class_disjoint_split,
+    warn_unused_classes,
 )
 from nbsrc.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RetrievalTransform, training_transform
 from nbsrc.errors import ConfigError, DatasetError

@@ -50,8 +50,18 @@ from collections.abc import Sequence
 import numpy as np
 
 from nbsrc.data.revisited import (  # noqa: F401 (the readers, re-exported for existing imports)
-    DISTRACTORS_LAYOUT, DISTRACTORS_URL, ORIGINAL_NAMES, REVISITED_LAYOUT, REVISITED_NAMES, REVISITED_URL,
-    RevisitedData, RevisitedQueries, build_distractors, build_revisited, crop_query, load_original_gnd,
+    DISTRACTORS_LAYOUT,
+    DISTRACTORS_URL,
+    ORIGINAL_NAMES,
+    REVISITED_LAYOUT,
+    REVISITED_NAMES,
+    REVISITED_URL,
+    RevisitedData,
+    RevisitedQueries,
+    build_distractors,
+    build_revisited,
+    crop_query,
+    load_original_gnd,
     load_revisited_gnd,
 )
 from nbsrc.errors import ConfigError

@@ -21,7 +21,14 @@ from matplotlib.patches import Patch
 from nbsrc.analysis.spectrum import dim_at_energy
 from nbsrc.errors import ConfigError
 from nbsrc.plots.style import (
-    DOUBLE_COLUMN, HIT_COLOR, MISS_COLOR, PALETTE, QUERY_COLOR, SINGLE_COLUMN, STYLE, color_for,
+    DOUBLE_COLUMN,
+    HIT_COLOR,
+    MISS_COLOR,
+    PALETTE,
+    QUERY_COLOR,
+    SINGLE_COLUMN,
+    STYLE,
+    color_for,
 )
 
 UNKNOWN_COLOR = "0.6"  # a neighbour whose correctness is unknown (the query has no class)

@@ -53,8 +53,8 @@ from nbsrc.data.images import describe_bad_images, image_problem, list_images, l
 from nbsrc.errors import ConfigError, DatasetError, RunDirError
 from nbsrc.eval.stream import embed_to_memmap, model_fingerprint, recorded_batch_size, sidecar_path
 from nbsrc.models.fold import inference_model
-from nbsrc.retrieval.models import EmbeddingModel, Preprocessing, load_embedding_model, rebuild_model
 from nbsrc.provenance import provenance
+from nbsrc.retrieval.models import EmbeddingModel, Preprocessing, load_embedding_model, rebuild_model
 from nbsrc.safeload import load_model_file
 from nbsrc.train.loop import resolve_device
 
