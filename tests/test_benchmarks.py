@@ -45,7 +45,7 @@ def test_cub_split_counts_labels_and_names(tmp_path, nested):
     assert sorted(set(data.train.labels.tolist())) == [c - 1 for c in train_ids]
     assert sorted(set(data.query.labels.tolist())) == [c - 1 for c in test_ids]
     for ds in (data.train, data.query):
-        for path, label in zip(ds.images, ds.labels):
+        for path, label in zip(ds.images, ds.labels, strict=True):
             # the label is the class id of the image's folder, minus one
             assert Path(path).parent.name == cub_class_name(label + 1) == ds.class_names[label]
             assert Path(path).is_file()
@@ -93,7 +93,7 @@ def test_sop_split_counts_labels_and_disjointness(tmp_path, parent):
     assert sorted(set(data.query.labels.tolist())) == [4, 5, 6]
     assert not set(data.train.labels.tolist()) & set(data.query.labels.tolist())
     for ds in (data.train, data.query):
-        for path, label in zip(ds.images, ds.labels):
+        for path, label in zip(ds.images, ds.labels, strict=True):
             category = SOP_CATEGORIES[label % len(SOP_CATEGORIES)]
             assert Path(path).parent.name == f"{category}_final"
             assert Path(path).name.startswith(f"{1000 + label + 1}_")
@@ -111,7 +111,7 @@ def test_inshop_query_and_gallery_are_separate_with_shared_labels(tmp_path, offi
     assert not set(data.query.images) & set(data.gallery.images)
     # every label is the item id of the image's folder, in query and gallery alike
     for ds in (data.train, data.query, data.gallery):
-        for path, label in zip(ds.images, ds.labels):
+        for path, label in zip(ds.images, ds.labels, strict=True):
             assert Path(path).parent.name == ds.class_names[label]
             assert Path(path).is_file()
     assert set(data.query.labels.tolist()) == set(data.gallery.labels.tolist())

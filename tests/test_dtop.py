@@ -560,7 +560,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         m(images())[:, 0].sum().backward()
         grads.append((m.head.weight.grad, m.backbone.blocks[0].attn.qkv.weight.grad, m.peg.conv.weight.grad))
         assert m._layers is None  # nothing collected outside the forward pass
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
 
 

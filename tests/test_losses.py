@@ -143,7 +143,7 @@ def test_memory_fifo_order_and_wraparound():
     state = mem.state_dict()
     other = CrossBatchMemory(5, 2)
     other.load_state_dict(state)
-    assert all(torch.equal(a, b) for a, b in zip(other.get(), mem.get()))
+    assert all(torch.equal(a, b) for a, b in zip(other.get(), mem.get(), strict=True))
 
 
 def test_memory_batch_larger_than_memory_keeps_newest():

@@ -22,7 +22,7 @@ def q(easy=(), hard=(), junk=()):
 def ap_and_precision(ranks, ok, junk, kappas=(1, 5, 10)):
     """Per-query AP and P@k as fractions, through :func:`revisited_map`'s Medium setup, whose positives are
     ``easy ∪ hard`` (here ``ok``) and whose junk is ``junk``."""
-    r = revisited_map(ranks, [q(easy=o, junk=j) for o, j in zip(ok, junk)], kappas, reduce=False)["medium"]
+    r = revisited_map(ranks, [q(easy=o, junk=j) for o, j in zip(ok, junk, strict=True)], kappas, reduce=False)["medium"]
     return r["AP"] / 100, np.stack([r[f"P@{k}"] for k in kappas], axis=1) / 100
 
 

@@ -22,7 +22,7 @@ def distance_reference(z, tuple_size, margin, eps=1e-6):
     for t in range(0, len(z), tuple_size):
         q = z[t]
         for j in range(1, tuple_size):
-            d = math.sqrt(sum((float(a) - float(b) + eps) ** 2 for a, b in zip(q, z[t + j])))
+            d = math.sqrt(sum((float(a) - float(b) + eps) ** 2 for a, b in zip(q, z[t + j], strict=True)))
             total += 0.5 * d**2 if j == 1 else 0.5 * max(0.0, margin - d) ** 2
     return total
 

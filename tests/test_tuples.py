@@ -30,7 +30,7 @@ def loss_reference(z, tuple_size, beta):
     """IRT eq. (1) on each tuple (q, p, n_1..n_K), straight from the formula, in float64 Python."""
     z = [[float(v) for v in row] for row in z]
     norm = lambda a: [v / math.sqrt(sum(x * x for x in a)) for v in a]  # noqa: E731
-    dot = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b, strict=True))  # noqa: E731
     per_tuple = []
     for s in range(0, len(z), tuple_size):
         q, p, negs = norm(z[s]), norm(z[s + 1]), [norm(n) for n in z[s + 2 : s + tuple_size]]
@@ -336,7 +336,7 @@ def test_two_process_tuple_training_equals_one_process_on_the_global_batch(data,
     ddp_rows, one_rows = read_metrics(ddp_cfg.run_dir), read_metrics(one_cfg.run_dir)
     assert [(r["kind"], r["iteration"]) for r in ddp_rows] == [(r["kind"], r["iteration"]) for r in one_rows]
     assert [r["kind"] for r in ddp_rows].count("mine") == 2  # logged once, by rank 0
-    for a, b in zip(ddp_rows, one_rows):
+    for a, b in zip(ddp_rows, one_rows, strict=True):
         if a["kind"] == "train":
             for key in ("contrastive", "koleo", "total"):
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["iteration"], key)

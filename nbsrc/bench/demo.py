@@ -50,7 +50,7 @@ def parse_demo_log(text: str, end: dt.datetime) -> list[dict]:
     if start > end:
         start -= dt.timedelta(days=1)
     last["start"] = start
-    for prev, nxt in zip(reversed(rows[:-1]), reversed(rows[1:])):
+    for prev, nxt in zip(reversed(rows[:-1]), reversed(rows[1:]), strict=True):
         s = dt.datetime.combine(nxt["start"].date(), prev["time"])
         if s > nxt["start"]:
             s -= dt.timedelta(days=1)

@@ -143,7 +143,7 @@ def pml_calculator(ks):
         return calculate
 
     names = [f"recall_at_{k}" for k in ks]
-    methods = {f"calculate_{n}": metric(k) for n, k in zip(names, ks)}
+    methods = {f"calculate_{n}": metric(k) for n, k in zip(names, ks, strict=True)}
     methods["requires_knn"] = lambda self: AccuracyCalculator.requires_knn(self) + names
     cls = type("RecallAtKCalculator", (AccuracyCalculator,), methods)
     return cls(include=(*names, "precision_at_1"), k=max(ks), device=torch.device("cpu"))

@@ -217,7 +217,7 @@ def build_sop(root, train_tf, eval_tf, eval_per_class=None, seed=0):
     n_classes = int(max(tr_labels.max(), te_labels.max())) + 1
     category = {}
     for paths, labels in ((tr_paths, tr_labels), (te_paths, te_labels)):
-        for p, c in zip(paths, labels):
+        for p, c in zip(paths, labels, strict=True):
             category.setdefault(int(c), Path(p).parent.name.removesuffix("_final"))
     names = [f"{category[c]}/{c + 1}" if c in category else str(c + 1) for c in range(n_classes)]
     train = RetrievalDataset(np.asarray(tr_paths, dtype=object), tr_labels, train_tf, names)

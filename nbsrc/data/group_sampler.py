@@ -218,7 +218,7 @@ class GroupSizeMPerClassSampler(Sampler):
         epoch, j = divmod(t, self.batches_per_epoch)
         idx = self.epoch_batches(epoch)[j].tolist()
         seeds = np.random.default_rng([self.seed, t, 1]).integers(0, 2**62, size=len(idx))
-        return list(zip(idx, seeds.tolist()))
+        return list(zip(idx, seeds.tolist(), strict=True))
 
     def size_of(self, batch) -> tuple[int, int]:
         """The one size of a batch (of indices or of ``(index, seed)`` pairs)."""
@@ -310,7 +310,7 @@ def mixed_size_variant(ds: RetrievalDataset, ratios: Sequence[float] = MIXED_RAT
         y = F.interpolate(x[sel].float(), size=(h, w), mode="bilinear", align_corners=False, antialias=True)
         y = y.round().clamp(0, 255).to(torch.uint8)
         y = y[:, 0] if x.shape[1] == 1 and images.ndim == 3 else y
-        for i, img in zip(sel.tolist(), y.numpy()):
+        for i, img in zip(sel.tolist(), y.numpy(), strict=True):
             out[i] = img
     return RetrievalDataset(out, ds.labels, ds.transform, ds.class_names)
 

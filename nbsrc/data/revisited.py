@@ -133,7 +133,7 @@ class RevisitedQueries(RetrievalDataset):
         from nbsrc.data.images import image_size
 
         out = []
-        for path, bbx in zip(self.images, self.bbxs):
+        for path, bbx in zip(self.images, self.bbxs, strict=True):
             h, w = image_size(path)
             x1, y1, x2, y2 = (int(round(float(v))) for v in bbx)
             out.append((min(h, y2) - max(0, y1), min(w, x2) - max(0, x1)))

@@ -245,6 +245,6 @@ class TupleDataset(Dataset):
 
 def collate_tuples(batch):
     """Stack ``B`` tuples into one batch of ``B · (2 + n_neg)`` images, labels and indices, tuple by tuple."""
-    imgs, labels, idx = zip(*batch)
+    imgs, labels, idx = zip(*batch, strict=True)
     return torch.cat(imgs), torch.cat(labels), torch.cat(idx)
 

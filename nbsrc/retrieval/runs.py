@@ -127,7 +127,7 @@ class QueryRetrieval:
         return plot_retrieval_grid(
             [self.query_image], [self.images], self.hits[None, :],
             query_titles=[f"q{self.query_row}: {self._name(self.query_label)}"],
-            retrieved_titles=[[f"{self._name(lab)}\n{s:.2f}" for lab, s in zip(self.labels, self.sims)]],
+            retrieved_titles=[[f"{self._name(lab)}\n{s:.2f}" for lab, s in zip(self.labels, self.sims, strict=True)]],
             title=title or f"{self.run_name}: query {self.query_row} and its top {len(self.hits)}")
 
 

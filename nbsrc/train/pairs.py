@@ -38,9 +38,9 @@ from nbsrc.train.loop import StepParts, TrainingTask
 @torch.no_grad()
 def momentum_update(ema: torch.nn.Module, model: torch.nn.Module, m: float) -> None:
     """``ema ← m · ema + (1 − m) · model`` for the parameters; buffers are copied."""
-    for pe, p in zip(ema.parameters(), model.parameters()):
+    for pe, p in zip(ema.parameters(), model.parameters(), strict=True):
         pe.mul_(m).add_(p.detach(), alpha=1 - m)
-    for be, b in zip(ema.buffers(), model.buffers()):
+    for be, b in zip(ema.buffers(), model.buffers(), strict=True):
         be.copy_(b)
 
 
