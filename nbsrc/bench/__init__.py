@@ -59,7 +59,7 @@ def timed_rounds(fns: dict[str, Callable[[int], Any]], rounds: int, device="cpu"
     last: dict[str, Any] = {}
     for r in range(warmup + rounds):
         for name in rotation(list(fns), r):
-            last[name], seconds = timed(lambda: fns[name](r), device)
+            last[name], seconds = timed(lambda fn=fns[name], r=r: fn(r), device)
             if r >= warmup:
                 times[name].append(seconds)
     return times, last

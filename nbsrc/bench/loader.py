@@ -70,7 +70,7 @@ def bench_loader(cfg: ExperimentConfig, workers=(0, 1, 2), batches: int = 40, wa
     step = NbsrcStep(cfg, device, len(set(ds.labels.tolist())))
     step_times = []
     for i, (x, y, idx) in enumerate(_loader(cfg, ds, 2 + steps, 0, pin)):
-        _, seconds = timed(lambda: step(x, y, idx), device)
+        _, seconds = timed(lambda x=x, y=y, idx=idx: step(x, y, idx), device)
         if i >= 2:
             step_times.append(seconds)
     step_rate = cfg.optim.batch_size / statistics.median(step_times)

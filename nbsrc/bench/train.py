@@ -205,7 +205,7 @@ def interleave(runners: dict, device: torch.device, warmup: int, n: int,
     if given, receives each runner's first warm-up step in seconds (where torch.compile compiles)."""
     for name, (step, batches) in runners.items():
         for i in range(warmup):
-            _, seconds = timed(lambda: step(*batches[i]), device)
+            _, seconds = timed(lambda step=step, batches=batches, i=i: step(*batches[i]), device)
             if i == 0 and first is not None:
                 first[name] = seconds
     names = list(runners)
@@ -213,7 +213,7 @@ def interleave(runners: dict, device: torch.device, warmup: int, n: int,
     for i in range(warmup, warmup + n):
         for name in rotation(names, i - warmup):
             step, batches = runners[name]
-            out[name].append(timed(lambda: step(*batches[i]), device)[1])
+            out[name].append(timed(lambda step=step, batches=batches, i=i: step(*batches[i]), device)[1])
     return out
 
 

@@ -198,7 +198,7 @@ def _report(per_setup: dict, kappas, reduce: bool) -> dict:
     for setup, (ap, prec) in per_setup.items():
         if reduce:
             valid = ~np.isnan(ap)
-            mean = (lambda x: float(100 * x[valid].mean())) if valid.any() else (lambda x: float("nan"))
+            mean = (lambda x, valid=valid: float(100 * x[valid].mean())) if valid.any() else (lambda x: float("nan"))
             out[setup] = {"mAP": mean(ap), **{f"mP@{k}": mean(prec[:, c]) for c, k in enumerate(kappas)}}
         else:
             out[setup] = {"AP": 100 * ap, **{f"P@{k}": 100 * prec[:, c] for c, k in enumerate(kappas)}}
