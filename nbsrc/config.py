@@ -782,7 +782,7 @@ class ExperimentConfig:
         ``"model_options"``: ``{}`` without it, else ``{"dtop": True}`` with its fields that differ from
         the paper's."""
         out: dict[str, Any] = {}
-        for section, obj in self._sections().items():
+        for obj in self._sections().values():
             obj = TupleConfig() if obj is None else obj
             for f in dataclasses.fields(obj):
                 name, value = _name_of(f), getattr(obj, f.name)

@@ -218,6 +218,6 @@ def test_inshop_bad_status_and_missing_gallery(tmp_path):
     # drop every gallery image of one query item
     lines = text.splitlines()
     item = next(line.split()[1] for line in lines[2:] if line.endswith("query"))
-    partition.write_text("\n".join(l for l in lines if not (item in l and l.endswith("gallery"))) + "\n")
+    partition.write_text("\n".join(ln for ln in lines if not (item in ln and ln.endswith("gallery"))) + "\n")
     with pytest.raises(DatasetError, match=f"item {item} has query images but no gallery image"):
         build("inshop", root)

@@ -143,7 +143,7 @@ def test_layer_mix_is_a_softmax_weighted_sum_of_the_layers():
         mix.weight.copy_(torch.tensor([0.5, -1.0, 2.0]))
     p = torch.randn(2, 3, 5, 4)
     w = [math.exp(a) for a in (0.5, -1.0, 2.0)]
-    ref = sum(w[l] / sum(w) * p[:, l] for l in range(3))
+    ref = sum(w[i] / sum(w) * p[:, i] for i in range(3))
     assert torch.allclose(mix(p), ref, atol=1e-6)
 
 

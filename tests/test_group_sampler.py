@@ -229,6 +229,6 @@ def test_training_sampler_follows_cfg_sampler():
     assert isinstance(sampler, GroupSizeMPerClassSampler) and len(sampler) == 3
     assert gds.transform.resize is False and ds.transform.resize is True  # the caller's dataset is untouched
     loader = DataLoader(gds, batch_sampler=sampler, collate_fn=collate)
-    for t, (x, y, idx) in zip(range(2, 5), loader, strict=True):
+    for t, (x, _, idx) in zip(range(2, 5), loader, strict=True):
         assert tuple(x.shape) == (8, 3, *sampler.size_of(sampler.batch(t)))
         assert idx.tolist() == [i for i, _ in sampler.batch(t)]

@@ -108,7 +108,9 @@ def test_tsne_panels_share_one_class_legend(rng):
 
 
 def test_training_curves_one_panel_per_key():
-    rows = lambda s: [{"iteration": i, "contrastive": s / (i + 1), "koleo": -s * i, "total": s} for i in range(5)]
+    def rows(s):
+        return [{"iteration": i, "contrastive": s / (i + 1), "koleo": -s * i, "total": s} for i in range(5)]
+
     metrics = {"run a": rows(1.0) + [{"kind": "eval", "iteration": 5, "R@1": 0.5}], "run b": rows(2.0)}
     fig = plot_training_curves(metrics, keys=("contrastive", "koleo", "total", "grad_noise"))
     assert_labelled(fig)
