@@ -108,7 +108,8 @@ def test_unknown_keys_are_one_line_errors_with_the_closest_name():
         ExperimentConfig.from_dict({"lrr": 1})
     with pytest.raises(ConfigError, match=r"unknown parameter 'optim\.lrr' \(did you mean 'lr'\?\)"):
         ExperimentConfig.from_dict({"optim": {"lrr": 1}})
-    with pytest.raises(ConfigError, match=r"unknown DToP option 'head_dimm' in model_options \(did you mean 'head_dim'"):
+    with pytest.raises(ConfigError,
+                       match=r"unknown DToP option 'head_dimm' in model_options \(did you mean 'head_dim'"):
         ExperimentConfig.from_dict({"model_options": {"dtop": True, "head_dimm": 8}})
     with pytest.raises(ConfigError, match=r"unknown DToP option 'head_dimm' in dtop \(did you mean 'head_dim'"):
         ExperimentConfig.from_dict({"dtop": {"head_dimm": 8}})

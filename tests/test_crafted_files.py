@@ -161,7 +161,8 @@ def test_rng_state_needs_no_allowed_globals_and_restores_exactly(tmp_path):
     after = (torch.rand(3), np.random.normal(size=3), np.random.randint(0, 2**31, 3), random.random())
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))  # no allowed globals needed
     again = (torch.rand(3), np.random.normal(size=3), np.random.randint(0, 2**31, 3), random.random())
-    assert torch.equal(after[0], again[0]) and all(np.array_equal(a, b) for a, b in zip(after[1:3], again[1:3], strict=True))
+    assert torch.equal(after[0], again[0])
+    assert all(np.array_equal(a, b) for a, b in zip(after[1:3], again[1:3], strict=True))
     assert after[3] == again[3]
 
 

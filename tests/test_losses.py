@@ -105,7 +105,8 @@ def test_contrastive_gradient_matches_reference():
         s = u @ u.T
         same = y[:, None] == y[None, :]
         off = ~torch.eye(len(v), dtype=torch.bool)
-        return (torch.where(same & off, 1 - s, 0 * s) + torch.where(~same, (s - 0.3).clamp(min=0), 0 * s)).sum() / len(v)
+        terms = torch.where(same & off, 1 - s, 0 * s) + torch.where(~same, (s - 0.3).clamp(min=0), 0 * s)
+        return terms.sum() / len(v)
 
     zr = z0.clone().requires_grad_(True)
     ref_fn(zr).backward()

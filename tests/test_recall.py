@@ -181,7 +181,8 @@ def test_recall_at_k_matches_reference_on_continuous_data(rng, separate_gallery)
         np.testing.assert_array_equal(got[k], want[k])
     means = recall_at_k(q, ql, ks, gallery_emb=g, gallery_labels=gl)
     assert means == pytest.approx({k: np.nanmean(want[k]) for k in ks}, abs=1e-12)
-    assert all(means[a] <= means[b] for a, b in zip(ks, ks[1:], strict=False))  # consecutive pairs: R@K never decreases with K
+    # R@K never decreases with K (consecutive pairs, hence strict=False)
+    assert all(means[a] <= means[b] for a, b in zip(ks, ks[1:], strict=False))
 
 
 @pytest.mark.parametrize("separate_gallery", [False, True])

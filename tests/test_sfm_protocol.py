@@ -95,7 +95,8 @@ def test_frozen_batchnorm_keeps_its_running_statistics():
 
 def test_protocol_config_fields():
     cfg = ExperimentConfig()
-    assert (cfg.optim.lr_decay_per_epoch, cfg.optim.freeze_batchnorm, cfg.eval.eval_scales, cfg.eval.whitening) == (0.0, False, None, None)
+    assert (cfg.optim.lr_decay_per_epoch, cfg.optim.freeze_batchnorm, cfg.eval.eval_scales, cfg.eval.whitening) == \
+        (0.0, False, None, None)
     c = ExperimentConfig.from_dict({"eval_scales": [1, 0.5], "whitening": "learned", "lr_decay_per_epoch": 0.01})
     assert c.eval.eval_scales == [1.0, 0.5] and ExperimentConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ConfigError, match="tuple_loss='cos' is invalid"):  # the registry's check, at build

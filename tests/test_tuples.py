@@ -155,7 +155,8 @@ def test_resume_equals_uninterrupted_and_epochs_train_on_their_own_mining(data, 
     norm = data_config(m1)
     eval_tf = particular_object_transform(32, norm["mean"], norm["std"])  # IRT §4.2: what tuple training mines with
     z, _, _ = extract_embeddings(m1, db.images(eval_tf), progress=False)  # all images, independently
-    sampler = TupleSampler(db, cfg.tuples.pairs_per_epoch, cfg.tuples.negative_pool, cfg.tuples.negatives_per_tuple, cfg.run.seed)
+    sampler = TupleSampler(db, cfg.tuples.pairs_per_epoch, cfg.tuples.negative_pool, cfg.tuples.negatives_per_tuple,
+                           cfg.run.seed)
     pairs, pool = sampler.draw(1)
     tuples = inside["tuples"]
     # the uninterrupted run did the same: its epoch-0-end checkpoint and its epoch-1 tuples

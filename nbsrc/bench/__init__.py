@@ -63,7 +63,10 @@ def timed_rounds(fns: dict[str, Callable[[int], Any]], rounds: int, device="cpu"
             if r >= warmup:
                 times[name].append(seconds)
     return times, last
-_HEADER = "# Benchmark results\n\nWritten by `python -m nbsrc.bench {train,eval,dtop,loader,revisited,embed,demo,jobs}` (`embed --source run` writes *embed-run*, `train --section NAME` another train section); each command rewrites only its own section.\n"
+_HEADER = ("# Benchmark results\n\n"
+           "Written by `python -m nbsrc.bench {train,eval,dtop,loader,revisited,embed,demo,jobs}` "
+           "(`embed --source run` writes *embed-run*, `train --section NAME` another train section); "
+           "each command rewrites only its own section.\n")
 
 
 def machine_info() -> dict:

@@ -1,5 +1,5 @@
-"""``python -m nbsrc.bench {train,eval,dtop,loader,revisited,embed,demo,jobs} [options]``: run one benchmark, print its JSON and
-rewrite its section of bench/RESULTS.md (``--results PATH`` to write elsewhere, ``--note TEXT`` to
+"""``python -m nbsrc.bench {train,eval,dtop,loader,revisited,embed,demo,jobs} [options]``: run one benchmark,
+print its JSON and rewrite its section of bench/RESULTS.md (``--results PATH`` to write elsewhere, ``--note TEXT`` to
 record the conditions, e.g. a busy shared machine)."""
 
 from __future__ import annotations

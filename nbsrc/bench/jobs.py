@@ -60,8 +60,8 @@ def results_markdown(r: dict, info: dict, note: str = "") -> str:
     s = (machine_lines(info, note)
          + f"- setup: {r['runs']} runs of the {r['demo']} demo's config ({r['iterations']} iterations each, evaluation "
            f"included), trained in turn (1 process, {r['torch_threads']} torch threads) and at once ({r['jobs']} "
-           f"processes, {max(1, r['cores'] // r['jobs'])} thread(s) each, start-up included); {r['rounds']} alternating "
-           "rounds, fresh run directories each time\n\n"
+           f"processes, {max(1, r['cores'] // r['jobs'])} thread(s) each, start-up included); {r['rounds']} "
+           "alternating rounds, fresh run directories each time\n\n"
            "| round | in turn s | at once s | in turn / at once |\n|---|---:|---:|---:|\n")
     for i, (a, b) in enumerate(zip(r["seconds"]["in turn"], r["seconds"]["at once"], strict=True)):
         s += f"| {i + 1} | {a:.1f} | {b:.1f} | {a / b:.2f} |\n"

@@ -95,7 +95,8 @@ def _int(value: str, path: Path, url: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise DatasetError(f"{path}: {value!r} is not an integer id; the file is not the official one ({url})") from None
+        raise DatasetError(f"{path}: {value!r} is not an integer id; the file is not the official one "
+                           f"({url})") from None
 
 
 def _check_images(paths: list[str], layout: str, url: str) -> None:

@@ -154,7 +154,8 @@ class RevisitedData:
 def _check_files(paths: Sequence[str], layout: str, url: str) -> None:
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
-        raise DatasetError(f"expected {missing[0]} ({len(missing)} of {len(paths)} listed images missing); {layout}; {url}")
+        raise DatasetError(f"expected {missing[0]} ({len(missing)} of {len(paths)} listed images missing); {layout}; "
+                           f"{url}")
 
 
 def build_revisited(root, name: str | None = None, transform: Callable | None = None,

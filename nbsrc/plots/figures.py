@@ -219,7 +219,8 @@ def plot_tsne(points: Mapping[str, tuple], class_names=None, max_cols: int = 3,
     for name, pair in points.items():
         xy, labels = np.asarray(pair[0], dtype=np.float64), np.asarray(pair[1])
         if xy.ndim != 2 or xy.shape[1] != 2 or labels.shape != (len(xy),):
-            raise ConfigError(f"points[{name!r}] must be (xy [n, 2], labels [n]), got shapes {xy.shape}, {labels.shape}")
+            raise ConfigError(f"points[{name!r}] must be (xy [n, 2], labels [n]), "
+                              f"got shapes {xy.shape}, {labels.shape}")
         checked[name] = (xy, labels)
     classes = np.unique(np.concatenate([lab for _, lab in checked.values()]))
     if len(classes) <= len(PALETTE):
@@ -240,7 +241,8 @@ def plot_tsne(points: Mapping[str, tuple], class_names=None, max_cols: int = 3,
         ax.set_xticks([])
         ax.set_yticks([])
         ax.grid(False)
-    handles = [Patch(color=colour, label=_class_name(c, class_names)) for c, colour in zip(classes, colours, strict=True)]
+    handles = [Patch(color=colour, label=_class_name(c, class_names))
+               for c, colour in zip(classes, colours, strict=True)]
     fig.legend(handles=handles, loc="outside right upper", title="class")
     fig.suptitle(title)
     return fig

@@ -28,7 +28,8 @@ from nbsrc.retrieval.runs import (
 )
 
 __all__ = [
-    "Index", "Listing", "SearchResults", "search_image", "thumbnail_of", "EmbeddingModel", "Preprocessing", "load_embedding_model",
+    "Index", "Listing", "SearchResults", "search_image", "thumbnail_of", "EmbeddingModel", "Preprocessing",
+    "load_embedding_model",
     "QueryRetrieval", "RunRetrieval", "display_image", "load_retrieval", "retrieval_for_query",
     "export_split_images", "index_of_run",
 ]

@@ -393,7 +393,8 @@ class Index:
             del emb
             _remove_build(out, created)  # nothing to keep: the corrected command must find a new or empty folder
             raise DatasetError(f"none of the {n} images under {images} could be read "
-                               f"({describe_bad_images(sorted((listing.path(i), r) for i, r in reasons.items()), 'it')})")
+                               f"({describe_bad_images(sorted((listing.path(i), r) for i, r in reasons.items()), 'it')}"
+                               ")")
         index = _faiss_index(emb, good)
         _write_atomic(out / FAISS, lambda t: _faiss_write(index, t))
         _write_atomic(out / MODEL, lambda t: torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, t))
@@ -465,7 +466,8 @@ class Index:
             raise RunDirError(f"{path / MANIFEST} is not an {FORMAT} version {VERSION} manifest; rebuild the index")
         missing = [f for f in (LISTING, FAISS, MODEL, REPORT) if not (path / f).exists()]
         if missing:
-            raise RunDirError(f"index {path} is incomplete (missing {', '.join(missing)}); rebuild it into a new folder")
+            raise RunDirError(f"index {path} is incomplete (missing {', '.join(missing)}); "
+                              "rebuild it into a new folder")
         saved = _read_json(path / LISTING)
         for key, what in (("model_fingerprint", "model fingerprint"), ("preprocessing", "preprocessing")):
             if saved.get(key) != manifest.get(key):

@@ -83,8 +83,9 @@ def _check_images(labels_emb: np.ndarray, ds: RetrievalDataset, indices: np.ndar
 
 def load_retrieval(run, k: int = 8) -> RunRetrieval:
     """Load a finished run (a :class:`~nbsrc.experiment.RunResult`, a
-    :class:`~nbsrc.runlist.RunSummary` or a run directory), rebuild its evaluation images from its config and retrieve the top ``k`` of every
-    query (:func:`nbsrc.eval.retrieve`: inner product, ties by gallery index)."""
+    :class:`~nbsrc.runlist.RunSummary` or a run directory), rebuild its evaluation images from its config
+    and retrieve the top ``k`` of every query (:func:`nbsrc.eval.retrieve`: inner product, ties by gallery
+    index)."""
     run = as_run(run)
     e = run.embeddings()
     data = build_data(run.config)

@@ -65,7 +65,8 @@ class PairTask(TrainingTask):
         if cfg.optim.batch_size % world:
             raise ConfigError(f"batch_size={cfg.optim.batch_size} must be divisible by the {world} processes")
         self.criterion = build_loss(cfg, model.feature_dim, self.train_classes).to(device)
-        self.memory = CrossBatchMemory(cfg.loss.memory_size, model.feature_dim, device) if cfg.loss.memory_size else None
+        self.memory = (CrossBatchMemory(cfg.loss.memory_size, model.feature_dim, device) if cfg.loss.memory_size
+                       else None)
         self.ema = copy.deepcopy(model).requires_grad_(False) if cfg.loss.momentum is not None else None
         return [self.criterion]
 
