@@ -128,8 +128,13 @@ def bench_embed(n_images: int = 64, width: int = 320, height: int = 240, rounds:
         shutil.rmtree(work, ignore_errors=True)
     ratio = paired_ratio(times["direct"], times["nbsrc"])
     med = {k: statistics.median(v) for k, v in times.items()}
-    what = (f"query images of the run's dataset ({em.reference['config']['dataset']}) as PNG" if source == "run"
-            else f"generated JPEGs of {width}x{height}")
+    if source == "run":
+        from nbsrc.config import ExperimentConfig
+
+        dataset = ExperimentConfig.from_dict(em.reference["config"]).data.dataset
+        what = f"query images of the run's dataset ({dataset}) as PNG"
+    else:
+        what = f"generated JPEGs of {width}x{height}"
     return {"model": model, "images": n_images, "photo": what, "img_size": pre.img_size,
             "rounds": rounds, "direct_batch": direct_batch, "threads": torch.get_num_threads(),
             "round_s": times, "median_s": med, "img_per_s": {k: n_images / v for k, v in med.items()},
