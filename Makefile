@@ -65,9 +65,11 @@ demo-fashion: install
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
-# ruff (configured in pyproject.toml). `make test` runs it first when LINT=1; LINT=0 (today's default, until
-# the tree is clean) skips it.
-LINT ?= 0
+# ruff (configured in pyproject.toml): `make lint` on its own, and `make test` (so CI) runs it before pytest;
+# `make test LINT=0` skips it. (Not `LINT ?= 1`: GNU make defines LINT = lint itself, which `?=` would keep.)
+ifeq ($(origin LINT),default)
+LINT := 1
+endif
 
 .PHONY: lint
 lint: $(STAMP)

@@ -9,9 +9,9 @@ flags override both.
 from __future__ import annotations
 
 import argparse
-import re
 import errno
 import json
+import re
 import sys
 import typing
 from pathlib import Path
@@ -251,7 +251,7 @@ def describe_evaluation(cfg: ExperimentConfig, results: dict) -> str:
               and isinstance(v, (int, float))}
     first = f"{cfg.run.name}: " + "  ".join(f"{k}={v:.2f}" for k, v in scores.items())
     per_class = "all images" if cfg.data.eval_per_class is None else f"at most {cfg.data.eval_per_class} images"
-    where = (f"Revisited Oxford/Paris" if cfg.data.dataset == "sfm120k" else
+    where = ("Revisited Oxford/Paris" if cfg.data.dataset == "sfm120k" else
              f"{cfg.data.dataset} classes {cfg.data.test_classes} ({per_class} per class, each query against the rest)")
     how = [f"  evaluated on {where}", f"{'PCA to ' + str(cfg.model.dim) if cfg.model.dim else 'no PCA'}",
            f"after {cfg.optim.iterations} iterations" if cfg.optim.iterations else "off-the-shelf (no training)"]

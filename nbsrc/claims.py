@@ -255,7 +255,8 @@ class ClaimResult:
     def line(self) -> str:
         """The claim on one line: id, name, paper, verdict, and each comparison's difference."""
         parts = "; ".join(f"{p.label}: {_pm(p.stats()['diff_mean'], p.stats()['diff_sd'], signed=True)} "
-                          f"(min–max {_fmt(p.stats()['diff_min'], 3, True)} – {_fmt(p.stats()['diff_max'], 3, True)})" for p in self.parts)
+                          f"(min–max {_fmt(p.stats()['diff_min'], 3, True)} – {_fmt(p.stats()['diff_max'], 3, True)})"
+                          for p in self.parts)
         note = f" — {self.note}" if self.note else ""
         if self.untestable:
             note = f" — untestable: {self.untestable}{note}"
@@ -281,7 +282,8 @@ class ClaimResult:
         out = Path(figures_dir) / "claims"
         path = out / f"{self.claim.id}.json"
         measured = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")  # when it was judged
-        write_text_atomic(path, json.dumps({**self.to_dict(), "measured": measured}, indent=1, ensure_ascii=False) + "\n")
+        text = json.dumps({**self.to_dict(), "measured": measured}, indent=1, ensure_ascii=False)
+        write_text_atomic(path, text + "\n")
         write_text_atomic(out / f"{self.claim.id}.md", self.line() + "\n\n" + self.table().to_markdown() + "\n")
         write_verdicts(figures_dir)
         return path
@@ -338,8 +340,8 @@ def fine_tuning_claims(runs: Mapping, cfg, untestable: str | list[str] = "") -> 
     c1 = judge_claim("C1", [compare("R@1 (%): IRT_L − IRT_O", r1["IRT_O"], r1["IRT_L"], "higher", ("IRT_O", "IRT_L"))],
                      note="from a randomly initialised ViT (no pretraining in this demo)" if _random_init(cfg) else "",
                      context=context_of(cfg), untestable=untestable)
-    c2 = judge_claim("C2", [compare(f"R@1 (%): IRT_R (λ = {cfg.loss.lam:g}) − IRT_L", r1["IRT_L"], r1["IRT_R"], "higher",
-                                    ("IRT_L", "IRT_R"))],
+    c2 = judge_claim("C2", [compare(f"R@1 (%): IRT_R (λ = {cfg.loss.lam:g}) − IRT_L", r1["IRT_L"], r1["IRT_R"],
+                                    "higher", ("IRT_L", "IRT_R"))],
                      note="" if cfg.loss.beta == 0.5 else f"at β = {cfg.loss.beta:g}, not the claim's 0.5",
                      context=context_of(cfg), untestable=untestable)
     return [c1, c2]
@@ -356,8 +358,8 @@ def spectrum_claim(runs: Mapping, cfg, model: str = "", untestable: str | list[s
     on = f" ({model})" if model else ""
     note = ("IRT_O is a randomly initialised model, not a pretrained one: the paper's premise (collapse of a "
             "pretrained, wide spectrum) is not met" if _random_init(cfg) else
-            f"on {model or cfg.model.backbone} with its pretrained weights ({cfg.model.weights}), as the paper's Fig. 2 "
-            "(an ImageNet-pretrained ResNet-50)")
+            f"on {model or cfg.model.backbone} with its pretrained weights ({cfg.model.weights}), as the paper's "
+            "Fig. 2 (an ImageNet-pretrained ResNet-50)")
     return judge_claim("C3", [compare(f"effective rank{on}: IRT_L − IRT_O", er["IRT_O"], er["IRT_L"], "lower",
                                       ("IRT_O", "IRT_L")),
                               compare(f"effective rank{on}: IRT_R (λ = {cfg.loss.lam:g}) − IRT_L", er["IRT_L"],
@@ -407,8 +409,10 @@ def gradient_noise_claim(runs: Mapping, betas, lams, cfg, untestable: str | list
     lo, mid, hi, top = betas[0], betas[len(betas) // 2], betas[-1], lams[-1]
     seeds = sorted(cell(lo, 0))
     mean_over_betas = lambda lam: {s: float(np.mean([cell(b, lam)[s] for b in betas])) for s in seeds}  # noqa: E731
-    parts = [compare(f"γ (λ = 0): β = {lo:g} − β = {mid:g}", cell(mid, 0), cell(lo, 0), "higher", (f"β = {mid:g}", f"β = {lo:g}")),
-             compare(f"γ (λ = 0): β = {hi:g} − β = {mid:g}", cell(mid, 0), cell(hi, 0), "higher", (f"β = {mid:g}", f"β = {hi:g}")),
+    parts = [compare(f"γ (λ = 0): β = {lo:g} − β = {mid:g}", cell(mid, 0), cell(lo, 0), "higher",
+                     (f"β = {mid:g}", f"β = {lo:g}")),
+             compare(f"γ (λ = 0): β = {hi:g} − β = {mid:g}", cell(mid, 0), cell(hi, 0), "higher",
+                     (f"β = {mid:g}", f"β = {hi:g}")),
              compare(f"γ (mean over β): λ = {top:g} − λ = 0", mean_over_betas(0.0), mean_over_betas(top), "lower",
                      ("λ = 0", f"λ = {top:g}"))]
     ctx = {**context_of(cfg), "betas": betas, "lams": lams}
@@ -429,7 +433,8 @@ def similarity_claim(runs: Mapping, cfg, max_negatives: int | None = 200_000,
         pos, neg, _ = pair_similarities(e["query"], e["query_labels"], max_negatives=max_negatives)
         auc.setdefault(method, {})[int(seed)] = separation_auc(pos, neg)
         spread.setdefault(method, {})[int(seed)] = float(np.std(neg))
-    return judge_claim("C6", [compare("AUC(pos vs neg): IRT_L − IRT_O", auc["IRT_O"], auc["IRT_L"], "higher", ("IRT_O", "IRT_L")),
+    return judge_claim("C6", [compare("AUC(pos vs neg): IRT_L − IRT_O", auc["IRT_O"], auc["IRT_L"], "higher",
+                                      ("IRT_O", "IRT_L")),
                               compare("sd of negative similarities: IRT_R − IRT_L", spread["IRT_L"], spread["IRT_R"],
                                       "higher", ("IRT_L", "IRT_R"))],
                        note="class-label pairs of the unseen classes (the paper: Revisited Paris query–database pairs)",
@@ -468,8 +473,8 @@ def verdict_lines(figures_dir: str | Path = "figures", judged_since: float | Non
         line, measured = saved[cid]["line"], saved[cid].get("measured")
         if judged_since is not None and (
                 measured is None or datetime.datetime.fromisoformat(measured).timestamp() < int(judged_since)):
-            line += (f" [from an earlier run ({measured[:10] if measured else 'date not recorded'}), not judged by this "
-                     f"one: notebook {claim.notebook}, `make demo-full`]")
+            line += (f" [from an earlier run ({measured[:10] if measured else 'date not recorded'}), not judged by "
+                     f"this one: notebook {claim.notebook}, `make demo-full`]")
         lines.append(f"- {line}")
     return lines
 

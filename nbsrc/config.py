@@ -312,7 +312,8 @@ class LossConfig:
         if self.memory_size < 0:
             bad("memory_size", self.memory_size, "a memory size >= 0 (0 turns the memory off)")
         if self.memory_start < 0:
-            bad("memory_start", self.memory_start, "an iteration >= 0 from which the memory is used (0: from the start)")
+            bad("memory_start", self.memory_start,
+                "an iteration >= 0 from which the memory is used (0: from the start)")
         if self.momentum is not None and not 0.0 <= self.momentum < 1.0:
             bad("momentum", self.momentum, "a momentum in [0, 1) (paper: 0.999), or None")
         if self.momentum is not None and self.memory_size == 0:
@@ -782,7 +783,7 @@ class ExperimentConfig:
         ``"model_options"``: ``{}`` without it, else ``{"dtop": True}`` with its fields that differ from
         the paper's."""
         out: dict[str, Any] = {}
-        for section, obj in self._sections().items():
+        for obj in self._sections().values():
             obj = TupleConfig() if obj is None else obj
             for f in dataclasses.fields(obj):
                 name, value = _name_of(f), getattr(obj, f.name)

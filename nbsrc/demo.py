@@ -97,7 +97,8 @@ def pretrain_config(demo: str, runs_dir: str = "runs", **overrides: Any) -> Expe
     return cfg.replace(name=f"pretrain_{digest}")
 
 
-def demo_config(demo: str = DEFAULT_DEMO, runs_dir: str = "runs", name: str = "irt", **overrides: Any) -> ExperimentConfig:
+def demo_config(demo: str = DEFAULT_DEMO, runs_dir: str = "runs", name: str = "irt",
+                **overrides: Any) -> ExperimentConfig:
     """The demo's base config: :data:`DEMO_DATA` ``[demo]`` + :data:`RECIPE` + ``overrides`` (any
     config field; a notebook's ``overrides`` parameter), validated. The notebooks derive their runs
     from it (:func:`nbsrc.experiment.irt_variants`, the sweeps and grids)."""

@@ -44,15 +44,19 @@ from nbsrc import locking
 from nbsrc.config import ExperimentConfig
 from nbsrc.data import RetrievalData, RetrievalDataset, build_data, cap_per_class, check_data_root
 from nbsrc.data.group_sampler import training_sampler
-from nbsrc.data.sfm import SfMSplit, load_sfm120k_db
 from nbsrc.data.images import check_dataset_images, check_images
-from nbsrc.data.transforms import (RetrievalTransform, aspect_kept_transform, particular_object_transform,
-                                   training_transform)
+from nbsrc.data.revisited import ORIGINAL_GND_URL, ORIGINAL_NAMES, TWIN
+from nbsrc.data.sfm import SfMSplit, load_sfm120k_db
+from nbsrc.data.transforms import (
+    RetrievalTransform,
+    aspect_kept_transform,
+    particular_object_transform,
+    training_transform,
+)
 from nbsrc.errors import ConfigError, DatasetError, RunDirError
 from nbsrc.eval import evaluate, extract_embeddings
 from nbsrc.eval.embed import recall_percent
 from nbsrc.eval.particular import SINGLE_SCALE, embed_at_scales, evaluate_revisited_data, learn_sfm_whitening
-from nbsrc.data.revisited import ORIGINAL_GND_URL, ORIGINAL_NAMES, TWIN
 from nbsrc.eval.revisited import REVISITED_LAYOUT, REVISITED_NAMES, build_revisited
 from nbsrc.models import data_config, model_from_config
 from nbsrc.provenance import provenance
@@ -60,8 +64,14 @@ from nbsrc.safeload import load_model_file
 from nbsrc.train import distributed, load_results, prepare_run_dir, read_metrics, resolve_device, run_state
 from nbsrc.train.loop import TrainingTask, fit
 from nbsrc.train.pairs import PairTask
-from nbsrc.train.rundir import RESULTS, close_tensorboard, load_run_config, log_tensorboard, write_json_atomic
-from nbsrc.train.rundir import release_run_lock
+from nbsrc.train.rundir import (
+    RESULTS,
+    close_tensorboard,
+    load_run_config,
+    log_tensorboard,
+    release_run_lock,
+    write_json_atomic,
+)
 from nbsrc.train.tuples import TupleTask
 from nbsrc.workers import auto_jobs, check_jobs, map_jobs
 
@@ -411,8 +421,8 @@ def check_can_start(cfg: ExperimentConfig, model: torch.nn.Module, setup: Setup)
     mode: no RNG drawn, no statistics updated). (A ``dim`` larger than the embedding already failed
     when the model was built.)"""
     if cfg.model.dim and len(setup.pca_keep) < cfg.model.dim:
-        raise ConfigError(f"dim={cfg.model.dim} is invalid: the PCA is fitted on {len(setup.pca_keep)} training images; "
-                          f"choose dim <= {len(setup.pca_keep)} or None")
+        raise ConfigError(f"dim={cfg.model.dim} is invalid: the PCA is fitted on {len(setup.pca_keep)} training "
+                          f"images; choose dim <= {len(setup.pca_keep)} or None")
     train_ds = getattr(setup.task, "train_ds", None)  # a PairTask's; tuples are mined by the model itself
     if cfg.optim.iterations == 0 or train_ds is None:
         return
@@ -485,8 +495,8 @@ def _run_experiment(cfg: ExperimentConfig, mode: str, data: RetrievalData | None
     q_raw = None
     if cfg.model.dim:
         if setup.query_raw is not None:
-            q_raw, _, _ = extract_embeddings(model, setup.query_raw, cfg.eval.eval_batch_size, device, cfg.run.num_workers,
-                                             False)
+            q_raw, _, _ = extract_embeddings(model, setup.query_raw, cfg.eval.eval_batch_size, device,
+                                             cfg.run.num_workers, False)
         fit_pca(model, setup.pca_images, setup.pca_keep, cfg, device)
     results, arrays = setup.evaluator.evaluate(model, device, q_raw)
     np.savez(run_dir / EMBEDDINGS, **arrays)
@@ -582,13 +592,15 @@ def pooling_variants(base: ExperimentConfig, poolings=("cls", "avg", "max", "gem
             for p in poolings}
 
 
-def objective_variants(base: ExperimentConfig, losses=("contrastive", "nsoftmax", "snca")) -> dict[str, ExperimentConfig]:
+def objective_variants(base: ExperimentConfig,
+                       losses=("contrastive", "nsoftmax", "snca")) -> dict[str, ExperimentConfig]:
     """IRT Table 4: the same model and data trained with each objective of ``losses`` (contrastive
     eq. 1, Normalized Softmax, Scalable NCA; ArcFace also accepted), every other field, λ included,
     as in ``base``. Labels are the objectives' names; the base's own loss keeps ``base.run.name``, the
     others are ``<base.run.name>_<loss>``."""
     losses = _distinct(losses, "losses")
-    return {OBJECTIVE_LABELS.get(loss, loss): base if loss == base.loss.name else base.replace(name=f"{base.run.name}_{loss}", loss=loss)
+    return {OBJECTIVE_LABELS.get(loss, loss):
+            base if loss == base.loss.name else base.replace(name=f"{base.run.name}_{loss}", loss=loss)
             for loss in losses}
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import ast
 import difflib
-import typing
 import json
 import logging
 import math
 import os
 import sys
+import typing
 from pathlib import Path
 
 from nbsrc.errors import ConfigError, NbsrcError

@@ -19,7 +19,7 @@ def package_version(name: str) -> str:
     ``"absent"``."""
     try:
         module = __import__(name)
-        return str(getattr(module, "__version__"))
+        return str(module.__version__)
     except (ImportError, AttributeError):
         pass
     for dist in (name, f"{name}-cpu", f"{name}-gpu"):

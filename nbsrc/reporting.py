@@ -61,8 +61,9 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 def config_table(runs: dict, fields, ks=None) -> pd.DataFrame:
     """One row per run (``{label: RunResult}``): the config ``fields`` (by name, ``cfg.value(name)``)
-    that the ablation varies (e.g. ``("beta", "lam")`` for IRT Table 5, ``("pooling",)`` for Table 9), then each Recall@K
-    in percent. Pivot a two-field table into a grid with ``df.pivot(index=..., columns=..., values="R@1")``."""
+    that the ablation varies (e.g. ``("beta", "lam")`` for IRT Table 5, ``("pooling",)`` for Table 9), then
+    each Recall@K in percent. Pivot a two-field table into a grid with
+    ``df.pivot(index=..., columns=..., values="R@1")``."""
     fields = [fields] if isinstance(fields, str) else list(fields)
     recall = recall_table(runs, ks)
     cols = {f: [run.config.value(f) for run in runs.values()] for f in fields}  # by name: 'lam', 'loss'

@@ -19,15 +19,32 @@ from typing import Any
 import pandas as pd
 
 from nbsrc.config import EXECUTION_FIELDS, ExperimentConfig
-from nbsrc.data.benchmarks import (CUB_LAYOUT, CUB_URL, INSHOP_LAYOUT, INSHOP_URL, RECALL_KS, SOP_LAYOUT, SOP_URL,
-                                   build_benchmark)
+from nbsrc.data.benchmarks import (
+    CUB_LAYOUT,
+    CUB_URL,
+    INSHOP_LAYOUT,
+    INSHOP_URL,
+    RECALL_KS,
+    SOP_LAYOUT,
+    SOP_URL,
+    build_benchmark,
+)
 from nbsrc.data.revisited import ORIGINAL_LAYOUT, ORIGINAL_URL, REVISITED_LAYOUT, REVISITED_URL
 from nbsrc.data.sfm import SFM_LAYOUT, SFM_URL, load_sfm120k_db
 from nbsrc.data.transforms import RetrievalTransform
 from nbsrc.errors import ConfigError
 from nbsrc.eval import evaluate
-from nbsrc.experiment import (beta_lambda_grid, dtop_ablation_grid, dtop_multiscale_table, lambda_sweep, load_run,
-                              paper_columns, particular_eval_transform, pooling_variants, revisited_evaluation)
+from nbsrc.experiment import (
+    beta_lambda_grid,
+    dtop_ablation_grid,
+    dtop_multiscale_table,
+    lambda_sweep,
+    load_run,
+    paper_columns,
+    particular_eval_transform,
+    pooling_variants,
+    revisited_evaluation,
+)
 from nbsrc.models import data_config, model_from_config
 from nbsrc.presets import load_preset, preset_paper
 from nbsrc.train import resolve_device
@@ -61,7 +78,8 @@ def preset_grid(name: str, table: str, /, **overrides: Any) -> dict[str, dict[st
         for label, fields in args["overrides"].items():
             row = base.replace(**fields)  # a DToP field (head_dim) changes the preset's DToP model
             slug = re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
-            configs[label] = base if _effective(row) == _effective(base) else row.replace(name=f"{base.run.name}_{slug}")
+            configs[label] = (base if _effective(row) == _effective(base)
+                              else row.replace(name=f"{base.run.name}_{slug}"))
     elif helper == "evaluation":
         return {label: {"config": base, "paper": g["results"][label], **sc} for label, sc in args["scales"].items()}
     elif helper == "dtop_ablation_grid":
@@ -177,7 +195,8 @@ def evaluate_benchmarks(preset: str | None, roots: dict[str, str | None], run_di
     if revisited and cfg.eval.whitening == "learned":
         if sfm_root is None:
             raise ConfigError(
-                f"{cfg.run.name} evaluates Revisited Oxford/Paris with whitening learned on SfM-120k (whitening='learned', "
+                f"{cfg.run.name} evaluates Revisited Oxford/Paris with whitening learned on SfM-120k "
+                "(whitening='learned', "
                 "DToP Table A7); pass sfm_root= (the SfM-120k folder, notebook 09's sfm_root), or for a preset "
                 "overrides={'whitening': None} to evaluate without it")
         db = load_sfm120k_db(sfm_root, "train")

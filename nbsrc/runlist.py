@@ -19,8 +19,8 @@ from pathlib import Path
 
 from nbsrc.config import config_fields
 from nbsrc.errors import ConfigError, NbsrcError, RunDirError
-from nbsrc.locking import held_elsewhere, holder
 from nbsrc.experiment import EMBEDDINGS, RunResult, load_run
+from nbsrc.locking import held_elsewhere, holder
 from nbsrc.train.rundir import CONFIG, RESULTS, load_run_config, read_json, read_metrics, run_state
 
 STATES = {"done": "finished", "partial": "resumable"}

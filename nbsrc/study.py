@@ -177,7 +177,7 @@ def flattened(curve, flat_gain: float) -> bool:
     """Whether a learning curve ``[(iteration, R@1), ...]`` (sorted, its last point the run's end) has
     flattened: R@1 at the end minus R@1 at 4/5 of the iterations (linearly interpolated) is below
     ``flat_gain``."""
-    its, r1 = zip(*sorted(curve))
+    its, r1 = zip(*sorted(curve), strict=True)
     end = its[-1]
     return r1[-1] - _at(curve, 0.8 * end) < flat_gain
 
@@ -185,7 +185,7 @@ def flattened(curve, flat_gain: float) -> bool:
 def _at(curve, it: float) -> float:
     import numpy as np
 
-    its, r1 = zip(*sorted(curve))
+    its, r1 = zip(*sorted(curve), strict=True)
     return float(np.interp(it, its, r1))
 
 

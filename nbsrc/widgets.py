@@ -94,7 +94,8 @@ def _make_retrieval_browser(runs_dir, k: int):
             self.run_picker = w.Dropdown(options=[(s.label, s.name) for s in self.runs.values()],
                                          description="run", layout=w.Layout(width="420px"))
             self.worst = w.ToggleButton(value=False, description="worst queries first", icon="sort-amount-asc",
-                                        layout=w.Layout(width="auto"), tooltip="order the slider by average precision, lowest first")
+                                        layout=w.Layout(width="auto"),
+                                        tooltip="order the slider by average precision, lowest first")
             self.slider = w.IntSlider(value=0, min=0, max=0, description="query", continuous_update=False,
                                       layout=w.Layout(width="420px"))
             self.info = w.HTML()

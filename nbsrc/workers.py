@@ -31,6 +31,7 @@ from pathlib import Path
 
 from nbsrc.errors import ConfigError
 
+
 def cpu_cores() -> int:
     """The cores this process may run on."""
     try:

@@ -101,7 +101,7 @@ def make_inshop(tmp: Path, n_train: int = 3, n_test: int = 4, per_item: int = 2,
     img_base = root / "Img" if official_archive else root
     order = np.random.default_rng(0).permutation(n_train + n_test)
     rows = []
-    for rank, i in enumerate(order):
+    for i in order:
         item = inshop_item(int(i) + 1)
         gender = "WOMEN" if i % 2 else "MEN"
         statuses = ["train"] * per_item if i < n_train else ["query"] * per_query + ["gallery"] * per_item

@@ -11,8 +11,18 @@ import pytest
 import torch
 
 from nbsrc.analysis import (
-    GradientNoiseMeter, average_precision_per_query, cumulative_energy, dim_at_energy, effective_dim, gradient_noise,
-    pair_indices, pair_similarities, per_sample_embedding_grads, stratified_subsample, tsne, worst_queries,
+    GradientNoiseMeter,
+    average_precision_per_query,
+    cumulative_energy,
+    dim_at_energy,
+    effective_dim,
+    gradient_noise,
+    pair_indices,
+    pair_similarities,
+    per_sample_embedding_grads,
+    stratified_subsample,
+    tsne,
+    worst_queries,
 )
 from nbsrc.errors import ConfigError, DatasetError
 from nbsrc.losses import contrastive_loss

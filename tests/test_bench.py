@@ -83,7 +83,7 @@ def test_interleave_times_one_step_at_a_time_in_rotating_turns_on_the_same_batch
     step_s = interleave(runners, torch.device("cpu"), warmup=2, n=3)
     assert calls[:6] == [(n, b) for n in "ABC" for b in (0, 1)]  # warm-up, untimed
     orders = ("ABC", "BCA", "CAB")  # the order rotates round by round; each round uses its own batch
-    assert calls[6:] == [(n, b) for b, order in zip((2, 3, 4), orders) for n in order]
+    assert calls[6:] == [(n, b) for b, order in zip((2, 3, 4), orders, strict=True) for n in order]
     assert {k: len(v) for k, v in step_s.items()} == {"A": 3, "B": 3, "C": 3}
 
 
@@ -194,7 +194,7 @@ def _slow_recall(q, ql, g, gl, ks):
     sims = q.astype(np.float64) @ g.astype(np.float64).T
     out = {}
     for k in ks:
-        hits = [bool((gl[np.lexsort((np.arange(len(g)), -s))[:k]] == y).any()) for s, y in zip(sims, ql)]
+        hits = [bool((gl[np.lexsort((np.arange(len(g)), -s))[:k]] == y).any()) for s, y in zip(sims, ql, strict=True)]
         out[k] = float(np.mean(hits))
     return out
 
@@ -275,7 +275,8 @@ def test_dtop_cli_writes_its_section(tmp_path):
 
 # ----------------------------------------------------------------------------- loader
 def test_loader_bench_compares_worker_counts_with_the_step(tmp_path):
-    from nbsrc.bench.loader import bench_loader, results_markdown as loader_md
+    from nbsrc.bench.loader import bench_loader
+    from nbsrc.bench.loader import results_markdown as loader_md
     from nbsrc.config import ExperimentConfig
 
     cfg = ExperimentConfig(name="b", dataset="digits", img_size=16, patch_size=8, batch_size=8, m_per_class=2,

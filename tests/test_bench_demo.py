@@ -22,7 +22,8 @@ def test_log_times_cross_midnight():
     end = dt.datetime(2026, 11, 30, 0, 4, 5)
     rows = parse_demo_log(LOG, end)
     assert [r["notebook"] for r in rows] == ["01_off_the_shelf.ipynb", "02_train.ipynb"]
-    assert rows[0]["start"] == dt.datetime(2026, 11, 29, 23, 58) and rows[1]["start"] == dt.datetime(2026, 11, 29, 23, 59)
+    assert rows[0]["start"] == dt.datetime(2026, 11, 29, 23, 58)
+    assert rows[1]["start"] == dt.datetime(2026, 11, 29, 23, 59)
     assert [r["seconds"] for r in rows] == [60, 300]
     with pytest.raises(ConfigError, match="done in N s"):
         parse_demo_log("nothing here", end)
@@ -50,7 +51,8 @@ def test_time_split_per_notebook(tmp_path):
     split = demo_time_split(LOG, dt.datetime(2026, 11, 30, 0, 4, 5), tmp_path)
     assert split[0] == {"notebook": "01_off_the_shelf.ipynb", "seconds": 60, "runs": 1, "train_s": 0,
                         "pca_eval_s": 20, "runs_summed_s": 20, "rest_s": 40, "run_names": ["irt_o"]}
-    assert split[1]["run_names"] == ["irt_l"] and (split[1]["train_s"], split[1]["pca_eval_s"], split[1]["rest_s"]) == (6, 44, 250)
+    assert split[1]["run_names"] == ["irt_l"]
+    assert (split[1]["train_s"], split[1]["pca_eval_s"], split[1]["rest_s"]) == (6, 44, 250)
 
 
 def test_runs_trained_at_once_count_once(tmp_path):

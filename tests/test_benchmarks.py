@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 from fixtures_benchmarks import (
-    CUB_CLASS_IDS, SOP_CATEGORIES, cub_class_name, inshop_item, make_cub, make_inshop, make_sop,
+    CUB_CLASS_IDS,
+    SOP_CATEGORIES,
+    cub_class_name,
+    inshop_item,
+    make_cub,
+    make_inshop,
+    make_sop,
 )
 
 from nbsrc.data import RetrievalTransform
@@ -39,7 +45,7 @@ def test_cub_split_counts_labels_and_names(tmp_path, nested):
     assert sorted(set(data.train.labels.tolist())) == [c - 1 for c in train_ids]
     assert sorted(set(data.query.labels.tolist())) == [c - 1 for c in test_ids]
     for ds in (data.train, data.query):
-        for path, label in zip(ds.images, ds.labels):
+        for path, label in zip(ds.images, ds.labels, strict=True):
             # the label is the class id of the image's folder, minus one
             assert Path(path).parent.name == cub_class_name(label + 1) == ds.class_names[label]
             assert Path(path).is_file()
@@ -87,7 +93,7 @@ def test_sop_split_counts_labels_and_disjointness(tmp_path, parent):
     assert sorted(set(data.query.labels.tolist())) == [4, 5, 6]
     assert not set(data.train.labels.tolist()) & set(data.query.labels.tolist())
     for ds in (data.train, data.query):
-        for path, label in zip(ds.images, ds.labels):
+        for path, label in zip(ds.images, ds.labels, strict=True):
             category = SOP_CATEGORIES[label % len(SOP_CATEGORIES)]
             assert Path(path).parent.name == f"{category}_final"
             assert Path(path).name.startswith(f"{1000 + label + 1}_")
@@ -105,7 +111,7 @@ def test_inshop_query_and_gallery_are_separate_with_shared_labels(tmp_path, offi
     assert not set(data.query.images) & set(data.gallery.images)
     # every label is the item id of the image's folder, in query and gallery alike
     for ds in (data.train, data.query, data.gallery):
-        for path, label in zip(ds.images, ds.labels):
+        for path, label in zip(ds.images, ds.labels, strict=True):
             assert Path(path).parent.name == ds.class_names[label]
             assert Path(path).is_file()
     assert set(data.query.labels.tolist()) == set(data.gallery.labels.tolist())
@@ -212,6 +218,6 @@ def test_inshop_bad_status_and_missing_gallery(tmp_path):
     # drop every gallery image of one query item
     lines = text.splitlines()
     item = next(line.split()[1] for line in lines[2:] if line.endswith("query"))
-    partition.write_text("\n".join(l for l in lines if not (item in l and l.endswith("gallery"))) + "\n")
+    partition.write_text("\n".join(ln for ln in lines if not (item in ln and ln.endswith("gallery"))) + "\n")
     with pytest.raises(DatasetError, match=f"item {item} has query images but no gallery image"):
         build("inshop", root)

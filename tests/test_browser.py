@@ -170,7 +170,7 @@ def test_retrieval_browser_renders_in_jupyterlab(tmp_path):
         # Run all cells through JupyterLab's own command, until the widget appears (the kernel may
         # still be starting on the first try).
         slider = None
-        for attempt in range(6):
+        for _ in range(6):
             _accept_dialogs(driver)
             try:
                 driver.execute_script("window.jupyterapp.commands.execute('notebook:run-all-cells');")

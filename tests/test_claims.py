@@ -10,8 +10,21 @@ import numpy as np
 import pytest
 
 from nbsrc.analysis import effective_rank, separation_auc
-from nbsrc.claims import (CLAIMS, MIN_SEEDS, RULE, VERDICTS, Z, combine, compare, judge_claim, load_claims,
-                          not_improved, part_verdict, per_seed, write_verdicts)
+from nbsrc.claims import (
+    CLAIMS,
+    MIN_SEEDS,
+    RULE,
+    VERDICTS,
+    Z,
+    combine,
+    compare,
+    judge_claim,
+    load_claims,
+    not_improved,
+    part_verdict,
+    per_seed,
+    write_verdicts,
+)
 from nbsrc.errors import ConfigError, DatasetError
 
 
@@ -162,10 +175,13 @@ def test_save_load_and_the_verdicts_file(tmp_path):
 def test_numbers_keep_three_significant_digits():
     from nbsrc.claims import _fmt, _pm
 
-    assert [_fmt(x) for x in (74.87, 5.0, 682.3, 0.00567, 0.0, 1234.5)] == ["74.9", "5.00", "682", "0.00567", "0.00", "1234"]
-    assert _fmt(2.51, signed=True) == "+2.51" and _fmt(-0.486, signed=True) == "-0.486" and _fmt(-5.47e-4) == "-0.000547"
+    assert [_fmt(x) for x in (74.87, 5.0, 682.3, 0.00567, 0.0, 1234.5)] == \
+        ["74.9", "5.00", "682", "0.00567", "0.00", "1234"]
+    assert _fmt(2.51, signed=True) == "+2.51" and _fmt(-0.486, signed=True) == "-0.486"
+    assert _fmt(-5.47e-4) == "-0.000547"
     assert _fmt(4.2e-6) == "4.20e-06"
-    assert _pm(5.0, 2.2, signed=True) == "+5.00 ± 2.2" and _pm(682.3, 7.61) == "682 ± 7.6" and _pm(1.0, float("nan")) == "1.00"
+    assert _pm(5.0, 2.2, signed=True) == "+5.00 ± 2.2" and _pm(682.3, 7.61) == "682 ± 7.6"
+    assert _pm(1.0, float("nan")) == "1.00"
 
 
 def test_per_seed():

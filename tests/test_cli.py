@@ -185,7 +185,8 @@ def test_notebook_progress_is_printed_as_plain_lines(tmp_path, capsys, monkeypat
     from nbsrc.notebook import run_notebook
 
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the kernel imports this checkout's nbsrc
-    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": kernelspec})
     params = nbformat.v4.new_code_cell("n = 3")
     params.metadata["tags"] = ["parameters"]
     work = nbformat.v4.new_code_cell("from nbsrc.progress import progress\nbar = progress(n, 'work')\n"

@@ -11,8 +11,19 @@ from pathlib import Path
 import pytest
 
 from nbsrc.__main__ import default_run_name
-from nbsrc.config import (CONFIG_FORMAT, EXECUTION_FIELDS, SECTIONS, DToPConfig, ExperimentConfig, LossConfig,
-                          OptimConfig, TupleConfig, as_dtop, config_fields, upgrade)
+from nbsrc.config import (
+    CONFIG_FORMAT,
+    EXECUTION_FIELDS,
+    SECTIONS,
+    DToPConfig,
+    ExperimentConfig,
+    LossConfig,
+    OptimConfig,
+    TupleConfig,
+    as_dtop,
+    config_fields,
+    upgrade,
+)
 from nbsrc.errors import ConfigError
 from nbsrc.presets import PRESETS_DIR, list_presets, load_preset, preset_dict, upgrade_preset
 from nbsrc.train.rundir import prepare_run_dir
@@ -97,7 +108,8 @@ def test_unknown_keys_are_one_line_errors_with_the_closest_name():
         ExperimentConfig.from_dict({"lrr": 1})
     with pytest.raises(ConfigError, match=r"unknown parameter 'optim\.lrr' \(did you mean 'lr'\?\)"):
         ExperimentConfig.from_dict({"optim": {"lrr": 1}})
-    with pytest.raises(ConfigError, match=r"unknown DToP option 'head_dimm' in model_options \(did you mean 'head_dim'"):
+    with pytest.raises(ConfigError,
+                       match=r"unknown DToP option 'head_dimm' in model_options \(did you mean 'head_dim'"):
         ExperimentConfig.from_dict({"model_options": {"dtop": True, "head_dimm": 8}})
     with pytest.raises(ConfigError, match=r"unknown DToP option 'head_dimm' in dtop \(did you mean 'head_dim'"):
         ExperimentConfig.from_dict({"dtop": {"head_dimm": 8}})

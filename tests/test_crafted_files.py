@@ -104,11 +104,11 @@ def test_load_pickle_refuses_other_globals(tmp_path, payload):
 def _equal(a, b) -> bool:
     if isinstance(a, np.ndarray):
         return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape and \
-            all(_equal(x, y) for x, y in zip(a.ravel().tolist(), b.ravel().tolist()))
+            all(_equal(x, y) for x, y in zip(a.ravel().tolist(), b.ravel().tolist(), strict=True))
     if isinstance(a, dict):
         return type(a) is type(b) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+        return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
     return type(a) is type(b) and a == b
 
 
@@ -161,7 +161,8 @@ def test_rng_state_needs_no_allowed_globals_and_restores_exactly(tmp_path):
     after = (torch.rand(3), np.random.normal(size=3), np.random.randint(0, 2**31, 3), random.random())
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))  # no allowed globals needed
     again = (torch.rand(3), np.random.normal(size=3), np.random.randint(0, 2**31, 3), random.random())
-    assert torch.equal(after[0], again[0]) and all(np.array_equal(a, b) for a, b in zip(after[1:3], again[1:3]))
+    assert torch.equal(after[0], again[0])
+    assert all(np.array_equal(a, b) for a, b in zip(after[1:3], again[1:3], strict=True))
     assert after[3] == again[3]
 
 

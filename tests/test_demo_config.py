@@ -5,7 +5,6 @@ import json
 
 import pytest
 
-from nbsrc.config import ExperimentConfig
 from nbsrc.demo import DEMO_DATA, DEMOS, RECIPE, demo_config, notebooks, pretrain_config
 from nbsrc.errors import ConfigError
 from nbsrc.notebook import NOTEBOOKS_DIR, check_parameters, fold_overrides, notebook_parameters, parse_parameters
@@ -24,10 +23,12 @@ def test_demo_config_is_data_plus_recipe_plus_overrides():
         assert cfg.run.runs_dir == f"somewhere/{demo}"  # each demo's runs apart
     # the glyph demo fine-tunes its pretraining run, named after that run's config
     pre = pretrain_config("glyphs", "r")
-    assert pre.data.train_classes == "pretrain" and pre.run.name.startswith("pretrain_") and pre.run_dir.parent.name == "glyphs"
+    assert pre.data.train_classes == "pretrain" and pre.run.name.startswith("pretrain_")
+    assert pre.run_dir.parent.name == "glyphs"
     assert pretrain_config("glyphs", "r", device="cpu").run.name == pre.run.name  # execution fields do not count
     assert pretrain_config("glyphs", "r", iterations=50).run.name != pre.run.name
-    assert demo_config("glyphs", "r", patch_size=4).model.weights == str(pretrain_config("glyphs", "r", patch_size=4).run_dir)
+    want = str(pretrain_config("glyphs", "r", patch_size=4).run_dir)
+    assert demo_config("glyphs", "r", patch_size=4).model.weights == want
     assert pretrain_config("fashion_mnist") is None
     cfg = demo_config("fashion_mnist", lr=1e-4, iterations=7)
     assert (cfg.optim.lr, cfg.optim.iterations, cfg.loss.lam) == (1e-4, 7, RECIPE["lam"])
@@ -43,7 +44,7 @@ def test_demo_config_is_data_plus_recipe_plus_overrides():
 def test_demo_notebooks_do_not_repeat_the_recipe():
     """Notebooks 01-07 declare no training value of the recipe: it comes from demo_config only."""
     for nb in notebooks():
-        if not nb.name[:2] in {f"0{i}" for i in range(1, 8)}:
+        if nb.name[:2] not in {f"0{i}" for i in range(1, 8)}:
             continue
         declared = notebook_parameters(nb)
         assert {"demo", "overrides", "pretrain", "runs_dir", "figures_dir"} <= set(declared), nb.name
@@ -59,7 +60,8 @@ def test_config_fields_become_overrides():
     folded = fold_overrides(NB02, params)
     assert folded == {"seeds": [0, 1], "overrides": {"lr": 1e-4, "weights": "none", "data_root": None}}
     # merged into an overrides dict given too; the notebook's own parameters stay its own
-    assert fold_overrides(NB02, {"overrides": {"lam": 0.3}, "iterations": 5}) == {"overrides": {"lam": 0.3, "iterations": 5}}
+    assert fold_overrides(NB02, {"overrides": {"lam": 0.3}, "iterations": 5}) == \
+        {"overrides": {"lam": 0.3, "iterations": 5}}
     check_parameters(NB02, {"lr": 1e-4, "seeds": [0, 1]})
     demo_config().replace(**folded["overrides"])  # the fields are valid
 
@@ -120,7 +122,8 @@ def test_glyph_demo_pretrains_once_and_the_study_runs_headless(small_glyphs, tmp
         "study_runs_dir": str(tmp_path / "study_runs"), "study": tiny_study_settings()}, tmp_path / "11.ipynb")
     assert sorted((runs / "glyphs").glob("pretrain_*")) == pre  # reused, not trained again
     study = load_run(runs / "glyphs" / "study_pre_lr3e-4_xbm32_from1")
-    assert (study.config.data.train_classes, study.config.data.test_classes, study.config.loss.memory_start) == ("train_fit", "train_val", 1)
+    got = (study.config.data.train_classes, study.config.data.test_classes, study.config.loss.memory_start)
+    assert got == ("train_fit", "train_val", 1)
     table = (figs / "recipe_study.md").read_text()
     assert "random init, off the shelf" in table and "XBM 32 from it. 1" in table
     text = "".join(o.get("text", "") for c in nbformat.read(out, as_version=4).cells if c.cell_type == "code"

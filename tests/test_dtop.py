@@ -15,11 +15,16 @@ from timm.models.vision_transformer import VisionTransformer
 from nbsrc.config import DToPConfig
 from nbsrc.errors import ConfigError, WeightsError
 from nbsrc.models import PCAReduction, RetrievalModel, build_model, model_from_config
-from nbsrc.models.dtop import (
-    DToPModel, LayerMix, create_effnet_lite0_vit,
-)
+from nbsrc.models.dtop import DToPModel, LayerMix, create_effnet_lite0_vit
 from nbsrc.models.locality import (
-    ASPP, FUSIONS, EnhancedLocality, Fusion, InvertedResidual, WaveBlock, channel_shuffle, orthogonal_fusion,
+    ASPP,
+    FUSIONS,
+    EnhancedLocality,
+    Fusion,
+    InvertedResidual,
+    WaveBlock,
+    channel_shuffle,
+    orthogonal_fusion,
 )
 from nbsrc.models.position import PositionGenerator, dynamic_position_embedding
 from nbsrc.presets import load_preset
@@ -138,7 +143,7 @@ def test_layer_mix_is_a_softmax_weighted_sum_of_the_layers():
         mix.weight.copy_(torch.tensor([0.5, -1.0, 2.0]))
     p = torch.randn(2, 3, 5, 4)
     w = [math.exp(a) for a in (0.5, -1.0, 2.0)]
-    ref = sum(w[l] / sum(w) * p[:, l] for l in range(3))
+    ref = sum(w[i] / sum(w) * p[:, i] for i in range(3))
     assert torch.allclose(mix(p), ref, atol=1e-6)
 
 
@@ -555,7 +560,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         m(images())[:, 0].sum().backward()
         grads.append((m.head.weight.grad, m.backbone.blocks[0].attn.qkv.weight.grad, m.peg.conv.weight.grad))
         assert m._layers is None  # nothing collected outside the forward pass
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
 
 

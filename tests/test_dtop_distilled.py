@@ -52,7 +52,8 @@ def test_dpe_keeps_both_prefix_entries_on_another_grid():
         got = vit._pos_embed(patches)
         pos = vit.pos_embed
         grid = torch.nn.functional.interpolate(pos[:, 2:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2), size=(6, 4),
-                                               mode="bilinear", align_corners=False).permute(0, 2, 3, 1).reshape(1, 24, -1)
+                                               mode="bilinear", align_corners=False)
+        grid = grid.permute(0, 2, 3, 1).reshape(1, 24, -1)
         want = torch.cat([vit.cls_token.expand(2, -1, -1) + pos[:, :1], vit.dist_token.expand(2, -1, -1) + pos[:, 1:2],
                           patches.reshape(2, 24, -1) + grid], dim=1)
     assert got.shape == (2, 26, vit.embed_dim)

@@ -147,7 +147,8 @@ def test_the_pit_b_preset_is_evaluated_the_dtop_way(tmp_path):
     table = evaluate_benchmarks("dtop_a5_pitb_dist_sfm", {"roxford5k": rev}, overrides=tiny, sfm_root=sfm)
     assert table.attrs["revisited"].startswith("scales 1, 0.707, 0.5 on both sides; whitening learned from")
     assert 0 <= table.loc[("roxford5k", "mAP M"), "ours"] <= 100
-    assert table.loc[("roxford5k", "mAP M"), "paper"] is None and np.isnan(table.loc[("roxford5k", "mAP M"), "difference"])
+    assert table.loc[("roxford5k", "mAP M"), "paper"] is None
+    assert np.isnan(table.loc[("roxford5k", "mAP M"), "difference"])
 
 
 @pytest.mark.parametrize("pooling, index", [("cls", 0), ("dist", 1)])

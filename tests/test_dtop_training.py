@@ -35,7 +35,8 @@ def cfg_for(tmp_path, **kw):
 
 def dtop_model(cfg):
     torch.manual_seed(0)
-    return build_model(cfg.model.backbone, img_size=cfg.data.img_size, patch_size=cfg.model.patch_size, dtop=cfg.model.dtop)
+    return build_model(cfg.model.backbone, img_size=cfg.data.img_size, patch_size=cfg.model.patch_size,
+                       dtop=cfg.model.dtop)
 
 
 @pytest.mark.parametrize("loss,optimizer", [("arcface", "sgd"), ("contrastive", "adamw")])

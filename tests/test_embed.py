@@ -119,7 +119,8 @@ def test_evaluate_constant_model_is_decided_by_the_tie_break():
 def test_evaluate_is_recall_at_k_of_the_extracted_embeddings_in_percent(rng, separate_gallery):
     y = np.repeat(np.arange(5), 4)
     query = RetrievalDataset(rng.integers(0, 256, (20, 8, 8), dtype=np.uint8), y, to_float)
-    gallery = RetrievalDataset(rng.integers(0, 256, (20, 8, 8), dtype=np.uint8), y, to_float) if separate_gallery else None
+    gallery = (RetrievalDataset(rng.integers(0, 256, (20, 8, 8), dtype=np.uint8), y, to_float) if separate_gallery
+               else None)
     model = tiny_model()
     out = evaluate(model, RetrievalData(train=query, query=query, gallery=gallery), ks=(1, 4), batch_size=6,
                    progress=False)

@@ -27,7 +27,8 @@ def test_schedule_warms_up_linearly_then_decays_by_a_cosine_to_min_lr_factor(tin
     assert lr_factor(cfg, 30) == pytest.approx(1e-4 + (1 - 1e-4) * 0.5)  # half-way through the cosine
     assert lr_factor(cfg, 50) == pytest.approx(1e-4) and lr_factor(cfg, 80) == pytest.approx(1e-4)
     factors = [lr_factor(cfg, t) for t in range(10, 51)]
-    assert all(a > b for a, b in zip(factors, factors[1:]))  # strictly decreasing after the warm-up
+    # strictly decreasing after the warm-up (consecutive pairs, hence strict=False)
+    assert all(a > b for a, b in zip(factors, factors[1:], strict=False))
     assert lr_factor(cfg.replace(scheduler="constant"), 30) == 1.0
     opt = build_optimizer(cfg.replace(optimizer="sgd"), [torch.nn.Parameter(torch.zeros(3))])
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9

@@ -9,8 +9,14 @@ import pytest
 from nbsrc import experiment
 from nbsrc.config import ExperimentConfig, config_fields
 from nbsrc.errors import ConfigError
-from nbsrc.experiment import (ablation_base, beta_lambda_cell, beta_lambda_grid, objective_variants, pooling_variants,
-                              run_all)
+from nbsrc.experiment import (
+    ablation_base,
+    beta_lambda_cell,
+    beta_lambda_grid,
+    objective_variants,
+    pooling_variants,
+    run_all,
+)
 from nbsrc.reporting import change_word, config_table, grad_noise_se, gradient_noise_table, mean_grad_noise
 
 
@@ -59,7 +65,8 @@ def test_beta_lambda_cell_is_the_grid_cell_and_ablation_base_is_shared():
     short = ablation_base(full, 100)
     assert _differences(full, short) == {"name", "iterations", "record_grad_noise"}
     assert short.run.record_grad_noise and short.optim.iterations == 100 and short.optim.warmup_iters == 20
-    assert short.run.name == "ablation_it100" and ablation_base(full, 50).run.name == "ablation_it50"  # lengths never clash
+    # lengths never clash
+    assert short.run.name == "ablation_it100" and ablation_base(full, 50).run.name == "ablation_it50"
     assert ablation_base(full, 4).optim.warmup_iters == 4  # warm-up clipped to fit a tiny run
     # notebook 04 builds its base at the short length directly; both give the same runs
     assert ablation_base(full.replace(iterations=100), 100) == short

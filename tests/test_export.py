@@ -16,9 +16,9 @@ pytestmark = pytest.mark.xdist_group("export")  # its tests share module-scoped 
 # timm's test_vit (6 blocks of width 64, 0.3 M parameters) instead of the default ViT-Tiny (12 blocks of
 # width 192): the ONNX exporter traces every op, so half the blocks halve its time; the exported
 # descriptor (GeM over the patch tokens, PCA, l2) is the same
-TINY = ["--backbone", "test_vit", "--dataset", "digits", "--img-size", "16", "--patch-size", "4", "--batch-size", "16", "--m-per-class", "4",
-        "--iterations", "2", "--eval-per-class", "20", "--log-every", "1", "--ckpt-every", "0", "--memory-size", "0",
-        "--no-progress", "--device", "cpu", "--lam", "0", "--pooling", "gem", "--dim", "8"]
+TINY = ["--backbone", "test_vit", "--dataset", "digits", "--img-size", "16", "--patch-size", "4", "--batch-size", "16",
+        "--m-per-class", "4", "--iterations", "2", "--eval-per-class", "20", "--log-every", "1", "--ckpt-every", "0",
+        "--memory-size", "0", "--no-progress", "--device", "cpu", "--lam", "0", "--pooling", "gem", "--dim", "8"]
 
 
 @pytest.fixture(scope="module")

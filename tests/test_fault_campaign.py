@@ -45,9 +45,9 @@ pytestmark = pytest.mark.xdist_group("fault_campaign")  # its tests share module
 
 REPO = Path(__file__).resolve().parents[1]
 # test_vit: timm's 0.3 M-parameter ViT (ViT-Tiny's checkpoints are 18x larger, and several cases train)
-TINY = {"backbone": "test_vit", "dataset": "digits", "img-size": 8, "patch-size": 4, "iterations": 2, "batch-size": 16, "m-per-class": 4,
-        "lr": 1e-3, "log-every": 1, "ckpt-every": 1, "eval-per-class": 10, "lam": 0.5, "memory-size": 0,
-        "device": "cpu"}
+TINY = {"backbone": "test_vit", "dataset": "digits", "img-size": 8, "patch-size": 4, "iterations": 2, "batch-size": 16,
+        "m-per-class": 4, "lr": 1e-3, "log-every": 1, "ckpt-every": 1, "eval-per-class": 10, "lam": 0.5,
+        "memory-size": 0, "device": "cpu"}
 FINISHED = "done"  # the one tiny finished run that the cases copy
 # A runs directory that cannot be written: a read-only one, or for root (who may write anywhere)
 # /sys, where even root may not create a directory.
@@ -262,7 +262,8 @@ NB_TINY = ["-p", "dataset", "digits", "-p", "img_size", "8", "-p", "iterations",
 
 CASES: dict[str, Case] = {
     # --- the command line itself
-    "flag value not a number": Case(["train", "--iterations", "abc"], "argument --iterations: invalid int value: 'abc'"),
+    "flag value not a number": Case(["train", "--iterations", "abc"],
+                                    "argument --iterations: invalid int value: 'abc'"),
     "flag without its value": Case(["train", "--lr"], "argument --lr: expected one argument"),
     "unknown flag": Case(["train", "--learning-rate", "1"], "unrecognized arguments: --learning-rate"),
     "unknown command": Case(["fit"], "invalid choice: 'fit'"),
@@ -287,12 +288,13 @@ CASES: dict[str, Case] = {
     "momentum without memory": Case(["train", *tiny_flags(momentum=0.9)], "momentum=0.9 is invalid"),
     "negative checkpoint interval": Case(["train", *tiny_flags(**{"ckpt-every": -1})], "ckpt_every=-1 is invalid"),
     "unknown preset": Case(["train", "--preset", "irt_r_sop_deit", *tiny_flags()], "irt_r_sop_deit"),
-    "config file missing": Case(["train", "--config", "nope.json", *tiny_flags()], "--config nope.json: cannot read it"),
+    "config file missing": Case(["train", "--config", "nope.json", *tiny_flags()],
+                                "--config nope.json: cannot read it"),
     "config file malformed": Case(["train", "--config", "bad.json", *tiny_flags()],
                                   "--config bad.json is not valid JSON (line 1, column 12",
                                   setup=_write("bad.json", '{"lr": 0.1,')),
-    "config file a list": Case(["train", "--config", "list.json", *tiny_flags()], "--config list.json holds a JSON list",
-                               setup=_write("list.json", "[1, 2]")),
+    "config file a list": Case(["train", "--config", "list.json", *tiny_flags()],
+                               "--config list.json holds a JSON list", setup=_write("list.json", "[1, 2]")),
     "config file unknown key": Case(["train", "--config", "typo.json", *tiny_flags()],
                                     "--config typo.json: unknown parameter 'learning_rate'",
                                     setup=_write("typo.json", '{"learning_rate": 0.1}')),
@@ -331,7 +333,8 @@ CASES: dict[str, Case] = {
     # --- run directories: existing, damaged, killed
     "new run over a finished one": Case(["train", *tiny_flags(FINISHED)], "already exists", finished_run=True),
     "resume of a run that does not exist": Case(["train", *tiny_flags("ghost"), "--resume"], "ghost"),
-    "resume with another config": Case(_done_resume("--resume", "--lr", "0.5"), "--lr 0.5 cannot change a resumed run (it was made with lr=0.001)",
+    "resume with another config": Case(_done_resume("--resume", "--lr", "0.5"), "--lr 0.5 cannot change a resumed run "
+                                                                                "(it was made with lr=0.001)",
                                        finished_run=True),
     "resume with a damaged config.json": Case(_done_resume("--resume"), f"runs/{FINISHED}/config.json is damaged",
                                               finished_run=True,
@@ -415,7 +418,8 @@ def campaign(tmp_path_factory):
     server = ForkServer()
     rc = server.run([{"name": "control", "argv": ["train", *tiny_flags(FINISHED, dim=8)], "cwd": str(made),
                       "out": str(made / "out")}])["control"]["rc"]
-    control = {"rc": rc, "stderr": (made / "out" / "stderr").read_text(), "stdout": (made / "out" / "stdout").read_text()}
+    control = {"rc": rc, "stderr": (made / "out" / "stderr").read_text(),
+               "stdout": (made / "out" / "stdout").read_text()}
     finished = made / "runs" / FINISHED
     assert rc == 0 and (finished / "results.json").exists(), control
     all_cases = {**CASES, **{k: v[0] for k, v in SUCCEEDS.items()}}
@@ -438,7 +442,7 @@ def campaign(tmp_path_factory):
     codes = server.run(sorted(jobs, key=lambda job: (job["name"] not in STARTS_A_KERNEL, job["name"] not in SUCCEEDS)))
     server.close()
     results = {}
-    for name, job in zip(all_cases, jobs):
+    for name, job in zip(all_cases, jobs, strict=True):
         ws = Path(job["cwd"])
         results[name] = {**codes[name], "stdout": (ws / "out" / "stdout").read_text(),
                          "stderr": (ws / "out" / "stderr").read_text(), "before": before[name],

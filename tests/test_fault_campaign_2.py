@@ -234,7 +234,7 @@ def campaign(tmp_path_factory):
     codes = server.run(sorted(jobs, key=lambda job: (job["name"] not in STARTS_A_KERNEL, job["name"] not in SUCCEEDS)))
     server.close()
     results = {}
-    for name, job in zip(all_cases, jobs):
+    for name, job in zip(all_cases, jobs, strict=True):
         ws = Path(job["cwd"])
         results[name] = {**codes[name], "stdout": (ws / "out" / "stdout").read_text(),
                          "stderr": (ws / "out" / "stderr").read_text(), "before": before[name], "after": _state(ws),

@@ -12,7 +12,12 @@ from nbsrc.config import ExperimentConfig
 from nbsrc.errors import RunDirError
 from nbsrc.train import rundir
 from nbsrc.train.rundir import (
-    load_results, load_run_config, move_aside, prepare_run_dir, read_metrics, truncate_metrics,
+    load_results,
+    load_run_config,
+    move_aside,
+    prepare_run_dir,
+    read_metrics,
+    truncate_metrics,
 )
 
 ROWS = [{"kind": "train", "iteration": i, "loss": 1.0 / i} for i in (1, 2, 3)]
@@ -28,7 +33,8 @@ def test_a_partial_last_metrics_line_is_dropped_on_resume_and_said(tmp_path, cap
     assert read_metrics(tmp_path) == ROWS  # reading leaves it out, silently (it may be being written)
     truncate_metrics(tmp_path, after_iteration=2)
     (line,) = capsys.readouterr().out.splitlines()
-    assert line.startswith(f"dropped the partial last line of {tmp_path / 'metrics.jsonl'} (left by an interrupted write)")
+    assert line.startswith(f"dropped the partial last line of {tmp_path / 'metrics.jsonl'} (left by an interrupted "
+                           "write)")
     assert (tmp_path / "metrics.jsonl").read_text() == "".join(json.dumps(r) + "\n" for r in ROWS[:2])
 
 

@@ -96,12 +96,13 @@ def test_a_vit_is_embedded_as_it_is():
 def test_extract_embeddings_folds_and_keeps_recall(tmp_path):
     """The embedding function with and without folding: the same embeddings to float rounding, the
     same Recall@K, and the model's train/eval modes restored."""
+    from sklearn.datasets import load_digits
+
     from nbsrc.data import RetrievalDataset
     from nbsrc.data.transforms import RetrievalTransform
     from nbsrc.eval import recall_at_k
     from nbsrc.models import build_model
     from nbsrc.models.embed import extract_embeddings
-    from sklearn.datasets import load_digits
 
     digits = load_digits()
     keep = np.arange(0, len(digits.target), 6)
@@ -131,7 +132,6 @@ def test_an_index_embeds_queries_as_it_embedded_its_images(tmp_path):
     """Index.build embeds with the folded network and Index.embed (queries) folds the same way: a
     query that is an indexed image gets its stored embedding back (to float16 storage rounding)."""
     from nbsrc.bench.embed import make_jpegs
-    from nbsrc.data.images import list_images
     from nbsrc.retrieval import Index
     from nbsrc.retrieval.models import load_embedding_model
 

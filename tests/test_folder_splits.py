@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 import pytest
-
 from fixtures_photos import make_drawn_folder
+
 from nbsrc.__main__ import main
 from nbsrc.config import ExperimentConfig
 from nbsrc.data import build_data

@@ -94,7 +94,12 @@ from collections import Counter  # noqa: E402
 from nbsrc.config import ExperimentConfig  # noqa: E402
 from nbsrc.data import RetrievalDataset, RetrievalTransform  # noqa: E402
 from nbsrc.data.group_sampler import (  # noqa: E402
-    MIXED_RATIOS, GroupSizeMPerClassSampler, image_sizes, mixed_size_data, mixed_size_variant, training_sampler,
+    MIXED_RATIOS,
+    GroupSizeMPerClassSampler,
+    image_sizes,
+    mixed_size_data,
+    mixed_size_variant,
+    training_sampler,
 )
 from nbsrc.data.samplers import MPerClassBatchSampler  # noqa: E402
 from nbsrc.errors import DatasetError  # noqa: E402
@@ -179,7 +184,7 @@ def test_mixed_size_variant_is_deterministic_by_index_and_keeps_the_images():
     want = {(28, 28), (21, 28), (28, 21), (14, 28), (28, 14)}  # MIXED_RATIOS at long side 28, multiple 7
     sizes = image_sizes(a)
     assert set(sizes) <= want and len(set(sizes)) > 1 and sizes == image_sizes(b)
-    assert all(np.array_equal(x, y) for x, y in zip(a.images, b.images))
+    assert all(np.array_equal(x, y) for x, y in zip(a.images, b.images, strict=True))
     assert image_sizes(mixed_size_variant(ds, seed=4)) != sizes
     for i, s in enumerate(sizes):
         assert a.images[i].dtype == np.uint8 and a.labels[i] == ds.labels[i]
@@ -224,6 +229,6 @@ def test_training_sampler_follows_cfg_sampler():
     assert isinstance(sampler, GroupSizeMPerClassSampler) and len(sampler) == 3
     assert gds.transform.resize is False and ds.transform.resize is True  # the caller's dataset is untouched
     loader = DataLoader(gds, batch_sampler=sampler, collate_fn=collate)
-    for t, (x, y, idx) in zip(range(2, 5), loader):
+    for t, (x, _, idx) in zip(range(2, 5), loader, strict=True):
         assert tuple(x.shape) == (8, 3, *sampler.size_of(sampler.batch(t)))
         assert idx.tolist() == [i for i, _ in sampler.batch(t)]

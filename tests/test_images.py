@@ -12,7 +12,14 @@ from PIL import Image
 from nbsrc.config import ExperimentConfig
 from nbsrc.data import build_data
 from nbsrc.data.images import (
-    MAX_PIXELS, check_dataset_images, check_images, image_problem, image_size, list_images, load_image, scan_images,
+    MAX_PIXELS,
+    check_dataset_images,
+    check_images,
+    image_problem,
+    image_size,
+    list_images,
+    load_image,
+    scan_images,
 )
 from nbsrc.errors import DatasetError
 

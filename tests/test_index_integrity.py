@@ -152,7 +152,8 @@ def test_a_build_that_read_no_image_leaves_nothing_and_the_corrected_command_run
     _one_line(*_main(capsys, "embed", *model_flags(two), bad, "--out", out, "--workers", "0", "--no-progress")[::2],
               "none of the 3 images")
     assert (list(out.iterdir()) == []) if out_exists else not out.exists()
-    rc, _, err = _main(capsys, "embed", *model_flags(two), two / "images", "--out", out, "--workers", "0", "--no-progress")
+    rc, _, err = _main(capsys, "embed", *model_flags(two), two / "images", "--out", out, "--workers", "0",
+                       "--no-progress")
     assert rc == 0, err
     assert len(Index.load(out)) == 6
 

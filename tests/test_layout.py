@@ -95,8 +95,8 @@ def test_no_private_name_imported_across_modules():
     assert not bad, bad
 
 
-LAYERS = ["errors", "progress", "workers", "config", "presets", "data", "models", "losses", "train", "eval", "experiment",
-          "reproduce", "runlist", "analysis", "plots", "retrieval", "widgets"]
+LAYERS = ["errors", "progress", "workers", "config", "presets", "data", "models", "losses", "train", "eval",
+          "experiment", "reproduce", "runlist", "analysis", "plots", "retrieval", "widgets"]
 
 
 def test_layers_import_only_downwards():

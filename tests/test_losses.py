@@ -8,8 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nbsrc.losses import (CrossBatchMemory, LinearCrossEntropyLoss, NormalizedSoftmaxLoss, RetrievalLoss, contrastive_loss,
-                          koleo_loss, snca_loss)
+from nbsrc.losses import (
+    CrossBatchMemory,
+    LinearCrossEntropyLoss,
+    NormalizedSoftmaxLoss,
+    RetrievalLoss,
+    contrastive_loss,
+    koleo_loss,
+    snca_loss,
+)
 
 
 def contrastive_reference(z, y, beta, ref=None, ref_y=None, idx=None, ref_idx=None):
@@ -98,7 +105,8 @@ def test_contrastive_gradient_matches_reference():
         s = u @ u.T
         same = y[:, None] == y[None, :]
         off = ~torch.eye(len(v), dtype=torch.bool)
-        return (torch.where(same & off, 1 - s, 0 * s) + torch.where(~same, (s - 0.3).clamp(min=0), 0 * s)).sum() / len(v)
+        terms = torch.where(same & off, 1 - s, 0 * s) + torch.where(~same, (s - 0.3).clamp(min=0), 0 * s)
+        return terms.sum() / len(v)
 
     zr = z0.clone().requires_grad_(True)
     ref_fn(zr).backward()
@@ -136,7 +144,7 @@ def test_memory_fifo_order_and_wraparound():
     state = mem.state_dict()
     other = CrossBatchMemory(5, 2)
     other.load_state_dict(state)
-    assert all(torch.equal(a, b) for a, b in zip(other.get(), mem.get()))
+    assert all(torch.equal(a, b) for a, b in zip(other.get(), mem.get(), strict=True))
 
 
 def test_memory_batch_larger_than_memory_keeps_newest():

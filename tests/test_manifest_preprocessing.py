@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
+from fixtures_photos import _sources
 from PIL import Image
 
-from fixtures_photos import _sources
 from nbsrc.retrieval import Index, load_embedding_model
 
 IMG = 64

@@ -45,7 +45,7 @@ def test_mean_of_resized_embeddings_renormalised():
     net, x = SizeAwareNet(), batch()
     z = multiscale_embed(net, x)
     ref = net(x)
-    for s, size in ((1 / math.sqrt(2), (11, 17)), (0.5, (8, 12))):
+    for _scale, size in ((1 / math.sqrt(2), (11, 17)), (0.5, (8, 12))):
         ref = ref + net(F.interpolate(x, size=size, mode="bilinear", align_corners=False))
     assert torch.allclose(z, F.normalize(ref, dim=-1), atol=1e-6)
     assert torch.allclose(z.norm(dim=1), torch.ones(3), atol=1e-6)

@@ -13,8 +13,18 @@ from PIL import Image
 
 from nbsrc.errors import ConfigError
 from nbsrc.plots import (
-    MODEL_COLORS, PALETTE, STYLE, color_for, figsize, plot_cumulative_energy, plot_gradient_noise,
-    plot_recall_heatmap, plot_retrieval_grid, plot_similarity_histograms, plot_training_curves, plot_tsne,
+    MODEL_COLORS,
+    PALETTE,
+    STYLE,
+    color_for,
+    figsize,
+    plot_cumulative_energy,
+    plot_gradient_noise,
+    plot_recall_heatmap,
+    plot_retrieval_grid,
+    plot_similarity_histograms,
+    plot_training_curves,
+    plot_tsne,
     save_figure,
 )
 from nbsrc.plots.style import HIT_COLOR, MISS_COLOR, QUERY_COLOR
@@ -98,7 +108,9 @@ def test_tsne_panels_share_one_class_legend(rng):
 
 
 def test_training_curves_one_panel_per_key():
-    rows = lambda s: [{"iteration": i, "contrastive": s / (i + 1), "koleo": -s * i, "total": s} for i in range(5)]
+    def rows(s):
+        return [{"iteration": i, "contrastive": s / (i + 1), "koleo": -s * i, "total": s} for i in range(5)]
+
     metrics = {"run a": rows(1.0) + [{"kind": "eval", "iteration": 5, "R@1": 0.5}], "run b": rows(2.0)}
     fig = plot_training_curves(metrics, keys=("contrastive", "koleo", "total", "grad_noise"))
     assert_labelled(fig)

@@ -251,8 +251,9 @@ def test_irt_tables_agree_where_they_share_a_row():
     assert pool["cls"]["paper"] == results("irt_l_sfm_deits")  # Table 9 is IRT_L
     assert results("irt_l_sfm_deitb_dist384") == {"roxford5k": {"mAP M": 50.5, "mAP H": 22.7},
                                                    "rparis6k": {"mAP M": 70.6, "mAP H": 47.4}}  # Tables 7 and 8
+    # Table 7's last R-MAC row
     assert results("irt_l_sfm_r101_rmac384") == {"roxford5k": {"mAP M": 37.1, "mAP H": 10.6},
-                                                  "rparis6k": {"mAP M": 66.0, "mAP H": 41.4}}  # Table 7's last R-MAC row
+                                                  "rparis6k": {"mAP M": 66.0, "mAP H": 41.4}}
     assert preset_grid("irt_l_sop_deits", "9")["cls"]["paper"]["sop"]["R@1"] == results("irt_l_sop_deits")["sop"]["R@1"]
     assert results("irt_r_sop_deits")["sop"]["R@1"] == 84.0  # Table 2's DeiT-S 384 row is Table 3's IRT_R
 
@@ -304,9 +305,10 @@ def test_dtop_a5_pit_b_rows_as_printed():
     """Table A5's PiT-B row: CLS 69.0 / 77.0 / 43.6 / 59.1 / 19.8 / 28.7 and patch 70.9 / 81.2 / 42.4 / 64.8 /
     18.9 / 35.5 (Oxf5k, Par6k, ROxf M, RPar M, ROxf H, RPar H); its DIST line is not legible (papers/README.md),
     so that preset records no number. k = 4, PiT-B's last stage (our reading, nbsrc.models.pit)."""
-    for name, pooling, branch, numbers in [("dtop_a5_pitb_cls_sfm", "cls", "global", (69.0, 77.0, 43.6, 59.1, 19.8, 28.7)),
-                                           ("dtop_a5_pitb_patch_sfm", "avg", "local", (70.9, 81.2, 42.4, 64.8, 18.9, 35.5)),
-                                           ("dtop_a5_pitb_dist_sfm", "dist", "global", (None,) * 6)]:
+    for name, pooling, branch, numbers in [
+            ("dtop_a5_pitb_cls_sfm", "cls", "global", (69.0, 77.0, 43.6, 59.1, 19.8, 28.7)),
+            ("dtop_a5_pitb_patch_sfm", "avg", "local", (70.9, 81.2, 42.4, 64.8, 18.9, 35.5)),
+            ("dtop_a5_pitb_dist_sfm", "dist", "global", (None,) * 6)]:
         o, p, om, pm, oh, ph = numbers
         assert results(name) == {"oxford5k": {"mAP": o}, "paris6k": {"mAP": p}, "roxford5k": {"mAP M": om, "mAP H": oh},
                                  "rparis6k": {"mAP M": pm, "mAP H": ph}}

@@ -13,14 +13,29 @@ import re
 import numpy as np
 import pytest
 import torch
-from fixtures_benchmarks import assert_notebook_09_without_data, make_cub, make_inshop, make_revisited, make_sfm120k, make_sop
+from fixtures_benchmarks import (
+    assert_notebook_09_without_data,
+    make_cub,
+    make_inshop,
+    make_revisited,
+    make_sfm120k,
+    make_sop,
+)
 
 from nbsrc.config import ExperimentConfig
 from nbsrc.data import RetrievalTransform, build_data
 from nbsrc.data.benchmarks import RECALL_KS
 from nbsrc.errors import ConfigError
 from nbsrc.models import model_from_config
-from nbsrc.presets import PRESETS_DIR, list_presets, load_preset, preset_dict, preset_grid_tables, preset_paper, preset_table
+from nbsrc.presets import (
+    PRESETS_DIR,
+    list_presets,
+    load_preset,
+    preset_dict,
+    preset_grid_tables,
+    preset_paper,
+    preset_table,
+)
 from nbsrc.reproduce import BENCHMARKS, evaluate_benchmarks
 from nbsrc.train.loop import build_optimizer
 
@@ -115,7 +130,8 @@ def test_dtop_preset_builds_its_dtop_model(name):
     if full:  # the full model: both branches, ELM + orthogonal fusion, N = 1536
         assert model.elm is not None and model.fusion.kind == "orthogonal" and model.branch == "both"
     else:  # Table A5: one branch, no ELM, N = 768
-        assert model.elm is None and model.branch == ("local" if "_patch_" in name else "global")  # _cls_, _dist_: global
+        # _cls_, _dist_: global
+        assert model.elm is None and model.branch == ("local" if "_patch_" in name else "global")
         assert model.head.in_features == (model.k * width if model.branch == "global" else width)
     with torch.no_grad():
         z = model(torch.randn(1, 3, 64, 48))  # DPE: any size
@@ -150,7 +166,8 @@ def test_preset_data_pipeline_on_fixture_tree(name, trees):
             from nbsrc.experiment import class_dataset
 
             train_ds = class_dataset(db, RetrievalTransform(size, train=True))
-            small = cfg.replace(iterations=2, warmup_iters=0, batch_size=4 * cfg.optim.m_per_class)  # 8 fixture clusters
+            # 8 fixture clusters
+            small = cfg.replace(iterations=2, warmup_iters=0, batch_size=4 * cfg.optim.m_per_class)
             sampler, ds, collate = training_sampler(small, train_ds)
             batch = next(iter(sampler))
             assert len(batch) == small.optim.batch_size
@@ -198,8 +215,10 @@ def test_category_level_presets_follow_irt(name):
     assert cfg.eval.ks == RECALL_KS[cfg.data.dataset]  # each dataset's own Recall@K
     assert cfg.data.img_size == 224 and cfg.model.dim in (None, 128)  # Table 2: the [CLS] descriptor at 224 px, or ▷128
     assert cfg.loss.beta == 0.5
-    assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.batch_size) == ("adamw", 3e-5, 5e-4, 64)
-    assert (cfg.optim.scheduler, cfg.optim.warmup_iters, cfg.optim.grad_clip) == ("constant", 0, None)  # nothing the paper does not say
+    assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.batch_size) == \
+        ("adamw", 3e-5, 5e-4, 64)
+    # nothing the paper does not say
+    assert (cfg.optim.scheduler, cfg.optim.warmup_iters, cfg.optim.grad_clip) == ("constant", 0, None)
     if method(name) == "r":
         assert cfg.loss.lam == 0.7
 
@@ -207,10 +226,13 @@ def test_category_level_presets_follow_irt(name):
 @pytest.mark.parametrize("name", SFM)
 def test_sfm_presets_follow_irt_section_4_2(name):
     cfg = load_preset(name)
-    assert cfg.loss.name == "contrastive" and cfg.loss.tuple_loss == "distance"  # cirtorch's loss (IRT builds on its code)
+    # cirtorch's loss (IRT builds on its code)
+    assert cfg.loss.name == "contrastive" and cfg.loss.tuple_loss == "distance"
     assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.weight_decay, cfg.loss.beta) == ("adam", 5e-7, 1e-6, 0.85)
-    assert (cfg.tuples.tuples_per_batch, cfg.tuples.negatives_per_tuple, cfg.tuples.pairs_per_epoch, cfg.tuples.negative_pool) == (5, 5, 2000, 22000)
-    assert (cfg.optim.scheduler, cfg.optim.lr_decay_per_epoch, cfg.optim.freeze_batchnorm, cfg.optim.grad_clip) == ("constant", 0.01, True, None)
+    t = cfg.tuples
+    assert (t.tuples_per_batch, t.negatives_per_tuple, t.pairs_per_epoch, t.negative_pool) == (5, 5, 2000, 22000)
+    o = cfg.optim
+    assert (o.scheduler, o.lr_decay_per_epoch, o.freeze_batchnorm, o.grad_clip) == ("constant", 0.01, True, None)
     if cfg.optim.iterations:  # 100 epochs of ceil(2000 / 5) steps
         assert cfg.optim.iterations == 100 * math.ceil(cfg.tuples.pairs_per_epoch / cfg.tuples.tuples_per_batch)
 
@@ -218,15 +240,18 @@ def test_sfm_presets_follow_irt_section_4_2(name):
 @pytest.mark.parametrize("name", DTOP)
 def test_dtop_presets_follow_dtop_a1(name):
     cfg = load_preset(name)
-    assert cfg.data.dataset == "sfm120k" and cfg.data.sfm_training == "classes"  # 3D models as classes, the ordinary loop
+    # 3D models as classes, the ordinary loop
+    assert cfg.data.dataset == "sfm120k" and cfg.data.sfm_training == "classes"
     assert (cfg.loss.name, cfg.loss.arcface_margin, cfg.loss.lam, cfg.loss.memory_size) == ("arcface", 0.15, 0.0, 0)
-    assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.scheduler, cfg.optim.min_lr_factor, cfg.optim.batch_size) == ("sgd", 1e-3, "cosine", 1e-4, 64)
+    o = cfg.optim
+    assert (o.optimizer, o.lr, o.scheduler, o.min_lr_factor, o.batch_size) == ("sgd", 1e-3, "cosine", 1e-4, 64)
     assert cfg.data.sampler == "group_size" and cfg.eval.whitening == "learned"  # Tables A12, A7
     assert cfg.eval.eval_scales == pytest.approx([1.0, 2 ** -0.5, 0.5])  # Table A11: 3 scales on both sides
     # warm-up of 3 epochs on SfM-120k (§A.1), none for the Table A5 benchmark ("except without warm-up")
     assert cfg.optim.warmup_iters == (0 if name.startswith("dtop_a5_") else 3 * math.ceil(91642 / 64))
     pit = cfg.model.backbone.startswith("pit_")  # timm's PiT-B exists at 224 px only; k within its last stage of 4
-    assert cfg.model.dtop is not None and cfg.model.dtop.k == (4 if pit else 6) and cfg.model.dim is None  # head = descriptor
+    # head = descriptor
+    assert cfg.model.dtop is not None and cfg.model.dtop.k == (4 if pit else 6) and cfg.model.dim is None
     assert cfg.model.backbone.endswith("_224" if pit else "_384")  # DPE resamples the position grid to any input
     assert cfg.data.img_size == 384  # the longer side of the group-size batches
 

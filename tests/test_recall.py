@@ -181,7 +181,8 @@ def test_recall_at_k_matches_reference_on_continuous_data(rng, separate_gallery)
         np.testing.assert_array_equal(got[k], want[k])
     means = recall_at_k(q, ql, ks, gallery_emb=g, gallery_labels=gl)
     assert means == pytest.approx({k: np.nanmean(want[k]) for k in ks}, abs=1e-12)
-    assert all(means[a] <= means[b] for a, b in zip(ks, ks[1:]))  # R@K never decreases with K
+    # R@K never decreases with K (consecutive pairs, hence strict=False)
+    assert all(means[a] <= means[b] for a, b in zip(ks, ks[1:], strict=False))
 
 
 @pytest.mark.parametrize("separate_gallery", [False, True])
@@ -310,8 +311,9 @@ def test_float16_memmaps_are_read_block_by_block_with_the_same_results(rng, tmp_
     """The gallery goes into the index a block at a time and the query set is never copied whole:
     a float16 memory map gives the results of the same values in memory, and a NaN in a later block
     is reported with its row in the whole array."""
-    import nbsrc.eval.recall as recall_mod
     from numpy.lib.format import open_memmap
+
+    import nbsrc.eval.recall as recall_mod
 
     monkeypatch.setattr(recall_mod, "_ADD_ROWS", 7)  # many blocks on a small gallery
     g, q = unit(rng.normal(size=(50, 6))).astype(np.float16), unit(rng.normal(size=(9, 6))).astype(np.float16)

@@ -8,14 +8,13 @@ import datetime
 import io
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fixtures_photos import make_photo_folder
 from PIL import Image
 
-from fixtures_photos import make_photo_folder
 from nbsrc.data.images import load_image
 from nbsrc.errors import ConfigError, DatasetError, RunDirError, WeightsError
 from nbsrc.retrieval import Index, load_embedding_model, search_image
@@ -213,7 +212,8 @@ def test_interrupted_build_resumes_and_matches_a_fresh_one(tmp_path, photos, lit
     monkeypatch.setattr(index_module, "embed_to_memmap", watched(real, seen))
     notes = []
     idx = Index.build(lite0, root, out, batch_size=4, num_workers=0, progress=False, log=notes.append)
-    assert [first for first, _ in seen] == [4, 8] and "resuming" in notes[0] and "4 of 12" in notes[0]  # batch 0 not recomputed
+    # batch 0 not recomputed
+    assert [first for first, _ in seen] == [4, 8] and "resuming" in notes[0] and "4 of 12" in notes[0]
     np.testing.assert_array_equal(np.load(out / "embeddings.npy"), np.load(built.path / "embeddings.npy"))
     a, b = idx.search(list(queries.values()), 4), built.search(list(queries.values()), 4)
     np.testing.assert_array_equal(a.rows, b.rows)

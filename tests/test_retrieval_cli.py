@@ -98,7 +98,8 @@ def test_embed_kill_resume_search_grid(folder, tmp_path, capsys):
     assert killed.returncode == -9, killed.stdout + killed.stderr
     side = json.loads((out / "embeddings.npy.progress.json").read_text())
     assert side["rows_done"] == 2 and not (out / "manifest.json").exists()
-    _one_line_error(run_main(capsys, "search", out, queries["china"]), "did not finish", "run the same nbsrc embed command again")
+    _one_line_error(run_main(capsys, "search", out, queries["china"]), "did not finish", "run the same nbsrc embed "
+                                                                                         "command again")
 
     r = nbsrc("embed", *MODEL, root, "--out", out, "--batch-size", "2", "--workers", "0", "--no-progress", check=0)
     assert "resuming the index build" in r.stdout and "2 of 11 images already embedded" in r.stdout
@@ -115,7 +116,8 @@ def test_embed_kill_resume_search_grid(folder, tmp_path, capsys):
 
     # run again when finished: nothing to do, nothing changed
     stamp = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    again = run_main(capsys, "embed", *MODEL, root, "--out", out, "--batch-size", "2", "--workers", "0", "--no-progress")
+    again = run_main(capsys, "embed", *MODEL, root, "--out", out, "--batch-size", "2", "--workers", "0",
+                     "--no-progress")
     assert again.returncode == 0, again.stdout + again.stderr
     assert "nothing to do" in again.stdout and {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamp
 
@@ -186,6 +188,7 @@ def test_search_bad_queries(folder, tmp_path, capsys):
     bad.write_text("text")
     _one_line_error(run_main(capsys, "search", out, bad), "cannot decode image", "bad.jpg")
     _one_line_error(run_main(capsys, "search", out, flat / "china.jpg", "-k", "0"), "-k 0 is invalid")
-    _one_line_error(run_main(capsys, "search", out, flat / "china.jpg", "--grid", tmp_path / "g.txt"), "--grid", ".png or .pdf")
+    _one_line_error(run_main(capsys, "search", out, flat / "china.jpg", "--grid", tmp_path / "g.txt"), "--grid",
+                    ".png or .pdf")
     r = run_main(capsys, "search", out, flat / "china.jpg", "-k", "50")  # k capped at the 3 images
     assert len(r.stdout.splitlines()) == 4 and "[" not in r.stdout  # no classes in a flat folder

@@ -22,7 +22,7 @@ def q(easy=(), hard=(), junk=()):
 def ap_and_precision(ranks, ok, junk, kappas=(1, 5, 10)):
     """Per-query AP and P@k as fractions, through :func:`revisited_map`'s Medium setup, whose positives are
     ``easy ∪ hard`` (here ``ok``) and whose junk is ``junk``."""
-    r = revisited_map(ranks, [q(easy=o, junk=j) for o, j in zip(ok, junk)], kappas, reduce=False)["medium"]
+    r = revisited_map(ranks, [q(easy=o, junk=j) for o, j in zip(ok, junk, strict=True)], kappas, reduce=False)["medium"]
     return r["AP"] / 100, np.stack([r[f"P@{k}"] for k in kappas], axis=1) / 100
 
 
@@ -82,7 +82,8 @@ def as_protocol(gnd, setup):
 def test_ap_hand_computed_without_junk():
     # positives at 0-based ranks 0 and 2 of 4, n = 2:
     # i=0, r=0: (1 + 1/1)/2 * 1/2 = 0.5 ; i=1, r=2: (1/2 + 2/3)/2 * 1/2 = 7/24
-    ap, prec = ap_and_precision(np.array([[5, 1, 7, 3]]), [np.array([5, 7])], [np.array([], dtype=np.int64)], (1, 2, 3, 10))
+    ap, prec = ap_and_precision(np.array([[5, 1, 7, 3]]), [np.array([5, 7])], [np.array([], dtype=np.int64)],
+                                (1, 2, 3, 10))
     assert ap[0] == pytest.approx(0.5 + 7 / 24, abs=1e-12)
     # 1-based positions {1, 3}; P@1 = 1/1, P@2 = 1/2, P@3 = 2/3, P@10: k_q = min(10, 3) -> 2/3
     np.testing.assert_allclose(prec[0], [1, 1 / 2, 2 / 3, 2 / 3], atol=1e-12)

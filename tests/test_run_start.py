@@ -19,13 +19,13 @@ import torch
 from PIL import Image
 
 from nbsrc.__main__ import main
-from nbsrc.config import config_fields, ExperimentConfig
+from nbsrc.config import ExperimentConfig, config_fields
 from nbsrc.errors import ConfigError, NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--backbone", "test_vit", "--dataset", "digits", "--img-size", "8", "--patch-size", "4", "--batch-size", "16", "--m-per-class", "4",
-        "--iterations", "2", "--eval-per-class", "20", "--log-every", "1", "--ckpt-every", "0", "--memory-size", "0",
-        "--no-progress", "--device", "cpu", "--lam", "0"]
+TINY = ["--backbone", "test_vit", "--dataset", "digits", "--img-size", "8", "--patch-size", "4", "--batch-size", "16",
+        "--m-per-class", "4", "--iterations", "2", "--eval-per-class", "20", "--log-every", "1", "--ckpt-every", "0",
+        "--memory-size", "0", "--no-progress", "--device", "cpu", "--lam", "0"]
 
 
 def train(tmp_path, *flags, name="r", capsys=None):
@@ -139,7 +139,8 @@ def _same_name_starts_again(tmp_path, capsys, how: str) -> None:
     """The command of the killed start, run again under the same name (``how``: ``new`` or
     ``--resume``), replaces the leftover and trains from iteration 0."""
     capsys.readouterr()
-    rc = main(["train", "--name", "k", "--runs-dir", str(tmp_path / "runs"), *TINY, *(["--resume"] if how == "resume" else [])])
+    rc = main(["train", "--name", "k", "--runs-dir", str(tmp_path / "runs"), *TINY,
+               *(["--resume"] if how == "resume" else [])])
     out = capsys.readouterr()
     assert rc == 0, out.err[-2000:]
     run_dir = tmp_path / "runs" / "k"
@@ -167,7 +168,8 @@ def _leftover(tmp_path, pieces) -> Path:
     from nbsrc.__main__ import build_parser, config_from_args
     from nbsrc.train.checkpoint import LATEST
 
-    cfg = config_from_args(build_parser().parse_args(["train", "--name", "k", "--runs-dir", str(tmp_path / "runs"), *TINY]))
+    args = build_parser().parse_args(["train", "--name", "k", "--runs-dir", str(tmp_path / "runs"), *TINY])
+    cfg = config_from_args(args)
     run_dir = tmp_path / "runs" / "k"
     run_dir.mkdir(parents=True)
     cfg.save(run_dir / "config.json")
@@ -211,7 +213,8 @@ def test_sigkill_before_the_first_checkpoint_then_the_same_name_starts_again(tmp
     checkpoint; whatever it left (the pieces above), the same command with ``--resume`` starts again."""
     run_dir = tmp_path / "runs" / "k"
     proc = subprocess.Popen(_cli(tmp_path, "--iterations", "100000"), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+                            stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     try:
         while not (run_dir / "metrics.jsonl").exists():  # the first logged iteration
             assert proc.poll() is None, "the run ended before it could be killed"
@@ -225,8 +228,9 @@ def test_sigkill_before_the_first_checkpoint_then_the_same_name_starts_again(tmp
 
 # ----------------------------------------------------------------------------- non-finite settings
 FLOAT_FIELDS = [f.name for f in config_fields()
-                if f.type is float or (typing.get_origin(f.type) in (typing.Union, getattr(__import__("types"), "UnionType", None))
-                                       and float in typing.get_args(f.type))]
+                if f.type is float
+                or (typing.get_origin(f.type) in (typing.Union, getattr(__import__("types"), "UnionType", None))
+                    and float in typing.get_args(f.type))]
 
 
 def test_the_float_fields_are_found():

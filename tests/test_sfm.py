@@ -11,7 +11,12 @@ from fixtures_benchmarks import make_sfm120k, sfm_cid
 
 from nbsrc.data import RetrievalTransform
 from nbsrc.data.sfm import (
-    TupleDataset, TupleSampler, cid2filename, collate_tuples, load_sfm120k_db, mine_hard_negatives,
+    TupleDataset,
+    TupleSampler,
+    cid2filename,
+    collate_tuples,
+    load_sfm120k_db,
+    mine_hard_negatives,
 )
 from nbsrc.errors import ConfigError, DatasetError
 

@@ -6,15 +6,13 @@ import math
 
 import pytest
 import torch
-
-from nbsrc.train.tuples import check_tuple_config
 from torch import nn
 
 from nbsrc.config import ExperimentConfig
 from nbsrc.errors import ConfigError
-from nbsrc.losses.tuples import (distance_contrastive_loss, tuple_contrastive_loss, tuple_loss,
-                                 tuple_loss_terms)
+from nbsrc.losses.tuples import distance_contrastive_loss, tuple_contrastive_loss, tuple_loss, tuple_loss_terms
 from nbsrc.train.protocol import epoch_lr_decay, freeze_batchnorm, train_mode
+from nbsrc.train.tuples import check_tuple_config
 
 
 def distance_reference(z, tuple_size, margin, eps=1e-6):
@@ -24,7 +22,7 @@ def distance_reference(z, tuple_size, margin, eps=1e-6):
     for t in range(0, len(z), tuple_size):
         q = z[t]
         for j in range(1, tuple_size):
-            d = math.sqrt(sum((float(a) - float(b) + eps) ** 2 for a, b in zip(q, z[t + j])))
+            d = math.sqrt(sum((float(a) - float(b) + eps) ** 2 for a, b in zip(q, z[t + j], strict=True)))
             total += 0.5 * d**2 if j == 1 else 0.5 * max(0.0, margin - d) ** 2
     return total
 
@@ -97,7 +95,8 @@ def test_frozen_batchnorm_keeps_its_running_statistics():
 
 def test_protocol_config_fields():
     cfg = ExperimentConfig()
-    assert (cfg.optim.lr_decay_per_epoch, cfg.optim.freeze_batchnorm, cfg.eval.eval_scales, cfg.eval.whitening) == (0.0, False, None, None)
+    assert (cfg.optim.lr_decay_per_epoch, cfg.optim.freeze_batchnorm, cfg.eval.eval_scales, cfg.eval.whitening) == \
+        (0.0, False, None, None)
     c = ExperimentConfig.from_dict({"eval_scales": [1, 0.5], "whitening": "learned", "lr_decay_per_epoch": 0.01})
     assert c.eval.eval_scales == [1.0, 0.5] and ExperimentConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ConfigError, match="tuple_loss='cos' is invalid"):  # the registry's check, at build

@@ -437,7 +437,8 @@ def test_demo_notebooks_run_headless(tmp_path, monkeypatch):
     # Notebook 09 without benchmark data (test_presets.py's check, made here on the same run)
     from fixtures_benchmarks import assert_notebook_09_without_data
 
-    assert_notebook_09_without_data(tmp_path / "runs/notebooks/quick/09_benchmarks.ipynb", tmp_path / QUICK["figures_dir"])
+    assert_notebook_09_without_data(tmp_path / "runs/notebooks/quick/09_benchmarks.ipynb",
+                                    tmp_path / QUICK["figures_dir"])
 
 
 def test_notebook_kernel_is_this_interpreter(tmp_path, monkeypatch):

@@ -5,8 +5,13 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from nbsrc.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, RetrievalTransform,
-                                   particular_object_transform, resize_side)
+from nbsrc.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RetrievalTransform,
+    particular_object_transform,
+    resize_side,
+)
 from nbsrc.errors import ConfigError
 
 UNIT = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # output = pixel / 255
@@ -44,7 +49,8 @@ def test_particular_object_transform_is_a_plain_square_resize():
     t = particular_object_transform(32, **UNIT)
     ref = TF.resize(img.float() / 255, [32, 32], antialias=True)
     assert torch.allclose(t(img), ref, atol=1e-6)
-    assert torch.equal(t(img, torch.Generator().manual_seed(1)), t(img, torch.Generator().manual_seed(2)))  # no augmentation
+    # no augmentation
+    assert torch.equal(t(img, torch.Generator().manual_seed(1)), t(img, torch.Generator().manual_seed(2)))
 
 
 def test_category_eval_keeps_the_whole_width_of_a_4_3_image():
@@ -92,7 +98,8 @@ def test_category_train_transform_crops_and_flips_deterministically():
     views = {tuple(train_tf(img, torch.Generator().manual_seed(s)).flatten()[:50].tolist()) for s in range(8)}
     assert len(views) > 1  # random crops / flips differ between seeds ...
     a = train_tf(img, torch.Generator().manual_seed(5))
-    assert a.shape == (3, 28, 28) and torch.equal(a, train_tf(img, torch.Generator().manual_seed(5)))  # ... reproducibly
+    # ... reproducibly
+    assert a.shape == (3, 28, 28) and torch.equal(a, train_tf(img, torch.Generator().manual_seed(5)))
 
 
 def test_bad_size_is_an_error():

@@ -16,10 +16,10 @@ from nbsrc.data.transforms import particular_object_transform
 from nbsrc.errors import ConfigError, DatasetError, NonFiniteLossError
 from nbsrc.eval import extract_embeddings
 from nbsrc.experiment import find_revisited_root, run_experiment
+from nbsrc.losses.tuples import tuple_contrastive_loss, tuple_loss_terms
 from nbsrc.models import data_config, model_from_config
 from nbsrc.train import load_checkpoint, read_metrics
 from nbsrc.train.checkpoint import PREVIOUS
-from nbsrc.losses.tuples import tuple_contrastive_loss, tuple_loss_terms
 from nbsrc.train.loop import fit
 from nbsrc.train.tuples import TupleTask, batches_per_epoch, epoch_batches, mine_epoch
 
@@ -30,7 +30,7 @@ def loss_reference(z, tuple_size, beta):
     """IRT eq. (1) on each tuple (q, p, n_1..n_K), straight from the formula, in float64 Python."""
     z = [[float(v) for v in row] for row in z]
     norm = lambda a: [v / math.sqrt(sum(x * x for x in a)) for v in a]  # noqa: E731
-    dot = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b, strict=True))  # noqa: E731
     per_tuple = []
     for s in range(0, len(z), tuple_size):
         q, p, negs = norm(z[s]), norm(z[s + 1]), [norm(n) for n in z[s + 2 : s + tuple_size]]
@@ -155,7 +155,8 @@ def test_resume_equals_uninterrupted_and_epochs_train_on_their_own_mining(data, 
     norm = data_config(m1)
     eval_tf = particular_object_transform(32, norm["mean"], norm["std"])  # IRT §4.2: what tuple training mines with
     z, _, _ = extract_embeddings(m1, db.images(eval_tf), progress=False)  # all images, independently
-    sampler = TupleSampler(db, cfg.tuples.pairs_per_epoch, cfg.tuples.negative_pool, cfg.tuples.negatives_per_tuple, cfg.run.seed)
+    sampler = TupleSampler(db, cfg.tuples.pairs_per_epoch, cfg.tuples.negative_pool, cfg.tuples.negatives_per_tuple,
+                           cfg.run.seed)
     pairs, pool = sampler.draw(1)
     tuples = inside["tuples"]
     # the uninterrupted run did the same: its epoch-0-end checkpoint and its epoch-1 tuples
@@ -336,7 +337,7 @@ def test_two_process_tuple_training_equals_one_process_on_the_global_batch(data,
     ddp_rows, one_rows = read_metrics(ddp_cfg.run_dir), read_metrics(one_cfg.run_dir)
     assert [(r["kind"], r["iteration"]) for r in ddp_rows] == [(r["kind"], r["iteration"]) for r in one_rows]
     assert [r["kind"] for r in ddp_rows].count("mine") == 2  # logged once, by rank 0
-    for a, b in zip(ddp_rows, one_rows):
+    for a, b in zip(ddp_rows, one_rows, strict=True):
         if a["kind"] == "train":
             for key in ("contrastive", "koleo", "total"):
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["iteration"], key)

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from nbsrc.analysis import average_precision_per_query, cumulative_energy
+from nbsrc.analysis.runs import spectrum_data
 from nbsrc.config import ExperimentConfig
 from nbsrc.data import build_data
 from nbsrc.errors import ConfigError, RunDirError
 from nbsrc.experiment import load_embeddings, run_experiment
-from nbsrc.analysis.runs import spectrum_data
 from nbsrc.retrieval import display_image, load_retrieval, retrieval_for_query
 from nbsrc.runlist import list_finished_runs
 from nbsrc.widgets import retrieval_browser, spectrum_explorer
@@ -102,7 +102,7 @@ def test_retrieval_for_query_matches_brute_force_and_labels(runs_dir, run_name):
         assert r.query_label == data.query.labels[e["query_indices"][row]]
         np.testing.assert_array_equal(r.hits, data.query.labels[image_ids] == r.query_label)
         np.testing.assert_array_equal(r.query_image, data.query.raw(int(e["query_indices"][row])).numpy())
-        for img, i in zip(r.images, image_ids):
+        for img, i in zip(r.images, image_ids, strict=True):
             np.testing.assert_array_equal(img, data.query.raw(int(i)).numpy())
         assert row not in r.gallery_rows.tolist()
     # some query has both hits and misses, so the green/red marking is exercised both ways

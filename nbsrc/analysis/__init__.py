@@ -17,10 +17,23 @@ it is imported on its own, so that this package stays arrays in, arrays out.
 
 from nbsrc.analysis.embedding import TSNEResult, stratified_subsample, tsne
 from nbsrc.analysis.gradients import GradientNoiseMeter, gradient_noise, per_sample_embedding_grads
-from nbsrc.analysis.similarity import (average_precision_per_query, pair_indices, pair_similarities,
-                                      revisited_pair_similarities, run_pair_similarities, separation_auc, worst_queries)
-from nbsrc.analysis.spectrum import (as_embeddings, as_labels, cumulative_energy, dim_at_energy, effective_dim,
-                                    effective_rank)
+from nbsrc.analysis.similarity import (
+    average_precision_per_query,
+    pair_indices,
+    pair_similarities,
+    revisited_pair_similarities,
+    run_pair_similarities,
+    separation_auc,
+    worst_queries,
+)
+from nbsrc.analysis.spectrum import (
+    as_embeddings,
+    as_labels,
+    cumulative_energy,
+    dim_at_energy,
+    effective_dim,
+    effective_rank,
+)
 
 __all__ = [
     "cumulative_energy", "effective_dim", "effective_rank", "dim_at_energy", "as_embeddings", "as_labels",

@@ -64,7 +64,8 @@ def pair_indices(y, max_positives: int | None = 200_000, max_negatives: int | No
     ``positives_total``, ``positives_used``, ``negatives_total``, ``negatives_used``, ``seed``.
     """
     y = np.asarray(y)
-    max_positives, max_negatives = _check_cap(max_positives, "max_positives"), _check_cap(max_negatives, "max_negatives")
+    max_positives = _check_cap(max_positives, "max_positives")
+    max_negatives = _check_cap(max_negatives, "max_negatives")
     n = len(y)
     order = np.argsort(y, kind="stable")
     _, start, size = np.unique(y[order], return_index=True, return_counts=True)

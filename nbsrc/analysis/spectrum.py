@@ -60,7 +60,8 @@ def as_labels(y, n: int, name: str = "y", min_per_class: int = 0) -> np.ndarray:
         classes, counts = np.unique(y, return_counts=True)
         small = classes[counts < min_per_class]
         if len(small):
-            shown = ", ".join(f"{c.item()!r} ({n})" for c, n in zip(small[:5], counts[counts < min_per_class]))
+            shown = ", ".join(f"{c.item()!r} ({n})"
+                              for c, n in zip(small[:5], counts[counts < min_per_class][:5], strict=True))
             more = f" and {len(small) - 5} more" if len(small) > 5 else ""
             raise DatasetError(
                 f"this analysis needs at least {min_per_class} samples per class, but class(es) {shown}{more} "

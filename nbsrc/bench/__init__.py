@@ -59,11 +59,14 @@ def timed_rounds(fns: dict[str, Callable[[int], Any]], rounds: int, device="cpu"
     last: dict[str, Any] = {}
     for r in range(warmup + rounds):
         for name in rotation(list(fns), r):
-            last[name], seconds = timed(lambda: fns[name](r), device)
+            last[name], seconds = timed(lambda fn=fns[name], r=r: fn(r), device)
             if r >= warmup:
                 times[name].append(seconds)
     return times, last
-_HEADER = "# Benchmark results\n\nWritten by `python -m nbsrc.bench {train,eval,dtop,loader,revisited,embed,demo,jobs}` (`embed --source run` writes *embed-run*, `train --section NAME` another train section); each command rewrites only its own section.\n"
+_HEADER = ("# Benchmark results\n\n"
+           "Written by `python -m nbsrc.bench {train,eval,dtop,loader,revisited,embed,demo,jobs}` "
+           "(`embed --source run` writes *embed-run*, `train --section NAME` another train section); "
+           "each command rewrites only its own section.\n")
 
 
 def machine_info() -> dict:

@@ -1,5 +1,5 @@
-"""``python -m nbsrc.bench {train,eval,dtop,loader,revisited,embed,demo,jobs} [options]``: run one benchmark, print its JSON and
-rewrite its section of bench/RESULTS.md (``--results PATH`` to write elsewhere, ``--note TEXT`` to
+"""``python -m nbsrc.bench {train,eval,dtop,loader,revisited,embed,demo,jobs} [options]``: run one benchmark,
+print its JSON and rewrite its section of bench/RESULTS.md (``--results PATH`` to write elsewhere, ``--note TEXT`` to
 record the conditions, e.g. a busy shared machine)."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from nbsrc.errors import NbsrcError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nbsrc.bench import demo, dtop, embed, eval as eval_bench, jobs, loader, revisited, train
+    from nbsrc.bench import demo, dtop, embed, jobs, loader, revisited, train
+    from nbsrc.bench import eval as eval_bench
 
     p = argparse.ArgumentParser(prog="python -m nbsrc.bench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)

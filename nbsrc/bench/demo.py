@@ -50,7 +50,7 @@ def parse_demo_log(text: str, end: dt.datetime) -> list[dict]:
     if start > end:
         start -= dt.timedelta(days=1)
     last["start"] = start
-    for prev, nxt in zip(reversed(rows[:-1]), reversed(rows[1:])):
+    for prev, nxt in zip(reversed(rows[:-1]), reversed(rows[1:]), strict=True):
         s = dt.datetime.combine(nxt["start"].date(), prev["time"])
         if s > nxt["start"]:
             s -= dt.timedelta(days=1)
@@ -149,7 +149,8 @@ def run(a, results_path=None, note: str = "") -> list[dict]:
 
     log = Path(a.log)
     if not log.is_file():
-        raise ConfigError(f"--log {log}: no such file; save the demo's output first: python -m nbsrc demo > demo.log 2>&1")
+        raise ConfigError(f"--log {log}: no such file; save the demo's output first: "
+                          "python -m nbsrc demo > demo.log 2>&1")
     if not Path(a.runs).is_dir():
         raise ConfigError(f"--runs {a.runs}: no such folder; give the demo's runs folder, e.g. runs/fashion_mnist")
     rows = demo_time_split(log.read_text(), dt.datetime.fromtimestamp(log.stat().st_mtime), Path(a.runs))

@@ -75,9 +75,9 @@ def direct_embed(model: torch.nn.Module, paths: list[Path], img_size: int, resiz
     return z
 
 
-def bench_embed(n_images: int = 64, width: int = 320, height: int = 240, rounds: int = 3, model: str = "efficientnet_lite0",
-                direct_batch: int = 32, threads: int | None = None, seed: int = 0, source: str = "generated",
-                per_class: int | None = None) -> dict:
+def bench_embed(n_images: int = 64, width: int = 320, height: int = 240, rounds: int = 3,
+                model: str = "efficientnet_lite0", direct_batch: int = 32, threads: int | None = None, seed: int = 0,
+                source: str = "generated", per_class: int | None = None) -> dict:
     """Median seconds per round of nbsrc's ``Index.build`` and the direct loop over the same
     ``n_images`` generated JPEGs, their paired speed ratio and the embeddings' distance."""
     from nbsrc.bench.train import paired_ratio, verdict
@@ -88,7 +88,8 @@ def bench_embed(n_images: int = 64, width: int = 320, height: int = 240, rounds:
     if n_images < 2 or rounds < 1 or direct_batch < 1:
         raise ConfigError(f"images={n_images}, rounds={rounds}, direct_batch={direct_batch}: need >= 2, >= 1, >= 1")
     if source not in ("generated", "run"):
-        raise ConfigError(f"source={source!r} is invalid: expected 'generated' (JPEGs) or 'run' (the run's query images)")
+        raise ConfigError(f"source={source!r} is invalid: expected 'generated' (JPEGs) or 'run' (the run's query "
+                          "images)")
     if per_class is not None and per_class < 1:
         raise ConfigError(f"per_class={per_class} is invalid: expected a positive number of images per class, "
                           "or None for all")
@@ -146,17 +147,19 @@ def results_markdown(r: dict, info: dict, note: str = "") -> str:
     lo, hi = r["ci95"]
     s = (machine_lines(info, note)
          + f"- setup: {r['model']} at {r['img_size']} px, {r['images']} {r['photo']} in class folders, "
-         f"torch threads {r['threads']}, {r['rounds']} rounds alternating which method goes first, each round timed whole; "
-         f"direct loop in batches of {r['direct_batch']}\n"
+         f"torch threads {r['threads']}, {r['rounds']} rounds alternating which method goes first, each round timed "
+         f"whole; direct loop in batches of {r['direct_batch']}\n"
          f"- load average (1, 5, 15 min) at the end: {', '.join(f'{x:.2f}' for x in r['loadavg'])}\n"
          "- statistic: median over rounds of the per-round ratio direct time / nbsrc time, [95% bootstrap interval]; "
          "in brackets, the ratio of the median times\n\n"
          "| method | median s / round | img/s |\n|---|---|---|\n"
          + "".join(f"| {k} | {r['median_s'][k]:.2f} | {r['img_per_s'][k]:.1f} |\n" for k in ("nbsrc", "direct"))
          + f"\n| nbsrc speed / direct loop | target | verdict |\n|---|---|---|\n"
-         f"| {r['nbsrc_over_direct']:.3f} [{lo:.3f}, {hi:.3f}] ({r['of_medians']:.3f}) | >= 0.95 | {r['verdict']} |\n\n")
+         f"| {r['nbsrc_over_direct']:.3f} [{lo:.3f}, {hi:.3f}] ({r['of_medians']:.3f}) | >= 0.95 "
+         f"| {r['verdict']} |\n\n")
     if r["cosine_min"] is not None:
-        s += (f"Embeddings (nbsrc's stored as float16): the lowest cosine between nbsrc's and the direct loop's embedding of the same image is "
+        s += ("Embeddings (nbsrc's stored as float16): the lowest cosine between nbsrc's and the direct loop's "
+              "embedding of the same image is "
               f"{r['cosine_min']:.4f} (they differ by the resize kernels: PIL on uint8 vs torchvision on float).\n\n")
     s += (f"Reading: `Index.build` with its defaults embeds the folder at {r['nbsrc_over_direct']:.3f}x the speed of "
           f"the direct loop (target >= 0.95: {r['verdict']}).\n")

@@ -83,8 +83,10 @@ def make_dataset(workdir: Path, n: int, dim: int, n_query: int, kind: str, seed:
     centres = rng.standard_normal((n_classes, dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     paths = {k: str(workdir / f"{k}.npy") for k in ("gallery", "query", "gallery_labels", "query_labels")}
-    np.save(paths["gallery_labels"], write_embeddings(Path(paths["gallery"]), n, dim, kind, n_classes, seed + 1, centres))
-    np.save(paths["query_labels"], write_embeddings(Path(paths["query"]), n_query, dim, kind, n_classes, seed + 2, centres))
+    np.save(paths["gallery_labels"],
+            write_embeddings(Path(paths["gallery"]), n, dim, kind, n_classes, seed + 1, centres))
+    np.save(paths["query_labels"],
+            write_embeddings(Path(paths["query"]), n_query, dim, kind, n_classes, seed + 2, centres))
     return paths
 
 
@@ -115,7 +117,8 @@ def _torch(q, ql, g, gl, ks, info, matrix_budget: float) -> tuple[dict, np.ndarr
         sims, idx = (qt @ torch.from_numpy(np.asarray(g, dtype=np.float32)).T).topk(k, dim=1)
     else:
         rows = max(k, int(matrix_budget // (4 * nq)))
-        info["how"] = f"chunked: {nq}x{rows} similarity blocks over the gallery, running top-{k} (the whole matrix would take {nq * ng * 4 / 2**20:.0f} MB)"
+        info["how"] = (f"chunked: {nq}x{rows} similarity blocks over the gallery, running top-{k} "
+                       f"(the whole matrix would take {nq * ng * 4 / 2**20:.0f} MB)")
         sims = torch.full((nq, 0), -float("inf"))
         idx = torch.zeros((nq, 0), dtype=torch.long)
         for s in range(0, ng, rows):
@@ -143,7 +146,7 @@ def pml_calculator(ks):
         return calculate
 
     names = [f"recall_at_{k}" for k in ks]
-    methods = {f"calculate_{n}": metric(k) for n, k in zip(names, ks)}
+    methods = {f"calculate_{n}": metric(k) for n, k in zip(names, ks, strict=True)}
     methods["requires_knn"] = lambda self: AccuracyCalculator.requires_knn(self) + names
     cls = type("RecallAtKCalculator", (AccuracyCalculator,), methods)
     return cls(include=(*names, "precision_at_1"), k=max(ks), device=torch.device("cpu"))
@@ -281,7 +284,8 @@ def bench_eval(
                 for m in methods:
                     if m == "pml" and pml_bytes(n_query, n, dim, n_qlabels) > pml_budget_gb * 2**30:
                         est = pml_bytes(n_query, n, dim, n_qlabels) / 2**30
-                        case["methods"][m] = {"skipped": f"needs about {est:.1f} GiB (> --pml-budget-gb {pml_budget_gb})"}
+                        skip = f"needs about {est:.1f} GiB (> --pml-budget-gb {pml_budget_gb})"
+                        case["methods"][m] = {"skipped": skip}
                         continue
                     spec = {"method": m, "paths": paths, "ks": list(ks), "matrix_budget_gb": matrix_budget_gb,
                             "threads": threads, "indices_out": str(case_dir / f"idx_{m}.npy")}
@@ -344,7 +348,8 @@ def results_markdown(res: dict, info: dict, note: str = "") -> str:
           + (f"; at 1M the nbsrc evaluator peaks at {worst:.0f} MB beyond the embeddings "
              f"({'within' if worst <= 2048 else 'ABOVE'} the 2 GB budget)." if worst is not None else ".") + "\n")
     s += "Absolute seconds per case: " + "; ".join(
-        f"{c['data']} {c['n']:,}×{c['dim']}: " + ", ".join(f"{m} {r['seconds']:.1f}s" for m, r in c["methods"].items() if "seconds" in r)
+        f"{c['data']} {c['n']:,}×{c['dim']}: "
+        + ", ".join(f"{m} {r['seconds']:.1f}s" for m, r in c["methods"].items() if "seconds" in r)
         for c in res["cases"]) + "\n"
     return s
 

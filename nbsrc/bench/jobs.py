@@ -47,7 +47,7 @@ def bench_jobs(runs: int = 2, jobs: int = 2, iterations: int = 40, rounds: int =
             return go
 
         times, last = timed_rounds({"in turn": trial(1), "at once": trial(jobs)}, rounds)
-    ratios = [a / b for a, b in zip(times["in turn"], times["at once"])]
+    ratios = [a / b for a, b in zip(times["in turn"], times["at once"], strict=True)]
     return {"demo": demo, "runs": runs, "jobs": jobs, "iterations": iterations, "rounds": rounds,
             "cores": cpu_cores(), "torch_threads": torch.get_num_threads(), "seconds": times,
             "ratio": statistics.median(ratios), "ratios": ratios, "recall_at_1": last}
@@ -60,10 +60,10 @@ def results_markdown(r: dict, info: dict, note: str = "") -> str:
     s = (machine_lines(info, note)
          + f"- setup: {r['runs']} runs of the {r['demo']} demo's config ({r['iterations']} iterations each, evaluation "
            f"included), trained in turn (1 process, {r['torch_threads']} torch threads) and at once ({r['jobs']} "
-           f"processes, {max(1, r['cores'] // r['jobs'])} thread(s) each, start-up included); {r['rounds']} alternating "
-           "rounds, fresh run directories each time\n\n"
+           f"processes, {max(1, r['cores'] // r['jobs'])} thread(s) each, start-up included); {r['rounds']} "
+           "alternating rounds, fresh run directories each time\n\n"
            "| round | in turn s | at once s | in turn / at once |\n|---|---:|---:|---:|\n")
-    for i, (a, b) in enumerate(zip(r["seconds"]["in turn"], r["seconds"]["at once"])):
+    for i, (a, b) in enumerate(zip(r["seconds"]["in turn"], r["seconds"]["at once"], strict=True)):
         s += f"| {i + 1} | {a:.1f} | {b:.1f} | {a / b:.2f} |\n"
     s += (f"\nReading: training {r['runs']} runs at once is {r['ratio']:.2f}x as fast as in turn (median over rounds). "
           "A run's Recall@K can differ between the two (its thread count changes the order of floating-point "

@@ -70,13 +70,14 @@ def bench_loader(cfg: ExperimentConfig, workers=(0, 1, 2), batches: int = 40, wa
     step = NbsrcStep(cfg, device, len(set(ds.labels.tolist())))
     step_times = []
     for i, (x, y, idx) in enumerate(_loader(cfg, ds, 2 + steps, 0, pin)):
-        _, seconds = timed(lambda: step(x, y, idx), device)
+        _, seconds = timed(lambda x=x, y=y, idx=idx: step(x, y, idx), device)
         if i >= 2:
             step_times.append(seconds)
     step_rate = cfg.optim.batch_size / statistics.median(step_times)
     enough = next((w for w in workers if rates[w] >= step_rate), None)
-    return {"dataset": cfg.data.dataset, "backbone": cfg.model.backbone, "img_size": cfg.data.img_size, "batch": cfg.optim.batch_size,
-            "sampler": cfg.data.sampler, "device": str(device), "pin_memory": pin, "torch_threads": torch.get_num_threads(),
+    return {"dataset": cfg.data.dataset, "backbone": cfg.model.backbone, "img_size": cfg.data.img_size,
+            "batch": cfg.optim.batch_size, "sampler": cfg.data.sampler, "device": str(device), "pin_memory": pin,
+            "torch_threads": torch.get_num_threads(),
             "batches": batches, "warmup": warmup, "steps": steps, "step_img_per_s": step_rate,
             "loader_img_per_s": {str(w): r for w, r in rates.items()},
             "loader_over_step": {str(w): r / step_rate for w, r in rates.items()},
@@ -104,7 +105,8 @@ def results_markdown(r: dict, info: dict, note: str = "") -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist (default), digits, folder, cub, sop, inshop")
+    p.add_argument("--dataset", default="fashion_mnist",
+                   help="fashion_mnist (default), digits, folder, cub, sop, inshop")
     p.add_argument("--data-root", default=None)
     p.add_argument("--backbone", default="vit_tiny_patch16_224")
     p.add_argument("--img-size", type=int, default=28)

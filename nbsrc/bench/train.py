@@ -122,7 +122,8 @@ def _timm_backbone(cfg: ExperimentConfig, device: torch.device) -> torch.nn.Modu
 
 def _direct_adamw(cfg: ExperimentConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     fused = cfg.run.fused_optimizer and next(model.parameters()).is_cuda
-    return torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=fused or None)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                             fused=fused or None)
 
 
 def inline_koleo(z: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -149,7 +150,8 @@ class ReferenceStep:
         self.net = torch.compile(self.model) if cfg.run.compile and device.type == "cuda" else self.model
         feature_dim = feature_dim or self.model.num_features
         loss = ContrastiveLoss(pos_margin=1, neg_margin=cfg.loss.beta, distance=CosineSimilarity())
-        self.loss = PMLCrossBatchMemory(loss, embedding_size=feature_dim, memory_size=max(cfg.loss.memory_size, cfg.optim.batch_size))
+        self.loss = PMLCrossBatchMemory(loss, embedding_size=feature_dim,
+                                        memory_size=max(cfg.loss.memory_size, cfg.optim.batch_size))
         self.optimizer = _direct_adamw(cfg, self.model)
         self.amp_on, self.amp_dtype = amp_settings(cfg, device)
         self.pin = cfg.run.pin_memory and device.type == "cuda"
@@ -205,7 +207,7 @@ def interleave(runners: dict, device: torch.device, warmup: int, n: int,
     if given, receives each runner's first warm-up step in seconds (where torch.compile compiles)."""
     for name, (step, batches) in runners.items():
         for i in range(warmup):
-            _, seconds = timed(lambda: step(*batches[i]), device)
+            _, seconds = timed(lambda step=step, batches=batches, i=i: step(*batches[i]), device)
             if i == 0 and first is not None:
                 first[name] = seconds
     names = list(runners)
@@ -213,7 +215,7 @@ def interleave(runners: dict, device: torch.device, warmup: int, n: int,
     for i in range(warmup, warmup + n):
         for name in rotation(names, i - warmup):
             step, batches = runners[name]
-            out[name].append(timed(lambda: step(*batches[i]), device)[1])
+            out[name].append(timed(lambda step=step, batches=batches, i=i: step(*batches[i]), device)[1])
     return out
 
 
@@ -364,7 +366,8 @@ def bench_train(
     CUDA), the speed-up of each execution switch of the nbsrc step; on CPU, the ``cpu_variants``
     (names of :data:`CPU_VARIANTS`) against the fp32 eager reference (:func:`bench_cpu_variants`)."""
     if steps < 1 or repeats < 1 or warmup < 0:
-        raise ConfigError(f"steps={steps}, repeats={repeats}, warmup={warmup}: need steps >= 1, repeats >= 1, warmup >= 0")
+        raise ConfigError(f"steps={steps}, repeats={repeats}, warmup={warmup}: need steps >= 1, repeats >= 1, "
+                          "warmup >= 0")
     dev = resolve_device(device)
     if switches and dev.type != "cuda":
         raise ConfigError("the execution switches only act on CUDA; run with --device cuda or --no-switches")
@@ -465,7 +468,8 @@ def results_markdown(r: dict, info: dict, note: str = "") -> str:
             pay = ("" if v["compile_s"] is None else "never (no step saved)" if v["payoff_steps"] is None
                    else f"{v['payoff_steps']:.0f}")
             s += (f"| {name} | {a['median']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}] | "
-                  f"{b['median']:.3f} [{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}] | {v['img_per_s']:.1f} | {comp} | {pay} |\n")
+                  f"{b['median']:.3f} [{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}] | {v['img_per_s']:.1f} | {comp} "
+                  f"| {pay} |\n")
     if r["switches"]:
         s += "\n| switch (nbsrc step) | speed-up on / off |\n|---|---|\n"
         s += "".join(f"| {k} | {v:.2f}x |\n" for k, v in r["switches"]["speedup_on_over_off"].items())

@@ -14,7 +14,11 @@ from nbsrc.data.folder import image_folder_dataset, scan_image_folder
 from nbsrc.data.images import check_dataset_images, check_images, list_images, scan_images
 from nbsrc.data.samplers import MPerClassBatchSampler
 from nbsrc.data.splits import (
-    cap_per_class, check_eval_split, check_min_per_class, class_disjoint_split, warn_unused_classes,
+    cap_per_class,
+    check_eval_split,
+    check_min_per_class,
+    class_disjoint_split,
+    warn_unused_classes,
 )
 from nbsrc.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RetrievalTransform, training_transform
 from nbsrc.errors import ConfigError, DatasetError
@@ -41,14 +45,15 @@ def _split(images, labels, cfg: ExperimentConfig, train_tf, eval_tf, names=None,
     ``cfg.data.split`` when set). ``warn_unused``: the dataset's name, to say which classes neither set uses
     (image folders, where that is easy to miss). A training class needs 2 images (a positive pair); a
     test class with one stays in the gallery but is no query (:func:`~nbsrc.data.splits.check_eval_split`)."""
-    tr, te = class_disjoint_split(labels, *(classes or (cfg.data.train_classes, cfg.data.test_classes)), split=cfg.data.split)
+    tr, te = class_disjoint_split(labels, *(classes or (cfg.data.train_classes, cfg.data.test_classes)),
+                                  split=cfg.data.split)
     if warn_unused is not None:
         warn_unused_classes(labels, tr, te, names, warn_unused)
     ids, counts = np.unique(np.asarray(labels)[tr], return_counts=True)
     if (counts < 2).any():
         c = int(ids[counts < 2][0])
-        raise DatasetError(f"training class {names[c] if names is not None else c!r} has a single image, but a training "
-                           "class needs at least 2 (a positive pair); add images, or make it a test class")
+        raise DatasetError(f"training class {names[c] if names is not None else c!r} has a single image, but a "
+                           "training class needs at least 2 (a positive pair); add images, or make it a test class")
     te = cap_per_class(te, labels, cfg.data.eval_per_class, seed=cfg.run.seed)
     full = RetrievalDataset(images, labels, None, names)
     query = full.subset(te, eval_tf)
@@ -94,7 +99,8 @@ def build_data(cfg: ExperimentConfig, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> R
     if cfg.data.size_variant == "mixed":
         from nbsrc.data.group_sampler import mixed_size_data
 
-        data = mixed_size_data(data, long_side=cfg.data.img_size, multiple=cfg.model.patch_size or 16, seed=cfg.run.seed)
+        data = mixed_size_data(data, long_side=cfg.data.img_size, multiple=cfg.model.patch_size or 16,
+                               seed=cfg.run.seed)
     return data
 
 
@@ -121,4 +127,5 @@ def _build_data(cfg: ExperimentConfig, mean, std) -> RetrievalData:
                       warn_unused=f"image folder {cfg.data.data_root}")
     from nbsrc.data import benchmarks  # CUB-200-2011, SOP, In-Shop: official split files (imported when used)
 
-    return benchmarks.build_benchmark(cfg.data.dataset, cfg.data.data_root, train_tf, eval_tf, cfg.data.eval_per_class, cfg.run.seed)
+    return benchmarks.build_benchmark(cfg.data.dataset, cfg.data.data_root, train_tf, eval_tf, cfg.data.eval_per_class,
+                                      cfg.run.seed)

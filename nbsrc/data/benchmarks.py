@@ -95,7 +95,8 @@ def _int(value: str, path: Path, url: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise DatasetError(f"{path}: {value!r} is not an integer id; the file is not the official one ({url})") from None
+        raise DatasetError(f"{path}: {value!r} is not an integer id; the file is not the official one "
+                           f"({url})") from None
 
 
 def _check_images(paths: list[str], layout: str, url: str) -> None:
@@ -217,7 +218,7 @@ def build_sop(root, train_tf, eval_tf, eval_per_class=None, seed=0):
     n_classes = int(max(tr_labels.max(), te_labels.max())) + 1
     category = {}
     for paths, labels in ((tr_paths, tr_labels), (te_paths, te_labels)):
-        for p, c in zip(paths, labels):
+        for p, c in zip(paths, labels, strict=True):
             category.setdefault(int(c), Path(p).parent.name.removesuffix("_final"))
     names = [f"{category[c]}/{c + 1}" if c in category else str(c + 1) for c in range(n_classes)]
     train = RetrievalDataset(np.asarray(tr_paths, dtype=object), tr_labels, train_tf, names)

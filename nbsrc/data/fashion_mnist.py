@@ -34,7 +34,7 @@ CLASS_NAMES = (
 )
 HOW_TO_GET = (
     "install it with `apt-get install dataset-fashion-mnist` (Debian) or put the four "
-    f"*-ubyte.gz files in a folder and pass it as root= or $NBSRC_DATA"
+    "*-ubyte.gz files in a folder and pass it as root= or $NBSRC_DATA"
 )
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 

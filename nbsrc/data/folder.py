@@ -52,7 +52,7 @@ def scan_image_folder(root: str | Path, check: bool = True,
         what = "no images" if not paths else "images but no class sub-folders"
         raise DatasetError(f"image folder {root} has {what}; expected the layout {LAYOUT}")
     keep = labels >= 0
-    paths = [p for p, k in zip(paths, keep) if k]
+    paths = [p for p, k in zip(paths, keep, strict=True) if k]
     labels = labels[keep]
     counts = np.bincount(labels, minlength=len(names))
     for c in np.flatnonzero(counts < min_per_class):

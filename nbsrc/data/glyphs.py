@@ -13,8 +13,8 @@ retrieval set, evaluate on its unseen test classes)::
 plus ``train_fit`` / ``train_val``, the training part split by class (the last 100 training classes
 are the validation classes on which a recipe is chosen, never the test classes). A config selects a
 part by name: ``train_classes="pretrain"``, ``test_classes="train_val"``; id ranges such as
-``"1000-1399"`` and ``"all"`` (every class the other set does not name) work as for any dataset. A config's ``data_root`` is the cache folder (None: the
-default below).
+``"1000-1399"`` and ``"all"`` (every class the other set does not name) work as for any dataset. A
+config's ``data_root`` is the cache folder (None: the default below).
 
 How it is built (:func:`build_glyphs`, deterministic, cached):
 
@@ -452,7 +452,8 @@ def _load(npz: Path, meta_path: Path, ranges) -> GlyphSet:
         with np.load(npz) as f:
             images, labels, faces = f["images"], f["labels"], f["faces"]
     except (OSError, ValueError, KeyError) as e:
-        raise DatasetError(f"glyphs: cache file {npz} is unreadable ({e}); delete it and {meta_path} to rebuild") from None
+        raise DatasetError(f"glyphs: cache file {npz} is unreadable ({e}); delete it and {meta_path} to "
+                           "rebuild") from None
     if content_hash(images, labels, faces) != meta["sha256"]:
         raise DatasetError(f"glyphs: cache file {npz} does not match the SHA-256 in {meta_path}; "
                            "delete both to rebuild")

@@ -218,7 +218,7 @@ class GroupSizeMPerClassSampler(Sampler):
         epoch, j = divmod(t, self.batches_per_epoch)
         idx = self.epoch_batches(epoch)[j].tolist()
         seeds = np.random.default_rng([self.seed, t, 1]).integers(0, 2**62, size=len(idx))
-        return list(zip(idx, seeds.tolist()))
+        return list(zip(idx, seeds.tolist(), strict=True))
 
     def size_of(self, batch) -> tuple[int, int]:
         """The one size of a batch (of indices or of ``(index, seed)`` pairs)."""
@@ -261,15 +261,15 @@ def training_sampler(cfg: ExperimentConfig, train_ds: RetrievalDataset, start: i
     :class:`GroupResizeCollate` to the target size.
     """
     if cfg.data.sampler == "m_per_class":
-        sampler = MPerClassBatchSampler(train_ds.labels, cfg.optim.batch_size, cfg.optim.m_per_class, cfg.optim.iterations, cfg.run.seed,
-                                        start)
+        sampler = MPerClassBatchSampler(train_ds.labels, cfg.optim.batch_size, cfg.optim.m_per_class,
+                                        cfg.optim.iterations, cfg.run.seed, start)
         return sampler, train_ds, None
     if cfg.data.sampler != "group_size":
         raise ConfigError(f"sampler={cfg.data.sampler!r} is invalid: expected m_per_class or group_size")
     multiple = cfg.model.patch_size or 16
     targets = aspect_ratio_buckets(image_sizes(train_ds), long_side=cfg.data.img_size, multiple=multiple)
-    sampler = GroupSizeMPerClassSampler(train_ds.labels, targets, cfg.optim.batch_size, cfg.optim.m_per_class, cfg.optim.iterations,
-                                        cfg.run.seed, start)
+    sampler = GroupSizeMPerClassSampler(train_ds.labels, targets, cfg.optim.batch_size, cfg.optim.m_per_class,
+                                        cfg.optim.iterations, cfg.run.seed, start)
     tf = train_ds.transform
     if isinstance(tf, RetrievalTransform):
         tf = dataclasses.replace(tf, resize=False)
@@ -295,7 +295,8 @@ def mixed_size_variant(ds: RetrievalDataset, ratios: Sequence[float] = MIXED_RAT
                            "e.g. the embedded fashion_mnist or digits; an image folder already has its own sizes")
     h0, w0 = image_sizes(ds)[0]
     long_side = long_side or max(h0, w0)
-    targets = aspect_ratio_buckets([(1000 * r, 1000) for r in ratios], long_side, ratios, multiple) if len(ratios) else []
+    targets = (aspect_ratio_buckets([(1000 * r, 1000) for r in ratios], long_side, ratios, multiple)
+               if len(ratios) else [])
     if not targets:
         raise ConfigError("ratios must be a non-empty list of positive h/w ratios")
     choice = np.random.default_rng(seed).integers(0, len(targets), len(ds))
@@ -310,7 +311,7 @@ def mixed_size_variant(ds: RetrievalDataset, ratios: Sequence[float] = MIXED_RAT
         y = F.interpolate(x[sel].float(), size=(h, w), mode="bilinear", align_corners=False, antialias=True)
         y = y.round().clamp(0, 255).to(torch.uint8)
         y = y[:, 0] if x.shape[1] == 1 and images.ndim == 3 else y
-        for i, img in zip(sel.tolist(), y.numpy()):
+        for i, img in zip(sel.tolist(), y.numpy(), strict=True):
             out[i] = img
     return RetrievalDataset(out, ds.labels, ds.transform, ds.class_names)
 

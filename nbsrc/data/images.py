@@ -260,7 +260,7 @@ def scan_images(paths: Sequence[str | Path], decode: bool = True, workers: int |
     workers = workers or min(8, os.cpu_count() or 1)
     bad = []
     with progress_bar(len(paths), "check images", enabled=progress) as bar, ThreadPoolExecutor(workers) as pool:
-        for p, problem in zip(paths, pool.map(lambda q: image_problem(q, decode), paths, chunksize=64)):
+        for p, problem in zip(paths, pool.map(lambda q: image_problem(q, decode), paths, chunksize=64), strict=True):
             if problem is not None:
                 bad.append((p, problem))
             bar.update(1)

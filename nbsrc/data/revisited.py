@@ -133,7 +133,7 @@ class RevisitedQueries(RetrievalDataset):
         from nbsrc.data.images import image_size
 
         out = []
-        for path, bbx in zip(self.images, self.bbxs):
+        for path, bbx in zip(self.images, self.bbxs, strict=True):
             h, w = image_size(path)
             x1, y1, x2, y2 = (int(round(float(v))) for v in bbx)
             out.append((min(h, y2) - max(0, y1), min(w, x2) - max(0, x1)))
@@ -154,7 +154,8 @@ class RevisitedData:
 def _check_files(paths: Sequence[str], layout: str, url: str) -> None:
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
-        raise DatasetError(f"expected {missing[0]} ({len(missing)} of {len(paths)} listed images missing); {layout}; {url}")
+        raise DatasetError(f"expected {missing[0]} ({len(missing)} of {len(paths)} listed images missing); {layout}; "
+                           f"{url}")
 
 
 def build_revisited(root, name: str | None = None, transform: Callable | None = None,

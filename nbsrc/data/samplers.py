@@ -44,7 +44,7 @@ class MPerClassBatchSampler(Sampler):
             pool = self.by_class[c]
             out.extend(rng.choice(pool, self.m, replace=len(pool) < self.m).tolist())
         seeds = rng.integers(0, 2**62, size=len(out))
-        return list(zip(out, seeds.tolist()))
+        return list(zip(out, seeds.tolist(), strict=True))
 
     def __iter__(self):
         for t in range(self.start, self.iterations):

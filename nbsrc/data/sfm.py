@@ -91,7 +91,8 @@ def load_sfm120k_db(path, split: str = "train", ims_root=None, check_images: boo
     qidxs = np.asarray(part["qidxs"], dtype=np.int64).reshape(-1)
     pidxs = np.asarray(part["pidxs"], dtype=np.int64).reshape(-1)
     if len(cluster) != len(cids):
-        raise DatasetError(f"{db_file}[{split!r}]: {len(cids)} cids but {len(cluster)} cluster ids; the file is corrupt")
+        raise DatasetError(f"{db_file}[{split!r}]: {len(cids)} cids but {len(cluster)} cluster ids; "
+                           "the file is corrupt")
     if len(qidxs) != len(pidxs) or not len(qidxs):
         raise DatasetError(
             f"{db_file}[{split!r}]: {len(qidxs)} qidxs and {len(pidxs)} pidxs; expected equal, non-empty lists"
@@ -105,7 +106,8 @@ def load_sfm120k_db(path, split: str = "train", ims_root=None, check_images: boo
         absent = [p for p in paths if not Path(p).is_file()]
         if absent:
             raise DatasetError(
-                f"expected {absent[0]} ({len(absent)} of {len(paths)} images of {split!r} missing); {SFM_LAYOUT}; {SFM_URL}"
+                f"expected {absent[0]} ({len(absent)} of {len(paths)} images of {split!r} missing); {SFM_LAYOUT}; "
+                f"{SFM_URL}"
             )
     return SfMSplit(paths=paths, cluster=cluster, qidxs=qidxs, pidxs=pidxs)
 
@@ -245,6 +247,6 @@ class TupleDataset(Dataset):
 
 def collate_tuples(batch):
     """Stack ``B`` tuples into one batch of ``B · (2 + n_neg)`` images, labels and indices, tuple by tuple."""
-    imgs, labels, idx = zip(*batch)
+    imgs, labels, idx = zip(*batch, strict=True)
     return torch.cat(imgs), torch.cat(labels), torch.cat(idx)
 

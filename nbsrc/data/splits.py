@@ -16,7 +16,6 @@ import numpy as np
 from nbsrc.config import parse_classes
 from nbsrc.errors import ConfigError, DatasetError
 
-
 ALL = "all"
 
 

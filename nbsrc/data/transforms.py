@@ -122,7 +122,8 @@ class RetrievalTransform:
             raise ConfigError(f"size={self.size} must be a positive image side in pixels")
         lo, hi = self.scale
         if not 0 < lo <= hi <= 1:
-            raise ConfigError(f"scale={tuple(self.scale)} is invalid: expected 0 < low <= high <= 1 (relative window side)")
+            raise ConfigError(f"scale={tuple(self.scale)} is invalid: expected 0 < low <= high <= 1 (relative window "
+                              "side)")
         if not 0 <= self.brightness < 1:
             raise ConfigError(f"brightness={self.brightness} is invalid: expected 0 <= brightness < 1")
         if self.keep_aspect and self.crop:

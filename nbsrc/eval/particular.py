@@ -87,8 +87,9 @@ def learn_sfm_whitening(model: torch.nn.Module, db, transform, scales: Sequence[
 
 
 def evaluate_revisited_data(model: torch.nn.Module, data: RevisitedData, scales: Sequence[float] = SINGLE_SCALE,
-                            query_scales: Sequence[float] | None = None, whitening=None, whitening_dim: int | None = None,
-                            batch_size: int = 256, device: str | torch.device = "cpu", kappas=(1, 5, 10),
+                            query_scales: Sequence[float] | None = None, whitening=None,
+                            whitening_dim: int | None = None, batch_size: int = 256,
+                            device: str | torch.device = "cpu", kappas=(1, 5, 10),
                             num_workers: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
     """``({"easy"|"medium"|"hard": {"mAP", "mP@1", ...}}, {"query": q, "database": x})`` on a
     :class:`~nbsrc.data.revisited.RevisitedData`, in percent; for ``oxford5k`` / ``paris6k`` (the

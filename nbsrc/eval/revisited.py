@@ -50,8 +50,18 @@ from collections.abc import Sequence
 import numpy as np
 
 from nbsrc.data.revisited import (  # noqa: F401 (the readers, re-exported for existing imports)
-    DISTRACTORS_LAYOUT, DISTRACTORS_URL, ORIGINAL_NAMES, REVISITED_LAYOUT, REVISITED_NAMES, REVISITED_URL,
-    RevisitedData, RevisitedQueries, build_distractors, build_revisited, crop_query, load_original_gnd,
+    DISTRACTORS_LAYOUT,
+    DISTRACTORS_URL,
+    ORIGINAL_NAMES,
+    REVISITED_LAYOUT,
+    REVISITED_NAMES,
+    REVISITED_URL,
+    RevisitedData,
+    RevisitedQueries,
+    build_distractors,
+    build_revisited,
+    crop_query,
+    load_original_gnd,
     load_revisited_gnd,
 )
 from nbsrc.errors import ConfigError
@@ -85,7 +95,8 @@ def as_rankings(ranks_or_scores, n_queries: int) -> np.ndarray:
     if x.ndim != 2:
         raise ConfigError(f"rankings/scores must be 2-D [n_queries, n_db], got shape {x.shape}")
     if x.shape[0] != n_queries:
-        hint = " (the official code's [n_db, n_queries] layout: pass its transpose .T)" if x.shape[1] == n_queries else ""
+        hint = (" (the official code's [n_db, n_queries] layout: pass its transpose .T)"
+                if x.shape[1] == n_queries else "")
         raise ConfigError(f"rankings/scores have {x.shape[0]} rows but gnd has {n_queries} queries{hint}")
     if np.issubdtype(x.dtype, np.floating):
         if not np.isfinite(x).all():
@@ -126,7 +137,8 @@ def inverse_rankings(ranks: np.ndarray, n_db: int) -> np.ndarray:
     # a repeated image overwrites its first position, which then no longer reads back
     dup = np.flatnonzero((inv.ravel()[flat] != positions).reshape(nq, k).any(axis=1))
     if len(dup):
-        raise ConfigError(f"the ranking of query {int(dup[0])} lists an image twice; each row must hold distinct indices")
+        raise ConfigError(f"the ranking of query {int(dup[0])} lists an image twice; each row must hold distinct "
+                          "indices")
     return inv
 
 
@@ -179,7 +191,8 @@ def _ap_and_precision(inv: np.ndarray, k: int, ok: list[np.ndarray], junk: list[
 
 def _n_db(ranks: np.ndarray, gnd: list[dict]) -> int:
     """Database size implied by the rankings and the ground truth (largest index + 1)."""
-    top = [int(ranks.max(initial=-1))] + [int(np.max(g[key], initial=-1)) for g in gnd for key in ("easy", "hard", "junk")]
+    top = [int(ranks.max(initial=-1))] + [int(np.max(g[key], initial=-1))
+                                          for g in gnd for key in ("easy", "hard", "junk")]
     return max(top) + 1
 
 
@@ -188,7 +201,7 @@ def _report(per_setup: dict, kappas, reduce: bool) -> dict:
     for setup, (ap, prec) in per_setup.items():
         if reduce:
             valid = ~np.isnan(ap)
-            mean = (lambda x: float(100 * x[valid].mean())) if valid.any() else (lambda x: float("nan"))
+            mean = (lambda x, valid=valid: float(100 * x[valid].mean())) if valid.any() else (lambda x: float("nan"))
             out[setup] = {"mAP": mean(ap), **{f"mP@{k}": mean(prec[:, c]) for c, k in enumerate(kappas)}}
         else:
             out[setup] = {"AP": 100 * ap, **{f"P@{k}": 100 * prec[:, c] for c, k in enumerate(kappas)}}

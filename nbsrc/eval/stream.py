@@ -129,7 +129,8 @@ def embed_to_memmap(
         if done:
             out = np.lib.format.open_memmap(path, mode="r+")
             if out.shape[0] != n or out.dtype != dtype or list(out.shape) != state.get("shape"):
-                raise ConfigError(f"{path} has shape {out.shape} {out.dtype}, not what {side} records; delete both to start again")
+                raise ConfigError(f"{path} has shape {out.shape} {out.dtype}, not what {side} records; delete both to "
+                                  "start again")
     elif path.exists():
         raise ConfigError(f"{path} exists without its progress file {side}; delete it or choose another path")
 

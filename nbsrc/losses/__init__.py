@@ -25,8 +25,9 @@ from nbsrc.losses.tuples import TUPLE_LOSSES, tuple_contrastive_loss, tuple_loss
 
 __all__ = [
     "contrastive_loss", "contrastive_pair_terms", "pair_mask", "koleo_loss", "nearest_neighbor_distance",
-    "CrossBatchMemory", "NormalizedSoftmaxLoss", "LinearCrossEntropyLoss", "snca_loss", "ArcFaceLoss", "ProxyTerm", "RetrievalLoss",
-    "build_loss", "pair_loss", "PAIR_LOSSES", "TUPLE_LOSSES", "tuple_contrastive_loss", "tuple_loss", "tuple_loss_terms",
+    "CrossBatchMemory", "NormalizedSoftmaxLoss", "LinearCrossEntropyLoss", "snca_loss", "ArcFaceLoss", "ProxyTerm",
+    "RetrievalLoss", "build_loss", "pair_loss", "PAIR_LOSSES", "TUPLE_LOSSES", "tuple_contrastive_loss", "tuple_loss",
+    "tuple_loss_terms",
 ]
 
 
@@ -100,7 +101,8 @@ class RetrievalLoss(nn.Module):
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if strict and (missing or unexpected):
             raise RunDirError(
-                f"the checkpoint's loss state does not fit loss {self.loss!r} (missing: {', '.join(missing) or 'none'}; "
+                f"the checkpoint's loss state does not fit loss {self.loss!r} (missing: "
+                f"{', '.join(missing) or 'none'}; "
                 f"unexpected: {', '.join(unexpected) or 'none'}): it was written for another loss or by another "
                 "version of nbsrc; restart the run with --overwrite (mode='overwrite')")
         for key, value in state.items():

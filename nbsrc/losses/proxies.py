@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from nbsrc.losses.contrastive import upcast
-from torch import nn
 
 
 class NormalizedSoftmaxLoss(nn.Module):

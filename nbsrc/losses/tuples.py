@@ -28,11 +28,11 @@ l2-normalised here; only the query is an anchor.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from collections.abc import Callable
 
 from nbsrc.errors import ConfigError
 from nbsrc.losses.contrastive import contrastive_pair_terms, upcast

@@ -53,7 +53,8 @@ def build_plain_model(model: ModelConfig, weights: str, img_size: int | None) ->
 
 
 def build_hybrid_model(model: ModelConfig, weights: str, img_size: int | None) -> RetrievalModel:
-    """``effnet_lite0_vit`` (fixed input size) with the usual pooling: :func:`~nbsrc.models.dtop.create_effnet_lite0_vit`."""
+    """``effnet_lite0_vit`` (fixed input size) with the usual pooling:
+    :func:`~nbsrc.models.dtop.create_effnet_lite0_vit`."""
     net = create_effnet_lite0_vit(img_size, weights, patch_size=model.patch_size)
     return RetrievalModel(net, model.pooling, int(net.num_prefix_tokens), False, model.dim, model.gem_p,
                           model.gem_learnable)

@@ -160,7 +160,7 @@ def check_patches_tile(net: torch.nn.Module, name: str, patch_size: int | None) 
     if size is None or patch is None:
         return
     side, p = int(tuple(size)[0]), int(tuple(patch)[0])
-    if all(int(s) % int(q) == 0 for s, q in zip(size, patch)):
+    if all(int(s) % int(q) == 0 for s, q in zip(size, patch, strict=True)):
         return
     what = "feature map" if getattr(embed, "feature_size", None) is not None else "img_size"
     source = f"patch_size={p}" if patch_size is not None else f"patch_size=None ({name}'s own {p}-px patches)"

@@ -325,7 +325,8 @@ class DToPModel(nn.Module):
         return z
 
     def extra_repr(self) -> str:
-        return (f"k={self.k}, pos_embed={self.pos_embed_kind}, pe_interp={self.pe_interp}, head_dim={self.feature_dim}, "
+        return (f"k={self.k}, pos_embed={self.pos_embed_kind}, pe_interp={self.pe_interp}, "
+                f"head_dim={self.feature_dim}, "
                 f"global_token={GLOBAL_TOKENS[self.global_index]}")
 
 

@@ -103,7 +103,7 @@ def rmac_regions(height: int, width: int, levels: int = 3, overlap: float = 0.4)
             continue
         half = math.floor(side / 2 - 1)
 
-        def starts(length: int, n: int) -> list[int]:
+        def starts(length: int, n: int, side: int = side, half: int = half) -> list[int]:
             step = 0.0 if n == 1 else (length - side) / (n - 1)
             return [int(v) - half for v in (half + torch.arange(n, dtype=torch.float32) * step).floor()]  # float32
 

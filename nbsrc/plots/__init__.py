@@ -3,11 +3,24 @@ colours, atomic PNG + PDF saving) and :mod:`nbsrc.plots.figures` (one function p
 ``Figure`` out)."""
 
 from nbsrc.plots.figures import (
-    plot_cumulative_energy, plot_gradient_noise, plot_recall_heatmap, plot_retrieval_grid, plot_similarity_histograms,
-    plot_training_curves, plot_tsne,
+    plot_cumulative_energy,
+    plot_gradient_noise,
+    plot_recall_heatmap,
+    plot_retrieval_grid,
+    plot_similarity_histograms,
+    plot_training_curves,
+    plot_tsne,
 )
 from nbsrc.plots.style import (
-    DOUBLE_COLUMN, MODEL_COLORS, PALETTE, SINGLE_COLUMN, STYLE, color_for, figsize, save_figure, use_style,
+    DOUBLE_COLUMN,
+    MODEL_COLORS,
+    PALETTE,
+    SINGLE_COLUMN,
+    STYLE,
+    color_for,
+    figsize,
+    save_figure,
+    use_style,
 )
 
 __all__ = [

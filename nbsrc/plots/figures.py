@@ -21,7 +21,14 @@ from matplotlib.patches import Patch
 from nbsrc.analysis.spectrum import dim_at_energy
 from nbsrc.errors import ConfigError
 from nbsrc.plots.style import (
-    DOUBLE_COLUMN, HIT_COLOR, MISS_COLOR, PALETTE, QUERY_COLOR, SINGLE_COLUMN, STYLE, color_for,
+    DOUBLE_COLUMN,
+    HIT_COLOR,
+    MISS_COLOR,
+    PALETTE,
+    QUERY_COLOR,
+    SINGLE_COLUMN,
+    STYLE,
+    color_for,
 )
 
 UNKNOWN_COLOR = "0.6"  # a neighbour whose correctness is unknown (the query has no class)
@@ -181,7 +188,7 @@ def plot_similarity_histograms(sims: Mapping[str, tuple], bins: int = 60,
     everything = np.concatenate([d["cosine similarity"].to_numpy() for d in data.values()])
     edges = np.linspace(everything.min(), everything.max() + 1e-9, bins + 1)
     fig, axes = _grid(len(data), sharex=True, sharey=True)
-    for ax, (name, df) in zip(axes, data.items()):
+    for ax, (name, df) in zip(axes, data.items(), strict=True):
         sns.histplot(df, x="cosine similarity", hue="pair", hue_order=["positive", "negative"], bins=edges,
                      stat="density", common_norm=False, element="step", alpha=0.3, ax=ax,
                      palette={"positive": PALETTE[0], "negative": PALETTE[1]})
@@ -212,18 +219,19 @@ def plot_tsne(points: Mapping[str, tuple], class_names=None, max_cols: int = 3,
     for name, pair in points.items():
         xy, labels = np.asarray(pair[0], dtype=np.float64), np.asarray(pair[1])
         if xy.ndim != 2 or xy.shape[1] != 2 or labels.shape != (len(xy),):
-            raise ConfigError(f"points[{name!r}] must be (xy [n, 2], labels [n]), got shapes {xy.shape}, {labels.shape}")
+            raise ConfigError(f"points[{name!r}] must be (xy [n, 2], labels [n]), "
+                              f"got shapes {xy.shape}, {labels.shape}")
         checked[name] = (xy, labels)
     classes = np.unique(np.concatenate([lab for _, lab in checked.values()]))
     if len(classes) <= len(PALETTE):
-        colours = PALETTE
+        colours = PALETTE[:len(classes)]
     else:
         import seaborn as sns
 
         colours = sns.color_palette("husl", len(classes)).as_hex()
     fig, axes = _grid(len(checked), max_cols=max_cols, panel_height=2.4)
-    for ax, (name, (xy, labels)) in zip(axes, checked.items()):
-        for c, colour in zip(classes, colours):
+    for ax, (name, (xy, labels)) in zip(axes, checked.items(), strict=True):
+        for c, colour in zip(classes, colours, strict=True):
             sel = labels == c
             ax.scatter(xy[sel, 0], xy[sel, 1], s=4, alpha=0.8, color=colour, linewidths=0,
                        label=_class_name(c, class_names))
@@ -233,7 +241,8 @@ def plot_tsne(points: Mapping[str, tuple], class_names=None, max_cols: int = 3,
         ax.set_xticks([])
         ax.set_yticks([])
         ax.grid(False)
-    handles = [Patch(color=colour, label=_class_name(c, class_names)) for c, colour in zip(classes, colours)]
+    handles = [Patch(color=colour, label=_class_name(c, class_names))
+               for c, colour in zip(classes, colours, strict=True)]
     fig.legend(handles=handles, loc="outside right upper", title="class")
     fig.suptitle(title)
     return fig
@@ -251,12 +260,12 @@ def plot_training_curves(metrics: Mapping[str, list[dict]], keys: Sequence[str] 
     if isinstance(keys, str) or not keys:
         raise ConfigError(f"keys={keys!r} is invalid: expected a non-empty sequence of metric names")
     fig, axes = _grid(len(keys), max_cols=3, panel_height=2.2)
-    for ax, key in zip(axes, keys):
+    for ax, key in zip(axes, keys, strict=True):
         drawn = False
         for name, rows in metrics.items():
             pts = [(r["iteration"], r[key]) for r in rows if "iteration" in r and r.get(key) is not None]
             if pts:
-                it, val = zip(*sorted(pts))
+                it, val = zip(*sorted(pts), strict=True)
                 ax.plot(it, val, color=color_for(str(name)), label=str(name))
                 drawn = True
         if drawn:

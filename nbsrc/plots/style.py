@@ -122,7 +122,7 @@ def save_figure(fig, name: str, out_dir: str | os.PathLike = "figures") -> list[
                 fh.flush()
                 os.fsync(fh.fileno())
         mode = 0o666 & ~_umask()  # mkstemp makes 0600 files; give the figures the usual permissions
-        for tmp, final in zip(temps, finals):
+        for tmp, final in zip(temps, finals, strict=True):
             os.chmod(tmp, mode)
             os.replace(tmp, final)
     finally:

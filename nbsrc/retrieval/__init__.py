@@ -18,11 +18,18 @@ The command line is ``python -m nbsrc embed`` / ``search`` / ``export`` (:mod:`n
 from nbsrc.retrieval.index import Index, Listing, SearchResults, search_image, thumbnail_of
 from nbsrc.retrieval.models import EmbeddingModel, Preprocessing, load_embedding_model
 from nbsrc.retrieval.runs import (
-    QueryRetrieval, RunRetrieval, display_image, export_split_images, index_of_run, load_retrieval, retrieval_for_query,
+    QueryRetrieval,
+    RunRetrieval,
+    display_image,
+    export_split_images,
+    index_of_run,
+    load_retrieval,
+    retrieval_for_query,
 )
 
 __all__ = [
-    "Index", "Listing", "SearchResults", "search_image", "thumbnail_of", "EmbeddingModel", "Preprocessing", "load_embedding_model",
+    "Index", "Listing", "SearchResults", "search_image", "thumbnail_of", "EmbeddingModel", "Preprocessing",
+    "load_embedding_model",
     "QueryRetrieval", "RunRetrieval", "display_image", "load_retrieval", "retrieval_for_query",
     "export_split_images", "index_of_run",
 ]

@@ -55,7 +55,8 @@ def add_subcommands(sub) -> None:
                    help="for a timm name (default: cls for transformers, gem for convnets)")
     e.add_argument("--img-size", type=int, default=None,
                    help="input side in pixels, for a preset or timm name (default: the model's own)")
-    e.add_argument("--batch-size", type=int, default=None, help="images per batch (default: 256 on a GPU, 32 on the CPU)")
+    e.add_argument("--batch-size", type=int, default=None,
+                   help="images per batch (default: 256 on a GPU, 32 on the CPU)")
     e.add_argument("--workers", type=int, default=None,
                    help="DataLoader processes decoding images (default: CPU cores - 1, at most 8; "
                         "none on a CPU of 2 cores or fewer)")

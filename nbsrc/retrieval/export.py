@@ -205,14 +205,15 @@ def timm_backbone(em: EmbeddingModel) -> tuple[str, dict]:
 
     net = em.model
     name = _architecture(net) if isinstance(net, RetrievalModel) else None
-    refuse = (f"{em.reference['spec']} is not a plain timm backbone ({type(net).__name__}{' of ' + name if name else ''}),"
+    refuse = (f"{em.reference['spec']} is not a plain timm backbone "
+              f"({type(net).__name__}{' of ' + name if name else ''}),"
               " so timm cannot load it from safetensors; export --format torchscript or onnx instead")
     if not name or not timm.is_model(name):
         raise ConfigError(refuse)
     wrapper = type(net.backbone)
     if not wrapper.__module__.startswith("timm."):  # nbsrc's own module around timm's weights (PiTTokens)
-        raise ConfigError(f"{em.reference['spec']}'s backbone is nbsrc's {wrapper.__name__} around timm's {name}, whose "
-                          "features timm alone does not compute; export --format torchscript or onnx instead")
+        raise ConfigError(f"{em.reference['spec']}'s backbone is nbsrc's {wrapper.__name__} around timm's {name}, "
+                          "whose features timm alone does not compute; export --format torchscript or onnx instead")
     kwargs: dict = {"num_classes": 0}
     embed = getattr(net.backbone, "patch_embed", None)
     if embed is not None and getattr(embed, "img_size", None) is not None:

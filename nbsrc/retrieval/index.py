@@ -53,8 +53,8 @@ from nbsrc.data.images import describe_bad_images, image_problem, list_images, l
 from nbsrc.errors import ConfigError, DatasetError, RunDirError
 from nbsrc.eval.stream import embed_to_memmap, model_fingerprint, recorded_batch_size, sidecar_path
 from nbsrc.models.fold import inference_model
-from nbsrc.retrieval.models import EmbeddingModel, Preprocessing, load_embedding_model, rebuild_model
 from nbsrc.provenance import provenance
+from nbsrc.retrieval.models import EmbeddingModel, Preprocessing, load_embedding_model, rebuild_model
 from nbsrc.safeload import load_model_file
 from nbsrc.train.loop import resolve_device
 
@@ -199,7 +199,7 @@ class SearchResults:
         for q, name in enumerate(self.queries):
             qc = self.class_name(int(self.query_labels[q]))
             out.append(f"query {name}" + (f"  [{qc}]" if qc else ""))
-            for j, (p, s, lab) in enumerate(zip(self.paths[q], self.scores[q], self.labels[q])):
+            for j, (p, s, lab) in enumerate(zip(self.paths[q], self.scores[q], self.labels[q], strict=True)):
                 c = self.class_name(int(lab))
                 out.append(f"  {j + 1:>3}. {s:.4f}  {p}" + (f"  [{c}]" if c else ""))
         return out
@@ -218,9 +218,9 @@ class SearchResults:
         if (self.query_labels >= 0).all():
             hits = self.labels == self.query_labels[:, None]
         titles = [[(f"{self.class_name(int(lab))}\n" if lab >= 0 else "") + f"{s:.3f}"
-                   for lab, s in zip(self.labels[q], self.scores[q])] for q in range(len(self.queries))]
+                   for lab, s in zip(self.labels[q], self.scores[q], strict=True)] for q in range(len(self.queries))]
         qtitles = [_short(name) + (f"\n[{self.class_name(int(lab))}]" if lab >= 0 else "")
-                   for name, lab in zip(self.queries, self.query_labels)]
+                   for name, lab in zip(self.queries, self.query_labels, strict=True)]
         return plot_retrieval_grid(query_images, [[thumbnail_of(p, thumbnail) for p in row] for row in self.paths],
                                    hits, query_titles=qtitles, retrieved_titles=titles,
                                    title=title or f"Queries and their top {self.rows.shape[1]}")
@@ -364,7 +364,7 @@ class Index:
 
         def record(first_row: int, batch) -> None:
             _, rows, problems = batch
-            bad = [{"row": int(r), "reason": p} for r, p in zip(rows.tolist(), problems) if p]
+            bad = [{"row": int(r), "reason": p} for r, p in zip(rows.tolist(), problems, strict=True) if p]
             if bad:
                 with open(skips_path, "a") as f:
                     f.writelines(json.dumps(b) + "\n" for b in bad)
@@ -393,7 +393,8 @@ class Index:
             del emb
             _remove_build(out, created)  # nothing to keep: the corrected command must find a new or empty folder
             raise DatasetError(f"none of the {n} images under {images} could be read "
-                               f"({describe_bad_images(sorted((listing.path(i), r) for i, r in reasons.items()), 'it')})")
+                               f"({describe_bad_images(sorted((listing.path(i), r) for i, r in reasons.items()), 'it')}"
+                               ")")
         index = _faiss_index(emb, good)
         _write_atomic(out / FAISS, lambda t: _faiss_write(index, t))
         _write_atomic(out / MODEL, lambda t: torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, t))
@@ -465,7 +466,8 @@ class Index:
             raise RunDirError(f"{path / MANIFEST} is not an {FORMAT} version {VERSION} manifest; rebuild the index")
         missing = [f for f in (LISTING, FAISS, MODEL, REPORT) if not (path / f).exists()]
         if missing:
-            raise RunDirError(f"index {path} is incomplete (missing {', '.join(missing)}); rebuild it into a new folder")
+            raise RunDirError(f"index {path} is incomplete (missing {', '.join(missing)}); "
+                              "rebuild it into a new folder")
         saved = _read_json(path / LISTING)
         for key, what in (("model_fingerprint", "model fingerprint"), ("preprocessing", "preprocessing")):
             if saved.get(key) != manifest.get(key):

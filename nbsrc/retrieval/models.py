@@ -31,7 +31,8 @@ SHORTCUTS = {"efficientnet_lite0": ("tf_efficientnet_lite0", "efficientnet_lite0
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Evaluation preprocessing of a category-level model (:class:`~nbsrc.data.transforms.RetrievalTransform` with ``train=False``):
+    """Evaluation preprocessing of a category-level model
+    (:class:`~nbsrc.data.transforms.RetrievalTransform` with ``train=False``):
     RGB scaled to [0, 1]; resize to the **square** ``S × S``, ``S = round(img_size * 256 / 224)``, the
     aspect ratio not kept (bilinear, antialiased); centre-crop ``img_size × img_size``; normalise with
     ``mean`` / ``std``. The square matches the training resize (IRT §4.2: "resizing the image to

@@ -83,8 +83,9 @@ def _check_images(labels_emb: np.ndarray, ds: RetrievalDataset, indices: np.ndar
 
 def load_retrieval(run, k: int = 8) -> RunRetrieval:
     """Load a finished run (a :class:`~nbsrc.experiment.RunResult`, a
-    :class:`~nbsrc.runlist.RunSummary` or a run directory), rebuild its evaluation images from its config and retrieve the top ``k`` of every
-    query (:func:`nbsrc.eval.retrieve`: inner product, ties by gallery index)."""
+    :class:`~nbsrc.runlist.RunSummary` or a run directory), rebuild its evaluation images from its config
+    and retrieve the top ``k`` of every query (:func:`nbsrc.eval.retrieve`: inner product, ties by gallery
+    index)."""
     run = as_run(run)
     e = run.embeddings()
     data = build_data(run.config)
@@ -127,7 +128,7 @@ class QueryRetrieval:
         return plot_retrieval_grid(
             [self.query_image], [self.images], self.hits[None, :],
             query_titles=[f"q{self.query_row}: {self._name(self.query_label)}"],
-            retrieved_titles=[[f"{self._name(lab)}\n{s:.2f}" for lab, s in zip(self.labels, self.sims)]],
+            retrieved_titles=[[f"{self._name(lab)}\n{s:.2f}" for lab, s in zip(self.labels, self.sims, strict=True)]],
             title=title or f"{self.run_name}: query {self.query_row} and its top {len(self.hits)}")
 
 

@@ -212,7 +212,8 @@ def build_step_parts(cfg: ExperimentConfig, model: torch.nn.Module, task: Traini
     extra = task.setup(parts)
     params = list(model.parameters()) + [p for m in extra for p in m.parameters()]
     parts.optimizer = build_optimizer(cfg, params)
-    parts.scheduler = torch.optim.lr_scheduler.LambdaLR(parts.optimizer, lambda it: lr_factor(cfg, it) * task.lr_scale(it))
+    parts.scheduler = torch.optim.lr_scheduler.LambdaLR(parts.optimizer,
+                                                        lambda it: lr_factor(cfg, it) * task.lr_scale(it))
     parts.scaler = torch.amp.GradScaler("cuda", enabled=amp_on and amp_dtype == torch.float16)
     if load is not None:
         model.load_state_dict(load["model"])

@@ -38,9 +38,9 @@ from nbsrc.train.loop import StepParts, TrainingTask
 @torch.no_grad()
 def momentum_update(ema: torch.nn.Module, model: torch.nn.Module, m: float) -> None:
     """``ema ← m · ema + (1 − m) · model`` for the parameters; buffers are copied."""
-    for pe, p in zip(ema.parameters(), model.parameters()):
+    for pe, p in zip(ema.parameters(), model.parameters(), strict=True):
         pe.mul_(m).add_(p.detach(), alpha=1 - m)
-    for be, b in zip(ema.buffers(), model.buffers()):
+    for be, b in zip(ema.buffers(), model.buffers(), strict=True):
         be.copy_(b)
 
 
@@ -65,7 +65,8 @@ class PairTask(TrainingTask):
         if cfg.optim.batch_size % world:
             raise ConfigError(f"batch_size={cfg.optim.batch_size} must be divisible by the {world} processes")
         self.criterion = build_loss(cfg, model.feature_dim, self.train_classes).to(device)
-        self.memory = CrossBatchMemory(cfg.loss.memory_size, model.feature_dim, device) if cfg.loss.memory_size else None
+        self.memory = (CrossBatchMemory(cfg.loss.memory_size, model.feature_dim, device) if cfg.loss.memory_size
+                       else None)
         self.ema = copy.deepcopy(model).requires_grad_(False) if cfg.loss.momentum is not None else None
         return [self.criterion]
 

@@ -103,7 +103,8 @@ def check_tuple_config(cfg: ExperimentConfig) -> None:
         )
     tuple_loss_fn(cfg.loss.tuple_loss)
     if cfg.loss.memory_size:
-        raise ConfigError(f"memory_size={cfg.loss.memory_size}: tuple training has no cross-batch memory; set memory_size=0")
+        raise ConfigError(f"memory_size={cfg.loss.memory_size}: tuple training has no cross-batch memory; set "
+                          "memory_size=0")
 
 
 def check_world_size(cfg: ExperimentConfig, db: SfMSplit, world: int) -> None:
@@ -135,7 +136,8 @@ class TupleTask(TrainingTask):
         norm = data_config(model)
         eval_tf = particular_object_transform(cfg.data.img_size, norm["mean"], norm["std"])  # IRT §4.2: squashed
         train_tf = eval_tf  # no augmentation (cirtorch's default)
-        sampler = TupleSampler(self.db, cfg.tuples.pairs_per_epoch, cfg.tuples.negative_pool, cfg.tuples.negatives_per_tuple, cfg.run.seed)
+        sampler = TupleSampler(self.db, cfg.tuples.pairs_per_epoch, cfg.tuples.negative_pool,
+                               cfg.tuples.negatives_per_tuple, cfg.run.seed)
         dataset = TupleDataset(self.db, train_tf)
         it = start
         while True:
@@ -158,7 +160,8 @@ class TupleTask(TrainingTask):
         z = parts.net(x.to(parts.device, non_blocking=True)).float()
         if distributed.current().enabled:  # the loss and KoLeo of the global batch, tuples in rank order
             z, idx = distributed.gather_with_grad(z), distributed.gather(idx.to(parts.device)).cpu()
-        return tuple_loss_terms(z, idx, self.tuple_size, self.cfg.loss.beta, self.cfg.loss.lam, self.cfg.loss.tuple_loss)
+        return tuple_loss_terms(z, idx, self.tuple_size, self.cfg.loss.beta, self.cfg.loss.lam,
+                                self.cfg.loss.tuple_loss)
 
     def state(self, it: int) -> dict:
         tuples = None if self.tuples is None else torch.from_numpy(np.ascontiguousarray(self.tuples))
