@@ -147,7 +147,8 @@ def test_readme_notebook_example_runs(tmp_path, monkeypatch, capsys):
     (tmp_path / "notebooks").symlink_to(ROOT / "notebooks")
     given = set(args[3::3])  # the names of README's -p NAME VALUE
     declared = notebook_parameters(ROOT / args[1])
-    extra = {k: v for k, v in QUICK.items() if (k in declared or k in {f.name for f in config_fields()}) and k not in given}
+    fields = {f.name for f in config_fields()}
+    extra = {k: v for k, v in QUICK.items() if (k in declared or k in fields) and k not in given}
     extra["data_root"] = str(tiny_glyph_set(tmp_path / "glyph_cache"))  # a config field: into overrides, as lr
     pairs = [x for k, v in extra.items() for x in ("-p", k, v if isinstance(v, str) else json.dumps(v))]
     assert main([*args, *pairs]) == 0, capsys.readouterr().err
