@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-from nbsrc.data.glyphs import GlyphSet, content_hash, load_built
+from nbsrc.data.glyphs import GlyphSet, content_hash, load_built, write_atomic
 from nbsrc.errors import ConfigError
 
 # The faces of CJK_FONTS drawn by a brush or a pen, by file name (a collection's face: "name#index").
@@ -30,14 +29,6 @@ HAND_FACES: tuple[str, ...] = (
     "UnGungseo.ttf",  # brush
 )
 
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def face_labels(glyphs: GlyphSet) -> list[str]:
@@ -82,8 +73,8 @@ def face_subset(glyphs: GlyphSet, exclude=HAND_FACES) -> Path:
         with open(p, "wb") as f:
             np.savez(f, images=images, labels=labels_, faces=faces)
 
-    _write_atomic(npz, write_npz)
-    _write_atomic(npz.with_suffix(".json"),
+    write_atomic(npz, write_npz)
+    write_atomic(npz.with_suffix(".json"),
                   lambda p: p.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n"))
     load_built(npz)  # its hash checks out
     return npz

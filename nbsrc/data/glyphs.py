@@ -377,7 +377,8 @@ def _spec(fonts, parts, seed, block, size, font_size, ink, chars) -> dict:
     }
 
 
-def _write_atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then renamed over it: a kill never leaves half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
@@ -437,8 +438,8 @@ def build_glyphs(fonts: tuple[FontFace, ...] = CJK_FONTS, parts=PARTS, seed: int
         with open(p, "wb") as f:
             np.savez(f, images=images, labels=labels, faces=faces)
 
-    _write_atomic(npz, write_npz)
-    _write_atomic(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n"))
+    write_atomic(npz, write_npz)
+    write_atomic(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n"))
     return GlyphSet(images, labels, faces, _class_names(chars), ranges, meta, npz)
 
 
