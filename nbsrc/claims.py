@@ -23,7 +23,7 @@ model and both numbers.
 The rule is the same for every claim; no threshold was chosen per claim (never tune a setting or a
 rule to make a claim come out).
 
-**The claims** (:data:`CLAIMS`), as issue 14 states them from IRT (El-Nouby et al., 2021):
+**The claims** (:data:`CLAIMS`), stated from IRT (El-Nouby et al., 2021):
 
 ===  =======================================================  ================  ==========================
 id   claim                                                    paper             measured by (per seed)

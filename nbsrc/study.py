@@ -119,7 +119,7 @@ STUDY: dict[str, Any] = dict(
     vit=dict(name="ViT-Tiny", backbone=RECIPE["backbone"], pooling="cls", weights="pretrain",
              candidates=[dict(lr=1e-4), dict(lr=3e-4)]),
     # The convnet (C4): EfficientNet-Lite0 with its ImageNet weights. Its demo recipe (lr 1e-4, BatchNorm in
-    # train mode, 64 px, 33 iterations) lowered train_val R@1 from 59.2 to 39.6 (issue 26), so lower learning
+    # train mode, 64 px, 33 iterations) lowered train_val R@1 from 59.2 to 39.6 (docs/results.md), so lower learning
     # rates, BatchNorm in eval mode (frozen statistics, as cirtorch fine-tunes) and a larger input are
     # candidates; to be chosen by the pilot.
     # Its selection runs stop at 1,000 iterations (max_iterations of its own: a convnet step at 64 px costs

@@ -1,11 +1,9 @@
 """Independent jobs in worker processes on a CPU, their output relayed line by line to the caller.
 
-A small ViT on a few cores does not use two cores well: one training step of the demo's ViT-Tiny
-(28 px, 16 tokens, batch 64) runs at about 122 img/s on both cores of this project's 2-core CPU, and
-two such steps side by side, one core each, at about 76 + 74 img/s (1.23x). In the demo's 300-iteration
-runs two workers trained at 1.15 + 1.15 it/s where one run alone trains at 1.9 it/s (1.21x); a worker's
-start-up (importing torch, building the model and data) and its one-thread evaluation take part of that
-back, so short runs gain little: ``python -m nbsrc.bench jobs`` measured 1.05x for 40-iteration runs.
+A small ViT does not use several CPU cores well, so independent runs trained side by side, one core
+each, finish sooner than the same runs trained in turn; a worker's start-up and its one-thread
+evaluation take part of that back for short runs (the measurements: docs/speed.md, *Defaults and the
+measurements behind them*; ``python -m nbsrc.bench jobs``).
 :func:`map_jobs` runs ``fn(item)`` for each item in ``jobs`` processes (``python -m nbsrc.workers``) with
 ``cores // jobs`` torch threads each, and prints what the workers print, each line prefixed with its
 job's tag, in the caller's process (so a notebook cell shows the workers' progress lines).
@@ -42,7 +40,7 @@ def cpu_cores() -> int:
 
 def auto_jobs(device: str = "auto") -> int:
     """How many runs to train at once: 1 on a GPU (a run already fills it; our reading) or a 1-core CPU,
-    else 2 (measured 1.21x on the demo's runs on a 2-core CPU; more jobs on more cores are untested)."""
+    else 2 (docs/speed.md; more jobs on more cores are untested)."""
     import torch
 
     on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())

@@ -42,7 +42,7 @@ to ~15 strokes apart. The 2-px margin survives the paper's transform (resize to
 ``round(32 · 256/224) = 37`` then a 32-px crop) without cutting ink.
 
 The face list was chosen once, by hand and measurement: of the 145 faces with ideographs in the
-Debian packages named in issue 14, a face was kept when its drawings of 200 random ideographs
+Debian packages :data:`CJK_FONTS` comes from, a face was kept when its drawings of 200 random ideographs
 differed from those of every face kept before it (in name order) by a mean absolute pixel
 difference of at least 8/255. This drops the exact twins (``IPAPGothic`` = ``IPAGothic``, the TW/HK
 cuts of AR PL, ``M PLUS 2`` = ``M PLUS 1``) and near-twins (``IPAmjMincho`` ≈ ``IPAMincho``,

@@ -49,8 +49,7 @@ def hub_unreachable(timeout: float = HUB_CHECK_SECONDS) -> str | None:
     is set, or a TCP connection to the hub (``$HF_ENDPOINT``, default huggingface.co; the proxy of
     ``$HTTPS_PROXY`` / ``$ALL_PROXY`` when one is set) is refused, its name does not resolve, or it does
     not answer within ``timeout`` seconds. Our reading of "offline": one connection attempt, instead of
-    the hub client's five retries per file (51 s before the first error, measured on a machine without
-    a network)."""
+    the hub client's five retries per file."""
     import socket
     import threading
     from urllib.parse import urlsplit

@@ -55,8 +55,7 @@ class RetrievalModel(nn.Module):
 
     A convnet backbone (more than one 2-d convolution: a CNN, or a hybrid's CNN stem) runs in
     channels-last memory format, its weights and its input (``channels_last``, default: on for those):
-    the same numbers up to float rounding, and faster on CPU (EfficientNet-Lite0 at 64 px, batch 64, one
-    thread, measured once on the project's 2-core CPU: a training step 1.16x, inference 1.39x). A ViT's
+    the same numbers up to float rounding, and faster on CPU (docs/speed.md). A ViT's
     single patch convolution is left as it is. DToP's models keep the default format.
     """
 

@@ -97,18 +97,15 @@ def _read_json(path: Path) -> dict:
 
 
 def default_batch_size(device: torch.device) -> int:
-    """256 images a batch on a GPU (inference, bf16), 32 on the CPU: larger batches did not run faster
-    there (EfficientNet-Lite0 at 224 px; the demo's ViT-Tiny at 32 px, 296 against 298 img/s at 32
-    and 128 a batch, medians of 10 interleaved rounds) and delay the first progress line."""
+    """256 images a batch on a GPU (inference, bf16), 32 on the CPU, where larger batches did not run
+    faster (docs/speed.md) and delay the first progress line."""
     return 256 if device.type == "cuda" else 32
 
 
 def default_workers(device: torch.device | None = None) -> int:
     """DataLoader workers for decoding: one per CPU core beyond the first, at most 8; none when the
     model runs on a CPU of at most 2 cores, where it already keeps every core busy and a decoding
-    process only takes time from it. Measured on the project's 2-core CPU, one ad-hoc run of three rounds,
-    median seconds with 0 workers against 1: 160 JPEGs (320x240) with EfficientNet-Lite0, 5.27 against
-    6.04; 2,000 glyph PNGs with the demo's ViT-Tiny, 6.97 against 8.73."""
+    process only takes time from it (docs/speed.md)."""
     cores = os.cpu_count() or 1
     if device is not None and device.type == "cpu" and cores <= 2:
         return 0
