@@ -246,13 +246,16 @@ def cmd_eval(ns) -> None:
 
 
 def describe_evaluation(cfg: ExperimentConfig, results: dict) -> str:
-    """Two lines: ``name: R@1=..  R@2=..`` (or mAP) and how that was evaluated."""
+    """Two lines: ``name: R@1=..  R@2=..`` (or mAP) and how that was evaluated (where: the dataset's
+    :class:`~nbsrc.data.DatasetSpec`)."""
+    from nbsrc.data import DATASETS
+
     scores = {k: v for k, v in results.items() if k.startswith(("R@", "mAP", "roxford", "rparis"))
               and isinstance(v, (int, float))}
     first = f"{cfg.run.name}: " + "  ".join(f"{k}={v:.2f}" for k, v in scores.items())
     per_class = "all images" if cfg.data.eval_per_class is None else f"at most {cfg.data.eval_per_class} images"
-    where = ("Revisited Oxford/Paris" if cfg.data.dataset == "sfm120k" else
-             f"{cfg.data.dataset} classes {cfg.data.test_classes} ({per_class} per class, each query against the rest)")
+    where = (DATASETS[cfg.data.dataset].evaluated_on if cfg.data.dataset in DATASETS else None) or \
+        f"{cfg.data.dataset} classes {cfg.data.test_classes} ({per_class} per class, each query against the rest)"
     how = [f"  evaluated on {where}", f"{'PCA to ' + str(cfg.model.dim) if cfg.model.dim else 'no PCA'}",
            f"after {cfg.optim.iterations} iterations" if cfg.optim.iterations else "off-the-shelf (no training)"]
     if cfg.eval.eval_scales:

@@ -76,7 +76,6 @@ from typing import Any
 
 from nbsrc.errors import ConfigError
 
-DATASETS = ("fashion_mnist", "digits", "glyphs", "folder", "cub", "sop", "inshop", "sfm120k")
 SAMPLERS = ("m_per_class", "group_size")
 SCHEDULERS = ("cosine", "constant")
 OPTIMIZERS = ("adamw", "sgd", "adam")
@@ -150,7 +149,7 @@ class DataConfig:
     """Section ``data``: which images train, which evaluate, and how batches are drawn."""
 
     dataset: str = setting("fashion_mnist", "the images: a built-in dataset, a folder of class folders, or a "
-                           "benchmark", choices=DATASETS)
+                           "benchmark", choices="nbsrc.data.DATASETS")
     data_root: str | None = setting(None, "where the dataset is; none: $NBSRC_DATA, then the Debian package, "
                                     "then a download")
     train_classes: str = setting("0-4", "class-disjoint split: train on these classes ...")
@@ -178,8 +177,8 @@ class DataConfig:
         return self.dataset == "sfm120k" and self.sfm_training == "tuples"
 
     def validate(self, bad) -> None:
-        if self.dataset not in DATASETS:
-            bad("dataset", self.dataset, f"one of {', '.join(DATASETS)}")
+        if not isinstance(self.dataset, str) or not self.dataset:
+            bad("dataset", self.dataset, "the name of a dataset of nbsrc.data.DATASETS")
         if self.img_size < 8:
             bad("img_size", self.img_size, "an image side of at least 8 pixels")
         if self.eval_per_class is not None and self.eval_per_class < 2:

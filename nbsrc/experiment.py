@@ -42,7 +42,7 @@ from torch.utils.data import default_collate
 
 from nbsrc import locking
 from nbsrc.config import ExperimentConfig
-from nbsrc.data import RetrievalData, RetrievalDataset, build_data, cap_per_class, check_data_root
+from nbsrc.data import RetrievalData, RetrievalDataset, build_data, cap_per_class, check_data_root, dataset_spec
 from nbsrc.data.group_sampler import training_sampler
 from nbsrc.data.images import check_dataset_images, check_images
 from nbsrc.data.revisited import ORIGINAL_GND_URL, ORIGINAL_NAMES, TWIN
@@ -301,17 +301,16 @@ def revisited_evaluator(cfg: ExperimentConfig, inputs: EvalInputs) -> Evaluator:
 
 
 # name -> builder(cfg, EvalInputs) -> Evaluator; ``cfg.eval.evaluator`` picks one (None: the dataset's own,
-# DATASET_EVALUATORS, else "recall"). A new evaluator is one function and one line here.
+# nbsrc.data.DATASETS[name].evaluator). A new evaluator is one function and one line here.
 EVALUATORS: dict[str, Callable[[ExperimentConfig, EvalInputs], Evaluator]] = {
     "recall": recall_evaluator,  # Recall@K of the test classes (IRT Tables 2-4, 9)
     "revisited": revisited_evaluator,  # (Revisited) Oxford / Paris mAP, mP@k (IRT Tables 7-8; DToP A5, A7-A13)
 }
-DATASET_EVALUATORS = {"sfm120k": "revisited"}  # the evaluator of a dataset not evaluated by Recall@K
 
 
 def evaluator_name(cfg: ExperimentConfig) -> str:
-    """``cfg.eval.evaluator``, or the dataset's own when it is None."""
-    return cfg.eval.evaluator or DATASET_EVALUATORS.get(cfg.data.dataset, "recall")
+    """``cfg.eval.evaluator``, or the dataset's own (:class:`nbsrc.data.DatasetSpec`) when it is None."""
+    return cfg.eval.evaluator or dataset_spec(cfg.data.dataset).evaluator
 
 
 def evaluator_builder(name: str) -> Callable[[ExperimentConfig, EvalInputs], Evaluator]:
@@ -403,9 +402,10 @@ def sfm_setup(cfg: ExperimentConfig, norm: dict, device, roxford_root=None, rpar
 def build_setup(cfg: ExperimentConfig, norm: dict, device, data: RetrievalData | None = None,
                 roxford_root=None, rparis_root=None, oxford_root=None, paris_root=None) -> Setup:
     """The :class:`Setup` of ``cfg.data.dataset`` with the evaluator of ``cfg.eval.evaluator``
-    (:data:`EVALUATORS`; its name is checked before the data is read)."""
+    (:data:`EVALUATORS`; its name is checked before the data is read): :func:`sfm_setup` for a
+    particular-object dataset (:class:`nbsrc.data.DatasetSpec`), :func:`class_setup` for one of classes."""
     builder = evaluator_builder(evaluator_name(cfg))
-    if cfg.data.dataset == "sfm120k":
+    if dataset_spec(cfg.data.dataset).particular:
         setup = sfm_setup(cfg, norm, device, roxford_root, rparis_root, oxford_root, paris_root)
     else:
         setup = class_setup(cfg, norm, device, data)
