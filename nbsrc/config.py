@@ -387,11 +387,11 @@ class EvalConfig:
     evaluator: str | None = setting(
         None, "what is measured (\"recall\": Recall@K on the test classes; \"revisited\": mAP and mP@k of "
         "Revisited Oxford and Paris), checked when the run is built; none: the dataset's own (revisited for "
-        "sfm120k, recall otherwise)", choices="nbsrc.experiment.EVALUATORS")
+        "sfm120k, recall otherwise)", choices="nbsrc.eval.evaluators.EVALUATORS")
 
     def validate(self, bad) -> None:
         if self.evaluator is not None and (not isinstance(self.evaluator, str) or not self.evaluator):
-            bad("evaluator", self.evaluator, "the name of an evaluator of nbsrc.experiment.EVALUATORS, or None")
+            bad("evaluator", self.evaluator, "the name of an evaluator of nbsrc.eval.evaluators.EVALUATORS, or None")
         if not self.ks or any(int(k) < 1 for k in self.ks):
             bad("ks", self.ks, "positive Recall@K cut-offs such as (1, 2, 4, 8)")
         if self.eval_every < 0:

@@ -34,6 +34,7 @@ from nbsrc.data.sfm import SFM_LAYOUT, SFM_URL, load_sfm120k_db
 from nbsrc.data.transforms import RetrievalTransform
 from nbsrc.errors import ConfigError
 from nbsrc.eval import evaluate
+from nbsrc.eval.evaluators import particular_eval_transform, revisited_evaluation
 from nbsrc.experiment import (
     beta_lambda_grid,
     dtop_ablation_grid,
@@ -41,9 +42,7 @@ from nbsrc.experiment import (
     lambda_sweep,
     load_run,
     paper_columns,
-    particular_eval_transform,
     pooling_variants,
-    revisited_evaluation,
 )
 from nbsrc.models import data_config, model_from_config
 from nbsrc.presets import load_preset, preset_paper
@@ -153,8 +152,8 @@ def evaluate_benchmarks(preset: str | None, roots: dict[str, str | None], run_di
     official evaluation split and Recall@``RECALL_KS[benchmark]`` (IRT Table 2); the revisited ones
     the mAP of the Medium and Hard setups (IRT Tables 7-8), Oxford 5k and Paris 6k the original protocol's
     mAP (DToP's Oxf5k and Par6k columns), evaluated as the SfM-120k run evaluates
-    (:func:`nbsrc.experiment.revisited_evaluation`, in the run's test geometry,
-    :func:`nbsrc.experiment.particular_eval_transform`): at the config's ``eval_scales`` on both sides, and,
+    (:func:`nbsrc.eval.evaluators.revisited_evaluation`, in the run's test geometry,
+    :func:`nbsrc.eval.evaluators.particular_eval_transform`): at the config's ``eval_scales`` on both sides, and,
     where the config has ``whitening="learned"`` (the DToP presets; DToP Table A7 "Using supervised
     whitening"), with the whitening learned from the matching pairs of SfM-120k's training split under
     ``sfm_root`` — a one-line error names ``sfm_root`` when it is missing (or evaluate a preset without

@@ -10,7 +10,8 @@ from nbsrc.__main__ import describe_evaluation, field_choices
 from nbsrc.config import config_fields
 from nbsrc.data import DATASETS, DatasetSpec, build_data
 from nbsrc.errors import ConfigError
-from nbsrc.experiment import evaluator_name, run_experiment
+from nbsrc.eval.evaluators import evaluator_name
+from nbsrc.experiment import run_experiment
 
 
 def test_a_new_dataset_is_one_module_and_one_registry_line(tiny_cfg, monkeypatch):
@@ -38,7 +39,7 @@ def test_an_unknown_dataset_is_an_error_before_anything_is_written(tiny_cfg):
 
 
 def test_each_dataset_names_a_registered_evaluator_and_sfm120k_is_particular_object():
-    from nbsrc.experiment import EVALUATORS
+    from nbsrc.eval.evaluators import EVALUATORS
 
     assert all(spec.evaluator in EVALUATORS for spec in DATASETS.values())
     assert [n for n, spec in DATASETS.items() if spec.particular] == ["sfm120k"]

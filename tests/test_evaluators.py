@@ -1,4 +1,4 @@
-"""The evaluator registry (``nbsrc.experiment.EVALUATORS``): a new evaluator is one function and one
+"""The evaluator registry (``nbsrc.eval.evaluators.EVALUATORS``): a new evaluator is one function and one
 registry line, picked by ``cfg.eval.evaluator``; None keeps each dataset's own (Recall@K, or Revisited
 mAP for SfM-120k); an unknown name is a one-line error before anything is written."""
 
@@ -10,7 +10,8 @@ import pytest
 from nbsrc.data import build_data
 from nbsrc.errors import ConfigError, DatasetError
 from nbsrc.eval import extract_embeddings
-from nbsrc.experiment import EVALUATORS, Evaluator, evaluator_name, run_experiment
+from nbsrc.eval.evaluators import EVALUATORS, Evaluator, evaluator_name
+from nbsrc.experiment import run_experiment
 from nbsrc.train import read_metrics
 
 

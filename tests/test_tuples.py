@@ -15,7 +15,8 @@ from nbsrc.data.sfm import SfMSplit, TupleDataset, TupleSampler, collate_tuples,
 from nbsrc.data.transforms import particular_object_transform
 from nbsrc.errors import ConfigError, DatasetError, NonFiniteLossError
 from nbsrc.eval import extract_embeddings
-from nbsrc.experiment import find_revisited_root, run_experiment
+from nbsrc.eval.evaluators import find_revisited_root
+from nbsrc.experiment import run_experiment
 from nbsrc.losses.tuples import tuple_contrastive_loss, tuple_loss_terms
 from nbsrc.models import data_config, model_from_config
 from nbsrc.train import load_checkpoint, read_metrics
