@@ -60,3 +60,13 @@ def test_a_new_weight_source_is_one_registry_line_and_its_name_alone_is_a_model(
     assert shortcuts()["efficientnet_lite0"] == ("tf_efficientnet_lite0", "efficientnet_lite0")
     with pytest.raises(ConfigError, match="loads only into backbone='resnet18'"):
         build_model("resnet34", "gem", weights="zeros")
+
+
+def test_a_dtop_model_on_timms_vit_pickles_whole_with_its_own_position_hook(tmp_path):
+    m = build_model("vit_tiny_patch16_224", dtop=True, k=2, head_dim=16, **TINY).eval()
+    torch.save(m, tmp_path / "m.pt")
+    c = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert c.backbone.positions.vit is c.backbone and c.backbone._pos_embed.__self__ is c
+    x = torch.randn(2, 3, 40, 32)
+    with torch.no_grad():
+        assert torch.equal(c(x), m(x)) and c.backbone.grid == (5, 4)

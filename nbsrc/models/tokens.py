@@ -17,7 +17,7 @@ A token backbone has timm's ViT attributes ``blocks`` (the encoder blocks whose 
 
 from __future__ import annotations
 
-import types
+from collections.abc import Callable
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -63,12 +63,23 @@ def positions(vit: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     return vit.pos_drop(x)
 
 
+class BoundToViT:
+    """``fn`` with ``vit`` as its first argument: a method of one ViT instance that a deepcopy or a pickle
+    carries with the ViT (a ``types.MethodType`` in the instance's dict cannot be unpickled)."""
+
+    def __init__(self, fn: Callable, vit: VisionTransformer):
+        self.fn, self.vit = fn, vit
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.vit, *args, **kwargs)
+
+
 def vit_tokens(vit: VisionTransformer) -> VisionTransformer:
     """timm's ``vit`` as a token backbone, in place (module docstring): DPE, bilinear, until
-    ``set_position`` changes it; the methods are bound to ``vit``, so a deepcopy carries its own."""
+    ``set_position`` changes it; its methods are bound to ``vit``, so a copy carries its own."""
     vit.position, vit.pe_interp, vit.grid = "dpe", "bilinear", None
-    vit.set_position = types.MethodType(set_position, vit)
-    vit.positions = types.MethodType(positions, vit)
+    vit.set_position = BoundToViT(set_position, vit)
+    vit.positions = BoundToViT(positions, vit)
     vit._pos_embed = vit.positions
     return vit
 
