@@ -104,7 +104,7 @@ class LayerMix(nn.Module):
 class DToPModel(nn.Module):
     """images -> l2-normalised DToP embeddings [B, head_dim] (or [B, dim] once ``pca`` is fitted).
 
-    Same interface as :class:`~nbsrc.models.RetrievalModel`: ``backbone`` (the timm ViT),
+    Same interface as :class:`~nbsrc.models.RetrievalModel`: ``backbone`` (see :mod:`~nbsrc.models.tokens`),
     ``feature_dim`` (= ``head_dim``), ``output_dim``, ``pca``, ``forward_tokens``, ``forward_features``, ``forward``;
     :meth:`branches` returns the intermediate quantities of eqs. (5)–(12) for analysis.
     """
