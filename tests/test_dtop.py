@@ -15,7 +15,8 @@ from timm.models.vision_transformer import VisionTransformer
 from nbsrc.config import DToPConfig
 from nbsrc.errors import ConfigError, WeightsError
 from nbsrc.models import PCAReduction, RetrievalModel, build_model, model_from_config
-from nbsrc.models.dtop import DToPModel, LayerMix, create_effnet_lite0_vit
+from nbsrc.models.dtop import DToPModel, LayerMix
+from nbsrc.models.hybrid import create_effnet_lite0_vit
 from nbsrc.models.locality import (
     ASPP,
     FUSIONS,

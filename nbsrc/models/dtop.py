@@ -52,82 +52,37 @@ paper table in brackets):
 means here, since the [CLS] tokens form the global branch), 'avg' (Table A5's patch rows) or 'max'; 'dist' (a distilled
 DeiT, timm ``deit_*_distilled_*``) forms the global branch from the distillation tokens instead, local
 pooling gem. DToP §A.2 (Table A5): "we also evaluate multi-layer *distillation* features, replacing
-[CLS] by the distillation token where it exists, i.e., PiT [26] and DeiT [28]". A distilled DeiT has
+[CLS] by the distillation token where it exists, i.e., [...] DeiT [28]". A distilled DeiT has
 two prefix tokens, [CLS] then DIST, and its position embedding covers both: DPE keeps both entries
 and resamples the grid part only.
 
-Backbones: any timm ``VisionTransformer`` with a [CLS] token, including timm's hybrids
-(``vit_base_r50_s16_384``, DToP's R50+ViT-B/16; ``vit_tiny_r_s16_p8_224``, ...), and
-``effnet_lite0_vit``: the ImageNet-pretrained EfficientNet-Lite0 stem and first five stages of
-timm's ``tf_efficientnet_lite0`` (stride 16, 112 channels) feeding a ViT-Ti encoder through timm's
-``HybridEmbed`` with 1×1 patches (``weights='efficientnet_lite0'`` loads the CNN part's real
-weights offline; the encoder starts random); and timm's PiT (``pit_b_224``,
-``pit_b_distilled_224``, ...) through :class:`nbsrc.models.pit.PiTTokens`, which takes the
-multi-layer features within PiT's last stage (so k is at most that stage's depth, 4 for PiT-B: our
-reading) and applies DPE to its stem's position map.
+Backbones: a token backbone (:mod:`nbsrc.models.tokens`: it reports its token grid and prefix tokens
+and adds its own position encoding), made by :func:`nbsrc.models.backbones.create_backbone`: any timm
+``VisionTransformer`` with a [CLS] token, including timm's hybrids (``vit_base_r50_s16_384``, DToP's
+R50+ViT-B/16; ``vit_tiny_r_s16_p8_224``, ...), and nbsrc's own (``OWN_BACKBONES``), whose modules say
+how they present their tokens and which k they allow.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 
-import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import HybridEmbed
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from nbsrc.config import DToPConfig, ModelConfig, invalid
+from nbsrc.config import DToPConfig, ModelConfig
 from nbsrc.errors import ConfigError
-from nbsrc.models.backbones import check_backbone, create_backbone
+from nbsrc.models.backbones import create_backbone
 from nbsrc.models.locality import EnhancedLocality, Fusion
-from nbsrc.models.pit import PiTTokens, create_pit, is_pit
 from nbsrc.models.pooling import TokenPooling
-from nbsrc.models.position import PE_INTERPOLATIONS, PE_KINDS, PositionGenerator, dynamic_position_embedding
+from nbsrc.models.position import PositionGenerator
 from nbsrc.models.retrieval import PCAReduction
-from nbsrc.models.weights import load_efficientnet_lite0
-
-EFFNET_LITE0_VIT = "effnet_lite0_vit"
-EFFNET_LITE0_STAGES = 5  # conv_stem + blocks[:5] of tf_efficientnet_lite0: stride 16, 112 channels
+from nbsrc.models.tokens import token_backbone
 
 BRANCHES = ("both", "global", "local")
 LOCAL_POOLINGS = {"cls": "gem", "dist": "gem", "gem": "gem", "avg": "avg", "max": "max"}
 GLOBAL_TOKENS = ("cls", "dist")  # the prefix token of the global branch: [CLS] (eq. 5) or DIST (Table A5)
-
-
-# ----------------------------------------------------------------------------- hybrid backbone
-def create_effnet_lite0_vit(
-    img_size: int | None = None,
-    weights: str = "none",
-    encoder: str = "vit_tiny_patch16_224",
-    patch_size: int | None = None,
-    **vit_kwargs,
-) -> VisionTransformer:
-    """EfficientNet-Lite0 (stem + first five stages, stride 16) -> timm ``HybridEmbed`` (1×1
-    patches) -> the ViT encoder of timm's ``encoder`` (random init). ``weights='efficientnet_lite0'``
-    loads the ImageNet weights of the CNN part; 'none' leaves everything random. The patches are
-    the 1×1 cells of the CNN's map, so ``patch_size`` must be None (or 1)."""
-    if patch_size not in (None, 1):
-        raise ConfigError(
-            f"backbone={EFFNET_LITE0_VIT!r} takes the CNN's stride-16 map as 1x1 patches; use patch_size=None"
-        )
-    if weights not in ("none", "efficientnet_lite0"):
-        raise ConfigError(
-            f"backbone={EFFNET_LITE0_VIT!r} takes weights='efficientnet_lite0' (the CNN stem's ImageNet "
-            f"weights) or 'none', not {weights!r}"
-        )
-    cnn = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
-    if weights == "efficientnet_lite0":
-        load_efficientnet_lite0(cnn)
-    stem = nn.Sequential(cnn.conv_stem, cnn.bn1, *cnn.blocks[:EFFNET_LITE0_STAGES])
-    kwargs = dict(num_classes=0, patch_size=1, embed_layer=partial(HybridEmbed, backbone=stem), **vit_kwargs)
-    if img_size is not None:
-        kwargs["img_size"] = img_size
-    net = timm.create_model(encoder, pretrained=False, **kwargs)
-    net.pretrained_cfg = {**net.pretrained_cfg, "mean": cnn.pretrained_cfg["mean"], "std": cnn.pretrained_cfg["std"]}
-    return net
 
 
 # ----------------------------------------------------------------------------- the model
@@ -149,14 +104,14 @@ class LayerMix(nn.Module):
 class DToPModel(nn.Module):
     """images -> l2-normalised DToP embeddings [B, head_dim] (or [B, dim] once ``pca`` is fitted).
 
-    Same interface as :class:`~nbsrc.models.RetrievalModel`: ``backbone`` (the timm ViT),
+    Same interface as :class:`~nbsrc.models.RetrievalModel`: ``backbone`` (see :mod:`~nbsrc.models.tokens`),
     ``feature_dim`` (= ``head_dim``), ``output_dim``, ``pca``, ``forward_tokens``, ``forward_features``, ``forward``;
     :meth:`branches` returns the intermediate quantities of eqs. (5)–(12) for analysis.
     """
 
     def __init__(
         self,
-        backbone: VisionTransformer,
+        backbone: nn.Module,
         k: int = 6,
         pos_embed: str = "dpe",
         pe_interp: str = "bilinear",
@@ -174,11 +129,7 @@ class DToPModel(nn.Module):
         global_token: str = "cls",
     ):
         super().__init__()
-        if not isinstance(backbone, (VisionTransformer, PiTTokens)):
-            raise ConfigError(
-                f"DToP needs a timm VisionTransformer (vit_*, deit_*, hybrid vit_*_r*) or PiT (pit_*), "
-                f"got {type(backbone).__name__}"
-            )
+        backbone = token_backbone(backbone)  # timm's ViT in place, or one of nbsrc's own (nbsrc.models.tokens)
         if backbone.cls_token is None:
             raise ConfigError("DToP's global branch needs a [CLS] token; this ViT has none (class_token=False)")
         depth, d = len(backbone.blocks), backbone.num_features  # d: the width D (timm: a ViT's embed_dim)
@@ -187,14 +138,7 @@ class DToPModel(nn.Module):
                 f"k={k!r} is out of range: this backbone has {depth} encoder blocks"
                 f"{getattr(backbone, 'blocks_note', '')}, use 1 <= k <= {depth}"
             )
-        if pos_embed not in PE_KINDS:
-            raise ConfigError(f"pos_embed={pos_embed!r} is unknown; use one of {', '.join(PE_KINDS)}")
-        if pe_interp not in PE_INTERPOLATIONS:
-            raise ConfigError(f"pe_interp={pe_interp!r} is unknown; use one of {', '.join(PE_INTERPOLATIONS)}")
-        if pos_embed == "dpe" and backbone.pos_embed is None:
-            raise ConfigError("pos_embed='dpe' needs a ViT with a learned position embedding; use 'none' or 'cpe'")
-        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
-            raise ConfigError(f"head_dim={head_dim!r} is invalid: expected an integer >= 1 (paper: 1536)")
+        backbone.set_position(pos_embed, pe_interp)  # eq. 2, Table A9; what the backbone does not offer fails here
         if not getattr(backbone, "dynamic_img_size", False):
             raise ConfigError("DToP needs a ViT built with dynamic_img_size=True (build_dtop_model does this)")
         if branch not in BRANCHES:
@@ -209,7 +153,6 @@ class DToPModel(nn.Module):
         fusion = fusion if fusion is not None else ("orthogonal" if elm else "none")
 
         self.backbone = backbone
-        self.pit_backbone = isinstance(backbone, PiTTokens)  # PiT adds its own position map, reports its grid
         self.num_prefix = int(backbone.num_prefix_tokens)  # [CLS], DIST (distilled DeiT), registers
         self.global_index = GLOBAL_TOKENS.index(global_token)  # [CLS] is token 0, DIST token 1
         self.k, self.pos_embed_kind, self.pe_interp = k, pos_embed, pe_interp
@@ -229,16 +172,12 @@ class DToPModel(nn.Module):
         self.feature_dim = head_dim
         self.pca = PCAReduction(head_dim, dim) if dim else None
 
-        # Position encoding (eq. 2, Table A9): timm's _pos_embed is replaced on this instance (a ViT).
-        if self.pit_backbone:
-            backbone.set_position(pos_embed, pe_interp)  # DPE on the stem's map, or none; no CPE
+        # Position encoding (eq. 2, Table A9): the backbone's position hook is replaced on this instance.
         self.peg = PositionGenerator(d) if pos_embed == "cpe" else None
         if pos_embed != "dpe" and backbone.pos_embed is not None:
             backbone.pos_embed.requires_grad_(False)  # kept for weight compatibility, never added
-        if not self.pit_backbone:
-            backbone._pos_embed = self._pos_embed
+        backbone._pos_embed = self._pos_embed
         # Multi-layer features (eqs. 5–6): forward hooks on the last k blocks.
-        self._grid: tuple[int, int] | None = None
         self._layers: dict[nn.Module, torch.Tensor] | None = None  # a dict only while branches() runs
         self._hooks = []
         if self.peg is not None:  # registered first: the collected output of block 0 includes it
@@ -248,29 +187,12 @@ class DToPModel(nn.Module):
 
     # ------------------------------------------------------------------ backbone patches
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Replaces ``VisionTransformer._pos_embed``: x [B, h, w, D] (timm's dynamic-size patch
-        embedding) -> tokens [B, prefix + h*w, D] with the position encoding of ``pos_embed``."""
-        vit = self.backbone
-        b, h, w, d = x.shape
-        self._grid = (h, w)
-        x = x.reshape(b, h * w, d)
-        prefix = [vit.cls_token.expand(b, -1, -1)]
-        if getattr(vit, "dist_token", None) is not None:  # distilled DeiT: [CLS], DIST, patches (timm's order)
-            prefix.append(vit.dist_token.expand(b, -1, -1))
-        if vit.reg_token is not None:
-            prefix.append(vit.reg_token.expand(b, -1, -1))
-        if self.pos_embed_kind != "dpe":
-            return vit.pos_drop(torch.cat(prefix + [x], dim=1))
-        n_pos_prefix = 0 if vit.no_embed_class else self.num_prefix
-        pos = dynamic_position_embedding(vit.pos_embed, vit.patch_embed.grid_size, (h, w), n_pos_prefix, self.pe_interp)
-        if vit.no_embed_class:
-            x = torch.cat(prefix + [x + pos], dim=1)
-        else:
-            x = torch.cat(prefix + [x], dim=1) + pos
-        return vit.pos_drop(x)
+        """The backbone's position hook: its embedded input with the position encoding of ``pos_embed``
+        (the backbone's ``positions``, which records its token ``grid``)."""
+        return self.backbone.positions(x)
 
     def _apply_peg(self, module, args, output: torch.Tensor) -> torch.Tensor:
-        patches = self.peg(output[:, self.num_prefix :], self._grid)
+        patches = self.peg(output[:, self.num_prefix :], self.backbone.grid)
         return torch.cat([output[:, : self.num_prefix], patches], dim=1)
 
     def _collect(self, module, args, output: torch.Tensor) -> None:
@@ -301,7 +223,7 @@ class DToPModel(nn.Module):
             layers = [self.backbone.norm(self._layers[self.backbone.blocks[i]]) for i in self.layer_ids]
         finally:
             self._layers = None
-        h, w = self.backbone.grid if self.pit_backbone else self._grid
+        h, w = self.backbone.grid
         cls = torch.stack([t[:, self.global_index] for t in layers], dim=1)  # [CLS] or DIST
         patches = torch.stack([t[:, self.num_prefix :] for t in layers], dim=1)
         b, k, _, d = patches.shape
@@ -331,41 +253,26 @@ class DToPModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------- builder
-def _create_vit(backbone: str, weights: str, img_size: int | None, patch_size: int | None) -> nn.Module:
-    if backbone == EFFNET_LITE0_VIT:
-        return create_effnet_lite0_vit(img_size, weights, patch_size=patch_size, dynamic_img_size=True,
-                                       dynamic_img_pad=True)
-    check_backbone(backbone)
-    if weights == "efficientnet_lite0":
-        raise ConfigError(
-            f"weights='efficientnet_lite0' loads only into backbone={EFFNET_LITE0_VIT!r} (DToP) or "
-            "'tf_efficientnet_lite0'"
-        )
-    if is_pit(backbone):  # built at its checkpoint's size; DPE (eq. 2) resamples its position map to any input
-        return create_pit(backbone, weights == "timm", patch_size)
-    try:
-        return create_backbone(backbone, weights == "timm", img_size, patch_size, dynamic_img_size=True,
-                               dynamic_img_pad=True)
-    except TypeError as e:
-        if "dynamic_img" in str(e):
-            raise ConfigError(f"DToP needs a timm VisionTransformer; {backbone!r} is not one") from None
-        raise
-
-
 def build_dtop_model(model: ModelConfig, weights: str, img_size: int | None) -> DToPModel:
     """The DToP model of the config's ``model`` section (:data:`nbsrc.models.MODEL_KINDS`' ``dtop``):
     ``model.dtop``'s options (:class:`~nbsrc.config.DToPConfig`, the paper's full model by default) on
     ``model.backbone``; ``model.pooling`` picks the local branch's pooling. ``weights`` is resolved by
     :func:`nbsrc.models.build_from_section`: 'none', 'timm' (timm's hub) or 'efficientnet_lite0' (only
-    for ``effnet_lite0_vit``); a path is loaded there after the build."""
+    for ``effnet_lite0_vit``); a path is loaded there after the build. ``model.dtop`` was validated with its
+    section (:meth:`~nbsrc.config.DToPConfig.validate`); the checks that depend on the backbone are
+    :class:`DToPModel`'s."""
     dtop = model.dtop if model.dtop is not None else DToPConfig()
-    dtop.validate(invalid)
     if model.pooling not in LOCAL_POOLINGS:
         raise ConfigError(
             f"pooling={model.pooling!r} does not apply to DToP: its local branch pools with gem (default), avg or max; "
             "'dist' takes a distilled DeiT's distillation tokens for the global branch"
         )
-    net = _create_vit(model.backbone, weights, img_size, model.patch_size)
+    try:
+        net = create_backbone(model.backbone, weights, img_size, model.patch_size, dynamic=True)
+    except TypeError as e:
+        if "dynamic_img" in str(e):
+            raise ConfigError(f"DToP needs a timm VisionTransformer; {model.backbone!r} is not one") from None
+        raise
     return DToPModel(net, local_pool=LOCAL_POOLINGS[model.pooling], dim=model.dim, gem_p=model.gem_p,
                      gem_learnable=model.gem_learnable, global_token="dist" if model.pooling == "dist" else "cls",
                      **dataclasses.asdict(dtop))

@@ -91,35 +91,25 @@ class PiTTokens(nn.Module):
         flat = dynamic_position_embedding(flat, (h0, w0), tuple(grid), num_prefix=0, mode=self.pe_interp)
         return flat.transpose(1, 2).reshape(1, c, grid[0], grid[1])
 
+    def positions(self, x: torch.Tensor) -> torch.Tensor:
+        """The stem's map [B, C0, H0, W0] with the position encoding of :meth:`set_position` (DPE or none)."""
+        if self.position == "dpe":
+            x = x + self.position_map(x.shape[-2:])
+        return self.pos_drop(x)
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The position hook between the stem and the stages (DToP replaces it on the instance)."""
+        return self.positions(x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.patch_embed.patch_size
         if x.shape[-2] < kernel[0] or x.shape[-1] < kernel[1]:
             raise ConfigError(f"PiT needs images of at least {kernel[0]}x{kernel[1]} px (its stem's kernel); "
                               f"got {x.shape[-2]}x{x.shape[-1]}")
-        x = self.patch_embed(x)  # [B, C0, H0, W0]
-        if self.position == "dpe":
-            x = x + self.position_map(x.shape[-2:])
-        x = self.pos_drop(x)
+        x = self._pos_embed(self.patch_embed(x))  # [B, C0, H0, W0]
         x, prefix = self.transformers((x, self.cls_token.expand(x.shape[0], -1, -1)))
         self.grid = (int(x.shape[-2]), int(x.shape[-1]))
         return self.norm(torch.cat([prefix, x.flatten(2).transpose(1, 2)], dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)
-
-
-def is_pit(name: str) -> bool:
-    """A timm PiT model name (``pit_b_224``, ``pit_s_distilled_224``, ...)."""
-    return name.startswith("pit_")
-
-
-def create_pit(name: str, pretrained: bool, patch_size: int | None = None) -> PiTTokens:
-    """timm's PiT ``name`` (``num_classes=0``) as :class:`PiTTokens`, built at its checkpoint's size: DPE
-    resamples its position map to any input, so there is no ``img_size``; its stem's kernel is not a
-    ViT's patch, so ``patch_size`` must be None."""
-    from nbsrc.models.backbones import create_backbone
-
-    if patch_size is not None:
-        raise ConfigError(f"patch_size={patch_size} does not apply to {name!r} (PiT's stem has its own kernel); "
-                          "use patch_size=None")
-    return PiTTokens(create_backbone(name, pretrained, None, None))

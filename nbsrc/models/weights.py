@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -78,7 +80,28 @@ def load_efficientnet_lite0(model: nn.Module) -> None:
 # What a run directory holds that can serve as weights, in order of preference: the finished model,
 # then the latest checkpoint, then the previous one (alone only after a kill between two renames).
 RUN_WEIGHT_FILES = ("model.pt", "checkpoint.pt", "checkpoint.prev.pt")
-WEIGHT_SOURCES = ("none", "timm", "efficientnet_lite0")
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """A named source of starting weights (``model.weights``): ``hub`` asks timm for its pretrained
+    weights; ``load`` fills the built backbone afterwards; ``into`` names the timm backbones it fits
+    (empty: any); ``backbone`` is what the source's name alone means to ``nbsrc embed``."""
+
+    hub: bool = False
+    load: Callable[[nn.Module], None] | None = None
+    into: tuple[str, ...] = ()
+    backbone: str | None = None
+
+
+# name -> source; nbsrc's own backbones (nbsrc.models.backbones.OWN_BACKBONES) say which they take
+WEIGHT_SOURCES: dict[str, WeightSource] = {
+    "none": WeightSource(),
+    "timm": WeightSource(hub=True),
+    "efficientnet_lite0": WeightSource(load=lambda net: load_efficientnet_lite0(net),
+                                       into=("tf_efficientnet_lite0", "effnet_lite0_vit"),
+                                       backbone="tf_efficientnet_lite0"),
+}
 
 
 def resolve_weights_file(weights: str | Path) -> Path:

@@ -26,7 +26,13 @@ import torch
 from nbsrc.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RESIZE_RATIO, RetrievalTransform
 from nbsrc.errors import ConfigError, WeightsError
 
-SHORTCUTS = {"efficientnet_lite0": ("tf_efficientnet_lite0", "efficientnet_lite0")}
+
+def shortcuts() -> dict[str, tuple[str, str]]:
+    """A weight source's name alone as a model (``efficientnet_lite0``): name -> (backbone, weights), from
+    :data:`nbsrc.models.WEIGHT_SOURCES`."""
+    from nbsrc.models import WEIGHT_SOURCES
+
+    return {name: (source.backbone, name) for name, source in WEIGHT_SOURCES.items() if source.backbone}
 
 
 @dataclass(frozen=True)
@@ -128,7 +134,7 @@ def load_embedding_model(spec: str | Path, weights: str | None = None, pooling: 
         mean, std = _norm(model)
         return EmbeddingModel(model.eval(), Preprocessing(cfg.data.img_size, mean, std),
                               {"source": "preset", "spec": spec, "weights": cfg.model.weights, "config": cfg.to_dict()})
-    backbone, default_weights = SHORTCUTS.get(spec, (spec, "timm"))
+    backbone, default_weights = shortcuts().get(spec, (spec, "timm"))
     if not timm.is_model(backbone):
         looks_like_path = any(c in spec for c in "/\\") or bool(path.suffix)
         hint = (f"the folder {spec} does not exist" if looks_like_path else
