@@ -409,6 +409,22 @@ def _link_copy(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, copy_function=copy)
 
 
+def run_cases(server: ForkServer, jobs: list[dict], before: dict, state, slow_first: tuple = ()) -> dict:
+    """Run every job on ``server`` and close it; ``{name: {rc, seconds, stdout, stderr, before, after, ws}}``
+    with ``after = state(ws)``. Jobs named in the first of ``slow_first`` start first, then those in the
+    second, ... (the longest first: a notebook kernel, then the cases that train), so that the short ones
+    fill the other slot."""
+    codes = server.run(sorted(jobs, key=lambda job: tuple(job["name"] not in names for names in slow_first)))
+    server.close()
+    results = {}
+    for job in jobs:
+        ws, name = Path(job["cwd"]), job["name"]
+        results[name] = {**codes[name], "stdout": (ws / "out" / "stdout").read_text(),
+                         "stderr": (ws / "out" / "stderr").read_text(), "before": before[name],
+                         "after": state(ws), "ws": ws}
+    return results
+
+
 @pytest.fixture(scope="module")
 def campaign(tmp_path_factory):
     base = tmp_path_factory.mktemp("campaign")
@@ -438,16 +454,9 @@ def campaign(tmp_path_factory):
     for job in jobs:
         if not job["env"]["NBSRC_KERNEL"]:
             del job["env"]["NBSRC_KERNEL"]
-    # the longest first (a notebook kernel, then the cases that train), so that the short ones fill the other slot
-    codes = server.run(sorted(jobs, key=lambda job: (job["name"] not in STARTS_A_KERNEL, job["name"] not in SUCCEEDS)))
-    server.close()
-    results = {}
-    for name, job in zip(all_cases, jobs, strict=True):
-        ws = Path(job["cwd"])
-        results[name] = {**codes[name], "stdout": (ws / "out" / "stdout").read_text(),
-                         "stderr": (ws / "out" / "stderr").read_text(), "before": before[name],
-                         "after": snapshot(ws / "runs"), "ws": ws}
-        (ws / "runs").chmod(0o755)  # the read-only case, so that pytest can remove it
+    results = run_cases(server, jobs, before, lambda ws: snapshot(ws / "runs"), (STARTS_A_KERNEL, SUCCEEDS))
+    for res in results.values():
+        (res["ws"] / "runs").chmod(0o755)  # the read-only case, so that pytest can remove it
     if os.environ.get("NBSRC_CAMPAIGN_TIMINGS"):  # where to write each case's wall time, slowest first
         Path(os.environ["NBSRC_CAMPAIGN_TIMINGS"]).write_text("".join(
             f"{r['seconds']:7.2f} s  exit {r['rc']}  {name}\n"

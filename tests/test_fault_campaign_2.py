@@ -33,6 +33,7 @@ from test_fault_campaign import (
     _link_copy,
     folder_flags,
     image_folder,
+    run_cases,
     snapshot,
     tiny_flags,
 )
@@ -231,16 +232,10 @@ def campaign(tmp_path_factory):
             case.setup(ws)
         before[name] = _state(ws)
         jobs.append({"name": name, "argv": case.argv, "cwd": str(ws), "out": str(ws / "out"), "env": {}})
-    codes = server.run(sorted(jobs, key=lambda job: (job["name"] not in STARTS_A_KERNEL, job["name"] not in SUCCEEDS)))
-    server.close()
-    results = {}
-    for name, job in zip(all_cases, jobs, strict=True):
-        ws = Path(job["cwd"])
-        results[name] = {**codes[name], "stdout": (ws / "out" / "stdout").read_text(),
-                         "stderr": (ws / "out" / "stderr").read_text(), "before": before[name], "after": _state(ws),
-                         "ws": ws}
-        if (ws / RO).exists() and not ROOT:
-            (ws / RO).chmod(0o755)  # so that pytest can remove it
+    results = run_cases(server, jobs, before, _state, (STARTS_A_KERNEL, SUCCEEDS))
+    for res in results.values():
+        if (res["ws"] / RO).exists() and not ROOT:
+            (res["ws"] / RO).chmod(0o755)  # so that pytest can remove it
     return results
 
 
