@@ -329,6 +329,9 @@ class OptimConfig:
 
     optimizer: str = setting("adamw", "optimizer of the network's parameters", choices=OPTIMIZERS)
     lr: float = setting(3e-5, "peak learning rate")
+    loss_lr_mult: float = setting(1.0, "learning rate of the loss's own parameters (class proxies, a linear "
+                                  "head) as a multiple of lr; our reading: neither paper sets one (Proxy-Anchor "
+                                  "trains its proxies at 100 × lr)")
     weight_decay: float = setting(5e-4, "decoupled weight decay (AdamW) or L2 (SGD, Adam)")
     batch_size: int = setting(64, "images per batch, a multiple of --m-per-class")
     m_per_class: int = setting(16, "m samples of each class in every batch, so that every batch has positives")
@@ -358,6 +361,8 @@ class OptimConfig:
             bad("batch_size", self.batch_size, "room for at least 2 classes of m_per_class samples")
         if self.lr <= 0:
             bad("lr", self.lr, "a positive learning rate")
+        if self.loss_lr_mult <= 0:
+            bad("loss_lr_mult", self.loss_lr_mult, "a positive multiple of lr (1: the network's rate)")
         if self.weight_decay < 0:
             bad("weight_decay", self.weight_decay, "a weight decay >= 0")
         if self.iterations < 0:

@@ -54,6 +54,12 @@ STUDY_PRETRAIN: dict[str, dict[str, Any]] = {
     "ce_print": dict(faces="print", train_classes="pretrain", test_classes="train_val", eval_per_class=None,
                      loss="linear_ce", lam=0.0, memory_size=0, memory_start=0, iterations=600, warmup_iters=60,
                      lr=1e-3, weight_decay=0.05, batch_size=128, m_per_class=2),
+    # Distillation from the frozen ImageNet EfficientNet-Lite0 (nbsrc.models.teacher, DeiT's recipe: a convnet
+    # teacher) of its pooled features on the print faces' images, labels unused (nbsrc.losses.distill); lr by
+    # DeiT's scaling rule, 5e-4 x batch / 512.
+    "distill_print": dict(faces="print", train_classes="pretrain", test_classes="train_val", eval_per_class=None,
+                          loss="distill", lam=0.0, memory_size=0, memory_start=0, iterations=600, warmup_iters=60,
+                          lr=1.25e-4, weight_decay=0.05, batch_size=128, m_per_class=2),
     # A metric loss without KoLeo: Scalable NCA alone (τ = 0.05), on the print faces.
     "snca_print": dict(faces="print", **{**PRETRAIN["glyphs"], "lam": 0.0}),
 }

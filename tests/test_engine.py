@@ -34,6 +34,20 @@ def test_schedule_warms_up_linearly_then_decays_by_a_cosine_to_min_lr_factor(tin
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
 
 
+def test_the_losss_own_parameters_train_at_their_multiple_of_the_learning_rate(cfg):
+    net, head = [torch.nn.Parameter(torch.zeros(3))], [torch.nn.Parameter(torch.zeros(2))]
+    one = build_optimizer(cfg, net, head)
+    assert len(one.param_groups) == 1 and len(one.param_groups[0]["params"]) == 2
+    two = build_optimizer(cfg.replace(loss_lr_mult=100.0), net, head)
+    assert [g["lr"] for g in two.param_groups] == pytest.approx([cfg.optim.lr, 100 * cfg.optim.lr])
+    assert two.param_groups[1]["params"] == head
+    # a proxy loss's run: the schedule scales both groups, the head keeping its multiple
+    run = run_experiment(cfg.replace(name="mult", loss="nsoftmax", memory_size=0, loss_lr_mult=10.0), mode="new")
+    state = torch.load(run.run_dir / "checkpoint.pt", weights_only=True)
+    lrs = [g["lr"] for g in state["optimizer"]["param_groups"]]
+    assert lrs[1] == pytest.approx(10 * lrs[0])
+
+
 def test_a_run_steps_the_learning_rate_by_the_schedule(cfg):
     """The ``lr`` a run logs after step ``t`` is the one step ``t + 1`` uses: ``lr · lr_factor(t)``."""
     run = run_experiment(cfg.replace(name="lr", warmup_iters=2, min_lr_factor=0.1, memory_size=0), mode="new")

@@ -18,6 +18,7 @@ from torch import nn
 from nbsrc.errors import ConfigError, RunDirError
 from nbsrc.losses.arcface import ArcFaceLoss
 from nbsrc.losses.contrastive import contrastive_loss, contrastive_pair_terms, pair_mask
+from nbsrc.losses.distill import FeatureDistillation
 from nbsrc.losses.koleo import koleo_loss, nearest_neighbor_distance
 from nbsrc.losses.memory import CrossBatchMemory
 from nbsrc.losses.proxies import LinearCrossEntropyLoss, NormalizedSoftmaxLoss, snca_loss
@@ -25,7 +26,8 @@ from nbsrc.losses.tuples import TUPLE_LOSSES, tuple_contrastive_loss, tuple_loss
 
 __all__ = [
     "contrastive_loss", "contrastive_pair_terms", "pair_mask", "koleo_loss", "nearest_neighbor_distance",
-    "CrossBatchMemory", "NormalizedSoftmaxLoss", "LinearCrossEntropyLoss", "snca_loss", "ArcFaceLoss", "ProxyTerm",
+    "CrossBatchMemory", "FeatureDistillation",
+    "NormalizedSoftmaxLoss", "LinearCrossEntropyLoss", "snca_loss", "ArcFaceLoss", "ProxyTerm",
     "RetrievalLoss", "build_loss", "pair_loss", "PAIR_LOSSES", "TUPLE_LOSSES", "tuple_contrastive_loss", "tuple_loss",
     "tuple_loss_terms",
 ]
@@ -60,6 +62,12 @@ def _linear_ce(cfg, feature_dim: int, classes):
     return ProxyTerm(LinearCrossEntropyLoss(len(classes), feature_dim), classes)
 
 
+def _distill(cfg, feature_dim: int, classes):
+    from nbsrc.models.teacher import TEACHER
+
+    return FeatureDistillation(feature_dim, TEACHER["dim"])
+
+
 def _arcface(cfg, feature_dim: int, classes):
     return ProxyTerm(ArcFaceLoss(len(classes), feature_dim, cfg.loss.arcface_margin, cfg.loss.arcface_scale), classes)
 
@@ -72,6 +80,7 @@ PAIR_LOSSES: dict[str, Callable] = {
     "nsoftmax": _nsoftmax,  # Normalized Softmax, class proxies, temperature
     "arcface": _arcface,  # ArcFace (DToP), margin and scale
     "linear_ce": _linear_ce,  # a linear classifier head with cross-entropy (supervised pretraining)
+    "distill": _distill,  # feature distillation from a frozen ImageNet convnet (the study's pretraining)
 }
 
 
@@ -87,8 +96,10 @@ class RetrievalLoss(nn.Module):
         super().__init__()
         self.loss, self.term, self.lam = loss, term, lam  # a module term registers as a submodule
 
-    def forward(self, z, labels, ref_emb=None, ref_labels=None, indices=None, ref_indices=None) -> dict:
-        main = self.term(z, labels, ref_emb, ref_labels, indices=indices, ref_indices=ref_indices)
+    def forward(self, z, labels, ref_emb=None, ref_labels=None, indices=None, ref_indices=None,
+                targets=None) -> dict:
+        extra = {} if targets is None else {"targets": targets}  # a distillation term's teacher features
+        main = self.term(z, labels, ref_emb, ref_labels, indices=indices, ref_indices=ref_indices, **extra)
         koleo = koleo_loss(z) if self.lam > 0 else main.new_zeros(())
         return {self.loss: main, "koleo": koleo, "total": main + self.lam * koleo}
 

@@ -122,11 +122,16 @@ def lr_factor(cfg: ExperimentConfig, it: int) -> float:
     return cfg.optim.min_lr_factor + (1 - cfg.optim.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-def build_optimizer(cfg: ExperimentConfig, params) -> torch.optim.Optimizer:
-    """AdamW, Adam or SGD (momentum 0.9) over the trainable ``params``; with ``cfg.run.fused_optimizer``
-    the fused CUDA kernels when the parameters live on a GPU (ignored on CPU)."""
-    params = [p for p in params if p.requires_grad]
-    fused = {"fused": True} if cfg.run.fused_optimizer and params and all(p.is_cuda for p in params) else {}
+def build_optimizer(cfg: ExperimentConfig, params, loss_params=()) -> torch.optim.Optimizer:
+    """AdamW, Adam or SGD (momentum 0.9) over the trainable ``params`` and the loss's own ``loss_params``
+    (class proxies, a linear head), these at ``lr × cfg.optim.loss_lr_mult`` in a second parameter group
+    when the multiple is not 1; with ``cfg.run.fused_optimizer`` the fused CUDA kernels when the
+    parameters live on a GPU (ignored on CPU)."""
+    params, loss_params = [p for p in params if p.requires_grad], [p for p in loss_params if p.requires_grad]
+    every = params + loss_params
+    fused = {"fused": True} if cfg.run.fused_optimizer and every and all(p.is_cuda for p in every) else {}
+    params = ([{"params": params}, {"params": loss_params, "lr": cfg.optim.lr * cfg.optim.loss_lr_mult}]
+              if cfg.optim.loss_lr_mult != 1 and loss_params else every)
     if cfg.optim.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, **fused)
     if cfg.optim.optimizer == "adam":
@@ -210,8 +215,7 @@ def build_step_parts(cfg: ExperimentConfig, model: torch.nn.Module, task: Traini
     pin = cfg.run.pin_memory and device.type == "cuda"  # pinned batches + non-blocking copies (CUDA only)
     parts = StepParts(cfg, model, model, task, None, None, None, device, amp_on, amp_dtype, pin)
     extra = task.setup(parts)
-    params = list(model.parameters()) + [p for m in extra for p in m.parameters()]
-    parts.optimizer = build_optimizer(cfg, params)
+    parts.optimizer = build_optimizer(cfg, model.parameters(), [p for m in extra for p in m.parameters()])
     parts.scheduler = torch.optim.lr_scheduler.LambdaLR(parts.optimizer,
                                                         lambda it: lr_factor(cfg, it) * task.lr_scale(it))
     parts.scaler = torch.amp.GradScaler("cuda", enabled=amp_on and amp_dtype == torch.float16)

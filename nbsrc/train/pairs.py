@@ -31,6 +31,8 @@ from nbsrc.data.group_sampler import training_sampler
 from nbsrc.errors import ConfigError
 from nbsrc.losses import CrossBatchMemory, RetrievalLoss, build_loss, pair_loss
 from nbsrc.losses.diagnostics import gradient_noise
+from nbsrc.models import data_config
+from nbsrc.models.teacher import Teacher
 from nbsrc.train import distributed
 from nbsrc.train.loop import StepParts, TrainingTask
 
@@ -56,6 +58,7 @@ class PairTask(TrainingTask):
         self.criterion: RetrievalLoss | None = None
         self.memory: CrossBatchMemory | None = None  # XBM; None when ``cfg.loss.memory_size == 0``
         self.ema: torch.nn.Module | None = None  # momentum encoder of the memory keys
+        self.teacher: Teacher | None = None  # the frozen teacher of loss="distill"
         self.it = 0  # the iteration of the next step (memory warm-up)
         self._step = None
 
@@ -68,6 +71,8 @@ class PairTask(TrainingTask):
         self.memory = (CrossBatchMemory(cfg.loss.memory_size, model.feature_dim, device) if cfg.loss.memory_size
                        else None)
         self.ema = copy.deepcopy(model).requires_grad_(False) if cfg.loss.momentum is not None else None
+        # distillation: the frozen teacher sees each batch (not trained, not in the checkpoint)
+        self.teacher = Teacher(data_config(model)).to(device) if cfg.loss.name == "distill" else None
         return [self.criterion]
 
     def batches(self, parts: StepParts, start: int, log: Callable[[dict], None]) -> Iterator:
@@ -95,7 +100,8 @@ class PairTask(TrainingTask):
         y_all, idx_all = distributed.gather(y), distributed.gather(idx)
         memory = self.memory if self.memory_on() else None
         ref = memory.get() if memory is not None and len(memory) else (None, None, None)
-        terms = self.criterion(z, y_all, ref[0], ref[1], idx_all, ref[2])
+        targets = distributed.gather(self.teacher(x)) if self.teacher is not None else None
+        terms = self.criterion(z, y_all, ref[0], ref[1], idx_all, ref[2], targets=targets)
         self._step = (x, z, y_all, idx_all)
         return terms
 
