@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-full demo-fashion study test test-fast gpu-wheels gpu-check lab install data glyphs browser kernel clean-runs
+.PHONY: demo demo-full demo-fashion study study-full test test-fast gpu-wheels gpu-check lab install data glyphs browser kernel clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,10 +50,13 @@ demo: install glyphs
 demo-full: install glyphs
 	$(PY) -m nbsrc demo --full
 
-# The study (nbsrc/study.py): the claims C1-C7 where fine-tuning has done its work, its choices made on the
+# The study (nbsrc/study.py): the claims C1, C2, C3 and C6 where fine-tuning has done its work, its choices made on the
 # validation classes; results in figures/study/. Resumable: after a kill, the same command continues.
 study: install glyphs
 	$(PY) -m nbsrc study
+# Every claim, C4 (the convnet), C5 (the beta x lambda grid) and C7 (the poolings) too: about 6 hours here.
+study-full: install glyphs
+	$(PY) -m nbsrc study --set claims '["C1", "C2", "C3", "C4", "C5", "C6", "C7"]'
 
 # The second demo: Fashion-MNIST (train on classes 0-4, evaluate on the unseen 5-9), from random init.
 demo-fashion: install
