@@ -250,6 +250,8 @@ def run_demo(quick: bool = False, notebooks_to_run: list[str] | None = None, out
     print(f"\nDemo finished in {(time.perf_counter() - t0) / 60:.1f} min. Recall@K (%) on the unseen classes:\n")
     print(table.read_text() if table.exists() else f"(no table: {table} was not written)")
     print_verdicts(fig_dir, started)
+    if not quick and demo == DEFAULT_DEMO:
+        print_study_verdicts(figures / "study")
 
 
 def print_verdicts(fig_dir: Path, started: float) -> None:
@@ -259,3 +261,20 @@ def print_verdicts(fig_dir: Path, started: float) -> None:
 
     print(f"\nThe papers' claims (rule: {RULE})\n")
     print("\n".join(verdict_lines(fig_dir, judged_since=started)))
+
+
+def print_study_verdicts(study_dir: Path) -> None:
+    """The verdicts of the last ``make study`` saved under ``study_dir`` (``figures/study``), marked as the
+    study's with the date and commit its ``verdicts.md`` records; not judged by the demo. Nothing when the
+    study has not been run."""
+    from nbsrc.claims import load_claims
+
+    saved, head = load_claims(study_dir), Path(study_dir) / "verdicts.md"
+    if not saved or not head.exists():
+        print(f"\nThe study's verdicts: none yet ({study_dir} holds no verdicts; `make study` judges the claims)")
+        return
+    meta = dict(line[2:].split(": ", 1) for line in head.read_text().splitlines()
+                if line.startswith("- ") and ": " in line and line[2:].split(": ", 1)[0] in ("date", "commit"))
+    print(f"\nThe study's verdicts (`make study`, {meta.get('date', 'date not recorded')[:10]}, commit "
+          f"{meta.get('commit', 'not recorded')[:12]}; judged by the study, not by this demo; {head}):\n")
+    print("\n".join(f"- {d['line']}" for d in sorted(saved, key=lambda d: int(d["id"][1:]))))

@@ -137,3 +137,20 @@ def test_study_command_refuses_a_bad_setting_in_one_line_before_anything_runs(tm
         err = capsys.readouterr().err
         assert err.startswith("error: ") and msg in err and err.count("\n") == 1, err
     assert not (tmp_path / "r").exists() and not (tmp_path / "f").exists()
+
+
+def test_demo_prints_the_studys_verdicts_marked_as_the_studys_with_date_and_commit(tmp_path, capsys):
+    from nbsrc.demo import print_study_verdicts
+
+    study = tmp_path / "study"
+    print_study_verdicts(study)
+    assert "none yet" in capsys.readouterr().out
+    (study / "claims").mkdir(parents=True)
+    for cid in ("C6", "C1"):
+        (study / "claims" / f"{cid}.json").write_text(json.dumps({"id": cid, "line": f"**{cid}** reproduced"}))
+    (study / "verdicts.md").write_text("# The study's verdicts\n\n- date: 2026-12-06T18:00:00+00:00\n"
+                                       "- commit: 0123456789abcdef\n")
+    print_study_verdicts(study)
+    out = capsys.readouterr().out
+    assert "The study's verdicts (`make study`, 2026-12-06, commit 0123456789ab; judged by the study" in out
+    assert out.index("**C1**") < out.index("**C6**")
