@@ -472,6 +472,9 @@ for _section, _cls, _f in _declared():
 # whether a saved run can be reused, and the only fields `train --resume` may change). Not here: ``amp``
 # and ``cpu_bf16``, which change the numbers a run computes (bf16 rounds every matmul).
 EXECUTION_FIELDS = frozenset(_name_of(f) for _, _, f in _declared() if f.metadata.get("execution"))
+# Fields added after runs were saved, with the value every earlier run had: at that value they stay out of
+# the fingerprint, so an earlier run is still found (and named) by the fingerprint it was saved with.
+ADDED_FIELDS: dict[str, Any] = {"loss_lr_mult": 1.0}
 
 
 @functools.cache
@@ -798,7 +801,7 @@ class ExperimentConfig:
                         if getattr(value, g.name) != getattr(default, g.name)}}
                 elif isinstance(value, (tuple, list)):
                     value = list(value)
-                if name not in EXECUTION_FIELDS:
+                if name not in EXECUTION_FIELDS and not (name in ADDED_FIELDS and value == ADDED_FIELDS[name]):
                     out[name] = value
         return out
 
