@@ -42,6 +42,7 @@ from nbsrc.config import ExperimentConfig
 from nbsrc.data.glyph_faces import HAND_FACES
 from nbsrc.demo import DEMO_DATA, PRETRAIN, RECIPE
 from nbsrc.errors import ConfigError
+from nbsrc.train.loop import cpu_has_native_bf16
 
 # The pretraining candidates for the study, each over DEMO_DATA["glyphs"] and the ViT of RECIPE. "faces":
 # "print" pretrains on the print faces only (nbsrc.data.glyph_faces.HAND_FACES excluded), "all" on every face.
@@ -391,14 +392,6 @@ def learning_curves_figure(chosen: dict[str, dict]):
     return fig
 
 
-def _bf16_cpu() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", data_root: str | None = None,
               **settings: Any) -> dict:
     """The study, resumable (every run is reused by its config; a run killed mid-training resumes from its
@@ -532,7 +525,7 @@ def write_study_verdicts(figs: Path, record: dict, seconds: float) -> Path:
             f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
             f"- commit: {prov['git_commit']}",
             (f"- machine: {prov['machine']['cpu']}, {os.cpu_count()} cores, native bf16 (avx512_bf16 or amx_bf16): "
-             f"{'yes' if _bf16_cpu() else 'no'}; GPU: {prov['machine']['gpu'] or 'none'}"),
+             f"{'yes' if cpu_has_native_bf16() else 'no'}; GPU: {prov['machine']['gpu'] or 'none'}"),
             f"- wall time of this invocation: {seconds / 60:.1f} min (finished runs reused count as 0)",
             f"- precision: {record['precision']}; pretraining: {record['pretraining']['chosen'] or 'none usable'} "
             f"({record['pretraining']['run']}; train_val R@1 off the shelf: "
