@@ -249,17 +249,23 @@ def run_demo(quick: bool = False, notebooks_to_run: list[str] | None = None, out
     table = fig_dir / TABLE.name
     print(f"\nDemo finished in {(time.perf_counter() - t0) / 60:.1f} min. Recall@K (%) on the unseen classes:\n")
     print(table.read_text() if table.exists() else f"(no table: {table} was not written)")
-    print_verdicts(fig_dir, started)
+    print_verdicts(fig_dir, started, seeds)
     if not quick and demo == DEFAULT_DEMO:
         print_study_verdicts(figures / "study")
 
 
-def print_verdicts(fig_dir: Path, started: float) -> None:
+def print_verdicts(fig_dir: Path, started: float, seeds: list[int] | None = None) -> None:
     """The claims' verdicts saved under ``fig_dir``, one line each, those judged before ``started`` (a
-    time.time()) marked as coming from an earlier run (:func:`nbsrc.claims.verdict_lines`)."""
-    from nbsrc.claims import RULE, verdict_lines
+    time.time()) marked as coming from an earlier run (:func:`nbsrc.claims.verdict_lines`). With fewer
+    ``seeds`` than a verdict needs, a line first says that this run judged no claim."""
+    from nbsrc.claims import MIN_SEEDS, RULE, verdict_lines
 
     print(f"\nThe papers' claims (rule: {RULE})\n")
+    if seeds is not None and len(seeds) < MIN_SEEDS:
+        print(f"This demo trained {len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}): "
+              f"a verdict needs at least {MIN_SEEDS}, so every claim it measured reads inconclusive; it is a smoke "
+              f"test of the pipeline (`make demo DEMO_SEEDS=\"0 1 2\"` judges them). The evidence is the study's, "
+              f"below.\n")
     print("\n".join(verdict_lines(fig_dir, judged_since=started)))
 
 

@@ -180,6 +180,19 @@ def test_printed_verdicts_say_which_claims_an_earlier_run_judged(tmp_path, capsy
     assert datetime.datetime.fromisoformat(json.loads((tmp_path / "claims" / "C1.json").read_text())["measured"])
 
 
+def test_a_one_seed_demo_says_it_judged_no_claim(tmp_path, capsys):
+    from nbsrc.claims import Comparison, judge_claim
+    from nbsrc.demo import print_verdicts
+
+    judge_claim("C1", [Comparison("R@1", "IRT_O", "IRT_L", {0: 1.0}, {0: 5.0})]).save(tmp_path)
+    print_verdicts(tmp_path, 0.0, [0])
+    out = capsys.readouterr().out
+    assert "This demo trained 1 seed (0): a verdict needs at least 3" in out
+    assert "**C1" in out and "**inconclusive** over 1 seed" in out
+    print_verdicts(tmp_path, 0.0, [0, 1, 2])
+    assert "This demo trained" not in capsys.readouterr().out
+
+
 def test_jobs_takes_auto_or_a_count():
     """The smoke run gives jobs=1 to notebooks whose default is "auto" (a count is not a string)."""
     for ok in ("auto", 1, 2, "2"):
