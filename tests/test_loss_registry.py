@@ -80,6 +80,13 @@ def test_a_run_trains_with_it(toy, tiny_cfg):
     assert json.loads((cfg.run_dir / "config.json").read_text())["loss"]["hyperparameters"] == {"toy_scale": 2.0}
 
 
+def test_the_architecture_page_shows_the_toy_loss_as_registered():
+    from doc_blocks import ROOT, block
+
+    shown = block("docs/architecture.md", "## Adding a loss", "python")
+    assert " ".join(shown.split()) in " ".join((ROOT / "tests" / "toy_loss.py").read_text().split())
+
+
 def test_registering_checks_names():
     with pytest.raises(ConfigError, match="registered twice"):
         losses.register_pair_loss("contrastive")(lambda feature_dim, classes: None)

@@ -27,6 +27,7 @@ def toy_reference(z, labels, scale: float) -> torch.Tensor:
     return scale * sum(terms) / len(terms)
 
 
-@register_pair_loss("toy", toy_scale=loss_hyperparameter(1.0, "scale s of the toy loss", paper=2.0, check=positive))
-def _toy(feature_dim: int, classes, *, toy_scale: float):
+@register_pair_loss("toy", toy_scale=loss_hyperparameter(1.0, "scale s of the toy loss", paper=2.0,
+                                                         check=positive))
+def _toy(feature_dim, classes, *, toy_scale):
     return partial(toy_loss, scale=toy_scale)
