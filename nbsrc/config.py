@@ -10,7 +10,8 @@ it, ``cfg.<section>.<field>``:
 ``data``   dataset, class split, image size, sampler (:class:`DataConfig`)
 ``model``  backbone, weights, pooling, PCA, and ``model.dtop``: the DToP model or None
            (:class:`ModelConfig`, :class:`DToPConfig`)
-``loss``   the loss (``loss.name``), its margin β, KoLeo λ, the cross-batch memory (:class:`LossConfig`)
+``loss``   the loss (``loss.name``), its margin β, KoLeo λ, the cross-batch memory, and the hyperparameters
+           a registered loss declares (``loss.hyperparameters``, :data:`LOSS_HYPERPARAMETERS`) (:class:`LossConfig`)
 ``optim``  optimizer, learning rate and schedule, batch, iterations, precision (:class:`OptimConfig`)
 ``eval``   what is measured and how: the evaluator, Recall@K cut-offs, scales, whitening (:class:`EvalConfig`)
 ``tuples`` SfM-120k tuple training (:class:`TupleConfig`), None unless ``data.dataset='sfm120k'``
@@ -55,10 +56,8 @@ in the package (config fields, function parameters and model attributes alike):
 ``whitening_dim``  the rows a learned whitening keeps (:func:`nbsrc.eval.particular.evaluate_revisited_data`)
 =================  ==================================================================================
 
-The config's names (``dim``, ``head_dim``) are those of saved ``config.json`` files, presets, CLI flags,
-the CLI's run-name hashes and the notebooks' parameters, and stay as they are; the internal names follow
-the table (``model.output_dim`` was ``embed_dim``, which timm uses for the width; the losses' and the
-memory's ``embedding_dim`` / ``dim`` are ``feature_dim``).
+The config's names (``dim``, ``head_dim``) are also those of saved ``config.json`` files, presets, CLI
+flags, the CLI's run-name hashes and the notebooks' parameters.
 """
 
 
