@@ -64,12 +64,13 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     ``none`` or ``null`` sets an optional field to None (``--dim none``), while a plain string field keeps
     the word (``--weights none``). ``--dtop`` turns the DToP model on (the preset's, else the paper's),
     its fields' flags (``--k``, ``--head-dim``) change it."""
-    from nbsrc.config import SECTIONS, DToPConfig, config_fields
+    import nbsrc.losses  # noqa: F401  (registers the pair losses and the hyperparameters they declare)
+    from nbsrc.config import SECTIONS, DToPConfig, config_fields, loss_hyperparameter_fields
 
     doc = {**SECTIONS, "model.dtop": DToPConfig}
     groups = {s: p.add_argument_group(f"{s} (cfg.{s}.*)", doc[s].__doc__.split("\n\n")[0].split(": ", 1)[-1])
               for s in doc}
-    for f in config_fields():
+    for f in (*config_fields(), *loss_hyperparameter_fields()):
         t, flag, g = f.type, "--" + f.name.replace("_", "-"), groups[f.section]
         args = typing.get_args(t)
         optional = bool(args) and type(None) in args
@@ -95,7 +96,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, dest=f.name, type=int if f.name == "ks" else float, nargs="+", default=unset,
                            help=help_)
         else:
-            conv = base if base in (int, float, str) else str
+            conv = base if base in (int, float, str) else json.loads if base is dict else str
             metavar = "{" + ",".join(null if v is None else str(v) for v in choices) + "}" \
                 if choices and f.name != "device" else None
             g.add_argument(flag, dest=f.name, type=_optional(conv, null) if optional else conv, default=unset,
@@ -141,7 +142,9 @@ def _config_from_flags(ns: argparse.Namespace) -> ExperimentConfig:
 
 
 def _flag_names() -> set[str]:
-    return {f.name for f in config_fields()}
+    from nbsrc.config import loss_hyperparameter_fields
+
+    return {f.name for f in (*config_fields(), *loss_hyperparameter_fields())}
 
 
 def default_run_name(cfg: ExperimentConfig) -> str:

@@ -10,7 +10,8 @@ it, ``cfg.<section>.<field>``:
 ``data``   dataset, class split, image size, sampler (:class:`DataConfig`)
 ``model``  backbone, weights, pooling, PCA, and ``model.dtop``: the DToP model or None
            (:class:`ModelConfig`, :class:`DToPConfig`)
-``loss``   the loss (``loss.name``), its margin β, KoLeo λ, the cross-batch memory (:class:`LossConfig`)
+``loss``   the loss (``loss.name``), its margin β, KoLeo λ, the cross-batch memory, and the hyperparameters
+           a registered loss declares (``loss.hyperparameters``, :data:`LOSS_HYPERPARAMETERS`) (:class:`LossConfig`)
 ``optim``  optimizer, learning rate and schedule, batch, iterations, precision (:class:`OptimConfig`)
 ``eval``   what is measured and how: the evaluator, Recall@K cut-offs, scales, whitening (:class:`EvalConfig`)
 ``tuples`` SfM-120k tuple training (:class:`TupleConfig`), None unless ``data.dataset='sfm120k'``
@@ -55,10 +56,8 @@ in the package (config fields, function parameters and model attributes alike):
 ``whitening_dim``  the rows a learned whitening keeps (:func:`nbsrc.eval.particular.evaluate_revisited_data`)
 =================  ==================================================================================
 
-The config's names (``dim``, ``head_dim``) are those of saved ``config.json`` files, presets, CLI flags,
-the CLI's run-name hashes and the notebooks' parameters, and stay as they are; the internal names follow
-the table (``model.output_dim`` was ``embed_dim``, which timm uses for the width; the losses' and the
-memory's ``embedding_dim`` / ``dim`` are ``feature_dim``).
+The config's names (``dim``, ``head_dim``) are also those of saved ``config.json`` files, presets, CLI
+flags, the CLI's run-name hashes and the notebooks' parameters.
 """
 
 
@@ -300,6 +299,18 @@ class LossConfig:
         "distance", "SfM-120k tuple loss: \"distance\" (cirtorch's ½d² / ½max(0, β − d)², summed over tuples; "
         "IRT §4.2 builds on that code) or \"eq1\" (IRT eq. 1 with β as a cosine threshold); nbsrc.losses.tuples",
         choices="nbsrc.losses.TUPLE_LOSSES")
+    hyperparameters: dict | None = setting(
+        None, "the hyperparameters a registered loss declares itself (nbsrc.losses.register_pair_loss), as "
+        "{name: value}; each is also given by its own name (toy_scale=2.0, --toy-scale 2); none: their defaults")
+
+    def hyperparameter(self, name: str) -> Any:
+        """The value of the loss hyperparameter ``name``: a field of this section (``beta``), else one a
+        registered loss declared (:data:`LOSS_HYPERPARAMETERS`), as given or at its default."""
+        if name in self.__dataclass_fields__:
+            return getattr(self, name)
+        if name not in LOSS_HYPERPARAMETERS:
+            raise _unknown(name, [*self.__dataclass_fields__, *LOSS_HYPERPARAMETERS], "loss.")
+        return (self.hyperparameters or {}).get(name, LOSS_HYPERPARAMETERS[name].default)
 
     def validate(self, bad) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -321,6 +332,30 @@ class LossConfig:
             bad("arcface_scale/temperature", (self.arcface_scale, self.temperature), "positive")
         if not isinstance(self.tuple_loss, str) or not self.tuple_loss:  # a name of TUPLE_LOSSES, checked at build
             bad("tuple_loss", self.tuple_loss, "a form of nbsrc.losses.TUPLE_LOSSES ('distance' or 'eq1')")
+        self._validate_hyperparameters(bad)
+
+    def _validate_hyperparameters(self, bad) -> None:
+        """Each of ``hyperparameters`` is declared by a registered loss, belongs to this loss (another
+        loss's only at its default) and passes its declaration's check."""
+        given = self.hyperparameters
+        if given is None:
+            return
+        if not isinstance(given, dict):
+            bad("hyperparameters", given, "a dict {name: value} of the loss's hyperparameters, or None")
+        for key, value in given.items():
+            h = LOSS_HYPERPARAMETERS.get(key)
+            if h is None:
+                close = difflib.get_close_matches(str(key), sorted(LOSS_HYPERPARAMETERS), n=1)
+                raise ConfigError(f"unknown loss hyperparameter {key!r}" + (f" (did you mean {close[0]!r}?)" if close
+                                  else "") + "; a registered loss declares its own (nbsrc.losses.register_pair_loss)")
+            if self.name not in h.losses and value != h.default:
+                raise ConfigError(f"{key}={value!r} is a hyperparameter of loss {' or '.join(sorted(h.losses))}, "
+                                  f"not of loss={self.name!r}; drop it, or set loss={sorted(h.losses)[0]!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                bad(key, value, "a finite number (not NaN or inf)")
+            expected = h.check(value) if h.check is not None else None
+            if expected:
+                bad(key, value, expected)
 
 
 @dataclass
@@ -425,6 +460,26 @@ class TupleConfig:
                 bad(name, getattr(self, name), "a positive integer")
 
 
+@dataclass(frozen=True)
+class LossHyperparameter:
+    """A hyperparameter a pair loss declares itself (:func:`nbsrc.losses.register_pair_loss`), held in
+    ``loss.hyperparameters`` and given by its ``name`` like a field: its ``default``, its ``help``, the
+    ``paper``'s value where the default is another, and ``check(value)``: None when the value is valid,
+    else what was expected (``"a positive scale"``). ``losses``: the registered losses that take it."""
+
+    name: str
+    default: Any
+    help: str
+    paper: Any = None
+    check: Any = None
+    losses: frozenset = frozenset()
+
+
+# name -> declaration of the hyperparameters the registered pair losses declare beyond LossConfig's fields;
+# filled by nbsrc.losses.register_pair_loss (the config imports nothing above it).
+LOSS_HYPERPARAMETERS: dict[str, LossHyperparameter] = {}
+
+
 SECTIONS: dict[str, type] = {"run": RunConfig, "data": DataConfig, "model": ModelConfig, "loss": LossConfig,
                              "optim": OptimConfig, "eval": EvalConfig, "tuples": TupleConfig}
 
@@ -474,7 +529,7 @@ for _section, _cls, _f in _declared():
 EXECUTION_FIELDS = frozenset(_name_of(f) for _, _, f in _declared() if f.metadata.get("execution"))
 # Fields added after runs were saved, with the value every earlier run had: at that value they stay out of
 # the fingerprint, so an earlier run is still found (and named) by the fingerprint it was saved with.
-ADDED_FIELDS: dict[str, Any] = {"loss_lr_mult": 1.0}
+ADDED_FIELDS: dict[str, Any] = {"loss_lr_mult": 1.0, "hyperparameters": None}
 
 
 @functools.cache
@@ -486,6 +541,15 @@ def config_fields() -> tuple[ConfigField, ...]:
         out.append(ConfigField(_name_of(f), section, f.name, typing.get_type_hints(cls)[f.name], f.default,
                                m.get("help", ""), m.get("choices"), m.get("paper"), bool(m.get("execution"))))
     return tuple(out)
+
+
+def loss_hyperparameter_fields() -> tuple[ConfigField, ...]:
+    """The hyperparameters the registered pair losses declare (:data:`LOSS_HYPERPARAMETERS`) as fields of
+    section ``loss``: the CLI's flags (``--toy-scale``) and the notebooks' parameters beside
+    :func:`config_fields`."""
+    return tuple(ConfigField(h.name, "loss", h.name, type(h.default), h.default,
+                             f"{h.help} (loss {' or '.join(sorted(h.losses))})", None, h.paper, False)
+                 for h in LOSS_HYPERPARAMETERS.values())
 
 
 def _unknown(key: Any, names: list[str], where: str = "") -> ConfigError:
@@ -528,6 +592,8 @@ def _coerce(section: str, name: str, value: Any, current: Any) -> Any:
         return str(value)
     if (section, name) == ("model", "dtop"):
         return as_dtop(value, current.dtop)
+    if (section, name) == ("loss", "hyperparameters") and not value:
+        return None  # {} is none given
     return value
 
 
@@ -544,11 +610,16 @@ def _changed(sections: dict[str, Any], changes: dict[str, Any]) -> tuple[dict[st
     edits: dict[str, dict[str, Any]] = {}
     keys: dict[tuple[str, str], str] = {}
 
+    hyper: dict[str, Any] = {}  # loss hyperparameters given by name, merged into loss.hyperparameters
+
     def put(section: str, name: str, value: Any, key: str) -> None:
         if (section, name) in keys:
             raise ConfigError(f"{key} is given twice (by its name and in section {section!r}); give it once")
         keys[(section, name)] = key
-        edits.setdefault(section, {})[name] = value
+        if section == "loss" and name in LOSS_HYPERPARAMETERS:
+            hyper[name] = value
+        else:
+            edits.setdefault(section, {})[name] = value
 
     for key, value in changes.items():
         if key in SECTIONS and not (key == "loss" and isinstance(value, str)):
@@ -557,6 +628,7 @@ def _changed(sections: dict[str, Any], changes: dict[str, Any]) -> tuple[dict[st
                 whole[key] = value
             elif isinstance(value, dict):
                 names = [f.name for f in dataclasses.fields(cls)]
+                names += list(LOSS_HYPERPARAMETERS) if key == "loss" else []
                 for name, v in value.items():
                     if name not in names:
                         raise _unknown(name, names, f"{key}.")
@@ -565,8 +637,15 @@ def _changed(sections: dict[str, Any], changes: dict[str, Any]) -> tuple[dict[st
                 raise ConfigError(f"{key}={value!r} is invalid: expected a {cls.__name__} or a dict of its fields")
         elif key in _WHERE:
             put(*_WHERE[key], value, key)
+        elif key in LOSS_HYPERPARAMETERS:
+            put("loss", key, value, key)
         else:
-            raise _unknown(key, [*_WHERE, *SECTIONS])
+            raise _unknown(key, [*_WHERE, *LOSS_HYPERPARAMETERS, *SECTIONS])
+    if hyper:
+        if "loss" in whole:
+            raise ConfigError(f"{next(iter(hyper))} is given with the whole section 'loss'; give it once")
+        base = edits.get("loss", {}).get("hyperparameters", sections["loss"].hyperparameters)
+        edits.setdefault("loss", {})["hyperparameters"] = {**(base or {}), **hyper}
     for section in whole:
         if edits.get(section):
             first = next(iter(edits[section]))
@@ -670,8 +749,10 @@ def upgrade(d: dict[str, Any]) -> dict[str, Any]:
             continue
         elif key in _WHERE:
             section, name = _WHERE[key]
+        elif key in LOSS_HYPERPARAMETERS:
+            section, name = "loss", key
         else:
-            raise _unknown(key, [*_WHERE, *SECTIONS])
+            raise _unknown(key, [*_WHERE, *LOSS_HYPERPARAMETERS, *SECTIONS])
         if section == "model.dtop":
             section, value, name = "model", {**(out.get("model", {}).get("dtop") or {}), name: value}, "dtop"
         elif name in out.get(section, {}):
@@ -764,9 +845,12 @@ class ExperimentConfig:
 
     def value(self, name: str) -> Any:
         """The field called ``name`` (``cfg.value("lam") == cfg.loss.lam``); None for a field of a section
-        the config does not have (DToP's without the DToP model, the tuples' without tuple training)."""
+        the config does not have (DToP's without the DToP model, the tuples' without tuple training); a
+        registered loss's hyperparameter (``cfg.value("toy_scale")``) as given or at its default."""
+        if name in LOSS_HYPERPARAMETERS and name not in _WHERE:
+            return self.loss.hyperparameter(name)
         if name not in _WHERE:
-            raise _unknown(name, list(_WHERE))
+            raise _unknown(name, [*_WHERE, *LOSS_HYPERPARAMETERS])
         section, field = _WHERE[name]
         obj = self.model.dtop if section == "model.dtop" else getattr(self, section)
         return None if obj is None else getattr(obj, field)

@@ -70,3 +70,24 @@ def test_a_dtop_model_on_timms_vit_pickles_whole_with_its_own_position_hook(tmp_
     x = torch.randn(2, 3, 40, 32)
     with torch.no_grad():
         assert torch.equal(c(x), m(x)) and c.backbone.grid == (5, 4)
+
+
+@pytest.mark.parametrize("name, grid", [("vit_tiny_patch16_224", True), ("deit_tiny_distilled_patch16_224", True),
+                                        ("pit_ti_224", True), ("effnet_lite0_vit", True),
+                                        ("efficientnet_lite0", False), ("resnet18", False)])
+def test_has_patch_grid_asks_the_built_backbone_not_its_name(name, grid):
+    from nbsrc.models import has_patch_grid
+
+    assert has_patch_grid(name) is grid  # the name: built on the meta device and asked
+    net = create_backbone(name, "none")
+    assert has_patch_grid(net) is grid
+    model = build_model(name, "cls" if grid else "gem")
+    assert has_patch_grid(model) is grid  # a retrieval model is asked of its backbone
+
+
+def test_has_patch_grid_of_a_model_whose_name_says_nothing(monkeypatch):
+    from nbsrc.models import has_patch_grid
+
+    calls = []
+    monkeypatch.setitem(OWN_BACKBONES, "plain_name*", toy_vit(calls))
+    assert has_patch_grid(build_model("plain_name", dtop=True, k=2, head_dim=16, **TINY))

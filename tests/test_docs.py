@@ -32,6 +32,8 @@ RUN_BY = {
         "test_cli.py::test_your_images_walk_through_runs_as_written",
     ("docs/your-images.md", "## Index and search", "bash", 0): "test_docs.py::test_index_and_search_commands_run",
     ("docs/your-images.md", "## Index and search", "python", 0): "test_docs.py::test_index_and_search_python_runs",
+    ("docs/architecture.md", "## Adding a loss", "python", 0):
+        "test_loss_registry.py::test_the_architecture_page_shows_the_toy_loss_as_registered",
 }
 NOT_RUN = {
     ("README.md", "# nbsrc — training Vision Transformers for image retrieval", "bash", 0):

@@ -1,4 +1,4 @@
-"""A fault campaign through the command line (issue 16): a hostile but realistic user's bad inputs.
+"""A fault campaign through the command line: a hostile but realistic user's bad inputs.
 
 Each case sets up a workspace (a runs directory, maybe a finished tiny run, damaged files, an image
 folder with a bad file), runs ``python -m nbsrc ...`` on it and asserts:
@@ -20,7 +20,7 @@ traceback and exits 1; ``SystemExit`` exits with its code). ``test_forked_cases_
 runs a few cases as real ``python -m nbsrc`` processes too and checks that they give the same
 exit code and stderr.
 
-Every case, the failed starts included (nothing is written before a run can start: issue 16.1),
+Every case, the failed starts included (nothing is written before a run can start),
 must hold; none is expected to fail.
 """
 

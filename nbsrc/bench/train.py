@@ -113,8 +113,10 @@ class NbsrcStep:
 def _timm_backbone(cfg: ExperimentConfig, device: torch.device) -> torch.nn.Module:
     import timm
 
+    from nbsrc.models import has_patch_grid
+
     torch.manual_seed(cfg.run.seed)
-    kw = {"img_size": cfg.data.img_size} if cfg.model.patch_size is not None or "vit" in cfg.model.backbone else {}
+    kw = {"img_size": cfg.data.img_size} if has_patch_grid(cfg.model.backbone) else {}
     if cfg.model.patch_size is not None:
         kw["patch_size"] = cfg.model.patch_size
     return timm.create_model(cfg.model.backbone, num_classes=0, **kw).to(device).train()

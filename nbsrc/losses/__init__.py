@@ -2,86 +2,43 @@
 memory plugs in without special cases.
 
 Registries: :data:`PAIR_LOSSES` (batch × batch and batch × memory: contrastive, SNCA, Normalized
-Softmax, ArcFace; ``cfg.loss.name`` names one) and :data:`TUPLE_LOSSES` (the forms of the contrastive loss
-on SfM-120k tuples; ``cfg.loss.tuple_loss`` names one). A new loss is
-one function and one registry line. :class:`RetrievalLoss` adds λ · KoLeo (IRT eq. 5).
+Softmax, ArcFace, a linear head, feature distillation; ``cfg.loss.name`` names one) and
+:data:`TUPLE_LOSSES` (the forms of the contrastive loss on SfM-120k tuples; ``cfg.loss.tuple_loss``
+names one). A pair loss is registered, with the hyperparameters it reads, by
+:func:`register_pair_loss` in its own module (:mod:`nbsrc.losses.registry`), which this package
+imports. :class:`RetrievalLoss` adds λ · KoLeo (IRT eq. 5).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 
-import torch
 from torch import nn
 
-from nbsrc.errors import ConfigError, RunDirError
+from nbsrc.errors import RunDirError
 from nbsrc.losses.arcface import ArcFaceLoss
 from nbsrc.losses.contrastive import contrastive_loss, contrastive_pair_terms, pair_mask
 from nbsrc.losses.distill import FeatureDistillation
 from nbsrc.losses.koleo import koleo_loss, nearest_neighbor_distance
 from nbsrc.losses.memory import CrossBatchMemory
 from nbsrc.losses.proxies import LinearCrossEntropyLoss, NormalizedSoftmaxLoss, snca_loss
+from nbsrc.losses.registry import (
+    PAIR_LOSSES,
+    ProxyTerm,
+    loss_hyperparameter,
+    pair_loss,
+    positive,
+    register_pair_loss,
+)
 from nbsrc.losses.tuples import TUPLE_LOSSES, tuple_contrastive_loss, tuple_loss, tuple_loss_terms
 
 __all__ = [
     "contrastive_loss", "contrastive_pair_terms", "pair_mask", "koleo_loss", "nearest_neighbor_distance",
     "CrossBatchMemory", "FeatureDistillation",
     "NormalizedSoftmaxLoss", "LinearCrossEntropyLoss", "snca_loss", "ArcFaceLoss", "ProxyTerm",
-    "RetrievalLoss", "build_loss", "pair_loss", "PAIR_LOSSES", "TUPLE_LOSSES", "tuple_contrastive_loss", "tuple_loss",
-    "tuple_loss_terms",
+    "RetrievalLoss", "build_loss", "pair_loss", "PAIR_LOSSES", "register_pair_loss", "loss_hyperparameter",
+    "positive", "TUPLE_LOSSES", "tuple_contrastive_loss", "tuple_loss", "tuple_loss_terms",
 ]
-
-
-class ProxyTerm(nn.Module):
-    """A proxy loss (Normalized Softmax, ArcFace: learnable class weights indexed 0..C-1) on dataset
-    labels: each label is mapped to its row in the sorted ``classes`` first; references are unused."""
-
-    def __init__(self, proxy: nn.Module, classes):
-        super().__init__()
-        self.proxy = proxy
-        self.register_buffer("classes", torch.as_tensor(sorted(classes), dtype=torch.long))
-
-    def forward(self, z, labels, ref_emb=None, ref_labels=None, indices=None, ref_indices=None):
-        return self.proxy(z, torch.searchsorted(self.classes, labels))
-
-
-def _contrastive(cfg, feature_dim: int, classes):
-    return partial(contrastive_loss, beta=cfg.loss.beta)
-
-
-def _snca(cfg, feature_dim: int, classes):
-    return partial(snca_loss, temperature=cfg.loss.temperature)
-
-
-def _nsoftmax(cfg, feature_dim: int, classes):
-    return ProxyTerm(NormalizedSoftmaxLoss(len(classes), feature_dim, cfg.loss.temperature), classes)
-
-
-def _linear_ce(cfg, feature_dim: int, classes):
-    return ProxyTerm(LinearCrossEntropyLoss(len(classes), feature_dim), classes)
-
-
-def _distill(cfg, feature_dim: int, classes):
-    from nbsrc.models.teacher import TEACHER
-
-    return FeatureDistillation(feature_dim, TEACHER["dim"])
-
-
-def _arcface(cfg, feature_dim: int, classes):
-    return ProxyTerm(ArcFaceLoss(len(classes), feature_dim, cfg.loss.arcface_margin, cfg.loss.arcface_scale), classes)
-
-
-# name -> builder(cfg, feature_dim, train_classes) -> term(z, labels, ref_emb, ref_labels, indices,
-# ref_indices) -> scalar (a function, or a module when it has parameters); ``cfg.loss.name`` picks one.
-PAIR_LOSSES: dict[str, Callable] = {
-    "contrastive": _contrastive,  # IRT eq. (1), margin beta on negatives
-    "snca": _snca,  # Scalable NCA, temperature
-    "nsoftmax": _nsoftmax,  # Normalized Softmax, class proxies, temperature
-    "arcface": _arcface,  # ArcFace (DToP), margin and scale
-    "linear_ce": _linear_ce,  # a linear classifier head with cross-entropy (supervised pretraining)
-    "distill": _distill,  # feature distillation from a frozen ImageNet convnet (the study's pretraining)
-}
 
 
 class RetrievalLoss(nn.Module):
@@ -150,13 +107,6 @@ def current_criterion_state(state: dict, current: dict) -> dict:
         else:
             out[key] = value
     return out
-
-
-def pair_loss(name: str) -> Callable:
-    """The builder registered as ``name`` in :data:`PAIR_LOSSES`; an unknown name is a one-line error."""
-    if name not in PAIR_LOSSES:
-        raise ConfigError(f"loss={name!r} is invalid: expected one of {', '.join(sorted(PAIR_LOSSES))}")
-    return PAIR_LOSSES[name]
 
 
 def build_loss(cfg, feature_dim: int, train_classes) -> RetrievalLoss:

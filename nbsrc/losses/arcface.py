@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nbsrc.errors import ConfigError
+from nbsrc.losses.registry import ProxyTerm, register_pair_loss
 
 _COS_CLAMP = 1.0 - 1e-7
 
@@ -60,3 +61,9 @@ class ArcFaceLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"classes={len(self.weight)}, margin={self.margin}, scale={self.scale}"
+
+
+@register_pair_loss("arcface", "arcface_margin", "arcface_scale")
+def _arcface(feature_dim: int, classes, *, arcface_margin: float, arcface_scale: float):
+    """ArcFace (DToP), one proxy per training class, margin m and scale s."""
+    return ProxyTerm(ArcFaceLoss(len(classes), feature_dim, arcface_margin, arcface_scale), classes)

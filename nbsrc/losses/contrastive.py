@@ -14,8 +14,12 @@ that the terms are easy to inspect and to test.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
+
+from nbsrc.losses.registry import register_pair_loss
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -72,3 +76,9 @@ def contrastive_loss(
         pos, neg = pair_mask(labels, ref_labels, indices, ref_indices, same_set=False)
         total = total + contrastive_pair_terms(z @ r.T, pos, neg, beta).sum()
     return total / n
+
+
+@register_pair_loss("contrastive", "beta")
+def _contrastive(feature_dim: int, classes, *, beta: float):
+    """IRT eq. (1), margin β on negatives."""
+    return partial(contrastive_loss, beta=beta)

@@ -21,6 +21,7 @@ from torch import nn
 
 from nbsrc.errors import ConfigError
 from nbsrc.losses.contrastive import upcast
+from nbsrc.losses.registry import register_pair_loss
 
 
 class FeatureDistillation(nn.Module):
@@ -47,3 +48,11 @@ def distillation_reference(z, weight, bias, targets) -> torch.Tensor:
         hi = weight.double() @ zi + bias.double()
         total = total + 2 - 2 * (hi @ ti) / (hi.norm() * ti.norm())
     return total / len(z)
+
+
+@register_pair_loss("distill")
+def _distill(feature_dim: int, classes):
+    """Feature distillation from a frozen ImageNet convnet (the study's pretraining)."""
+    from nbsrc.models.teacher import TEACHER
+
+    return FeatureDistillation(feature_dim, TEACHER["dim"])

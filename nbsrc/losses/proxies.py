@@ -20,11 +20,14 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nbsrc.losses.contrastive import upcast
+from nbsrc.losses.registry import ProxyTerm, register_pair_loss
 
 
 class NormalizedSoftmaxLoss(nn.Module):
@@ -72,3 +75,21 @@ def snca_loss(embeddings, labels, ref_emb=None, ref_labels=None, temperature: fl
     log_pos = torch.logsumexp(logits.masked_fill(~pos, -float("inf")), 1)
     has_pos = (pos & valid).any(1)
     return (log_all - log_pos)[has_pos].mean()
+
+
+@register_pair_loss("snca", "temperature")
+def _snca(feature_dim: int, classes, *, temperature: float):
+    """Scalable NCA over the batch (and the memory), temperature τ."""
+    return partial(snca_loss, temperature=temperature)
+
+
+@register_pair_loss("nsoftmax", "temperature")
+def _nsoftmax(feature_dim: int, classes, *, temperature: float):
+    """Normalized Softmax, one proxy per training class, temperature τ."""
+    return ProxyTerm(NormalizedSoftmaxLoss(len(classes), feature_dim, temperature), classes)
+
+
+@register_pair_loss("linear_ce")
+def _linear_ce(feature_dim: int, classes):
+    """A linear classifier head with cross-entropy (supervised pretraining)."""
+    return ProxyTerm(LinearCrossEntropyLoss(len(classes), feature_dim), classes)

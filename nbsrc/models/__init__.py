@@ -20,12 +20,11 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
-import timm
 import torch
 
 from nbsrc.config import ModelConfig, as_dtop, invalid
 from nbsrc.errors import ConfigError
-from nbsrc.models.backbones import OWN_BACKBONES, WEIGHT_SOURCES, create_backbone, resolve_weights
+from nbsrc.models.backbones import OWN_BACKBONES, WEIGHT_SOURCES, create_backbone, has_patch_grid, resolve_weights
 from nbsrc.models.dtop import build_dtop_model
 from nbsrc.models.pooling import POOLINGS, RMAC, TokenPooling, build_pooling
 from nbsrc.models.retrieval import PCAReduction, RetrievalModel
@@ -33,7 +32,7 @@ from nbsrc.models.weights import load_start_weights
 
 __all__ = ["build_model", "build_from_section", "model_from_config", "model_section", "MODEL_KINDS",
            "RetrievalModel", "PCAReduction", "TokenPooling", "RMAC", "POOLINGS", "build_pooling", "data_config",
-           "WEIGHT_SOURCES", "OWN_BACKBONES", "create_backbone"]
+           "WEIGHT_SOURCES", "OWN_BACKBONES", "create_backbone", "has_patch_grid"]
 
 
 def build_plain_model(model: ModelConfig, weights: str, img_size: int | None) -> RetrievalModel:
@@ -109,14 +108,9 @@ def build_model(backbone: str = ModelConfig.backbone, pooling: str = ModelConfig
 
 def model_from_config(cfg) -> torch.nn.Module:
     """The model of an :class:`~nbsrc.config.ExperimentConfig`: its ``model`` section at ``data.img_size``
-    (for transformers; a convnet takes any input size)."""
-    img_size = cfg.data.img_size if is_transformer(cfg.model.backbone) else None
+    (a backbone with a patch grid is built for it; a convnet takes any input size)."""
+    img_size = cfg.data.img_size if has_patch_grid(cfg.model.backbone) else None
     return build_from_section(cfg.model, img_size)
-
-
-def is_transformer(name: str) -> bool:
-    module = timm.models.get_arch_name(name) if hasattr(timm.models, "get_arch_name") else name
-    return any(s in str(module) for s in ("vit", "deit", "beit", "eva", "swin", "cait", "xcit", "pit"))
 
 
 def data_config(model: torch.nn.Module) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fnmatch
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -231,3 +232,22 @@ def create_backbone(name: str, weights: str = "none", img_size: int | None = Non
     if source.load is not None:
         source.load(net)
     return net
+
+
+def has_patch_grid(model_or_name: torch.nn.Module | str) -> bool:
+    """Whether a backbone cuts its input into a grid of patch tokens (a ViT, DeiT, PiT, the
+    EfficientNet-ViT hybrid) rather than keeping a feature map (a convnet): it has timm's ``patch_embed``.
+
+    ``model_or_name``: a backbone, a model holding one as ``.backbone`` (a retrieval or DToP model), or a
+    backbone's name, which is built by :func:`create_backbone` on the meta device (no weights, no memory)
+    and asked the same."""
+    if isinstance(model_or_name, str):
+        return _name_has_patch_grid(model_or_name)
+    net = getattr(model_or_name, "backbone", model_or_name)
+    return getattr(net, "patch_embed", None) is not None
+
+
+@functools.cache
+def _name_has_patch_grid(name: str) -> bool:
+    with torch.device("meta"):
+        return has_patch_grid(create_backbone(name, "none"))

@@ -101,12 +101,6 @@ def _default_img_size(backbone: str) -> int:
     return int(size[-1]) if size else 224
 
 
-def _is_transformer(backbone: str) -> bool:
-    from nbsrc.models import is_transformer as is_vit
-
-    return is_vit(backbone)
-
-
 def load_embedding_model(spec: str | Path, weights: str | None = None, pooling: str | None = None,
                          img_size: int | None = None) -> EmbeddingModel:
     """Resolve ``spec`` (a run directory, a preset, a timm model name or ``efficientnet_lite0``) to
@@ -114,7 +108,7 @@ def load_embedding_model(spec: str | Path, weights: str | None = None, pooling: 
     apply to a preset or a timm name (defaults for a timm name: ``weights="timm"``, ``cls`` pooling
     for transformers and ``gem`` for convnets, the model's pretrained input size); a run directory
     always uses its own."""
-    from nbsrc.models import build_model, model_from_config
+    from nbsrc.models import build_model, has_patch_grid, model_from_config
     from nbsrc.presets import list_presets
 
     spec = str(spec)
@@ -142,11 +136,11 @@ def load_embedding_model(spec: str | Path, weights: str | None = None, pooling: 
         raise ConfigError(f"unknown model {spec!r}: {hint}; pass a run directory, a preset, a timm model name, "
                           "or efficientnet_lite0 (offline ImageNet weights)")
     weights = weights or default_weights
+    grid = has_patch_grid(backbone)
     if pooling is None:
-        pooling = "cls" if _is_transformer(backbone) else "gem"
+        pooling = "cls" if grid else "gem"
     size = img_size or _default_img_size(backbone)
-    build = {"backbone": backbone, "pooling": pooling,
-             "img_size": size if _is_transformer(backbone) else None}
+    build = {"backbone": backbone, "pooling": pooling, "img_size": size if grid else None}
     try:
         model = build_model(weights=weights, **build)
     except ConfigError as e:
