@@ -40,7 +40,7 @@ NOT_RUN = {
     ("docs/paper-scale.md", "# Real datasets and paper scale", "bash", 0):
         "needs the SOP images, timm's hub weights (the internet) and a GPU for 35,000 iterations; every preset "
         "builds its model, data and optimizer on fixture trees in tests/test_presets.py",
-    ("docs/speed.md", "# Speed and scale: `python -m nbsrc.bench`", "bash", 0):
+    ("docs/speed.md", "# Speed and scale: `python -m bench`", "bash", 0):
         "timings of minutes each on a quiet machine (no test asserts a time); tests/test_bench.py and "
         "tests/test_bench_demo.py run the benchmarks' code at tiny sizes",
 }

@@ -131,7 +131,7 @@ def test_folding_inside_inference_mode():
 def test_an_index_embeds_queries_as_it_embedded_its_images(tmp_path):
     """Index.build embeds with the folded network and Index.embed (queries) folds the same way: a
     query that is an indexed image gets its stored embedding back (to float16 storage rounding)."""
-    from nbsrc.bench.embed import make_jpegs
+    from bench.embed import make_jpegs
     from nbsrc.retrieval import Index
     from nbsrc.retrieval.models import load_embedding_model
 

@@ -40,7 +40,7 @@ also shifts the positives after it.
 chunks against the queries, so the memory used is bounded by the chunk, not by the database.
 
 The readers (ground truth, query crops, datasets) are :mod:`nbsrc.data.revisited`, re-exported
-here; random ground truth for tests and the benchmark is :func:`nbsrc.bench.revisited.random_gnd`.
+here; random ground truth for tests and the benchmark is :func:`bench.revisited.random_gnd`.
 """
 
 from __future__ import annotations
