@@ -1,6 +1,6 @@
 """Revisited Oxford/Paris mAP: the vectorised protocol against the slow loop written from it.
 
-:func:`nbsrc.eval.revisited.revisited_map` and :func:`~nbsrc.eval.revisited.revisited_map_reference`
+:func:`nbsrc.eval.revisited_map.revisited_map` and :func:`~nbsrc.eval.revisited_map.revisited_map_reference`
 score the same random rankings of ``n_queries`` queries over ``n_db`` images (70 × 4,993 is
 rOxford5k) with random easy / hard / junk lists, in ``rounds`` rounds that alternate which runs
 first. The speed-up is the median over rounds of reference seconds / vectorised seconds, with a 95%
@@ -36,7 +36,7 @@ def random_gnd(n_queries: int, n_db: int, rng: np.random.Generator, max_sizes=(6
 def bench_revisited(n_queries: int = 70, n_db: int = 5000, rounds: int = 7, seed: int = 0) -> dict:
     """Seconds per round of both implementations, their paired speed-up and their largest difference."""
     from bench.train import paired_ratio
-    from nbsrc.eval.revisited import revisited_map, revisited_map_reference
+    from nbsrc.eval.revisited_map import revisited_map, revisited_map_reference
 
     if n_queries < 1 or n_db < 2 or rounds < 1:
         raise ConfigError(f"queries={n_queries}, db={n_db}, rounds={rounds}: need >= 1 query, >= 2 images, >= 1 round")

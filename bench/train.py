@@ -47,7 +47,7 @@ from nbsrc.data import MPerClassBatchSampler
 from nbsrc.errors import ConfigError
 from nbsrc.models import model_from_config
 from nbsrc.train.loop import amp_settings, build_step_parts, resolve_device, train_step
-from nbsrc.train.pairs import PairTask
+from nbsrc.train.pair_task import PairTask
 
 METHODS = ("nbsrc", "reference", "bare")
 

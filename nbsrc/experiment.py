@@ -6,9 +6,9 @@ goes through the same steps; what differs per dataset (its :class:`nbsrc.data.Da
 :class:`Setup` (:func:`build_setup`):
 
 - datasets of classes (Fashion-MNIST, digits, image folders, CUB, SOP, In-Shop): a
-  :class:`~nbsrc.train.pairs.PairTask` on the training classes, the PCA fitted on (a fixed subset
+  :class:`~nbsrc.train.pair_task.PairTask` on the training classes, the PCA fitted on (a fixed subset
   of) them;
-- SfM-120k (IRT §4.2; DToP Table A5): a :class:`~nbsrc.train.tuples.TupleTask`
+- SfM-120k (IRT §4.2; DToP Table A5): a :class:`~nbsrc.train.tuple_task.TupleTask`
   (``sfm_training="tuples"``, IRT) or a PairTask on the images labelled by their 3D model
   (``"classes"``, DToP: any pair loss, ArcFace for DToP), the PCA fitted on SfM-120k training
   images.
@@ -41,7 +41,7 @@ from nbsrc.config import ExperimentConfig
 from nbsrc.data import RetrievalData, RetrievalDataset, build_data, cap_per_class, check_data_root, dataset_spec
 from nbsrc.data.group_sampler import training_sampler
 from nbsrc.data.images import check_dataset_images, check_images
-from nbsrc.data.revisited import ORIGINAL_NAMES
+from nbsrc.data.oxford_paris import ORIGINAL_NAMES
 from nbsrc.data.sfm import SfMSplit, load_sfm120k_db
 from nbsrc.data.transforms import training_transform
 from nbsrc.errors import ConfigError, DatasetError, RunDirError
@@ -61,7 +61,7 @@ from nbsrc.provenance import provenance
 from nbsrc.safeload import load_model_file
 from nbsrc.train import distributed, load_results, prepare_run_dir, read_metrics, resolve_device, run_state
 from nbsrc.train.loop import TrainingTask, fit
-from nbsrc.train.pairs import PairTask
+from nbsrc.train.pair_task import PairTask
 from nbsrc.train.rundir import (
     RESULTS,
     close_tensorboard,
@@ -70,7 +70,7 @@ from nbsrc.train.rundir import (
     release_run_lock,
     write_json_atomic,
 )
-from nbsrc.train.tuples import TupleTask
+from nbsrc.train.tuple_task import TupleTask
 from nbsrc.workers import auto_jobs, check_jobs, map_jobs
 
 EMBEDDINGS, MODEL = "embeddings.npz", "model.pt"

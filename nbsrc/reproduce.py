@@ -29,7 +29,7 @@ from nbsrc.data.benchmarks import (
     SOP_URL,
     build_benchmark,
 )
-from nbsrc.data.revisited import ORIGINAL_LAYOUT, ORIGINAL_URL, REVISITED_LAYOUT, REVISITED_URL
+from nbsrc.data.oxford_paris import ORIGINAL_LAYOUT, ORIGINAL_URL, REVISITED_LAYOUT, REVISITED_URL
 from nbsrc.data.sfm import SFM_LAYOUT, SFM_URL, load_sfm120k_db
 from nbsrc.data.transforms import RetrievalTransform
 from nbsrc.errors import ConfigError
@@ -49,7 +49,7 @@ from nbsrc.presets import load_preset, preset_paper
 from nbsrc.train import resolve_device
 
 CATEGORY_BENCHMARKS = ("cub", "sop", "inshop")  # Recall@K, nbsrc.data.benchmarks
-# mAP Medium / Hard (roxford5k, rparis6k) and the original protocol's mAP (oxford5k, paris6k), nbsrc.eval.revisited
+# mAP Medium / Hard (roxford5k, rparis6k) and the original protocol's mAP (oxford5k, paris6k), nbsrc.eval.revisited_map
 REVISITED_BENCHMARKS = ("roxford5k", "rparis6k", "oxford5k", "paris6k")
 BENCHMARKS = CATEGORY_BENCHMARKS + REVISITED_BENCHMARKS
 

@@ -12,7 +12,7 @@ from nbsrc.data.sfm import load_sfm120k_db
 from nbsrc.data.transforms import aspect_kept_transform
 from nbsrc.errors import ConfigError
 from nbsrc.eval.particular import evaluate_revisited_data, learn_sfm_whitening
-from nbsrc.eval.revisited import build_revisited
+from nbsrc.eval.revisited_map import build_revisited
 from nbsrc.models import data_config, model_from_config
 from nbsrc.presets import load_preset
 from nbsrc.reproduce import evaluate_benchmarks

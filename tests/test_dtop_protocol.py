@@ -14,11 +14,11 @@ from torch import nn
 
 from nbsrc.config import ExperimentConfig
 from nbsrc.data.datasets import RetrievalDataset
-from nbsrc.data.revisited import load_original_gnd, load_revisited_gnd
+from nbsrc.data.oxford_paris import load_original_gnd, load_revisited_gnd
 from nbsrc.data.transforms import aspect_kept_transform, longer_side_size
 from nbsrc.errors import DatasetError
 from nbsrc.eval.particular import DEFAULT_SCALES, embed_at_scales, evaluate_revisited_data
-from nbsrc.eval.revisited import build_revisited
+from nbsrc.eval.revisited_map import build_revisited
 from nbsrc.experiment import dtop_multiscale_table, load_run, particular_eval_transform, run_experiment
 from nbsrc.presets import load_preset
 from nbsrc.reproduce import evaluate_scale_grid, preset_grid

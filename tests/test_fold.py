@@ -102,7 +102,7 @@ def test_extract_embeddings_folds_and_keeps_recall(tmp_path):
     from nbsrc.data.transforms import RetrievalTransform
     from nbsrc.eval import recall_at_k
     from nbsrc.models import build_model
-    from nbsrc.models.embed import extract_embeddings
+    from nbsrc.models.extract import extract_embeddings
 
     digits = load_digits()
     keep = np.arange(0, len(digits.target), 6)

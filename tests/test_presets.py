@@ -156,7 +156,7 @@ def test_preset_data_pipeline_on_fixture_tree(name, trees):
     size = cfg.data.img_size
     if cfg.data.dataset == "sfm120k":
         from nbsrc.data.sfm import load_sfm120k_db
-        from nbsrc.eval.revisited import build_revisited
+        from nbsrc.eval.revisited_map import build_revisited
 
         db = load_sfm120k_db(cfg.data.data_root, "train")
         img, label, _ = db.images(RetrievalTransform(size, train=False))[0]

@@ -10,9 +10,15 @@ import torch
 from fixtures_benchmarks import make_original, make_revisited
 
 from bench.revisited import random_gnd
-from nbsrc.data.revisited import build_distractors, build_revisited, crop_query, load_original_gnd, load_revisited_gnd
+from nbsrc.data.oxford_paris import (
+    build_distractors,
+    build_revisited,
+    crop_query,
+    load_original_gnd,
+    load_revisited_gnd,
+)
 from nbsrc.errors import ConfigError, DatasetError
-from nbsrc.eval.revisited import original_map, rank_chunked, revisited_map, revisited_map_reference
+from nbsrc.eval.revisited_map import original_map, rank_chunked, revisited_map, revisited_map_reference
 
 
 def q(easy=(), hard=(), junk=()):
