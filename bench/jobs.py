@@ -28,8 +28,8 @@ def bench_jobs(runs: int = 2, jobs: int = 2, iterations: int = 40, rounds: int =
     import torch
 
     from bench import timed_rounds
-    from nbsrc.demo import demo_config
     from nbsrc.experiment import run_all
+    from nbsrc.paper.demo import demo_config
     from nbsrc.workers import cpu_cores
 
     if runs < 2 or jobs < 2 or iterations < 1 or rounds < 1:
@@ -77,7 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=2, help="processes training at once")
     p.add_argument("--iterations", type=int, default=40, help="iterations of each run")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds")
-    p.add_argument("--demo", default="fashion_mnist", help="the demo whose config is trained (nbsrc.demo.DEMO_DATA)")
+    p.add_argument("--demo", default="fashion_mnist",
+                   help="the demo whose config is trained (nbsrc.paper.demo.DEMO_DATA)")
 
 
 def run(a, results_path=None, note: str = "") -> dict:

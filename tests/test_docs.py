@@ -133,13 +133,13 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_readme_notebook_example_runs(tmp_path, monkeypatch, capsys):
-    """README's notebook line, with the smoke run's tiny settings (nbsrc.demo.QUICK) and a small glyph set
+    """README's notebook line, with the smoke run's tiny settings (nbsrc.paper.demo.QUICK) and a small glyph set
     appended as parameters: notebook 02 trains and writes its table."""
     from fixtures_glyphs import tiny_glyph_set
 
     from nbsrc.config import config_fields
-    from nbsrc.demo import QUICK
-    from nbsrc.notebook import notebook_parameters
+    from nbsrc.paper.demo import QUICK
+    from nbsrc.paper.notebooks import notebook_parameters
 
     (args,) = nbsrc_commands(block("README.md", "### Notebooks"))
     assert args[:2] == ["notebook", "notebooks/02_train.ipynb"]

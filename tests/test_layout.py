@@ -114,7 +114,7 @@ def test_layers_import_only_downwards():
 
 def test_presets_import_only_the_config_and_no_torch():
     """``nbsrc.presets`` loads, lists and describes presets: it imports the config layer and nothing
-    else of nbsrc (running a preset is :mod:`nbsrc.reproduce`'s), and importing it loads no torch."""
+    else of nbsrc (running a preset is :mod:`nbsrc.paper.reproduce`'s), and importing it loads no torch."""
     assert edges()["nbsrc.presets"] <= {"nbsrc.config", "nbsrc.errors"}, edges()["nbsrc.presets"]
     script = ("import sys, nbsrc.presets\n"
               "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('nbsrc.')))\n")
