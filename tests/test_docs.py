@@ -86,6 +86,17 @@ def test_every_local_link_resolves(page):
             assert anchor in {slug(h) for h in headings}, f"{page} links {link}: no such heading"
 
 
+@pytest.mark.parametrize("page", PAGES)
+def test_every_module_path_named_exists(page):
+    """Each ``nbsrc/...`` or ``bench/...`` path a page names (in prose or in a layout block) is a file or folder
+    of the repository, so a module moved or renamed is renamed on the page too."""
+    text = (ROOT / page).read_text()
+    path = r"(?<![\w./-])((?:nbsrc|bench)/[a-z0-9_/]*[a-z0-9_]+(?:\.py|\.md|\.sh|/)?)"  # NAME: a placeholder
+    named = set(re.findall(path, text))
+    missing = sorted(n for n in named if not (ROOT / n.rstrip("/")).exists())
+    assert not missing, f"{page} names paths that do not exist: {missing}"
+
+
 def test_readme_links_every_docs_page():
     linked = {(ROOT / link.partition("#")[0]).resolve() for link in local_links("README.md")}
     pages = {p.resolve() for p in (ROOT / "docs").glob("*.md")}
