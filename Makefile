@@ -53,7 +53,7 @@ demo: install glyphs
 demo-full: install glyphs
 	$(PY) -m nbsrc demo --full
 
-# The study (nbsrc/study.py): the claims C1, C2, C3 and C6 where fine-tuning has done its work, its choices made on the
+# The study (nbsrc/paper/study.py): the claims C1, C2, C3 and C6 where fine-tuning has done its work, its choices made on the
 # validation classes; results in figures/study/. Resumable: after a kill, the same command continues.
 study: install glyphs
 	$(PY) -m nbsrc study

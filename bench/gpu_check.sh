@@ -34,10 +34,10 @@ cp bench/RESULTS.md "$OUT/RESULTS.md"
 : > "$OUT/bench.log"
 # the demo's size (ViT-Tiny, 28 px, patch 7), each CUDA switch (bf16, fused AdamW, pinned memory,
 # torch.compile) on and off
-timeout 240 "$PY" -m nbsrc.bench train --device cuda --steps 20 --repeats 10 --warmup 5 --switches \
+timeout 240 "$PY" -m bench train --device cuda --steps 20 --repeats 10 --warmup 5 --switches \
     --section train-cuda --results "$OUT/RESULTS.md" 2>&1 | tee -a "$OUT/bench.log" || status=1
 # IRT §4.2 at SOP's size: DeiT-S/16 at 224 px, batch 64, a memory of 59,551 (issue 11, item 7)
-timeout 240 "$PY" -m nbsrc.bench train --device cuda --backbone deit_small_patch16_224 --img-size 224 --patch-size native \
+timeout 240 "$PY" -m bench train --device cuda --backbone deit_small_patch16_224 --img-size 224 --patch-size native \
     --memory-size 59551 --steps 20 --repeats 10 --warmup 5 --no-switches \
     --section train-xbm-cuda --results "$OUT/RESULTS.md" 2>&1 | tee -a "$OUT/bench.log" || status=1
 echo "gpu_check: $([ "$status" -eq 0 ] && echo passed || echo FAILED); logs and RESULTS.md in $OUT/"

@@ -290,7 +290,7 @@ def cmd_compare(ns) -> None:
 
 
 def cmd_notebook(ns) -> None:
-    from nbsrc.notebook import parse_parameters, run_notebook
+    from nbsrc.paper.notebooks import parse_parameters, run_notebook
 
     params = parse_parameters(ns.path, ns.param or [])
     out = run_notebook(ns.path, params, ns.out, log_output=ns.log_output)
@@ -304,7 +304,7 @@ def cmd_presets(ns) -> None:
 
 
 def cmd_study(ns) -> None:
-    from nbsrc.study import run_study
+    from nbsrc.paper.study import run_study
 
     settings = {}
     for key, value in ns.set or []:
@@ -317,7 +317,7 @@ def cmd_study(ns) -> None:
 
 
 def cmd_demo(ns) -> None:
-    from nbsrc.demo import run_demo
+    from nbsrc.paper.demo import run_demo
 
     if ns.study:
         return cmd_study(argparse.Namespace(runs_dir="runs/study", figures_dir="figures/study", data_root=None, set=[]))
@@ -352,10 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--log-output", action="store_true")
     n.set_defaults(func=cmd_notebook)
     d = sub.add_parser("demo", help="run the notebooks in order on a demo's data and print the table")
-    from nbsrc.demo import DEFAULT_DEMO, DEMOS
+    from nbsrc.paper.demo import DEFAULT_DEMO, DEMOS
 
     d.add_argument("--demo", default=DEFAULT_DEMO, choices=DEMOS,
-                   help=f"which demo (nbsrc.demo.DEMO_DATA; default: {DEFAULT_DEMO}); glyphs needs `make glyphs`")
+                   help=f"which demo (nbsrc.paper.demo.DEMO_DATA; default: {DEFAULT_DEMO}); glyphs needs `make glyphs`")
     d.add_argument("--quick", action="store_true", help="tiny parameters (smoke test)")
     d.add_argument("--full", action="store_true",
                    help="also the grids (notebooks 04, 07 and 08: claims C5 and C7, DToP's ablations); about 3x longer")
@@ -366,12 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--study", action="store_true",
                    help="the study instead (as `nbsrc study`): the claims where fine-tuning has done its work, ~2 h")
     d.set_defaults(func=cmd_demo)
-    st = sub.add_parser("study", help="the claims C1-C7 where fine-tuning has done its work (nbsrc.study; resumable)")
+    st = sub.add_parser("study",
+                        help="the claims C1-C7 where fine-tuning has done its work (nbsrc.paper.study; resumable)")
     st.add_argument("--runs-dir", default="runs/study", help="where its runs go (default: runs/study)")
     st.add_argument("--figures-dir", default="figures/study", help="where its results go (default: figures/study)")
     st.add_argument("--data-root", help="the glyph set (a cache folder or a built set's .npz; default: the cache)")
     st.add_argument("--set", nargs=2, action="append", metavar=("KEY", "JSON"),
-                    help="a setting of nbsrc.study.STUDY, e.g. --set seeds_other '[0, 1, 2]'")
+                    help="a setting of nbsrc.paper.study.STUDY, e.g. --set seeds_other '[0, 1, 2]'")
     st.set_defaults(func=cmd_study)
     sub.add_parser("presets", help="print the table of presets (the paper's rows)").set_defaults(func=cmd_presets)
     from nbsrc.retrieval.cli import add_subcommands as add_retrieval_commands

@@ -126,7 +126,7 @@ class RunConfig:
     ckpt_every: int = setting(100, "save checkpoint.pt every N iterations (0: only at the end)", execution=True)
     progress: bool = setting(True, "show a progress bar while training", execution=True)
     record_grad_noise: bool = setting(False, "log gamma = ||Cov(grad directions)||_* (IRT Fig. 4)")
-    compile: bool = setting(False, "torch.compile the model (CUDA; measured in `python -m nbsrc.bench train`)",
+    compile: bool = setting(False, "torch.compile the model (CUDA; measured in `python -m bench train`)",
                             execution=True)
     pin_memory: bool = setting(True, "pinned host memory + non-blocking copies when training on CUDA",
                                execution=True)

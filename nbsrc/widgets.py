@@ -5,7 +5,7 @@ widgets; what they show is computed elsewhere, so that everything a widget draws
 - :func:`retrieval_browser`: a run's queries and their top-k neighbours, hits framed green, worst
   queries first on request (:func:`nbsrc.retrieval.load_retrieval`, :func:`nbsrc.retrieval.retrieval_for_query`);
 - :func:`spectrum_explorer`: cumulative PCA energy (IRT Fig. 2) and pair similarities (IRT Fig. 5)
-  of several runs overlaid (:func:`nbsrc.analysis.runs.spectrum_data`);
+  of several runs overlaid (:func:`nbsrc.analysis.run_spectra.spectrum_data`);
 - :func:`query_browser`: upload your own image and see its neighbours in an index built by
   ``nbsrc embed`` (:class:`nbsrc.retrieval.Index`, :func:`nbsrc.retrieval.search_image`).
 
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from nbsrc.analysis.runs import spectrum_data
+from nbsrc.analysis.run_spectra import spectrum_data
 from nbsrc.errors import ConfigError, NbsrcError
 from nbsrc.plots import plot_cumulative_energy, plot_similarity_histograms
-from nbsrc.retrieval.runs import QueryRetrieval, RunRetrieval, load_retrieval, retrieval_for_query
+from nbsrc.retrieval.run_neighbours import QueryRetrieval, RunRetrieval, load_retrieval, retrieval_for_query
 from nbsrc.runlist import list_finished_runs
 
 __all__ = ["retrieval_browser", "spectrum_explorer", "query_browser", "widget_frontend_connected"]
@@ -232,7 +232,7 @@ def spectrum_explorer(runs_dir: str | Path = "runs", max_negatives: int | None =
     """A widget to compare finished runs of ``runs_dir``: a multiple-choice run picker (``picker``,
     labels give λ and β; the first ``default`` runs selected) and, for the selection, the
     cumulative PCA energy curves (IRT Fig. 2) and positive / negative similarity histograms
-    (IRT Fig. 5) overlaid (:func:`nbsrc.analysis.runs.spectrum_data`). The returned ``ipywidgets.VBox`` holds the
+    (IRT Fig. 5) overlaid (:func:`nbsrc.analysis.run_spectra.spectrum_data`). The returned ``ipywidgets.VBox`` holds the
     figures shown in ``figures``; ``static`` as in :func:`retrieval_browser`."""
     if isinstance(default, bool) or not isinstance(default, int) or default < 1:
         raise ConfigError(f"default={default!r} is invalid: expected how many runs to select at first, an integer >= 1")

@@ -3,7 +3,7 @@
 A small ViT does not use several CPU cores well, so independent runs trained side by side, one core
 each, finish sooner than the same runs trained in turn; a worker's start-up and its one-thread
 evaluation take part of that back for short runs (the measurements: docs/speed.md, *Defaults and the
-measurements behind them*; ``python -m nbsrc.bench jobs``).
+measurements behind them*; ``python -m bench jobs``).
 :func:`map_jobs` runs ``fn(item)`` for each item in ``jobs`` processes (``python -m nbsrc.workers``) with
 ``cores // jobs`` torch threads each, and prints what the workers print, each line prefixed with its
 job's tag, in the caller's process (so a notebook cell shows the workers' progress lines).

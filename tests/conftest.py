@@ -27,7 +27,7 @@ torch.set_num_threads(THREADS)
 
 @pytest.fixture(autouse=True)
 def restore_threads():
-    """A test that sets torch's thread count (a config's ``threads``, ``nbsrc.bench train --threads``)
+    """A test that sets torch's thread count (a config's ``threads``, ``bench train --threads``)
     does not leave it to the tests after it."""
     before = torch.get_num_threads()
     yield

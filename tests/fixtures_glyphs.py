@@ -27,7 +27,7 @@ def tiny_glyph_set(cache_dir: Path) -> Path:
 
 
 def tiny_study_settings() -> dict:
-    """nbsrc.study's settings at their smallest, for a glyph set of these fonts: runs of 4 iterations, one or
+    """nbsrc.paper.study's settings at their smallest, for a glyph set of these fonts: runs of 4 iterations, one or
     two seeds, a ViT as the 'convnet' (no download); the oblique and italic faces play the hand faces."""
     batches = {"batch_size": 16, "m_per_class": 4, "warmup_iters": 0, "eval_per_class": None, "log_every": 2}
     return dict(pretrain=["ce_print", "snca_print"], hand_faces=["DejaVuSans-Oblique.ttf", "DejaVuSerif-Italic.ttf"],

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nbsrc.bench import write_section
-from nbsrc.bench.__main__ import main as bench_main
-from nbsrc.bench.eval import bench_eval, parse_size, results_markdown
-from nbsrc.bench.train import bench_train, inline_koleo, interleave
+from bench import write_section
+from bench.__main__ import main as bench_main
+from bench.eval import bench_eval, parse_size, results_markdown
+from bench.train import bench_train, inline_koleo, interleave
 from nbsrc.errors import ConfigError
 from nbsrc.losses import koleo_loss
 
@@ -57,7 +57,7 @@ def test_train_bench_reports_consistent_ratios(tmp_path):
 
 
 def test_paired_ratio_of_known_times_and_its_interval():
-    from nbsrc.bench.train import paired_ratio, verdict
+    from bench.train import paired_ratio, verdict
 
     rng = np.random.default_rng(0)
     slow = 1.0 + 0.3 * rng.random(200)  # rounds drift, the ratio within a round does not
@@ -88,7 +88,7 @@ def test_interleave_times_one_step_at_a_time_in_rotating_turns_on_the_same_batch
 
 
 def test_nbsrc_method_runs_the_loops_own_train_step(monkeypatch):
-    from nbsrc.bench import train as bench_train_module
+    from bench import train as bench_train_module
     from nbsrc.train import loop
 
     assert bench_train_module.train_step is loop.train_step
@@ -150,7 +150,7 @@ def test_train_cli_patch_size_is_a_positive_number_or_native(capsys):
 
 
 def test_train_cpu_variants_are_paired_with_the_fp32_reference(tmp_path):
-    from nbsrc.bench.train import results_markdown
+    from bench.train import results_markdown
 
     r = bench_train(**TINY_TRAIN, device="cpu", cpu_variants=("nbsrc bf16",))
     cv = r["cpu_variants"]
@@ -181,7 +181,7 @@ def test_embed_cli_writes_its_section(tmp_path):
 
 
 def test_train_cli_threads_default_to_torchs_count_and_must_be_positive(tmp_path):
-    from nbsrc.bench.__main__ import build_parser
+    from bench.__main__ import build_parser
 
     assert build_parser().parse_args(["train"]).threads == torch.get_num_threads()
     assert bench_main(["train", "--threads", "0", "--results", str(tmp_path / "R.md")]) == 2
@@ -237,7 +237,7 @@ def test_eval_subprocess_measures_its_own_peak_rss(tmp_path):
 def test_rss_meter_counts_the_work_not_an_earlier_higher_peak():
     """A 400 MB allocation before the meter starts must not hide a 200 MB one after it (ru_maxrss
     alone would report 0 beyond the baseline here)."""
-    from nbsrc.bench.eval import _proc_status_kib, rss_meter
+    from bench.eval import _proc_status_kib, rss_meter
 
     before = np.ones(400 * 2**20 // 8)
     del before
@@ -275,8 +275,8 @@ def test_dtop_cli_writes_its_section(tmp_path):
 
 # ----------------------------------------------------------------------------- loader
 def test_loader_bench_compares_worker_counts_with_the_step(tmp_path):
-    from nbsrc.bench.loader import bench_loader
-    from nbsrc.bench.loader import results_markdown as loader_md
+    from bench.loader import bench_loader
+    from bench.loader import results_markdown as loader_md
     from nbsrc.config import ExperimentConfig
 
     cfg = ExperimentConfig(name="b", dataset="digits", img_size=16, patch_size=8, batch_size=8, m_per_class=2,
@@ -296,8 +296,8 @@ def test_loader_bench_compares_worker_counts_with_the_step(tmp_path):
 
 
 def test_jobs_bench_trains_the_same_runs_in_turn_and_at_once(tmp_path):
-    from nbsrc.bench import write_section
-    from nbsrc.bench.jobs import bench_jobs, results_markdown
+    from bench import write_section
+    from bench.jobs import bench_jobs, results_markdown
 
     r = bench_jobs(runs=2, jobs=2, iterations=2, rounds=1, dataset="digits", train_classes="0-4", test_classes="5-9",
                    backbone="test_vit", img_size=16, patch_size=4, batch_size=16, m_per_class=4, eval_per_class=None)

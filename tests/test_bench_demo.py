@@ -1,4 +1,4 @@
-"""`python -m nbsrc.bench demo`: the demo's time split, read from a log and run directories written here
+"""`python -m bench demo`: the demo's time split, read from a log and run directories written here
 (no run is trained)."""
 
 import datetime as dt
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from nbsrc.bench.demo import demo_time_split, parse_demo_log, train_seconds
+from bench.demo import demo_time_split, parse_demo_log, train_seconds
 from nbsrc.errors import ConfigError
 
 LOG = """== 01_off_the_shelf.ipynb: started at 23:58:00
@@ -57,7 +57,7 @@ def test_time_split_per_notebook(tmp_path):
 
 def test_runs_trained_at_once_count_once(tmp_path):
     """Two runs of 50 s each that overlap by 30 s cover 70 s of the notebook, not 100 s."""
-    from nbsrc.bench.demo import covered_seconds
+    from bench.demo import covered_seconds
 
     assert covered_seconds([(0, 10), (5, 20), (30, 40), (32, 35)]) == 30
     assert covered_seconds([]) == 0
@@ -70,7 +70,7 @@ def test_runs_trained_at_once_count_once(tmp_path):
 
 
 def test_cli_writes_its_section(tmp_path):
-    from nbsrc.bench.__main__ import main
+    from bench.__main__ import main
 
     log = tmp_path / "demo.log"
     log.write_text(LOG)

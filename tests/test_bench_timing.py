@@ -3,8 +3,8 @@ timed on its own, warm-up rounds untimed, the last result of each method returne
 
 import pytest
 
-from nbsrc import bench
-from nbsrc.bench import rotation, timed, timed_rounds
+import bench
+from bench import rotation, timed, timed_rounds
 
 
 def test_rotation_orders_rounds_so_no_method_is_always_first():
@@ -13,7 +13,7 @@ def test_rotation_orders_rounds_so_no_method_is_always_first():
 
 
 class FakeClock:
-    """``perf_counter`` for :mod:`nbsrc.bench`: the time moves only when a test advances it."""
+    """``perf_counter`` for :mod:`bench`: the time moves only when a test advances it."""
 
     def __init__(self):
         self.now = 100.0

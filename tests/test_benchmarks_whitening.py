@@ -12,10 +12,10 @@ from nbsrc.data.sfm import load_sfm120k_db
 from nbsrc.data.transforms import aspect_kept_transform
 from nbsrc.errors import ConfigError
 from nbsrc.eval.particular import evaluate_revisited_data, learn_sfm_whitening
-from nbsrc.eval.revisited import build_revisited
+from nbsrc.eval.revisited_map import build_revisited
 from nbsrc.models import data_config, model_from_config
+from nbsrc.paper.reproduce import evaluate_benchmarks
 from nbsrc.presets import load_preset
-from nbsrc.reproduce import evaluate_benchmarks
 
 pytestmark = pytest.mark.xdist_group("benchmarks_whitening")  # its tests share module-scoped fixtures: one worker
 
@@ -61,7 +61,7 @@ def test_without_the_sfm_folder_it_says_what_is_missing(trees):
 
 @pytest.mark.slow
 def test_notebook_09_whitens_a_dtop_preset(trees, tmp_path):
-    from nbsrc.notebook import NOTEBOOKS_DIR, run_notebook
+    from nbsrc.paper.notebooks import NOTEBOOKS_DIR, run_notebook
 
     params = {"preset": PRESET, "roxford_root": str(trees["rev"]), "sfm_root": str(trees["sfm"]), "overrides": TINY,
               "runs_dir": str(tmp_path / "runs"), "figures_dir": str(tmp_path / "fig")}

@@ -145,7 +145,7 @@ def test_retrieval_browser_renders_in_jupyterlab(tmp_path):
     from selenium.common.exceptions import TimeoutException, WebDriverException
     from selenium.webdriver.common.by import By
 
-    from nbsrc.notebook import _default_kernel
+    from nbsrc.paper.notebooks import _default_kernel
 
     chromium, driver_path = _browser_binaries()
     t0 = time.monotonic()

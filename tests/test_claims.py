@@ -1,4 +1,4 @@
-"""The verdict rule of nbsrc.claims against a loop written from its statement, the claims' files,
+"""The verdict rule of nbsrc.paper.claims against a loop written from its statement, the claims' files,
 and the two measures added for them (effective rank, separation AUC) against references from their
 formulas."""
 
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from nbsrc.analysis import effective_rank, separation_auc
-from nbsrc.claims import (
+from nbsrc.errors import ConfigError, DatasetError
+from nbsrc.paper.claims import (
     CLAIMS,
     MIN_SEEDS,
     RULE,
@@ -25,7 +26,6 @@ from nbsrc.claims import (
     per_seed,
     write_verdicts,
 )
-from nbsrc.errors import ConfigError, DatasetError
 
 
 # ----------------------------------------------------------------------------- the rule
@@ -173,7 +173,7 @@ def test_save_load_and_the_verdicts_file(tmp_path):
 
 
 def test_numbers_keep_three_significant_digits():
-    from nbsrc.claims import _fmt, _pm
+    from nbsrc.paper.claims import _fmt, _pm
 
     assert [_fmt(x) for x in (74.87, 5.0, 682.3, 0.00567, 0.0, 1234.5)] == \
         ["74.9", "5.00", "682", "0.00567", "0.00", "1234"]
@@ -247,7 +247,7 @@ def test_separation_auc_against_the_double_sum_and_sklearn():
 
 
 def test_gradient_noise_claim_says_when_its_grid_cannot_test_it():
-    from nbsrc.claims import gradient_noise_claim, gradient_noise_untestable
+    from nbsrc.paper.claims import gradient_noise_claim, gradient_noise_untestable
 
     assert gradient_noise_untestable([0.3, 0.5, 0.7], [0, 0.7]) == ""
     for betas, lams in (([0.3, 0.5], [0, 0.7]), ([0.3, 0.5, 0.7], [0.3, 0.7]), ([0.3, 0.5, 0.7], [0])):

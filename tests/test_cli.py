@@ -182,7 +182,7 @@ def test_notebook_progress_is_printed_as_plain_lines(tmp_path, capsys, monkeypat
     lines appear on stdout while the notebook runs, as plain lines, not widgets."""
     import nbformat
 
-    from nbsrc.notebook import run_notebook
+    from nbsrc.paper.notebooks import run_notebook
 
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the kernel imports this checkout's nbsrc
     kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}

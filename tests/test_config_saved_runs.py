@@ -13,8 +13,8 @@ import torch
 
 from nbsrc.__main__ import build_parser, config_from_args, default_run_name, main
 from nbsrc.config import ExperimentConfig
-from nbsrc.demo import demo_config, pretrain_config
 from nbsrc.experiment import run_experiment
+from nbsrc.paper.demo import demo_config, pretrain_config
 from nbsrc.presets import load_preset
 from nbsrc.retrieval.export import config_fingerprint
 from nbsrc.train.checkpoint import LATEST
@@ -46,7 +46,7 @@ TODAY = {
 
 
 def digest(cfg: ExperimentConfig) -> str:
-    """The demo's pretraining digest (nbsrc.demo.pretrain_config)."""
+    """The demo's pretraining digest (nbsrc.paper.demo.pretrain_config)."""
     return hashlib.sha256(json.dumps(cfg.changed_fingerprint(), sort_keys=True).encode()).hexdigest()[:8]
 
 

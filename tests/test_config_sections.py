@@ -206,7 +206,7 @@ def test_a_flat_preset_still_loads_and_the_script_rewrites_it_in_sections(tmp_pa
     rows' ``model_options`` included; ``python -m nbsrc.presets.rewrite`` rewrites it as it is committed."""
     import nbsrc.presets
     import nbsrc.presets.rewrite
-    from nbsrc.reproduce import preset_grid
+    from nbsrc.paper.reproduce import preset_grid
 
     name = "dtop_full_r50vitb16_sfm"
     old = json.loads(OLD_PRESET.read_text())

@@ -1,7 +1,7 @@
 """The CPU execution options of training: bf16 autocast (``cpu_bf16``), ``torch.compile``
 (``cpu_compile``) and the thread count (``threads``). Each trains on digits with finite losses; bf16
 stays close to fp32 on the first step; each is a no-op with a one-line notice where it does not act.
-No timing here: the speed is measured by ``python -m nbsrc.bench train``."""
+No timing here: the speed is measured by ``python -m bench train``."""
 
 import math
 

@@ -192,7 +192,7 @@ def test_a_checkpoint_with_numpy_rng_state_resumes_exactly(tiny_cfg):
 
 
 def test_a_tuple_tasks_saved_tuples_are_a_tensor_and_old_arrays_load():
-    from nbsrc.train.tuples import TupleTask
+    from nbsrc.train.tuple_task import TupleTask
 
     task = TupleTask.__new__(TupleTask)
     task.per_epoch, task.tuples = 2, np.arange(14, dtype=np.int64).reshape(2, 7)

@@ -56,11 +56,11 @@ def _train_here(cfg, out: Path, tag: str, rank: int = 0, resume: bool = False, s
     which only rank 0 calls) and the ranks that evaluated and saved checkpoints."""
     from nbsrc.data import build_data
     from nbsrc.models import data_config, model_from_config
-    from nbsrc.train import loop, pairs
+    from nbsrc.train import loop, pair_task
     from nbsrc.train.rundir import CONFIG
 
     memories, saved_by, evaluated_by, snapshots = [], [], [], {}
-    real = pairs.CrossBatchMemory, loop.save_checkpoint
+    real = pair_task.CrossBatchMemory, loop.save_checkpoint
 
     class RecordedMemory(real[0]):
         def __init__(self, *a, **k):
@@ -87,12 +87,12 @@ def _train_here(cfg, out: Path, tag: str, rank: int = 0, resume: bool = False, s
         raise AssertionError("torch.compile was called on CPU")
 
     real_compile = torch.compile
-    pairs.CrossBatchMemory, loop.save_checkpoint, torch.compile = RecordedMemory, recorded_save, no_compile
+    pair_task.CrossBatchMemory, loop.save_checkpoint, torch.compile = RecordedMemory, recorded_save, no_compile
     try:
-        loop.fit(cfg, model, pairs.PairTask(cfg, data.train), cfg.run_dir, resume=resume, evaluate=evaluate,
+        loop.fit(cfg, model, pair_task.PairTask(cfg, data.train), cfg.run_dir, resume=resume, evaluate=evaluate,
                  stop_after=stop_after)
     finally:
-        (pairs.CrossBatchMemory, loop.save_checkpoint), torch.compile = real, real_compile
+        (pair_task.CrossBatchMemory, loop.save_checkpoint), torch.compile = real, real_compile
     torch.save({"model": model.state_dict(), "memory": memories[0].state_dict(), "snapshots": snapshots,
                 "saved_by": saved_by, "evaluated_by": evaluated_by}, out / f"{tag}_rank{rank}.pt")
 

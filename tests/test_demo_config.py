@@ -1,13 +1,13 @@
-"""The demo's settings live in one place (nbsrc.demo); the notebooks' parameters cells hold only what
+"""The demo's settings live in one place (nbsrc.paper.demo); the notebooks' parameters cells hold only what
 each notebook varies, and any config field reaches a notebook through ``overrides``."""
 
 import json
 
 import pytest
 
-from nbsrc.demo import DEMO_DATA, DEMOS, RECIPE, demo_config, notebooks, pretrain_config
 from nbsrc.errors import ConfigError
-from nbsrc.notebook import NOTEBOOKS_DIR, check_parameters, fold_overrides, notebook_parameters, parse_parameters
+from nbsrc.paper.demo import DEMO_DATA, DEMOS, RECIPE, demo_config, notebooks, pretrain_config
+from nbsrc.paper.notebooks import NOTEBOOKS_DIR, check_parameters, fold_overrides, notebook_parameters, parse_parameters
 
 pytestmark = pytest.mark.xdist_group("demo_config")  # its tests share module-scoped fixtures: one worker
 
@@ -102,7 +102,7 @@ def test_glyph_demo_pretrains_once_and_the_study_runs_headless(small_glyphs, tmp
     from fixtures_glyphs import tiny_study_settings
 
     from nbsrc.experiment import load_run
-    from nbsrc.notebook import run_notebook
+    from nbsrc.paper.notebooks import run_notebook
 
     runs, figs = tmp_path / "runs", tmp_path / "figs"
     tiny = {"data_root": small_glyphs, "batch_size": 16, "m_per_class": 4, "warmup_iters": 0}
@@ -129,7 +129,7 @@ def test_glyph_demo_pretrains_once_and_the_study_runs_headless(small_glyphs, tmp
     text = "".join(o.get("text", "") for c in nbformat.read(out, as_version=4).cells if c.cell_type == "code"
                    for o in c.get("outputs", []))
     assert "chosen: " in text
-    # the study's choices (nbsrc.study): the pretraining stand-in and each backbone's recipe, on train_val
+    # the study's choices (nbsrc.paper.study): the pretraining stand-in and each backbone's recipe, on train_val
     assert "pretraining chosen: " in text
     assert "ce_print" in (figs / "study_pretraining.md").read_text()
     assert "EfficientNet-Lite0" in (figs / "study_selection.md").read_text()
@@ -137,7 +137,7 @@ def test_glyph_demo_pretrains_once_and_the_study_runs_headless(small_glyphs, tmp
 
 
 def test_make_demo_leaves_the_grids_to_demo_full():
-    from nbsrc.demo import FULL_ONLY, STUDIES, demo_notebooks
+    from nbsrc.paper.demo import FULL_ONLY, STUDIES, demo_notebooks
 
     names = lambda nbs: [nb.name for nb in nbs]  # noqa: E731
     every = [nb.name for nb in notebooks() if nb.name not in STUDIES]
@@ -149,7 +149,7 @@ def test_make_demo_leaves_the_grids_to_demo_full():
 
 
 def test_an_unknown_notebook_name_is_a_one_line_error_before_anything_runs(tmp_path, monkeypatch):
-    from nbsrc.demo import run_demo
+    from nbsrc.paper.demo import run_demo
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=r"--only 02_trian.ipynb: no such notebook"):
@@ -161,8 +161,8 @@ def test_printed_verdicts_say_which_claims_an_earlier_run_judged(tmp_path, capsy
     import datetime
     import time
 
-    from nbsrc.claims import Comparison, judge_claim
-    from nbsrc.demo import print_verdicts
+    from nbsrc.paper.claims import Comparison, judge_claim
+    from nbsrc.paper.demo import print_verdicts
 
     started = time.time()
     judge_claim("C1", [Comparison("R@1", "IRT_O", "IRT_L", {0: 1.0, 1: 2.0, 2: 3.0},
@@ -181,8 +181,8 @@ def test_printed_verdicts_say_which_claims_an_earlier_run_judged(tmp_path, capsy
 
 
 def test_a_one_seed_demo_says_it_judged_no_claim(tmp_path, capsys):
-    from nbsrc.claims import Comparison, judge_claim
-    from nbsrc.demo import print_verdicts
+    from nbsrc.paper.claims import Comparison, judge_claim
+    from nbsrc.paper.demo import print_verdicts
 
     judge_claim("C1", [Comparison("R@1", "IRT_O", "IRT_L", {0: 1.0}, {0: 5.0})]).save(tmp_path)
     print_verdicts(tmp_path, 0.0, [0])

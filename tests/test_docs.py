@@ -42,7 +42,7 @@ NOT_RUN = {
     ("docs/paper-scale.md", "# Real datasets and paper scale", "bash", 0):
         "needs the SOP images, timm's hub weights (the internet) and a GPU for 35,000 iterations; every preset "
         "builds its model, data and optimizer on fixture trees in tests/test_presets.py",
-    ("docs/speed.md", "# Speed and scale: `python -m nbsrc.bench`", "bash", 0):
+    ("docs/speed.md", "# Speed and scale: `python -m bench`", "bash", 0):
         "timings of minutes each on a quiet machine (no test asserts a time); tests/test_bench.py and "
         "tests/test_bench_demo.py run the benchmarks' code at tiny sizes",
 }
@@ -86,6 +86,17 @@ def test_every_local_link_resolves(page):
         if anchor and target.suffix == ".md":
             headings = re.findall(r"^#+ .*$", re.sub(r"^```.*?^```", "", target.read_text(), flags=re.S | re.M), re.M)
             assert anchor in {slug(h) for h in headings}, f"{page} links {link}: no such heading"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_module_path_named_exists(page):
+    """Each ``nbsrc/...`` or ``bench/...`` path a page names (in prose or in a layout block) is a file or folder
+    of the repository, so a module moved or renamed is renamed on the page too."""
+    text = (ROOT / page).read_text()
+    path = r"(?<![\w./-])((?:nbsrc|bench)/[a-z0-9_/]*[a-z0-9_]+(?:\.py|\.md|\.sh|/)?)"  # NAME: a placeholder
+    named = set(re.findall(path, text))
+    missing = sorted(n for n in named if not (ROOT / n.rstrip("/")).exists())
+    assert not missing, f"{page} names paths that do not exist: {missing}"
 
 
 def test_readme_links_every_docs_page():
@@ -135,13 +146,13 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_readme_notebook_example_runs(tmp_path, monkeypatch, capsys):
-    """README's notebook line, with the smoke run's tiny settings (nbsrc.demo.QUICK) and a small glyph set
+    """README's notebook line, with the smoke run's tiny settings (nbsrc.paper.demo.QUICK) and a small glyph set
     appended as parameters: notebook 02 trains and writes its table."""
     from fixtures_glyphs import tiny_glyph_set
 
     from nbsrc.config import config_fields
-    from nbsrc.demo import QUICK
-    from nbsrc.notebook import notebook_parameters
+    from nbsrc.paper.demo import QUICK
+    from nbsrc.paper.notebooks import notebook_parameters
 
     (args,) = nbsrc_commands(block("README.md", "### Notebooks"))
     assert args[:2] == ["notebook", "notebooks/02_train.ipynb"]

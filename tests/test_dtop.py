@@ -566,7 +566,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_bench_runs_and_reports_a_ratio():
-    from nbsrc.bench.dtop import bench_dtop_vs_vit
+    from bench.dtop import bench_dtop_vs_vit
 
     r = bench_dtop_vs_vit(img_size=16, patch_size=8, batch=2, steps=3, warmup=0, k=1, head_dim=8)
     assert r["ratio_of_medians"] == pytest.approx(r["dtop_step_s"] / r["vit_step_s"])

@@ -138,7 +138,7 @@ def test_the_pit_b_preset_is_evaluated_the_dtop_way(tmp_path):
     import numpy as np
     from fixtures_benchmarks import make_revisited, make_sfm120k
 
-    from nbsrc.reproduce import evaluate_benchmarks
+    from nbsrc.paper.reproduce import evaluate_benchmarks
 
     sfm, rev = make_sfm120k(tmp_path / "sfm", n_clusters=10, per_cluster=6), make_revisited(tmp_path / "rev")
     tiny = {"backbone": "pit_ti_distilled_224", "img_size": 48, "weights": "none", "device": "cpu", "progress": False,

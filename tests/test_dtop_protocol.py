@@ -14,14 +14,15 @@ from torch import nn
 
 from nbsrc.config import ExperimentConfig
 from nbsrc.data.datasets import RetrievalDataset
-from nbsrc.data.revisited import load_original_gnd, load_revisited_gnd
+from nbsrc.data.oxford_paris import load_original_gnd, load_revisited_gnd
 from nbsrc.data.transforms import aspect_kept_transform, longer_side_size
 from nbsrc.errors import DatasetError
 from nbsrc.eval.particular import DEFAULT_SCALES, embed_at_scales, evaluate_revisited_data
-from nbsrc.eval.revisited import build_revisited
-from nbsrc.experiment import dtop_multiscale_table, load_run, particular_eval_transform, run_experiment
+from nbsrc.eval.revisited_map import build_revisited
+from nbsrc.experiment import load_run, particular_eval_transform, run_experiment
+from nbsrc.paper.grids import dtop_multiscale_table
+from nbsrc.paper.reproduce import evaluate_scale_grid, preset_grid
 from nbsrc.presets import load_preset
-from nbsrc.reproduce import evaluate_scale_grid, preset_grid
 
 PRESET = "dtop_full_r50vitb16_sfm"  # the row of Tables A7-A13, A11's grid included
 TINY = {"backbone": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "weights": "none", "device": "cpu",
@@ -108,7 +109,7 @@ def test_table_a11_cells_come_from_the_revisited_evaluator(dtop_run, trees):
 def test_notebook_09_shows_the_six_columns_and_table_a11_of_a_dtop_run(dtop_run, trees, tmp_path):
     import nbformat
 
-    from nbsrc.notebook import NOTEBOOKS_DIR, run_notebook
+    from nbsrc.paper.notebooks import NOTEBOOKS_DIR, run_notebook
 
     params = {"preset": PRESET, "run_dir": str(dtop_run.run_dir), "sfm_root": str(trees["sfm"]),
               "roxford_root": str(trees["roxford5k"]), "rparis_root": str(trees["rparis6k"]),

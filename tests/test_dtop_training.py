@@ -71,7 +71,7 @@ def test_group_size_training_resumes_to_the_same_weights(tmp_path):
 
 # ----------------------------------------------------------------------------- ablation grids
 def test_ablation_grid_changes_only_the_named_option():
-    from nbsrc.experiment import DTOP_TABLES, dtop_ablation_grid
+    from nbsrc.paper.grids import DTOP_TABLES, dtop_ablation_grid
 
     base = ExperimentConfig(name="dtop", dtop=True)
     cases = {"A8": [1, 6, 3], "A9": ["none", "dpe", "cpe"], "A10": [(), ("irb",), ("irb", "aspp", "wave")],
@@ -96,7 +96,7 @@ def test_ablation_grid_changes_only_the_named_option():
 
 
 def test_ablation_grid_values_reach_the_model():
-    from nbsrc.experiment import dtop_ablation_grid
+    from nbsrc.paper.grids import dtop_ablation_grid
 
     base = ExperimentConfig(name="d", dtop={"k": 2, "head_dim": 16}, img_size=28, patch_size=7)
     k1 = next(iter(dtop_ablation_grid(base, "A8", [1]).values()))
@@ -113,7 +113,7 @@ def test_ablation_grid_values_reach_the_model():
 
 
 def test_ablation_grid_bad_input():
-    from nbsrc.experiment import dtop_ablation_grid
+    from nbsrc.paper.grids import dtop_ablation_grid
 
     base = ExperimentConfig(dtop=True)
     with pytest.raises(ConfigError, match="table='A7'.*A8"):
@@ -131,7 +131,7 @@ def test_size_variant_mixed_is_recorded_in_the_config_and_applied_by_build_data(
     from nbsrc.config import ExperimentConfig
     from nbsrc.data import build_data
     from nbsrc.errors import ConfigError
-    from nbsrc.experiment import dtop_ablation_grid
+    from nbsrc.paper.grids import dtop_ablation_grid
 
     cfg = tiny_cfg.replace(img_size=8, patch_size=4)
     square, mixed = build_data(cfg), build_data(cfg.replace(size_variant="mixed"))

@@ -1,5 +1,5 @@
 """The IRT ablation grids of nbsrc.experiment (Tables 4, 5, 9, Fig. 4) and their tables in
-nbsrc.reporting: names unique and stable, only the ablated field changes, reruns train nothing."""
+nbsrc.paper.reporting: names unique and stable, only the ablated field changes, reruns train nothing."""
 
 import math
 
@@ -9,15 +9,9 @@ import pytest
 from nbsrc import experiment
 from nbsrc.config import ExperimentConfig, config_fields
 from nbsrc.errors import ConfigError
-from nbsrc.experiment import (
-    ablation_base,
-    beta_lambda_cell,
-    beta_lambda_grid,
-    objective_variants,
-    pooling_variants,
-    run_all,
-)
-from nbsrc.reporting import change_word, config_table, grad_noise_se, gradient_noise_table, mean_grad_noise
+from nbsrc.experiment import run_all
+from nbsrc.paper.grids import ablation_base, beta_lambda_cell, beta_lambda_grid, objective_variants, pooling_variants
+from nbsrc.paper.reporting import change_word, config_table, grad_noise_se, gradient_noise_table, mean_grad_noise
 
 
 def _differences(a: ExperimentConfig, b: ExperimentConfig) -> set[str]:
@@ -193,7 +187,7 @@ def test_energy_table_counts_components_to_the_threshold():
     full-rank isotropic ones need nearly all 5."""
     import numpy as np
 
-    from nbsrc.reporting import energy_table
+    from nbsrc.paper.reporting import energy_table
 
     rng = np.random.default_rng(0)
 
@@ -215,7 +209,7 @@ def test_energy_table_counts_components_to_the_threshold():
 
 # ----------------------------------------------------------------------------- seeds
 def test_seed_variants_keep_the_own_seed_run_and_name_the_others():
-    from nbsrc.experiment import irt_variants, seed_variants
+    from nbsrc.paper.grids import irt_variants, seed_variants
 
     cfgs = irt_variants(BASE.replace(seed=0))
     v = seed_variants(cfgs, [0, 1, 2])
@@ -232,7 +226,7 @@ def test_seed_variants_keep_the_own_seed_run_and_name_the_others():
 def test_recall_over_seeds_is_mean_and_sample_std_per_method():
     import numpy as np
 
-    from nbsrc.reporting import recall_over_seeds
+    from nbsrc.paper.reporting import recall_over_seeds
 
     r1 = {("IRT_L", 0): 60.0, ("IRT_L", 1): 64.5, ("IRT_L", 2): 58.25, ("IRT_R", 0): 50.0, ("IRT_R", 1): 61.0}
     runs = {key: {"R@1": v, "R@2": v + 10} for key, v in r1.items()}

@@ -64,7 +64,7 @@ def tiny_flags(name: str = "t", **over) -> list[str]:
 SERVER = textwrap.dedent('''
     import functools, json, os, sys, time, traceback
     import faiss, papermill, sklearn.datasets, timm, torch  # the expensive imports, once
-    import nbsrc.__main__, nbsrc.data, nbsrc.eval, nbsrc.experiment, nbsrc.notebook  # noqa: F401
+    import nbsrc.__main__, nbsrc.data, nbsrc.eval, nbsrc.experiment, nbsrc.paper.notebooks  # noqa: F401
     # What main() imports when it builds the parser (matplotlib, nbsrc.retrieval, ...) once.
     nbsrc.__main__.build_parser()
 

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from nbsrc.errors import ConfigError, NbsrcError
-from nbsrc.notebook import NOTEBOOKS_DIR, check_parameters, parse_parameters, run_notebook
+from nbsrc.paper.notebooks import NOTEBOOKS_DIR, check_parameters, parse_parameters, run_notebook
 
 NB = NOTEBOOKS_DIR / "02_train.ipynb"
 

@@ -102,7 +102,7 @@ def test_extract_embeddings_folds_and_keeps_recall(tmp_path):
     from nbsrc.data.transforms import RetrievalTransform
     from nbsrc.eval import recall_at_k
     from nbsrc.models import build_model
-    from nbsrc.models.embed import extract_embeddings
+    from nbsrc.models.extract import extract_embeddings
 
     digits = load_digits()
     keep = np.arange(0, len(digits.target), 6)
@@ -131,7 +131,7 @@ def test_folding_inside_inference_mode():
 def test_an_index_embeds_queries_as_it_embedded_its_images(tmp_path):
     """Index.build embeds with the folded network and Index.embed (queries) folds the same way: a
     query that is an indexed image gets its stored embedding back (to float16 storage rounding)."""
-    from nbsrc.bench.embed import make_jpegs
+    from bench.embed import make_jpegs
     from nbsrc.retrieval import Index
     from nbsrc.retrieval.models import load_embedding_model
 

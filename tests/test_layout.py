@@ -1,9 +1,11 @@
 """The package's shape: every module imports on its own, no import cycle (module-level or inside a
 function), no private name imported across modules, and the layering docs/architecture.md states
-(config → presets → data → models → losses → train → eval → experiment → reproduce → runlist →
-analysis → plots → retrieval → widgets) is the one the imports follow: the presets only describe
-(they import the config, nothing that runs, and no torch), and the widgets only build widgets on top
-of everything else."""
+(config → presets → data → models → losses → train → eval → experiment → runlist → analysis → plots →
+retrieval → widgets, then the paper's application, nbsrc.paper) is the one the imports follow: the
+presets only describe (they import the config, nothing that runs, and no torch), the widgets only build
+widgets on top of everything else, and the library never imports nbsrc.paper (only the command line,
+nbsrc.__main__, calls both). The benchmarks live outside the package (bench/), and no two modules share
+a file name."""
 
 import ast
 import subprocess
@@ -96,7 +98,8 @@ def test_no_private_name_imported_across_modules():
 
 
 LAYERS = ["errors", "progress", "workers", "config", "presets", "data", "models", "losses", "train", "eval",
-          "experiment", "reproduce", "runlist", "analysis", "plots", "retrieval", "widgets"]
+          "experiment", "runlist", "analysis", "plots", "retrieval", "widgets", "paper"]
+CLI = "nbsrc.__main__"  # the command line: above the library and the paper's application, it calls both
 
 
 def test_layers_import_only_downwards():
@@ -112,9 +115,46 @@ def test_layers_import_only_downwards():
     assert not bad, bad
 
 
+def is_paper(mod: str) -> bool:
+    return mod == "nbsrc.paper" or mod.startswith("nbsrc.paper.")
+
+
+def test_the_library_never_imports_the_paper():
+    """No module of the library (every nbsrc module outside :mod:`nbsrc.paper`, the command line aside)
+    imports :mod:`nbsrc.paper`, at module level or inside a function, in any spelling."""
+    bad = [f"{mod}:{line} imports {target}" + (f".{name}" if name else "")
+           for mod, path in MODULES.items() if not is_paper(mod) and mod != CLI
+           for target, name, line in imports_of(path)
+           if is_paper(target) or (target == "nbsrc" and name == "paper")]
+    assert not bad, bad
+
+
+def test_the_paper_finds_the_repository_folders_it_names():
+    """The paper's modules sit one level below the package: the paths they compute from ``__file__`` (the
+    notebooks folder) point at the repository's folders, and the presets' folder is the package's."""
+    from nbsrc.paper.notebooks import NOTEBOOKS_DIR
+    from nbsrc.presets import PRESETS_DIR
+
+    assert NOTEBOOKS_DIR == ROOT / "notebooks" and sorted(NOTEBOOKS_DIR.glob("0*.ipynb")), NOTEBOOKS_DIR
+    assert PRESETS_DIR == PKG / "presets" and sorted(PRESETS_DIR.glob("*.json")), PRESETS_DIR
+
+
+def test_benchmarks_sit_outside_the_package_and_file_names_do_not_repeat():
+    """``bench/`` (``python -m bench``) is a folder of the repository, not part of the installed package, and
+    every module of nbsrc has its own file name (``__init__`` and ``__main__`` aside), so a name says what
+    the file holds."""
+    assert not sorted((PKG / "bench").glob("*.py")) and (ROOT / "bench" / "__main__.py").exists()
+    names = {}
+    for p in PKG.rglob("*.py"):
+        if p.stem not in ("__init__", "__main__"):
+            names.setdefault(p.name, []).append(str(p.relative_to(ROOT)))
+    repeated = {n: sorted(ps) for n, ps in names.items() if len(ps) > 1}
+    assert not repeated, repeated
+
+
 def test_presets_import_only_the_config_and_no_torch():
     """``nbsrc.presets`` loads, lists and describes presets: it imports the config layer and nothing
-    else of nbsrc (running a preset is :mod:`nbsrc.reproduce`'s), and importing it loads no torch."""
+    else of nbsrc (running a preset is :mod:`nbsrc.paper.reproduce`'s), and importing it loads no torch."""
     assert edges()["nbsrc.presets"] <= {"nbsrc.config", "nbsrc.errors"}, edges()["nbsrc.presets"]
     script = ("import sys, nbsrc.presets\n"
               "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('nbsrc.')))\n")

@@ -17,7 +17,7 @@ from nbsrc.data.transforms import particular_object_transform
 from nbsrc.errors import ConfigError
 from nbsrc.eval import extract_embeddings
 from nbsrc.eval.particular import DEFAULT_SCALES, embed_at_scales, evaluate_revisited_data, learn_sfm_whitening
-from nbsrc.eval.revisited import build_revisited, revisited_map
+from nbsrc.eval.revisited_map import build_revisited, revisited_map
 from nbsrc.eval.whitening import apply_whitening, learn_whitening
 
 pytestmark = pytest.mark.xdist_group("particular_eval")  # its tests share module-scoped fixtures: one worker

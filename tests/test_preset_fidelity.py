@@ -17,8 +17,8 @@ import math
 import pytest
 import torch
 
+from nbsrc.paper.reproduce import preset_grid
 from nbsrc.presets import list_presets, load_preset, preset_grid_tables, preset_paper
-from nbsrc.reproduce import preset_grid
 
 COMMON = ("dataset", "backbone", "img_size", "dim", "loss", "margin", "lam", "optimizer", "lr", "weight_decay",
           "batch_size", "iterations", "memory_size", "momentum", "pooling")

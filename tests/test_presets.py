@@ -27,6 +27,7 @@ from nbsrc.data import RetrievalTransform, build_data
 from nbsrc.data.benchmarks import RECALL_KS
 from nbsrc.errors import ConfigError
 from nbsrc.models import model_from_config
+from nbsrc.paper.reproduce import BENCHMARKS, evaluate_benchmarks
 from nbsrc.presets import (
     PRESETS_DIR,
     list_presets,
@@ -36,7 +37,6 @@ from nbsrc.presets import (
     preset_paper,
     preset_table,
 )
-from nbsrc.reproduce import BENCHMARKS, evaluate_benchmarks
 from nbsrc.train.loop import build_optimizer
 
 pytestmark = pytest.mark.xdist_group("presets")  # its tests share module-scoped fixtures: one worker
@@ -156,7 +156,7 @@ def test_preset_data_pipeline_on_fixture_tree(name, trees):
     size = cfg.data.img_size
     if cfg.data.dataset == "sfm120k":
         from nbsrc.data.sfm import load_sfm120k_db
-        from nbsrc.eval.revisited import build_revisited
+        from nbsrc.eval.revisited_map import build_revisited
 
         db = load_sfm120k_db(cfg.data.data_root, "train")
         img, label, _ = db.images(RetrievalTransform(size, train=False))[0]
@@ -428,7 +428,7 @@ def test_notebook_09_without_data_prints_what_to_download(tmp_path):
     """The same check runs on the demo's smoke run of notebook 09 (tests/test_spine.py, which runs 09
     without data); this own kernel is needed only where that test cannot run (no Fashion-MNIST)."""
     from nbsrc.data.fashion_mnist import DEBIAN_ROOT
-    from nbsrc.notebook import NOTEBOOKS_DIR, run_notebook
+    from nbsrc.paper.notebooks import NOTEBOOKS_DIR, run_notebook
 
     if DEBIAN_ROOT.exists():
         pytest.skip("checked on the demo's run of notebook 09 (test_spine.py::test_demo_notebooks_run_headless)")
@@ -440,7 +440,7 @@ def test_notebook_09_without_data_prints_what_to_download(tmp_path):
 
 @pytest.mark.slow
 def test_notebook_09_on_the_cub_fixture(tmp_path, trees):
-    from nbsrc.notebook import NOTEBOOKS_DIR, run_notebook
+    from nbsrc.paper.notebooks import NOTEBOOKS_DIR, run_notebook
 
     params = {"preset": "irt_o_cub_deits", "cub_root": str(trees["cub"]), "overrides": TINY,
               "runs_dir": str(tmp_path / "runs"), "figures_dir": str(tmp_path / "fig")}
@@ -452,7 +452,7 @@ def test_notebook_09_on_the_cub_fixture(tmp_path, trees):
 
 def test_lambda_sweep_of_a_preset_gives_the_table_6_rows():
     """IRT Table 6's rows are an IRT_R preset with only λ changed (docs/presets.md)."""
-    from nbsrc.experiment import lambda_sweep
+    from nbsrc.paper.grids import lambda_sweep
 
     base = load_preset("irt_r_sop_deits")
     rows = lambda_sweep(base, [0, 0.3, 0.7, 1.0], prefix="sop")

@@ -378,7 +378,7 @@ def test_notebook_10_query_widget_runs_headless(tmp_path):
 
     from nbsrc.config import ExperimentConfig
     from nbsrc.experiment import run_experiment
-    from nbsrc.notebook import NOTEBOOKS_DIR, run_notebook
+    from nbsrc.paper.notebooks import NOTEBOOKS_DIR, run_notebook
     from nbsrc.retrieval import index_of_run
 
     runs = tmp_path / "runs"

@@ -9,10 +9,16 @@ import pytest
 import torch
 from fixtures_benchmarks import make_original, make_revisited
 
-from nbsrc.bench.revisited import random_gnd
-from nbsrc.data.revisited import build_distractors, build_revisited, crop_query, load_original_gnd, load_revisited_gnd
+from bench.revisited import random_gnd
+from nbsrc.data.oxford_paris import (
+    build_distractors,
+    build_revisited,
+    crop_query,
+    load_original_gnd,
+    load_revisited_gnd,
+)
 from nbsrc.errors import ConfigError, DatasetError
-from nbsrc.eval.revisited import original_map, rank_chunked, revisited_map, revisited_map_reference
+from nbsrc.eval.revisited_map import original_map, rank_chunked, revisited_map, revisited_map_reference
 
 
 def q(easy=(), hard=(), junk=()):
@@ -226,7 +232,7 @@ def test_bad_rankings_are_rejected():
 
 
 def test_bench_cli_writes_the_speedup_and_agreement(tmp_path):
-    from nbsrc.bench.__main__ import main as bench_main
+    from bench.__main__ import main as bench_main
 
     path = tmp_path / "R.md"
     assert bench_main(["revisited", "--queries", "10", "--db", "1000", "--rounds", "3", "--results", str(path)]) == 0

@@ -11,8 +11,8 @@ from torch import nn
 from nbsrc.config import ExperimentConfig
 from nbsrc.errors import ConfigError
 from nbsrc.losses.tuples import distance_contrastive_loss, tuple_contrastive_loss, tuple_loss, tuple_loss_terms
-from nbsrc.train.protocol import epoch_lr_decay, freeze_batchnorm, train_mode
-from nbsrc.train.tuples import check_tuple_config
+from nbsrc.train.bn_freeze_epoch_decay import epoch_lr_decay, freeze_batchnorm, train_mode
+from nbsrc.train.tuple_task import check_tuple_config
 
 
 def distance_reference(z, tuple_size, margin, eps=1e-6):

@@ -371,7 +371,7 @@ def test_cli_error_is_one_line(tmp_path, capsys):
 
 # ----------------------------------------------------------------- notebooks
 def test_unknown_notebook_parameter():
-    from nbsrc.notebook import NOTEBOOKS_DIR, run_notebook
+    from nbsrc.paper.notebooks import NOTEBOOKS_DIR, run_notebook
 
     with pytest.raises(ConfigError, match="unknown parameter 'iteration' .*did you mean 'iterations'"):
         run_notebook(NOTEBOOKS_DIR / "02_train.ipynb", {"iteration": 3})
@@ -380,7 +380,7 @@ def test_unknown_notebook_parameter():
 def test_notebooks_have_parameters_and_no_outputs():
     import nbformat
 
-    from nbsrc.demo import notebooks
+    from nbsrc.paper.demo import notebooks
 
     nbs = notebooks()
     assert [p.name[:2] for p in nbs][:2] == ["01", "02"]
@@ -398,7 +398,7 @@ def test_demo_notebooks_run_headless(tmp_path, monkeypatch):
     package is needed), pretraining included; then notebook 02 on the second demo, Fashion-MNIST."""
     from fixtures_glyphs import tiny_glyph_set
 
-    from nbsrc.demo import DEFAULT_DEMO, QUICK, run_demo
+    from nbsrc.paper.demo import DEFAULT_DEMO, QUICK, run_demo
 
     assert DEFAULT_DEMO == "glyphs"
     if not __import__("nbsrc.data.fashion_mnist", fromlist=["x"]).DEBIAN_ROOT.exists():
@@ -448,7 +448,7 @@ def test_notebook_kernel_is_this_interpreter(tmp_path, monkeypatch):
 
     from jupyter_client.kernelspec import KernelSpecManager
 
-    from nbsrc import notebook
+    from nbsrc.paper import notebooks as notebook
 
     stale = tmp_path / "user" / "kernels" / notebook.KERNEL
     stale.mkdir(parents=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nbsrc.errors import ConfigError
-from nbsrc.eval.embed import extract_embeddings
+from nbsrc.eval.recall_eval import extract_embeddings
 from nbsrc.eval.stream import embed_to_memmap, model_fingerprint, sidecar_path
 
 

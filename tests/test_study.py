@@ -1,4 +1,4 @@
-"""The study (nbsrc.study): its length rule, the print-face pretraining data, and the whole study on a tiny
+"""The study (nbsrc.paper.study): its length rule, the print-face pretraining data, and the whole study on a tiny
 glyph set, stopped halfway and run again with the same call."""
 
 import json
@@ -8,7 +8,7 @@ import pytest
 from fixtures_glyphs import tiny_glyph_set, tiny_study_settings
 
 from nbsrc.errors import ConfigError
-from nbsrc.study import STUDY, STUDY_PRETRAIN, chosen_length, flattened, study_settings
+from nbsrc.paper.study import STUDY, STUDY_PRETRAIN, chosen_length, flattened, study_settings
 
 
 def test_length_rule_flattens_when_the_last_fifth_gains_less_than_the_threshold():
@@ -63,7 +63,7 @@ def test_print_face_subset_keeps_every_class_and_only_the_faces_kept(tmp_path):
 @pytest.mark.slow
 def test_study_killed_halfway_continues_without_retraining_finished_runs(tmp_path, monkeypatch):
     from nbsrc import experiment
-    from nbsrc.study import run_study
+    from nbsrc.paper.study import run_study
     from nbsrc.train.rundir import run_state
 
     data = str(tiny_glyph_set(tmp_path / "glyph_cache"))
@@ -140,7 +140,7 @@ def test_study_command_refuses_a_bad_setting_in_one_line_before_anything_runs(tm
 
 
 def test_demo_prints_the_studys_verdicts_marked_as_the_studys_with_date_and_commit(tmp_path, capsys):
-    from nbsrc.demo import print_study_verdicts
+    from nbsrc.paper.demo import print_study_verdicts
 
     study = tmp_path / "study"
     print_study_verdicts(study)

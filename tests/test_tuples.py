@@ -22,7 +22,7 @@ from nbsrc.models import data_config, model_from_config
 from nbsrc.train import load_checkpoint, read_metrics
 from nbsrc.train.checkpoint import PREVIOUS
 from nbsrc.train.loop import fit
-from nbsrc.train.tuples import TupleTask, batches_per_epoch, epoch_batches, mine_epoch
+from nbsrc.train.tuple_task import TupleTask, batches_per_epoch, epoch_batches, mine_epoch
 
 pytestmark = pytest.mark.xdist_group("tuples")  # its tests share module-scoped fixtures: one worker
 
@@ -221,7 +221,7 @@ def test_run_sfm_experiment_end_to_end(data, tmp_path):
     emb = res.embeddings()
     assert emb["roxford5k_query"].shape == (3, 8) and emb["rparis6k_database"].shape == (12, 8)
     # the ranking behind the numbers: recomputed from the saved embeddings with the protocol
-    from nbsrc.eval.revisited import load_revisited_gnd, revisited_map_reference
+    from nbsrc.eval.revisited_map import load_revisited_gnd, revisited_map_reference
 
     gnd = load_revisited_gnd(data["roxford"] / "gnd_roxford5k.pkl")
     q, x = emb["roxford5k_query"].astype(np.float64), emb["roxford5k_database"].astype(np.float64)
@@ -284,7 +284,7 @@ def test_sfm_class_training_needs_two_3d_models_with_pairs(tmp_path):
 
 def test_tuple_batches_must_divide_among_the_ranks(data, tmp_path, monkeypatch):
     from nbsrc.train import distributed
-    from nbsrc.train.tuples import check_world_size
+    from nbsrc.train.tuple_task import check_world_size
 
     check_world_size(tuple_cfg(tmp_path), data["db"], 2)  # 4 pairs, 2 tuples a batch: 1 each
     with pytest.raises(ConfigError, match="tuples_per_batch=3 .* among the 2 processes"):

@@ -1,5 +1,5 @@
 """nbsrc.widgets and the pure helpers behind the explorers (the run listing of nbsrc.runlist, one
-query's neighbours and hits from nbsrc.retrieval, spectra from nbsrc.analysis.runs) checked against
+query's neighbours and hits from nbsrc.retrieval, spectra from nbsrc.analysis.run_spectra) checked against
 brute force on a tiny finished run, the errors, and the widgets themselves driven from Python (set a
 control, the Output's content changes accordingly)."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nbsrc.analysis import average_precision_per_query, cumulative_energy
-from nbsrc.analysis.runs import spectrum_data
+from nbsrc.analysis.run_spectra import spectrum_data
 from nbsrc.config import ExperimentConfig
 from nbsrc.data import build_data
 from nbsrc.errors import ConfigError, RunDirError

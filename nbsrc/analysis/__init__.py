@@ -11,8 +11,9 @@
 - :func:`tsne`: 2-D t-SNE map with a fixed seed (DToP Fig. A6);
 - :func:`average_precision_per_query`, :func:`worst_queries`: per-query rankings for the retrieval grid.
 
-:mod:`nbsrc.analysis.runs` applies them to finished runs read from disk (:func:`~nbsrc.analysis.runs.spectrum_data`);
-it is imported on its own, so that this package stays arrays in, arrays out.
+:mod:`nbsrc.analysis.run_spectra` applies them to finished runs read from disk
+(:func:`~nbsrc.analysis.run_spectra.spectrum_data`); it is imported on its own, so that this package stays
+arrays in, arrays out.
 """
 
 from nbsrc.analysis.embedding import TSNEResult, stratified_subsample, tsne

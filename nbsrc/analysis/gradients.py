@@ -7,7 +7,7 @@ loss with respect to the embeddings, g_i = ∂L/∂z_i, through their directions
     γ = ‖Cov(ĝ)‖_*,   Cov(ĝ) = 1/B Σ_i (ĝ_i − ḡ)(ĝ_i − ḡ)ᵀ,   ḡ = 1/B Σ_i ĝ_i
 
 IRT averages γ "over all training iterations" (§3.5); the training loop samples it instead, on the
-batch of every ``log_every``-th iteration (and the last), and :func:`nbsrc.reporting.mean_grad_noise`
+batch of every ``log_every``-th iteration (and the last), and :func:`nbsrc.paper.reporting.mean_grad_noise`
 averages those samples (our reading, ``docs/fidelity.md``). The function itself, :func:`gradient_noise`,
 lives in :mod:`nbsrc.losses.diagnostics` (below ``train``, so the training loop records γ while it
 trains, with ``record_grad_noise``, instead of in a second pass); it is re-exported here.

@@ -217,11 +217,11 @@ def revisited_pair_similarities(query_emb, database_emb, gnd, setup: str = "medi
         pos = { q̂ᵀx̂ : x ∈ P_q },   neg = { q̂ᵀx̂ : x ∉ P_q ∪ J_q },   over all queries q
 
     with the positives ``P_q`` and junk ``J_q`` of ``setup`` (``"medium"``: P = easy ∪ hard,
-    J = junk; :data:`nbsrc.eval.revisited.SETUPS`). Junk pairs are in neither set. More than
+    J = junk; :data:`nbsrc.eval.revisited_map.SETUPS`). Junk pairs are in neither set. More than
     ``max_negatives`` negatives: a uniform sample of that many (without replacement, ``seed``).
     Returns ``(pos, neg, info)`` as :func:`pair_similarities`.
     """
-    from nbsrc.eval.revisited import SETUPS, gnd_list
+    from nbsrc.eval.revisited_map import SETUPS, gnd_list
 
     if setup not in SETUPS:
         raise ConfigError(f"setup={setup!r} is invalid: expected one of {', '.join(SETUPS)}")

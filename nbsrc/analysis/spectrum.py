@@ -129,7 +129,7 @@ def effective_rank(Z) -> float:
     A continuous count of the directions the embeddings use: 1 when they lie on a line, D when all
     D singular values are equal. It summarises the curve of :func:`cumulative_energy` in one number
     that does not jump in whole components, so small changes of the spectrum can be compared over
-    seeds (the claims of IRT Figs. 2 and 3 in :mod:`nbsrc.claims`; our reading: the paper reads its
+    seeds (the claims of IRT Figs. 2 and 3 in :mod:`nbsrc.paper.claims`; our reading: the paper reads its
     curves by eye). Zero singular values contribute nothing (0 log 0 = 0).
     """
     Z = as_embeddings(Z)

@@ -16,7 +16,7 @@ Two geometries, one per task of IRT §4.2:
   and "all the query and database images are resized into a square image with the same
   resolution as used during the finetuning stage" (IRT §4.2): a resize straight to
   ``size × size``, nothing cropped away (queries are cropped to their bounding box first, by
-  :class:`~nbsrc.data.revisited.RevisitedQueries`). :func:`particular_object_transform` is this
+  :class:`~nbsrc.data.oxford_paris.RevisitedQueries`). :func:`particular_object_transform` is this
   geometry without augmentation, as cirtorch trains (resize and normalise only; our reading of "We
   follow the same optimization and regularization procedure").
 

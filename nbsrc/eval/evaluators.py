@@ -4,7 +4,7 @@
 registries); ``cfg.eval.evaluator`` picks one, None the dataset's own (``nbsrc.data.DATASETS[name].evaluator``):
 ``"recall"``, Recall@K on the test classes (:func:`nbsrc.eval.evaluate`), for datasets of classes, and
 ``"revisited"``, the mAP / mP@k of Revisited Oxford and Paris in the Easy, Medium and Hard setups
-(:mod:`nbsrc.eval.revisited`, found beside ``cfg.data.data_root``: :func:`find_revisited_root`), and of the
+(:mod:`nbsrc.eval.revisited_map`, found beside ``cfg.data.data_root``: :func:`find_revisited_root`), and of the
 original Oxford 5k and Paris 6k protocol where its ground truth is found (the Oxf5k and Par6k columns of DToP's
 tables), for SfM-120k. A new evaluator is one function and one line in :data:`EVALUATORS`.
 """
@@ -20,13 +20,13 @@ import torch
 
 from nbsrc.config import ExperimentConfig
 from nbsrc.data import RetrievalData, dataset_spec
-from nbsrc.data.revisited import ORIGINAL_GND_URL, ORIGINAL_NAMES, TWIN
+from nbsrc.data.oxford_paris import ORIGINAL_GND_URL, ORIGINAL_NAMES, TWIN
 from nbsrc.data.sfm import SfMSplit
 from nbsrc.data.transforms import RetrievalTransform, aspect_kept_transform, particular_object_transform
 from nbsrc.errors import ConfigError, DatasetError
-from nbsrc.eval.embed import evaluate, extract_embeddings, recall_percent
 from nbsrc.eval.particular import SINGLE_SCALE, evaluate_revisited_data, learn_sfm_whitening
-from nbsrc.eval.revisited import REVISITED_LAYOUT, REVISITED_NAMES, build_revisited
+from nbsrc.eval.recall_eval import evaluate, extract_embeddings, recall_percent
+from nbsrc.eval.revisited_map import REVISITED_LAYOUT, REVISITED_NAMES, build_revisited
 
 KAPPAS = (1, 5, 10)  # mP@k of the Revisited protocol
 

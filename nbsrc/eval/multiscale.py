@@ -20,8 +20,8 @@ from torch import nn
 
 from nbsrc.data import RetrievalData
 from nbsrc.errors import ConfigError
-from nbsrc.eval.embed import extract_embeddings
 from nbsrc.eval.recall import RetrievalResults, knn_search, recall_at_k
+from nbsrc.eval.recall_eval import extract_embeddings
 
 DEFAULT_SCALES = (1.0, 1.0 / math.sqrt(2.0), 0.5)
 

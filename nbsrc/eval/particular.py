@@ -13,7 +13,7 @@ from SfM-120k's matching pairs (Radenović et al.; :func:`learn_sfm_whitening`):
     f(x) = normalize( P (normalize(Σ_{s∈S} f_s(x)) − m) )        (whitening None: no P, no m)
 
 and the database is ranked by ``<f(q), f(x)>``; mAP and mP@k of the Easy / Medium / Hard setups
-(:func:`~nbsrc.eval.revisited.revisited_map`). With ``scales=(1,)`` and no whitening this is the
+(:func:`~nbsrc.eval.revisited_map.revisited_map`). With ``scales=(1,)`` and no whitening this is the
 plain IRT evaluation, embedding for embedding.
 """
 
@@ -25,12 +25,12 @@ import numpy as np
 import torch
 
 from nbsrc.data.group_sampler import image_sizes
-from nbsrc.data.revisited import RevisitedData
+from nbsrc.data.oxford_paris import RevisitedData
 from nbsrc.data.transforms import longer_side_size
 from nbsrc.errors import ConfigError
-from nbsrc.eval.embed import extract_embeddings
 from nbsrc.eval.multiscale import DEFAULT_SCALES, MultiScaleModel
-from nbsrc.eval.revisited import protocol_map
+from nbsrc.eval.recall_eval import extract_embeddings
+from nbsrc.eval.revisited_map import protocol_map
 from nbsrc.eval.whitening import apply_whitening, learn_whitening
 
 SINGLE_SCALE = (1.0,)
@@ -92,8 +92,8 @@ def evaluate_revisited_data(model: torch.nn.Module, data: RevisitedData, scales:
                             device: str | torch.device = "cpu", kappas=(1, 5, 10),
                             num_workers: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
     """``({"easy"|"medium"|"hard": {"mAP", "mP@1", ...}}, {"query": q, "database": x})`` on a
-    :class:`~nbsrc.data.revisited.RevisitedData`, in percent; for ``oxford5k`` / ``paris6k`` (the
-    original protocol) the results are ``{"mAP", "mP@1", ...}`` (:func:`~nbsrc.eval.revisited.protocol_map`).
+    :class:`~nbsrc.data.oxford_paris.RevisitedData`, in percent; for ``oxford5k`` / ``paris6k`` (the
+    original protocol) the results are ``{"mAP", "mP@1", ...}`` (:func:`~nbsrc.eval.revisited_map.protocol_map`).
 
     ``scales``: the database's (and, unless ``query_scales`` is given, the queries') scales (DToP:
     ``DEFAULT_SCALES`` on both sides, Table A11). ``whitening``: ``(m, P)`` of

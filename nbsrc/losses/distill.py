@@ -1,4 +1,4 @@
-"""Feature distillation: the objective of the study's pretraining stand-in (:mod:`nbsrc.study`).
+"""Feature distillation: the objective of the study's pretraining stand-in (:mod:`nbsrc.paper.study`).
 
 DeiT's ImageNet pretraining is "supervised classification with distillation from a convnet teacher"
 (Touvron et al., 2021; IRT §4 starts from it). The stand-in distils a frozen ImageNet convnet

@@ -10,7 +10,7 @@ embeddings are the same up to float rounding; a convnet's inference gets faster 
 no longer reads and writes every feature map once more per BatchNorm. EfficientNet-Lite0 at 224 px,
 a batch of 32 on this project's 2-core CPU: 1.30 s a batch before, 0.86-1.00 s after (one ad-hoc
 run); the whole ``Index.build`` went from 0.86x to 1.28x the speed of a direct loop in
-``python -m nbsrc.bench embed`` (with the other changes of that day: bench/RESULTS.md).
+``python -m bench embed`` (with the other changes of that day: bench/RESULTS.md).
 
 Which BatchNorm follows which convolution is read from a forward pass on a probe batch (a BatchNorm
 whose input is exactly a convolution's output), not from module names, and the folded copy is then

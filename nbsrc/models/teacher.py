@@ -10,7 +10,7 @@ from torch import nn
 
 # The teacher of the study's pretraining stand-in: the one ImageNet network available offline
 # (nbsrc.models.weights: efficientnet_lite0), at 64 px (our reading: the convnet's own input size for
-# glyphs in the study, nbsrc.study.STUDY["convnet"]); its pooled features have 1,280 dimensions.
+# glyphs in the study, nbsrc.paper.study.STUDY["convnet"]); its pooled features have 1,280 dimensions.
 TEACHER = dict(backbone="tf_efficientnet_lite0", weights="efficientnet_lite0", img_size=64, dim=1280)
 
 

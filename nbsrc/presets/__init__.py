@@ -19,8 +19,8 @@ in the older flat form in this one (:func:`upgrade_preset`; the flat form loads 
 
 The run is named after the preset unless ``name=`` overrides it. This package only loads, lists
 and describes the presets (it imports the config and nothing that runs); running them is the
-runner layer's: :func:`nbsrc.reproduce.preset_grid` turns a recorded grid into configs, and
-:func:`nbsrc.reproduce.evaluate_benchmarks` (notebook 09) puts a model's numbers beside the paper's.
+runner layer's: :func:`nbsrc.paper.reproduce.preset_grid` turns a recorded grid into configs, and
+:func:`nbsrc.paper.reproduce.evaluate_benchmarks` (notebook 09) puts a model's numbers beside the paper's.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
   cosine scores (:class:`SearchResults`, with ``.figure()`` and ``.lines()``);
 - :func:`load_embedding_model` (:mod:`nbsrc.retrieval.models`): a run directory, a preset, a timm
   model name or ``efficientnet_lite0`` as a network plus its preprocessing;
-- :func:`load_retrieval`, :func:`retrieval_for_query` (:mod:`nbsrc.retrieval.runs`): the top-k and
+- :func:`load_retrieval`, :func:`retrieval_for_query` (:mod:`nbsrc.retrieval.run_neighbours`): the top-k and
   the worst queries of a finished run's evaluation split (the retrieval browser's logic).
 
 - :func:`~nbsrc.retrieval.export.export_model` (:mod:`nbsrc.retrieval.export`): a run's final descriptor as
@@ -17,7 +17,7 @@ The command line is ``python -m nbsrc embed`` / ``search`` / ``export`` (:mod:`n
 
 from nbsrc.retrieval.index import Index, Listing, SearchResults, search_image, thumbnail_of
 from nbsrc.retrieval.models import EmbeddingModel, Preprocessing, load_embedding_model
-from nbsrc.retrieval.runs import (
+from nbsrc.retrieval.run_neighbours import (
     QueryRetrieval,
     RunRetrieval,
     display_image,

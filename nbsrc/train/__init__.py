@@ -3,9 +3,9 @@ and DDP helpers."""
 
 from nbsrc.train.checkpoint import load_checkpoint, save_checkpoint
 from nbsrc.train.loop import TrainingTask, amp_settings, build_optimizer, fit, lr_factor, resolve_device
-from nbsrc.train.pairs import PairTask
+from nbsrc.train.pair_task import PairTask
 from nbsrc.train.rundir import append_metrics, load_results, prepare_run_dir, read_metrics, run_state
-from nbsrc.train.tuples import TupleTask
+from nbsrc.train.tuple_task import TupleTask
 
 __all__ = [
     "fit", "TrainingTask", "PairTask", "TupleTask", "resolve_device", "amp_settings",

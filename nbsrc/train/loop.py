@@ -7,10 +7,10 @@ warm-up + cosine schedule, checkpoints and exact resume, the non-finite-loss gua
 (``metrics.jsonl``), the progress bar and DDP. What differs between kinds of training is a task
 (timm's ``TrainingTask``, pytorch-metric-learning's ``calculate_loss``):
 
-* :class:`nbsrc.train.pairs.PairTask`: m-per-class (or group-size) batches, any pair loss of
+* :class:`nbsrc.train.pair_task.PairTask`: m-per-class (or group-size) batches, any pair loss of
   :data:`nbsrc.losses.PAIR_LOSSES` over batch × batch and batch × cross-batch memory, the momentum
   encoder; IRT's training and DToP's class training on SfM-120k;
-* :class:`nbsrc.train.tuples.TupleTask`: SfM-120k tuples with hard negatives mined at every epoch
+* :class:`nbsrc.train.tuple_task.TupleTask`: SfM-120k tuples with hard negatives mined at every epoch
   start, any tuple loss of :data:`nbsrc.losses.TUPLE_LOSSES`.
 
 Per iteration ``fit`` asks the task for this rank's next batch, the task forwards it and returns
@@ -37,8 +37,8 @@ from nbsrc.config import ExperimentConfig, check_device
 from nbsrc.errors import ConfigError, NonFiniteLossError
 from nbsrc.progress import progress
 from nbsrc.train import distributed
+from nbsrc.train.bn_freeze_epoch_decay import train_mode
 from nbsrc.train.checkpoint import LATEST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from nbsrc.train.protocol import train_mode
 from nbsrc.train.rundir import append_metrics, truncate_metrics
 
 

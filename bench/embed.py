@@ -22,8 +22,8 @@ relative to the direct loop; target >= 0.95) as the median over rounds of the pe
 a 95% bootstrap interval over rounds; and how far the two embeddings are apart (they differ by the
 resize kernels: PIL on uint8 against torchvision on float tensors).
 
-    python -m nbsrc.bench embed --images 64 --rounds 3
-    python -m nbsrc.bench embed --source run --model runs/glyphs/pretrain_b61eec08 --per-class 4
+    python -m bench embed --images 64 --rounds 3
+    python -m bench embed --source run --model runs/glyphs/pretrain_b61eec08 --per-class 4
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nbsrc.bench import timed_rounds
+from bench import timed_rounds
 from nbsrc.config import upgrade
 from nbsrc.errors import ConfigError
 
@@ -80,7 +80,7 @@ def bench_embed(n_images: int = 64, width: int = 320, height: int = 240, rounds:
                 source: str = "generated", per_class: int | None = None) -> dict:
     """Median seconds per round of nbsrc's ``Index.build`` and the direct loop over the same
     ``n_images`` generated JPEGs, their paired speed ratio and the embeddings' distance."""
-    from nbsrc.bench.train import paired_ratio, verdict
+    from bench.train import paired_ratio, verdict
     from nbsrc.data.images import list_images
     from nbsrc.retrieval import Index
     from nbsrc.retrieval.models import load_embedding_model
@@ -142,7 +142,7 @@ def bench_embed(n_images: int = 64, width: int = 320, height: int = 240, rounds:
 
 def results_markdown(r: dict, info: dict, note: str = "") -> str:
     """The ``embed`` section of bench/RESULTS.md."""
-    from nbsrc.bench import machine_lines
+    from bench import machine_lines
 
     lo, hi = r["ci95"]
     s = (machine_lines(info, note)
@@ -182,7 +182,7 @@ def add_arguments(p) -> None:
 def run(a, results_path=None, note: str = "") -> dict:
     import json
 
-    from nbsrc.bench import RESULTS_PATH, machine_info, write_section
+    from bench import RESULTS_PATH, machine_info, write_section
 
     r = bench_embed(a.images, a.width, a.height, a.rounds, a.model, a.direct_batch, a.threads or None, source=a.source,
                     per_class=a.per_class)

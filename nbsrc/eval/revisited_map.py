@@ -1,7 +1,7 @@
 """The metric of Revisited Oxford and Paris (Radenović et al., CVPR 2018), the particular-object
 retrieval benchmark of IRT Tables 7-8 and DToP: mAP / mP@k, and chunked ranking for +1M distractors.
 
-**Data** (:mod:`nbsrc.data.revisited`). ``gnd``: per query a bounding box and the database indices
+**Data** (:mod:`nbsrc.data.oxford_paris`). ``gnd``: per query a bounding box and the database indices
 ``easy``, ``hard`` and ``junk``; each query image is cropped to its box before it is embedded.
 
 **Setups.** For query q, the positives P and the ignored ("junk") images J are::
@@ -39,8 +39,8 @@ also shifts the positives after it.
 (large) dataset to a ``.npy`` memory map (resumably); :func:`rank_chunked` ranks the database in
 chunks against the queries, so the memory used is bounded by the chunk, not by the database.
 
-The readers (ground truth, query crops, datasets) are :mod:`nbsrc.data.revisited`, re-exported
-here; random ground truth for tests and the benchmark is :func:`nbsrc.bench.revisited.random_gnd`.
+The readers (ground truth, query crops, datasets) are :mod:`nbsrc.data.oxford_paris`, re-exported
+here; random ground truth for tests and the benchmark is :func:`bench.revisited.random_gnd`.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from nbsrc.data.revisited import (  # noqa: F401 (the readers, re-exported for existing imports)
+from nbsrc.data.oxford_paris import (  # noqa: F401 (the readers, re-exported for existing imports)
     DISTRACTORS_LAYOUT,
     DISTRACTORS_URL,
     ORIGINAL_NAMES,

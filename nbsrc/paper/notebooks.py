@@ -26,7 +26,7 @@ KERNEL = "nbsrc"
 # local TCP sockets are unencrypted, nor its "KeyboardInterrupt caught in kernel" when papermill stops
 # it after a failed cell), so that a failed notebook ends in one line; a dead kernel is papermill's error.
 KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=CRITICAL"]
-NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"  # nbsrc/paper/notebooks.py -> the repository
 
 
 def notebook_parameters(path: str | Path) -> dict:
@@ -93,7 +93,7 @@ def _config_fields() -> dict[str, typing.Any]:
 
 def fold_overrides(path: str | Path, params: dict) -> dict:
     """A notebook that declares ``overrides = {}`` (the demo notebooks: their shared settings come
-    from :func:`nbsrc.demo.demo_config`) takes any config field as a parameter: ``-p lr 1e-4``
+    from :func:`nbsrc.paper.demo.demo_config`) takes any config field as a parameter: ``-p lr 1e-4``
     becomes ``overrides={"lr": 1e-4}`` (merged into an ``overrides`` given too). A name the
     notebook declares itself stays its own parameter; other names are left for
     :func:`check_parameters` to reject."""

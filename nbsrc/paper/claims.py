@@ -56,7 +56,7 @@ import numpy as np
 import pandas as pd
 
 from nbsrc.errors import ConfigError
-from nbsrc.reporting import write_text_atomic
+from nbsrc.paper.reporting import write_text_atomic
 
 Z = 2.0  # a difference counts when it exceeds Z standard errors of the mean paired difference
 MIN_SEEDS = 3  # fewer seeds: inconclusive, whatever the numbers
@@ -303,7 +303,7 @@ def judge_claim(claim_id: str, parts: list[Comparison], note: str = "", context:
 
 
 def per_seed(runs: Mapping, value: Callable) -> dict[str, dict[int, float]]:
-    """``{label: {seed: value(run)}}`` from ``{(label, seed): run}`` (:func:`nbsrc.experiment.seed_variants`
+    """``{label: {seed: value(run)}}`` from ``{(label, seed): run}`` (:func:`nbsrc.paper.grids.seed_variants`
     + ``run_all``), labels in their order."""
     out: dict = {}
     for key, run in runs.items():
@@ -315,7 +315,7 @@ def per_seed(runs: Mapping, value: Callable) -> dict[str, dict[int, float]]:
 
 
 # ----------------------------------------------------------------------------- the demo's claims from its runs
-# Each function takes runs keyed by (label, seed) (nbsrc.experiment.seed_variants + run_all) and returns the
+# Each function takes runs keyed by (label, seed) (nbsrc.paper.grids.seed_variants + run_all) and returns the
 # judged claim(s); the notebook that trains the runs states the claim, calls it and saves the result.
 def context_of(cfg) -> dict:
     """What a claim was measured on: the data, the model, its starting weights and the training length."""
@@ -335,7 +335,7 @@ def _random_init(cfg) -> bool:
 
 def fine_tuning_claims(runs: Mapping, cfg, untestable: str | list[str] = "") -> list[ClaimResult]:
     """C1 (IRT_L vs IRT_O) and C2 (IRT_R vs IRT_L) from the Recall@1 of ``runs`` ``{(method, seed): run}``
-    with methods ``IRT_O``, ``IRT_L``, ``IRT_R`` (:func:`nbsrc.experiment.irt_variants`); ``cfg`` the base."""
+    with methods ``IRT_O``, ``IRT_L``, ``IRT_R`` (:func:`nbsrc.paper.grids.irt_variants`); ``cfg`` the base."""
     r1 = per_seed(runs, _recall1)
     c1 = judge_claim("C1", [compare("R@1 (%): IRT_L − IRT_O", r1["IRT_O"], r1["IRT_L"], "higher", ("IRT_O", "IRT_L"))],
                      note="from a randomly initialised ViT (no pretraining in this demo)" if _random_init(cfg) else "",
@@ -395,10 +395,10 @@ def gradient_noise_untestable(betas, lams) -> str:
 
 
 def gradient_noise_claim(runs: Mapping, betas, lams, cfg, untestable: str | list[str] = "") -> ClaimResult:
-    """C5 from the β × λ grid ``{(label, seed): run}`` (:func:`nbsrc.experiment.beta_lambda_grid` labels),
+    """C5 from the β × λ grid ``{(label, seed): run}`` (:func:`nbsrc.paper.grids.beta_lambda_grid` labels),
     each run trained with ``record_grad_noise``: γ at each end of the β grid against its middle (at
     λ = 0), and γ at the largest λ against λ = 0, averaged over the β grid."""
-    from nbsrc.reporting import mean_grad_noise
+    from nbsrc.paper.reporting import mean_grad_noise
 
     why = gradient_noise_untestable(betas, lams)
     if why:
@@ -442,7 +442,7 @@ def similarity_claim(runs: Mapping, cfg, max_negatives: int | None = 200_000,
 
 
 def pooling_claim(runs: Mapping, cfg, untestable: str | list[str] = "") -> ClaimResult:
-    """C7 from ``{(pooling, seed): run}`` (:func:`nbsrc.experiment.pooling_variants`), which must include
+    """C7 from ``{(pooling, seed): run}`` (:func:`nbsrc.paper.grids.pooling_variants`), which must include
     ``cls``: Recall@1 of CLS against each other pooling."""
     r1 = per_seed(runs, _recall1)
     if "cls" not in r1 or len(r1) < 2:

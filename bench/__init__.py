@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m nbsrc.bench {train,eval,dtop,loader,revisited,embed,demo,jobs}``.
+"""Benchmarks: ``python -m bench {train,eval,dtop,loader,revisited,embed,demo,jobs}``.
 
 Each bench compares methods *within one run* (their steps alternate, so they share the machine's
 load) and reports ratios, which survive a busy machine better than absolute times. Each writes its
@@ -64,7 +64,7 @@ def timed_rounds(fns: dict[str, Callable[[int], Any]], rounds: int, device="cpu"
                 times[name].append(seconds)
     return times, last
 _HEADER = ("# Benchmark results\n\n"
-           "Written by `python -m nbsrc.bench {train,eval,dtop,loader,revisited,embed,demo,jobs}` "
+           "Written by `python -m bench {train,eval,dtop,loader,revisited,embed,demo,jobs}` "
            "(`embed --source run` writes *embed-run*, `train --section NAME` another train section); "
            "each command rewrites only its own section.\n")
 

@@ -3,7 +3,8 @@
 (:func:`evaluate_benchmarks`, notebook 09; :func:`download_instructions` says what to download when
 no data is given).
 
-The runner layer, beside :mod:`nbsrc.experiment` whose helpers and evaluations it calls;
+The paper's application, on top of :mod:`nbsrc.experiment` (the runner) and :mod:`nbsrc.paper.grids` (the grid
+helpers), whose evaluations it calls;
 :mod:`nbsrc.presets` only loads and describes the presets (their configs and the paper's numbers)::
 
     grid = preset_grid("irt_r_sop_deits", "5")              # {label: {"config", "paper"}}, IRT Table 5
@@ -29,27 +30,27 @@ from nbsrc.data.benchmarks import (
     SOP_URL,
     build_benchmark,
 )
-from nbsrc.data.revisited import ORIGINAL_LAYOUT, ORIGINAL_URL, REVISITED_LAYOUT, REVISITED_URL
+from nbsrc.data.oxford_paris import ORIGINAL_LAYOUT, ORIGINAL_URL, REVISITED_LAYOUT, REVISITED_URL
 from nbsrc.data.sfm import SFM_LAYOUT, SFM_URL, load_sfm120k_db
 from nbsrc.data.transforms import RetrievalTransform
 from nbsrc.errors import ConfigError
 from nbsrc.eval import evaluate
 from nbsrc.eval.evaluators import particular_eval_transform, revisited_evaluation
-from nbsrc.experiment import (
+from nbsrc.experiment import load_run
+from nbsrc.models import data_config, model_from_config
+from nbsrc.paper.grids import (
     beta_lambda_grid,
     dtop_ablation_grid,
     dtop_multiscale_table,
     lambda_sweep,
-    load_run,
     paper_columns,
     pooling_variants,
 )
-from nbsrc.models import data_config, model_from_config
 from nbsrc.presets import load_preset, preset_paper
 from nbsrc.train import resolve_device
 
 CATEGORY_BENCHMARKS = ("cub", "sop", "inshop")  # Recall@K, nbsrc.data.benchmarks
-# mAP Medium / Hard (roxford5k, rparis6k) and the original protocol's mAP (oxford5k, paris6k), nbsrc.eval.revisited
+# mAP Medium / Hard (roxford5k, rparis6k) and the original protocol's mAP (oxford5k, paris6k), nbsrc.eval.revisited_map
 REVISITED_BENCHMARKS = ("roxford5k", "rparis6k", "oxford5k", "paris6k")
 BENCHMARKS = CATEGORY_BENCHMARKS + REVISITED_BENCHMARKS
 
@@ -59,7 +60,7 @@ def preset_grid(name: str, table: str, /, **overrides: Any) -> dict[str, dict[st
     """The paper's ablation ``table`` around preset ``name``: ``{label: {"config": ExperimentConfig,
     "paper": {benchmark: {metric: value}}, ...}}``, one entry per row or cell the paper prints.
 
-    The configs come from the grid helpers of :mod:`nbsrc.experiment` applied to
+    The configs come from the grid helpers of :mod:`nbsrc.paper.grids` applied to
     ``load_preset(name, **overrides)`` (``beta_lambda_grid`` for IRT Table 5, ``lambda_sweep`` for
     Table 6, ``pooling_variants`` for Table 9, ``dtop_ablation_grid`` for DToP A8 and A10), or are
     the preset with the row's fields changed (``"overrides"``: A7, A9, A12, A13; run names
@@ -221,7 +222,7 @@ def evaluate_scale_grid(preset: str, run_dir: str | Path, roots: dict[str, str |
                         runs_dir: str | Path = "runs", table: str = "A11"):
     """DToP Table A11 for a finished SfM-120k run: each cell of ``preset``'s evaluation-only grid
     (``preset_grid(preset, table)``: query scales × database scales) evaluated through the Revisited
-    evaluator (:func:`nbsrc.experiment.dtop_multiscale_table`), beside the paper's number. ``roots``:
+    evaluator (:func:`nbsrc.paper.grids.dtop_multiscale_table`), beside the paper's number. ``roots``:
     ``{"roxford5k"|"rparis6k"|"oxford5k"|"paris6k": folder}`` (None: found beside the run's data_root).
     Returns a DataFrame indexed by ``(cell, benchmark, metric)`` with columns ``ours, paper, difference``."""
     grid = preset_grid(preset, table)

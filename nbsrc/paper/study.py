@@ -21,7 +21,7 @@ Its settings are in one place, :data:`STUDY`, each with the validation measureme
 * **grids** (C5's β × λ, C7's poolings) at the chosen length, with γ averaged over every logged
   iteration (IRT §3.5 averages over all training iterations; ``log_every`` sets how many are logged);
 * a claim whose fine-tuned model is not above its off-the-shelf state on ``train_val`` is *untestable*
-  (:func:`nbsrc.claims.not_improved`).
+  (:func:`nbsrc.paper.claims.not_improved`).
 
 Every run is reused by its config (run names carry a hash of the config's fingerprint), so rerunning
 :func:`run_study` after a kill continues: finished runs are loaded, a run killed mid-training resumes
@@ -40,14 +40,14 @@ import pandas as pd
 
 from nbsrc.config import ExperimentConfig
 from nbsrc.data.glyph_faces import HAND_FACES
-from nbsrc.demo import DEMO_DATA, PRETRAIN, RECIPE
 from nbsrc.errors import ConfigError
+from nbsrc.paper.demo import DEMO_DATA, PRETRAIN, RECIPE
 from nbsrc.train.loop import cpu_has_native_bf16
 
 # The pretraining candidates for the study, each over DEMO_DATA["glyphs"] and the ViT of RECIPE. "faces":
 # "print" pretrains on the print faces only (nbsrc.data.glyph_faces.HAND_FACES excluded), "all" on every face.
 STUDY_PRETRAIN: dict[str, dict[str, Any]] = {
-    # The demo's (nbsrc.demo.PRETRAIN): SNCA + KoLeo on every face. Presupposes C3 (KoLeo has already spread the
+    # The demo's (nbsrc.paper.demo.PRETRAIN): SNCA + KoLeo on every face. Presupposes C3 (KoLeo has already spread the
     # spectrum); kept for comparison only.
     "snca_koleo_all": dict(faces="all", **PRETRAIN["glyphs"]),
     # Supervised classification, a linear head with cross-entropy over the 1,000 pretraining classes (DeiT's
@@ -316,7 +316,7 @@ def pretraining_choice(settings: dict, runs_dir: str = "runs/study", data_root: 
     DataFrame)."""
     from nbsrc.analysis import effective_rank
     from nbsrc.experiment import run_all
-    from nbsrc.reporting import energy_table
+    from nbsrc.paper.reporting import energy_table
 
     s = settings
     pre = {c: study_pretrain_config(c, runs_dir, data_root, s["hand_faces"], **s["pretrain_overrides"])
@@ -404,16 +404,17 @@ def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", 
        (C5) and the poolings (C7) of the ViT over ``seeds_other``; only those of ``settings["claims"]``
        (the convnet's selection too only for C4);
     4. the verdicts, each *untestable* where a fine-tuned model it compares is not above its off-the-shelf
-       state on ``train_val`` or on the test classes (:func:`nbsrc.claims.not_improved`).
+       state on ``train_val`` or on the test classes (:func:`nbsrc.paper.claims.not_improved`).
 
     Writes ``<figures_dir>/``: ``choices.json`` (every choice with its validation numbers and learning
     curves), ``pretraining.md``, ``selection.md``, ``learning_curves.png``/``.pdf``, ``table3_irt_seeds.md``,
     ``convnet_seeds.md``, ``fig4_gradient_noise.md``, ``table9_pooling_seeds.md``, ``claims/C*.json``/``.md``
     and ``verdicts.md`` (with the date, commit and machine). Returns ``{claim id: verdict}``."""
-    from nbsrc import claims as cl
-    from nbsrc.experiment import beta_lambda_grid, irt_variants, pooling_variants, run_all, seed_variants
+    from nbsrc.experiment import run_all
+    from nbsrc.paper import claims as cl
+    from nbsrc.paper.grids import beta_lambda_grid, irt_variants, pooling_variants, seed_variants
+    from nbsrc.paper.reporting import gradient_noise_table, recall_over_seeds, save_table, write_text_atomic
     from nbsrc.plots import save_figure
-    from nbsrc.reporting import gradient_noise_table, recall_over_seeds, save_table, write_text_atomic
 
     s = study_settings(**settings)
     jobs, figs, t0 = s["jobs"], Path(figures_dir), time.perf_counter()
@@ -512,12 +513,13 @@ def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", 
 
 def write_study_verdicts(figs: Path, record: dict, seconds: float) -> Path:
     """``<figs>/verdicts.md``: when, on which commit and machine (the CPU, whether it has native bf16,
-    avx512_bf16 or amx_bf16), the choices in one line each, then the verdicts (:func:`nbsrc.claims.write_verdicts`)."""
+    avx512_bf16 or amx_bf16), the choices in one line each, then the verdicts
+    (:func:`nbsrc.paper.claims.write_verdicts`)."""
     import datetime
 
-    from nbsrc.claims import write_verdicts
+    from nbsrc.paper.claims import write_verdicts
+    from nbsrc.paper.reporting import write_text_atomic
     from nbsrc.provenance import provenance
-    from nbsrc.reporting import write_text_atomic
 
     prov = provenance()
     path = write_verdicts(figs)

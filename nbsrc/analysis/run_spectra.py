@@ -3,7 +3,7 @@ from the model): :func:`spectrum_data`, the PCA spectrum (IRT Fig. 2) and the pa
 (IRT Fig. 5) of several runs, as the spectrum explorer of :mod:`nbsrc.widgets` overlays them.
 
 It reads runs through :mod:`nbsrc.runlist`, so it is imported on its own
-(``from nbsrc.analysis.runs import spectrum_data``), never by :mod:`nbsrc.analysis`, whose functions
+(``from nbsrc.analysis.run_spectra import spectrum_data``), never by :mod:`nbsrc.analysis`, whose functions
 take arrays and stay free of the runner.
 """
 

@@ -5,12 +5,12 @@ Every demo notebook (01-08) starts from :func:`demo_config`: the data of one dem
 and the training recipe (:data:`RECIPE`), with the notebook's ``overrides`` on top. A notebook's
 parameters cell holds only what that notebook varies plus ``demo`` and ``overrides``; ``nbsrc
 notebook NB -p lr 1e-4`` (or papermill's ``-p overrides '{"lr": 1e-4}'``) changes any config field
-(:func:`nbsrc.notebook.fold_overrides`). Run names are the notebooks' own; run reuse across the
+(:func:`nbsrc.paper.notebooks.fold_overrides`). Run names are the notebooks' own; run reuse across the
 notebooks follows from their configs being built by the same function.
 
 Never silent: each notebook is announced with a start line and an end line with its elapsed time, and
 in between its cells' outputs, training progress included, are printed as plain lines (``  | ...``;
-:func:`nbsrc.notebook.run_notebook` with ``show_progress``)."""
+:func:`nbsrc.paper.notebooks.run_notebook` with ``show_progress``)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import Any
 
 from nbsrc.config import EXECUTION_FIELDS, ExperimentConfig, config_fields
 from nbsrc.errors import ConfigError
-from nbsrc.notebook import NOTEBOOKS_DIR, run_notebook
+from nbsrc.paper.notebooks import NOTEBOOKS_DIR, run_notebook
 
 TABLE = Path("table3_irt.md")  # in the figures folder
 
@@ -101,7 +101,7 @@ def demo_config(demo: str = DEFAULT_DEMO, runs_dir: str = "runs", name: str = "i
                 **overrides: Any) -> ExperimentConfig:
     """The demo's base config: :data:`DEMO_DATA` ``[demo]`` + :data:`RECIPE` + ``overrides`` (any
     config field; a notebook's ``overrides`` parameter), validated. The notebooks derive their runs
-    from it (:func:`nbsrc.experiment.irt_variants`, the sweeps and grids)."""
+    from it (:func:`nbsrc.paper.grids.irt_variants`, the sweeps and grids)."""
     _check_demo(demo)
     d = {**DEMO_DATA[demo], **RECIPE}
     pre = pretrain_config(demo, runs_dir, **{k: v for k, v in overrides.items() if k in PRETRAIN_SHARED})
@@ -214,11 +214,11 @@ def run_demo(quick: bool = False, notebooks_to_run: list[str] | None = None, out
              fields: dict[str, Any] | None = None) -> None:
     """Run the demo notebooks (:func:`demo_notebooks`: 01-10 without the grids of :data:`FULL_ONLY` unless
     ``full``; 11 only when named in ``notebooks_to_run``) on ``demo`` and print the table and the claims'
-    verdicts (:mod:`nbsrc.claims`), each marked when it comes from an earlier run. Figures of a demo other
+    verdicts (:mod:`nbsrc.paper.claims`), each marked when it comes from an earlier run. Figures of a demo other
     than the default go to ``figures/<demo>/``. ``seeds``: the notebooks' ``seeds`` parameter (default:
     their own). ``fields``: config fields for every notebook that takes ``overrides`` (e.g. ``data_root``: the
     smoke run's small glyph set)."""
-    from nbsrc.notebook import notebook_parameters
+    from nbsrc.paper.notebooks import notebook_parameters
 
     _check_demo(demo)
     if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
@@ -256,9 +256,9 @@ def run_demo(quick: bool = False, notebooks_to_run: list[str] | None = None, out
 
 def print_verdicts(fig_dir: Path, started: float, seeds: list[int] | None = None) -> None:
     """The claims' verdicts saved under ``fig_dir``, one line each, those judged before ``started`` (a
-    time.time()) marked as coming from an earlier run (:func:`nbsrc.claims.verdict_lines`). With fewer
+    time.time()) marked as coming from an earlier run (:func:`nbsrc.paper.claims.verdict_lines`). With fewer
     ``seeds`` than a verdict needs, a line first says that this run judged no claim."""
-    from nbsrc.claims import MIN_SEEDS, RULE, verdict_lines
+    from nbsrc.paper.claims import MIN_SEEDS, RULE, verdict_lines
 
     print(f"\nThe papers' claims (rule: {RULE})\n")
     if seeds is not None and len(seeds) < MIN_SEEDS:
@@ -273,7 +273,7 @@ def print_study_verdicts(study_dir: Path) -> None:
     """The verdicts of the last ``make study`` saved under ``study_dir`` (``figures/study``), marked as the
     study's with the date and commit its ``verdicts.md`` records; not judged by the demo. Nothing when the
     study has not been run."""
-    from nbsrc.claims import load_claims
+    from nbsrc.paper.claims import load_claims
 
     saved, head = load_claims(study_dir), Path(study_dir) / "verdicts.md"
     if not saved or not head.exists():

@@ -4,10 +4,10 @@ Each round trains the same ``runs`` runs of the demo's config (different seeds, 
 evaluation included) twice, in fresh run directories: *in turn* (``jobs=1``, in this process with all
 its torch threads) and *at once* (``jobs=N``, :func:`nbsrc.workers.map_jobs`: N processes with
 ``cores // N`` threads each, their start-up included). The two alternate round by round
-(:func:`nbsrc.bench.timed_rounds`), so they share the machine's load; the ratio is in-turn seconds
+(:func:`bench.timed_rounds`), so they share the machine's load; the ratio is in-turn seconds
 over at-once seconds (> 1: training at once is faster).
 
-    python -m nbsrc.bench jobs --iterations 40 --rounds 2
+    python -m bench jobs --iterations 40 --rounds 2
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ def bench_jobs(runs: int = 2, jobs: int = 2, iterations: int = 40, rounds: int =
     ``overrides``: config fields over the demo's (a smaller model or dataset for a smoke run)."""
     import torch
 
-    from nbsrc.bench import timed_rounds
-    from nbsrc.demo import demo_config
+    from bench import timed_rounds
     from nbsrc.experiment import run_all
+    from nbsrc.paper.demo import demo_config
     from nbsrc.workers import cpu_cores
 
     if runs < 2 or jobs < 2 or iterations < 1 or rounds < 1:
@@ -55,7 +55,7 @@ def bench_jobs(runs: int = 2, jobs: int = 2, iterations: int = 40, rounds: int =
 
 def results_markdown(r: dict, info: dict, note: str = "") -> str:
     """The ``jobs`` section of bench/RESULTS.md."""
-    from nbsrc.bench import machine_lines
+    from bench import machine_lines
 
     s = (machine_lines(info, note)
          + f"- setup: {r['runs']} runs of the {r['demo']} demo's config ({r['iterations']} iterations each, evaluation "
@@ -77,11 +77,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=2, help="processes training at once")
     p.add_argument("--iterations", type=int, default=40, help="iterations of each run")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds")
-    p.add_argument("--demo", default="fashion_mnist", help="the demo whose config is trained (nbsrc.demo.DEMO_DATA)")
+    p.add_argument("--demo", default="fashion_mnist",
+                   help="the demo whose config is trained (nbsrc.paper.demo.DEMO_DATA)")
 
 
 def run(a, results_path=None, note: str = "") -> dict:
-    from nbsrc.bench import RESULTS_PATH, machine_info, write_section
+    from bench import RESULTS_PATH, machine_info, write_section
 
     r = bench_jobs(a.runs, a.jobs, a.iterations, a.rounds, a.demo)
     print(json.dumps(r, indent=2))

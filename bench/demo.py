@@ -14,7 +14,7 @@ log and the run directories it wrote. Nothing is rerun.
 - **rest**: the notebook's time minus the time its runs cover.
 
     python -m nbsrc demo > demo.log 2>&1
-    python -m nbsrc.bench demo --log demo.log --runs runs/fashion_mnist
+    python -m bench demo --log demo.log --runs runs/fashion_mnist
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def covered_seconds(intervals: list[tuple[float, float]]) -> float:
 
 
 def results_markdown(rows: list[dict], info: dict, note: str, log: str, runs_dir: str) -> str:
-    from nbsrc.bench import machine_lines
+    from bench import machine_lines
 
     total = sum(r["seconds"] for r in rows)
     lines = [machine_lines(info, note).rstrip(),
@@ -145,7 +145,7 @@ def add_arguments(p) -> None:
 
 
 def run(a, results_path=None, note: str = "") -> list[dict]:
-    from nbsrc.bench import RESULTS_PATH, machine_info, write_section
+    from bench import RESULTS_PATH, machine_info, write_section
 
     log = Path(a.log)
     if not log.is_file():

@@ -4,7 +4,7 @@
 (query image names) and ``gnd``: per query a bounding box ``bbx = [x1, y1, x2, y2]`` and the
 database indices ``easy``, ``hard`` and ``junk``. Images are ``<root>/jpg/<name>.jpg``. Each query
 image is cropped to its box before it is embedded, as the protocol requires. The metric (mAP,
-mP@k) is :mod:`nbsrc.eval.revisited`.
+mP@k) is :mod:`nbsrc.eval.revisited_map`.
 
 The original protocol (Philbin et al. 2007/2008; the Oxf5k and Par6k columns of DToP's tables) is read
 from ``gnd_oxford5k.pkl`` / ``gnd_paris6k.pkl`` as cirtorch distributes them: the same ``imlist``,

@@ -1,5 +1,5 @@
 """The Recall@K evaluation of a model on a RetrievalData; the embeddings come from
-:func:`nbsrc.models.embed.extract_embeddings` (re-exported here), the one function that training and
+:func:`nbsrc.models.extract.extract_embeddings` (re-exported here), the one function that training and
 evaluation share."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 from nbsrc.data import RetrievalData
 from nbsrc.eval.recall import recall_at_k
-from nbsrc.models.embed import extract_embeddings
+from nbsrc.models.extract import extract_embeddings
 
 __all__ = ["evaluate", "extract_embeddings", "recall_percent"]
 

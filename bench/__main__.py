@@ -1,4 +1,4 @@
-"""``python -m nbsrc.bench {train,eval,dtop,loader,revisited,embed,demo,jobs} [options]``: run one benchmark,
+"""``python -m bench {train,eval,dtop,loader,revisited,embed,demo,jobs} [options]``: run one benchmark,
 print its JSON and rewrite its section of bench/RESULTS.md (``--results PATH`` to write elsewhere, ``--note TEXT`` to
 record the conditions, e.g. a busy shared machine)."""
 
@@ -11,10 +11,10 @@ from nbsrc.errors import NbsrcError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nbsrc.bench import demo, dtop, embed, jobs, loader, revisited, train
-    from nbsrc.bench import eval as eval_bench
+    from bench import demo, dtop, embed, jobs, loader, revisited, train
+    from bench import eval as eval_bench
 
-    p = argparse.ArgumentParser(prog="python -m nbsrc.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, module, help_ in (("train", train, "training throughput: nbsrc vs reference loop vs bare backbone"),
                                 ("eval", eval_bench, "Recall@K evaluation: time and peak RSS per method"),

@@ -27,7 +27,7 @@ its backward, is timed alone the same way (``loss_ms``). On CUDA the execution
 switches (bf16 autocast, fused AdamW, pinned memory + non_blocking, torch.compile) are each turned
 off from the baseline and the nbsrc step's speed-up ``on / off`` is reported the same way.
 
-    python -m nbsrc.bench train --batch 64 --steps 3 --repeats 5 --threads 1
+    python -m bench train --batch 64 --steps 3 --repeats 5 --threads 1
 """
 
 from __future__ import annotations
@@ -41,13 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from nbsrc.bench import rotation, timed, timed_rounds
+from bench import rotation, timed, timed_rounds
 from nbsrc.config import ExperimentConfig
 from nbsrc.data import MPerClassBatchSampler
 from nbsrc.errors import ConfigError
 from nbsrc.models import model_from_config
 from nbsrc.train.loop import amp_settings, build_step_parts, resolve_device, train_step
-from nbsrc.train.pairs import PairTask
+from nbsrc.train.pair_task import PairTask
 
 METHODS = ("nbsrc", "reference", "bare")
 
@@ -428,7 +428,7 @@ def bench_train(
 
 def results_markdown(r: dict, info: dict, note: str = "") -> str:
     """The ``train`` section of bench/RESULTS.md."""
-    from nbsrc.bench import machine_lines
+    from bench import machine_lines
 
     ratio, over = r["ratio_nbsrc_over_reference"], r["overhead_vs_bare"]
     (rlo, rhi), (olo, ohi) = r["ratio_ci95"], r["overhead_ci95"]
@@ -534,7 +534,7 @@ def _parse_variants(text: str | None) -> tuple[str, ...]:
 def run(a, results_path=None, note: str = "") -> dict:
     import json
 
-    from nbsrc.bench import RESULTS_PATH, machine_info, write_section
+    from bench import RESULTS_PATH, machine_info, write_section
 
     if a.threads < 1:
         raise ConfigError(f"--threads {a.threads}: need at least 1 thread")

@@ -55,10 +55,10 @@ from nbsrc.data.transforms import particular_object_transform
 from nbsrc.errors import ConfigError
 from nbsrc.losses.tuples import tuple_loss_fn, tuple_loss_terms
 from nbsrc.models import data_config
-from nbsrc.models.embed import extract_embeddings
+from nbsrc.models.extract import extract_embeddings
 from nbsrc.train import distributed
+from nbsrc.train.bn_freeze_epoch_decay import epoch_lr_decay, train_mode
 from nbsrc.train.loop import StepParts, TrainingTask
-from nbsrc.train.protocol import epoch_lr_decay, train_mode
 
 
 # ----------------------------------------------------------------------------- epochs
@@ -70,7 +70,7 @@ def batches_per_epoch(cfg: ExperimentConfig, db: SfMSplit) -> int:
 def mine_epoch(model: torch.nn.Module, sampler: TupleSampler, epoch: int, eval_tf, cfg: ExperimentConfig,
                device) -> np.ndarray:
     """The tuples ``[n_pairs, 2 + K]`` of ``epoch``, mined with ``model`` as it is now (eval mode,
-    evaluation transform, :func:`~nbsrc.models.embed.extract_embeddings` with ``cfg.optim.amp``):
+    evaluation transform, :func:`~nbsrc.models.extract.extract_embeddings` with ``cfg.optim.amp``):
     :meth:`~nbsrc.data.sfm.TupleSampler.epoch_tuples`."""
     images = sampler.db.images(eval_tf)
     dinfo = distributed.current()

@@ -5,14 +5,14 @@ training transform of :func:`~nbsrc.data.build_data`, the batch sampler of
 :func:`~nbsrc.data.group_sampler.training_sampler`, pinned memory on CUDA), is read for ``batches``
 batches with each worker count of ``workers``, after ``warmup`` batches that also start the workers.
 Its img/s is compared with the img/s of nbsrc's training step on batches of the same loader
-(:class:`nbsrc.bench.train.NbsrcStep`: forward, loss, backward, update, memory). Loading keeps up
+(:class:`bench.train.NbsrcStep`: forward, loss, backward, update, memory). Loading keeps up
 when it delivers at least the step's rate; the smallest worker count that does is reported.
 
 The two rates are measured apart, so each is what it gets with the machine to itself. On a CPU-only
 machine the workers and the step share the cores, so during training both are slower than this; on
 a GPU machine the step runs on the device and the workers have the CPU.
 
-    python -m nbsrc.bench loader --workers 0 1 2 --batches 40
+    python -m bench loader --workers 0 1 2 --batches 40
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def loader_img_per_s(cfg: ExperimentConfig, ds, workers: int, batches: int, warm
 def bench_loader(cfg: ExperimentConfig, workers=(0, 1, 2), batches: int = 40, warmup: int = 3,
                  steps: int = 10) -> dict:
     """Loader img/s per worker count beside the training step's img/s (median of ``steps`` steps)."""
-    from nbsrc.bench import timed
-    from nbsrc.bench.train import NbsrcStep
+    from bench import timed
+    from bench.train import NbsrcStep
     from nbsrc.data import build_data
     from nbsrc.train.loop import resolve_device
 
@@ -86,7 +86,7 @@ def bench_loader(cfg: ExperimentConfig, workers=(0, 1, 2), batches: int = 40, wa
 
 def results_markdown(r: dict, info: dict, note: str = "") -> str:
     """The ``loader`` section of bench/RESULTS.md."""
-    from nbsrc.bench import machine_lines
+    from bench import machine_lines
 
     s = (machine_lines(info, note)
          + f"- setup: {r['dataset']} training transform and {r['sampler']} sampler, batch {r['batch']}, img "
@@ -122,7 +122,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a, results_path=None, note: str = "") -> dict:
-    from nbsrc.bench import RESULTS_PATH, machine_info, write_section
+    from bench import RESULTS_PATH, machine_info, write_section
 
     cfg = ExperimentConfig(name="bench_loader", dataset=a.dataset, data_root=a.data_root, backbone=a.backbone,
                            img_size=a.img_size, patch_size=a.patch_size, batch_size=a.batch, m_per_class=a.m_per_class,

@@ -18,13 +18,14 @@ torch with nbsrc's. Memory is reported as the peak RSS beyond what the process h
 imports, and beyond that again minus the embedding files (every method reads all of them, and
 memory-mapped pages count in the RSS).
 
-    python -m nbsrc.bench eval --sizes 100000x384 1000000x128 --data random clustered
+    python -m bench eval --sizes 100000x384 1000000x128 --data random clustered
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -239,8 +240,10 @@ def worker(spec: dict) -> dict:
 
 
 def _run_worker(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "nbsrc.bench.eval", "--worker", json.dumps(spec)],
-                          capture_output=True, text=True)
+    root = str(Path(__file__).resolve().parents[1])  # bench is a folder of the repository, not installed
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run([sys.executable, "-m", "bench.eval", "--worker", json.dumps(spec)],
+                          capture_output=True, text=True, env=env)
     if proc.returncode:
         raise RuntimeError(f"eval bench worker {spec['method']} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -323,7 +326,7 @@ def _compare(case: dict) -> None:
 
 def results_markdown(res: dict, info: dict, note: str = "") -> str:
     """The ``eval`` section of bench/RESULTS.md."""
-    from nbsrc.bench import machine_lines
+    from bench import machine_lines
 
     s = machine_lines(info, note) + (
         f"- {res['n_query']} queries against each gallery, Recall@{','.join(map(str, res['ks']))}; float16 "
@@ -374,7 +377,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a, results_path=None, note: str = "") -> dict:
-    from nbsrc.bench import RESULTS_PATH, machine_info, write_section
+    from bench import RESULTS_PATH, machine_info, write_section
 
     res = bench_eval([parse_size(s) for s in a.sizes], a.data, a.queries, a.ks, a.methods, a.matrix_budget_gb,
                      a.pml_budget_gb, a.workdir, a.keep, a.threads)
@@ -383,8 +386,8 @@ def run(a, results_path=None, note: str = "") -> dict:
     return res
 
 
-if __name__ == "__main__":  # the per-method subprocess: python -m nbsrc.bench.eval --worker SPEC_JSON
+if __name__ == "__main__":  # the per-method subprocess: python -m bench.eval --worker SPEC_JSON
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         print(json.dumps(worker(json.loads(sys.argv[2]))))
     else:
-        sys.exit("usage: python -m nbsrc.bench eval ...  (this module's own entry is the per-method worker)")
+        sys.exit("usage: python -m bench eval ...  (this module's own entry is the per-method worker)")

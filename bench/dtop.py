@@ -2,12 +2,10 @@
 at most 1.5×). Both take the same batches, loss (ArcFace) and optimiser (SGD); their steps
 alternate within one run, the order switching every step, so that both see the same machine load.
 The cost ratio is the median over steps of the per-step ratio DToP / ViT, with a 95% bootstrap
-interval (:func:`nbsrc.bench.train.paired_ratio`); the target is met when the whole interval is at
+interval (:func:`bench.train.paired_ratio`); the target is met when the whole interval is at
 most 1.5.
 
-    python -m nbsrc.bench dtop --img-size 64 --batch 16 --steps 30
-
-(Moved here from ``nbsrc/bench_dtop.py``.)
+    python -m bench dtop --img-size 64 --batch 16 --steps 30
 """
 
 from __future__ import annotations
@@ -18,8 +16,8 @@ import statistics
 
 import torch
 
-from nbsrc.bench import timed_rounds
-from nbsrc.bench.train import paired_ratio, verdict
+from bench import timed_rounds
+from bench.train import paired_ratio, verdict
 from nbsrc.losses.arcface import ArcFaceLoss
 from nbsrc.models import build_model
 
@@ -79,7 +77,7 @@ def bench_dtop_vs_vit(
 
 def results_markdown(r: dict, info: dict, note: str = "") -> str:
     """The ``dtop`` section of bench/RESULTS.md."""
-    from nbsrc.bench import machine_lines
+    from bench import machine_lines
 
     lo, hi = r["ratio_ci95"]
     return (machine_lines(info, note)
@@ -106,7 +104,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(a, results_path=None, note: str = "") -> dict:
     """Run the bench from parsed arguments, print the JSON and write the ``dtop`` section."""
-    from nbsrc.bench import RESULTS_PATH, machine_info, write_section
+    from bench import RESULTS_PATH, machine_info, write_section
 
     r = bench_dtop_vs_vit(a.backbone, a.img_size, a.batch, a.steps, a.device, a.patch_size, a.warmup)
     r["patch_size"] = a.patch_size

@@ -1,13 +1,13 @@
 """Revisited Oxford/Paris mAP: the vectorised protocol against the slow loop written from it.
 
-:func:`nbsrc.eval.revisited.revisited_map` and :func:`~nbsrc.eval.revisited.revisited_map_reference`
+:func:`nbsrc.eval.revisited_map.revisited_map` and :func:`~nbsrc.eval.revisited_map.revisited_map_reference`
 score the same random rankings of ``n_queries`` queries over ``n_db`` images (70 × 4,993 is
 rOxford5k) with random easy / hard / junk lists, in ``rounds`` rounds that alternate which runs
 first. The speed-up is the median over rounds of reference seconds / vectorised seconds, with a 95%
-bootstrap interval (:func:`nbsrc.bench.train.paired_ratio`); the largest difference between the two
+bootstrap interval (:func:`bench.train.paired_ratio`); the largest difference between the two
 results over every setup and metric is reported beside it (the tests hold it to 1e-9).
 
-    python -m nbsrc.bench revisited --queries 70 --db 5000 --rounds 7
+    python -m bench revisited --queries 70 --db 5000 --rounds 7
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 
 import numpy as np
 
-from nbsrc.bench import timed_rounds
+from bench import timed_rounds
 from nbsrc.errors import ConfigError
 
 
@@ -35,8 +35,8 @@ def random_gnd(n_queries: int, n_db: int, rng: np.random.Generator, max_sizes=(6
 
 def bench_revisited(n_queries: int = 70, n_db: int = 5000, rounds: int = 7, seed: int = 0) -> dict:
     """Seconds per round of both implementations, their paired speed-up and their largest difference."""
-    from nbsrc.bench.train import paired_ratio
-    from nbsrc.eval.revisited import revisited_map, revisited_map_reference
+    from bench.train import paired_ratio
+    from nbsrc.eval.revisited_map import revisited_map, revisited_map_reference
 
     if n_queries < 1 or n_db < 2 or rounds < 1:
         raise ConfigError(f"queries={n_queries}, db={n_db}, rounds={rounds}: need >= 1 query, >= 2 images, >= 1 round")
@@ -55,7 +55,7 @@ def bench_revisited(n_queries: int = 70, n_db: int = 5000, rounds: int = 7, seed
 
 def results_markdown(r: dict, info: dict, note: str = "") -> str:
     """The ``revisited`` section of bench/RESULTS.md."""
-    from nbsrc.bench import machine_lines
+    from bench import machine_lines
 
     lo, hi = r["speedup_ci95"]
     return (machine_lines(info, note)
@@ -78,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a, results_path=None, note: str = "") -> dict:
-    from nbsrc.bench import RESULTS_PATH, machine_info, write_section
+    from bench import RESULTS_PATH, machine_info, write_section
 
     r = bench_revisited(a.queries, a.db, a.rounds, a.seed)
     print(json.dumps(r, indent=2))
