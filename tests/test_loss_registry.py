@@ -95,3 +95,14 @@ def test_registering_checks_names():
     with pytest.raises(ConfigError, match="not a field of the loss section"):
         losses.register_pair_loss("x", "toy_scale")
     assert "x" not in losses.PAIR_LOSSES
+
+
+def test_a_notebook_takes_its_hyperparameter_by_name(toy):
+    """`nbsrc notebook 02_train.ipynb -p toy_scale 2` reaches the notebook's overrides, as a field does."""
+    from nbsrc.paper.notebooks import NOTEBOOKS_DIR, check_parameters, fold_overrides
+
+    nb = NOTEBOOKS_DIR / "02_train.ipynb"
+    assert fold_overrides(nb, {"loss": "toy", "toy_scale": 2.0})["overrides"] == {"loss": "toy", "toy_scale": 2.0}
+    check_parameters(nb, {"loss": "toy", "toy_scale": 2.0})
+    with pytest.raises(ConfigError, match=r"unknown parameter 'toy_scal' .*did you mean 'toy_scale'"):
+        check_parameters(nb, {"toy_scal": 2.0})

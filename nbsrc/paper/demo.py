@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nbsrc.config import EXECUTION_FIELDS, ExperimentConfig, config_fields
+from nbsrc.config import EXECUTION_FIELDS, ExperimentConfig
 from nbsrc.errors import ConfigError
-from nbsrc.paper.notebooks import NOTEBOOKS_DIR, run_notebook
+from nbsrc.paper.notebooks import NOTEBOOKS_DIR, config_field_types, run_notebook
 
 TABLE = Path("table3_irt.md")  # in the figures folder
 
@@ -232,7 +232,7 @@ def run_demo(quick: bool = False, notebooks_to_run: list[str] | None = None, out
     t0, started = time.perf_counter(), time.time()
     for nb in demo_notebooks(full, quick, notebooks_to_run):
         declared = notebook_parameters(nb)
-        takes = set(declared) | ({f.name for f in config_fields()} if "overrides" in declared else set())
+        takes = set(declared) | (set(config_field_types()) if "overrides" in declared else set())
         params = {k: v for k, v in QUICK.items() if k in takes} if quick else {}
         params |= {k: v for k, v in (fields or {}).items() if k in takes}
         if "demo" in declared:

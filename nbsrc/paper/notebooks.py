@@ -84,11 +84,13 @@ def _is_jobs(v) -> bool:
 _JOBS = ("'auto' or a positive integer", _is_jobs)
 
 
-def _config_fields() -> dict[str, typing.Any]:
-    """``{name: type hint}`` of the config's fields (:func:`nbsrc.config.config_fields`)."""
-    from nbsrc.config import config_fields
+def config_field_types() -> dict[str, typing.Any]:
+    """``{name: type hint}`` of the config's fields (:func:`nbsrc.config.config_fields`) and of the
+    hyperparameters the registered losses declare (:func:`nbsrc.config.loss_hyperparameter_fields`)."""
+    import nbsrc.losses  # noqa: F401  (registers the losses and their hyperparameters)
+    from nbsrc.config import config_fields, loss_hyperparameter_fields
 
-    return {f.name: f.type for f in config_fields()}
+    return {f.name: f.type for f in (*config_fields(), *loss_hyperparameter_fields())}
 
 
 def fold_overrides(path: str | Path, params: dict) -> dict:
@@ -100,7 +102,7 @@ def fold_overrides(path: str | Path, params: dict) -> dict:
     declared = notebook_parameters(path)
     if "overrides" not in declared:
         return dict(params)
-    fields = _config_fields()
+    fields = config_field_types()
     out = {k: v for k, v in params.items() if k in declared or k not in fields}
     extra = {k: v for k, v in params.items() if k not in declared and k in fields}
     if extra:
@@ -122,7 +124,7 @@ def check_parameters(path: str | Path, params: dict) -> None:
     for k, v in params.items():
         if k not in declared:
             takes_fields = "overrides" in declared
-            names = list(declared) + (list(_config_fields()) if takes_fields else [])
+            names = list(declared) + (list(config_field_types()) if takes_fields else [])
             close = difflib.get_close_matches(k, names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             also = " and any config field (ExperimentConfig)" if takes_fields else ""
@@ -172,7 +174,7 @@ def parse_parameters(path: str | Path, pairs) -> dict:
     else a Python literal (``None``, ``{'a': 1}``), else ``none``/``null`` for None, else the text.
     For a parameter whose default is a string the text is taken as it is (``-p weights none``)."""
     declared = notebook_parameters(path) if Path(path).exists() else {}
-    fields = _config_fields() if "overrides" in declared else {}
+    fields = config_field_types() if "overrides" in declared else {}
     out = {}
     for name, text in pairs:
         hint = fields.get(name) if name not in declared else None  # a config field going to overrides
