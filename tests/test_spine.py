@@ -330,18 +330,18 @@ def test_run_dir_is_never_overwritten(tiny_cfg):
 
 
 def test_nan_loss_stops_and_keeps_checkpoint(tiny_cfg, monkeypatch):
-    from nbsrc import losses
     from nbsrc.experiment import run_experiment
+    from nbsrc.losses import contrastive
 
     calls = {"n": 0}
-    orig = losses.contrastive_loss
+    orig = contrastive.contrastive_loss
 
     def poisoned(*a, **k):
         calls["n"] += 1
         out = orig(*a, **k)
         return out * float("nan") if calls["n"] == 5 else out
 
-    monkeypatch.setattr(losses, "contrastive_loss", poisoned)
+    monkeypatch.setattr(contrastive, "contrastive_loss", poisoned)  # where the registered loss looks it up
     cfg = tiny_cfg.replace(name="nan")
     with pytest.raises(NonFiniteLossError, match="not finite at iteration 4.*last good checkpoint"):
         run_experiment(cfg, mode="new")
