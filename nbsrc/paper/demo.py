@@ -41,14 +41,14 @@ DEMO_DATA: dict[str, dict[str, Any]] = {
                    img_size=32, patch_size=8, weights="none", batch_size=64, m_per_class=4),
 }
 
-# The training recipe of every demo run (IRT_L / IRT_R on the training classes): IRT's contrastive loss
-# with beta = 0.5 and lambda = 0.7 and AdamW with weight decay 5e-4 (IRT §4.2); a ViT-Tiny at the demo's
-# size. Iterations and batch were set by the budget (`make demo` within 30 minutes on a 2-core CPU with three
-# seeds, when they were chosen; it now trains one seed by default): 100 iterations of 64 images. The learning
-# rate and the cross-batch memory were chosen on the glyphs' validation classes at that budget (notebooks/11_recipe_study.ipynb, figures/recipe_study.md; R@1 on
-# train_val, from the pretrained model, off the shelf 84.3): lr 1e-4 86.3, 3e-4 85.5, 3e-5 85.3, 1e-3 72.8;
-# at 1e-4 a 1,024-entry memory filled from step 0 reached 80.0 and from step 50 85.5, so the demo trains without
-# memory (the papers' presets keep theirs, from step 0, as IRT does).
+# The training recipe of every demo run (IRT_L / IRT_R on the training classes): IRT's contrastive loss with beta =
+# 0.5 and lambda = 0.7 and AdamW with weight decay 5e-4 (IRT §4.2); a ViT-Tiny at the demo's size. Iterations and
+# batch were set by the budget (`make demo` within 30 minutes on a 2-core CPU with three seeds, when they were
+# chosen; it now trains one seed by default): 100 iterations of 64 images. The learning rate and the cross-batch
+# memory were chosen on the glyphs' validation classes at that budget (notebooks/11_recipe_study.ipynb,
+# figures/recipe_study.md; R@1 on train_val, from the pretrained model, off the shelf 84.3): lr 1e-4 86.3, 3e-4 85.5,
+# 3e-5 85.3, 1e-3 72.8; at 1e-4 a 1,024-entry memory filled from step 0 reached 80.0 and from step 50 85.5, so the
+# demo trains without memory (the papers' presets keep theirs, from step 0, as IRT does).
 RECIPE: dict[str, Any] = dict(
     backbone="vit_tiny_patch16_224", pooling="cls", beta=0.5, lam=0.7, iterations=100, lr=1e-4,
     weight_decay=5e-4, memory_size=0, memory_start=0, warmup_iters=10,
