@@ -168,13 +168,14 @@ def test_printed_verdicts_say_which_claims_an_earlier_run_judged(tmp_path, capsy
     judge_claim("C1", [Comparison("R@1", "IRT_O", "IRT_L", {0: 1.0, 1: 2.0, 2: 3.0},
                                   {0: 5.0, 1: 6.0, 2: 7.0})]).save(tmp_path)  # judged now
     old = json.loads((tmp_path / "claims" / "C1.json").read_text())
-    for cid, measured in (("C5", "2026-11-29T23:10:00+00:00"), ("C7", None)):  # an earlier run; one without a date
-        saved = {**old, "id": cid, "line": f"**{cid}** earlier", "measured": measured}
+    for cid, measured, commit in (("C5", "2026-11-29T23:10:00+00:00", "0123456789ab"), ("C7", None, None)):
+        # an earlier run with its date and commit; one saved without either
+        saved = {**old, "id": cid, "line": f"**{cid}** earlier", "measured": measured, "commit": commit}
         (tmp_path / "claims" / f"{cid}.json").write_text(json.dumps({k: v for k, v in saved.items() if v is not None}))
     print_verdicts(tmp_path, started)
     lines = {line[4:6]: line for line in capsys.readouterr().out.splitlines() if line.startswith("- **C")}
     assert "earlier run" not in lines["C1"] and "**reproduced**" in lines["C1"]
-    assert "[from an earlier run (2026-11-29), not judged by this one: notebook 04_gradient_noise" in lines["C5"]
+    assert "[from an earlier run (2026-11-29, commit 0123456), not judged by this one: notebook 04_gradient_noise" in lines["C5"]
     assert "(date not recorded)" in lines["C7"] and "`make demo-full`" in lines["C7"]
     assert lines["C2"].endswith("not measured yet (notebook 02_train)")
     assert datetime.datetime.fromisoformat(json.loads((tmp_path / "claims" / "C1.json").read_text())["measured"])

@@ -31,6 +31,24 @@ def test_study_settings_merge_and_refuse_unknown_keys():
         study_settings(pretrain="imagenet")
     with pytest.raises(ConfigError, match="spreading term"):
         study_settings(pretrain=["ce_print", "snca_koleo_all"])  # KoLeo presupposes C3
+    for bad in (0, 1.5, True, "400", max(STUDY["max_iterations"], STUDY["vit"].get("max_iterations", 0)) + 1):
+        with pytest.raises(ConfigError, match="grid_iterations="):
+            study_settings(grid_iterations=bad)
+    assert study_settings(grid_iterations=None)["grid_iterations"] is None
+
+
+def test_study_plan_counts_the_grids_at_their_own_length_or_shares_irt_runs_at_the_vits():
+    from nbsrc.paper.study import study_plan
+
+    s = study_settings(claims=["C1", "C5", "C7"], grid_iterations=400)
+    plan = study_plan(s, vit_length=1200)
+    grid = plan.loc[[p for p in plan.index if p.startswith("claims β")][0]]
+    pools = plan.loc[[p for p in plan.index if p.startswith("claims poolings")][0]]
+    n, b = len(s["seeds_other"]), grid["images"] // (grid["runs"] * 400)
+    assert grid["runs"] == 6 * n and pools["runs"] == 4 * n and pools["images"] == 4 * n * 400 * b
+    shared = study_plan({**s, "grid_iterations": None}, vit_length=1200)
+    grid = shared.loc[[p for p in shared.index if p.startswith("claims β")][0]]
+    assert grid["runs"] == 4 * n and grid["images"] == 4 * n * 1200 * b  # its β = 0.5 cells are IRT_L and IRT_R
 
 
 def test_no_study_pretraining_candidate_but_the_demos_has_a_spreading_term():
@@ -106,6 +124,9 @@ def test_study_killed_halfway_continues_without_retraining_finished_runs(tmp_pat
     choices = json.loads((figs / "choices.json").read_text())
     assert choices["vit"]["length"] in (2, 4) and choices["vit"]["curves"]["lr 0.0001"][0][0] == 0
     assert choices["convnet"]["chosen"] == "lr 0.0001, BN eval"
+    grid_runs = [p for p in (runs / "glyphs").iterdir() if "_b0.3_lam0" in p.name]  # C5's, at its own length
+    assert grid_runs and all(json.loads((p / "config.json").read_text())["optim"]["iterations"] == 3
+                             for p in grid_runs)
     pre = choices["pretraining"]
     assert set(pre["candidates"]) == {"ce_print", "snca_print"} and (pre["chosen"] is None) == (pre["run"] == "none")
     for c, v in pre["candidates"].items():  # the rule: above random init in R@1 and not narrower in dim_90
@@ -126,6 +147,17 @@ def test_study_killed_halfway_continues_without_retraining_finished_runs(tmp_pat
     some = run_study(str(runs), str(tmp_path / "some"), data, **{**tiny_study_settings(), "claims": ["C1", "C6"]})
     assert list(some) == ["C1", "C6"] and trained == []  # a subset of the claims: the same runs
     assert not (tmp_path / "some" / "convnet_seeds.md").exists()  # C4's convnet was not asked for
+
+    fresh = tmp_path / "runs_c7"  # C7 alone, at its own length: no IRT_L/R runs, the earlier verdicts kept and marked
+    assert list(run_study(str(fresh), str(figs), data, **{**tiny_study_settings(), "claims": ["C7"]})) == ["C7"]
+    lengths = {p.name: json.loads((p / "config.json").read_text())["optim"]["iterations"]
+               for p in (fresh / "glyphs").iterdir() if p.name.startswith("claims_")}
+    assert len(lengths) == 2 * 1 + 1 and set(lengths.values()) == {0, 3}  # 2 poolings x 1 seed, and IRT_O
+    lines = {line[4:6]: line for line in (figs / "verdicts.md").read_text().splitlines() if line.startswith("- **C")}
+    assert "from an earlier run (" in lines["C1"] and ", commit " in lines["C1"] and "--set claims" in lines["C1"]
+    assert "earlier run" not in lines["C7"]
+    choices = json.loads((figs / "choices.json").read_text())
+    assert "recorded" in choices["convnet"] and "recorded" not in choices["vit"]
 
 
 def test_study_command_refuses_a_bad_setting_in_one_line_before_anything_runs(tmp_path, capsys):

@@ -276,13 +276,16 @@ class ClaimResult:
                                     for k, v in p.stats().items()}} for p in self.parts]}
 
     def save(self, figures_dir: str | Path = "figures") -> Path:
-        """Write ``<figures_dir>/claims/<id>.json`` (everything, per-seed values included, and the UTC time
-        it was judged, ``measured``) and ``.md``
+        """Write ``<figures_dir>/claims/<id>.json`` (everything, per-seed values included, the UTC time
+        it was judged, ``measured``, and the git commit, ``commit``) and ``.md``
         (the line and the table), then rewrite ``<figures_dir>/verdicts.md``; returns the JSON path."""
         out = Path(figures_dir) / "claims"
         path = out / f"{self.claim.id}.json"
         measured = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")  # when it was judged
-        text = json.dumps({**self.to_dict(), "measured": measured}, indent=1, ensure_ascii=False)
+        from nbsrc.provenance import provenance
+
+        commit = provenance().get("git_commit")
+        text = json.dumps({**self.to_dict(), "measured": measured, "commit": commit}, indent=1, ensure_ascii=False)
         write_text_atomic(path, text + "\n")
         write_text_atomic(out / f"{self.claim.id}.md", self.line() + "\n\n" + self.table().to_markdown() + "\n")
         write_verdicts(figures_dir)
@@ -459,11 +462,13 @@ def load_claims(figures_dir: str | Path = "figures") -> list[dict]:
     return sorted(found, key=lambda d: int(d["id"][1:]) if d["id"][1:].isdigit() else 10**6)
 
 
-def verdict_lines(figures_dir: str | Path = "figures", judged_since: float | None = None) -> list[str]:
+def verdict_lines(figures_dir: str | Path = "figures", judged_since: float | None = None,
+                  rerun: str = "notebook {notebook}, `make demo-full`") -> list[str]:
     """One markdown line per claim of :data:`CLAIMS`: its saved line (:func:`load_claims`), or "not
     measured yet". With ``judged_since`` (a ``time.time()``), a claim judged before it (by its UTC
     ``measured`` time, to the second; claims saved without one count as earlier) is marked as coming
-    from an earlier run."""
+    from an earlier run, with its date, its commit where saved, and ``rerun`` (what judges it again;
+    ``{notebook}`` and ``{id}`` are filled in)."""
     saved = {d["id"]: d for d in load_claims(figures_dir)}
     lines = []
     for cid, claim in CLAIMS.items():
@@ -473,16 +478,19 @@ def verdict_lines(figures_dir: str | Path = "figures", judged_since: float | Non
         line, measured = saved[cid]["line"], saved[cid].get("measured")
         if judged_since is not None and (
                 measured is None or datetime.datetime.fromisoformat(measured).timestamp() < int(judged_since)):
-            line += (f" [from an earlier run ({measured[:10] if measured else 'date not recorded'}), not judged by "
-                     f"this one: notebook {claim.notebook}, `make demo-full`]")
+            commit = saved[cid].get("commit")
+            line += (f" [from an earlier run ({measured[:10] if measured else 'date not recorded'}"
+                     f"{f', commit {commit[:7]}' if commit else ''}), not judged by this one: "
+                     f"{rerun.format(notebook=claim.notebook, id=cid)}]")
         lines.append(f"- {line}")
     return lines
 
 
-def write_verdicts(figures_dir: str | Path = "figures") -> Path:
+def write_verdicts(figures_dir: str | Path = "figures", judged_since: float | None = None,
+                   rerun: str = "notebook {notebook}, `make demo-full`") -> Path:
     """``<figures_dir>/verdicts.md``: the rule, then :func:`verdict_lines`."""
     lines = ["# The papers' claims: verdicts over seeds", "", f"Rule (fixed before the numbers): {RULE}", "",
-             *verdict_lines(figures_dir)]
+             *verdict_lines(figures_dir, judged_since, rerun)]
     return write_text_atomic(Path(figures_dir) / "verdicts.md", "\n".join(lines) + "\n")
 
 

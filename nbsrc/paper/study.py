@@ -29,6 +29,7 @@ from its checkpoint. Outputs go to ``<figures>/study/`` (:func:`run_study`)."""
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -141,6 +142,13 @@ STUDY: dict[str, Any] = dict(
     # margins, lambda 0 and the paper's 0.7), gamma logged at every iteration (IRT §3.5: averaged over all
     # training iterations); C7's poolings (IRT Table 9), each trained at beta 0.5, lambda 0.7.
     betas=[0.3, 0.5, 0.7], lams=[0.0, 0.7], grad_noise_log_every=1, poolings=["cls", "avg", "max", "gem"],
+    # The grids' length (issue: "at a length where their runs are above IRT_O on validation"): None trains them
+    # at the ViT's chosen length (their beta = 0.5 cells and C7's CLS run are then IRT_L and IRT_R themselves);
+    # an int trains them that long, checked on the ViT's selection curve (above its off-the-shelf R@1 on
+    # train_val, else C5 and C7 read untestable). 400: the first study's curve was 74.9 R@1 there against 55.0 off
+    # the shelf (54.9 at 200) and 88.2 at its length of 1,200; a third of the length brings the grids' 30 runs
+    # into a session (our reading: gamma is averaged over the grid run's own iterations, IRT 3.5).
+    grid_iterations=400,
     # precision: fp32 everywhere (bf16 autocast is used only where a 3-seed check shows the validation numbers
     # do not move; no such check yet). Runs at once: 2 on a CPU with 2+ cores.
     jobs="auto",
@@ -168,6 +176,10 @@ def study_settings(**overrides: Any) -> dict[str, Any]:
         raise ConfigError(f"claims={out['claims']!r} is invalid: expected a list of some of C1 ... C7")
     if len(out["seeds_main"]) < 1 or len(out["seeds_other"]) < 1:
         raise ConfigError("seeds_main and seeds_other need at least one seed each")
+    g = out["grid_iterations"]
+    if g is not None and (isinstance(g, bool) or not isinstance(g, int) or not 0 < g <= max_iterations(out, "vit")):
+        raise ConfigError(f"grid_iterations={g!r} is invalid: expected null (the ViT's chosen length) or an integer "
+                          f"from 1 to the ViT's selection length {max_iterations(out, 'vit')}")
     bad = [c for c in out["pretrain"] if c not in STUDY_PRETRAIN] if isinstance(out["pretrain"], list) else True
     if bad or not out["pretrain"]:
         raise ConfigError(f"pretrain={out['pretrain']!r} is invalid: expected a list of some of "
@@ -240,6 +252,7 @@ def study_plan(settings: dict, vit_length: int | None = None, convnet_length: in
     can pick). Divide ``images`` by a measured img/s for an estimate of the training time."""
     s = settings
     vl, cl = vit_length or max_iterations(s, "vit"), convnet_length or max_iterations(s, "convnet")
+    gl = s["grid_iterations"] or vl
     b = {**DEMO_DATA["glyphs"], **RECIPE, **s["overrides"]}["batch_size"]
     nm, no = len(s["seeds_main"]), len(s["seeds_other"])
     rows = []
@@ -250,14 +263,18 @@ def study_plan(settings: dict, vit_length: int | None = None, convnet_length: in
     for which in ("vit", "convnet") if "C4" in want else ("vit",):
         n = len(s[which]["candidates"])
         rows.append((f"selection {s[which]['name']}", n, n * max_iterations(s, which) * b))
-    grid = len(s["betas"]) * len(s["lams"]) - (2 if set(s["seeds_other"]) <= set(s["seeds_main"]) else 0)
+    shared = s["grid_iterations"] is None and set(s["seeds_other"]) <= set(s["seeds_main"])
+    grid = len(s["betas"]) * len(s["lams"]) - (2 if shared else 0)
+    pools = len(s["poolings"]) - (1 if shared else 0)
     rows.append(("claims ViT IRT_L/R (C1, C2, C3, C6)", 2 * nm, 2 * nm * vl * b))
     if "C4" in want:
         rows.append(("claims convnet IRT_L (C4)", no, no * cl * b))
     if "C5" in want:
-        rows.append(("claims β × λ grid (C5; its β = 0.5 cells are IRT_L/R)", grid * no, grid * no * vl * b))
+        rows.append((f"claims β × λ grid (C5; {'its β = 0.5 cells are IRT_L/R' if shared else f'{gl} iterations'})",
+                     grid * no, grid * no * gl * b))
     if "C7" in want:
-        rows.append(("claims poolings (C7)", (len(s["poolings"]) - 1) * no, (len(s["poolings"]) - 1) * no * vl * b))
+        rows.append((f"claims poolings (C7; {'CLS is IRT_R' if shared else f'{gl} iterations'})", pools * no,
+                     pools * no * gl * b))
     return pd.DataFrame(rows, columns=["phase", "runs", "images"]).set_index("phase")
 
 
@@ -416,7 +433,7 @@ def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", 
     from nbsrc.plots import save_figure
 
     s = study_settings(**settings)
-    jobs, figs, t0 = s["jobs"], Path(figures_dir), time.perf_counter()
+    jobs, figs, t0, started = s["jobs"], Path(figures_dir), time.perf_counter(), time.time()
     figs.mkdir(parents=True, exist_ok=True)
     plan = study_plan(s)
     say(f"at most {plan['runs'].sum()} trained runs, {plan['images'].sum() / 1e6:.2f} M training images "
@@ -439,7 +456,7 @@ def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", 
             f"shelf {c['off_the_shelf_val_r1']:.1f}); length {c['length']} iterations "
             f"({'flattened' if c['flattened'] else 'NOT flattened within ' + str(max_iterations(s, which))})")
     record = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()},
-              "pretraining": pretraining, "precision": "fp32", **chosen}
+              "pretraining": pretraining, "precision": "fp32", **earlier_choices(figs, set(chosen)), **chosen}
     write_text_atomic(figs / "choices.json", json.dumps(record, indent=1, ensure_ascii=False) + "\n")
     save_table(selection_table(chosen), "selection", figs)
     save_figure(learning_curves_figure(chosen), "learning_curves", figs)
@@ -451,27 +468,33 @@ def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", 
                             **{**c["fields"], "iterations": c["length"], **extra})
         return _named(cfg, f"claims_{which}")
 
-    # γ is logged on every ViT run, so the grid's β = 0.5 cells are IRT_L and IRT_R, and C7's CLS run is IRT_R
+    # γ is logged on every ViT run, so at the same length the grid's β = 0.5 cells are IRT_L and IRT_R, and C7's CLS
+    # run is IRT_R
     vit = final("vit", record_grad_noise=True, log_every=s["grad_noise_log_every"])
     irt = irt_variants(vit, vit.run.name)
-    say(f"the claims' runs: ViT IRT_O/L/R x {len(s['seeds_main'])} seeds (C1, C2, C3, C6)")
-    vit_runs = run_all(seed_variants(irt, s["seeds_main"]), jobs=jobs)
-    save_table(recall_over_seeds(vit_runs, ks=(1, 2, 4, 8)), "table3_irt_seeds", figs)
+    results = []
 
     def test_r1(runs: dict, label: str) -> dict:
         return {seed: run.recall["R@1"] for (lab, seed), run in runs.items() if lab == label}
 
-    why_vit = [cl.not_improved(vname, chosen["vit"]["off_the_shelf_val_r1"], chosen["vit"]["val_r1_at_length"]),
-               cl.not_improved(vname, test_r1(vit_runs, "IRT_O"), test_r1(vit_runs, "IRT_L"), "test")]
-    results = [*cl.fine_tuning_claims(vit_runs, vit, untestable=why_vit),
-               cl.similarity_claim(vit_runs, vit, untestable=why_vit)]
+    if not needs_irt_runs(s, chosen["vit"]["length"]):  # only C5 / C7 at their own length: IRT_O, evaluated
+        vit_runs = run_all(seed_variants({"IRT_O": irt["IRT_O"]}, s["seeds_other"]), jobs=jobs)
+    else:
+        say(f"the claims' runs: ViT IRT_O/L/R x {len(s['seeds_main'])} seeds (C1, C2, C3, C6)")
+        vit_runs = run_all(seed_variants(irt, s["seeds_main"]), jobs=jobs)
+        save_table(recall_over_seeds(vit_runs, ks=(1, 2, 4, 8)), "table3_irt_seeds", figs)
+        why_vit = [cl.not_improved(vname, chosen["vit"]["off_the_shelf_val_r1"], chosen["vit"]["val_r1_at_length"]),
+                   cl.not_improved(vname, test_r1(vit_runs, "IRT_O"), test_r1(vit_runs, "IRT_L"), "test")]
+        results += [*cl.fine_tuning_claims(vit_runs, vit, untestable=why_vit),
+                    cl.similarity_claim(vit_runs, vit, untestable=why_vit)]
     no_stand_in = "" if pretraining["chosen"] else (
         "no pretraining stand-in without a spreading term was above random init on train_val in R@1 with a "
         "spectrum as wide (" + ", ".join(f"{c} {v['val_r1']:.1f} R@1, dim_90 {v['dim_90']}"
                                         for c, v in pretraining["candidates"].items())
         + f"; random init {pretraining['random_init_val_r1']:.1f}, dim_90 {pretraining['random_init_dim_90']})")
-    results.append(cl.spectrum_claim(vit_runs, vit, model=f"{vname} ({pretraining['chosen'] or 'random init'})",
-                                     untestable=why_vit + [no_stand_in]))
+    if "IRT_L" in {lab for lab, _ in vit_runs}:
+        results.append(cl.spectrum_claim(vit_runs, vit, model=f"{vname} ({pretraining['chosen'] or 'random init'})",
+                                         untestable=why_vit + [no_stand_in]))
     if "C4" in want:
         cnn = final("convnet")
         say(f"the claims' runs: convnet IRT_O/L x {len(s['seeds_other'])} seeds (C4)")
@@ -485,43 +508,87 @@ def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", 
         fig3 = {((m, state[lab]), seed): run for m, rs in ((vname, vit_runs), (cname, cnn_runs))  # C4's runs
                 for (lab, seed), run in rs.items() if lab in state and seed in s["seeds_other"]}
         results.append(cl.backbone_collapse_claim(fig3, vname, cname, vit, untestable=why_vit + why_cnn))
+    if want & {"C5", "C7"}:
+        gvit, girt, why_grid = grid_base(s, chosen["vit"], vit, irt, final, vname)
+        say(f"the grids (C5, C7) at {gvit.optim.iterations} iterations")
     if "C5" in want:
-        b0 = f"β = {vit.loss.beta:g}"
-        shared = {f"{b0}, λ = 0": irt["IRT_L"], f"{b0}, λ = {vit.loss.lam:g}": irt["IRT_R"]}
-        grid = {label: shared.get(label, cfg) for label, cfg in beta_lambda_grid(vit, s["betas"], s["lams"]).items()}
+        b0 = f"β = {gvit.loss.beta:g}"
+        shared = {f"{b0}, λ = 0": girt["IRT_L"], f"{b0}, λ = {gvit.loss.lam:g}": girt["IRT_R"]}
+        grid = {label: shared.get(label, cfg) for label, cfg in beta_lambda_grid(gvit, s["betas"], s["lams"]).items()}
         say(f"the claims' runs: β x λ grid, {len(grid)} cells x {len(s['seeds_other'])} seeds (C5)")
         grid_runs = run_all(seed_variants(grid, s["seeds_other"]), jobs=jobs)
         first = s["seeds_other"][0]
         save_table(gradient_noise_table({label: grid_runs[(label, first)] for label in grid}), "fig4_gradient_noise",
                    figs)
-        results.append(cl.gradient_noise_claim(grid_runs, s["betas"], s["lams"], vit, untestable=why_vit))
+        why = why_grid + [cl.not_improved(f"{vname} at {gvit.optim.iterations} iterations", test_r1(vit_runs, "IRT_O"),
+                                          test_r1(grid_runs, f"{b0}, λ = 0"), "test")]
+        results.append(cl.gradient_noise_claim(grid_runs, s["betas"], s["lams"], gvit, untestable=why))
     if "C7" in want:
-        pool = pooling_variants(irt["IRT_R"], s["poolings"])
+        pool = pooling_variants(girt["IRT_R"], s["poolings"])
         say(f"the claims' runs: {len(pool)} poolings x {len(s['seeds_other'])} seeds (C7)")
         pool_runs = run_all(seed_variants(pool, s["seeds_other"]), jobs=jobs)
         save_table(recall_over_seeds(pool_runs, ks=(1,)), "table9_pooling_seeds", figs)
-        results.append(cl.pooling_claim(pool_runs, vit, untestable=why_vit))
+        why = why_grid + [cl.not_improved(f"{vname} at {gvit.optim.iterations} iterations", test_r1(vit_runs, "IRT_O"),
+                                          test_r1(pool_runs, gvit.model.pooling), "test")]
+        results.append(cl.pooling_claim(pool_runs, gvit, untestable=why))
     results = sorted((r for r in results if r.claim.id in want), key=lambda r: int(r.claim.id[1:]))
     for r in results:
         r.save(figs)
         say(r.line())
-    write_study_verdicts(figs, record, time.perf_counter() - t0)
+    write_study_verdicts(figs, record, time.perf_counter() - t0, started)
     say(f"done in {(time.perf_counter() - t0) / 60:.1f} min; verdicts in {figs / 'verdicts.md'}")
     return {r.claim.id: r.verdict for r in results}
 
 
-def write_study_verdicts(figs: Path, record: dict, seconds: float) -> Path:
+def needs_irt_runs(settings: dict, vit_length: int) -> bool:
+    """Whether the claims asked for need the ViT's IRT_L and IRT_R over ``seeds_main`` at its chosen length:
+    C1, C2, C3, C4 and C6 do, and C5 and C7 when their grids share those runs (``grid_iterations`` None or
+    the length). C5 and C7 alone at their own length need only IRT_O (the test classes' floor)."""
+    want, gl = set(settings["claims"]), settings["grid_iterations"]
+    return bool(want & {"C1", "C2", "C3", "C4", "C6"}) or gl is None or gl == vit_length
+
+
+def earlier_choices(figs: Path, selected: set[str]) -> dict:
+    """The backbone records (``"convnet"``, ``"vit"``) of ``<figs>/choices.json`` that this invocation did not
+    select again, each marked with the time of that file (``"recorded"``): a study of C5 alone keeps the
+    convnet's choice that an earlier one made for C4."""
+    path = figs / "choices.json"
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    stamp = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).isoformat(timespec="seconds")
+    return {k: old[k] if "recorded" in old[k] else {"recorded": stamp, **old[k]}
+            for k in ("vit", "convnet") if k in old and k not in selected}
+
+
+def grid_base(settings: dict, vit_choice: dict, vit: ExperimentConfig, irt: dict, final, vname: str):
+    """The base of C5's and C7's grids at ``settings["grid_iterations"]``: ``(config, its IRT variants, why
+    untestable)``. At the ViT's chosen length (None, or equal to it) they are the claims' ``vit`` and ``irt``
+    (shared runs); otherwise ``final("vit", ...)`` at that length, untestable where the selection curve of
+    the chosen ViT recipe is not above its off-the-shelf R@1 on ``train_val`` there."""
+    from nbsrc.paper import claims as cl
+    from nbsrc.paper.grids import irt_variants
+
+    gl = settings["grid_iterations"]
+    if gl is None or gl == vit.optim.iterations:
+        return vit, irt, [cl.not_improved(vname, vit_choice["off_the_shelf_val_r1"], vit_choice["val_r1_at_length"])]
+    gvit = final("vit", record_grad_noise=True, log_every=settings["grad_noise_log_every"], iterations=gl)
+    girt = {k: v for k, v in irt_variants(gvit, gvit.run.name).items() if k != "IRT_O"}
+    at = _at(vit_choice["curves"][vit_choice["chosen"]], gl)
+    return gvit, girt, [cl.not_improved(f"{vname} at {gl} iterations", vit_choice["off_the_shelf_val_r1"], at)]
+
+
+def write_study_verdicts(figs: Path, record: dict, seconds: float, started: float | None = None) -> Path:
     """``<figs>/verdicts.md``: when, on which commit and machine (the CPU, whether it has native bf16,
     avx512_bf16 or amx_bf16), the choices in one line each, then the verdicts
-    (:func:`nbsrc.paper.claims.write_verdicts`)."""
-    import datetime
-
+    (:func:`nbsrc.paper.claims.write_verdicts`); a claim judged before ``started`` (a ``time.time()``) by an
+    earlier invocation is marked so, with its date and commit."""
     from nbsrc.paper.claims import write_verdicts
     from nbsrc.paper.reporting import write_text_atomic
     from nbsrc.provenance import provenance
 
     prov = provenance()
-    path = write_verdicts(figs)
+    path = write_verdicts(figs, started, rerun="`python -m nbsrc study --set claims '[\"{id}\"]'`")
     head = ["# The study's verdicts (`make study`)", "",
             f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
             f"- commit: {prov['git_commit']}",
@@ -539,5 +606,10 @@ def write_study_verdicts(figs: Path, record: dict, seconds: float) -> Path:
         head.append(f"- {c['backbone']}: {c['chosen']} chosen on train_val ({c['candidates'][c['chosen']]:.1f} R@1; "
                     f"off the shelf {c['off_the_shelf_val_r1']:.1f}); {c['length']} iterations "
                     f"({'flattened' if c['flattened'] else 'not flattened'}; {c['val_r1_at_length']:.1f} R@1 there)")
+    st = record["settings"]
+    if {"C5", "C7"} & set(st["claims"]):
+        gl = st["grid_iterations"]
+        head.append(f"- grids (C5, C7): {f'{gl} iterations' if gl else 'at the ViT chosen length'}, seeds "
+                    f"{', '.join(map(str, st['seeds_other']))}")
     body = path.read_text().split("\n", 1)[1]
     return write_text_atomic(path, "\n".join(head) + "\n" + body)
