@@ -49,6 +49,20 @@ def test_study_plan_counts_the_grids_at_their_own_length_or_shares_irt_runs_at_t
     shared = study_plan({**s, "grid_iterations": None}, vit_length=1200)
     grid = shared.loc[[p for p in shared.index if p.startswith("claims β")][0]]
     assert grid["runs"] == 4 * n and grid["images"] == 4 * n * 1200 * b  # its β = 0.5 cells are IRT_L and IRT_R
+    assert plan.loc["claims ViT IRT_L/IRT_R", "runs"] == 2 * len(s["seeds_main"])  # C1 asks for the main seeds
+
+
+def test_a_study_of_some_claims_trains_only_the_irt_runs_they_compare():
+    from nbsrc.paper.study import irt_runs_needed
+
+    main, other = STUDY["seeds_main"], STUDY["seeds_other"]
+    for claims, grid, want in ((["C2"], 400, (["IRT_O", "IRT_L", "IRT_R"], main)),
+                               (["C4"], 400, (["IRT_O", "IRT_L"], other)),
+                               (["C5", "C7"], 400, (["IRT_O"], other)),  # the grids at their own length
+                               (["C7"], None, (["IRT_O", "IRT_L", "IRT_R"], other)),  # CLS is IRT_R itself
+                               (["C5"], 1200, (["IRT_O", "IRT_L", "IRT_R"], other))):  # the ViT's length
+        assert irt_runs_needed(study_settings(claims=claims, grid_iterations=grid), 1200) == want, claims
+    assert study_settings(pretrain=[])["pretrain"] == []  # none tried: the ViT from random init
 
 
 def test_no_study_pretraining_candidate_but_the_demos_has_a_spreading_term():
@@ -149,13 +163,15 @@ def test_study_killed_halfway_continues_without_retraining_finished_runs(tmp_pat
     assert not (tmp_path / "some" / "convnet_seeds.md").exists()  # C4's convnet was not asked for
 
     fresh = tmp_path / "runs_c7"  # C7 alone, at its own length: no IRT_L/R runs, the earlier verdicts kept and marked
-    assert list(run_study(str(fresh), str(figs), data, **{**tiny_study_settings(), "claims": ["C7"]})) == ["C7"]
+    only = {**tiny_study_settings(), "claims": ["C7"], "pretrain": []}  # none tried: the ViT from random init
+    assert list(run_study(str(fresh), str(figs), data, **only)) == ["C7"]
     lengths = {p.name: json.loads((p / "config.json").read_text())["optim"]["iterations"]
                for p in (fresh / "glyphs").iterdir() if p.name.startswith("claims_")}
     assert len(lengths) == 2 * 1 + 1 and set(lengths.values()) == {0, 3}  # 2 poolings x 1 seed, and IRT_O
     lines = {line[4:6]: line for line in (figs / "verdicts.md").read_text().splitlines() if line.startswith("- **C")}
     assert "from an earlier run (" in lines["C1"] and ", commit " in lines["C1"] and "--set claims" in lines["C1"]
     assert "earlier run" not in lines["C7"]
+    assert "pretraining: none tried (pretrain=[]; random init" in (figs / "verdicts.md").read_text()
     choices = json.loads((figs / "choices.json").read_text())
     assert "recorded" in choices["convnet"] and "recorded" not in choices["vit"]
 

@@ -181,9 +181,9 @@ def study_settings(**overrides: Any) -> dict[str, Any]:
         raise ConfigError(f"grid_iterations={g!r} is invalid: expected null (the ViT's chosen length) or an integer "
                           f"from 1 to the ViT's selection length {max_iterations(out, 'vit')}")
     bad = [c for c in out["pretrain"] if c not in STUDY_PRETRAIN] if isinstance(out["pretrain"], list) else True
-    if bad or not out["pretrain"]:
+    if bad:
         raise ConfigError(f"pretrain={out['pretrain']!r} is invalid: expected a list of some of "
-                          f"{', '.join(STUDY_PRETRAIN)}")
+                          f"{', '.join(STUDY_PRETRAIN)} (an empty list: none tried, the ViT from random init)")
     spread = [c for c in out["pretrain"] if STUDY_PRETRAIN[c]["lam"] > 0]
     if spread:
         raise ConfigError(f"pretrain={out['pretrain']!r}: {', '.join(spread)} has a spreading term (KoLeo), which "
@@ -254,7 +254,7 @@ def study_plan(settings: dict, vit_length: int | None = None, convnet_length: in
     vl, cl = vit_length or max_iterations(s, "vit"), convnet_length or max_iterations(s, "convnet")
     gl = s["grid_iterations"] or vl
     b = {**DEMO_DATA["glyphs"], **RECIPE, **s["overrides"]}["batch_size"]
-    nm, no = len(s["seeds_main"]), len(s["seeds_other"])
+    no = len(s["seeds_other"])
     rows = []
     for c in s["pretrain"]:
         f = {**STUDY_PRETRAIN[c], **s["pretrain_overrides"]}
@@ -263,10 +263,13 @@ def study_plan(settings: dict, vit_length: int | None = None, convnet_length: in
     for which in ("vit", "convnet") if "C4" in want else ("vit",):
         n = len(s[which]["candidates"])
         rows.append((f"selection {s[which]['name']}", n, n * max_iterations(s, which) * b))
-    shared = s["grid_iterations"] is None and set(s["seeds_other"]) <= set(s["seeds_main"])
+    labels, seeds = irt_runs_needed(s, vl)
+    shared = gl == vl and set(s["seeds_other"]) <= set(seeds)  # the β = 0.5 cells and CLS are IRT_L/R runs
     grid = len(s["betas"]) * len(s["lams"]) - (2 if shared else 0)
     pools = len(s["poolings"]) - (1 if shared else 0)
-    rows.append(("claims ViT IRT_L/R (C1, C2, C3, C6)", 2 * nm, 2 * nm * vl * b))
+    trained = [k for k in labels if k != "IRT_O"]
+    if trained:
+        rows.append((f"claims ViT {'/'.join(trained)}", len(trained) * len(seeds), len(trained) * len(seeds) * vl * b))
     if "C4" in want:
         rows.append(("claims convnet IRT_L (C4)", no, no * cl * b))
     if "C5" in want:
@@ -477,22 +480,23 @@ def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", 
     def test_r1(runs: dict, label: str) -> dict:
         return {seed: run.recall["R@1"] for (lab, seed), run in runs.items() if lab == label}
 
-    if not needs_irt_runs(s, chosen["vit"]["length"]):  # only C5 / C7 at their own length: IRT_O, evaluated
-        vit_runs = run_all(seed_variants({"IRT_O": irt["IRT_O"]}, s["seeds_other"]), jobs=jobs)
-    else:
-        say(f"the claims' runs: ViT IRT_O/L/R x {len(s['seeds_main'])} seeds (C1, C2, C3, C6)")
-        vit_runs = run_all(seed_variants(irt, s["seeds_main"]), jobs=jobs)
+    labels, seeds = irt_runs_needed(s, chosen["vit"]["length"])
+    say(f"the claims' runs: ViT {'/'.join(labels)} x {len(seeds)} seeds")
+    vit_runs = run_all(seed_variants({k: irt[k] for k in labels}, seeds), jobs=jobs)
+    if "IRT_L" in labels:
         save_table(recall_over_seeds(vit_runs, ks=(1, 2, 4, 8)), "table3_irt_seeds", figs)
         why_vit = [cl.not_improved(vname, chosen["vit"]["off_the_shelf_val_r1"], chosen["vit"]["val_r1_at_length"]),
                    cl.not_improved(vname, test_r1(vit_runs, "IRT_O"), test_r1(vit_runs, "IRT_L"), "test")]
+    if want & {"C1", "C2", "C6"}:
         results += [*cl.fine_tuning_claims(vit_runs, vit, untestable=why_vit),
                     cl.similarity_claim(vit_runs, vit, untestable=why_vit)]
-    no_stand_in = "" if pretraining["chosen"] else (
+    no_stand_in = "" if pretraining["chosen"] else "no pretraining candidate was tried (pretrain=[])" if not (
+        pretraining["candidates"]) else (
         "no pretraining stand-in without a spreading term was above random init on train_val in R@1 with a "
         "spectrum as wide (" + ", ".join(f"{c} {v['val_r1']:.1f} R@1, dim_90 {v['dim_90']}"
                                         for c, v in pretraining["candidates"].items())
         + f"; random init {pretraining['random_init_val_r1']:.1f}, dim_90 {pretraining['random_init_dim_90']})")
-    if "IRT_L" in {lab for lab, _ in vit_runs}:
+    if "C3" in want:
         results.append(cl.spectrum_claim(vit_runs, vit, model=f"{vname} ({pretraining['chosen'] or 'random init'})",
                                          untestable=why_vit + [no_stand_in]))
     if "C4" in want:
@@ -540,12 +544,17 @@ def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", 
     return {r.claim.id: r.verdict for r in results}
 
 
-def needs_irt_runs(settings: dict, vit_length: int) -> bool:
-    """Whether the claims asked for need the ViT's IRT_L and IRT_R over ``seeds_main`` at its chosen length:
-    C1, C2, C3, C4 and C6 do, and C5 and C7 when their grids share those runs (``grid_iterations`` None or
-    the length). C5 and C7 alone at their own length need only IRT_O (the test classes' floor)."""
+def irt_runs_needed(settings: dict, vit_length: int | None = None) -> tuple[list[str], list[int]]:
+    """The ViT's IRT runs at its chosen length ``vit_length`` that the claims asked for need: ``(labels,
+    seeds)``. C1, C2, C3 and C6: IRT_O, IRT_L and IRT_R over ``seeds_main``; otherwise over ``seeds_other``:
+    IRT_O (the test classes' floor), IRT_L for C4, and IRT_L and IRT_R for C5 and C7 when their grids share
+    those runs (``grid_iterations`` None or the length)."""
     want, gl = set(settings["claims"]), settings["grid_iterations"]
-    return bool(want & {"C1", "C2", "C3", "C4", "C6"}) or gl is None or gl == vit_length
+    if want & {"C1", "C2", "C3", "C6"}:
+        return ["IRT_O", "IRT_L", "IRT_R"], list(settings["seeds_main"])
+    shared = bool(want & {"C5", "C7"}) and (gl is None or gl == vit_length)
+    labels = ["IRT_O"] + (["IRT_L"] if "C4" in want or shared else []) + (["IRT_R"] if shared else [])
+    return labels, list(settings["seeds_other"])
 
 
 def earlier_choices(figs: Path, selected: set[str]) -> dict:
@@ -587,7 +596,7 @@ def write_study_verdicts(figs: Path, record: dict, seconds: float, started: floa
     from nbsrc.paper.reporting import write_text_atomic
     from nbsrc.provenance import provenance
 
-    prov = provenance()
+    prov, pre = provenance(), record["pretraining"]
     path = write_verdicts(figs, started, rerun="`python -m nbsrc study --set claims '[\"{id}\"]'`")
     head = ["# The study's verdicts (`make study`)", "",
             f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
@@ -595,10 +604,11 @@ def write_study_verdicts(figs: Path, record: dict, seconds: float, started: floa
             (f"- machine: {prov['machine']['cpu']}, {os.cpu_count()} cores, native bf16 (avx512_bf16 or amx_bf16): "
              f"{'yes' if cpu_has_native_bf16() else 'no'}; GPU: {prov['machine']['gpu'] or 'none'}"),
             f"- wall time of this invocation: {seconds / 60:.1f} min (finished runs reused count as 0)",
-            f"- precision: {record['precision']}; pretraining: {record['pretraining']['chosen'] or 'none usable'} "
-            f"({record['pretraining']['run']}; train_val R@1 off the shelf: "
-            + ", ".join(f"{c} {v['val_r1']:.1f}" for c, v in record["pretraining"]["candidates"].items())
-            + f", random init {record['pretraining']['random_init_val_r1']:.1f})"]
+            f"- precision: {record['precision']}; pretraining: "
+            + (f"{pre['chosen'] or 'none usable'} ({pre['run']}; train_val R@1 off the shelf: "
+               + ", ".join(f"{c} {v['val_r1']:.1f}" for c, v in pre["candidates"].items()) + ", "
+               if pre["candidates"] else "none tried (pretrain=[]; ")
+            + f"random init {pre['random_init_val_r1']:.1f})"]
     for which in ("vit", "convnet"):
         if which not in record:
             continue
