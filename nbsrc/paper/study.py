@@ -264,7 +264,7 @@ def study_plan(settings: dict, vit_length: int | None = None, convnet_length: in
         n = len(s[which]["candidates"])
         rows.append((f"selection {s[which]['name']}", n, n * max_iterations(s, which) * b))
     labels, seeds = irt_runs_needed(s, vl)
-    shared = gl == vl and set(s["seeds_other"]) <= set(seeds)  # the β = 0.5 cells and CLS are IRT_L/R runs
+    shared = grids_share_irt_runs(s, vl) and set(s["seeds_other"]) <= set(seeds)
     grid = len(s["betas"]) * len(s["lams"]) - (2 if shared else 0)
     pools = len(s["poolings"]) - (1 if shared else 0)
     trained = [k for k in labels if k != "IRT_O"]
@@ -544,15 +544,21 @@ def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", 
     return {r.claim.id: r.verdict for r in results}
 
 
+def grids_share_irt_runs(settings: dict, vit_length: int) -> bool:
+    """Whether C5's and C7's grids train at the ViT's chosen length ``vit_length`` (``grid_iterations`` None or
+    equal to it), so that their β = 0.5 cells and C7's CLS run are the IRT_L and IRT_R runs themselves."""
+    return settings["grid_iterations"] in (None, vit_length)
+
+
 def irt_runs_needed(settings: dict, vit_length: int | None = None) -> tuple[list[str], list[int]]:
     """The ViT's IRT runs at its chosen length ``vit_length`` that the claims asked for need: ``(labels,
     seeds)``. C1, C2, C3 and C6: IRT_O, IRT_L and IRT_R over ``seeds_main``; otherwise over ``seeds_other``:
     IRT_O (the test classes' floor), IRT_L for C4, and IRT_L and IRT_R for C5 and C7 when their grids share
     those runs (``grid_iterations`` None or the length)."""
-    want, gl = set(settings["claims"]), settings["grid_iterations"]
+    want = set(settings["claims"])
     if want & {"C1", "C2", "C3", "C6"}:
         return ["IRT_O", "IRT_L", "IRT_R"], list(settings["seeds_main"])
-    shared = bool(want & {"C5", "C7"}) and (gl is None or gl == vit_length)
+    shared = bool(want & {"C5", "C7"}) and grids_share_irt_runs(settings, vit_length)
     labels = ["IRT_O"] + (["IRT_L"] if "C4" in want or shared else []) + (["IRT_R"] if shared else [])
     return labels, list(settings["seeds_other"])
 
@@ -579,7 +585,7 @@ def grid_base(settings: dict, vit_choice: dict, vit: ExperimentConfig, irt: dict
     from nbsrc.paper.grids import irt_variants
 
     gl = settings["grid_iterations"]
-    if gl is None or gl == vit.optim.iterations:
+    if grids_share_irt_runs(settings, vit.optim.iterations):
         return vit, irt, [cl.not_improved(vname, vit_choice["off_the_shelf_val_r1"], vit_choice["val_r1_at_length"])]
     gvit = final("vit", record_grad_noise=True, log_every=settings["grad_noise_log_every"], iterations=gl)
     girt = {k: v for k, v in irt_variants(gvit, gvit.run.name).items() if k != "IRT_O"}
