@@ -187,6 +187,45 @@ def test_study_command_refuses_a_bad_setting_in_one_line_before_anything_runs(tm
     assert not (tmp_path / "r").exists() and not (tmp_path / "f").exists()
 
 
+HOLD = """
+import sys
+from nbsrc import locking
+locking.acquire(sys.argv[1], "written by a study", "--figures-dir")
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_second_study_into_the_same_figures_dir_stops_in_one_line_and_touches_nothing(tmp_path, capsys):
+    """A live study holds its ``--figures-dir``'s lock (here a process holding it as run_study does); a second
+    study into it stops in one line naming that process, before any run or file; once the holder is gone
+    (SIGKILLed: its lock file stays, unlocked) the lock is free again."""
+    import signal
+    import subprocess
+    import sys
+
+    from nbsrc import locking
+    from nbsrc.__main__ import main
+
+    figs = tmp_path / "f"
+    figs.mkdir()
+    (figs / "verdicts.md").write_text("an earlier study's verdicts\n")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(figs)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["study", "--runs-dir", str(tmp_path / "r"), "--figures-dir", str(figs)]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: {figs} is being written by a study by process {holder.pid}; wait for it or choose "
+                       "another --figures-dir\n"), err
+        assert not (tmp_path / "r").exists() and [p.name for p in figs.iterdir()] == ["verdicts.md"]
+        assert (figs / "verdicts.md").read_text() == "an earlier study's verdicts\n"
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert not locking.held_elsewhere(figs)
+
+
 def test_demo_prints_the_studys_verdicts_marked_as_the_studys_with_date_and_commit(tmp_path, capsys):
     from nbsrc.paper.demo import print_study_verdicts
 

@@ -413,6 +413,30 @@ def learning_curves_figure(chosen: dict[str, dict]):
 
 def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", data_root: str | None = None,
               **settings: Any) -> dict:
+    """:func:`_run_study` (the contract) by one process per ``figures_dir``: it holds that folder's lock
+    (:mod:`nbsrc.locking`, ``.<name>.lock`` beside it) from before its first write to its last, so a second
+    study into the same ``figures_dir`` stops with the one-line :class:`~nbsrc.errors.RunDirError`
+    ``<figures_dir> is being written by a study by process <PID>; wait for it or choose another
+    --figures-dir`` and touches nothing. (Each writes ``choices.json`` and ``verdicts.md`` whole; two at
+    once would leave the last one's. Their runs are locked one by one, :func:`nbsrc.train.prepare_run_dir`.)"""
+    from nbsrc import locking
+
+    s = study_settings(**settings)  # a nonsense setting is said before any lock or folder
+    figs, doing = Path(figures_dir), ("written by a study", "--figures-dir")
+    locking.check_free(figs, *doing)
+    try:
+        figs.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"{figs} cannot be made: a file is on its way ({figs.parent}); "
+                          "choose another --figures-dir") from None
+    locking.acquire(figs, *doing)
+    try:
+        return _run_study(runs_dir, figures_dir, data_root, **s)
+    finally:
+        locking.release(figs)
+
+
+def _run_study(runs_dir: str, figures_dir: str, data_root: str | None, **settings: Any) -> dict:
     """The study, resumable (every run is reused by its config; a run killed mid-training resumes from its
     checkpoint), with a progress line per phase. ``settings``: over :data:`STUDY` (:func:`study_settings`).
 
