@@ -470,9 +470,9 @@ def _run_study(runs_dir: str, figures_dir: str, data_root: str | None, **setting
     pretraining = pretraining_choice(s, runs_dir, data_root, jobs)
     save_table(pretraining.pop("table"), "pretraining", figs)
     pre_dir = pretraining["run"]
+    none = ": the ViT is fine-tuned from random init, C3 and C4 untestable"
     say(f"pretraining: {pretraining['chosen'] or 'none usable'} ({json.dumps(pretraining['candidates'])}; random init "
-        f"{pretraining['random_init_val_r1']:.1f} R@1)" + ("" if pretraining["chosen"] else
-                                                            ": the ViT is fine-tuned from random init, C3 untestable"))
+        f"{pretraining['random_init_val_r1']:.1f} R@1)" + ("" if pretraining["chosen"] else none))
     chosen, want = {}, set(s["claims"])
     for which in ("vit", "convnet") if "C4" in want else ("vit",):
         say(f"selection of {s[which]['name']}'s recipe and length on train_val: {len(s[which]['candidates'])} "
