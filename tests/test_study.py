@@ -59,7 +59,7 @@ def test_a_study_of_some_claims_trains_only_the_irt_runs_they_compare():
     for claims, grid, want in ((["C2"], 400, (["IRT_O", "IRT_L", "IRT_R"], main)),
                                (["C4"], 400, (["IRT_O", "IRT_L"], other)),
                                (["C5", "C7"], 400, (["IRT_O"], other)),  # the grids at their own length
-                               (["C7"], None, (["IRT_O", "IRT_L", "IRT_R"], other)),  # CLS is IRT_R itself
+                               (["C7"], None, (["IRT_O", "IRT_L"], other)),  # CLS is IRT_L itself (Table 9)
                                (["C5"], 1200, (["IRT_O", "IRT_L", "IRT_R"], other))):  # the ViT's length
         assert irt_runs_needed(study_settings(claims=claims, grid_iterations=grid), 1200) == want, claims
     assert study_settings(pretrain=[])["pretrain"] == []  # none tried: the ViT from random init
