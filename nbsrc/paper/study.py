@@ -554,7 +554,7 @@ def _run_study(runs_dir: str, figures_dir: str, data_root: str | None, **setting
         save_table(gradient_noise_table({label: grid_runs[(label, first)] for label in grid}), "fig4_gradient_noise",
                    figs)
         # every cell C5 compares is a fine-tuned model: each must be above IRT_O on the test classes
-        why = why_grid + [cl.not_improved(f"{vname} ({label}) at {gvit.optim.iterations} iterations",
+        why = why_grid + [cl.not_improved(f"{vname} ({label}, {gvit.optim.iterations} iterations)",
                                           test_r1(vit_runs, "IRT_O"), test_r1(grid_runs, label), "test")
                           for label in grid]
         results.append(cl.gradient_noise_claim(grid_runs, s["betas"], s["lams"], gvit, untestable=why))
@@ -569,7 +569,7 @@ def _run_study(runs_dir: str, figures_dir: str, data_root: str | None, **setting
         say(f"off the shelf: {len(off)} poolings x {len(s['seeds_other'])} seeds (C7; evaluation only)")
         off_runs = run_all(seed_variants(off, s["seeds_other"]), jobs=jobs)
         save_table(recall_over_seeds(off_runs, ks=(1,)), "table9_pooling_off_the_shelf", figs)
-        why = why_grid + [cl.not_improved(f"{vname} with {p} pooling at {gvit.optim.iterations} iterations",
+        why = why_grid + [cl.not_improved(f"{vname} ({p} pooling, {gvit.optim.iterations} iterations)",
                                           test_r1(off_runs, p), test_r1(pool_runs, p), "test") for p in pool]
         results.append(cl.pooling_claim(pool_runs, girt["IRT_L"], untestable=why))
     results = sorted((r for r in results if r.claim.id in want), key=lambda r: int(r.claim.id[1:]))
@@ -627,7 +627,7 @@ def grid_base(settings: dict, vit_choice: dict, vit: ExperimentConfig, irt: dict
     gvit = final("vit", record_grad_noise=True, log_every=settings["grad_noise_log_every"], iterations=gl)
     girt = {k: v for k, v in irt_variants(gvit, gvit.run.name).items() if k != "IRT_O"}
     at = _at(vit_choice["curves"][vit_choice["chosen"]], gl)
-    return gvit, girt, [cl.not_improved(f"{vname} at {gl} iterations", vit_choice["off_the_shelf_val_r1"], at)]
+    return gvit, girt, [cl.not_improved(f"{vname} ({gl} iterations)", vit_choice["off_the_shelf_val_r1"], at)]
 
 
 def write_study_verdicts(figs: Path, record: dict, seconds: float, started: float | None = None) -> Path:
