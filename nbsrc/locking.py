@@ -29,6 +29,8 @@ import errno
 import fcntl
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from nbsrc.errors import RunDirError
@@ -151,3 +153,23 @@ def release(target: str | Path) -> None:
     except FileNotFoundError:
         pass
     os.close(fd)
+
+
+@contextmanager
+def holding(target: str | Path, doing: str, flag: str) -> Iterator[Path]:
+    """Hold ``target``'s lock for the ``with`` block (an index build, a study's figures folder): a live
+    holder elsewhere is said first (:func:`check_free`, before any folder is made), then the folder that
+    holds ``target`` is made (a file in its way: a one-line :class:`RunDirError` naming ``flag``), the lock
+    taken (:func:`acquire`) and released at the end, however the block ends."""
+    target = Path(target)
+    check_free(target, doing, flag)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise RunDirError(f"{target} cannot be made: a file is on its way ({target.parent}); "
+                          f"choose another {flag}") from None
+    acquire(target, doing, flag)
+    try:
+        yield target
+    finally:
+        release(target)

@@ -231,6 +231,21 @@ def test_a_second_study_into_the_same_figures_dir_stops_in_one_line_and_touches_
     assert not locking.held_elsewhere(figs)
 
 
+def test_a_study_whose_figures_dir_cannot_be_made_stops_in_one_line_and_leaves_nothing(tmp_path, capsys):
+    """A file where the --figures-dir's folder should be: one line naming it and the flag; nothing made, no
+    lock file left behind (nbsrc.locking.holding, shared with the index build)."""
+    from nbsrc.__main__ import main
+
+    (tmp_path / "notes").write_text("a file, not a folder\n")
+    figs = tmp_path / "notes" / "study"
+    assert main(["study", "--runs-dir", str(tmp_path / "r"), "--figures-dir", str(figs)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {figs} cannot be made: a file is on its way ({tmp_path / 'notes'}); choose another "
+                   "--figures-dir\n"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+    assert (tmp_path / "notes").read_text() == "a file, not a folder\n"
+
+
 def test_demo_prints_the_studys_verdicts_marked_as_the_studys_with_date_and_commit(tmp_path, capsys):
     from nbsrc.paper.demo import print_study_verdicts
 

@@ -422,18 +422,8 @@ def run_study(runs_dir: str = "runs/study", figures_dir: str = "figures/study", 
     from nbsrc import locking
 
     s = study_settings(**settings)  # a nonsense setting is said before any lock or folder
-    figs, doing = Path(figures_dir), ("written by a study", "--figures-dir")
-    locking.check_free(figs, *doing)
-    try:
-        figs.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ConfigError(f"{figs} cannot be made: a file is on its way ({figs.parent}); "
-                          "choose another --figures-dir") from None
-    locking.acquire(figs, *doing)
-    try:
+    with locking.holding(figures_dir, "written by a study", "--figures-dir"):
         return _run_study(runs_dir, figures_dir, data_root, **s)
-    finally:
-        locking.release(figs)
 
 
 def _run_study(runs_dir: str, figures_dir: str, data_root: str | None, **settings: Any) -> dict:
@@ -472,9 +462,9 @@ def _run_study(runs_dir: str, figures_dir: str, data_root: str | None, **setting
     pretraining = pretraining_choice(s, runs_dir, data_root, jobs)
     save_table(pretraining.pop("table"), "pretraining", figs)
     pre_dir = pretraining["run"]
-    none = ": the ViT is fine-tuned from random init, C3 and C4 untestable"
+    from_scratch = "" if pretraining["chosen"] else ": the ViT is fine-tuned from random init, C3 and C4 untestable"
     say(f"pretraining: {pretraining['chosen'] or 'none usable'} ({json.dumps(pretraining['candidates'])}; random init "
-        f"{pretraining['random_init_val_r1']:.1f} R@1)" + ("" if pretraining["chosen"] else none))
+        f"{pretraining['random_init_val_r1']:.1f} R@1){from_scratch}")
     chosen, want = {}, set(s["claims"])
     for which in ("vit", "convnet") if "C4" in want else ("vit",):
         say(f"selection of {s[which]['name']}'s recipe and length on train_val: {len(s[which]['candidates'])} "

@@ -311,18 +311,8 @@ class Index:
         build into an ``out_dir`` that another live process is building stops with the one-line
         :class:`~nbsrc.errors.RunDirError` ``<out_dir> is being built by process <PID>; wait for it or
         choose another --out`` and touches nothing."""
-        out = Path(out_dir)
-        locking.check_free(out, "built", "--out")
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError):
-            raise RunDirError(f"{out} cannot be made: a file is on its way ({out.parent}); "
-                              "choose another --out") from None
-        locking.acquire(out, "built", "--out")
-        try:
+        with locking.holding(out_dir, "built", "--out") as out:
             return cls._build(model, images, out, **options)
-        finally:
-            locking.release(out)
 
     @classmethod
     def _build(cls, model: EmbeddingModel | str | Path, images: str | Path | Sequence[str | Path],
