@@ -180,6 +180,14 @@ def test_printed_verdicts_say_which_claims_an_earlier_run_judged(tmp_path, capsy
     assert "(date not recorded)" in lines["C7"] and "`make demo-full`" in lines["C7"]
     assert lines["C2"].endswith("not measured yet (notebook 02_train)")
     assert datetime.datetime.fromisoformat(json.loads((tmp_path / "claims" / "C1.json").read_text())["measured"])
+    # judged just before an invocation starts, within the same second, is earlier than it (the study's C7-only
+    # rerun right after a full one read C1 as its own when compared to the second)
+    judged = json.loads((tmp_path / "claims" / "C1.json").read_text())
+    judged["measured"] = "2026-12-07T05:00:00.250000+00:00"
+    (tmp_path / "claims" / "C1.json").write_text(json.dumps(judged))
+    print_verdicts(tmp_path, datetime.datetime.fromisoformat("2026-12-07T05:00:00.500000+00:00").timestamp())
+    lines = {line[4:6]: line for line in capsys.readouterr().out.splitlines() if line.startswith("- **C")}
+    assert "[from an earlier run (2026-12-07, commit " in lines["C1"], lines["C1"]
 
 
 def test_a_one_seed_demo_says_it_judged_no_claim(tmp_path, capsys):

@@ -277,11 +277,11 @@ class ClaimResult:
 
     def save(self, figures_dir: str | Path = "figures") -> Path:
         """Write ``<figures_dir>/claims/<id>.json`` (everything, per-seed values included, the UTC time
-        it was judged, ``measured``, and the git commit, ``commit``) and ``.md``
+        it was judged, ``measured``, to the microsecond, and the git commit, ``commit``) and ``.md``
         (the line and the table), then rewrite ``<figures_dir>/verdicts.md``; returns the JSON path."""
         out = Path(figures_dir) / "claims"
         path = out / f"{self.claim.id}.json"
-        measured = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")  # when it was judged
+        measured = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")  # when judged
         from nbsrc.provenance import provenance
 
         commit = provenance().get("git_commit")
@@ -466,7 +466,8 @@ def verdict_lines(figures_dir: str | Path = "figures", judged_since: float | Non
                   rerun: str = "notebook {notebook}, `make demo-full`") -> list[str]:
     """One markdown line per claim of :data:`CLAIMS`: its saved line (:func:`load_claims`), or "not
     measured yet". With ``judged_since`` (a ``time.time()``), a claim judged before it (by its UTC
-    ``measured`` time, to the second; claims saved without one count as earlier) is marked as coming
+    ``measured`` time: to the microsecond, so a claim judged in the second an invocation starts is not taken
+    for one of its own; claims saved without one count as earlier) is marked as coming
     from an earlier run, with its date, its commit where saved, and ``rerun`` (what judges it again;
     ``{notebook}`` and ``{id}`` are filled in)."""
     saved = {d["id"]: d for d in load_claims(figures_dir)}
@@ -477,7 +478,7 @@ def verdict_lines(figures_dir: str | Path = "figures", judged_since: float | Non
             continue
         line, measured = saved[cid]["line"], saved[cid].get("measured")
         if judged_since is not None and (
-                measured is None or datetime.datetime.fromisoformat(measured).timestamp() < int(judged_since)):
+                measured is None or datetime.datetime.fromisoformat(measured).timestamp() < judged_since):
             commit = saved[cid].get("commit")
             line += (f" [from an earlier run ({measured[:10] if measured else 'date not recorded'}"
                      f"{f', commit {commit[:7]}' if commit else ''}), not judged by this one: "
