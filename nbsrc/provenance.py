@@ -32,13 +32,15 @@ def package_version(name: str) -> str:
 
 def git_commit(path: str | Path | None = None) -> str:
     """The commit of the git checkout holding ``path`` (default: the nbsrc package), with ``+dirty``
-    when tracked files differ from it; ``"unknown"`` outside a checkout or without git."""
+    when tracked files differ from it, ``figures/`` aside (the runs' outputs: a study or demo rewrites its
+    committed figures before it records its commit); ``"unknown"`` outside a checkout or without git."""
     where = Path(path) if path is not None else Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10)
         if head.returncode:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(top,exclude)figures"], cwd=where,
                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"

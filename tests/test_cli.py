@@ -143,6 +143,27 @@ def test_git_commit_outside_a_checkout_is_unknown(tmp_path):
     assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", git_commit(ROOT)) or not (ROOT / ".git").exists()
 
 
+def test_git_commit_is_dirty_for_changed_code_not_for_rewritten_figures(tmp_path):
+    import subprocess
+
+    from nbsrc.provenance import git_commit
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "table.md").write_text("old\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "first")
+    (tmp_path / "figures" / "table.md").write_text("new\n")  # a study rewrote its committed figures
+    assert re.fullmatch(r"[0-9a-f]{40}", git_commit(tmp_path))
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path).endswith("+dirty")
+
+
 def test_metrics_go_to_a_readable_tensorboard_event_file(finished):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

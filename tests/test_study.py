@@ -164,6 +164,9 @@ def test_study_killed_halfway_continues_without_retraining_finished_runs(tmp_pat
     some = run_study(str(runs), str(tmp_path / "some"), data, **{**tiny_study_settings(), "claims": ["C1", "C6"]})
     assert list(some) == ["C1", "C6"] and trained == []  # a subset of the claims: the same runs
     assert not (tmp_path / "some" / "convnet_seeds.md").exists()  # C4's convnet was not asked for
+    table3 = (figs / "table3_irt_seeds.md").read_text()  # over seeds_main, IRT_R included
+    assert list(run_study(str(runs), str(figs), data, **{**tiny_study_settings(), "claims": ["C4"]})) == ["C4"]
+    assert trained == [] and (figs / "table3_irt_seeds.md").read_text() == table3  # C4's seeds left it whole
 
     fresh = tmp_path / "runs_c7"  # C7 alone, at its own length: no IRT_L/R runs, the earlier verdicts kept and marked
     only = {**tiny_study_settings(), "claims": ["C7"], "pretrain": []}  # none tried: the ViT from random init
