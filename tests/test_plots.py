@@ -183,6 +183,20 @@ def test_color_for_is_fixed_for_paper_models_and_stable_otherwise():
         figsize(3)
 
 
+def test_series_whose_names_hash_to_one_colour_get_distinct_colours_in_a_figure():
+    from nbsrc.plots import colors_for, plot_training_curves
+
+    a, b = "lr 3e-05, BN eval", "lr 3e-05, BN eval, 96 px"  # the study's convnet recipes: one hashed colour
+    assert color_for(a) == color_for(b)
+    names = [a, b, "IRT_L", *(f"run {i}" for i in range(3))]
+    got = colors_for(names)
+    assert got[a] == color_for(a) and got["IRT_L"] == MODEL_COLORS["IRT_L"] and len(set(got.values())) == len(names)
+    assert colors_for(names) == got  # the same list, the same colours
+    fig = plot_training_curves({a: [{"iteration": 0, "R@1": 1.0}, {"iteration": 1, "R@1": 2.0}],
+                                b: [{"iteration": 0, "R@1": 1.0}, {"iteration": 1, "R@1": 3.0}]}, keys=("R@1",))
+    assert len({line.get_color() for line in fig.axes[0].get_lines()}) == 2
+
+
 # ----------------------------------------------------------------------------- save_figure
 def small_figure(value=1.0):
     fig = Figure(figsize=(2, 1.5))

@@ -18,13 +18,15 @@ from nbsrc.plots.style import (
     SINGLE_COLUMN,
     STYLE,
     color_for,
+    colors_for,
     figsize,
     save_figure,
     use_style,
 )
 
 __all__ = [
-    "use_style", "STYLE", "PALETTE", "MODEL_COLORS", "color_for", "figsize", "SINGLE_COLUMN", "DOUBLE_COLUMN",
+    "use_style", "STYLE", "PALETTE", "MODEL_COLORS", "color_for", "colors_for", "figsize", "SINGLE_COLUMN",
+    "DOUBLE_COLUMN",
     "save_figure",
     "plot_cumulative_energy", "plot_gradient_noise", "plot_similarity_histograms", "plot_tsne",
     "plot_training_curves", "plot_recall_heatmap", "plot_retrieval_grid",

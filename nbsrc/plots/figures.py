@@ -28,7 +28,7 @@ from nbsrc.plots.style import (
     QUERY_COLOR,
     SINGLE_COLUMN,
     STYLE,
-    color_for,
+    colors_for,
 )
 
 UNKNOWN_COLOR = "0.6"  # a neighbour whose correctness is unknown (the query has no class)
@@ -82,11 +82,12 @@ def plot_cumulative_energy(curves: Mapping[str, np.ndarray], threshold: float = 
     _nonempty(curves, "curves")
     fig = Figure(figsize=(SINGLE_COLUMN, SINGLE_COLUMN * 0.8), layout="constrained")
     ax = fig.add_subplot()
+    colors = colors_for([str(name) for name in curves])
     for name, curve in curves.items():
         e = _curve(curve, f"curves[{name!r}]")
         k = dim_at_energy(e, threshold)
         label = f"{name} ({threshold:.0%} at {k})" if k else str(name)
-        ax.plot(np.arange(1, len(e) + 1), e, color=color_for(str(name)), label=label)
+        ax.plot(np.arange(1, len(e) + 1), e, color=colors[str(name)], label=label)
     ax.axhline(threshold, color="0.4", linestyle="--", linewidth=0.8, label=f"{threshold:.0%} of the energy")
     if logx:
         ax.set_xscale("log")
@@ -260,13 +261,14 @@ def plot_training_curves(metrics: Mapping[str, list[dict]], keys: Sequence[str] 
     if isinstance(keys, str) or not keys:
         raise ConfigError(f"keys={keys!r} is invalid: expected a non-empty sequence of metric names")
     fig, axes = _grid(len(keys), max_cols=3, panel_height=2.2)
+    colors = colors_for([str(name) for name in metrics])  # a run has one colour in every panel
     for ax, key in zip(axes, keys, strict=True):
         drawn = False
         for name, rows in metrics.items():
             pts = [(r["iteration"], r[key]) for r in rows if "iteration" in r and r.get(key) is not None]
             if pts:
                 it, val = zip(*sorted(pts), strict=True)
-                ax.plot(it, val, color=color_for(str(name)), label=str(name))
+                ax.plot(it, val, color=colors[str(name)], label=str(name))
                 drawn = True
         if drawn:
             ax.legend()

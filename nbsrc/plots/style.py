@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib as mpl
@@ -86,6 +87,21 @@ def color_for(name: str) -> str:
     if name in MODEL_COLORS:
         return MODEL_COLORS[name]
     return _OTHER_COLORS[zlib.crc32(str(name).encode()) % len(_OTHER_COLORS)]
+
+
+def colors_for(names: Sequence[str]) -> dict[str, str]:
+    """:func:`color_for` of each name, made distinct within one figure: a name whose hashed colour an earlier
+    name already took gets the next colour of the palette that none has (in order), so two series never share
+    a colour while the palette lasts (the study's two convnet recipes hashed to the same green)."""
+    out: dict[str, str] = {}
+    for name in names:
+        c = color_for(str(name))
+        if name not in MODEL_COLORS and c in out.values():
+            free = [o for o in _OTHER_COLORS if o not in out.values()]
+            start = _OTHER_COLORS.index(c)
+            c = min(free, key=lambda o: (_OTHER_COLORS.index(o) - start) % len(_OTHER_COLORS)) if free else c
+        out[name] = c
+    return out
 
 
 def figsize(columns: int = 1, aspect: float = 0.75, rows: int = 1) -> tuple[float, float]:
