@@ -39,7 +39,7 @@ def git_commit(path: str | Path | None = None) -> str:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10)
         if head.returncode:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
                                 ":(top,exclude)figures"], cwd=where,
                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):

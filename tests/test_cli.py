@@ -155,13 +155,16 @@ def test_git_commit_is_dirty_for_changed_code_not_for_rewritten_figures(tmp_path
     (tmp_path / "figures").mkdir()
     (tmp_path / "figures" / "table.md").write_text("old\n")
     (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "pkg").mkdir()  # asked from a subfolder (the package's), as provenance() does
+    (tmp_path / "pkg" / "mod.py").write_text("y = 1\n")
     git("init", "-q")
     git("add", ".")
     git("commit", "-qm", "first")
     (tmp_path / "figures" / "table.md").write_text("new\n")  # a study rewrote its committed figures
     assert re.fullmatch(r"[0-9a-f]{40}", git_commit(tmp_path))
-    (tmp_path / "code.py").write_text("x = 2\n")
-    assert git_commit(tmp_path).endswith("+dirty")
+    assert re.fullmatch(r"[0-9a-f]{40}", git_commit(tmp_path / "pkg"))
+    (tmp_path / "code.py").write_text("x = 2\n")  # changed code outside the subfolder
+    assert git_commit(tmp_path).endswith("+dirty") and git_commit(tmp_path / "pkg").endswith("+dirty")
 
 
 def test_metrics_go_to_a_readable_tensorboard_event_file(finished):
