@@ -97,9 +97,8 @@ def colors_for(names: Sequence[str]) -> dict[str, str]:
     for name in names:
         c = color_for(str(name))
         if name not in MODEL_COLORS and c in out.values():
-            free = [o for o in _OTHER_COLORS if o not in out.values()]
             start = _OTHER_COLORS.index(c)
-            c = min(free, key=lambda o: (_OTHER_COLORS.index(o) - start) % len(_OTHER_COLORS)) if free else c
+            c = next((o for o in _OTHER_COLORS[start:] + _OTHER_COLORS[:start] if o not in out.values()), c)
         out[name] = c
     return out
 
