@@ -15,8 +15,9 @@ A claim with several comparisons (e.g. C3: the loss collapses the spectrum *and*
 reproduced when every comparison is, not reproduced when any comparison is, and inconclusive otherwise.
 
 *untestable*, the fourth verdict, is decided before the rule: a claim that compares a fine-tuned model
-is untestable when that fine-tuning did not improve the model, i.e. when its Recall@1 on the validation
-classes (mean over seeds) is not above the same model's off the shelf (:func:`not_improved`). The
+is untestable when that fine-tuning did not improve the model, i.e. when its Recall@1 (mean over seeds) on
+the validation classes, or on the test classes where the caller checks those too (the study does), is not
+above the same model's off the shelf (:func:`not_improved`). The
 claim's comparisons are still computed and shown, but they say nothing about the method (a damaged
 model, or one that training left where it was), so never "not reproduced"; the reason names the
 model and both numbers.
@@ -65,7 +66,8 @@ RULE = (f"Over n seeds, d_s = treated − baseline for each seed s (paired: same
         f"m = mean of d_s in the paper's direction, se = sd(d_s)/√n. Reproduced when m > {Z:g}·se, not reproduced "
         f"when m < −{Z:g}·se, inconclusive otherwise or when n < {MIN_SEEDS}. A claim with several comparisons is "
         "reproduced when all are, not reproduced when any is, inconclusive otherwise. Untestable, before the rule, "
-        "when a fine-tuned model the claim compares is not above its off-the-shelf state in validation Recall@1.")
+        "when a fine-tuned model the claim compares is not above its off-the-shelf state in Recall@1 on the validation "
+        "classes (the study: or on the test classes).")
 
 
 @dataclass(frozen=True)
