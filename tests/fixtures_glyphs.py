@@ -32,7 +32,7 @@ def tiny_study_settings() -> dict:
     batches = {"batch_size": 16, "m_per_class": 4, "warmup_iters": 0, "eval_per_class": None, "log_every": 2}
     return dict(pretrain=["ce_print", "snca_print"], hand_faces=["DejaVuSans-Oblique.ttf", "DejaVuSerif-Italic.ttf"],
                 max_iterations=4, eval_every=2, seeds_main=[0, 1], seeds_other=[0], poolings=["cls", "avg"],
-                grid_iterations=3,
+                grid_iterations=3, pooling_candidates=[{"lr": 1e-4}, {"lr": 1e-3}],
                 jobs=1, overrides=batches, claims=[f"C{i}" for i in range(1, 8)],
                 pretrain_overrides={"iterations": 2, "warmup_iters": 0, "batch_size": 16, "m_per_class": 2},
                 vit={"candidates": [{"lr": 1e-4}]},

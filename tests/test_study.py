@@ -35,6 +35,10 @@ def test_study_settings_merge_and_refuse_unknown_keys():
         with pytest.raises(ConfigError, match="grid_iterations="):
             study_settings(grid_iterations=bad)
     assert study_settings(grid_iterations=None)["grid_iterations"] is None
+    for bad in ({"lr": 1e-4}, [{}], ["3e-5"]):
+        with pytest.raises(ConfigError, match="pooling_candidates="):
+            study_settings(pooling_candidates=bad)
+    assert study_settings(pooling_candidates=[])["pooling_candidates"] == []  # every pooling at the ViT's recipe
 
 
 def test_study_plan_counts_the_grids_at_their_own_length_or_shares_irt_runs_at_the_vits():
@@ -46,6 +50,8 @@ def test_study_plan_counts_the_grids_at_their_own_length_or_shares_irt_runs_at_t
     pools = plan.loc[[p for p in plan.index if p.startswith("claims poolings")][0]]
     n, b = len(s["seeds_other"]), grid["images"] // (grid["runs"] * 400)
     assert grid["runs"] == 6 * n and pools["runs"] == 4 * n and pools["images"] == 4 * n * 400 * b
+    assert plan.loc["selection poolings (C7)", "runs"] == 4 * len(s["pooling_candidates"])  # each pooling's lr
+    assert "selection poolings (C7)" not in study_plan({**s, "pooling_candidates": []}, vit_length=1200).index
     shared = study_plan({**s, "grid_iterations": None}, vit_length=1200)
     grid = shared.loc[[p for p in shared.index if p.startswith("claims β")][0]]
     assert grid["runs"] == 4 * n and grid["images"] == 4 * n * 1200 * b  # its β = 0.5 cells are IRT_L and IRT_R
@@ -141,6 +147,18 @@ def test_study_killed_halfway_continues_without_retraining_finished_runs(tmp_pat
     grid_runs = [p for p in (runs / "glyphs").iterdir() if "_b0.3_lam0" in p.name]  # C5's, at its own length
     assert grid_runs and all(json.loads((p / "config.json").read_text())["optim"]["iterations"] == 3
                              for p in grid_runs)
+    pools = choices["poolings"]  # C7: each pooling's lr chosen on train_val at the grids' length, then trained so
+    assert set(pools) == {"cls", "avg"} and (figs / "pooling_selection.md").stat().st_size > 0
+    for p, c in pools.items():
+        assert c["val_r1"] == max(c["candidates"].values()) and c["iterations"] == 3, p
+        seed0 = [json.loads((q / "config.json").read_text()) for q in (runs / "glyphs").iterdir()
+                 if q.name.startswith("claims_vit") and "seed" not in q.name and (q / "config.json").is_file()]
+        used = [cfg["optim"]["lr"] for cfg in seed0 if cfg["model"]["pooling"] == p and cfg["optim"]["iterations"] == 3
+                and cfg["loss"]["lam"] == 0 and cfg["loss"]["beta"] == 0.5]
+        # avg: C7's run alone; cls: C7's, and C5's β = 0.5, λ = 0 cell where CLS's lr is not the ViT's
+        assert c["fields"]["lr"] in used and (p == "cls" or used == [c["fields"]["lr"]]), (p, used)
+    c7 = json.loads((figs / "claims" / "C7.json").read_text())
+    assert "learning rate chosen per pooling on train_val" in c7["line"]
     pre = choices["pretraining"]
     assert set(pre["candidates"]) == {"ce_print", "snca_print"} and (pre["chosen"] is None) == (pre["run"] == "none")
     for c, v in pre["candidates"].items():  # the rule: above random init in R@1 and not narrower in dim_90

@@ -446,15 +446,16 @@ def similarity_claim(runs: Mapping, cfg, max_negatives: int | None = 200_000,
                        context=context_of(cfg), untestable=untestable)
 
 
-def pooling_claim(runs: Mapping, cfg, untestable: str | list[str] = "") -> ClaimResult:
+def pooling_claim(runs: Mapping, cfg, untestable: str | list[str] = "", recipes: str = "") -> ClaimResult:
     """C7 from ``{(pooling, seed): run}`` (:func:`nbsrc.paper.grids.pooling_variants`), which must include
-    ``cls``: Recall@1 of CLS against each other pooling."""
+    ``cls``: Recall@1 of CLS against each other pooling. ``recipes``: how each pooling's recipe was set (the
+    study: "learning rate chosen per pooling on train_val: ..."), added to the note."""
     r1 = per_seed(runs, _recall1)
     if "cls" not in r1 or len(r1) < 2:
         raise ConfigError(f"the pooling claim needs 'cls' and at least one other pooling; got {list(r1)}")
     parts = [compare(f"R@1 (%): CLS − {p}", r1[p], r1["cls"], "higher", (p, "cls")) for p in r1 if p != "cls"]
-    return judge_claim("C7", parts, note=f"short runs ({cfg.optim.iterations} iterations)", context=context_of(cfg),
-                       untestable=untestable)
+    note = f"short runs ({cfg.optim.iterations} iterations)" + (f"; {recipes}" if recipes else "")
+    return judge_claim("C7", parts, note=note, context=context_of(cfg), untestable=untestable)
 
 
 def load_claims(figures_dir: str | Path = "figures") -> list[dict]:
