@@ -186,6 +186,7 @@ def test_study_killed_halfway_continues_without_retraining_finished_runs(tmp_pat
     assert list(run_study(str(runs), str(figs), data, **{**tiny_study_settings(), "claims": ["C4"]})) == ["C4"]
     assert trained == [] and (figs / "table3_irt_seeds.md").read_text() == table3  # C4's seeds left it whole
 
+    written = json.loads((figs / "choices.json").read_text())["written"]
     fresh = tmp_path / "runs_c7"  # C7 alone, at its own length: no IRT_L/R runs, the earlier verdicts kept and marked
     only = {**tiny_study_settings(), "claims": ["C7"], "pretrain": []}  # none tried: the ViT from random init
     assert list(run_study(str(fresh), str(figs), data, **only)) == ["C7"]
@@ -200,6 +201,8 @@ def test_study_killed_halfway_continues_without_retraining_finished_runs(tmp_pat
     assert "pretraining: none tried (pretrain=[]; random init" in (figs / "verdicts.md").read_text()
     choices = json.loads((figs / "choices.json").read_text())
     assert "recorded" in choices["convnet"] and "recorded" not in choices["vit"]
+    assert choices["convnet"]["recorded"] == written  # the earlier file's own time, not its mtime (a clone's)
+    assert f"EfficientNet-Lite0 (recorded {written[:10]})" in (figs / "selection.md").read_text()  # its rows kept
 
 
 def test_study_command_refuses_a_bad_setting_in_one_line_before_anything_runs(tmp_path, capsys):

@@ -459,8 +459,10 @@ def backbone_choice(settings: dict, which: str, pretrained: str, runs_dir: str =
 
 def selection_table(chosen: dict[str, dict]) -> pd.DataFrame:
     """One row per backbone and candidate of ``{which: choose(...)}``: validation R@1 at the end of its
-    run, the off-the-shelf model first, the chosen one marked with its length."""
-    rows = [{"backbone": c["backbone"], "candidate": label, "val R@1 (end)": r1,
+    run, the off-the-shelf model first, the chosen one marked with its length; a choice an earlier
+    invocation made (:func:`earlier_choices`) is marked with its date."""
+    rows = [{"backbone": c["backbone"] + (f" (recorded {c['recorded'][:10]})" if "recorded" in c else ""),
+             "candidate": label, "val R@1 (end)": r1,
              "chosen": f"yes: {c['length']} iterations ({'flattened' if c['flattened'] else 'not flattened'}), "
                        f"{c['val_r1_at_length']:.1f} there" if label == c["chosen"] else ""}
             for c in chosen.values()
@@ -557,10 +559,12 @@ def _run_study(runs_dir: str, figures_dir: str, data_root: str | None, **setting
         say("poolings: " + "; ".join(f"{p} {c['chosen']} ({c['val_r1']:.1f} R@1 on train_val, off the shelf "
                                      f"{c['off_the_shelf_val_r1']:.1f})" for p, c in selected["poolings"].items()))
     record = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()},
+              "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "pretraining": pretraining, "precision": "fp32", **earlier_choices(figs, set(selected)), **selected}
     write_text_atomic(figs / "choices.json", json.dumps(record, indent=1, ensure_ascii=False) + "\n")
-    save_table(selection_table(chosen), "selection", figs)
-    save_figure(learning_curves_figure(chosen), "learning_curves", figs)
+    backbones = {k: record[k] for k in ("vit", "convnet") if k in record}  # an earlier invocation's marked so
+    save_table(selection_table(backbones), "selection", figs)
+    save_figure(learning_curves_figure(backbones), "learning_curves", figs)
     vname, cname = s["vit"]["name"], s["convnet"]["name"]
 
     def final(which: str, **extra: Any) -> ExperimentConfig:
@@ -686,8 +690,9 @@ def earlier_choices(figs: Path, selected: set[str]) -> dict:
     path = figs / "choices.json"
     if not path.is_file():
         return {}
-    old = json.loads(path.read_text())
-    stamp = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).isoformat(timespec="seconds")
+    old = json.loads(path.read_text())  # when it was written: its own field (a clone's file times are the clone's)
+    stamp = old.get("written") or datetime.datetime.fromtimestamp(
+        path.stat().st_mtime, datetime.timezone.utc).isoformat(timespec="seconds")
     return {k: old[k] if "recorded" in old[k] else {"recorded": stamp, **old[k]}
             for k in ("vit", "convnet", "poolings") if k in old and k not in selected}
 
