@@ -154,8 +154,8 @@ STUDY: dict[str, Any] = dict(
     # The grids' length (issue: "at a length where their runs are above IRT_O on validation"): None trains them
     # at the ViT's chosen length (their beta = 0.5 cells are then IRT_L and IRT_R themselves, C7's CLS run IRT_L);
     # an int trains them that long, checked on the ViT's selection curve (above its off-the-shelf R@1 on
-    # train_val, else C5 and C7 read untestable). 400: the first study's curve was 74.9 R@1 there against 55.0 off
-    # the shelf (54.9 at 200) and 88.2 at its length of 1,200; a third of the length brings the grids' 30 runs
+    # train_val, else C5 and C7 read untestable). 400: the first study's curve was 80.1 R@1 there against 55.0 off
+    # the shelf (74.9 at 200) and 88.2 at its length of 1,200; a third of the length brings the grids' 30 runs
     # into a session (our reading: gamma is averaged over the grid run's own iterations, IRT 3.5).
     grid_iterations=400,
     # precision: fp32 everywhere (bf16 autocast is used only where a 3-seed check shows the validation numbers
