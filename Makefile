@@ -59,8 +59,8 @@ study: install glyphs
 	$(PY) -m nbsrc study
 # The claims `make study` leaves out, judged into the same figures/study/ beside its verdicts: C4 (the convnet),
 # C5 (the beta x lambda grid) and C7 (the poolings, both at grid_iterations). It reuses make study's pretraining
-# and selection runs and its IRT_L runs of seeds 0-2 where they are in runs/study; estimated 2 h here after
-# `make study`, 2.8 h on its own (docs/results.md, the study).
+# and selection runs and its IRT_L runs of seeds 0-2 where they are in runs/study; estimated 2 h on the 2-core AMD host
+# after `make study`, 2.8 h on its own, about half that on the Intel host of 2026-12-07 (docs/results.md, the study).
 study-rest: install glyphs
 	$(PY) -m nbsrc study --set claims '["C4", "C5", "C7"]'
 # Every claim in one invocation: estimated 3.6 h here.
