@@ -203,6 +203,7 @@ def test_study_killed_halfway_continues_without_retraining_finished_runs(tmp_pat
     assert "recorded" in choices["convnet"] and "recorded" not in choices["vit"]
     assert choices["convnet"]["recorded"] == written  # the earlier file's own time, not its mtime (a clone's)
     assert f"EfficientNet-Lite0 (recorded {written[:10]})" in (figs / "selection.md").read_text()  # its rows kept
+    assert f"- EfficientNet-Lite0 (recorded {written[:10]}): " in (figs / "verdicts.md").read_text()
 
 
 def test_study_command_refuses_a_bad_setting_in_one_line_before_anything_runs(tmp_path, capsys):

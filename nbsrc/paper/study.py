@@ -740,8 +740,10 @@ def write_study_verdicts(figs: Path, record: dict, seconds: float, started: floa
         if which not in record:
             continue
         c = record[which]
-        head.append(f"- {c['backbone']}: {c['chosen']} chosen on train_val ({c['candidates'][c['chosen']]:.1f} R@1; "
-                    f"off the shelf {c['off_the_shelf_val_r1']:.1f}); {c['length']} iterations "
+        when = f" (recorded {c['recorded'][:10]})" if "recorded" in c else ""  # by an earlier invocation
+        head.append(f"- {c['backbone']}{when}: {c['chosen']} chosen on train_val "
+                    f"({c['candidates'][c['chosen']]:.1f} R@1; off the shelf {c['off_the_shelf_val_r1']:.1f}); "
+                    f"{c['length']} iterations "
                     f"({'flattened' if c['flattened'] else 'not flattened'}; {c['val_r1_at_length']:.1f} R@1 there)")
     if "poolings" in record:
         pc = record["poolings"]
