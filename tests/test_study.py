@@ -38,6 +38,8 @@ def test_study_settings_merge_and_refuse_unknown_keys():
     for bad in ({"lr": 1e-4}, [{}], ["3e-5"]):
         with pytest.raises(ConfigError, match="pooling_candidates="):
             study_settings(pooling_candidates=bad)
+    with pytest.raises(ConfigError, match="pooling_candidates: .*unknown parameter 'lrr'"):
+        study_settings(pooling_candidates=[{"lrr": 1e-4}])
     assert study_settings(pooling_candidates=[])["pooling_candidates"] == []  # every pooling at the ViT's recipe
 
 
@@ -149,10 +151,10 @@ def test_study_killed_halfway_continues_without_retraining_finished_runs(tmp_pat
                              for p in grid_runs)
     pools = choices["poolings"]  # C7: each pooling's lr chosen on train_val at the grids' length, then trained so
     assert set(pools) == {"cls", "avg"} and (figs / "pooling_selection.md").stat().st_size > 0
+    seed0 = [json.loads((q / "config.json").read_text()) for q in (runs / "glyphs").iterdir()
+             if q.name.startswith("claims_vit") and "seed" not in q.name and (q / "config.json").is_file()]
     for p, c in pools.items():
         assert c["val_r1"] == max(c["candidates"].values()) and c["iterations"] == 3, p
-        seed0 = [json.loads((q / "config.json").read_text()) for q in (runs / "glyphs").iterdir()
-                 if q.name.startswith("claims_vit") and "seed" not in q.name and (q / "config.json").is_file()]
         used = [cfg["optim"]["lr"] for cfg in seed0 if cfg["model"]["pooling"] == p and cfg["optim"]["iterations"] == 3
                 and cfg["loss"]["lam"] == 0 and cfg["loss"]["beta"] == 0.5]
         # avg: C7's run alone; cls: C7's, and C5's β = 0.5, λ = 0 cell where CLS's lr is not the ViT's

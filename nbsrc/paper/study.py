@@ -197,6 +197,11 @@ def study_settings(**overrides: Any) -> dict[str, Any]:
     if not isinstance(pc, list) or not all(isinstance(c, dict) and c for c in pc):
         raise ConfigError(f"pooling_candidates={pc!r} is invalid: expected a list of config fields, e.g. "
                           '[{"lr": 3e-05}, {"lr": 0.0001}] (an empty list: every pooling at the ViT\'s chosen recipe)')
+    for c in pc:  # said now, not after the hours of pretraining and selection that come before C7's
+        try:
+            ExperimentConfig.from_dict({}).replace(**c)
+        except ConfigError as e:
+            raise ConfigError(f"pooling_candidates: {c!r}: {e}") from None
     spread = [c for c in out["pretrain"] if STUDY_PRETRAIN[c]["lam"] > 0]
     if spread:
         raise ConfigError(f"pretrain={out['pretrain']!r}: {', '.join(spread)} has a spreading term (KoLeo), which "
